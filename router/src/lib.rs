@@ -1,0 +1,34 @@
+//! branchgate: a PostgreSQL edge router.
+//!
+//! A client connects over TLS with the user name `role.branch_id` (or `role.branch_id|replica`);
+//! the router terminates TLS (direct SSL or SSLRequest), authenticates the client with
+//! SCRAM-SHA-256 against the catalog, and relays the session to the branch's primary or replica.
+//!
+//! # Layout
+//! - [`protocol`]: PostgreSQL wire codec: frames, startup packet, the few messages we decode, writers.
+//! - [`auth`]: SCRAM-SHA-256 verifiers, the server side, and the client side that reuses a ClientKey.
+//! - [`config`]: the router's own TOML configuration (parse, don't validate).
+//! - [`catalog`]: the branch catalog (branches, addresses, role verifiers), reloadable.
+//! - [`route`]: user name parsing (`role.branch[|replica]`) and backend selection.
+//! - [`tls`]: rustls server configuration and a TLS stream over monoio's owned-buffer I/O.
+//! - [`backend`]: connecting and authenticating to a PostgreSQL backend.
+//! - [`session`]: one client connection on the direct port, from first byte to relay.
+//! - [`cancel`]: CancelRequest routing between workers.
+//! - [`worker`]: the thread-per-core runtime: pinned threads, io_uring, SO_REUSEPORT listeners.
+//! - [`mailbox`]: bounded cross-thread queues that wake a monoio runtime.
+//! - [`error`]: router errors and their single mapping to ErrorResponse.
+//! - [`role`]: the `branchgate role create|reset` command.
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod mailbox;
+pub mod protocol;
+pub mod role;
+pub mod route;
+pub mod session;
+pub mod tls;
+pub mod worker;

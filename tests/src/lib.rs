@@ -1,0 +1,1 @@
+//! Test support: real PostgreSQL servers, certificates, and the router in-process.
