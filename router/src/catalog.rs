@@ -1,1 +1,417 @@
-//! TODO(catalog)
+//! The branch catalog: branch id -> primary, replicas, and role verifiers.
+//!
+//! ```toml
+//! [[branch]]
+//! id = "b1"                          # [a-z0-9_-]{1,63}, unique
+//! primary = "127.0.0.1:5433"
+//! replicas = ["127.0.0.1:5434"]      # optional
+//! [branch.roles]                     # role name -> SCRAM verifier
+//! app = "SCRAM-SHA-256$4096:...$...:..."
+//! "my.dotted.role" = "SCRAM-SHA-256$4096:...$...:..."
+//! ```
+//!
+//! A [`Catalog`] is immutable once built and shared behind an `Arc`; a reload builds a new one,
+//! and [`Catalog::changed_roles`] says whose live sessions must be closed. The `role` command
+//! edits the file in place with [`set_role_verifier`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::auth::verifier::ScramVerifier;
+use crate::config::line_col;
+
+mod edit;
+
+pub use edit::set_role_verifier;
+
+/// Longest branch id, and longest role name (PostgreSQL's NAMEDATALEN - 1).
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// One database branch.
+pub struct Branch {
+    /// The branch id clients name after the last dot of their user name.
+    pub id: Box<str>,
+    /// The read-write server.
+    pub primary: SocketAddr,
+    /// Read-only servers for `|replica` sessions; may be empty.
+    pub replicas: Box<[SocketAddr]>,
+    /// Role name -> verifier. A role belongs to exactly this branch.
+    roles: HashMap<Box<str>, Arc<ScramVerifier>>,
+}
+
+impl Branch {
+    /// The verifier of `name`, if the role exists on this branch.
+    pub fn role(&self, name: &str) -> Option<&Arc<ScramVerifier>> {
+        self.roles.get(name)
+    }
+
+    /// All roles of this branch, in no particular order.
+    pub fn roles(&self) -> impl Iterator<Item = (&str, &Arc<ScramVerifier>)> {
+        self.roles.iter().map(|(name, v)| (&**name, v))
+    }
+}
+
+// Verifiers allow offline password guessing, so Debug shows role names only.
+impl fmt::Debug for Branch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut roles: Vec<&str> = self.roles.keys().map(|r| &**r).collect();
+        roles.sort_unstable();
+        f.debug_struct("Branch")
+            .field("id", &self.id)
+            .field("primary", &self.primary)
+            .field("replicas", &self.replicas)
+            .field("roles", &roles)
+            .finish()
+    }
+}
+
+/// All branches, immutable once built.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// In file order.
+    branches: Box<[Arc<Branch>]>,
+    /// Branch id -> index into `branches`.
+    by_id: HashMap<Box<str>, usize>,
+}
+
+/// Why a catalog file was rejected or could not be edited.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// Reading, writing or renaming a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key or a value of the wrong type.
+    #[error("{file}:{line}:{col}: {message}")]
+    Parse {
+        /// File name as given to [`Catalog::parse`].
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column, in characters.
+        col: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Well-formed TOML that is not a valid catalog (bad id, duplicate, bad verifier, ...).
+    #[error("{file}:{line}: {message}")]
+    Invalid {
+        /// File name as given to [`Catalog::parse`].
+        file: String,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// [`set_role_verifier`] could not make the edit (an unusual file layout); file unchanged.
+    #[error("{}: cannot edit the catalog: {reason}", path.display())]
+    NotEdited {
+        /// The catalog file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: &'static str,
+    },
+    /// [`set_role_verifier`] was asked for a branch the file does not have.
+    #[error("{}: no branch with id {branch:?}", path.display())]
+    UnknownBranch {
+        /// The catalog file.
+        path: PathBuf,
+        /// The requested branch id.
+        branch: String,
+    },
+}
+
+impl Catalog {
+    /// Reads and parses a catalog file.
+    pub fn load(path: &Path) -> Result<Catalog, CatalogError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Catalog::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses catalog text; `file_name` only labels errors.
+    pub fn parse(text: &str, file_name: &str) -> Result<Catalog, CatalogError> {
+        let raw: RawCatalog = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map_or((1, 1), |span| line_col(text, span.start));
+            CatalogError::Parse {
+                file: file_name.to_owned(),
+                line,
+                col,
+                message: e.message().trim_end().to_owned(),
+            }
+        })?;
+        let invalid = |span: Range<usize>, message: String| CatalogError::Invalid {
+            file: file_name.to_owned(),
+            line: line_col(text, span.start).0,
+            message,
+        };
+
+        let mut branches = Vec::with_capacity(raw.branch.len());
+        let mut by_id = HashMap::with_capacity(raw.branch.len());
+        for raw_branch in raw.branch {
+            let id_span = raw_branch.id.span();
+            let id: Box<str> = raw_branch.id.into_inner().into();
+            if !is_branch_id(&id) {
+                return Err(invalid(
+                    id_span,
+                    format!("branch id {id:?} must be 1 to 63 characters of a-z, 0-9, _ and -"),
+                ));
+            }
+            if by_id.contains_key(&id) {
+                return Err(invalid(id_span, format!("duplicate branch id {id:?}")));
+            }
+
+            let mut replicas = Vec::with_capacity(raw_branch.replicas.len());
+            for replica in raw_branch.replicas {
+                let addr = *replica.get_ref();
+                if addr == raw_branch.primary || replicas.contains(&addr) {
+                    let message = format!("branch {id:?}: replica {addr} is listed twice");
+                    return Err(invalid(replica.span(), message));
+                }
+                replicas.push(addr);
+            }
+
+            let mut roles = HashMap::with_capacity(raw_branch.roles.len());
+            for (name, verifier) in raw_branch.roles {
+                if let Some(why) = role_name_problem(name.get_ref()) {
+                    let message = format!("branch {id:?}: role {:?} {why}", name.get_ref());
+                    return Err(invalid(name.span(), message));
+                }
+                let parsed = verifier.get_ref().parse::<ScramVerifier>().map_err(|e| {
+                    let message = format!(
+                        "branch {id:?}: role {:?}: invalid SCRAM verifier ({e}); expected \
+                         SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>",
+                        name.get_ref()
+                    );
+                    invalid(verifier.span(), message)
+                })?;
+                roles.insert(name.into_inner().into(), Arc::new(parsed));
+            }
+
+            by_id.insert(id.clone(), branches.len());
+            branches.push(Arc::new(Branch {
+                id,
+                primary: raw_branch.primary,
+                replicas: replicas.into(),
+                roles,
+            }));
+        }
+        Ok(Catalog {
+            branches: branches.into(),
+            by_id,
+        })
+    }
+
+    /// The branch with this id.
+    pub fn branch(&self, id: &str) -> Option<&Arc<Branch>> {
+        self.by_id.get(id).and_then(|&i| self.branches.get(i))
+    }
+
+    /// All branches, in file order.
+    pub fn branches(&self) -> impl ExactSizeIterator<Item = &Arc<Branch>> {
+        self.branches.iter()
+    }
+
+    /// `(branch, role)` pairs of `self` whose verifier differs in `newer` or that `newer` no
+    /// longer has (branch or role removed): their live sessions must be closed. Sorted.
+    pub fn changed_roles(&self, newer: &Catalog) -> Vec<(Box<str>, Box<str>)> {
+        let mut changed = Vec::new();
+        for old in self.branches() {
+            let new = newer.branch(&old.id);
+            for (role, verifier) in old.roles() {
+                if new.and_then(|b| b.role(role)) != Some(verifier) {
+                    changed.push((old.id.clone(), role.into()));
+                }
+            }
+        }
+        changed.sort_unstable();
+        changed
+    }
+}
+
+fn is_branch_id(id: &str) -> bool {
+    (1..=MAX_NAME_BYTES).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+}
+
+/// Why a role name cannot be used, if it cannot.
+fn role_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        Some("must be 1 to 63 bytes long")
+    } else if name.contains('|') {
+        // `|` starts the `|replica` suffix of a user name.
+        Some("must not contain '|'")
+    } else if name.contains('\0') {
+        Some("must not contain NUL")
+    } else {
+        None
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    #[serde(default)]
+    branch: Vec<RawBranch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBranch {
+    id: Spanned<String>,
+    primary: SocketAddr,
+    #[serde(default)]
+    replicas: Vec<Spanned<SocketAddr>>,
+    #[serde(default)]
+    roles: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Well-formed verifiers (16-byte salt, 32-byte keys), all different.
+    pub(crate) const V1: &str = "SCRAM-SHA-256$4096:AAAAAAAAAAAAAAAAAAAAAA==$joRZZgn1P/jqw6F1foc7/EzYgYofSYn9LqOfzgMDH4Q=:cfFubxQ0PC+ruB+yTEfgmXtOrvsyOqarwlEekTcfMWo=";
+    pub(crate) const V2: &str = "SCRAM-SHA-256$4096:AQEBAQEBAQEBAQEBAQEBAQ==$O1O5Kev22UteAD8y8wR35rFjJQAEJulizRZcPdDWbII=:f0CbGzIRw3SZyWGfQq4NKr3uZS69wa8FAta1OaZwQwY=";
+    pub(crate) const V3: &str = "SCRAM-SHA-256$4096:AgICAgICAgICAgICAgICAg==$mbulUOQfgJKKFRfMP17nUwNyCbpuyMEQK3dCKJUEzio=:xn6D/MaygHeKOhRSKq6lBWNk7/in7UrkCtV6shpjBZ4=";
+
+    pub(crate) fn two_branches() -> String {
+        format!(
+            r#"# two branches
+[[branch]]
+id = "b1"
+primary = "127.0.0.1:5433"
+replicas = ["127.0.0.1:5434", "127.0.0.1:5435"]
+[branch.roles]
+app = "{V1}"
+"my.dotted.role" = "{V2}"
+
+[[branch]]
+id = "b2"
+primary = "[::1]:5433"
+roles = {{ app = "{V3}" }}
+"#
+        )
+    }
+
+    fn parse(text: &str) -> Result<Catalog, CatalogError> {
+        Catalog::parse(text, "catalog.toml")
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(catalog) => panic!("expected an error, got {catalog:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn valid_file() {
+        let catalog = parse(&two_branches()).expect("valid catalog");
+        let ids: Vec<&str> = catalog.branches().map(|b| &*b.id).collect();
+        assert_eq!(ids, ["b1", "b2"]);
+        let b1 = catalog.branch("b1").expect("b1");
+        assert_eq!(b1.primary, "127.0.0.1:5433".parse().expect("addr"));
+        assert_eq!(b1.replicas.len(), 2);
+        let expected: ScramVerifier = V2.parse().expect("verifier");
+        assert_eq!(b1.role("my.dotted.role").map(|v| &**v), Some(&expected));
+        assert!(b1.role("my").is_none());
+        let b2 = catalog.branch("b2").expect("b2");
+        assert!(b2.replicas.is_empty());
+        assert_eq!(b2.roles().count(), 1);
+        assert!(catalog.branch("b3").is_none());
+        assert_eq!(parse("").expect("empty catalog").branches().len(), 0);
+        // Debug must not leak verifiers.
+        assert!(!format!("{catalog:?}").contains("SCRAM"));
+    }
+
+    #[test]
+    fn duplicate_branch_id_has_line() {
+        let text = format!(
+            "{}\n[[branch]]\nid = \"b1\"\nprimary = \"127.0.0.1:1\"\n",
+            two_branches()
+        );
+        assert_eq!(error(&text), r#"catalog.toml:16: duplicate branch id "b1""#);
+    }
+
+    #[test]
+    fn bad_values_have_lines() {
+        let text = two_branches().replace(V1, "md5c4ca4238a0b923820dcc509a6f75849b");
+        let e = error(&text);
+        assert!(
+            e.starts_with(r#"catalog.toml:7: branch "b1": role "app": invalid SCRAM"#),
+            "{e}"
+        );
+        let e = error(&two_branches().replace("\"b2\"", "\"B2\""));
+        assert!(
+            e.starts_with(r#"catalog.toml:11: branch id "B2" must be"#),
+            "{e}"
+        );
+        let e = error(&two_branches().replace("\"my.dotted.role\"", "\"a|b\""));
+        assert!(
+            e.starts_with(r#"catalog.toml:8: branch "b1": role "a|b""#),
+            "{e}"
+        );
+        let e = error(&two_branches().replace("5435", "5434"));
+        assert!(
+            e.starts_with("catalog.toml:5: branch \"b1\": replica"),
+            "{e}"
+        );
+        let e = error(&two_branches().replace("[::1]:5433", "db.internal:5433"));
+        assert!(
+            e.starts_with("catalog.toml:12:11: invalid socket address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_has_line_and_column() {
+        let text = two_branches().replace("id = \"b2\"\n", "id = \"b2\"\nprimry = \"x\"\n");
+        let e = error(&text);
+        assert!(
+            e.starts_with("catalog.toml:12:1: unknown field `primry`"),
+            "{e}"
+        );
+        let e = error("[[branches]]\n");
+        assert!(
+            e.starts_with("catalog.toml:1:3: unknown field `branches`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn changed_roles_lists_changed_and_removed() {
+        let old = parse(&two_branches()).expect("old");
+        assert!(old.changed_roles(&old).is_empty());
+        let text = two_branches()
+            .replace(&format!("app = \"{V1}\""), &format!("app = \"{V3}\""))
+            .replace(&format!("roles = {{ app = \"{V3}\" }}"), "");
+        let new = parse(&format!(
+            "{text}[[branch]]\nid = \"b3\"\nprimary = \"127.0.0.1:1\"\n"
+        ))
+        .expect("new");
+        let pair = |b: &str, r: &str| (Box::from(b), Box::from(r));
+        assert_eq!(
+            old.changed_roles(&new),
+            [pair("b1", "app"), pair("b2", "app")]
+        );
+        // Added roles and branches close nothing.
+        assert!(new.changed_roles(&old).iter().all(|(b, _)| &**b == "b1"));
+        assert_eq!(old.changed_roles(&Catalog::default()).len(), 3);
+    }
+}

@@ -1,1 +1,465 @@
-//! TODO(config)
+//! The router's own TOML configuration (`router.toml`).
+//!
+//! Parse, don't validate: a [`Config`] that exists is valid. The file is read into private raw
+//! serde structs (`deny_unknown_fields`, values wrapped in [`Spanned`] where a later check needs a
+//! line number), then converted into the typed public structs with defaults filled in.
+//!
+//! ```toml
+//! workers = 2                    # optional; default = number of cores
+//! catalog = "catalog.toml"       # required; relative to this file's directory
+//! [tls]
+//! cert = "server.crt"            # PEM certificate chain
+//! key = "server.key"             # PEM private key
+//! [listen]
+//! direct = "127.0.0.1:5432"
+//! [timeouts]                     # all optional
+//! startup = "10s"
+//! connect = "5s"
+//! drain = "30s"
+//! health_check_interval = "2s"
+//! [limits]                       # all optional
+//! max_client_connections = 10000
+//! max_message_bytes = 1073741824
+//! ```
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+mod raw;
+
+use raw::{HumanDuration, RawConfig, RawTls};
+
+/// Default time a client has to finish TLS, startup and authentication.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time for a backend TCP connect plus backend authentication.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default graceful-shutdown drain.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default interval between replica health probes.
+pub const DEFAULT_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Default cap on concurrent client connections (whole router).
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: NonZeroU32 = match NonZeroU32::new(10_000) {
+    Some(n) => n,
+    None => unreachable!(),
+};
+/// Default cap on one frame: PostgreSQL's own limit (MaxAllocSize, 1 GiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 0x4000_0000;
+
+/// The router configuration. Every field is checked and every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Worker threads (one runtime per core).
+    pub workers: NonZeroUsize,
+    /// The branch catalog file, resolved against the config file's directory.
+    pub catalog_path: PathBuf,
+    /// Certificate and key files (read by the TLS module, not here).
+    pub tls: TlsFiles,
+    /// Listening addresses.
+    pub listen: Listen,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// The server certificate chain and private key, both PEM, paths resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Listening addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// The session-mode (direct) port.
+    pub direct: SocketAddr,
+}
+
+/// Timeouts, all non-zero except `drain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A client must complete TLS, startup and authentication within this.
+    pub startup: Duration,
+    /// Backend TCP connect plus backend authentication.
+    pub connect: Duration,
+    /// Graceful shutdown drain; zero closes sessions at once.
+    pub drain: Duration,
+    /// Interval between replica health probes.
+    pub health_check_interval: Duration,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Concurrent client connections across all workers.
+    pub max_client_connections: NonZeroU32,
+    /// Cap on a single frame during auth and relay checks (at least 1).
+    pub max_message_bytes: usize,
+}
+
+/// Why a configuration file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file we tried to read.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error, unknown key or a value of the wrong type.
+    #[error("{file}:{line}:{col}: {message}")]
+    Parse {
+        /// File name as given to [`Config::parse`].
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column, in characters.
+        col: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Well-formed TOML whose values do not make a valid configuration.
+    #[error("{file}:{line}: {message}")]
+    Invalid {
+        /// File name as given to [`Config::parse`].
+        file: String,
+        /// 1-based line of the offending value.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and parses `path`; relative paths inside resolve against its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        Config::parse(&text, base_dir, &path.display().to_string())
+    }
+
+    /// Parses configuration text. `file_name` only labels errors. Does not touch the file system.
+    pub fn parse(text: &str, base_dir: &Path, file_name: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map_or((1, 1), |span| line_col(text, span.start));
+            ConfigError::Parse {
+                file: file_name.to_owned(),
+                line,
+                col,
+                message: e.message().trim_end().to_owned(),
+            }
+        })?;
+        let invalid = |(span, message): (Range<usize>, String)| ConfigError::Invalid {
+            file: file_name.to_owned(),
+            line: line_col(text, span.start).0,
+            message,
+        };
+
+        let tls_span = raw.tls.span();
+        let RawTls { cert, key } = raw.tls.into_inner();
+        let tls = match (cert, key) {
+            (Some(cert), Some(key)) => TlsFiles {
+                cert: base_dir.join(cert.into_inner()),
+                key: base_dir.join(key.into_inner()),
+            },
+            (Some(cert), None) => {
+                return Err(invalid((
+                    cert.span(),
+                    "[tls] cert is set but key is missing: set both cert and key".into(),
+                )))
+            }
+            (None, Some(key)) => {
+                return Err(invalid((
+                    key.span(),
+                    "[tls] key is set but cert is missing: set both cert and key".into(),
+                )))
+            }
+            (None, None) => {
+                return Err(invalid((
+                    tls_span,
+                    "[tls] needs both cert and key (PEM files)".into(),
+                )))
+            }
+        };
+
+        if let Some(pooled) = raw.listen.pooled {
+            return Err(invalid((
+                pooled.span(),
+                "[listen] pooled: the pooled (transaction mode) port is not supported yet; \
+                 remove this line"
+                    .into(),
+            )));
+        }
+
+        let t = raw.timeouts;
+        let timeouts = Timeouts {
+            startup: non_zero(t.startup, DEFAULT_STARTUP_TIMEOUT, "startup").map_err(&invalid)?,
+            connect: non_zero(t.connect, DEFAULT_CONNECT_TIMEOUT, "connect").map_err(&invalid)?,
+            drain: t.drain.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.into_inner().0),
+            health_check_interval: non_zero(
+                t.health_check_interval,
+                DEFAULT_HEALTH_CHECK_INTERVAL,
+                "health_check_interval",
+            )
+            .map_err(&invalid)?,
+        };
+
+        let workers = raw.workers.unwrap_or_else(|| {
+            // Unknown core count (restricted /proc, unusual platform): one worker still works.
+            std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+        });
+
+        Ok(Config {
+            workers,
+            catalog_path: base_dir.join(raw.catalog),
+            tls,
+            listen: Listen {
+                direct: raw.listen.direct,
+            },
+            timeouts,
+            limits: Limits {
+                max_client_connections: raw
+                    .limits
+                    .max_client_connections
+                    .unwrap_or(DEFAULT_MAX_CLIENT_CONNECTIONS),
+                max_message_bytes: raw
+                    .limits
+                    .max_message_bytes
+                    .map_or(DEFAULT_MAX_MESSAGE_BYTES, NonZeroUsize::get),
+            },
+        })
+    }
+}
+
+/// Converts a byte offset into a 1-based (line, column in characters) pair.
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+/// Takes an optional duration, rejecting zero (it would fail or spin every connection).
+fn non_zero(
+    value: Option<Spanned<HumanDuration>>,
+    default: Duration,
+    name: &str,
+) -> Result<Duration, (Range<usize>, String)> {
+    match value {
+        None => Ok(default),
+        Some(d) if d.get_ref().0.is_zero() => Err((
+            d.span(),
+            format!("[timeouts] {name} must be greater than zero"),
+        )),
+        Some(d) => Ok(d.into_inner().0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+catalog = "catalog.toml"
+[tls]
+cert = "server.crt"
+key = "/etc/branchgate/server.key"
+[listen]
+direct = "127.0.0.1:5432"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/branchgate"), "router.toml")
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(config) => panic!("expected an error, got {config:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_and_resolved_paths() {
+        let config = parse(MINIMAL).expect("minimal config parses");
+        assert_eq!(
+            config.catalog_path,
+            Path::new("/etc/branchgate/catalog.toml")
+        );
+        assert_eq!(config.tls.cert, Path::new("/etc/branchgate/server.crt"));
+        assert_eq!(config.tls.key, Path::new("/etc/branchgate/server.key"));
+        assert_eq!(
+            config.listen.direct,
+            "127.0.0.1:5432".parse().expect("addr")
+        );
+        let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        assert_eq!(config.workers, cores);
+        assert_eq!(
+            config.timeouts,
+            Timeouts {
+                startup: DEFAULT_STARTUP_TIMEOUT,
+                connect: DEFAULT_CONNECT_TIMEOUT,
+                drain: DEFAULT_DRAIN_TIMEOUT,
+                health_check_interval: DEFAULT_HEALTH_CHECK_INTERVAL,
+            }
+        );
+        assert_eq!(config.limits.max_client_connections.get(), 10_000);
+        assert_eq!(config.limits.max_message_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn every_field_set() {
+        let text = r#"
+workers = 3
+catalog = "cat/catalog.toml"
+[tls]
+cert = "a.crt"
+key = "a.key"
+[listen]
+direct = "[::1]:15432"
+[timeouts]
+startup = "1s 500ms"
+connect = "250ms"
+drain = "0s"
+health_check_interval = "1m"
+[limits]
+max_client_connections = 7
+max_message_bytes = 65536
+"#;
+        let config = parse(text).expect("full config parses");
+        assert_eq!(config.workers.get(), 3);
+        assert_eq!(
+            config.catalog_path,
+            Path::new("/etc/branchgate/cat/catalog.toml")
+        );
+        assert_eq!(config.listen.direct, "[::1]:15432".parse().expect("addr"));
+        assert_eq!(config.timeouts.startup, Duration::from_millis(1500));
+        assert_eq!(config.timeouts.connect, Duration::from_millis(250));
+        assert_eq!(config.timeouts.drain, Duration::ZERO);
+        assert_eq!(
+            config.timeouts.health_check_interval,
+            Duration::from_secs(60)
+        );
+        assert_eq!(config.limits.max_client_connections.get(), 7);
+        assert_eq!(config.limits.max_message_bytes, 65536);
+    }
+
+    #[test]
+    fn unknown_key_has_line_and_column() {
+        let text = MINIMAL.replace("[listen]\n", "[listen]\nbogus = 1\n");
+        let e = error(&text);
+        assert!(
+            e.starts_with("router.toml:7:1: unknown field `bogus`"),
+            "{e}"
+        );
+        let e = error(&format!("{MINIMAL}[timeouts]\nstart = \"1s\"\n"));
+        assert!(
+            e.starts_with("router.toml:9:1: unknown field `start`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_has_line_and_column() {
+        let e = error(&format!("{MINIMAL}[timeouts]\nconnect = \"5 parsecs\"\n"));
+        assert_eq!(
+            e,
+            r#"router.toml:9:11: invalid value: string "5 parsecs", expected a duration"#
+        );
+        let e = error(&format!("{MINIMAL}[timeouts]\nstartup = \"0s\"\n"));
+        assert_eq!(
+            e,
+            "router.toml:9: [timeouts] startup must be greater than zero"
+        );
+    }
+
+    #[test]
+    fn cert_without_key_names_both() {
+        let text = MINIMAL.replace("key = \"/etc/branchgate/server.key\"\n", "");
+        match parse(&text) {
+            Err(ConfigError::Invalid {
+                file,
+                line,
+                message,
+            }) => {
+                assert_eq!((file.as_str(), line), ("router.toml", 4));
+                assert!(
+                    message.contains("cert") && message.contains("key"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        let text = MINIMAL.replace("cert = \"server.crt\"\n", "");
+        let e = error(&text);
+        assert!(
+            e.starts_with("router.toml:4: [tls] key is set but cert"),
+            "{e}"
+        );
+        let e = error("catalog = 'c'\n[tls]\n[listen]\ndirect = '127.0.0.1:1'\n");
+        assert!(e.starts_with("router.toml:2: [tls] needs both"), "{e}");
+    }
+
+    #[test]
+    fn pooled_port_is_rejected_for_now() {
+        let text = MINIMAL.replace("[listen]\n", "[listen]\npooled = \"127.0.0.1:6432\"\n");
+        let e = error(&text);
+        assert!(
+            e.starts_with("router.toml:7: [listen] pooled:") && e.contains("not supported yet"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_missing_sections() {
+        let e = error(&format!("workers = 0\n{MINIMAL}"));
+        assert!(e.starts_with("router.toml:1:11:"), "{e}");
+        let e = error(&MINIMAL.replace("127.0.0.1:5432", "localhost"));
+        assert!(
+            e.starts_with("router.toml:7:10: invalid socket address"),
+            "{e}"
+        );
+        let e = error(&format!("{MINIMAL}[limits]\nmax_message_bytes = 0\n"));
+        assert!(e.starts_with("router.toml:9:21:"), "{e}");
+        let e = error("catalog = 'c'\n[listen]\ndirect = '127.0.0.1:1'\n");
+        assert_eq!(e, "router.toml:1:1: missing field `tls`");
+        let e = error("catalog = 'c'\n[tls\n");
+        assert!(e.starts_with("router.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn load_resolves_against_the_file_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("router.toml");
+        std::fs::write(&path, MINIMAL).expect("write config");
+        let config = Config::load(&path).expect("load");
+        assert_eq!(config.catalog_path, dir.path().join("catalog.toml"));
+        match Config::load(&dir.path().join("missing.toml")) {
+            Err(ConfigError::Io { path, .. }) => assert!(path.ends_with("missing.toml")),
+            other => panic!("expected Io, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\ncé d", 7), (2, 4));
+        assert_eq!(line_col("x", 99), (1, 2));
+    }
+}

@@ -1,1 +1,96 @@
-//! TODO(route)
+//! User name parsing: `role.branch_id` or `role.branch_id|replica`.
+//!
+//! The branch id is the text after the LAST dot, so role names may contain dots
+//! (`my.dotted.role.b1`). Branch ids cannot contain `|` or `.`, so a `|` suffix is split off
+//! first, at the last `|`.
+
+/// The only accepted `|` suffix: route to one of the branch's replicas.
+const REPLICA_SUFFIX: &str = "replica";
+
+/// Where a client's user name says to go. Borrows from the startup packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    /// The PostgreSQL role, as the backend will see it (suffixes stripped).
+    pub role: &'a str,
+    /// The branch id (text after the last dot).
+    pub branch: &'a str,
+    /// `true` when the user name ended in `|replica`.
+    pub replica: bool,
+}
+
+/// Why a user name cannot be routed. Both variants are safe to show to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No dot, or an empty role or branch id around the last dot.
+    #[error(r#"user name must have the form "role.branch_id" (or "role.branch_id|replica")"#)]
+    MissingBranch,
+    /// A `|` suffix other than `|replica`.
+    #[error(r#"unknown user name suffix: only "|replica" is supported"#)]
+    UnknownSuffix,
+}
+
+/// Splits a startup `user` parameter into role, branch and replica flag, without allocating.
+pub fn parse_user(user: &str) -> Result<Target<'_>, RouteError> {
+    let (name, replica) = match user.rsplit_once('|') {
+        Some((name, REPLICA_SUFFIX)) => (name, true),
+        Some(_) => return Err(RouteError::UnknownSuffix),
+        None => (user, false),
+    };
+    match name.rsplit_once('.') {
+        Some((role, branch)) if !role.is_empty() && !branch.is_empty() => Ok(Target {
+            role,
+            branch,
+            replica,
+        }),
+        _ => Err(RouteError::MissingBranch),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(role: &'static str, branch: &'static str, replica: bool) -> Target<'static> {
+        Target {
+            role,
+            branch,
+            replica,
+        }
+    }
+
+    #[test]
+    fn role_and_branch() {
+        assert_eq!(parse_user("app.b1"), Ok(target("app", "b1", false)));
+    }
+
+    #[test]
+    fn dotted_role_with_replica_suffix() {
+        assert_eq!(
+            parse_user("my.dotted.role.b1|replica"),
+            Ok(target("my.dotted.role", "b1", true))
+        );
+    }
+
+    #[test]
+    fn missing_branch() {
+        for user in ["app", ".b1", "app.", "", ".", "app|replica", "app.|replica"] {
+            assert_eq!(parse_user(user), Err(RouteError::MissingBranch), "{user:?}");
+        }
+        assert_eq!(
+            RouteError::MissingBranch.to_string(),
+            r#"user name must have the form "role.branch_id" (or "role.branch_id|replica")"#
+        );
+    }
+
+    #[test]
+    fn unknown_suffix() {
+        for user in [
+            "app.b1|primary",
+            "app.b1|",
+            "app.b1|replica|x",
+            "app.b1|Replica",
+        ] {
+            assert_eq!(parse_user(user), Err(RouteError::UnknownSuffix), "{user:?}");
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Editing the catalog file in place: the `role` command's write path.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
+
+use super::{Catalog, CatalogError};
+use crate::auth::verifier::ScramVerifier;
+use crate::config::line_col;
+
+/// Sets (creates or replaces) `role`'s verifier on `branch` in the catalog file at `path`.
+///
+/// Comments and layout are preserved (`toml_edit`); a missing `[branch.roles]` table is
+/// created. The result is parsed as a [`Catalog`] before it replaces the file, atomically (temp
+/// file in the same directory, fsync, rename, fsync of the directory), so a reader sees the old
+/// file or the new one, never a mix. Two concurrent edits may lose one update: the caller (the
+/// `role` command) is expected to be the only writer.
+pub fn set_role_verifier(
+    path: &Path,
+    branch: &str,
+    role: &str,
+    verifier: &ScramVerifier,
+) -> Result<(), CatalogError> {
+    // Rename onto the real file, not onto a symlink that points at it.
+    let path = std::fs::canonicalize(path).map_err(|source| CatalogError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file_name = path.display().to_string();
+    let text = std::fs::read_to_string(&path).map_err(|source| CatalogError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    // Refuse to edit a file that is already broken: the error would point at the wrong text.
+    let before = Catalog::parse(&text, &file_name)?;
+    if before.branch(branch).is_none() {
+        return Err(CatalogError::UnknownBranch {
+            path,
+            branch: branch.to_owned(),
+        });
+    }
+    let mut doc: DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+        let (line, col) = e.span().map_or((1, 1), |span| line_col(&text, span.start));
+        CatalogError::Parse {
+            file: file_name.clone(),
+            line,
+            col,
+            message: e.message().trim_end().to_owned(),
+        }
+    })?;
+    let not_edited = |reason| CatalogError::NotEdited {
+        path: path.clone(),
+        reason,
+    };
+    let (table, inline) =
+        find_branch(&mut doc, branch).ok_or_else(|| not_edited("branch table not found"))?;
+    set_role(table, inline, role, &verifier.to_string())
+        .ok_or_else(|| not_edited("roles is not a table"))?;
+
+    let new_text = doc.to_string();
+    let after = Catalog::parse(&new_text, &file_name)?;
+    // The edit must change exactly this one role, to exactly this verifier.
+    let set = after.branch(branch).and_then(|b| b.role(role));
+    let only_this_role = before
+        .changed_roles(&after)
+        .iter()
+        .all(|(b, r)| (&**b, &**r) == (branch, role));
+    if set.map(|v| **v == *verifier) != Some(true) || !only_this_role {
+        return Err(not_edited("the edited file does not say what was asked"));
+    }
+    replace_file(&path, new_text.as_bytes())
+}
+
+/// The `[[branch]]` table (or inline table, flagged `true`) whose `id` is `branch`.
+fn find_branch<'a>(
+    doc: &'a mut DocumentMut,
+    branch: &str,
+) -> Option<(&'a mut dyn TableLike, bool)> {
+    let has_id = |t: &dyn TableLike| t.get("id").and_then(Item::as_str) == Some(branch);
+    match doc.get_mut("branch")? {
+        Item::ArrayOfTables(array) => array
+            .iter_mut()
+            .find(|t| has_id(*t))
+            .map(|t| (t as &mut dyn TableLike, false)),
+        Item::Value(Value::Array(array)) => array
+            .iter_mut()
+            .filter_map(Value::as_inline_table_mut)
+            .find(|t| has_id(*t))
+            .map(|t| (t as &mut dyn TableLike, true)),
+        _ => None,
+    }
+}
+
+/// Inserts or replaces `roles.<role> = "<verifier>"`, keeping a replaced value's comments.
+/// `None` if `roles` exists but is not a table.
+fn set_role(branch: &mut dyn TableLike, inline: bool, role: &str, verifier: &str) -> Option<()> {
+    let empty = || {
+        if inline {
+            Item::Value(Value::InlineTable(InlineTable::new()))
+        } else {
+            Item::Table(Table::new())
+        }
+    };
+    let roles = branch
+        .entry("roles")
+        .or_insert_with(empty)
+        .as_table_like_mut()?;
+    match roles.get_mut(role).and_then(Item::as_value_mut) {
+        Some(old) => {
+            let mut new = Value::from(verifier);
+            *new.decor_mut() = old.decor().clone();
+            *old = new;
+        }
+        None => {
+            roles.insert(role, toml_edit::value(verifier));
+        }
+    }
+    Some(())
+}
+
+/// Writes `contents` to a temp file next to `path`, syncs it, and renames it over `path`.
+fn replace_file(path: &Path, contents: &[u8]) -> Result<(), CatalogError> {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or("catalog".into(), |n| n.to_string_lossy());
+    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CatalogError::Io { path, source }
+    };
+
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        // Keep the original mode: verifiers are secrets, the file may be 0600.
+        file.set_permissions(std::fs::metadata(path)?.permissions())?;
+        file.write_all(contents)?;
+        file.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(path)(e));
+    }
+    // Make the rename itself durable.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use super::super::tests::{two_branches, V1, V2, V3};
+    use super::*;
+
+    fn write_catalog(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("catalog.toml");
+        std::fs::write(&path, text).expect("write catalog");
+        (dir, path)
+    }
+
+    fn verifier(text: &str) -> ScramVerifier {
+        text.parse().expect("test verifier parses")
+    }
+
+    fn role(path: &Path, branch: &str, role: &str) -> Option<ScramVerifier> {
+        let catalog = Catalog::load(path).expect("edited catalog loads");
+        let branch = catalog.branch(branch).expect("branch exists");
+        branch.role(role).map(|v| (**v).clone())
+    }
+
+    #[test]
+    fn replace_and_add_keep_comments_and_layout() {
+        let original = two_branches().replace(
+            &format!("app = \"{V1}\""),
+            &format!("# the application role\napp = \"{V1}\" # rotated yearly"),
+        );
+        let (_dir, path) = write_catalog(&original);
+        set_role_verifier(&path, "b1", "app", &verifier(V3)).expect("replace");
+        set_role_verifier(&path, "b1", "new.role", &verifier(V2)).expect("add dotted");
+        set_role_verifier(&path, "b2", "app", &verifier(V1)).expect("replace inline");
+
+        let text = std::fs::read_to_string(&path).expect("read back");
+        let expected = original
+            .replace(
+                &format!("app = \"{V1}\" # rotated"),
+                &format!("app = \"{V3}\" # rotated"),
+            )
+            .replace(
+                &format!("\"my.dotted.role\" = \"{V2}\"\n"),
+                &format!("\"my.dotted.role\" = \"{V2}\"\n\"new.role\" = \"{V2}\"\n"),
+            )
+            .replace(
+                &format!("{{ app = \"{V3}\" }}"),
+                &format!("{{ app = \"{V1}\" }}"),
+            );
+        assert_eq!(text, expected);
+        assert_eq!(role(&path, "b1", "app"), Some(verifier(V3)));
+        assert_eq!(role(&path, "b1", "new.role"), Some(verifier(V2)));
+        assert_eq!(role(&path, "b2", "app"), Some(verifier(V1)));
+    }
+
+    #[test]
+    fn creates_missing_roles_tables() {
+        let original = "# first\n[[branch]]\nid = \"b1\"\nprimary = \"127.0.0.1:1\"\n\n\
+                        [[branch]] # second\nid = \"b2\"\nprimary = \"127.0.0.1:2\"\n";
+        let (_dir, path) = write_catalog(original);
+        set_role_verifier(&path, "b1", "app", &verifier(V1)).expect("b1");
+        set_role_verifier(&path, "b2", "app", &verifier(V2)).expect("b2");
+        let text = std::fs::read_to_string(&path).expect("read back");
+        let expected = format!(
+            "# first\n[[branch]]\nid = \"b1\"\nprimary = \"127.0.0.1:1\"\n\n\
+             [branch.roles]\napp = \"{V1}\"\n\n\
+             [[branch]] # second\nid = \"b2\"\nprimary = \"127.0.0.1:2\"\n\n\
+             [branch.roles]\napp = \"{V2}\"\n"
+        );
+        assert_eq!(text, expected);
+        assert_eq!(role(&path, "b1", "app"), Some(verifier(V1)));
+        assert_eq!(role(&path, "b2", "app"), Some(verifier(V2)));
+
+        let (_dir, path) = write_catalog("branch = [{ id = \"b1\", primary = \"127.0.0.1:1\" }]\n");
+        set_role_verifier(&path, "b1", "app", &verifier(V1)).expect("inline branch");
+        assert_eq!(role(&path, "b1", "app"), Some(verifier(V1)));
+
+        let dotted =
+            format!("[[branch]]\nid = \"b1\"\nprimary = \"127.0.0.1:1\"\nroles.app = \"{V1}\"\n");
+        let (_dir, path) = write_catalog(&dotted);
+        set_role_verifier(&path, "b1", "x.y", &verifier(V2)).expect("dotted roles");
+        let text = std::fs::read_to_string(&path).expect("read back");
+        assert_eq!(text, format!("{dotted}roles.\"x.y\" = \"{V2}\"\n"));
+    }
+
+    #[test]
+    fn refusals_leave_the_file_alone() {
+        let (dir, path) = write_catalog(&two_branches());
+        let e = set_role_verifier(&path, "b9", "app", &verifier(V1)).expect_err("no b9");
+        assert!(matches!(e, CatalogError::UnknownBranch { .. }), "{e}");
+        let e = set_role_verifier(&path, "b1", "a|b", &verifier(V1)).expect_err("bad name");
+        assert!(matches!(e, CatalogError::Invalid { .. }), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            two_branches()
+        );
+
+        std::fs::write(&path, "[[branch]]\nid = \"b1\"\n").expect("write broken");
+        let e = set_role_verifier(&path, "b1", "app", &verifier(V1)).expect_err("broken");
+        assert!(matches!(e, CatalogError::Parse { line: 1, .. }), "{e}");
+        let leftovers = std::fs::read_dir(dir.path()).expect("list").count();
+        assert_eq!(leftovers, 1, "no temp files left behind");
+    }
+
+    #[test]
+    fn keeps_file_mode() {
+        let (_dir, path) = write_catalog(&two_branches());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        set_role_verifier(&path, "b1", "app", &verifier(V2)).expect("set");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,62 @@
+//! The file as written: serde structs that mirror the TOML, before defaults and checks.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A duration written for humans ("10s", "500ms"); a newtype so it can sit inside [`Spanned`].
+#[derive(Debug)]
+pub(super) struct HumanDuration(pub(super) Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        humantime_serde::deserialize(d).map(HumanDuration)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) workers: Option<NonZeroUsize>,
+    pub(super) catalog: PathBuf,
+    pub(super) tls: Spanned<RawTls>,
+    pub(super) listen: RawListen,
+    #[serde(default)]
+    pub(super) timeouts: RawTimeouts,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: Option<Spanned<PathBuf>>,
+    pub(super) key: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListen {
+    pub(super) direct: SocketAddr,
+    pub(super) pooled: Option<Spanned<SocketAddr>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTimeouts {
+    pub(super) startup: Option<Spanned<HumanDuration>>,
+    pub(super) connect: Option<Spanned<HumanDuration>>,
+    pub(super) drain: Option<Spanned<HumanDuration>>,
+    pub(super) health_check_interval: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) max_client_connections: Option<NonZeroU32>,
+    pub(super) max_message_bytes: Option<NonZeroUsize>,
+}
