@@ -1,1 +1,186 @@
-//! TODO(backend)
+//! Connecting to a PostgreSQL backend: TCP, StartupMessage, SCRAM with the client's ClientKey,
+//! and the startup replies up to the first ReadyForQuery.
+
+use std::io;
+use std::net::SocketAddr;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use crate::auth::scram::{ClientCredentials, ScramClient, ScramError};
+use crate::buf::{write_all_vec, ReadBuf};
+use crate::protocol::backend::{Authentication, BackendKeyData};
+use crate::protocol::{backend as msg, frame, write};
+
+/// Largest message accepted from a backend during startup (ParameterStatus, errors, SASL).
+pub const MAX_BACKEND_STARTUP_MESSAGE_BYTES: usize = 8 * 1024;
+
+/// Read buffer for the backend → client direction.
+pub const BACKEND_READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// The SASL mechanism we speak to backends.
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// Errors talking to a backend. The client only ever sees 08006 for these, or the backend's own
+/// ErrorResponse verbatim ([`BackendError::Rejected`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// TCP connect failed.
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    /// Connect plus authentication took longer than `timeouts.connect`.
+    #[error("timed out")]
+    Timeout,
+    /// Socket error after connecting.
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The backend closed the connection during startup.
+    #[error("closed during startup")]
+    Closed,
+    /// The backend sent something that is not PostgreSQL protocol.
+    #[error("protocol: {0}")]
+    Protocol(&'static str),
+    /// The backend asked for an authentication method we cannot answer without a password.
+    #[error("unsupported authentication request {0}")]
+    UnsupportedAuth(u32),
+    /// SCRAM with the backend failed (e.g. its verifier differs from the catalog's).
+    #[error("SCRAM: {0}")]
+    Scram(#[from] ScramError),
+    /// The backend answered with an ErrorResponse, already copied for the client.
+    #[error("backend rejected the connection")]
+    Rejected,
+}
+
+/// An authenticated backend connection, ready for queries.
+#[derive(Debug)]
+pub struct BackendConn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// BackendKeyData: the backend's process id.
+    pub pid: u32,
+    /// BackendKeyData: the backend's cancel secret.
+    pub secret: u32,
+    /// Bytes read past ReadyForQuery (normally none), and the buffer reused for the relay.
+    pub read_buf: ReadBuf,
+}
+
+/// Connect to `addr`, send the StartupMessage already encoded in `startup`, authenticate with
+/// `credentials`, and copy the backend's ParameterStatus/NoticeResponse messages (or its
+/// ErrorResponse) into `to_client`. ReadyForQuery itself is not copied: the caller writes
+/// BackendKeyData before it.
+pub async fn connect(
+    addr: SocketAddr,
+    startup: &[u8],
+    credentials: ClientCredentials,
+    to_client: &mut Vec<u8>,
+) -> Result<(BackendConn, u8), BackendError> {
+    let mut stream = TcpStream::connect_addr(addr)
+        .await
+        .map_err(BackendError::Connect)?;
+    stream.set_nodelay(true)?;
+    let (result, _) = stream.write_all(startup.to_vec()).await;
+    result?;
+
+    let mut buf = ReadBuf::new(BACKEND_READ_BUFFER_BYTES);
+    let mut out = Vec::with_capacity(256);
+    let mut scram: Option<ScramClient> = None;
+    let mut credentials = Some(credentials);
+    let mut key: Option<BackendKeyData> = None;
+    loop {
+        let header = loop {
+            match frame::check(buf.data(), MAX_BACKEND_STARTUP_MESSAGE_BYTES) {
+                Ok(Some(header)) => break header,
+                Ok(None) => {
+                    if buf.fill_from(&mut stream).await? == 0 {
+                        return Err(BackendError::Closed);
+                    }
+                }
+                Err(_) => return Err(BackendError::Protocol("bad message length")),
+            }
+        };
+        let whole = &buf.data()[..header.len];
+        let body = frame::body(whole, header);
+        match header.tag {
+            msg::AUTHENTICATION => {
+                match Authentication::parse(body)
+                    .map_err(|_| BackendError::Protocol("bad authentication message"))?
+                {
+                    Authentication::Ok => {}
+                    Authentication::Sasl { mechanisms } => {
+                        if !msg::sasl_mechanisms(mechanisms).any(|m| m == SCRAM_SHA_256) {
+                            return Err(BackendError::UnsupportedAuth(10));
+                        }
+                        let credentials = credentials
+                            .take()
+                            .ok_or(BackendError::Protocol("repeated SASL request"))?;
+                        let (client, first) = ScramClient::new(credentials);
+                        write::sasl_initial_response(&mut out, SCRAM_SHA_256, &first);
+                        scram = Some(client);
+                    }
+                    Authentication::SaslContinue(data) => {
+                        let client = scram
+                            .as_mut()
+                            .ok_or(BackendError::Protocol("SASLContinue before SASL"))?;
+                        let reply = client.handle_server_first(data)?;
+                        write::sasl_response(&mut out, &reply);
+                    }
+                    Authentication::SaslFinal(data) => {
+                        scram
+                            .as_ref()
+                            .ok_or(BackendError::Protocol("SASLFinal before SASL"))?
+                            .verify_server_final(data)?;
+                    }
+                    Authentication::CleartextPassword => {
+                        return Err(BackendError::UnsupportedAuth(3))
+                    }
+                    Authentication::Md5Password { .. } => {
+                        return Err(BackendError::UnsupportedAuth(5))
+                    }
+                    Authentication::Other(code) => return Err(BackendError::UnsupportedAuth(code)),
+                }
+            }
+            msg::BACKEND_KEY_DATA => {
+                key = Some(
+                    BackendKeyData::parse(body)
+                        .map_err(|_| BackendError::Protocol("bad BackendKeyData"))?,
+                );
+            }
+            msg::PARAMETER_STATUS | msg::NOTICE_RESPONSE => to_client.extend_from_slice(whole),
+            msg::ERROR_RESPONSE => {
+                to_client.extend_from_slice(whole);
+                return Err(BackendError::Rejected);
+            }
+            msg::READY_FOR_QUERY => {
+                let status = body.first().copied().unwrap_or(b'I');
+                buf.consume(header.len);
+                let key = key.ok_or(BackendError::Protocol("no BackendKeyData"))?;
+                return Ok((
+                    BackendConn {
+                        stream,
+                        addr,
+                        pid: key.pid,
+                        secret: key.secret,
+                        read_buf: buf,
+                    },
+                    status,
+                ));
+            }
+            msg::NEGOTIATE_PROTOCOL_VERSION => {}
+            _ => return Err(BackendError::Protocol("unexpected message during startup")),
+        }
+        buf.consume(header.len);
+        write_all_vec(&mut stream, &mut out).await?;
+    }
+}
+
+/// Send a CancelRequest for `pid`/`secret` to the backend at `addr` (a fresh connection, as the
+/// protocol requires). The backend never answers; we close after writing.
+pub async fn cancel(addr: SocketAddr, pid: u32, secret: u32) -> io::Result<()> {
+    let mut stream = TcpStream::connect_addr(addr).await?;
+    let mut buf = Vec::with_capacity(16);
+    write::cancel_request(&mut buf, pid, secret);
+    let (result, _) = stream.write_all(buf).await;
+    result.map(|_| ())
+}

@@ -1,1 +1,204 @@
-//! TODO(error)
+//! Router errors seen by clients, and the one place that turns them into ErrorResponses.
+//!
+//! Every variant decides what the client may see: a SQLSTATE and a message written for users.
+//! Internal details (addresses, I/O errors, which check failed inside SCRAM) stay in the log.
+
+use std::borrow::Cow;
+
+use crate::backend::BackendError;
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::startup::StartupError;
+use crate::route::RouteError;
+use crate::tls::TlsError;
+
+/// Why a client connection ended before or instead of a normal relay.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A StartupMessage arrived without TLS.
+    #[error("plaintext startup refused")]
+    TlsRequired,
+    /// Bytes followed an SSLRequest before the TLS handshake (a man-in-the-middle pattern).
+    #[error("data pipelined after SSLRequest")]
+    DataAfterSslRequest,
+    /// The startup packet was malformed or too large.
+    #[error("invalid startup packet: {0}")]
+    Startup(#[from] StartupError),
+    /// A protocol rule was broken after the startup packet.
+    #[error("protocol violation: {0}")]
+    Protocol(&'static str),
+    /// The startup packet has no `user`.
+    #[error("no user name in startup packet")]
+    NoUser,
+    /// The user name does not name a branch.
+    #[error("{0}")]
+    Route(#[from] RouteError),
+    /// The branch is not in the catalog.
+    #[error("unknown branch {0:?}")]
+    UnknownBranch(Box<str>),
+    /// Wrong password, or a role that does not exist in the branch (indistinguishable on purpose).
+    #[error("password authentication failed for role {0:?}")]
+    AuthFailed(Box<str>),
+    /// The client chose a SASL mechanism we did not offer.
+    #[error("client selected an invalid SASL mechanism")]
+    InvalidSaslMechanism,
+    /// A SCRAM message from the client could not be parsed.
+    #[error("malformed SCRAM message: {0}")]
+    MalformedScram(crate::auth::scram::ScramError),
+    /// `limits.max_client_connections` reached.
+    #[error("too many client connections")]
+    TooManyConnections,
+    /// No replica of the branch is healthy.
+    #[error("no healthy replica for branch {0:?}")]
+    NoHealthyReplica(Box<str>),
+    /// The backend could not be reached or refused us.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    /// The client did not finish startup and authentication in time.
+    #[error("startup timeout")]
+    StartupTimeout,
+    /// TLS failed (alerts were sent by rustls where the protocol says so).
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// The client closed the connection.
+    #[error("client closed the connection")]
+    ClientClosed,
+    /// Socket error talking to the client.
+    #[error("client I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl SessionError {
+    /// The SQLSTATE and user-facing message for this error, or `None` when nothing is sent
+    /// (the connection is gone, or TLS is the layer that answers).
+    pub fn to_wire(&self) -> Option<(SqlState, Cow<'static, str>)> {
+        use SessionError::*;
+        Some(match self {
+            TlsRequired => (
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                "TLS is required: connect with sslmode=require (or verify-full)".into(),
+            ),
+            DataAfterSslRequest => (
+                SqlState::PROTOCOL_VIOLATION,
+                "received unencrypted data after SSL request".into(),
+            ),
+            Startup(StartupError::UnsupportedProtocol { major, minor }) => (
+                SqlState::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+                )
+                .into(),
+            ),
+            Startup(e) => (
+                SqlState::PROTOCOL_VIOLATION,
+                format!("invalid startup packet: {e}").into(),
+            ),
+            Protocol(what) => (SqlState::PROTOCOL_VIOLATION, Cow::Borrowed(*what)),
+            NoUser => (
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet".into(),
+            ),
+            Route(e) => (
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                e.to_string().into(),
+            ),
+            UnknownBranch(branch) => (
+                SqlState::INVALID_CATALOG_NAME,
+                format!("branch \"{branch}\" does not exist").into(),
+            ),
+            AuthFailed(role) => (
+                SqlState::INVALID_PASSWORD,
+                format!("password authentication failed for user \"{role}\"").into(),
+            ),
+            InvalidSaslMechanism => (
+                SqlState::PROTOCOL_VIOLATION,
+                "client selected an invalid SASL authentication mechanism".into(),
+            ),
+            MalformedScram(_) => (
+                SqlState::PROTOCOL_VIOLATION,
+                "malformed SCRAM message".into(),
+            ),
+            TooManyConnections => (
+                SqlState::TOO_MANY_CONNECTIONS,
+                "sorry, too many clients already".into(),
+            ),
+            NoHealthyReplica(branch) => (
+                SqlState::CONNECTION_FAILURE,
+                format!("no healthy replica available for branch \"{branch}\"").into(),
+            ),
+            Backend(BackendError::Rejected) => return None,
+            Backend(_) => (
+                SqlState::CONNECTION_FAILURE,
+                "could not connect to the branch's database server".into(),
+            ),
+            StartupTimeout => (
+                SqlState::PROTOCOL_VIOLATION,
+                "timeout waiting for startup and authentication".into(),
+            ),
+            Tls(_) | ClientClosed | Io(_) => return None,
+        })
+    }
+}
+
+/// Why a live session is closed by the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    /// The router is shutting down and the drain time is over.
+    Shutdown,
+    /// The role's password was reset (or the role removed from the catalog).
+    PasswordReset,
+}
+
+impl KillReason {
+    /// The FATAL error sent to the client.
+    pub fn to_wire(self) -> (SqlState, &'static str) {
+        match self {
+            KillReason::Shutdown => (
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            ),
+            KillReason::PasswordReset => (
+                SqlState::ADMIN_SHUTDOWN,
+                "terminating connection because the role's password was reset",
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_user_facing_error_has_its_sqlstate() {
+        let cases: Vec<(SessionError, &str)> = vec![
+            (SessionError::TlsRequired, "28000"),
+            (SessionError::DataAfterSslRequest, "08P01"),
+            (SessionError::Protocol("x"), "08P01"),
+            (SessionError::NoUser, "28000"),
+            (SessionError::UnknownBranch("b".into()), "3D000"),
+            (SessionError::AuthFailed("r".into()), "28P01"),
+            (SessionError::InvalidSaslMechanism, "08P01"),
+            (SessionError::TooManyConnections, "53300"),
+            (SessionError::NoHealthyReplica("b".into()), "08006"),
+            (SessionError::StartupTimeout, "08P01"),
+        ];
+        for (error, code) in cases {
+            let (state, message) = error.to_wire().expect("user-facing");
+            assert_eq!(state.as_str(), code, "{error:?}");
+            assert!(!message.is_empty());
+        }
+        assert!(SessionError::ClientClosed.to_wire().is_none());
+        assert_eq!(KillReason::Shutdown.to_wire().0.as_str(), "57P01");
+    }
+
+    #[test]
+    fn backend_details_stay_internal() {
+        let error = SessionError::Backend(BackendError::Connect(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "10.1.2.3:5432 refused",
+        )));
+        let (state, message) = error.to_wire().expect("user-facing");
+        assert_eq!(state.as_str(), "08006");
+        assert!(!message.contains("10.1.2.3"));
+    }
+}

@@ -16,11 +16,15 @@
 //! - [`cancel`]: CancelRequest routing between workers.
 //! - [`worker`]: the thread-per-core runtime: pinned threads, io_uring, SO_REUSEPORT listeners.
 //! - [`mailbox`]: bounded cross-thread queues that wake a monoio runtime.
+//! - [`upstream`]: backend addresses: outstanding connections, health probes, replica choice.
+//! - [`buf`]: reused per-connection buffers for monoio's owned-buffer I/O.
 //! - [`error`]: router errors and their single mapping to ErrorResponse.
 //! - [`role`]: the `branchgate role create|reset` command.
+//! - [`router`]: starting, reloading and stopping the whole router ([`start`], [`Router`]).
 
 pub mod auth;
 pub mod backend;
+pub mod buf;
 pub mod cancel;
 pub mod catalog;
 pub mod config;
@@ -29,6 +33,10 @@ pub mod mailbox;
 pub mod protocol;
 pub mod role;
 pub mod route;
+pub mod router;
 pub mod session;
 pub mod tls;
+pub mod upstream;
 pub mod worker;
+
+pub use router::{start, Router, StartError};

@@ -1,1 +1,560 @@
-//! TODO(session)
+//! One client connection on the direct (session) port, from its first byte to the relay.
+//!
+//! 1. Front door: direct SSL (first byte 0x16), SSLRequest, GSSENCRequest (answered `N`),
+//!    CancelRequest, or a plaintext StartupMessage (refused: TLS is required).
+//! 2. StartupMessage over TLS, parsed in place; `user` names the role and the branch.
+//! 3. SCRAM-SHA-256 with the client against the catalog verifier; we keep the ClientKey.
+//! 4. Backend connection (primary, or least-loaded healthy replica) authenticated with that key.
+//! 5. Relay both ways with one reused buffer per direction until either side closes.
+//!
+//! Steps 1-3 run under `timeouts.startup`, step 4 under `timeouts.connect`.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use monoio::io::Splitable;
+use monoio::net::TcpStream;
+
+use crate::auth::scram::{self, ClientCredentials, ClientKey};
+use crate::auth::verifier::ScramVerifier;
+use crate::backend::{self, BackendConn, BackendError};
+use crate::buf::{write_all_vec, ReadBuf};
+use crate::error::{KillReason, SessionError};
+use crate::protocol::frame::{self, FrameHeader};
+use crate::protocol::frontend::SaslInitialResponse;
+use crate::protocol::startup::{self, CancelKey, StartupPacket};
+use crate::protocol::write::{self, Severity};
+use crate::route;
+use crate::tls::{self, Handshake, TlsConn, TlsError};
+use crate::upstream::{ActiveGuard, Upstreams};
+use crate::worker::{SessionHandle, Signal, Worker};
+
+/// The TLS record type of a handshake: a direct-SSL ClientHello starts with it.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Largest SASL message accepted from a client (PostgreSQL allows 65535; SCRAM needs < 1 KiB).
+pub const MAX_AUTH_MESSAGE_BYTES: usize = 8 * 1024;
+
+/// Decrypted client bytes per connection; larger than the biggest startup packet.
+pub const CLIENT_PLAIN_BUFFER_BYTES: usize = 16 * 1024;
+
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// The client's side of a connection while it is being established.
+struct Client {
+    tcp: TcpStream,
+    /// Bytes from the socket: plaintext before TLS, ciphertext after.
+    raw: ReadBuf,
+    /// Decrypted bytes.
+    plain: ReadBuf,
+    /// Messages to send (plaintext before encryption).
+    out: Vec<u8>,
+    /// Ciphertext scratch buffer.
+    tls_out: Vec<u8>,
+    tls: Option<TlsConn>,
+    handshake: Handshake,
+}
+
+impl Client {
+    fn new(tcp: TcpStream) -> Self {
+        Self {
+            tcp,
+            raw: ReadBuf::new(tls::TLS_READ_BUFFER_BYTES),
+            plain: ReadBuf::new(CLIENT_PLAIN_BUFFER_BYTES),
+            out: Vec::with_capacity(1024),
+            tls_out: Vec::with_capacity(2048),
+            tls: None,
+            handshake: Handshake::default(),
+        }
+    }
+
+    /// Send everything in `out` (encrypted once TLS is up).
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        match &self.tls {
+            Some(tls) => {
+                tls.write(&mut self.tcp, &self.out, &mut self.tls_out)
+                    .await?;
+                self.out.clear();
+            }
+            None => write_all_vec(&mut self.tcp, &mut self.out).await?,
+        }
+        Ok(())
+    }
+
+    /// Read more decrypted bytes into `plain`.
+    async fn read_more(&mut self) -> Result<(), SessionError> {
+        let Some(tls) = &self.tls else {
+            return Err(SessionError::Protocol("read before TLS"));
+        };
+        let spare = self.plain.spare_mut();
+        if spare.is_empty() {
+            return Err(SessionError::Protocol("message too long"));
+        }
+        let n = tls.read(&mut self.tcp, &mut self.raw, spare).await?;
+        if n == 0 {
+            return Err(SessionError::ClientClosed);
+        }
+        self.plain.commit(n);
+        Ok(())
+    }
+
+    /// Wait for one whole message in `plain`.
+    async fn read_frame(&mut self, max_bytes: usize) -> Result<FrameHeader, SessionError> {
+        loop {
+            match frame::check(self.plain.data(), max_bytes) {
+                Ok(Some(header)) => return Ok(header),
+                Ok(None) => self.read_more().await?,
+                Err(_) => return Err(SessionError::Protocol("invalid message length")),
+            }
+        }
+    }
+
+    async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> Result<(), SessionError> {
+        let (conn, handshake) =
+            tls::accept(&mut self.tcp, config, &mut self.raw, &mut self.tls_out).await?;
+        self.tls = Some(conn);
+        self.handshake = handshake;
+        Ok(())
+    }
+}
+
+/// What the front door produced.
+enum Established {
+    /// A CancelRequest: no session follows.
+    Cancel(CancelKey),
+    /// An authenticated session with its backend.
+    Session(Box<Ready>),
+}
+
+struct Ready {
+    backend: BackendConn,
+    _upstream: ActiveGuard,
+    client_key: CancelKey,
+    branch: Box<str>,
+    role: Box<str>,
+}
+
+/// Routing facts taken from the StartupMessage before its buffer is reused.
+struct Routed {
+    branch: Arc<crate::catalog::Branch>,
+    role: Box<str>,
+    replica: bool,
+    verifier: Option<Arc<ScramVerifier>>,
+    /// The StartupMessage for the backend (user = bare role).
+    backend_startup: Vec<u8>,
+}
+
+/// Serve one accepted connection until it ends. Every failure is logged once, here.
+pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
+    let (_live, over_limit) = worker.connection_started();
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "set_nodelay failed");
+    }
+    let mut client = Client::new(tcp);
+    let startup_timeout = worker.shared.config.timeouts.startup;
+    let result =
+        match monoio::time::timeout(startup_timeout, establish(&worker, &mut client, over_limit))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(SessionError::StartupTimeout),
+        };
+    match result {
+        Ok(Established::Cancel(key)) => crate::cancel::handle(&worker, key),
+        Ok(Established::Session(ready)) => relay(&worker, client, *ready, peer).await,
+        Err(error) => refuse(&mut client, peer, error).await,
+    }
+}
+
+/// Log the error once and tell the client what it may know.
+async fn refuse(client: &mut Client, peer: SocketAddr, error: SessionError) {
+    match &error {
+        SessionError::ClientClosed => tracing::debug!(%peer, "client left during startup"),
+        SessionError::Backend(_) | SessionError::NoHealthyReplica(_) => {
+            tracing::warn!(%peer, %error, "connection refused")
+        }
+        _ => tracing::info!(%peer, %error, "connection refused"),
+    }
+    // Before TLS only the front-door errors are written (in plaintext, as PostgreSQL does).
+    let may_write = client.tls.is_some()
+        || matches!(
+            error,
+            SessionError::TlsRequired
+                | SessionError::DataAfterSslRequest
+                | SessionError::Startup(_)
+        );
+    if let (true, Some((code, message))) = (may_write, error.to_wire()) {
+        write::error_response(&mut client.out, Severity::Fatal, code, &message);
+    }
+    if may_write && !client.out.is_empty() {
+        let _ = client.flush().await;
+    }
+}
+
+async fn establish(
+    worker: &Rc<Worker>,
+    client: &mut Client,
+    over_limit: bool,
+) -> Result<Established, SessionError> {
+    if let Some(key) = front_door(worker, client).await? {
+        return Ok(Established::Cancel(key));
+    }
+    let len = loop {
+        match startup::check_startup(client.plain.data())? {
+            Some(len) => break len,
+            None => client.read_more().await?,
+        }
+    };
+    let routed = match startup::parse_startup(&client.plain.data()[..len])? {
+        StartupPacket::Cancel(key) => return Ok(Established::Cancel(key)),
+        StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+            return Err(SessionError::Protocol("encryption request inside TLS"))
+        }
+        StartupPacket::Startup(message) => {
+            if over_limit {
+                return Err(SessionError::TooManyConnections);
+            }
+            if message.minor > 0 || message.protocol_options().next().is_some() {
+                write::negotiate_protocol_version(&mut client.out, 0, message.protocol_options());
+            }
+            let user = message.user().ok_or(SessionError::NoUser)?;
+            let target = route::parse_user(user)?;
+            let catalog = worker.shared.catalog.load();
+            let branch = catalog
+                .branch(target.branch)
+                .cloned()
+                .ok_or_else(|| SessionError::UnknownBranch(target.branch.into()))?;
+            let mut backend_startup = Vec::with_capacity(len);
+            write::startup_message(
+                &mut backend_startup,
+                message.params().filter_map(|(name, value)| match name {
+                    "user" => Some((name, target.role)),
+                    // libpq defaults the database to the user name, which here carries the branch.
+                    "database" if value == user => Some((name, target.role)),
+                    _ if name.starts_with("_pq_.") => None,
+                    _ => Some((name, value)),
+                }),
+            );
+            Routed {
+                verifier: branch.role(target.role).cloned(),
+                branch,
+                role: target.role.into(),
+                replica: target.replica,
+                backend_startup,
+            }
+        }
+    };
+    client.plain.consume(len);
+
+    let (client_key, server_final, verifier) = authenticate(worker, client, &routed).await?;
+    let (ready, status, mut to_client) = connect_backend(worker, &routed, client_key, &verifier)
+        .await
+        .inspect_err(|_| ())?
+        .into_parts();
+    write::auth_sasl_final(&mut client.out, &server_final);
+    write::auth_ok(&mut client.out);
+    client.out.append(&mut to_client);
+    write::backend_key_data(
+        &mut client.out,
+        ready.client_key.pid,
+        ready.client_key.secret,
+    );
+    write::ready_for_query(&mut client.out, status);
+    Ok(Established::Session(Box::new(ready)))
+}
+
+/// Step 1: everything before the StartupMessage. Returns a CancelRequest's key if that is what
+/// the client sent; otherwise TLS is up when it returns.
+async fn front_door(
+    worker: &Rc<Worker>,
+    client: &mut Client,
+) -> Result<Option<CancelKey>, SessionError> {
+    let mut answered_gss = false;
+    loop {
+        if client.raw.is_empty() && client.raw.fill_from(&mut client.tcp).await? == 0 {
+            return Err(SessionError::ClientClosed);
+        }
+        if client.raw.data().first() == Some(&TLS_HANDSHAKE_RECORD) {
+            client.accept_tls(worker.shared.tls.clone()).await?;
+            if !client.handshake.alpn {
+                // PostgreSQL 17 closes direct-SSL connections that did not negotiate ALPN.
+                return Err(TlsError::NoAlpn.into());
+            }
+            return Ok(None);
+        }
+        let len = loop {
+            match startup::check_startup(client.raw.data())? {
+                Some(len) => break len,
+                None => {
+                    if client.raw.fill_from(&mut client.tcp).await? == 0 {
+                        return Err(SessionError::ClientClosed);
+                    }
+                }
+            }
+        };
+        match startup::parse_startup(&client.raw.data()[..len])? {
+            StartupPacket::SslRequest => {
+                if client.raw.len() > len {
+                    return Err(SessionError::DataAfterSslRequest);
+                }
+                client.raw.consume(len);
+                client.out.push(b'S');
+                client.flush().await?;
+                client.accept_tls(worker.shared.tls.clone()).await?;
+                return Ok(None);
+            }
+            StartupPacket::GssEncRequest if !answered_gss => {
+                answered_gss = true;
+                client.raw.consume(len);
+                client.out.push(b'N');
+                client.flush().await?;
+            }
+            StartupPacket::GssEncRequest => {
+                return Err(SessionError::Protocol("repeated GSSENCRequest"))
+            }
+            StartupPacket::Cancel(key) => return Ok(Some(key)),
+            StartupPacket::Startup(_) => return Err(SessionError::TlsRequired),
+        }
+    }
+}
+
+/// Step 3: SCRAM-SHA-256 with the client. Unknown roles run the same exchange against a fake
+/// verifier and fail the same way as a wrong password.
+async fn authenticate(
+    worker: &Rc<Worker>,
+    client: &mut Client,
+    routed: &Routed,
+) -> Result<(ClientKey, Vec<u8>, Arc<ScramVerifier>), SessionError> {
+    let known = routed.verifier.is_some();
+    let verifier = match &routed.verifier {
+        Some(verifier) => verifier.clone(),
+        None => Arc::new(ScramVerifier::mock(
+            &routed.role,
+            &worker.shared.mock_secret,
+        )),
+    };
+    write::auth_sasl(&mut client.out, &[SCRAM_SHA_256]);
+    client.flush().await?;
+
+    let header = expect_password_message(client).await?;
+    let state = {
+        let body = frame::body(&client.plain.data()[..header.len], header);
+        let initial = SaslInitialResponse::parse(body)
+            .map_err(|_| SessionError::Protocol("malformed SASLInitialResponse"))?;
+        if initial.mechanism != SCRAM_SHA_256 {
+            return Err(SessionError::InvalidSaslMechanism);
+        }
+        let (state, server_first) =
+            scram::server_start(initial.data, &verifier).map_err(SessionError::MalformedScram)?;
+        write::auth_sasl_continue(&mut client.out, &server_first);
+        state
+    };
+    client.plain.consume(header.len);
+    client.flush().await?;
+
+    let header = expect_password_message(client).await?;
+    let body = frame::body(&client.plain.data()[..header.len], header);
+    let outcome = scram::server_finish(state, body);
+    client.plain.consume(header.len);
+    match outcome {
+        Ok((client_key, server_final)) if known => Ok((client_key, server_final, verifier)),
+        Ok(_) | Err(scram::ScramError::InvalidProof) => {
+            Err(SessionError::AuthFailed(routed.role.clone()))
+        }
+        Err(error) => Err(SessionError::MalformedScram(error)),
+    }
+}
+
+async fn expect_password_message(client: &mut Client) -> Result<FrameHeader, SessionError> {
+    let header = client.read_frame(MAX_AUTH_MESSAGE_BYTES).await?;
+    match header.tag {
+        b'p' => Ok(header),
+        b'X' => Err(SessionError::ClientClosed),
+        _ => Err(SessionError::Protocol("expected SASL response")),
+    }
+}
+
+struct Connected {
+    ready: Ready,
+    status: u8,
+    to_client: Vec<u8>,
+}
+
+impl Connected {
+    fn into_parts(self) -> (Ready, u8, Vec<u8>) {
+        (self.ready, self.status, self.to_client)
+    }
+}
+
+/// Step 4: connect to the primary, or to replicas in least-connections order until one works.
+async fn connect_backend(
+    worker: &Rc<Worker>,
+    routed: &Routed,
+    client_key: ClientKey,
+    verifier: &ScramVerifier,
+) -> Result<Connected, SessionError> {
+    let shared = &worker.shared;
+    let mut failed: Vec<SocketAddr> = Vec::new();
+    loop {
+        let upstream = if routed.replica {
+            shared
+                .upstreams
+                .pick_replica(&routed.branch.replicas, &failed)
+                .ok_or_else(|| SessionError::NoHealthyReplica(routed.branch.id.clone()))?
+        } else {
+            shared.upstreams.get(routed.branch.primary)
+        };
+        let addr = upstream.addr;
+        let guard = Upstreams::hold(upstream);
+        let credentials = ClientCredentials::Keys {
+            client_key: client_key.0,
+            server_key: verifier.server_key,
+        };
+        let mut to_client = Vec::new();
+        let attempt = monoio::time::timeout(
+            shared.config.timeouts.connect,
+            backend::connect(addr, &routed.backend_startup, credentials, &mut to_client),
+        )
+        .await
+        .unwrap_or(Err(BackendError::Timeout));
+        match attempt {
+            Ok((backend, status)) => {
+                guard.upstream().set_healthy(true);
+                let client_key = CancelKey {
+                    pid: backend.pid,
+                    secret: rand::random(),
+                };
+                return Ok(Connected {
+                    ready: Ready {
+                        backend,
+                        _upstream: guard,
+                        client_key,
+                        branch: routed.branch.id.clone(),
+                        role: routed.role.clone(),
+                    },
+                    status,
+                    to_client,
+                });
+            }
+            Err(BackendError::Rejected) => {
+                return Err(SessionError::Backend(BackendError::Rejected));
+            }
+            Err(error @ (BackendError::Connect(_) | BackendError::Timeout)) if routed.replica => {
+                tracing::warn!(%addr, %error, "replica unreachable, trying another");
+                guard.upstream().set_healthy(false);
+                failed.push(addr);
+            }
+            Err(error) => {
+                if matches!(error, BackendError::Connect(_) | BackendError::Timeout) {
+                    guard.upstream().set_healthy(false);
+                }
+                return Err(error.into());
+            }
+        }
+    }
+}
+
+/// How a relayed session ended.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    BackendClosed,
+    ClientError(SessionError),
+    BackendError(std::io::Error),
+    Killed(KillReason),
+}
+
+/// Step 5: register the session and copy bytes both ways until one side ends.
+async fn relay(worker: &Rc<Worker>, mut client: Client, ready: Ready, peer: SocketAddr) {
+    let Ready {
+        backend,
+        _upstream,
+        client_key,
+        branch,
+        role,
+    } = ready;
+    let handle = Rc::new(SessionHandle {
+        client_key,
+        backend_addr: backend.addr,
+        backend_key: CancelKey {
+            pid: backend.pid,
+            secret: backend.secret,
+        },
+        branch,
+        role,
+        kill: Signal::default(),
+    });
+    let _registration = worker.register(handle.clone());
+    if let Err(error) = client.flush().await {
+        tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
+        return;
+    }
+    let Client {
+        tcp,
+        mut raw,
+        mut plain,
+        mut tls_out,
+        tls,
+        ..
+    } = client;
+    let Some(tls) = tls else { return };
+    let (mut client_rd, mut client_wr) = tcp.into_split();
+    let (mut backend_rd, mut backend_wr) = backend.stream.into_split();
+    let mut backend_buf = backend.read_buf;
+
+    let end = {
+        let client_to_backend = async {
+            loop {
+                if let Err(e) = plain.drain_to(&mut backend_wr).await {
+                    return End::BackendError(e);
+                }
+                match tls.read(&mut client_rd, &mut raw, plain.spare_mut()).await {
+                    Ok(0) => return End::ClientClosed,
+                    Ok(n) => plain.commit(n),
+                    Err(e) => return End::ClientError(e.into()),
+                }
+            }
+        };
+        let backend_to_client = async {
+            loop {
+                if !backend_buf.is_empty() {
+                    if let Err(e) = tls
+                        .write(&mut client_wr, backend_buf.data(), &mut tls_out)
+                        .await
+                    {
+                        return End::ClientError(e.into());
+                    }
+                    backend_buf.clear();
+                }
+                match backend_buf.fill_from(&mut backend_rd).await {
+                    Ok(0) => return End::BackendClosed,
+                    Ok(_) => {}
+                    Err(e) => return End::BackendError(e),
+                }
+            }
+        };
+        monoio::select! {
+            end = client_to_backend => end,
+            end = backend_to_client => end,
+            reason = handle.kill.wait() => End::Killed(reason),
+        }
+    };
+    match end {
+        End::Killed(reason) => {
+            let (code, message) = reason.to_wire();
+            let mut out = Vec::with_capacity(128);
+            write::error_response(&mut out, Severity::Fatal, code, message);
+            let _ = tls.write(&mut client_wr, &out, &mut tls_out).await;
+            tls.close(&mut client_wr, &mut tls_out).await;
+            tracing::info!(%peer, ?reason, "session closed by the router");
+        }
+        End::BackendClosed => {
+            tls.close(&mut client_wr, &mut tls_out).await;
+            tracing::debug!(%peer, "backend closed the session");
+        }
+        End::ClientClosed => tracing::debug!(%peer, "client closed the session"),
+        End::ClientError(error) => tracing::debug!(%peer, %error, "client connection failed"),
+        End::BackendError(error) => tracing::warn!(%peer, %error, "backend connection failed"),
+    }
+}

@@ -1,1 +1,270 @@
-//! TODO(worker)
+//! The thread-per-core runtime: one pinned thread per worker, each with its own monoio runtime
+//! (io_uring, or the legacy epoll driver where io_uring is unavailable), its own SO_REUSEPORT
+//! listener, and its own session registry. Nothing here is shared between workers but the
+//! read-mostly [`Shared`] state and the mailboxes.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use monoio::net::TcpListener;
+use rustls::ServerConfig;
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::error::KillReason;
+use crate::mailbox::{Mailbox, Message};
+use crate::protocol::startup::CancelKey;
+use crate::upstream::Upstreams;
+
+/// How long killed sessions get to write their FATAL message before the worker stops.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Pause after a failed accept (e.g. EMFILE) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// io_uring submission queue entries per worker.
+pub const URING_ENTRIES: u32 = 1024;
+
+/// State shared by all workers (read-mostly).
+#[derive(Debug)]
+pub struct Shared {
+    /// The router configuration.
+    pub config: Config,
+    /// The catalog in force; replaced whole on reload.
+    pub catalog: ArcSwap<Catalog>,
+    /// TLS server configuration.
+    pub tls: Arc<ServerConfig>,
+    /// One mailbox per worker, indexed by worker id.
+    pub mailboxes: Vec<Arc<Mailbox>>,
+    /// Backend addresses: connection counts and health.
+    pub upstreams: Upstreams,
+    /// Client connections open on all workers.
+    pub clients: AtomicU32,
+    /// Key for the fake verifiers of unknown roles (random per process).
+    pub mock_secret: [u8; 32],
+}
+
+/// A one-shot local signal carrying a value, with a single waiter.
+#[derive(Debug)]
+pub struct Signal<T: Copy> {
+    value: Cell<Option<T>>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl<T: Copy> Default for Signal<T> {
+    fn default() -> Self {
+        Self {
+            value: Cell::new(None),
+            waker: RefCell::new(None),
+        }
+    }
+}
+
+impl<T: Copy> Signal<T> {
+    /// Fire (the first value wins) and wake the waiter.
+    pub fn fire(&self, value: T) {
+        if self.value.get().is_none() {
+            self.value.set(Some(value));
+        }
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Wait until fired. Cancel-safe.
+    pub async fn wait(&self) -> T {
+        poll_fn(|cx| match self.value.get() {
+            Some(value) => Poll::Ready(value),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// What the worker knows about one live session (for cancel, password reset and shutdown).
+#[derive(Debug)]
+pub struct SessionHandle {
+    /// The key the client was given (backend pid, router-issued secret).
+    pub client_key: CancelKey,
+    /// The backend serving the session, and the backend's own key.
+    pub backend_addr: SocketAddr,
+    /// The backend's BackendKeyData.
+    pub backend_key: CancelKey,
+    /// Branch id.
+    pub branch: Box<str>,
+    /// Role name.
+    pub role: Box<str>,
+    /// Fired to end the session with a FATAL error.
+    pub kill: Signal<KillReason>,
+}
+
+/// One worker thread's state. Lives in an `Rc`: it never leaves its thread.
+#[derive(Debug)]
+pub struct Worker {
+    /// Index of this worker (also its mailbox index).
+    pub id: usize,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    sessions: RefCell<HashMap<u64, Rc<SessionHandle>>>,
+    next_session: Cell<u64>,
+    live: Cell<usize>,
+    stop_accepting: Signal<()>,
+}
+
+/// Unregisters a session when the session ends.
+#[derive(Debug)]
+pub struct Registration {
+    worker: Rc<Worker>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.worker.sessions.borrow_mut().remove(&self.id);
+    }
+}
+
+/// Counts a connection task (registered or still in startup) for the drain.
+#[derive(Debug)]
+pub struct LiveGuard(Rc<Worker>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.set(self.0.live.get() - 1);
+        self.0.shared.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Worker {
+    /// A worker with no sessions.
+    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Self> {
+        Rc::new(Self {
+            id,
+            shared,
+            sessions: RefCell::new(HashMap::new()),
+            next_session: Cell::new(0),
+            live: Cell::new(0),
+            stop_accepting: Signal::default(),
+        })
+    }
+
+    /// Count a new connection; the flag says whether it is over `max_client_connections`.
+    pub fn connection_started(self: &Rc<Self>) -> (LiveGuard, bool) {
+        self.live.set(self.live.get() + 1);
+        let before = self.shared.clients.fetch_add(1, Ordering::Relaxed);
+        let over = before >= self.shared.config.limits.max_client_connections.get();
+        (LiveGuard(self.clone()), over)
+    }
+
+    /// Make a session findable for cancel requests, password resets and shutdown.
+    pub fn register(self: &Rc<Self>, handle: Rc<SessionHandle>) -> Registration {
+        let id = self.next_session.get();
+        self.next_session.set(id + 1);
+        self.sessions.borrow_mut().insert(id, handle);
+        Registration {
+            worker: self.clone(),
+            id,
+        }
+    }
+
+    /// The session whose client key matches (secret compared in constant time), if it is ours.
+    pub fn find_by_key(&self, key: CancelKey) -> Option<Rc<SessionHandle>> {
+        use subtle::ConstantTimeEq;
+        self.sessions
+            .borrow()
+            .values()
+            .find(|s| {
+                s.client_key.pid == key.pid && bool::from(s.client_key.secret.ct_eq(&key.secret))
+            })
+            .cloned()
+    }
+
+    fn kill_where(&self, reason: KillReason, pred: impl Fn(&SessionHandle) -> bool) -> usize {
+        let sessions = self.sessions.borrow();
+        let mut killed = 0;
+        for session in sessions.values().filter(|s| pred(s)) {
+            session.kill.fire(reason);
+            killed += 1;
+        }
+        killed
+    }
+
+    async fn handle_mail(self: &Rc<Self>) {
+        let mailbox = self.shared.mailboxes[self.id].clone();
+        loop {
+            match mailbox.recv().await {
+                Message::Cancel(key) => {
+                    crate::cancel::cancel_local(self, key);
+                }
+                Message::CloseRole { branch, role } => {
+                    let n = self.kill_where(KillReason::PasswordReset, |s| {
+                        *s.branch == *branch && *s.role == *role
+                    });
+                    if n > 0 {
+                        tracing::info!(worker = self.id, %branch, %role, sessions = n, "closed sessions after password change");
+                    }
+                }
+                Message::Shutdown => return,
+            }
+        }
+    }
+
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = monoio::select! {
+                accepted = listener.accept() => accepted,
+                _ = self.stop_accepting.wait() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    monoio::spawn(crate::session::serve(self.clone(), stream, peer));
+                }
+                Err(error) => {
+                    tracing::warn!(worker = self.id, %error, "accept failed");
+                    monoio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            }
+        }
+        tracing::debug!(worker = self.id, "stopped accepting");
+    }
+
+    async fn wait_idle(&self, deadline: Instant) -> bool {
+        while self.live.get() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Run the worker until a Shutdown message: accept, serve, then drain.
+    pub async fn run(self: Rc<Self>, listener: TcpListener) {
+        monoio::spawn(self.clone().accept_loop(listener));
+        self.handle_mail().await;
+
+        self.stop_accepting.fire(());
+        let drain = self.shared.config.timeouts.drain;
+        if !self.wait_idle(Instant::now() + drain).await {
+            let n = self.kill_where(KillReason::Shutdown, |_| true);
+            tracing::info!(
+                worker = self.id,
+                sessions = n,
+                "drain time over: closing sessions"
+            );
+            self.wait_idle(Instant::now() + KILL_GRACE).await;
+        }
+        tracing::info!(worker = self.id, "worker stopped");
+    }
+}

@@ -1,0 +1,149 @@
+//! Reused per-connection byte buffers for monoio's owned-buffer I/O.
+//!
+//! monoio hands a buffer to the kernel for the duration of a read or write, so a connection
+//! keeps one boxed slice per direction and lends it out for each operation. Positions are kept
+//! as offsets (`start..end`), never as borrowed views across an `.await`.
+
+use std::io;
+
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+
+/// A fixed-size buffer holding the unconsumed bytes `start..end`.
+#[derive(Debug)]
+pub struct ReadBuf {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadBuf {
+    /// A zeroed buffer of `capacity` bytes (zeroed once, so every slice of it is initialised).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            data: vec![0; capacity].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The unconsumed bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    /// Number of unconsumed bytes.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// True if nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    /// Total size of the buffer.
+    pub fn capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Mark `n` bytes at the front as used.
+    pub fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Forget everything buffered.
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Free space after the data, moving the data to the front first if that makes room.
+    pub fn spare_mut(&mut self) -> &mut [u8] {
+        if self.start > 0 && self.end == self.data.len() {
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// Record that `n` bytes were written into [`ReadBuf::spare_mut`].
+    pub fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.data.len());
+    }
+
+    /// Read once from `io` into the free space. Returns 0 at end of stream.
+    ///
+    /// Errors with `OutOfMemory` if the buffer is full: callers bound what they accumulate.
+    /// Not cancel-safe: bytes read by an operation whose future is dropped are lost.
+    pub async fn fill_from<R: AsyncReadRent>(&mut self, io: &mut R) -> io::Result<usize> {
+        let _ = self.spare_mut();
+        if self.end == self.data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "read buffer full",
+            ));
+        }
+        let data = std::mem::take(&mut self.data);
+        let (result, slice) = io.read(data.slice_mut(self.end..)).await;
+        self.data = slice.into_inner();
+        let n = result?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Write all unconsumed bytes to `io` and empty the buffer.
+    pub async fn drain_to<W: AsyncWriteRent>(&mut self, io: &mut W) -> io::Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.data);
+        let (result, slice) = io.write_all(data.slice(self.start..self.end)).await;
+        self.data = slice.into_inner();
+        result?;
+        self.clear();
+        Ok(())
+    }
+}
+
+/// Write all of `buf` to `io`, then clear it, keeping its allocation.
+pub async fn write_all_vec<W: AsyncWriteRent>(io: &mut W, buf: &mut Vec<u8>) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let owned = std::mem::take(buf);
+    let (result, mut owned) = io.write_all(owned).await;
+    owned.clear();
+    *buf = owned;
+    result.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consume_and_compact() {
+        let mut b = ReadBuf::new(8);
+        b.spare_mut()[..6].copy_from_slice(b"abcdef");
+        b.commit(6);
+        b.consume(4);
+        assert_eq!(b.data(), b"ef");
+        // Room at the end is 2 bytes; not full, so no compaction yet.
+        assert_eq!(b.spare_mut().len(), 2);
+        b.spare_mut()[..2].copy_from_slice(b"gh");
+        b.commit(2);
+        // Full at the end: compaction moves "efgh" to the front.
+        assert_eq!(b.spare_mut().len(), 4);
+        assert_eq!(b.data(), b"efgh");
+        b.consume(4);
+        assert!(b.is_empty());
+        assert_eq!(b.spare_mut().len(), 8);
+    }
+}

@@ -1,0 +1,329 @@
+//! Starting, reloading and stopping the router.
+//!
+//! [`start`] binds one SO_REUSEPORT listener per worker on the calling thread (so a bad address
+//! fails synchronously and port 0 resolves to one port shared by all workers), then starts the
+//! pinned worker threads and the helper threads (replica health probes, catalog file watch).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::config::Config;
+use crate::mailbox::{Mailbox, Message};
+use crate::tls::TlsError;
+use crate::upstream::Upstreams;
+use crate::worker::{Shared, Worker};
+
+/// Listen backlog per worker socket.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// How often the catalog file's modification time is checked.
+const CATALOG_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The catalog file is missing or invalid.
+    #[error("catalog: {0}")]
+    Catalog(#[from] CatalogError),
+    /// Certificate or key unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A worker thread could not start its runtime.
+    #[error("worker {worker}: {source}")]
+    Worker {
+        /// Worker index.
+        worker: usize,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running router. Dropping it without [`Router::shutdown`] leaves the workers running.
+#[derive(Debug)]
+pub struct Router {
+    shared: Arc<Shared>,
+    direct_addr: SocketAddr,
+    workers: Vec<JoinHandle<()>>,
+    helpers: Vec<JoinHandle<()>>,
+    stopping: Arc<AtomicBool>,
+    reload_lock: Arc<Mutex<()>>,
+}
+
+/// Start the router described by `config`: returns once every worker is accepting.
+pub fn start(config: Config) -> Result<Router, StartError> {
+    let catalog = Catalog::load(&config.catalog_path)?;
+    let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
+    let workers = config.workers.get();
+    let listeners = bind_reuseport(config.listen.direct, workers)?;
+    let direct_addr = listeners[0]
+        .local_addr()
+        .map_err(|source| StartError::Listen {
+            addr: config.listen.direct,
+            source,
+        })?;
+
+    let upstreams = Upstreams::default();
+    upstreams.sync(&catalog);
+    let shared = Arc::new(Shared {
+        catalog: ArcSwap::from_pointee(catalog),
+        tls,
+        mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
+        upstreams,
+        clients: AtomicU32::new(0),
+        mock_secret: rand::random(),
+        config,
+    });
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut handles = Vec::with_capacity(workers);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+        let ready = ready_tx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("branchgate-w{id}"))
+            .spawn(move || run_worker(id, shared, listener, core, ready))
+            .map_err(|source| StartError::Worker { worker: id, source })?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err((worker, source))) => return Err(StartError::Worker { worker, source }),
+            Err(_) => {
+                return Err(StartError::Worker {
+                    worker: 0,
+                    source: std::io::Error::other("worker thread exited during start"),
+                })
+            }
+        }
+    }
+    tracing::info!(%direct_addr, workers, "branchgate accepting");
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let reload_lock = Arc::new(Mutex::new(()));
+    let mut router = Router {
+        shared,
+        direct_addr,
+        workers: handles,
+        helpers: Vec::new(),
+        stopping,
+        reload_lock,
+    };
+    router.helpers.push(router.spawn_health_probes());
+    router.helpers.push(router.spawn_catalog_watch());
+    Ok(router)
+}
+
+fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, StartError> {
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
+    let mut bind_addr = addr;
+    for _ in 0..count {
+        let listener = (|| {
+            let socket = Socket::new(
+                Domain::for_address(bind_addr),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&bind_addr.into())?;
+            socket.listen(LISTEN_BACKLOG)?;
+            Ok::<_, std::io::Error>(TcpListener::from(socket))
+        })()
+        .map_err(|source| StartError::Listen { addr, source })?;
+        if let Ok(local) = listener.local_addr() {
+            // Port 0: every further worker binds the port the first one got.
+            bind_addr = local;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+type Ready = mpsc::Sender<Result<(), (usize, std::io::Error)>>;
+
+fn run_worker(
+    id: usize,
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    core: Option<core_affinity::CoreId>,
+    ready: Ready,
+) {
+    if let Some(core) = core {
+        if !core_affinity::set_for_current(core) {
+            tracing::warn!(
+                worker = id,
+                core = core.id,
+                "could not pin worker to its core"
+            );
+        }
+    }
+    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .with_entries(crate::worker::URING_ENTRIES)
+        .enable_timer()
+        .build();
+    let mut runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(source) => {
+            let _ = ready.send(Err((id, source)));
+            return;
+        }
+    };
+    let driver = match &runtime {
+        monoio::FusionRuntime::Uring(_) => "io_uring",
+        monoio::FusionRuntime::Legacy(_) => "legacy (epoll): io_uring unavailable",
+    };
+    tracing::info!(
+        worker = id,
+        core = core.map(|c| c.id),
+        driver,
+        "worker started"
+    );
+    runtime.block_on(async move {
+        let listener = match monoio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(source) => {
+                let _ = ready.send(Err((id, source)));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        Worker::new(id, shared).run(listener).await;
+    });
+}
+
+impl Router {
+    /// The address of the direct (session) port, with the real port if 0 was configured.
+    pub fn direct_addr(&self) -> SocketAddr {
+        self.direct_addr
+    }
+
+    /// Path of the catalog file in use.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.shared.config.catalog_path.clone()
+    }
+
+    /// Re-read the catalog (what SIGHUP does). An invalid file is rejected, logged, and the old
+    /// catalog stays in force. Sessions of roles whose verifier changed or vanished are closed.
+    pub fn reload_catalog(&self) -> Result<(), CatalogError> {
+        reload(&self.shared, &self.reload_lock)
+    }
+
+    fn spawn_health_probes(&self) -> JoinHandle<()> {
+        let shared = self.shared.clone();
+        let stopping = self.stopping.clone();
+        std::thread::spawn(move || {
+            let interval = shared.config.timeouts.health_check_interval;
+            while !stopping.load(Ordering::Relaxed) {
+                shared.upstreams.probe_all();
+                std::thread::park_timeout(interval);
+            }
+        })
+    }
+
+    fn spawn_catalog_watch(&self) -> JoinHandle<()> {
+        let shared = self.shared.clone();
+        let stopping = self.stopping.clone();
+        let lock = self.reload_lock.clone();
+        std::thread::spawn(move || {
+            let path = shared.config.catalog_path.clone();
+            let stamp = |path: &PathBuf| -> Option<(SystemTime, u64)> {
+                let meta = std::fs::metadata(path).ok()?;
+                Some((meta.modified().ok()?, meta.len()))
+            };
+            let mut seen = stamp(&path);
+            while !stopping.load(Ordering::Relaxed) {
+                std::thread::park_timeout(CATALOG_WATCH_INTERVAL);
+                let now = stamp(&path);
+                if now.is_some() && now != seen {
+                    seen = now;
+                    let _ = reload(&shared, &lock);
+                }
+            }
+        })
+    }
+
+    /// Stop accepting, let sessions finish for at most `timeouts.drain`, close the rest with
+    /// FATAL 57P01, and wait for every thread to end.
+    pub fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.stopping.store(true, Ordering::Relaxed);
+        for mailbox in &self.shared.mailboxes {
+            let _ = mailbox.send(Message::Shutdown);
+        }
+        for handle in self.helpers {
+            handle.thread().unpark();
+            let _ = handle.join();
+        }
+        for handle in self.workers {
+            let _ = handle.join();
+        }
+        tracing::info!("stopped");
+    }
+
+    /// Run until SIGTERM or SIGINT (then shut down gracefully); SIGHUP reloads the catalog.
+    pub fn run_until_signalled(self) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
+        for signal in signals.forever() {
+            match signal {
+                SIGHUP => {
+                    tracing::info!("SIGHUP: reloading catalog");
+                    let _ = self.reload_catalog();
+                }
+                _ => break,
+            }
+        }
+        self.shutdown();
+        Ok(())
+    }
+}
+
+fn reload(shared: &Shared, lock: &Mutex<()>) -> Result<(), CatalogError> {
+    let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let newer = match Catalog::load(&shared.config.catalog_path) {
+        Ok(catalog) => catalog,
+        Err(error) => {
+            tracing::error!(%error, "catalog reload rejected; the previous catalog stays in force");
+            return Err(error);
+        }
+    };
+    let changed = shared.catalog.load().changed_roles(&newer);
+    shared.upstreams.sync(&newer);
+    let branches = newer.branches().len();
+    shared.catalog.store(Arc::new(newer));
+    tracing::info!(branches, changed_roles = changed.len(), "catalog reloaded");
+    for (branch, role) in changed {
+        let (branch, role): (Arc<str>, Arc<str>) = (branch.into(), role.into());
+        for mailbox in &shared.mailboxes {
+            let message = Message::CloseRole {
+                branch: branch.clone(),
+                role: role.clone(),
+            };
+            if mailbox.send(message).is_err() {
+                tracing::warn!("mailbox full: could not close sessions of a changed role");
+            }
+        }
+    }
+    Ok(())
+}
