@@ -1,1 +1,30 @@
-//! Test support: real PostgreSQL servers, certificates, and the router in-process.
+//! Test support: real PostgreSQL servers, certificates, real clients, and the router in-process.
+//!
+//! # Layout
+//! - [`pg`]: [`PgServer`], a PostgreSQL 15 primary or streaming replica in a temp dir.
+//! - [`certs`]: [`Certs`], a throwaway CA and a `localhost`/`127.0.0.1` server certificate.
+//! - [`clients`]: libpq connection strings and queries through psycopg.
+//! - [`catalog`]: the router's catalog and configuration files as text.
+//! - [`tools`]: paths of PostgreSQL's programs and the Python venv, free ports.
+//! - [`spawn`]: starting servers that die with the test process.
+//! - `router` (feature `router`): `TestRouter`, the router started in-process.
+//!
+//! Servers are real processes: run `scripts/setup` once to install PostgreSQL 15 and the venv.
+//! As root, servers run as the `postgres` OS user.
+
+pub mod catalog;
+pub mod certs;
+pub mod clients;
+pub mod pg;
+#[cfg(feature = "router")]
+pub mod router;
+pub mod spawn;
+pub mod tools;
+
+pub use catalog::BranchSpec;
+pub use certs::Certs;
+pub use clients::{psycopg_query, ClientError, Conninfo, SslNegotiation};
+pub use pg::{PgServer, ADMIN_PASSWORD, ADMIN_USER};
+#[cfg(feature = "router")]
+pub use router::TestRouter;
+pub use tools::{free_port, pg_bin, psql_bin, python, run_python};

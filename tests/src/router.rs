@@ -1,0 +1,78 @@
+//! The router started in-process on `127.0.0.1:0` (feature `router`).
+//!
+//! Written against the router API as designed (`Config::parse`, `branchgate::start`,
+//! `Router::direct_addr`, `Router::reload_catalog`, `Router::shutdown`); the feature stays off
+//! until that API lands, then this module is finished and the feature made default.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tempfile::TempDir;
+
+use crate::catalog::{catalog_toml, router_toml, BranchSpec};
+use crate::certs::Certs;
+
+/// The catalog's file name inside the router's directory.
+const CATALOG_FILE: &str = "catalog.toml";
+/// The router configuration's file name inside the router's directory.
+const CONFIG_FILE: &str = "router.toml";
+
+/// A router running in this process, with its config and catalog files in a temp dir.
+///
+/// Dropping it shuts the router down.
+pub struct TestRouter {
+    dir: TempDir,
+    router: Option<branchgate::Router>,
+}
+
+impl TestRouter {
+    /// Writes router.toml and catalog.toml for `branches` and starts the router.
+    pub fn start(certs: &Certs, branches: &[BranchSpec]) -> TestRouter {
+        let dir = tempfile::Builder::new()
+            .prefix("bg-router-")
+            .tempdir()
+            .expect("create temp dir");
+        fs::write(dir.path().join(CATALOG_FILE), catalog_toml(branches)).expect("write catalog");
+        let text = router_toml(certs, CATALOG_FILE);
+        fs::write(dir.path().join(CONFIG_FILE), &text).expect("write router config");
+        let config = branchgate::config::Config::parse(&text, dir.path(), CONFIG_FILE)
+            .unwrap_or_else(|e| panic!("router config rejected: {e}\n{text}"));
+        let router = branchgate::start(config).unwrap_or_else(|e| panic!("router start: {e}"));
+        TestRouter {
+            dir,
+            router: Some(router),
+        }
+    }
+
+    /// The direct (session) listener's address.
+    pub fn direct_addr(&self) -> SocketAddr {
+        self.router().direct_addr()
+    }
+
+    /// Rewrites the catalog and reloads it, panicking if the router rejects it.
+    pub fn set_catalog(&self, branches: &[BranchSpec]) {
+        fs::write(self.dir.path().join(CATALOG_FILE), catalog_toml(branches))
+            .expect("write catalog");
+        self.router()
+            .reload_catalog()
+            .unwrap_or_else(|e| panic!("catalog reload: {e}"));
+    }
+
+    /// The directory holding router.toml and catalog.toml.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn router(&self) -> &branchgate::Router {
+        self.router.as_ref().expect("router already shut down")
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(router) = self.router.take() {
+            router.shutdown();
+        }
+    }
+}

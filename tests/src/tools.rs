@@ -1,0 +1,90 @@
+//! Where the external programs are, and free loopback ports.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// PostgreSQL 15's binaries, named explicitly: Debian puts only wrappers on `PATH`.
+pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+
+/// Environment variable naming the Python interpreter that has psycopg (set by scripts/test).
+pub const PYTHON_ENV: &str = "BRANCHGATE_PYTHON";
+
+/// Path of a PostgreSQL 15 program (`postgres`, `initdb`, `pg_basebackup`, ...).
+pub fn pg_bin(program: &str) -> PathBuf {
+    Path::new(PG_BIN_DIR).join(program)
+}
+
+/// Path of PostgreSQL 15's `psql`.
+pub fn psql_bin() -> PathBuf {
+    pg_bin("psql")
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e crate lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The Python interpreter with psycopg: `$BRANCHGATE_PYTHON`, else `<workspace>/.venv/bin/python`.
+///
+/// Panics with a hint to run scripts/setup when it does not exist.
+pub fn python() -> PathBuf {
+    let path = match std::env::var_os(PYTHON_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => workspace_root().join(".venv/bin/python"),
+    };
+    assert!(
+        path.exists(),
+        "python with psycopg not found at {}: run scripts/setup (or set {PYTHON_ENV})",
+        path.display()
+    );
+    path
+}
+
+/// Runs `code` with [`python()`] and the given arguments (`sys.argv[1..]`) and returns its
+/// stdout. Panics with stderr when it exits non-zero.
+pub fn run_python(code: &str, args: &[&str]) -> String {
+    let output = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "python failed ({}):\n{}\n--- stdout:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stdout).expect("python printed UTF-8")
+}
+
+/// A loopback TCP port that was free a moment ago: bound to 127.0.0.1:0, read, released.
+///
+/// Another process may take it before it is used; servers started here retry on bind errors.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_port_is_a_real_port() {
+        // Whether it is still free when used is a race with every other process on the machine,
+        // which is why callers retry; only the value itself is checked here.
+        assert_ne!(free_port(), 0);
+    }
+
+    #[test]
+    fn pg_paths_are_absolute() {
+        assert_eq!(psql_bin(), Path::new("/usr/lib/postgresql/15/bin/psql"));
+        assert!(workspace_root().join("Cargo.toml").exists());
+    }
+}
