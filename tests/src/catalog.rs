@@ -74,7 +74,7 @@ pub fn catalog_toml(branches: &[BranchSpec]) -> String {
 pub fn router_toml(certs: &Certs, catalog_file: &str) -> String {
     format!(
         "catalog = {}\nworkers = 2\n\n[listen]\ndirect = \"127.0.0.1:0\"\n\n\
-         [tls]\ncert = {}\nkey = {}\n\n[timeouts]\nstartup = \"3s\"\n",
+         [tls]\ncert = {}\nkey = {}\n\n[timeouts]\nstartup = \"3s\"\ndrain = \"1s\"\nhealth_check_interval = \"500ms\"\n",
         toml_string(catalog_file),
         toml_path(&certs.cert_path()),
         toml_path(&certs.key_path()),

@@ -7,7 +7,7 @@
 //! - [`catalog`]: the router's catalog and configuration files as text.
 //! - [`tools`]: paths of PostgreSQL's programs and the Python venv, free ports.
 //! - [`spawn`]: starting servers that die with the test process.
-//! - `router` (feature `router`): `TestRouter`, the router started in-process.
+//! - [`router`]: `TestRouter`, the router started in-process.
 //!
 //! Servers are real processes: run `scripts/setup` once to install PostgreSQL 15 and the venv.
 //! As root, servers run as the `postgres` OS user.
@@ -16,7 +16,6 @@ pub mod catalog;
 pub mod certs;
 pub mod clients;
 pub mod pg;
-#[cfg(feature = "router")]
 pub mod router;
 pub mod spawn;
 pub mod tools;
@@ -25,6 +24,5 @@ pub use catalog::BranchSpec;
 pub use certs::Certs;
 pub use clients::{psycopg_query, ClientError, Conninfo, SslNegotiation};
 pub use pg::{PgServer, ADMIN_PASSWORD, ADMIN_USER};
-#[cfg(feature = "router")]
 pub use router::TestRouter;
 pub use tools::{free_port, pg_bin, psql_bin, python, run_python};

@@ -1,8 +1,4 @@
-//! The router started in-process on `127.0.0.1:0` (feature `router`).
-//!
-//! Written against the router API as designed (`Config::parse`, `branchgate::start`,
-//! `Router::direct_addr`, `Router::reload_catalog`, `Router::shutdown`); the feature stays off
-//! until that API lands, then this module is finished and the feature made default.
+//! The router started in-process on `127.0.0.1:0`.
 
 use std::fs;
 use std::net::SocketAddr;
