@@ -508,8 +508,18 @@ async fn relay(worker: &Rc<Worker>, mut client: Client, ready: Ready, peer: Sock
         },
         branch,
         role,
+        sni: client.handshake.sni.take(),
         kill: Signal::default(),
     });
+    tracing::debug!(
+        %peer,
+        branch = %handle.branch,
+        role = %handle.role,
+        sni = handle.sni.as_deref().unwrap_or("-"),
+        backend = %handle.backend_addr,
+        backend_pid = handle.backend_key.pid,
+        "session established"
+    );
     let _registration = worker.register(handle.clone());
     if let Err(error) = client.flush().await {
         tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
