@@ -12,11 +12,17 @@ use crate::buf::{write_all_vec, ReadBuf};
 use crate::protocol::backend::{Authentication, BackendKeyData};
 use crate::protocol::{backend as msg, frame, write};
 
-/// Largest message accepted from a backend during startup (ParameterStatus, errors, SASL).
-pub const MAX_BACKEND_STARTUP_MESSAGE_BYTES: usize = 8 * 1024;
-
 /// Read buffer for the backend → client direction.
 pub const BACKEND_READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Largest message accepted from a backend during startup (ParameterStatus, errors, SASL).
+/// ParameterStatus echoes startup parameters such as `application_name`, so it can be nearly as
+/// large as the client's startup packet; the whole frame must still fit the read buffer.
+pub const MAX_BACKEND_STARTUP_MESSAGE_BYTES: usize = BACKEND_READ_BUFFER_BYTES;
+
+// A client may send the largest startup packet we accept; its backend's echo must fit too.
+const _: () =
+    assert!(MAX_BACKEND_STARTUP_MESSAGE_BYTES > crate::protocol::startup::MAX_STARTUP_PACKET_BYTES);
 
 /// The SASL mechanism we speak to backends.
 const SCRAM_SHA_256: &str = "SCRAM-SHA-256";

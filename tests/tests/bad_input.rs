@@ -1,0 +1,1057 @@
+//! Bad input at the router's front door, from raw sockets: plaintext startups, TLS/ALPN mistakes,
+//! malformed startup packets, wrong user names, garbage SCRAM, silent clients, unreachable
+//! backends, protocol negotiation. Every case asserts the exact answer (SQLSTATE, message, TLS
+//! alert or a silent close) and then that the router still serves a real client.
+//!
+//! Raw clients are std `TcpStream`s, wrapped in a sync rustls `StreamOwned` for TLS, either after
+//! an SSLRequest or from the first byte (direct SSL, ALPN `postgresql`). Full logins reuse the
+//! router crate's SCRAM client with a password, like any libpq client would.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use branchgate::auth::{ClientCredentials, ScramClient};
+use branchgate_e2e::{
+    free_port, psycopg_query, BranchSpec, Certs, ClientError, Conninfo, PgServer, SslNegotiation,
+    TestRouter,
+};
+use rustls::{AlertDescription, ClientConfig, ClientConnection, StreamOwned};
+use rustls_pki_types::ServerName;
+
+const ROLE: &str = "app";
+const PASSWORD: &str = "pscale_pw_bad_input_0123456789";
+/// Upper bound for any single read: the router's startup timeout is 3 s, so a read that waits
+/// this long means the router neither answered nor closed.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+const PROTOCOL_3_0: u32 = 0x0003_0000;
+const PROTOCOL_3_2: u32 = 0x0003_0002;
+const PROTOCOL_4_0: u32 = 0x0004_0000;
+const SSL_REQUEST_CODE: u32 = 0x04D2_162F;
+const GSSENC_REQUEST_CODE: u32 = 0x04D2_1630;
+const CANCEL_REQUEST_CODE: u32 = 0x04D2_162E;
+const AUTH_OK: u32 = 0;
+const AUTH_SASL: u32 = 10;
+const AUTH_SASL_CONTINUE: u32 = 11;
+const AUTH_SASL_FINAL: u32 = 12;
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+/// A client-final-message proof of 32 zero bytes, base64: well formed, never correct.
+const WRONG_PROOF: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+// ---------------------------------------------------------------------------------------------
+// Fixture
+
+struct Fixture {
+    certs: Certs,
+    router: TestRouter,
+    down_port: u16,
+    _pg: PgServer,
+}
+
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+/// One PostgreSQL primary behind three branches: `b1` (the primary), `down` (a port nobody
+/// listens on) and `norep` (the primary, plus replicas nobody listens on).
+fn fixture() -> &'static Fixture {
+    FIXTURE.get_or_init(|| {
+        let pg = PgServer::start_primary();
+        pg.create_role(ROLE, PASSWORD);
+        let verifier = pg.role_verifier(ROLE);
+        let certs = Certs::generate();
+        let down_port = free_port();
+        let nowhere = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let branches = [
+            BranchSpec::new("b1", pg.addr()).role(ROLE, &verifier),
+            BranchSpec::new("down", nowhere(down_port)).role(ROLE, &verifier),
+            BranchSpec::new("norep", pg.addr())
+                .replica(nowhere(free_port()))
+                .replica(nowhere(free_port()))
+                .role(ROLE, &verifier),
+        ];
+        let router = TestRouter::start(&certs, &branches);
+        Fixture {
+            certs,
+            router,
+            down_port,
+            _pg: pg,
+        }
+    })
+}
+
+impl Fixture {
+    fn conninfo(&self, user: &str, password: &str, negotiation: SslNegotiation) -> Conninfo {
+        Conninfo::new(self.router.direct_addr())
+            .user(user)
+            .password(password)
+            .verify_full(&self.certs.ca_path(), negotiation)
+    }
+}
+
+/// `select 1` through the router with psycopg, alternating SSLRequest and direct SSL.
+fn assert_router_healthy() {
+    static TURN: AtomicUsize = AtomicUsize::new(0);
+    let negotiation = if TURN.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+        SslNegotiation::Postgres
+    } else {
+        SslNegotiation::Direct
+    };
+    let info = fixture().conninfo("app.b1", PASSWORD, negotiation);
+    let rows = psycopg_query(&info, "select 1")
+        .unwrap_or_else(|e| panic!("router no longer serves ({negotiation:?}): {e:?}"));
+    assert_eq!(rows, "1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw sockets and TLS
+
+/// How a TLS client starts TLS.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// SSLRequest, `S`, then the handshake.
+    SslRequest,
+    /// The handshake from the first byte, ALPN `postgresql`.
+    Direct,
+}
+
+const MODES: [Mode; 2] = [Mode::SslRequest, Mode::Direct];
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+fn tcp() -> TcpStream {
+    let sock = TcpStream::connect(fixture().router.direct_addr()).expect("connect to the router");
+    sock.set_read_timeout(Some(IO_TIMEOUT))
+        .expect("read timeout");
+    sock.set_write_timeout(Some(IO_TIMEOUT))
+        .expect("write timeout");
+    sock.set_nodelay(true).expect("nodelay");
+    sock
+}
+
+/// The fixture's client configuration with other ALPN protocols.
+fn client_config(alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut config = (*fixture().certs.client_config()).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+fn tls_handshake(config: Arc<ClientConfig>, sock: TcpStream) -> io::Result<Tls> {
+    let name = ServerName::try_from("localhost").expect("server name");
+    let conn = ClientConnection::new(config, name).expect("client connection");
+    let mut tls = StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+/// Sends an SSLRequest and checks the single-byte answer.
+fn ssl_request_on(sock: &mut TcpStream) {
+    sock.write_all(&request(SSL_REQUEST_CODE))
+        .expect("send SSLRequest");
+    assert_eq!(read_byte(sock), b'S', "SSLRequest answer");
+}
+
+fn connect_tls(mode: Mode) -> Tls {
+    let mut sock = tcp();
+    if let Mode::SslRequest = mode {
+        ssl_request_on(&mut sock);
+    }
+    tls_handshake(fixture().certs.client_config(), sock)
+        .unwrap_or_else(|e| panic!("TLS handshake ({mode:?}): {e}"))
+}
+
+fn read_byte(sock: &mut TcpStream) -> u8 {
+    let mut byte = [0u8; 1];
+    sock.read_exact(&mut byte).expect("read one byte");
+    byte[0]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+/// An untagged startup packet: length, then `code`, then `body`.
+fn untagged(code: u32, body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(8 + body.len()).expect("small packet");
+    [&len.to_be_bytes()[..], &code.to_be_bytes(), body].concat()
+}
+
+/// SSLRequest or GSSENCRequest.
+fn request(code: u32) -> Vec<u8> {
+    untagged(code, &[])
+}
+
+fn cancel_request(pid: u32, secret: u32) -> Vec<u8> {
+    untagged(
+        CANCEL_REQUEST_CODE,
+        &[pid.to_be_bytes(), secret.to_be_bytes()].concat(),
+    )
+}
+
+fn startup_message(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in params {
+        for text in [name, value] {
+            body.extend_from_slice(text.as_bytes());
+            body.push(0);
+        }
+    }
+    body.push(0);
+    untagged(version, &body)
+}
+
+fn startup_for(user: &str) -> Vec<u8> {
+    startup_message(PROTOCOL_3_0, &[("user", user), ("database", "postgres")])
+}
+
+/// A tagged frontend message.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(4 + body.len()).expect("small message");
+    [&[tag][..], &len.to_be_bytes(), body].concat()
+}
+
+fn sasl_initial_response(mechanism: &str, data: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(data.len()).expect("small data");
+    let body = [mechanism.as_bytes(), &[0], &len.to_be_bytes(), data].concat();
+    message(b'p', &body)
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    message(b'Q', &[sql.as_bytes(), &[0]].concat())
+}
+
+/// One backend message, or `None` on a clean end of stream before its first byte.
+fn read_message(s: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
+    let mut tag = [0u8; 1];
+    if s.read(&mut tag)? == 0 {
+        return Ok(None);
+    }
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let len = usize::try_from(i32::from_be_bytes(len)).expect("non-negative length");
+    assert!((4..1 << 20).contains(&len), "implausible length {len}");
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body)?;
+    Ok(Some((tag[0], body)))
+}
+
+fn next_message(s: &mut impl Read, what: &str) -> (u8, Vec<u8>) {
+    match read_message(s) {
+        Ok(Some(message)) => message,
+        Ok(None) => panic!("{what}: connection closed, a message was expected"),
+        Err(e) => panic!("{what}: reading a message failed: {e}"),
+    }
+}
+
+/// The fields of an ErrorResponse the tests look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PgError {
+    severity: String,
+    code: String,
+    message: String,
+}
+
+fn parse_error(body: &[u8]) -> PgError {
+    let mut error = PgError {
+        severity: String::new(),
+        code: String::new(),
+        message: String::new(),
+    };
+    let mut fields = body.split(|&b| b == 0);
+    while let Some(field) = fields.next().filter(|f| !f.is_empty()) {
+        let value = String::from_utf8(field[1..].to_vec()).expect("UTF-8 field");
+        match field[0] {
+            b'V' => error.severity = value,
+            b'S' if error.severity.is_empty() => error.severity = value,
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            _ => {}
+        }
+    }
+    error
+}
+
+/// Panics unless the router closes the connection without sending another byte.
+fn expect_closed(s: &mut impl Read, what: &str) {
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: expected a close, got {:?}", &buf[..n]),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+            ) => {}
+        Err(e) => panic!("{what}: expected a close, got {e} ({:?})", e.kind()),
+    }
+}
+
+/// Reads a FATAL ErrorResponse with `code`, checks that the connection is then closed, and
+/// returns the error.
+fn expect_fatal(s: &mut impl Read, code: &str, what: &str) -> PgError {
+    let (tag, body) = next_message(s, what);
+    assert_eq!(
+        tag, b'E',
+        "{what}: expected ErrorResponse, got {:?}",
+        tag as char
+    );
+    let error = parse_error(&body);
+    assert_eq!(
+        (error.severity.as_str(), error.code.as_str()),
+        ("FATAL", code),
+        "{what}: {error:?}"
+    );
+    expect_closed(s, what);
+    error
+}
+
+/// Reads an Authentication message of `kind`, returning its data; an ErrorResponse is `Err`.
+fn expect_auth(s: &mut impl Read, kind: u32, what: &str) -> Result<Vec<u8>, PgError> {
+    let (tag, body) = next_message(s, what);
+    if tag == b'E' {
+        return Err(parse_error(&body));
+    }
+    assert_eq!(
+        tag, b'R',
+        "{what}: expected Authentication, got {:?}",
+        tag as char
+    );
+    let (code, data) = body.split_at(4);
+    assert_eq!(code, kind.to_be_bytes(), "{what}: authentication kind");
+    Ok(data.to_vec())
+}
+
+/// Reads AuthenticationSASL and checks it offers exactly SCRAM-SHA-256.
+fn expect_sasl(s: &mut impl Read, what: &str) {
+    let data = expect_auth(s, AUTH_SASL, what).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    assert_eq!(data, b"SCRAM-SHA-256\0\0", "{what}: mechanisms");
+}
+
+/// Sends a StartupMessage for `user` and reads AuthenticationSASL.
+fn start_sasl(s: &mut (impl Read + Write), user: &str) {
+    s.write_all(&startup_for(user))
+        .expect("send StartupMessage");
+    expect_sasl(s, user);
+}
+
+/// Sends a client-first-message with `nonce` and returns the server-first-message.
+fn scram_first(s: &mut (impl Read + Write), nonce: &str) -> String {
+    let first = format!("n,,n=,r={nonce}");
+    s.write_all(&sasl_initial_response(SCRAM_SHA_256, first.as_bytes()))
+        .expect("send SASLInitialResponse");
+    let data = expect_auth(s, AUTH_SASL_CONTINUE, "server-first-message")
+        .unwrap_or_else(|e| panic!("server-first-message: {e:?}"));
+    String::from_utf8(data).expect("ASCII server-first-message")
+}
+
+/// The `x=` attribute of a SCRAM message.
+fn attribute<'a>(scram: &'a str, name: &str) -> &'a str {
+    scram
+        .split(',')
+        .find_map(|a| a.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("{name}= missing in {scram:?}"))
+}
+
+/// SCRAM with the password after AuthenticationSASL, up to ReadyForQuery.
+fn login(s: &mut (impl Read + Write), password: &str) -> Result<(), PgError> {
+    let (mut scram, first) = ScramClient::new(ClientCredentials::Password(password.to_owned()));
+    s.write_all(&sasl_initial_response(SCRAM_SHA_256, &first))
+        .expect("send SASLInitialResponse");
+    let server_first = expect_auth(s, AUTH_SASL_CONTINUE, "server-first-message")?;
+    let client_final = scram
+        .handle_server_first(&server_first)
+        .expect("valid server-first-message");
+    s.write_all(&message(b'p', &client_final))
+        .expect("send SASLResponse");
+    let server_final = expect_auth(s, AUTH_SASL_FINAL, "server-final-message")?;
+    scram
+        .verify_server_final(&server_final)
+        .expect("the router proves it holds the verifier");
+    expect_auth(s, AUTH_OK, "AuthenticationOk")?;
+    loop {
+        match next_message(s, "after AuthenticationOk") {
+            (b'Z', _) => return Ok(()),
+            (b'E', body) => return Err(parse_error(&body)),
+            (b'S' | b'K' | b'N', _) => {}
+            (tag, _) => panic!("unexpected {:?} before ReadyForQuery", tag as char),
+        }
+    }
+}
+
+/// Runs `sql` (one row, one column) and returns the value.
+fn query_one(s: &mut (impl Read + Write), sql: &str) -> String {
+    s.write_all(&query(sql)).expect("send Query");
+    let mut value = None;
+    loop {
+        match next_message(s, sql) {
+            (b'D', body) => {
+                let len = i32::from_be_bytes(body[2..6].try_into().expect("4 bytes"));
+                let len = usize::try_from(len).expect("not NULL");
+                value = Some(String::from_utf8(body[6..6 + len].to_vec()).expect("UTF-8"));
+            }
+            (b'E', body) => panic!("{sql}: {:?}", parse_error(&body)),
+            (b'Z', _) => return value.unwrap_or_else(|| panic!("{sql}: no row")),
+            _ => {}
+        }
+    }
+}
+
+/// A working session over `tls` ends with Terminate.
+fn check_session(tls: &mut Tls, user: &str) {
+    start_sasl(tls, user);
+    login(tls, PASSWORD).unwrap_or_else(|e| panic!("{user} login: {e:?}"));
+    assert_eq!(query_one(tls, "select 1"), "1");
+    tls.write_all(&message(b'X', &[])).expect("send Terminate");
+}
+
+fn unpredictable_u32() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .subsec_nanos();
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad cases (each asserts its own outcome; tests add the health check)
+
+fn case_plaintext_startup() {
+    let mut sock = tcp();
+    sock.write_all(&startup_for("app.b1")).expect("send");
+    let error = expect_fatal(&mut sock, "28000", "plaintext startup");
+    assert!(error.message.contains("TLS"), "{error:?}");
+}
+
+fn case_direct_ssl_wrong_alpn() {
+    let err = tls_handshake(client_config(&[b"http/1.1"]), tcp())
+        .expect_err("ALPN http/1.1 must be refused");
+    let tls_error = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    assert_eq!(
+        tls_error,
+        Some(&rustls::Error::AlertReceived(
+            AlertDescription::NoApplicationProtocol
+        )),
+        "{err}"
+    );
+}
+
+fn case_direct_ssl_no_alpn() {
+    match tls_handshake(client_config(&[]), tcp()) {
+        Ok(mut tls) => expect_closed(&mut tls, "direct SSL without ALPN"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+            ),
+            "direct SSL without ALPN: {e}"
+        ),
+    }
+}
+
+fn case_pipelined_after_ssl_request() {
+    let mut sock = tcp();
+    let bytes = [request(SSL_REQUEST_CODE), startup_for("app.b1")].concat();
+    sock.write_all(&bytes).expect("send");
+    let error = expect_fatal(&mut sock, "08P01", "data after SSLRequest");
+    assert_eq!(error.message, "received unencrypted data after SSL request");
+}
+
+/// Sends `bytes` as the startup packet over TLS and expects FATAL 08P01.
+fn case_bad_startup_bytes(mode: Mode, bytes: &[u8], what: &str) {
+    let mut tls = connect_tls(mode);
+    tls.write_all(bytes).expect("send");
+    let error = expect_fatal(&mut tls, "08P01", what);
+    assert!(
+        error.message.starts_with("invalid startup packet"),
+        "{what}: {error:?}"
+    );
+}
+
+fn case_startup_too_long(mode: Mode) {
+    case_bad_startup_bytes(mode, &10_001i32.to_be_bytes(), "length 10001");
+}
+
+/// A startup packet cut short, then the client leaves: the router closes, saying nothing.
+fn case_truncated_startup(mode: Mode) {
+    let mut tls = connect_tls(mode);
+    let partial = [
+        &100u32.to_be_bytes()[..],
+        &PROTOCOL_3_0.to_be_bytes(),
+        b"user\0",
+    ]
+    .concat();
+    tls.write_all(&partial).expect("send");
+    tls.conn.send_close_notify();
+    tls.flush().expect("send close_notify");
+    tls.sock.shutdown(Shutdown::Write).expect("shutdown");
+    expect_closed(&mut tls, "truncated startup");
+}
+
+fn case_no_user(mode: Mode) {
+    let mut tls = connect_tls(mode);
+    tls.write_all(&startup_message(PROTOCOL_3_0, &[("database", "postgres")]))
+        .expect("send");
+    let error = expect_fatal(&mut tls, "28000", "no user");
+    assert_eq!(
+        error.message,
+        "no PostgreSQL user name specified in startup packet"
+    );
+}
+
+fn case_unknown_branch(mode: Mode) {
+    let mut tls = connect_tls(mode);
+    tls.write_all(&startup_for("app.nosuch")).expect("send");
+    let error = expect_fatal(&mut tls, "3D000", "unknown branch");
+    assert_eq!(error.message, "branch \"nosuch\" does not exist");
+}
+
+fn case_wrong_mechanism(mode: Mode) {
+    let mut tls = connect_tls(mode);
+    start_sasl(&mut tls, "app.b1");
+    tls.write_all(&sasl_initial_response("SCRAM-SHA-1", b"n,,n=,r=abc"))
+        .expect("send");
+    let error = expect_fatal(&mut tls, "08P01", "SCRAM-SHA-1");
+    assert_eq!(
+        error.message,
+        "client selected an invalid SASL authentication mechanism"
+    );
+}
+
+/// A well-formed exchange with a wrong proof; returns the error and the server-first-message.
+fn wrong_proof(mode: Mode, user: &str) -> (PgError, String) {
+    let mut tls = connect_tls(mode);
+    start_sasl(&mut tls, user);
+    let server_first = scram_first(&mut tls, "bad-input-client-nonce");
+    let nonce = attribute(&server_first, "r");
+    let client_final = format!("c=biws,r={nonce},p={WRONG_PROOF}");
+    tls.write_all(&message(b'p', client_final.as_bytes()))
+        .expect("send");
+    let error = expect_fatal(&mut tls, "28P01", user);
+    (error, server_first)
+}
+
+fn case_wrong_proof(mode: Mode) {
+    let (error, _) = wrong_proof(mode, "app.b1");
+    assert_eq!(
+        error.message,
+        "password authentication failed for user \"app\""
+    );
+}
+
+fn case_silent_tcp() {
+    let mut sock = tcp();
+    expect_closed(&mut sock, "silent TCP client");
+}
+
+fn case_protocol_4(mode: Mode) {
+    let mut tls = connect_tls(mode);
+    tls.write_all(&startup_message(PROTOCOL_4_0, &[("user", "app.b1")]))
+        .expect("send");
+    let error = expect_fatal(&mut tls, "0A000", "protocol 4.0");
+    assert_eq!(
+        error.message,
+        "unsupported frontend protocol 4.0: server supports 3.0 to 3.0"
+    );
+}
+
+fn case_random_cancel() {
+    let mut sock = tcp();
+    sock.write_all(&cancel_request(unpredictable_u32(), unpredictable_u32()))
+        .expect("send");
+    expect_closed(&mut sock, "CancelRequest");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn plaintext_startup_is_refused_with_28000() {
+    case_plaintext_startup();
+    assert_router_healthy();
+}
+
+#[test]
+fn direct_ssl_with_http_alpn_gets_no_application_protocol() {
+    case_direct_ssl_wrong_alpn();
+    assert_router_healthy();
+}
+
+#[test]
+fn direct_ssl_without_alpn_is_closed_without_a_message() {
+    case_direct_ssl_no_alpn();
+    assert_router_healthy();
+}
+
+#[test]
+fn data_pipelined_after_ssl_request_is_refused_in_plaintext() {
+    case_pipelined_after_ssl_request();
+    assert_router_healthy();
+}
+
+#[test]
+fn malformed_startup_packets_are_protocol_violations() {
+    let mut plain = tcp();
+    plain
+        .write_all(&10_001i32.to_be_bytes())
+        .expect("send length");
+    expect_fatal(&mut plain, "08P01", "plaintext length 10001");
+    assert_router_healthy();
+    let mut plain = tcp();
+    plain.write_all(&100u32.to_be_bytes()).expect("send length");
+    plain.shutdown(Shutdown::Write).expect("shutdown");
+    expect_closed(&mut plain, "plaintext truncated startup");
+    assert_router_healthy();
+
+    let lying = {
+        let mut packet = startup_for("app.b1");
+        packet[..4].copy_from_slice(&16u32.to_be_bytes());
+        packet
+    };
+    for mode in MODES {
+        case_startup_too_long(mode);
+        assert_router_healthy();
+        case_bad_startup_bytes(mode, &7u32.to_be_bytes(), "length 7");
+        assert_router_healthy();
+        case_bad_startup_bytes(mode, &0xFFFF_FFF0u32.to_be_bytes(), "negative length");
+        assert_router_healthy();
+        case_truncated_startup(mode);
+        assert_router_healthy();
+        case_bad_startup_bytes(mode, &lying, "length shorter than the parameters");
+        assert_router_healthy();
+        let not_utf8 = untagged(PROTOCOL_3_0, b"user\0\xff.b1\0\0");
+        case_bad_startup_bytes(mode, &not_utf8, "user name not UTF-8");
+        assert_router_healthy();
+    }
+}
+
+#[test]
+fn user_names_that_do_not_route() {
+    for mode in MODES {
+        case_no_user(mode);
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        tls.write_all(&startup_for("app")).expect("send");
+        let error = expect_fatal(&mut tls, "28000", "user without branch");
+        assert!(error.message.contains("\"role.branch_id\""), "{error:?}");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        tls.write_all(&startup_for("app.b1|primary")).expect("send");
+        let error = expect_fatal(&mut tls, "28000", "unknown suffix");
+        assert!(error.message.contains("|replica"), "{error:?}");
+        assert_router_healthy();
+
+        case_unknown_branch(mode);
+        assert_router_healthy();
+    }
+}
+
+#[test]
+fn wrong_password_and_unknown_role_fail_the_same_way() {
+    let fx = fixture();
+    let wrong = fx.conninfo("app.b1", "pscale_pw_wrong", SslNegotiation::Direct);
+    let app = psycopg_query(&wrong, "select 1").expect_err("wrong password");
+    assert!(
+        app.message
+            .contains("password authentication failed for user \"app\""),
+        "{app:?}"
+    );
+    assert_router_healthy();
+    let ghost = fx.conninfo("ghost.b1", PASSWORD, SslNegotiation::Direct);
+    let ghost = psycopg_query(&ghost, "select 1").expect_err("unknown role");
+    assert_eq!(
+        ghost.message.replace("\"ghost\"", "\"app\""),
+        app.message,
+        "an unknown role must look like a wrong password"
+    );
+    assert_router_healthy();
+
+    for mode in MODES {
+        case_wrong_proof(mode);
+        assert_router_healthy();
+        let (error, ghost_first) = wrong_proof(mode, "ghost.b1");
+        assert_eq!(
+            error.message,
+            "password authentication failed for user \"ghost\""
+        );
+        assert_router_healthy();
+        let (_, app_first) = wrong_proof(mode, "app.b1");
+        assert_router_healthy();
+        let (_, ghost_again) = wrong_proof(mode, "ghost.b1");
+        assert_router_healthy();
+        // Same salt size and iteration count as a real role, and a stable salt per name.
+        assert_eq!(attribute(&ghost_first, "i"), attribute(&app_first, "i"));
+        assert_eq!(
+            attribute(&ghost_first, "s").len(),
+            attribute(&app_first, "s").len()
+        );
+        assert_eq!(attribute(&ghost_first, "s"), attribute(&ghost_again, "s"));
+    }
+}
+
+#[test]
+fn garbage_scram_is_a_protocol_violation() {
+    for mode in MODES {
+        case_wrong_mechanism(mode);
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.b1");
+        tls.write_all(&sasl_initial_response(SCRAM_SHA_256, b"garbage"))
+            .expect("send");
+        let error = expect_fatal(&mut tls, "08P01", "garbage client-first");
+        assert_eq!(error.message, "malformed SCRAM message");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.b1");
+        scram_first(&mut tls, "garbage-final-nonce");
+        tls.write_all(&message(b'p', b"garbage")).expect("send");
+        let error = expect_fatal(&mut tls, "08P01", "garbage client-final");
+        assert_eq!(error.message, "malformed SCRAM message");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.b1");
+        tls.write_all(&query("select 1")).expect("send");
+        let error = expect_fatal(&mut tls, "08P01", "Query instead of SASL");
+        assert_eq!(error.message, "expected SASL response");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.b1");
+        let header = [&[b'p'][..], &0x7FFF_FFFFu32.to_be_bytes()].concat();
+        tls.write_all(&header).expect("send");
+        let error = expect_fatal(&mut tls, "08P01", "2 GiB SASL message");
+        assert_eq!(error.message, "invalid message length");
+        assert_router_healthy();
+    }
+}
+
+#[test]
+fn silent_clients_are_closed_after_the_startup_timeout() {
+    let started = Instant::now();
+    let mut plain = tcp();
+    let mut mid_handshake = tcp();
+    ssl_request_on(&mut mid_handshake);
+    let mut after_tls: Vec<Tls> = MODES.iter().map(|&m| connect_tls(m)).collect();
+    let mut after_startup: Vec<Tls> = MODES
+        .iter()
+        .map(|&mode| {
+            let mut tls = connect_tls(mode);
+            start_sasl(&mut tls, "app.b1");
+            tls
+        })
+        .collect();
+
+    // Other clients are served while those wait.
+    assert_router_healthy();
+    let mut good = connect_tls(Mode::Direct);
+    check_session(&mut good, "app.b1");
+
+    expect_closed(&mut plain, "silent TCP client");
+    expect_closed(&mut mid_handshake, "silent after S");
+    for tls in after_tls.iter_mut().chain(after_startup.iter_mut()) {
+        let error = expect_fatal(tls, "08P01", "silent TLS client");
+        assert_eq!(
+            error.message,
+            "timeout waiting for startup and authentication"
+        );
+    }
+    // The startup timeout is 3 s; the reads above would have failed after IO_TIMEOUT anyway.
+    assert!(started.elapsed() < IO_TIMEOUT, "{:?}", started.elapsed());
+    assert_router_healthy();
+}
+
+#[test]
+fn unreachable_backends_give_08006_without_addresses() {
+    let fx = fixture();
+    for mode in MODES {
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.down");
+        let error = login(&mut tls, PASSWORD).expect_err("primary is down");
+        assert_eq!(
+            (error.severity.as_str(), error.code.as_str()),
+            ("FATAL", "08006")
+        );
+        assert_eq!(
+            error.message,
+            "could not connect to the branch's database server"
+        );
+        expect_closed(&mut tls, "down primary");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.norep|replica");
+        let error = login(&mut tls, PASSWORD).expect_err("no replica listens");
+        assert_eq!(
+            (error.severity.as_str(), error.code.as_str()),
+            ("FATAL", "08006")
+        );
+        assert_eq!(
+            error.message,
+            "no healthy replica available for branch \"norep\""
+        );
+        expect_closed(&mut tls, "no replica");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        check_session(&mut tls, "app.norep");
+        assert_router_healthy();
+    }
+
+    let down = fx.conninfo("app.down", PASSWORD, SslNegotiation::Postgres);
+    let error: ClientError = psycopg_query(&down, "select 1").expect_err("primary is down");
+    assert!(
+        error
+            .message
+            .contains("could not connect to the branch's database server"),
+        "{error:?}"
+    );
+    assert!(
+        !error.message.contains(&fx.down_port.to_string()),
+        "the backend address leaked: {error:?}"
+    );
+    let primary = fx.conninfo("app.norep", PASSWORD, SslNegotiation::Direct);
+    assert_eq!(
+        psycopg_query(&primary, "select current_user").expect("norep primary"),
+        "app"
+    );
+    assert_router_healthy();
+}
+
+#[test]
+fn gssenc_request_is_refused_then_ssl_request_works() {
+    let mut sock = tcp();
+    sock.write_all(&request(GSSENC_REQUEST_CODE))
+        .expect("send GSSENCRequest");
+    assert_eq!(read_byte(&mut sock), b'N');
+    ssl_request_on(&mut sock);
+    let mut tls = tls_handshake(fixture().certs.client_config(), sock).expect("TLS after N");
+    check_session(&mut tls, "app.b1");
+    assert_router_healthy();
+}
+
+#[test]
+fn cancel_request_with_an_unknown_key_changes_nothing() {
+    let mut session = connect_tls(Mode::SslRequest);
+    start_sasl(&mut session, "app.b1");
+    login(&mut session, PASSWORD).expect("login");
+    session
+        .write_all(&query("select 'survived' from pg_sleep(1)"))
+        .expect("send Query");
+    case_random_cancel();
+    let mut rows = Vec::new();
+    loop {
+        match next_message(&mut session, "pg_sleep query") {
+            (b'D', body) => rows.push(body[6..].to_vec()),
+            (b'E', body) => panic!("the query was hit: {:?}", parse_error(&body)),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(rows, vec![b"survived".to_vec()]);
+    assert_router_healthy();
+}
+
+#[test]
+fn protocol_3_2_is_negotiated_down_and_4_0_is_refused() {
+    for mode in MODES {
+        let mut tls = connect_tls(mode);
+        let params = [
+            ("user", "app.b1"),
+            ("database", "postgres"),
+            ("_pq_.foo", "bar"),
+        ];
+        tls.write_all(&startup_message(PROTOCOL_3_2, &params))
+            .expect("send");
+        let (tag, body) = next_message(&mut tls, "NegotiateProtocolVersion");
+        assert_eq!(tag, b'v');
+        let expected = [&0u32.to_be_bytes()[..], &1u32.to_be_bytes(), b"_pq_.foo\0"].concat();
+        assert_eq!(body, expected);
+        expect_sasl(&mut tls, "after NegotiateProtocolVersion");
+        login(&mut tls, PASSWORD).expect("login at 3.0");
+        assert_eq!(query_one(&mut tls, "select 1"), "1");
+        assert_router_healthy();
+
+        case_protocol_4(mode);
+        assert_router_healthy();
+    }
+}
+
+#[test]
+fn many_bad_clients_then_good_clients() {
+    let fx = fixture();
+    let cases: [fn(); 14] = [
+        case_plaintext_startup,
+        case_direct_ssl_wrong_alpn,
+        case_direct_ssl_no_alpn,
+        case_pipelined_after_ssl_request,
+        || case_startup_too_long(Mode::Direct),
+        || case_truncated_startup(Mode::SslRequest),
+        || case_no_user(Mode::Direct),
+        || case_unknown_branch(Mode::SslRequest),
+        || case_wrong_mechanism(Mode::Direct),
+        || case_wrong_proof(Mode::SslRequest),
+        || case_protocol_4(Mode::Direct),
+        case_silent_tcp,
+        case_random_cancel,
+        || case_bad_startup_bytes(Mode::SslRequest, &7u32.to_be_bytes(), "length 7"),
+    ];
+    let bad: Vec<_> = (0..50)
+        .map(|i| thread::spawn(move || cases[i % cases.len()]()))
+        .collect();
+    for (i, handle) in bad.into_iter().enumerate() {
+        if handle.join().is_err() {
+            panic!(
+                "bad client {i} (case {}) saw the wrong answer",
+                i % cases.len()
+            );
+        }
+    }
+    let good: Vec<_> = (0..20)
+        .map(|i| {
+            let negotiation = if i % 2 == 0 {
+                SslNegotiation::Postgres
+            } else {
+                SslNegotiation::Direct
+            };
+            let info = fx.conninfo("app.b1", PASSWORD, negotiation);
+            thread::spawn(move || psycopg_query(&info, "select 1"))
+        })
+        .collect();
+    for (i, handle) in good.into_iter().enumerate() {
+        let result = handle.join().expect("good client thread");
+        assert_eq!(result, Ok("1".to_owned()), "good client {i}");
+    }
+}
+
+/// Reads what a non-PostgreSQL peer gets: nothing, or TLS alert records (content type 0x15).
+fn expect_alert_or_close(sock: &mut TcpStream, what: &str) {
+    let mut buf = Vec::new();
+    match sock.read_to_end(&mut buf) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what}: expected a close, got {e} after {buf:?}"),
+    }
+    assert!(
+        buf.is_empty() || buf[0] == 0x15,
+        "{what}: expected a TLS alert or nothing, got {buf:?}"
+    );
+}
+
+#[test]
+fn odd_first_bytes() {
+    let mut sock = tcp();
+    sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let error = expect_fatal(&mut sock, "08P01", "HTTP request");
+    assert!(
+        error.message.starts_with("invalid startup packet"),
+        "{error:?}"
+    );
+    assert_router_healthy();
+
+    let mut sock = tcp();
+    sock.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5])
+        .expect("send");
+    expect_alert_or_close(&mut sock, "garbage ClientHello");
+    assert_router_healthy();
+
+    let mut sock = tcp();
+    ssl_request_on(&mut sock);
+    sock.write_all(&startup_for("app.b1")).expect("send");
+    expect_alert_or_close(&mut sock, "plaintext after S");
+    assert_router_healthy();
+
+    let mut sock = tcp();
+    sock.write_all(&untagged(CANCEL_REQUEST_CODE, &[0; 4]))
+        .expect("send");
+    expect_fatal(&mut sock, "08P01", "short CancelRequest");
+    assert_router_healthy();
+
+    for mode in MODES {
+        let mut tls = connect_tls(mode);
+        tls.write_all(&request(SSL_REQUEST_CODE)).expect("send");
+        let error = expect_fatal(&mut tls, "08P01", "SSLRequest inside TLS");
+        assert_eq!(error.message, "encryption request inside TLS");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        tls.write_all(&cancel_request(unpredictable_u32(), unpredictable_u32()))
+            .expect("send");
+        expect_closed(&mut tls, "CancelRequest inside TLS");
+        assert_router_healthy();
+
+        // The largest startup packet PostgreSQL accepts is 10000 bytes; so does the router.
+        let base = startup_for("app.b1").len() + "application_name".len() + 2;
+        let filler = "x".repeat(10_000 - base);
+        let packet = startup_message(
+            PROTOCOL_3_0,
+            &[
+                ("user", "app.b1"),
+                ("database", "postgres"),
+                ("application_name", &filler),
+            ],
+        );
+        assert_eq!(packet.len(), 10_000);
+        let mut tls = connect_tls(mode);
+        tls.write_all(&packet).expect("send");
+        expect_sasl(&mut tls, "10000-byte startup");
+        login(&mut tls, PASSWORD).expect("login with a 10000-byte startup");
+        assert_eq!(query_one(&mut tls, "select 1"), "1");
+        assert_router_healthy();
+
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.b1");
+        tls.write_all(&[b'p', 0, 0, 0, 3]).expect("send");
+        let error = expect_fatal(&mut tls, "08P01", "SASL message length 3");
+        assert_eq!(error.message, "invalid message length");
+        assert_router_healthy();
+    }
+}
+
+/// Writes `bytes` one TLS record per byte.
+fn dribble(tls: &mut Tls, bytes: &[u8]) {
+    for byte in bytes {
+        tls.write_all(std::slice::from_ref(byte))
+            .expect("send one byte");
+        tls.flush().expect("flush");
+    }
+}
+
+#[test]
+fn startup_and_scram_split_into_one_byte_records_still_work() {
+    for mode in MODES {
+        let mut tls = connect_tls(mode);
+        dribble(&mut tls, &startup_for("app.b1"));
+        expect_sasl(&mut tls, "dribbled startup");
+        let (mut scram, first) = ScramClient::new(ClientCredentials::Password(PASSWORD.to_owned()));
+        dribble(&mut tls, &sasl_initial_response(SCRAM_SHA_256, &first));
+        let server_first = expect_auth(&mut tls, AUTH_SASL_CONTINUE, "server-first-message")
+            .expect("server-first-message");
+        let client_final = scram
+            .handle_server_first(&server_first)
+            .expect("valid server-first-message");
+        dribble(&mut tls, &message(b'p', &client_final));
+        let server_final =
+            expect_auth(&mut tls, AUTH_SASL_FINAL, "server-final-message").expect("final");
+        scram
+            .verify_server_final(&server_final)
+            .expect("server signature");
+        expect_auth(&mut tls, AUTH_OK, "AuthenticationOk").expect("ok");
+        while next_message(&mut tls, "startup replies").0 != b'Z' {}
+        assert_eq!(query_one(&mut tls, "select 1"), "1");
+        assert_router_healthy();
+    }
+}
