@@ -1,13 +1,367 @@
-//! The `branchgate role create|reset` command (being written).
+//! The `branchgate role create|reset` command: give a branch role a new generated password.
+//!
+//! The password exists only in this process and on the operator's screen: the branch primary
+//! and the catalog both receive its SCRAM verifier. The primary is changed first
+//! (`CREATE/ALTER ROLE ... PASSWORD 'SCRAM-SHA-256$...'`, stored by PostgreSQL as is), then the
+//! catalog file, so the router never accepts a password the backend would refuse. The running
+//! router picks up the catalog change and, after a reset, closes the role's open sessions.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::auth::password::generate_password;
+use crate::auth::verifier::ScramVerifier;
+use crate::catalog::{self, Catalog, MAX_NAME_BYTES};
+use crate::config::Config;
+
+mod admin;
+mod error;
+#[cfg(test)]
+mod fake;
+
+pub use admin::{AdminConn, ADMIN_TIMEOUT, MAX_ADMIN_MESSAGE_BYTES};
+pub use error::RoleError;
+
+/// Environment variable holding the admin user's password, if the server asks for one.
+pub const ADMIN_PASSWORD_ENV: &str = "BRANCHGATE_ADMIN_PASSWORD";
+/// SQLSTATE 42710 duplicate_object: `CREATE ROLE` for a role the server already has.
+const DUPLICATE_OBJECT: &str = "42710";
 
 /// Role subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum RoleCommand {
-    /// Create a role.
-    Create,
+    /// Create a role on a branch with a generated password (printed once on stdout).
+    Create(RoleArgs),
+    /// Give an existing role a new generated password; its open sessions are closed.
+    Reset(RoleArgs),
 }
 
-/// Run a role subcommand.
-pub fn run(_command: RoleCommand) -> Result<(), std::io::Error> {
-    Err(std::io::Error::other("not yet"))
+/// Arguments of `role create` and `role reset`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RoleArgs {
+    /// Router configuration file (TOML); its catalog is edited.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Branch id, as in the catalog.
+    #[arg(long)]
+    pub branch: String,
+    /// Role name (clients log in as `<role>.<branch>`).
+    #[arg(long)]
+    pub role: String,
+    /// PostgreSQL user that runs CREATE/ALTER ROLE on the branch primary; its password, if
+    /// needed, comes from BRANCHGATE_ADMIN_PASSWORD.
+    #[arg(long, default_value = "postgres")]
+    pub admin_user: String,
+}
+
+/// What [`apply`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A role the catalog does not have yet.
+    Create,
+    /// A role the catalog already has.
+    Reset,
+}
+
+/// Runs a role subcommand: the password goes to stdout as `password: ...` then `user: ...`,
+/// everything else to stderr.
+pub fn run(command: RoleCommand) -> Result<(), RoleError> {
+    let (args, mode) = match command {
+        RoleCommand::Create(args) => (args, Mode::Create),
+        RoleCommand::Reset(args) => (args, Mode::Reset),
+    };
+    let admin_password = match std::env::var(ADMIN_PASSWORD_ENV) {
+        Ok(password) if !password.is_empty() => Some(password),
+        Ok(_) | Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => return Err(RoleError::AdminPasswordNotUtf8),
+    };
+    let password = apply(&args, mode, admin_password.as_deref())?;
+    let done = match mode {
+        Mode::Create => "created",
+        Mode::Reset => "has a new password",
+    };
+    eprintln!(
+        "branchgate: role {:?} on branch {:?} {done}; catalog updated",
+        args.role, args.branch
+    );
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "password: {password}")
+        .and_then(|()| writeln!(stdout, "user: {}.{}", args.role, args.branch))
+        .and_then(|()| stdout.flush())
+        .map_err(RoleError::Output)
+}
+
+/// Creates or resets `args.role` on `args.branch`: checks the catalog, sets a new password's
+/// verifier on the branch primary (logging in as `args.admin_user` with `admin_password` if
+/// the server asks for one), then writes the verifier to the catalog. Returns the password.
+///
+/// For [`Mode::Create`], a role the server already has (but the catalog does not) gets the new
+/// password too: the catalog is the source of truth for which roles the router serves.
+pub fn apply(
+    args: &RoleArgs,
+    mode: Mode,
+    admin_password: Option<&str>,
+) -> Result<String, RoleError> {
+    if let Some(reason) = role_name_problem(&args.role) {
+        return Err(RoleError::InvalidRoleName {
+            role: args.role.clone(),
+            reason,
+        });
+    }
+    let config = Config::load(&args.config)?;
+    let catalog = Catalog::load(&config.catalog_path)?;
+    let branch = catalog
+        .branch(&args.branch)
+        .ok_or_else(|| RoleError::UnknownBranch {
+            catalog: config.catalog_path.clone(),
+            branch: args.branch.clone(),
+        })?;
+    let names = || (args.branch.clone(), args.role.clone());
+    match (mode, branch.role(&args.role).is_some()) {
+        (Mode::Create, true) => {
+            let (branch, role) = names();
+            return Err(RoleError::RoleExists { branch, role });
+        }
+        (Mode::Reset, false) => {
+            let (branch, role) = names();
+            return Err(RoleError::UnknownRole { branch, role });
+        }
+        _ => {}
+    }
+
+    let password = generate_password();
+    let verifier = ScramVerifier::generate(&password);
+    let verifier_text = verifier.to_string();
+    let mut conn = AdminConn::connect(branch.primary, &args.admin_user, admin_password)?;
+    match mode {
+        Mode::Create => match conn.execute(&create_role_sql(&args.role, &verifier_text)) {
+            Err(RoleError::Server { code, .. }) if code == DUPLICATE_OBJECT => {
+                tracing::warn!(
+                    role = %args.role,
+                    primary = %branch.primary,
+                    "the role already exists on the server; replacing its password"
+                );
+                conn.execute(&alter_role_sql(&args.role, &verifier_text, true))?;
+            }
+            other => other?,
+        },
+        Mode::Reset => conn.execute(&alter_role_sql(&args.role, &verifier_text, false))?,
+    }
+    drop(conn);
+
+    catalog::set_role_verifier(&config.catalog_path, &args.branch, &args.role, &verifier).map_err(
+        |source| RoleError::CatalogNotUpdated {
+            primary: branch.primary,
+            source,
+        },
+    )?;
+    Ok(password)
+}
+
+/// `CREATE ROLE "<role>" LOGIN PASSWORD '<verifier>'`.
+fn create_role_sql(role: &str, verifier: &str) -> String {
+    format!(
+        "CREATE ROLE {} LOGIN PASSWORD {}",
+        quote_ident(role),
+        quote_literal(verifier)
+    )
+}
+
+/// `ALTER ROLE "<role>" [LOGIN] PASSWORD '<verifier>'`. A reset leaves LOGIN alone: an
+/// operator may have disabled it on purpose.
+fn alter_role_sql(role: &str, verifier: &str, login: bool) -> String {
+    let login = if login { " LOGIN" } else { "" };
+    format!(
+        "ALTER ROLE {}{login} PASSWORD {}",
+        quote_ident(role),
+        quote_literal(verifier)
+    )
+}
+
+/// A quoted identifier: double quotes around, inner double quotes doubled. Quoting keeps case
+/// and dots, so `My.Role` stays one name.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal with single quotes doubled. With a backslash inside, the escape-string form
+/// `E'...'` (backslashes doubled) reads the same whatever `standard_conforming_strings` says.
+fn quote_literal(value: &str) -> String {
+    let quoted = value.replace('\'', "''");
+    if value.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
+/// Why a role name cannot be used, if it cannot. Mirrors the catalog's rules, checked before
+/// the server is touched so that the catalog edit cannot fail on the name afterwards.
+fn role_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        Some("must be 1 to 63 bytes long")
+    } else if name.contains('|') {
+        Some("must not contain '|' (it starts the |replica suffix)")
+    } else if name.contains('\0') {
+        Some("must not contain NUL")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::catalog::tests::V1;
+    use crate::role::fake::{serve, Peer};
+
+    /// A router.toml and catalog.toml in a fresh directory; branch `b1` has role `app`.
+    fn setup(primary: &str) -> (tempfile::TempDir, RoleArgs) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = "catalog = \"catalog.toml\"\n[tls]\ncert = \"x.crt\"\nkey = \"x.key\"\n\
+                      [listen]\ndirect = \"127.0.0.1:0\"\n";
+        std::fs::write(dir.path().join("router.toml"), config).expect("write router.toml");
+        let catalog = format!(
+            "# branches\n[[branch]]\nid = \"b1\"\nprimary = \"{primary}\"\n\
+             [branch.roles]\napp = \"{V1}\"\n"
+        );
+        std::fs::write(dir.path().join("catalog.toml"), catalog).expect("write catalog.toml");
+        let args = RoleArgs {
+            config: dir.path().join("router.toml"),
+            branch: "b1".into(),
+            role: "app".into(),
+            admin_user: "postgres".into(),
+        };
+        (dir, args)
+    }
+
+    fn catalog_text(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("catalog.toml")).expect("read catalog.toml")
+    }
+
+    /// The verifier inside the single-quoted literal of a statement.
+    fn verifier_in(sql: &str) -> ScramVerifier {
+        let (_, rest) = sql.split_once('\'').expect("a literal");
+        let (literal, _) = rest.split_once('\'').expect("a closed literal");
+        literal.parse().expect("a verifier")
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("app"), r#""app""#);
+        assert_eq!(quote_ident(r#"My."odd" role"#), r#""My.""odd"" role""#);
+        assert_eq!(
+            quote_literal("SCRAM-SHA-256$4096:c2E=$a:b"),
+            "'SCRAM-SHA-256$4096:c2E=$a:b'"
+        );
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
+        assert_eq!(quote_literal(""), "''");
+        assert_eq!(
+            create_role_sql(r#"a"b"#, "v'"),
+            r#"CREATE ROLE "a""b" LOGIN PASSWORD 'v'''"#
+        );
+        assert_eq!(
+            alter_role_sql("r", "v", true),
+            r#"ALTER ROLE "r" LOGIN PASSWORD 'v'"#
+        );
+        assert_eq!(
+            alter_role_sql("r", "v", false),
+            r#"ALTER ROLE "r" PASSWORD 'v'"#
+        );
+    }
+
+    #[test]
+    fn role_names() {
+        assert_eq!(role_name_problem("my.dotted-Role"), None);
+        assert!(role_name_problem("").is_some());
+        assert!(role_name_problem(&"r".repeat(64)).is_some());
+        assert_eq!(role_name_problem(&"r".repeat(63)), None);
+        assert!(role_name_problem("a|replica").is_some());
+        assert!(role_name_problem("a\0b").is_some());
+    }
+
+    #[test]
+    fn catalog_checks_come_before_the_server() {
+        // Nothing listens on port 1: reaching for the server would be a different error.
+        let (_dir, mut args) = setup("127.0.0.1:1");
+        let e = apply(&args, Mode::Create, None).expect_err("app exists");
+        assert!(matches!(e, RoleError::RoleExists { .. }), "{e}");
+        args.role = "nobody".into();
+        let e = apply(&args, Mode::Reset, None).expect_err("nobody is unknown");
+        assert!(matches!(e, RoleError::UnknownRole { .. }), "{e}");
+        args.role = "a|b".into();
+        let e = apply(&args, Mode::Create, None).expect_err("bad name");
+        assert!(matches!(e, RoleError::InvalidRoleName { .. }), "{e}");
+        args.role = "app".into();
+        args.branch = "b9".into();
+        let e = apply(&args, Mode::Reset, None).expect_err("unknown branch");
+        assert!(e.to_string().ends_with(r#"no branch with id "b9""#), "{e}");
+    }
+
+    #[test]
+    fn create_falls_back_to_alter_and_writes_the_catalog() {
+        let (addr, server) = serve(|peer: &mut Peer| {
+            peer.read_startup();
+            peer.login_ok();
+            let create = peer.read_query();
+            peer.error(DUPLICATE_OBJECT, r#"role "new.role" already exists"#);
+            peer.ready();
+            let alter = peer.read_query();
+            peer.complete("ALTER ROLE");
+            peer.ready();
+            assert_eq!(peer.read_frame().0, b'X', "expected Terminate");
+            (create, alter)
+        });
+        let (dir, mut args) = setup(&addr.to_string());
+        args.role = "new.role".into();
+        let password = apply(&args, Mode::Create, None).expect("create");
+        let (create, alter) = server.join().expect("fake server");
+
+        assert!(password.starts_with("pscale_pw_"), "{password}");
+        let prefix = r#"CREATE ROLE "new.role" LOGIN PASSWORD 'SCRAM-SHA-256$4096:"#;
+        assert!(create.starts_with(prefix), "{create}");
+        let prefix = r#"ALTER ROLE "new.role" LOGIN PASSWORD '"#;
+        assert!(alter.starts_with(prefix), "{alter}");
+        let verifier = verifier_in(&alter);
+        assert_eq!(verifier, verifier_in(&create));
+        assert!(
+            ScramVerifier::from_password(&password, &verifier.salt, verifier.iterations)
+                == verifier,
+            "the verifier is not the printed password's"
+        );
+        let catalog = Catalog::load(&dir.path().join("catalog.toml")).expect("catalog");
+        let branch = catalog.branch("b1").expect("b1");
+        assert!(branch.role("new.role").map(|v| &**v) == Some(&verifier));
+        assert!(branch.role("app").is_some());
+        assert!(
+            catalog_text(dir.path()).starts_with("# branches\n"),
+            "comment lost"
+        );
+    }
+
+    #[test]
+    fn failed_reset_leaves_the_catalog_alone() {
+        let (addr, server) = serve(|peer: &mut Peer| {
+            peer.read_startup();
+            peer.login_ok();
+            let alter = peer.read_query();
+            peer.error("42704", r#"role "app" does not exist"#);
+            peer.ready();
+            alter
+        });
+        let (dir, args) = setup(&addr.to_string());
+        let before = catalog_text(dir.path());
+        let e = apply(&args, Mode::Reset, None).expect_err("server refuses");
+        assert_eq!(
+            e.to_string(),
+            r#"PostgreSQL error 42704: role "app" does not exist"#
+        );
+        let alter = server.join().expect("fake server");
+        let prefix = r#"ALTER ROLE "app" PASSWORD 'SCRAM-SHA-256$"#;
+        assert!(alter.starts_with(prefix), "{alter}");
+        assert_eq!(catalog_text(dir.path()), before);
+    }
 }

@@ -123,8 +123,15 @@ impl Client {
 enum Established {
     /// A CancelRequest: no session follows.
     Cancel(CancelKey),
-    /// An authenticated session with its backend.
-    Session(Box<Ready>),
+    /// An authenticated client, not yet connected to a backend.
+    Authenticated(Box<Authenticated>),
+}
+
+struct Authenticated {
+    routed: Routed,
+    client_key: ClientKey,
+    server_final: Vec<u8>,
+    verifier: Arc<ScramVerifier>,
 }
 
 struct Ready {
@@ -160,10 +167,36 @@ pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
             Ok(result) => result,
             Err(_) => Err(SessionError::StartupTimeout),
         };
-    match result {
-        Ok(Established::Cancel(key)) => crate::cancel::handle(&worker, key),
-        Ok(Established::Session(ready)) => relay(&worker, client, *ready, peer).await,
-        Err(error) => refuse(&mut client, peer, error).await,
+    let auth = match result {
+        Ok(Established::Cancel(key)) => return crate::cancel::handle(&worker, key),
+        Ok(Established::Authenticated(auth)) => auth,
+        Err(error) => return refuse(&mut client, peer, error).await,
+    };
+    let Authenticated {
+        routed,
+        client_key,
+        server_final,
+        verifier,
+    } = *auth;
+    match connect_backend(&worker, &routed, client_key, &verifier).await {
+        Ok(Connected {
+            ready,
+            status,
+            mut to_client,
+        }) => {
+            write::auth_sasl_final(&mut client.out, &server_final);
+            write::auth_ok(&mut client.out);
+            client.out.append(&mut to_client);
+            let key = ready.client_key;
+            write::backend_key_data(&mut client.out, key.pid, key.secret);
+            write::ready_for_query(&mut client.out, status);
+            relay(&worker, client, ready, peer).await
+        }
+        Err((error, mut to_client)) => {
+            // A backend's own ErrorResponse goes to the client verbatim.
+            client.out.append(&mut to_client);
+            refuse(&mut client, peer, error).await
+        }
     }
 }
 
@@ -248,20 +281,12 @@ async fn establish(
     client.plain.consume(len);
 
     let (client_key, server_final, verifier) = authenticate(worker, client, &routed).await?;
-    let (ready, status, mut to_client) = connect_backend(worker, &routed, client_key, &verifier)
-        .await
-        .inspect_err(|_| ())?
-        .into_parts();
-    write::auth_sasl_final(&mut client.out, &server_final);
-    write::auth_ok(&mut client.out);
-    client.out.append(&mut to_client);
-    write::backend_key_data(
-        &mut client.out,
-        ready.client_key.pid,
-        ready.client_key.secret,
-    );
-    write::ready_for_query(&mut client.out, status);
-    Ok(Established::Session(Box::new(ready)))
+    Ok(Established::Authenticated(Box::new(Authenticated {
+        routed,
+        client_key,
+        server_final,
+        verifier,
+    })))
 }
 
 /// Step 1: everything before the StartupMessage. Returns a CancelRequest's key if that is what
@@ -381,19 +406,14 @@ struct Connected {
     to_client: Vec<u8>,
 }
 
-impl Connected {
-    fn into_parts(self) -> (Ready, u8, Vec<u8>) {
-        (self.ready, self.status, self.to_client)
-    }
-}
-
 /// Step 4: connect to the primary, or to replicas in least-connections order until one works.
+/// On failure, also returns what the backend said (its ErrorResponse) for the client.
 async fn connect_backend(
     worker: &Rc<Worker>,
     routed: &Routed,
     client_key: ClientKey,
     verifier: &ScramVerifier,
-) -> Result<Connected, SessionError> {
+) -> Result<Connected, (SessionError, Vec<u8>)> {
     let shared = &worker.shared;
     let mut failed: Vec<SocketAddr> = Vec::new();
     loop {
@@ -401,7 +421,12 @@ async fn connect_backend(
             shared
                 .upstreams
                 .pick_replica(&routed.branch.replicas, &failed)
-                .ok_or_else(|| SessionError::NoHealthyReplica(routed.branch.id.clone()))?
+                .ok_or_else(|| {
+                    (
+                        SessionError::NoHealthyReplica(routed.branch.id.clone()),
+                        Vec::new(),
+                    )
+                })?
         } else {
             shared.upstreams.get(routed.branch.primary)
         };
@@ -438,7 +463,7 @@ async fn connect_backend(
                 });
             }
             Err(BackendError::Rejected) => {
-                return Err(SessionError::Backend(BackendError::Rejected));
+                return Err((SessionError::Backend(BackendError::Rejected), to_client));
             }
             Err(error @ (BackendError::Connect(_) | BackendError::Timeout)) if routed.replica => {
                 tracing::warn!(%addr, %error, "replica unreachable, trying another");
@@ -449,7 +474,7 @@ async fn connect_backend(
                 if matches!(error, BackendError::Connect(_) | BackendError::Timeout) {
                     guard.upstream().set_healthy(false);
                 }
-                return Err(error.into());
+                return Err((error.into(), Vec::new()));
             }
         }
     }
@@ -483,8 +508,18 @@ async fn relay(worker: &Rc<Worker>, mut client: Client, ready: Ready, peer: Sock
         },
         branch,
         role,
+        sni: client.handshake.sni.take(),
         kill: Signal::default(),
     });
+    tracing::debug!(
+        %peer,
+        branch = %handle.branch,
+        role = %handle.role,
+        sni = handle.sni.as_deref().unwrap_or("-"),
+        backend = %handle.backend_addr,
+        backend_pid = handle.backend_key.pid,
+        "session established"
+    );
     let _registration = worker.register(handle.clone());
     if let Err(error) = client.flush().await {
         tracing::debug!(%peer, %error, "client gone before ReadyForQuery");

@@ -105,6 +105,8 @@ pub struct SessionHandle {
     pub branch: Box<str>,
     /// Role name.
     pub role: Box<str>,
+    /// The server name the client sent in its TLS ClientHello (SNI), if any.
+    pub sni: Option<Box<str>>,
     /// Fired to end the session with a FATAL error.
     pub kill: Signal<KillReason>,
 }

@@ -1,0 +1,155 @@
+//! Why a `branchgate role` command failed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::auth::scram::ScramError;
+use crate::catalog::CatalogError;
+use crate::config::ConfigError;
+
+/// Why a `branchgate role` command failed. The Display text is meant for an operator reading
+/// `branchgate: <error>`; it never contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The router configuration could not be read or is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The catalog could not be read or is invalid (nothing was changed anywhere).
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The catalog has no branch with this id.
+    #[error("{}: no branch with id {branch:?}", catalog.display())]
+    UnknownBranch {
+        /// The catalog file.
+        catalog: PathBuf,
+        /// The requested branch id.
+        branch: String,
+    },
+    /// `create` for a role the catalog already has on this branch.
+    #[error(
+        "branch {branch:?} already has role {role:?}; \
+         use `branchgate role reset` to give it a new password"
+    )]
+    RoleExists {
+        /// The branch id.
+        branch: String,
+        /// The role name.
+        role: String,
+    },
+    /// `reset` for a role the catalog does not have on this branch.
+    #[error("branch {branch:?} has no role {role:?}; use `branchgate role create` to add it")]
+    UnknownRole {
+        /// The branch id.
+        branch: String,
+        /// The role name.
+        role: String,
+    },
+    /// The role name cannot be used in a catalog or as a client user name.
+    #[error("role name {role:?} {reason}")]
+    InvalidRoleName {
+        /// The rejected name.
+        role: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// `BRANCHGATE_ADMIN_PASSWORD` is set but is not valid UTF-8.
+    #[error("BRANCHGATE_ADMIN_PASSWORD is not valid UTF-8")]
+    AdminPasswordNotUtf8,
+    /// The TCP connection to the branch primary could not be opened.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The branch primary.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Reading from or writing to the branch primary failed.
+    #[error("connection to {addr} failed: {source}")]
+    Io {
+        /// The branch primary.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The branch primary did not accept, read or answer within the admin timeout.
+    #[error("{addr} did not answer within {seconds} s")]
+    Timeout {
+        /// The branch primary.
+        addr: SocketAddr,
+        /// The timeout that expired.
+        seconds: u64,
+    },
+    /// The branch primary closed the connection in the middle of an exchange.
+    #[error("{addr} closed the connection unexpectedly")]
+    Closed {
+        /// The branch primary.
+        addr: SocketAddr,
+    },
+    /// The server wants a password for the admin user and `BRANCHGATE_ADMIN_PASSWORD` is unset.
+    #[error(
+        "{addr} asks for a password for admin user {user:?}: \
+         set BRANCHGATE_ADMIN_PASSWORD"
+    )]
+    PasswordRequired {
+        /// The branch primary.
+        addr: SocketAddr,
+        /// The admin user name.
+        user: String,
+    },
+    /// The server asks for an authentication method other than SCRAM-SHA-256 (cleartext and
+    /// MD5 would expose or weaken the admin password).
+    #[error(
+        "{addr} asks for {method} authentication, which branchgate refuses; \
+         use scram-sha-256 (or trust/peer) for the admin user in pg_hba.conf"
+    )]
+    UnsupportedAuth {
+        /// The branch primary.
+        addr: SocketAddr,
+        /// The method the server asked for.
+        method: String,
+    },
+    /// The SCRAM exchange with the server failed on our side (bad server signature, malformed
+    /// message, ...). A wrong admin password is a [`RoleError::Server`] error 28P01 instead.
+    #[error("SCRAM authentication with {addr} failed: {source}")]
+    Scram {
+        /// The branch primary.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: ScramError,
+    },
+    /// The server sent something that does not follow the protocol.
+    #[error("{addr} sent an invalid message: {reason}")]
+    Protocol {
+        /// The branch primary.
+        addr: SocketAddr,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The server answered with an ErrorResponse (failed login or failed statement).
+    #[error("PostgreSQL error {code}: {message}")]
+    Server {
+        /// SQLSTATE, e.g. `28P01` or `42710`.
+        code: String,
+        /// The server's primary message.
+        message: String,
+    },
+    /// The role was changed on the server, but writing the catalog failed: the router still
+    /// has the old state. Running the same command again repairs it.
+    #[error(
+        "the role was changed on {primary} but the catalog was not updated: {source}; \
+         fix that and run the same command again"
+    )]
+    CatalogNotUpdated {
+        /// The branch primary that already has the new password.
+        primary: SocketAddr,
+        /// Why the catalog edit failed.
+        source: CatalogError,
+    },
+    /// The new password could not be written to stdout; server and catalog were already changed.
+    #[error(
+        "cannot print the new password ({0}); the role was changed: \
+         run `branchgate role reset` to get another password"
+    )]
+    Output(io::Error),
+}
