@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use branchgate::auth::verifier::ScramVerifier;
 use branchgate::catalog::CatalogError;
+use branchgate::role::{self, Mode, RoleArgs};
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
 use branchgate_e2e::{
     free_port, psql_bin, psycopg_query, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation,
-    ADMIN_PASSWORD,
+    ADMIN_PASSWORD, ADMIN_USER,
 };
 use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -581,7 +582,13 @@ fn password_reset_closes_the_roles_sessions_only() {
     assert_eq!(web.value("SELECT current_user").expect("query"), "web2");
     let peer = Session::open(router.addr(), "peer2.b1", "pscale_pw_peer2").expect("peer2 logs in");
 
-    let new_password = role_cli("reset", &router.config_path(), "b1", "web2");
+    let args = RoleArgs {
+        config: router.config_path(),
+        branch: "b1".into(),
+        role: "web2".into(),
+        admin_user: ADMIN_USER.into(),
+    };
+    let new_password = role::apply(&args, Mode::Reset, Some(ADMIN_PASSWORD)).expect("role reset");
     assert_ne!(new_password, old_password);
     router.reload().expect("reload after role reset");
 
