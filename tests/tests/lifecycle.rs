@@ -1,0 +1,836 @@
+//! The router's life cycle: roles created and reset by the CLI, catalog reloads (good and bad),
+//! graceful shutdown, `check-config`, and the `branchgate run` binary under signals.
+//!
+//! One PostgreSQL primary and one set of certificates serve the whole binary; every test starts
+//! its own router (in-process, or the real binary) because most of them rewrite the catalog.
+
+use std::fs;
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use branchgate::auth::verifier::ScramVerifier;
+use branchgate::catalog::CatalogError;
+use branchgate::role::{self, Mode, RoleArgs};
+use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
+use branchgate_e2e::{
+    free_port, psql_bin, psycopg_query, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation,
+    ADMIN_PASSWORD, ADMIN_USER,
+};
+use tempfile::TempDir;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::{ChannelBinding, TlsConnect};
+
+/// The environment variable the `role` command reads the admin password from.
+const ADMIN_PASSWORD_ENV: &str = "BRANCHGATE_ADMIN_PASSWORD";
+/// How long a router-side event (a FATAL, a refused connection, a reload) may take to show.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a graceful shutdown: drain (1 s in tests) plus the kill grace, with a wide margin.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Drain long enough that finishing before it proves the drain ended early.
+const LONG_DRAIN: &str = "60s";
+/// Pause between polls.
+const POLL: Duration = Duration::from_millis(50);
+/// Attempts at starting the binary on a free port (another process may take it first).
+const BIND_ATTEMPTS: usize = 5;
+
+const ADMIN_SHUTDOWN_MESSAGE: &str = "terminating connection due to administrator command";
+const PASSWORD_RESET_MESSAGE: &str = "terminating connection because the role's password was reset";
+
+// ---------------------------------------------------------------------------------------------
+// Shared fixture
+
+struct Fixture {
+    pg: PgServer,
+    certs: Certs,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| Fixture {
+        pg: PgServer::start_primary(),
+        certs: Certs::generate(),
+    })
+}
+
+/// Creates `role` on the fixture server and returns its SCRAM verifier.
+fn server_role(role: &str, password: &str) -> String {
+    let pg = &fixture().pg;
+    pg.create_role(role, password);
+    pg.role_verifier(role)
+}
+
+/// A libpq connection string through the router with full certificate checks.
+fn via_router(addr: SocketAddr, user: &str, password: &str) -> Conninfo {
+    Conninfo::new(addr)
+        .user(user)
+        .password(password)
+        .verify_full(&fixture().certs.ca_path(), SslNegotiation::Postgres)
+}
+
+/// Writes `text` to `path` through a rename, so the router's file watch never reads half a file.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).expect("write temp file");
+    fs::rename(&tmp, path).expect("rename into place");
+}
+
+/// Polls `probe` until it returns `Some`, panicking with `what` after `timeout`.
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The router in-process, with its files in a temp dir
+
+struct LocalRouter {
+    dir: TempDir,
+    router: Option<branchgate::Router>,
+}
+
+impl LocalRouter {
+    /// Starts a router (2 workers) for `branches` with the given drain time.
+    fn start(branches: &[BranchSpec], drain: &str) -> LocalRouter {
+        let dir = tempfile::Builder::new()
+            .prefix("bg-lifecycle-")
+            .tempdir()
+            .expect("create temp dir");
+        let text = router_toml(&fixture().certs, "catalog.toml");
+        assert!(text.contains("drain = \"1s\""), "{text}");
+        let text = text.replace("drain = \"1s\"", &format!("drain = {}", toml_string(drain)));
+        fs::write(dir.path().join("router.toml"), &text).expect("write router.toml");
+        write_atomically(&dir.path().join("catalog.toml"), &catalog_toml(branches));
+        let config = branchgate::config::Config::parse(&text, dir.path(), "router.toml")
+            .unwrap_or_else(|e| panic!("router config rejected: {e}\n{text}"));
+        let router = branchgate::start(config).unwrap_or_else(|e| panic!("router start: {e}"));
+        LocalRouter {
+            dir,
+            router: Some(router),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.router().direct_addr()
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("router.toml")
+    }
+
+    fn catalog_path(&self) -> PathBuf {
+        self.dir.path().join("catalog.toml")
+    }
+
+    fn write_catalog(&self, text: &str) {
+        write_atomically(&self.catalog_path(), text);
+    }
+
+    fn reload(&self) -> Result<(), CatalogError> {
+        self.router().reload_catalog()
+    }
+
+    fn router(&self) -> &branchgate::Router {
+        self.router.as_ref().expect("router already shut down")
+    }
+
+    /// Starts a graceful shutdown on another thread.
+    fn shutdown_in_background(&mut self) -> thread::JoinHandle<()> {
+        let router = self.router.take().expect("router already shut down");
+        thread::spawn(move || router.shutdown())
+    }
+}
+
+impl Drop for LocalRouter {
+    fn drop(&mut self) {
+        if let Some(router) = self.router.take() {
+            router.shutdown();
+        }
+    }
+}
+
+/// Waits for a background shutdown to return, panicking after [`SHUTDOWN_TIMEOUT`].
+fn join_within(handle: thread::JoinHandle<()>, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    wait_for("router shutdown to return", timeout, || {
+        handle.is_finished().then_some(())
+    });
+    handle.join().expect("shutdown thread panicked");
+    start.elapsed()
+}
+
+/// Whether `addr` refuses new clients: connect fails, or the connection is closed without an
+/// answer to an SSLRequest.
+fn refuses_connections(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return true;
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("set read timeout");
+    // SSLRequest: length 8, code 80877103.
+    if stream
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .is_err()
+    {
+        return true;
+    }
+    let mut answer = [0u8; 1];
+    let refused = !matches!(stream.read(&mut answer), Ok(1));
+    let _ = stream.shutdown(Shutdown::Both);
+    refused
+}
+
+// ---------------------------------------------------------------------------------------------
+// tokio-postgres over tokio-rustls: a session held open across router events
+
+struct RustlsConnect(Arc<rustls::ClientConfig>);
+
+struct RustlsStream(tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
+
+type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<RustlsStream>> + Send>>;
+
+impl TlsConnect<tokio::net::TcpStream> for RustlsConnect {
+    type Stream = RustlsStream;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn connect(self, stream: tokio::net::TcpStream) -> ConnectFuture {
+        Box::pin(async move {
+            let name =
+                rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+            let tls = tokio_rustls::TlsConnector::from(self.0)
+                .connect(name, stream)
+                .await?;
+            Ok(RustlsStream(tls))
+        })
+    }
+}
+
+impl AsyncRead for RustlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for RustlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl tokio_postgres::tls::TlsStream for RustlsStream {
+    fn channel_binding(&self) -> ChannelBinding {
+        // The router offers SCRAM-SHA-256 without -PLUS.
+        ChannelBinding::none()
+    }
+}
+
+type ConnectionTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+/// An open tokio-postgres session through the router, driven by its own runtime thread.
+struct Session {
+    runtime: tokio::runtime::Runtime,
+    client: Option<tokio_postgres::Client>,
+    connection: Option<ConnectionTask>,
+}
+
+impl Session {
+    /// Connects (SSLRequest, then TLS verified against the test CA) as `user`.
+    fn open(
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+    ) -> Result<Session, tokio_postgres::Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(user)
+            .password(password)
+            .dbname("postgres")
+            .ssl_mode(tokio_postgres::config::SslMode::Require);
+        let tls = RustlsConnect(fixture().certs.client_config());
+        let (client, connection) = runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("TCP connect to the router");
+            tokio::time::timeout(EVENT_TIMEOUT, config.connect_raw(tcp, tls))
+                .await
+                .expect("connect did not finish in time")
+        })?;
+        let connection = runtime.spawn(connection);
+        Ok(Session {
+            runtime,
+            client: Some(client),
+            connection: Some(connection),
+        })
+    }
+
+    /// Runs `sql` (simple protocol) and returns the first column of the first row.
+    fn value(&self, sql: &str) -> Result<String, tokio_postgres::Error> {
+        let client = self.client.as_ref().expect("session closed");
+        let messages = self.runtime.block_on(async {
+            tokio::time::timeout(EVENT_TIMEOUT, client.simple_query(sql))
+                .await
+                .expect("query did not finish in time")
+        })?;
+        Ok(messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    Some(row.get(0).unwrap_or("").to_owned())
+                }
+                _ => None,
+            })
+            .expect("query returned a row"))
+    }
+
+    /// Waits until the router ends the session and returns the error that ended it.
+    fn ended_by_server(&mut self) -> tokio_postgres::Error {
+        let task = self.connection.take().expect("already waited");
+        let outcome = self.runtime.block_on(async {
+            tokio::time::timeout(EVENT_TIMEOUT, task)
+                .await
+                .expect("the router did not end the session in time")
+        });
+        match outcome.expect("connection task panicked") {
+            Ok(()) => panic!("the session ended without an error"),
+            Err(error) => error,
+        }
+    }
+
+    /// Closes the session from the client side (Terminate) and waits until it is gone.
+    fn close(mut self) {
+        drop(self.client.take());
+        let task = self.connection.take().expect("already waited");
+        let outcome = self.runtime.block_on(async {
+            tokio::time::timeout(EVENT_TIMEOUT, task)
+                .await
+                .expect("the connection did not close in time")
+        });
+        outcome
+            .expect("connection task panicked")
+            .expect("clean close");
+    }
+}
+
+/// Asserts that `error` is a database error with `code` and a message containing `text`.
+fn assert_db_error(error: &tokio_postgres::Error, code: &SqlState, text: &str) {
+    let db = error
+        .as_db_error()
+        .unwrap_or_else(|| panic!("expected a database error {code:?}, got: {error}"));
+    assert_eq!(db.code(), code, "{db:?}");
+    assert!(db.message().contains(text), "{db:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The branchgate binary
+
+/// The `branchgate` binary built next to this test (`target/<profile>/branchgate`).
+fn branchgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("branchgate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p branchgate`; scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn branchgate(args: &[&str]) -> Output {
+    Command::new(branchgate_bin())
+        .args(args)
+        .env(ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run branchgate")
+}
+
+/// Runs `branchgate role <action>` and returns the new password from its output.
+fn role_cli(action: &str, config: &Path, branch: &str, role: &str) -> String {
+    let config = config.to_str().expect("temp paths are UTF-8");
+    let output = branchgate(&[
+        "role", action, "--config", config, "--branch", branch, "--role", role,
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "branchgate role {action} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no `{name}` line in:\n{stdout}"))
+            .to_owned()
+    };
+    assert_eq!(field("user:"), format!("{role}.{branch}"), "{stdout}");
+    let password = field("password:");
+    assert!(password.starts_with("pscale_pw_"), "{stdout}");
+    password
+}
+
+/// The `branchgate run` process; killed if the test ends while it runs.
+struct RouterProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RouterProcess {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our own child, which is not reaped until `Drop` or `wait_exit`.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_for("branchgate to exit", timeout, || {
+            self.child.try_wait().expect("try_wait")
+        })
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts `branchgate run` with router.toml in `dir` listening on a free port (retried when
+/// another process takes the port) and returns once it accepts TCP connections.
+fn spawn_router_process(dir: &Path) -> (RouterProcess, SocketAddr) {
+    let template = router_toml(&fixture().certs, "catalog.toml");
+    for _ in 0..BIND_ATTEMPTS {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let text = template.replace(
+            "direct = \"127.0.0.1:0\"",
+            &format!("direct = {}", toml_string(&addr.to_string())),
+        );
+        assert_ne!(text, template, "router_toml changed its listen line");
+        let config = dir.join("router.toml");
+        fs::write(&config, text).expect("write router.toml");
+        let log = dir.join("branchgate.log");
+        let log_file = fs::File::create(&log).expect("create log");
+        let mut command = Command::new(branchgate_bin());
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        // SAFETY: only prctl(2), async-signal-safe, runs between fork and exec. The router dies
+        // with the test thread that started it, even if the test process is killed.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut process = RouterProcess {
+            child: command.spawn().expect("spawn branchgate run"),
+            log,
+        };
+        let up = wait_for("branchgate run to listen or exit", EVENT_TIMEOUT, || {
+            if let Some(status) = process.child.try_wait().expect("try_wait") {
+                return Some(Err(status));
+            }
+            TcpStream::connect(addr).is_ok().then_some(Ok(()))
+        });
+        match up {
+            Ok(()) => return (process, addr),
+            Err(_) if process.log().contains("cannot listen") => continue,
+            Err(status) => panic!("branchgate run exited ({status}):\n{}", process.log()),
+        }
+    }
+    panic!("branchgate run found no free port in {BIND_ATTEMPTS} attempts");
+}
+
+/// Runs `sql` with psql 15 (SSLRequest, verify-full) through the router.
+fn psql_via(addr: SocketAddr, user: &str, password: &str, sql: &str) -> Result<String, String> {
+    // psql 15's libpq predates `sslnegotiation`, so the connection string must not name it.
+    let conninfo = Conninfo::new(addr)
+        .user(user)
+        .password(password)
+        .param("sslmode", "verify-full")
+        .param(
+            "sslrootcert",
+            fixture().certs.ca_path().to_str().expect("UTF-8 path"),
+        );
+    let output = Command::new(psql_bin())
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+            "-d",
+        ])
+        .arg(conninfo.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .trim_end()
+        .to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn role_create_cli_makes_a_role_that_logs_in_through_the_router() {
+    let pg = &fixture().pg;
+    let router = LocalRouter::start(&[BranchSpec::new("b1", pg.addr())], "1s");
+    let err = psycopg_query(&via_router(router.addr(), "web.b1", "x"), "SELECT 1")
+        .expect_err("no role yet");
+    assert!(
+        err.message.contains("password authentication failed"),
+        "{err:?}"
+    );
+
+    let password = role_cli("create", &router.config_path(), "b1", "web");
+    let catalog = fs::read_to_string(router.catalog_path()).expect("read catalog");
+    let verifier = pg.role_verifier("web");
+    assert!(
+        catalog.contains(&toml_string(&verifier)),
+        "catalog lacks the server's verifier {verifier}:\n{catalog}"
+    );
+    router.reload().expect("reload after role create");
+
+    let who = psycopg_query(
+        &via_router(router.addr(), "web.b1", &password),
+        "SELECT current_user",
+    )
+    .expect("web.b1 logs in with the printed password");
+    assert_eq!(who, "web");
+}
+
+#[test]
+fn password_reset_closes_the_roles_sessions_only() {
+    let pg = &fixture().pg;
+    let old_password = "pscale_pw_web2_old";
+    let branch = BranchSpec::new("b1", pg.addr())
+        .role("web2", &server_role("web2", old_password))
+        .role("peer2", &server_role("peer2", "pscale_pw_peer2"));
+    let router = LocalRouter::start(&[branch], "1s");
+    let mut web = Session::open(router.addr(), "web2.b1", old_password).expect("web2 logs in");
+    assert_eq!(web.value("SELECT current_user").expect("query"), "web2");
+    let peer = Session::open(router.addr(), "peer2.b1", "pscale_pw_peer2").expect("peer2 logs in");
+
+    let args = RoleArgs {
+        config: router.config_path(),
+        branch: "b1".into(),
+        role: "web2".into(),
+        admin_user: ADMIN_USER.into(),
+    };
+    let new_password = role::apply(&args, Mode::Reset, Some(ADMIN_PASSWORD)).expect("role reset");
+    assert_ne!(new_password, old_password);
+    router.reload().expect("reload after role reset");
+
+    let error = web.ended_by_server();
+    assert_db_error(&error, &SqlState::ADMIN_SHUTDOWN, PASSWORD_RESET_MESSAGE);
+    let error = web.value("SELECT 1").expect_err("the session is closed");
+    assert!(error.is_closed(), "{error}");
+
+    let error = Session::open(router.addr(), "web2.b1", old_password)
+        .err()
+        .expect("the old password no longer works");
+    assert_db_error(
+        &error,
+        &SqlState::INVALID_PASSWORD,
+        "password authentication failed",
+    );
+    let who = psycopg_query(
+        &via_router(router.addr(), "web2.b1", &new_password),
+        "SELECT current_user",
+    )
+    .expect("the new password works");
+    assert_eq!(who, "web2");
+
+    assert_eq!(
+        peer.value("SELECT current_user").expect("peer still open"),
+        "peer2"
+    );
+}
+
+#[test]
+fn rejected_catalogs_keep_the_old_one_in_force() {
+    let pg = &fixture().pg;
+    let password = "pscale_pw_app3";
+    let verifier = server_role("app3", password);
+    let b1 = BranchSpec::new("b1", pg.addr()).role("app3", &verifier);
+    let router = LocalRouter::start(std::slice::from_ref(&b1), "1s");
+    let held = Session::open(router.addr(), "app3.b1", password).expect("app3 logs in");
+    let works = |label: &str| {
+        assert_eq!(held.value("SELECT 41 + 1").expect(label), "42", "{label}");
+        let who = psycopg_query(
+            &via_router(router.addr(), "app3.b1", password),
+            "SELECT current_user",
+        )
+        .unwrap_or_else(|e| panic!("{label}: new connection failed: {e:?}"));
+        assert_eq!(who, "app3", "{label}");
+    };
+
+    router.write_catalog("[[branch]]\nid = \"b1\"\nprimary = \n");
+    match router.reload() {
+        Err(CatalogError::Parse { line, .. }) => assert_eq!(line, 3),
+        other => panic!("invalid TOML must be a parse error, got {other:?}"),
+    }
+    works("after invalid TOML");
+
+    let bad = BranchSpec::new("b1", pg.addr()).role("app3", "SCRAM-SHA-256$4096:bm90LWJhc2U2NA");
+    router.write_catalog(&catalog_toml(&[bad]));
+    match router.reload() {
+        Err(CatalogError::Invalid { message, .. }) => {
+            assert!(message.contains("invalid SCRAM verifier"), "{message}")
+        }
+        other => panic!("a bad verifier must be rejected, got {other:?}"),
+    }
+    works("after a bad verifier");
+
+    let error = Session::open(router.addr(), "app3.b2", password)
+        .err()
+        .expect("b2 is not in the catalog yet");
+    assert_db_error(
+        &error,
+        &SqlState::INVALID_CATALOG_NAME,
+        "branch \"b2\" does not exist",
+    );
+    let b2 = BranchSpec::new("b2", pg.addr()).role("app3", &verifier);
+    router.write_catalog(&catalog_toml(&[b1, b2]));
+    router.reload().expect("a valid catalog is accepted");
+    let who = psycopg_query(
+        &via_router(router.addr(), "app3.b2", password),
+        "SELECT current_user",
+    )
+    .expect("b2 is routable");
+    assert_eq!(who, "app3");
+    works("after adding b2");
+}
+
+#[test]
+fn shutdown_refuses_new_clients_and_ends_sessions_after_the_drain() {
+    let pg = &fixture().pg;
+    let password = "pscale_pw_app4";
+    let branch = BranchSpec::new("b1", pg.addr()).role("app4", &server_role("app4", password));
+    let mut router = LocalRouter::start(&[branch], "1s");
+    let addr = router.addr();
+    let mut held = Session::open(addr, "app4.b1", password).expect("app4 logs in");
+    assert_eq!(held.value("SELECT current_user").expect("query"), "app4");
+
+    assert!(
+        !refuses_connections(addr),
+        "the router refuses before shutdown"
+    );
+    let shutdown = router.shutdown_in_background();
+    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
+        refuses_connections(addr).then_some(())
+    });
+    let error = held.ended_by_server();
+    assert_db_error(&error, &SqlState::ADMIN_SHUTDOWN, ADMIN_SHUTDOWN_MESSAGE);
+    join_within(shutdown, SHUTDOWN_TIMEOUT);
+    assert!(
+        refuses_connections(addr),
+        "the router still accepts after shutdown"
+    );
+}
+
+#[test]
+fn shutdown_ends_early_when_the_last_session_leaves_during_the_drain() {
+    let pg = &fixture().pg;
+    let password = "pscale_pw_app5";
+    let branch = BranchSpec::new("b1", pg.addr()).role("app5", &server_role("app5", password));
+    let mut router = LocalRouter::start(&[branch], LONG_DRAIN);
+    let addr = router.addr();
+    let held = Session::open(addr, "app5.b1", password).expect("app5 logs in");
+
+    assert!(
+        !refuses_connections(addr),
+        "the router refuses before shutdown"
+    );
+    let shutdown = router.shutdown_in_background();
+    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
+        refuses_connections(addr).then_some(())
+    });
+    // The drain lets open sessions keep working until they leave.
+    assert_eq!(
+        held.value("SELECT current_user")
+            .expect("query during the drain"),
+        "app5"
+    );
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned with a session open"
+    );
+    held.close();
+    let took = join_within(shutdown, SHUTDOWN_TIMEOUT);
+    assert!(
+        took < SHUTDOWN_TIMEOUT,
+        "shutdown took {took:?} with a {LONG_DRAIN} drain"
+    );
+}
+
+#[test]
+fn check_config_accepts_valid_files_and_points_at_bad_lines() {
+    let certs = Certs::generate();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("router.toml");
+    let config_arg = config.to_str().expect("UTF-8 path");
+    let primary: SocketAddr = "127.0.0.1:5999".parse().expect("addr");
+    let verifier = ScramVerifier::generate("pscale_pw_check").to_string();
+    let branch = BranchSpec::new("b1", primary).role("app", &verifier);
+    fs::write(dir.path().join("catalog.toml"), catalog_toml(&[branch])).expect("write catalog");
+    let text = router_toml(&certs, "catalog.toml");
+    fs::write(&config, &text).expect("write router.toml");
+
+    let output = branchgate(&["check-config", config_arg]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "valid config rejected: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(stdout.contains("1 branches"), "{stdout}");
+
+    let with_typo = text.replace("[listen]\n", "[listen]\nbogus_key = 1\n");
+    let line = with_typo
+        .lines()
+        .position(|l| l.starts_with("bogus_key"))
+        .expect("inserted line")
+        + 1;
+    fs::write(&config, &with_typo).expect("write router.toml");
+    let output = branchgate(&["check-config", config_arg]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "unknown key accepted");
+    assert!(stderr.contains(&format!("router.toml:{line}:")), "{stderr}");
+    assert!(stderr.contains("bogus_key"), "{stderr}");
+
+    fs::write(&config, &text).expect("write router.toml");
+    let bad = BranchSpec::new("b1", primary).role("app", "SCRAM-SHA-256$4096:c2FsdA==$x");
+    let catalog = catalog_toml(&[bad]);
+    let line = catalog
+        .lines()
+        .position(|l| l.starts_with("\"app\""))
+        .expect("role line")
+        + 1;
+    fs::write(dir.path().join("catalog.toml"), catalog).expect("write catalog");
+    let output = branchgate(&["check-config", config_arg]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "bad verifier accepted");
+    assert!(
+        stderr.contains(&format!("catalog.toml:{line}:")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("invalid SCRAM verifier"), "{stderr}");
+}
+
+#[test]
+fn binary_runs_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
+    let pg = &fixture().pg;
+    let password = "pscale_pw_app6";
+    let b1 = BranchSpec::new("b1", pg.addr()).role("app6", &server_role("app6", password));
+    let dir = tempfile::Builder::new()
+        .prefix("bg-lifecycle-bin-")
+        .tempdir()
+        .expect("temp dir");
+    let catalog = dir.path().join("catalog.toml");
+    write_atomically(&catalog, &catalog_toml(std::slice::from_ref(&b1)));
+    let (mut process, addr) = spawn_router_process(dir.path());
+
+    let who = psql_via(addr, "app6.b1", password, "SELECT current_user")
+        .unwrap_or_else(|e| panic!("psql through branchgate run: {e}\n{}", process.log()));
+    assert_eq!(who, "app6");
+
+    let late_password = "pscale_pw_late6";
+    let b1 = b1.role("late6", &server_role("late6", late_password));
+    let err = psql_via(addr, "late6.b1", late_password, "SELECT 1").expect_err("not yet");
+    assert!(err.contains("password authentication failed"), "{err}");
+    write_atomically(&catalog, &catalog_toml(&[b1]));
+    process.signal(libc::SIGHUP);
+    let who = wait_for("the added role to log in", EVENT_TIMEOUT, || {
+        psql_via(addr, "late6.b1", late_password, "SELECT current_user").ok()
+    });
+    assert_eq!(who, "late6");
+    wait_for("the SIGHUP reload in the log", EVENT_TIMEOUT, || {
+        process
+            .log()
+            .contains("SIGHUP: reloading catalog")
+            .then_some(())
+    });
+
+    process.signal(libc::SIGTERM);
+    let status = process.wait_exit(SHUTDOWN_TIMEOUT);
+    let log = process.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("io_uring") || log.contains("legacy"),
+        "the log does not name the I/O driver:\n{log}"
+    );
+    assert!(refuses_connections(addr), "still listening after exit");
+}
