@@ -248,13 +248,21 @@ async fn establish(
     client.plain.consume(len);
 
     let (client_key, server_final, verifier) = authenticate(worker, client, &routed).await?;
-    let (ready, status, mut to_client) = connect_backend(worker, &routed, client_key, &verifier)
-        .await
-        .inspect_err(|_| ())?
-        .into_parts();
-    write::auth_sasl_final(&mut client.out, &server_final);
-    write::auth_ok(&mut client.out);
-    client.out.append(&mut to_client);
+    let mut from_backend = Vec::new();
+    let connected =
+        connect_backend(worker, &routed, client_key, &verifier, &mut from_backend).await;
+    // The client did authenticate; a backend that then refuses the session (no such database,
+    // too many connections) says why in its own ErrorResponse, which the client must see
+    // verbatim after AuthenticationOk, as PostgreSQL itself would send it.
+    if matches!(
+        connected,
+        Ok(_) | Err(SessionError::Backend(BackendError::Rejected))
+    ) {
+        write::auth_sasl_final(&mut client.out, &server_final);
+        write::auth_ok(&mut client.out);
+        client.out.append(&mut from_backend);
+    }
+    let (ready, status) = connected?.into_parts();
     write::backend_key_data(
         &mut client.out,
         ready.client_key.pid,
@@ -378,21 +386,23 @@ async fn expect_password_message(client: &mut Client) -> Result<FrameHeader, Ses
 struct Connected {
     ready: Ready,
     status: u8,
-    to_client: Vec<u8>,
 }
 
 impl Connected {
-    fn into_parts(self) -> (Ready, u8, Vec<u8>) {
-        (self.ready, self.status, self.to_client)
+    fn into_parts(self) -> (Ready, u8) {
+        (self.ready, self.status)
     }
 }
 
 /// Step 4: connect to the primary, or to replicas in least-connections order until one works.
+/// `to_client` receives the backend's startup messages for the client (ParameterStatus, notices,
+/// or the ErrorResponse that rejected us) from the last attempt.
 async fn connect_backend(
     worker: &Rc<Worker>,
     routed: &Routed,
     client_key: ClientKey,
     verifier: &ScramVerifier,
+    to_client: &mut Vec<u8>,
 ) -> Result<Connected, SessionError> {
     let shared = &worker.shared;
     let mut failed: Vec<SocketAddr> = Vec::new();
@@ -411,10 +421,10 @@ async fn connect_backend(
             client_key: client_key.0,
             server_key: verifier.server_key,
         };
-        let mut to_client = Vec::new();
+        to_client.clear();
         let attempt = monoio::time::timeout(
             shared.config.timeouts.connect,
-            backend::connect(addr, &routed.backend_startup, credentials, &mut to_client),
+            backend::connect(addr, &routed.backend_startup, credentials, to_client),
         )
         .await
         .unwrap_or(Err(BackendError::Timeout));
@@ -434,7 +444,6 @@ async fn connect_backend(
                         role: routed.role.clone(),
                     },
                     status,
-                    to_client,
                 });
             }
             Err(BackendError::Rejected) => {
