@@ -193,8 +193,14 @@ pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
             relay(&worker, client, ready, peer).await
         }
         Err((error, mut to_client)) => {
-            // A backend's own ErrorResponse goes to the client verbatim.
-            client.out.append(&mut to_client);
+            // The client did authenticate; a backend that then refuses the session (no such
+            // database, too many connections) says why in its own ErrorResponse, which the client
+            // sees verbatim after AuthenticationOk, as PostgreSQL itself would send it.
+            if matches!(error, SessionError::Backend(BackendError::Rejected)) {
+                write::auth_sasl_final(&mut client.out, &server_final);
+                write::auth_ok(&mut client.out);
+                client.out.append(&mut to_client);
+            }
             refuse(&mut client, peer, error).await
         }
     }
