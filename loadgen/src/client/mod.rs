@@ -174,6 +174,10 @@ impl Conn {
     }
 
     async fn fill(&mut self) -> Result<(), ClientError> {
+        // A full buffer would read as end of stream; `next` never lets it fill up.
+        if self.rbuf.spare_mut().is_empty() {
+            return Err(ClientError::Protocol("message too large"));
+        }
         if self.transport.read(&mut self.rbuf).await? == 0 {
             return Err(ClientError::Closed);
         }

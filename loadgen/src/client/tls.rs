@@ -174,7 +174,11 @@ pub async fn handshake(
         if stream.raw.fill_from(&mut stream.tcp).await? == 0 {
             return Err(ClientError::Closed);
         }
-        stream.process_raw()?;
+        while !stream.raw.is_empty() && stream.conn.is_handshaking() {
+            if stream.process_raw()? == 0 {
+                break;
+            }
+        }
     }
     if require_alpn && stream.conn.alpn_protocol() != Some(ALPN_POSTGRESQL) {
         return Err(ClientError::NoAlpn);
@@ -183,17 +187,14 @@ pub async fn handshake(
 }
 
 impl TlsStream {
-    /// Feeds buffered ciphertext to rustls.
-    fn process_raw(&mut self) -> Result<(), ClientError> {
-        while !self.raw.is_empty() {
-            let n = self.conn.read_tls(&mut self.raw.data())?;
-            self.raw.consume(n);
-            self.conn.process_new_packets()?;
-            if n == 0 {
-                break;
-            }
-        }
-        Ok(())
+    /// Feeds one read's worth of buffered ciphertext to rustls; returns how much it took.
+    /// One at a time: rustls refuses more ciphertext while its decrypted plaintext waits to be
+    /// read, so feeding everything at once could overflow it on a large result.
+    fn process_raw(&mut self) -> Result<usize, ClientError> {
+        let n = self.conn.read_tls(&mut self.raw.data())?;
+        self.raw.consume(n);
+        self.conn.process_new_packets()?;
+        Ok(n)
     }
 
     async fn flush_tls(&mut self) -> Result<(), ClientError> {
@@ -217,7 +218,7 @@ impl TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e.into()),
             }
-            if self.raw.fill_from(&mut self.tcp).await? == 0 {
+            if self.raw.is_empty() && self.raw.fill_from(&mut self.tcp).await? == 0 {
                 return Ok(0);
             }
             self.process_raw()?;
