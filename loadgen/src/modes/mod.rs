@@ -1,0 +1,110 @@
+//! The three measurements, and what their worker threads share.
+//!
+//! - [`connect`]: connection storms.
+//! - [`query`]: query latency and throughput.
+//! - [`idle`]: memory per idle connection.
+
+pub mod connect;
+pub mod idle;
+pub mod query;
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use branchgate::auth::scram::SaltedPasswordCache;
+
+use crate::client::{self, ClientError, Conn, ConnectOptions, Timings};
+use crate::runtime::Counters;
+use crate::settings::Common;
+use crate::stats::TargetStats;
+use crate::timer::Timer;
+
+/// What one worker thread owns: its stats per target, its PBKDF2 cache, its precise timer and
+/// its count of connections (for the round robin over source addresses).
+#[derive(Debug)]
+pub struct Local {
+    /// Settings.
+    pub common: Arc<Common>,
+    /// Progress counters shared with the main thread.
+    pub counters: Arc<Counters>,
+    /// Stats per target.
+    pub stats: RefCell<Vec<TargetStats>>,
+    /// Sleeps for the schedules.
+    pub timer: Rc<Timer>,
+    cache: RefCell<SaltedPasswordCache>,
+    thread: usize,
+    connections: Cell<usize>,
+}
+
+impl Local {
+    /// The state of worker thread `thread`; call inside its runtime (it starts the timer).
+    pub fn new(common: Arc<Common>, counters: Arc<Counters>, thread: usize) -> io::Result<Local> {
+        let targets = common.targets.len();
+        Ok(Local {
+            common,
+            counters,
+            stats: RefCell::new(vec![TargetStats::default(); targets]),
+            timer: Timer::start()?,
+            cache: RefCell::new(SaltedPasswordCache::new()),
+            thread,
+            connections: Cell::new(0),
+        })
+    }
+
+    /// Opens a connection to target `index` (branch and source address chosen here), giving up
+    /// after `--timeout`.
+    pub async fn connect(&self, index: usize) -> Result<(Conn, Timings), ClientError> {
+        let common = &self.common;
+        let target = &common.targets[index];
+        let branch = common.pick_branch(&mut rand::thread_rng());
+        let user = target.user(branch);
+        let n = self.connections.get();
+        self.connections.set(n + 1);
+        // Threads interleave so together they walk the addresses in order.
+        let source = common.source_ip(n * common.threads + self.thread);
+        let options = ConnectOptions {
+            target,
+            user: &user,
+            source,
+        };
+        match monoio::time::timeout(common.timeout, client::connect(options, &self.cache)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Records a failure for target `index`.
+    #[cold]
+    pub fn error(&self, index: usize, error: &dyn std::fmt::Display) {
+        self.counters.error();
+        self.stats.borrow_mut()[index].error(|| error.to_string());
+    }
+
+    /// The stats, once the thread's work is over.
+    pub fn into_stats(self) -> Vec<TargetStats> {
+        self.stats.into_inner()
+    }
+}
+
+/// This thread's share of `total` when it is split over `threads` threads.
+pub fn share(total: usize, threads: usize, thread: usize) -> usize {
+    let threads = threads.max(1);
+    total / threads + usize::from(thread < total % threads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_add_up() {
+        for (total, threads) in [(10, 3), (2, 4), (0, 2), (64, 2), (7, 1)] {
+            let sum: usize = (0..threads).map(|t| share(total, threads, t)).sum();
+            assert_eq!(sum, total, "{total} over {threads}");
+        }
+        assert_eq!(share(10, 3, 0), 4);
+        assert_eq!(share(10, 3, 2), 3);
+    }
+}

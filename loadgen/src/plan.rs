@@ -1,0 +1,330 @@
+//! When each target runs, and when each request is meant to be sent.
+//!
+//! Targets take turns in short slices (round robin on one clock shared by every thread), so a
+//! burst of noise on the machine hits all of them alike and their results stay comparable as
+//! ratios. A [`Plan`] maps a point in time to the [`Slice`] in force; nothing needs to be
+//! exchanged between threads to agree on it.
+//!
+//! [`Pacer`] gives the send times of one sender. Open loop, each request has an intended send
+//! time on a constant schedule and its latency is measured from that time, not from when it was
+//! actually sent: a stalled server then shows up in the latency of every request that should
+//! have gone out during the stall (coordinated omission corrected, as wrk2 does).
+
+use std::time::{Duration, Instant};
+
+/// A stretch of time in which one target runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slice {
+    /// Global slice number, from 0.
+    pub index: usize,
+    /// Index of the target that runs.
+    pub target: usize,
+    /// Start.
+    pub start: Instant,
+    /// End (exclusive): nothing new starts at or after it.
+    pub end: Instant,
+    /// False during warmup: results are not recorded.
+    pub recording: bool,
+}
+
+/// The round-robin schedule of targets: warmup rounds, then measured rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    start: Instant,
+    slice: Duration,
+    targets: usize,
+    warmup_rounds: usize,
+    /// `None`: measured rounds go on until the caller stops (a count was asked for instead).
+    measured_rounds: Option<usize>,
+}
+
+impl Plan {
+    /// Each target runs for `duration` in total (plus `warmup` not recorded), in slices of about
+    /// `slice`, shortened so that `duration` is a whole number of slices.
+    pub fn timed(
+        start: Instant,
+        targets: usize,
+        slice: Duration,
+        warmup: Duration,
+        duration: Duration,
+    ) -> Plan {
+        let rounds = div_ceil(duration, slice).max(1);
+        let slice = duration.checked_div(rounds as u32).unwrap_or(slice);
+        Plan {
+            start,
+            slice: slice.max(Duration::from_millis(1)),
+            targets: targets.max(1),
+            warmup_rounds: div_ceil(warmup, slice),
+            measured_rounds: Some(rounds),
+        }
+    }
+
+    /// Slices of `slice` after `warmup`, with no end: the caller stops once its counts are met.
+    pub fn counted(start: Instant, targets: usize, slice: Duration, warmup: Duration) -> Plan {
+        let slice = slice.max(Duration::from_millis(1));
+        Plan {
+            start,
+            slice,
+            targets: targets.max(1),
+            warmup_rounds: div_ceil(warmup, slice),
+            measured_rounds: None,
+        }
+    }
+
+    /// When the first slice starts.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Length of one slice.
+    pub fn slice_len(&self) -> Duration {
+        self.slice
+    }
+
+    /// Number of slices, if the plan has an end.
+    pub fn slice_count(&self) -> Option<usize> {
+        self.measured_rounds
+            .map(|rounds| (self.warmup_rounds + rounds) * self.targets)
+    }
+
+    /// When the last slice ends, if the plan has an end.
+    pub fn end(&self) -> Option<Instant> {
+        let count = u32::try_from(self.slice_count()?).ok()?;
+        Some(self.start + self.slice * count)
+    }
+
+    /// Slice number `index`, if the plan has one.
+    pub fn slice(&self, index: usize) -> Option<Slice> {
+        if self.slice_count().is_some_and(|count| index >= count) {
+            return None;
+        }
+        let start = self.start + self.slice.checked_mul(u32::try_from(index).ok()?)?;
+        Some(Slice {
+            index,
+            target: index % self.targets,
+            start,
+            end: start + self.slice,
+            recording: index / self.targets >= self.warmup_rounds,
+        })
+    }
+
+    /// The slice in force at `now` (the first one before the start), or `None` after the end.
+    pub fn slice_at(&self, now: Instant) -> Option<Slice> {
+        let elapsed = now.saturating_duration_since(self.start).as_nanos();
+        let index = usize::try_from(elapsed / self.slice.as_nanos().max(1)).ok()?;
+        self.slice(index)
+    }
+
+    /// The first slice of `target` numbered `from` or later.
+    pub fn next_slice_of(&self, target: usize, from: usize) -> Option<Slice> {
+        let round = from / self.targets + usize::from(from % self.targets > target);
+        self.slice(round * self.targets + target)
+    }
+}
+
+impl Plan {
+    /// The recording slices of `target` numbered below `upto` (and below the end, if any).
+    pub fn recorded_slices_of(&self, target: usize, upto: usize) -> Vec<usize> {
+        let upto = self.slice_count().map_or(upto, |count| count.min(upto));
+        (0..upto)
+            .filter_map(|i| self.slice(i))
+            .filter(|s| s.target == target && s.recording)
+            .map(|s| s.index)
+            .collect()
+    }
+}
+
+fn div_ceil(a: Duration, b: Duration) -> usize {
+    let b = b.as_nanos().max(1);
+    usize::try_from(a.as_nanos().div_ceil(b)).unwrap_or(usize::MAX)
+}
+
+/// What a sender does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing is due before this time.
+    Wait(Instant),
+    /// Send now; the latency counts from `intended`.
+    Send {
+        /// The scheduled send time (in the past if the sender is behind).
+        intended: Instant,
+    },
+    /// The schedule is over.
+    Done,
+}
+
+/// Send times of one sender until `end`: a constant schedule (open loop) or as soon as the
+/// previous reply is in (closed loop).
+#[derive(Clone, Copy, Debug)]
+pub struct Pacer {
+    first: Instant,
+    /// Nanoseconds between intended send times; 0 for closed loop.
+    interval_ns: f64,
+    end: Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    /// Open loop: request k is due at `first + k * interval`.
+    pub fn open(first: Instant, interval: Duration, end: Instant) -> Pacer {
+        Pacer {
+            first,
+            interval_ns: interval.as_nanos() as f64,
+            end,
+            sent: 0,
+        }
+    }
+
+    /// Closed loop: the next request goes out as soon as it is asked for.
+    pub fn closed(end: Instant) -> Pacer {
+        Pacer {
+            first: end,
+            interval_ns: 0.0,
+            end,
+            sent: 0,
+        }
+    }
+
+    /// What to do at `now`; call again after waiting or after the reply is in.
+    pub fn step(&mut self, now: Instant) -> Step {
+        if self.interval_ns == 0.0 {
+            return if now < self.end {
+                Step::Send { intended: now }
+            } else {
+                Step::Done
+            };
+        }
+        let offset = Duration::from_nanos((self.sent as f64 * self.interval_ns) as u64);
+        let intended = self.first + offset;
+        if intended >= self.end {
+            Step::Done
+        } else if intended > now {
+            Step::Wait(intended)
+        } else {
+            self.sent += 1;
+            Step::Send { intended }
+        }
+    }
+}
+
+/// The latency of a request that was due at `intended` and completed at `done`.
+pub fn latency(intended: Instant, done: Instant) -> Duration {
+    done.saturating_duration_since(intended)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn timed_plan_rounds_robin_after_warmup() {
+        let t0 = Instant::now();
+        // 2.5 s per target in slices of about 1 s: three slices of 833 ms each.
+        let plan = Plan::timed(t0, 2, ms(1000), ms(500), ms(2500));
+        let slice = plan.slice_len();
+        assert_eq!(slice, Duration::from_nanos(833_333_333));
+        assert_eq!(plan.slice_count(), Some(8));
+        let targets: Vec<(usize, bool)> = (0..8)
+            .map(|i| {
+                plan.slice(i)
+                    .map(|s| (s.target, s.recording))
+                    .expect("in plan")
+            })
+            .collect();
+        let order: Vec<usize> = targets.iter().map(|t| t.0).collect();
+        assert_eq!(order, [0, 1, 0, 1, 0, 1, 0, 1]);
+        assert_eq!(targets.iter().filter(|t| t.1).count(), 6);
+        assert!(!targets[0].1 && !targets[1].1 && targets[2].1);
+        assert_eq!(plan.slice(8), None);
+        assert_eq!(plan.end(), Some(t0 + slice * 8));
+
+        let at = plan.slice_at(t0 + slice * 3 + ms(1)).expect("in plan");
+        assert_eq!((at.index, at.target), (3, 1));
+        assert_eq!(at.start, t0 + slice * 3);
+        assert_eq!(plan.slice_at(t0 - ms(5)).map(|s| s.index), Some(0));
+        assert_eq!(plan.slice_at(t0 + slice * 8), None);
+    }
+
+    #[test]
+    fn next_slice_of_a_target() {
+        let plan = Plan::timed(Instant::now(), 3, ms(100), ms(0), ms(300));
+        let next = |target, from| plan.next_slice_of(target, from).map(|s| s.index);
+        assert_eq!(next(0, 0), Some(0));
+        assert_eq!(next(2, 0), Some(2));
+        assert_eq!(next(0, 1), Some(3));
+        assert_eq!(next(1, 1), Some(1));
+        assert_eq!(next(1, 2), Some(4));
+        assert_eq!(next(2, 8), Some(8));
+        assert_eq!(next(0, 7), None);
+        let warm = Plan::timed(Instant::now(), 2, ms(100), ms(100), ms(200));
+        assert_eq!(warm.recorded_slices_of(1, usize::MAX), [3, 5]);
+        assert_eq!(warm.recorded_slices_of(0, 4), [2]);
+    }
+
+    #[test]
+    fn counted_plan_never_ends() {
+        let plan = Plan::counted(Instant::now(), 2, ms(50), ms(100));
+        assert_eq!(plan.end(), None);
+        let far = plan.slice(1001).expect("no end");
+        assert_eq!((far.target, far.recording), (1, true));
+        assert!(!plan.slice(3).expect("warmup").recording);
+        assert!(plan.slice(4).expect("measured").recording);
+    }
+
+    /// Runs `pacer` against a server with the given service times on a simulated clock.
+    fn simulate(mut pacer: Pacer, t0: Instant, service: impl Fn(usize) -> Duration) -> Vec<u64> {
+        let (mut now, mut latencies) = (t0, Vec::new());
+        loop {
+            match pacer.step(now) {
+                Step::Wait(until) => now = until,
+                Step::Send { intended } => {
+                    now += service(latencies.len());
+                    latencies.push(latency(intended, now).as_millis() as u64);
+                }
+                Step::Done => return latencies,
+            }
+        }
+    }
+
+    #[test]
+    fn open_loop_charges_a_stall_to_every_request_it_delayed() {
+        let t0 = Instant::now();
+        let pacer = Pacer::open(t0, ms(10), t0 + ms(200));
+        // 1 ms replies, except that request 2 takes 55 ms.
+        let service = |k| if k == 2 { ms(55) } else { ms(1) };
+        let latencies = simulate(pacer, t0, service);
+        assert_eq!(latencies.len(), 20);
+        assert_eq!(&latencies[..10], &[1, 1, 55, 46, 37, 28, 19, 10, 1, 1]);
+
+        // Closed loop sees the stall once: the coordinated-omission mistake.
+        let closed = simulate(Pacer::closed(t0 + ms(200)), t0, service);
+        assert_eq!(closed.iter().filter(|&&l| l > 1).count(), 1);
+        assert_eq!(closed.len(), 146);
+    }
+
+    #[test]
+    fn open_loop_waits_for_the_schedule_and_stops_at_the_end() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::open(t0 + ms(5), ms(10), t0 + ms(20));
+        assert_eq!(pacer.step(t0), Step::Wait(t0 + ms(5)));
+        assert_eq!(
+            pacer.step(t0 + ms(5)),
+            Step::Send {
+                intended: t0 + ms(5)
+            }
+        );
+        assert_eq!(pacer.step(t0 + ms(6)), Step::Wait(t0 + ms(15)));
+        // Late: the request is sent at once but keeps its intended time.
+        assert_eq!(
+            pacer.step(t0 + ms(19)),
+            Step::Send {
+                intended: t0 + ms(15)
+            }
+        );
+        assert_eq!(pacer.step(t0 + ms(19)), Step::Done);
+    }
+}

@@ -1,0 +1,354 @@
+//! Results: one [`TargetReport`] per target, printed as tables or as one JSON document.
+//!
+//! JSON (`--json`), field names stable:
+//! `{"mode", "threads", "settings": {...}, "results": [{"target", "mode", "count", "errors",
+//! "first_error", "duration_s", "rate_per_s", "latency_us": {"p50","p90","p99","p999","max"},
+//! "phases": {"tcp","tls","auth","ready"} (connect), "connections_requested", "pid",
+//! "rss_bytes_before", "rss_bytes_after", "bytes_per_connection" (idle)}]}`.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::modes::idle::IdleResult;
+use crate::stats::{Latency, Phases, Summary, TargetStats};
+
+/// The whole run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// `connect`, `query` or `idle`.
+    pub mode: &'static str,
+    /// Worker threads.
+    pub threads: usize,
+    /// The mode's settings, for the record.
+    pub settings: serde_json::Value,
+    /// One per target, in command-line order.
+    pub results: Vec<TargetReport>,
+    /// One line describing the run, above the tables.
+    #[serde(skip)]
+    pub headline: String,
+}
+
+/// What one target did.
+#[derive(Debug, Serialize)]
+pub struct TargetReport {
+    /// Its name.
+    pub target: String,
+    /// The mode.
+    pub mode: &'static str,
+    /// Successful operations: connections (connect, idle) or queries (query).
+    pub count: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// The first failure, as one line.
+    pub first_error: Option<String>,
+    /// Time the target was measured (idle: time to open all connections).
+    pub duration_s: f64,
+    /// `count / duration_s`.
+    pub rate_per_s: f64,
+    /// Latency of successful operations (connect, idle: connect() to ReadyForQuery).
+    pub latency_us: Summary,
+    /// Connect mode: each setup phase on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<PhaseReport>,
+    /// Idle mode: memory.
+    #[serde(flatten)]
+    pub idle: Option<IdleReport>,
+    /// The latency histogram, for the plot.
+    #[serde(skip)]
+    pub latency: Latency,
+}
+
+/// Connection setup phases (`phases` in the JSON), each measured from the previous one's end.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PhaseReport {
+    /// connect() until TCP established.
+    pub tcp: Summary,
+    /// TCP until TLS established (0 without TLS).
+    pub tls: Summary,
+    /// TLS until AuthenticationOk.
+    pub auth: Summary,
+    /// AuthenticationOk until ReadyForQuery.
+    pub ready: Summary,
+}
+
+impl From<&Phases> for PhaseReport {
+    fn from(phases: &Phases) -> Self {
+        PhaseReport {
+            tcp: phases.tcp.summary(),
+            tls: phases.tls.summary(),
+            auth: phases.auth.summary(),
+            ready: phases.ready.summary(),
+        }
+    }
+}
+
+/// Idle mode's memory figures.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct IdleReport {
+    /// Connections asked for.
+    pub connections_requested: u64,
+    /// The process measured.
+    pub pid: Option<u32>,
+    /// Its VmRSS before, bytes.
+    pub rss_bytes_before: Option<u64>,
+    /// Its VmRSS with the connections open, bytes.
+    pub rss_bytes_after: Option<u64>,
+    /// (after - before) / connections opened.
+    pub bytes_per_connection: Option<f64>,
+}
+
+impl TargetReport {
+    /// The report of `stats` for target `name`.
+    pub fn new(name: &str, mode: &'static str, stats: TargetStats) -> TargetReport {
+        let duration_s = stats.busy_s();
+        let rate_per_s = if duration_s > 0.0 {
+            stats.count as f64 / duration_s
+        } else {
+            0.0
+        };
+        TargetReport {
+            target: name.to_owned(),
+            mode,
+            count: stats.count,
+            errors: stats.errors,
+            first_error: stats.first_error,
+            duration_s: round(duration_s, 3),
+            rate_per_s: round(rate_per_s, 1),
+            latency_us: stats.latency.summary(),
+            phases: (mode == "connect").then(|| PhaseReport::from(&stats.phases)),
+            idle: None,
+            latency: stats.latency,
+        }
+    }
+
+    /// The report of an idle-mode target.
+    pub fn idle(name: &str, requested: u64, result: IdleResult) -> TargetReport {
+        let idle = IdleReport {
+            connections_requested: requested,
+            pid: result.pid,
+            rss_bytes_before: result.rss_before,
+            rss_bytes_after: result.rss_after,
+            bytes_per_connection: result.bytes_per_connection().map(|b| round(b, 1)),
+        };
+        let mut report = TargetReport::new(name, "idle", result.stats);
+        report.idle = Some(idle);
+        report
+    }
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
+}
+
+impl Report {
+    /// The JSON document.
+    pub fn json(&self) -> String {
+        // Plain data with string keys: serialization cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The tables for a terminal.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let width = self
+            .results
+            .iter()
+            .map(|r| r.target.len())
+            .max()
+            .unwrap_or(0)
+            .max("target".len());
+        let _ = writeln!(out, "{}\n", self.headline);
+        if self.mode == "idle" {
+            self.idle_table(&mut out, width);
+        } else {
+            self.latency_table(&mut out, width);
+        }
+        if self.mode == "connect" {
+            self.phase_table(&mut out, width);
+        }
+        for r in &self.results {
+            if let Some(error) = &r.first_error {
+                let _ = writeln!(out, "\n{}: {} errors; first: {error}", r.target, r.errors);
+            }
+        }
+        out
+    }
+
+    fn latency_table(&self, out: &mut String, width: usize) {
+        let _ = writeln!(
+            out,
+            "{:<width$} {:>9} {:>7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "target", "count", "errors", "rate/s", "p50", "p90", "p99", "p99.9", "max"
+        );
+        for r in &self.results {
+            let l = &r.latency_us;
+            let _ = writeln!(
+                out,
+                "{:<width$} {:>9} {:>7} {:>12.1} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                r.target,
+                r.count,
+                r.errors,
+                r.rate_per_s,
+                us(l.p50),
+                us(l.p90),
+                us(l.p99),
+                us(l.p999),
+                us(l.max)
+            );
+        }
+    }
+
+    fn phase_table(&self, out: &mut String, width: usize) {
+        let _ = writeln!(out, "\nconnection phases, p50 / p99:");
+        let _ = writeln!(
+            out,
+            "{:<width$} {:>19} {:>19} {:>19} {:>19}",
+            "target", "tcp", "tls", "auth", "ready"
+        );
+        for r in &self.results {
+            let Some(p) = &r.phases else { continue };
+            let pair = |s: &Summary| format!("{} / {}", us(s.p50), us(s.p99));
+            let _ = writeln!(
+                out,
+                "{:<width$} {:>19} {:>19} {:>19} {:>19}",
+                r.target,
+                pair(&p.tcp),
+                pair(&p.tls),
+                pair(&p.auth),
+                pair(&p.ready)
+            );
+        }
+    }
+
+    fn idle_table(&self, out: &mut String, width: usize) {
+        let _ = writeln!(
+            out,
+            "{:<width$} {:>8} {:>7} {:>10} {:>9} {:>9} {:>11} {:>11} {:>10}",
+            "target",
+            "open",
+            "errors",
+            "open/s",
+            "setup p50",
+            "p99",
+            "rss before",
+            "rss after",
+            "bytes/conn"
+        );
+        for r in &self.results {
+            let Some(idle) = &r.idle else { continue };
+            let _ = writeln!(
+                out,
+                "{:<width$} {:>8} {:>7} {:>10.1} {:>9} {:>9} {:>11} {:>11} {:>10}",
+                r.target,
+                r.count,
+                r.errors,
+                r.rate_per_s,
+                us(r.latency_us.p50),
+                us(r.latency_us.p99),
+                idle.rss_bytes_before.map_or("-".into(), bytes),
+                idle.rss_bytes_after.map_or("-".into(), bytes),
+                idle.bytes_per_connection
+                    .map_or("-".into(), |b| format!("{b:.0}")),
+            );
+        }
+    }
+}
+
+/// A latency in microseconds, in the unit that reads best.
+fn us(value: f64) -> String {
+    if value < 100.0 {
+        format!("{value:.1}µs")
+    } else if value < 1_000.0 {
+        format!("{value:.0}µs")
+    } else if value < 1_000_000.0 {
+        format!("{:.2}ms", value / 1_000.0)
+    } else {
+        format!("{:.2}s", value / 1_000_000.0)
+    }
+}
+
+/// A byte count in binary units.
+fn bytes(value: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = value as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn stats(count: u64, busy_ms: u64) -> TargetStats {
+        let mut stats = TargetStats {
+            count,
+            ..TargetStats::default()
+        };
+        for _ in 0..count {
+            stats.latency.record(Duration::from_micros(250));
+            stats.phases.tls.record(Duration::from_micros(120));
+        }
+        stats.busy(0, Duration::from_millis(busy_ms));
+        stats
+    }
+
+    #[test]
+    fn rates_and_json_field_names() {
+        let report = Report {
+            mode: "connect",
+            threads: 2,
+            settings: serde_json::json!({"max": true}),
+            results: vec![TargetReport::new("bg", "connect", stats(500, 2000))],
+            headline: "connect".into(),
+        };
+        assert_eq!(report.results[0].rate_per_s, 250.0);
+        let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
+        let r = &json["results"][0];
+        assert_eq!(r["target"], "bg");
+        assert_eq!(r["count"], 500);
+        assert_eq!(r["duration_s"], 2.0);
+        let close = |v: &serde_json::Value, want: f64| {
+            let got = v.as_f64().expect("a number");
+            assert!((got - want).abs() <= want * 0.001, "{got} vs {want}");
+        };
+        close(&r["latency_us"]["p50"], 250.0);
+        close(&r["latency_us"]["p999"], 250.0);
+        close(&r["phases"]["tls"]["p99"], 120.0);
+        assert!(r["first_error"].is_null());
+        assert!(r.get("rss_bytes_before").is_none());
+        assert!(report.table().contains("250µs"), "{}", report.table());
+    }
+
+    #[test]
+    fn idle_fields() {
+        let result = IdleResult {
+            stats: stats(1000, 500),
+            pid: Some(7),
+            rss_before: Some(1 << 20),
+            rss_after: Some((1 << 20) + 4_096_000),
+        };
+        let report = TargetReport::idle("bg", 1000, result);
+        let json = serde_json::to_value(&report).expect("serializes");
+        assert_eq!(json["bytes_per_connection"], 4096.0);
+        assert_eq!(json["rss_bytes_before"], 1 << 20);
+        assert_eq!(json["connections_requested"], 1000);
+        assert!(json.get("phases").is_none());
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(us(45.25), "45.2µs");
+        assert_eq!(us(450.0), "450µs");
+        assert_eq!(us(4_500.0), "4.50ms");
+        assert_eq!(us(4_500_000.0), "4.50s");
+        assert_eq!(bytes(512), "512.0 B");
+        assert_eq!(bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+}

@@ -1,0 +1,345 @@
+//! One run: check the arguments, raise the open-file limit, make sure every target answers,
+//! measure, report.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cli::{Cli, ConnectArgs, IdleArgs, ModeArgs, QueryArgs};
+use crate::client::query::{Outcome as QueryOutcome, Protocol, Request};
+use crate::client::ClientError;
+use crate::modes::connect::{self, ConnectSettings, Limit, Pace};
+use crate::modes::idle::{self, IdleError, IdleSettings};
+use crate::modes::query::{self, QueryPace, QuerySettings};
+use crate::modes::Local;
+use crate::report::{Report, TargetReport};
+use crate::runtime::{self, Counters, RuntimeError};
+use crate::settings::{load_queries, pid_sources, Common, UsageError};
+use crate::{plot, sys};
+
+/// `connect --duration` when neither a duration nor a count is given.
+const DEFAULT_CONNECT_DURATION: Duration = Duration::from_secs(10);
+/// Above this many connections from one source address, ephemeral ports may run out.
+const ONE_SOURCE_CONNECTIONS: usize = 25_000;
+
+/// Why a run failed. [`Error::exit_code`] is 2 for bad arguments, 1 otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bad argument.
+    #[error("{0}")]
+    Usage(#[from] UsageError),
+    /// A target did not accept a connection before the run.
+    #[error("target '{target}' ({addr}): {error}")]
+    Unreachable {
+        /// Its name.
+        target: String,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        error: ClientError,
+    },
+    /// A statement of the query file failed on a target before the run.
+    #[error("target '{target}': query '{query}' failed: {message}")]
+    QueryFailed {
+        /// The target.
+        target: String,
+        /// The statement.
+        query: String,
+        /// The server's error.
+        message: String,
+    },
+    /// The worker threads failed.
+    #[error("{0}")]
+    Runtime(#[from] RuntimeError),
+    /// Idle mode could not read the process's memory.
+    #[error("{0}")]
+    Idle(#[from] IdleError),
+    /// The plot could not be written.
+    #[error("cannot write plot {path}: {source}")]
+    Plot {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A finished run.
+#[derive(Debug)]
+pub struct Outcome {
+    /// What was measured.
+    pub report: Report,
+    /// Tables or JSON, as asked.
+    pub output: String,
+    /// `--strict` and some operation failed.
+    pub failed: bool,
+}
+
+/// Runs the command line's measurement.
+pub fn run(cli: Cli) -> Result<Outcome, Error> {
+    let (common, report) = match cli.mode {
+        ModeArgs::Connect(args) => run_connect(args)?,
+        ModeArgs::Query(args) => run_query(args)?,
+        ModeArgs::Idle(args) => run_idle(args)?,
+    };
+    if let Some(path) = &common.plot {
+        let title = format!("{} latency by percentile", report.mode);
+        let series: Vec<(&str, &crate::stats::Latency)> = report
+            .results
+            .iter()
+            .map(|r| (r.target.as_str(), &r.latency))
+            .collect();
+        plot::write(path, &title, &series).map_err(|source| Error::Plot {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let output = if common.json {
+        report.json()
+    } else {
+        report.table()
+    };
+    let failed = common.strict && report.results.iter().any(|r| r.errors > 0);
+    Ok(Outcome {
+        report,
+        output,
+        failed,
+    })
+}
+
+fn run_connect(args: ConnectArgs) -> Result<(Arc<Common>, Report), Error> {
+    let common = Arc::new(Common::from_args(args.common)?);
+    let pace = match args.rate {
+        Some(rate) => Pace::Rate(rate),
+        None => Pace::Max,
+    };
+    let limit = match (args.count, args.duration) {
+        (Some(count), _) => Limit::Count(count.get()),
+        (None, duration) => Limit::Duration(duration.unwrap_or(DEFAULT_CONNECT_DURATION)),
+    };
+    let settings = ConnectSettings {
+        pace,
+        concurrency: args.concurrency.get(),
+        limit,
+        warmup: args.warmup,
+        slice: args.slice,
+    };
+    prepare(&common, settings.concurrency, None)?;
+    let stats = connect::run(common.clone(), settings)?;
+    let (pace_text, rate) = match pace {
+        Pace::Max => (format!("--max, {} in flight", settings.concurrency), None),
+        Pace::Rate(rate) => (format!("{rate}/s"), Some(rate)),
+    };
+    let (limit_text, duration_s, count) = match limit {
+        Limit::Duration(d) => (
+            format!("{} per target", secs(d)),
+            Some(d.as_secs_f64()),
+            None,
+        ),
+        Limit::Count(n) => (format!("{n} per target"), None, Some(n)),
+    };
+    let report = Report {
+        mode: "connect",
+        threads: common.threads,
+        settings: json!({
+            "max": pace == Pace::Max, "rate": rate, "concurrency": settings.concurrency,
+            "duration_s": duration_s, "count": count, "warmup_s": args.warmup.as_secs_f64(),
+            "slice_s": args.slice.as_secs_f64(), "timeout_s": common.timeout.as_secs_f64(),
+        }),
+        headline: format!(
+            "connect: {pace_text}, {limit_text}, {} threads, targets interleaved in {} slices",
+            common.threads,
+            secs(args.slice)
+        ),
+        results: reports(&common, "connect", stats),
+    };
+    Ok((common, report))
+}
+
+fn run_query(args: QueryArgs) -> Result<(Arc<Common>, Report), Error> {
+    let common = Arc::new(Common::from_args(args.common)?);
+    let queries = load_queries(args.query_file.as_deref())?;
+    let pace = match args.rate {
+        Some(rate) => QueryPace::Rate(rate),
+        None => QueryPace::Closed,
+    };
+    let connections = args.connections.get();
+    prepare(
+        &common,
+        connections * common.targets.len(),
+        Some((&queries, args.protocol)),
+    )?;
+    let settings = QuerySettings {
+        connections,
+        pace,
+        protocol: args.protocol,
+        queries,
+        duration: args.duration,
+        warmup: args.warmup,
+        slice: args.slice,
+    };
+    let query_count = settings.queries.len();
+    let stats = query::run(common.clone(), settings)?;
+    let (pace_text, rate) = match pace {
+        QueryPace::Closed => ("closed loop".to_owned(), None),
+        QueryPace::Rate(rate) => (format!("{rate}/s open loop"), Some(rate)),
+    };
+    let report = Report {
+        mode: "query",
+        threads: common.threads,
+        settings: json!({
+            "connections": connections, "closed": rate.is_none(), "rate": rate,
+            "protocol": args.protocol.as_str(), "queries": query_count,
+            "duration_s": args.duration.as_secs_f64(), "warmup_s": args.warmup.as_secs_f64(),
+            "slice_s": args.slice.as_secs_f64(), "timeout_s": common.timeout.as_secs_f64(),
+        }),
+        headline: format!(
+            "query: {connections} connections per target, {pace_text}, {} protocol, {} per target \
+             (+{} warmup), {} threads, targets interleaved in {} slices",
+            args.protocol.as_str(),
+            secs(args.duration),
+            secs(args.warmup),
+            common.threads,
+            secs(args.slice)
+        ),
+        results: reports(&common, "query", stats),
+    };
+    Ok((common, report))
+}
+
+fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
+    let common = Arc::new(Common::from_args(args.common)?);
+    let pids = pid_sources(&common.targets, &args.pid, &args.pid_file)?;
+    let connections = args.connections.get();
+    prepare(&common, connections, None)?;
+    if common.source_ips.is_empty() && connections > ONE_SOURCE_CONNECTIONS && !common.quiet {
+        eprintln!(
+            "note: {connections} connections from one source address may run out of ports; \
+             spread them with --source-ips 127.0.0.2-127.0.0.250"
+        );
+    }
+    let settings = IdleSettings {
+        connections,
+        concurrency: args.concurrency.get(),
+        pids,
+        hold: args.hold,
+        settle: args.settle,
+    };
+    let results = idle::run(common.clone(), settings)?;
+    let report = Report {
+        mode: "idle",
+        threads: common.threads,
+        settings: json!({
+            "connections": connections, "concurrency": args.concurrency.get(),
+            "hold_s": args.hold.as_secs_f64(), "settle_s": args.settle.as_secs_f64(),
+            "source_ips": common.source_ips.len(), "timeout_s": common.timeout.as_secs_f64(),
+        }),
+        headline: format!(
+            "idle: {connections} connections per target, held {}, {} threads, targets one after another",
+            secs(args.hold),
+            common.threads
+        ),
+        results: common
+            .targets
+            .iter()
+            .zip(results)
+            .map(|(t, r)| TargetReport::idle(&t.name, connections as u64, r))
+            .collect(),
+    };
+    Ok((common, report))
+}
+
+fn reports(
+    common: &Common,
+    mode: &'static str,
+    stats: Vec<crate::stats::TargetStats>,
+) -> Vec<TargetReport> {
+    common
+        .targets
+        .iter()
+        .zip(stats)
+        .map(|(target, stats)| TargetReport::new(&target.name, mode, stats))
+        .collect()
+}
+
+fn secs(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Raises the open-file limit for `connections` and checks that every target answers (and,
+/// in query mode, runs every statement).
+fn prepare(
+    common: &Arc<Common>,
+    connections: usize,
+    queries: Option<(&[String], Protocol)>,
+) -> Result<(), Error> {
+    let wanted = connections as u64 + sys::SPARE_DESCRIPTORS;
+    match sys::raise_nofile(wanted) {
+        Ok(limit) if limit.now < wanted && !common.quiet => eprintln!(
+            "note: open-file limit is {} (hard limit), {connections} connections need about {wanted}; \
+             expect 'Too many open files' errors",
+            limit.now
+        ),
+        Ok(limit) if limit.now > limit.before && !common.quiet && connections > 1_000 => {
+            eprintln!("note: raised the open-file limit from {} to {}", limit.before, limit.now)
+        }
+        Ok(_) => {}
+        Err(error) if !common.quiet => eprintln!("note: cannot raise the open-file limit: {error}"),
+        Err(_) => {}
+    }
+    let common = common.clone();
+    let queries: Option<(Vec<String>, Protocol)> = queries.map(|(q, p)| (q.to_vec(), p));
+    runtime::block_on(probe(common, queries)).map_err(RuntimeError::Start)?
+}
+
+async fn probe(common: Arc<Common>, queries: Option<(Vec<String>, Protocol)>) -> Result<(), Error> {
+    let local = Local::new(common.clone(), Arc::new(Counters::default()), 0)
+        .map_err(RuntimeError::Start)?;
+    for (index, target) in common.targets.iter().enumerate() {
+        let unreachable = |error| Error::Unreachable {
+            target: target.name.clone(),
+            addr: target.addr,
+            error,
+        };
+        let (mut conn, _) = local.connect(index).await.map_err(unreachable)?;
+        let Some((queries, protocol)) = &queries else {
+            conn.terminate().await;
+            continue;
+        };
+        for (k, sql) in queries.iter().enumerate() {
+            let mut request = match protocol {
+                Protocol::Simple => Request::simple(sql),
+                Protocol::Extended => {
+                    let name = format!("probe{k}");
+                    conn.prepare(&name, sql).await.map_err(unreachable)?;
+                    Request::prepared(&name)
+                }
+            };
+            let outcome = monoio::time::timeout(common.timeout, conn.run(&mut request))
+                .await
+                .map_err(|_| unreachable(ClientError::Timeout))?
+                .map_err(unreachable)?;
+            if let QueryOutcome::Failed(message) = outcome {
+                return Err(Error::QueryFailed {
+                    target: target.name.clone(),
+                    query: sql.clone(),
+                    message,
+                });
+            }
+        }
+        conn.terminate().await;
+    }
+    Ok(())
+}

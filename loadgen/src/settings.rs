@@ -1,0 +1,276 @@
+//! Checked settings: the command line with its URLs parsed, hosts resolved, files read.
+//! A [`Common`] that exists is usable; every problem is a [`UsageError`] (exit status 2).
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::cli::{CommonArgs, PidSpec};
+use crate::dist::BranchPicker;
+use crate::target::{Target, TargetError};
+
+/// The query when no `--query-file` is given.
+pub const DEFAULT_QUERY: &str = "SELECT 1";
+
+/// A bad argument, found after clap's syntax checks.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    /// A `--target` is not usable.
+    #[error("target '{name}': {error}")]
+    Target {
+        /// The target's name (or the whole argument if it has none).
+        name: String,
+        /// Why.
+        error: TargetError,
+    },
+    /// Two `--target`s share a name.
+    #[error("two targets are named '{0}'")]
+    DuplicateTarget(String),
+    /// A user name has `{branch}` but there are no branches to put there.
+    #[error("target '{0}' has {{branch}} in its user name but --branches is empty")]
+    NoBranches(String),
+    /// The query file could not be read.
+    #[error("cannot read query file {path}: {source}")]
+    QueryFile {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The query file has no statement.
+    #[error("query file {0} has no statements")]
+    EmptyQueryFile(String),
+    /// `--pid NAME=...` names no target.
+    #[error("--pid/--pid-file names unknown target '{0}'")]
+    UnknownPidTarget(String),
+    /// `--pid` is not a number.
+    #[error("--pid '{0}' is not a process id")]
+    BadPid(String),
+}
+
+/// Settings every mode uses.
+#[derive(Debug)]
+pub struct Common {
+    /// The targets, in command-line order.
+    pub targets: Vec<Target>,
+    /// Branch choice for `{branch}`.
+    pub branches: BranchPicker,
+    /// Worker threads.
+    pub threads: usize,
+    /// Source addresses to bind, round robin (empty: the kernel chooses).
+    pub source_ips: Vec<IpAddr>,
+    /// Limit per connection setup and per query.
+    pub timeout: Duration,
+    /// JSON output.
+    pub json: bool,
+    /// SVG plot path.
+    pub plot: Option<PathBuf>,
+    /// No progress bar.
+    pub quiet: bool,
+    /// Exit 1 on any error.
+    pub strict: bool,
+}
+
+impl Common {
+    /// Parses and checks the shared arguments.
+    pub fn from_args(args: CommonArgs) -> Result<Common, UsageError> {
+        let mut targets: Vec<Target> = Vec::with_capacity(args.targets.len());
+        for spec in &args.targets {
+            let target =
+                Target::parse(spec).map_err(|(name, error)| UsageError::Target { name, error })?;
+            if targets.iter().any(|t| t.name == target.name) {
+                return Err(UsageError::DuplicateTarget(target.name));
+            }
+            if target.has_branch_placeholder() && args.branches.is_empty() {
+                return Err(UsageError::NoBranches(target.name));
+            }
+            targets.push(target);
+        }
+        let threads = match args.threads {
+            Some(n) => n.get(),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Ok(Common {
+            targets,
+            branches: BranchPicker::new(args.branches, args.branch_dist),
+            threads,
+            source_ips: args.source_ips.map(|s| s.0).unwrap_or_default(),
+            timeout: args.timeout,
+            json: args.json,
+            plot: args.plot,
+            quiet: args.quiet,
+            strict: args.strict,
+        })
+    }
+
+    /// A branch for a new connection.
+    pub fn pick_branch(&self, rng: &mut impl Rng) -> Option<&str> {
+        self.branches.pick(rng)
+    }
+
+    /// The source address of the `n`-th connection, if `--source-ips` was given.
+    pub fn source_ip(&self, n: usize) -> Option<IpAddr> {
+        match self.source_ips.len() {
+            0 => None,
+            len => Some(self.source_ips[n % len]),
+        }
+    }
+}
+
+/// The statements of `--query-file` (one per line; blank lines and `--` comments skipped), or
+/// the default query.
+pub fn load_queries(path: Option<&Path>) -> Result<Vec<String>, UsageError> {
+    let Some(path) = path else {
+        return Ok(vec![DEFAULT_QUERY.to_owned()]);
+    };
+    let text = fs::read_to_string(path).map_err(|source| UsageError::QueryFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let queries: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("--"))
+        .map(str::to_owned)
+        .collect();
+    if queries.is_empty() {
+        return Err(UsageError::EmptyQueryFile(path.display().to_string()));
+    }
+    Ok(queries)
+}
+
+/// Where a target's process id comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PidSource {
+    /// This pid.
+    Pid(u32),
+    /// The first line of this file, read when the target is measured.
+    File(PathBuf),
+}
+
+/// The process to measure for each target: a named `--pid`/`--pid-file` wins over one for all.
+pub fn pid_sources(
+    targets: &[Target],
+    pids: &[PidSpec],
+    pid_files: &[PidSpec],
+) -> Result<Vec<Option<PidSource>>, UsageError> {
+    let mut specs = Vec::with_capacity(pids.len() + pid_files.len());
+    for spec in pids {
+        let pid = spec
+            .value
+            .parse()
+            .map_err(|_| UsageError::BadPid(spec.value.clone()))?;
+        specs.push((spec.target.as_deref(), PidSource::Pid(pid)));
+    }
+    for spec in pid_files {
+        let source = PidSource::File(PathBuf::from(&spec.value));
+        specs.push((spec.target.as_deref(), source));
+    }
+    for (name, _) in &specs {
+        if let Some(name) = name {
+            if !targets.iter().any(|t| t.name == *name) {
+                return Err(UsageError::UnknownPidTarget((*name).to_owned()));
+            }
+        }
+    }
+    Ok(targets
+        .iter()
+        .map(|target| {
+            let named = specs.iter().find(|(n, _)| *n == Some(target.name.as_str()));
+            let any = specs.iter().find(|(n, _)| n.is_none());
+            named.or(any).map(|(_, source)| source.clone())
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn common(args: &str) -> Result<Common, UsageError> {
+        let argv = ["branchgate-loadgen", "connect", "--max"]
+            .into_iter()
+            .chain(args.split(' '));
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("clap accepts it");
+        let crate::cli::ModeArgs::Connect(args) = cli.mode else {
+            panic!("connect")
+        };
+        Common::from_args(args.common)
+    }
+
+    #[test]
+    fn checks_targets() {
+        let ok = common(
+            "--target a=postgres://u@127.0.0.1 --threads 3 --source-ips 127.0.0.2-127.0.0.3",
+        )
+        .expect("valid");
+        assert_eq!((ok.targets.len(), ok.threads), (1, 3));
+        assert_eq!(ok.source_ip(3), Some(IpAddr::from([127, 0, 0, 3])));
+        let messages = [
+            (
+                "--target a=postgres://u@127.0.0.1 --target a=postgres://v@127.0.0.1",
+                "two targets are named 'a'",
+            ),
+            (
+                "--target a=postgres://{branch}@127.0.0.1",
+                "target 'a' has {branch} in its user name but --branches is empty",
+            ),
+            (
+                "--target a=mysql://u@h",
+                "target 'a': URL must start with postgres:// or postgresql://",
+            ),
+            (
+                "--target postgres://u@h",
+                "target 'postgres://u@h': expected NAME=URL",
+            ),
+        ];
+        for (args, message) in messages {
+            let error = common(args).expect_err(args);
+            assert_eq!(error.to_string(), message);
+        }
+    }
+
+    #[test]
+    fn query_files() {
+        assert_eq!(load_queries(None).expect("default"), [DEFAULT_QUERY]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("q.sql");
+        fs::write(&path, "SELECT 1\n\n-- comment\n  SELECT 2  \n").expect("write");
+        assert_eq!(
+            load_queries(Some(&path)).expect("read"),
+            ["SELECT 1", "SELECT 2"]
+        );
+        fs::write(&path, "\n-- nothing\n").expect("write");
+        assert!(matches!(
+            load_queries(Some(&path)),
+            Err(UsageError::EmptyQueryFile(_))
+        ));
+        assert!(matches!(
+            load_queries(Some(&dir.path().join("missing"))),
+            Err(UsageError::QueryFile { .. })
+        ));
+    }
+
+    #[test]
+    fn pids_per_target() {
+        let c = common("--target a=postgres://u@127.0.0.1 --target b=postgres://u@127.0.0.1")
+            .expect("valid");
+        let spec = |s: &str| s.parse::<PidSpec>().expect("spec");
+        let got = pid_sources(&c.targets, &[spec("7"), spec("b=8")], &[]).expect("valid");
+        assert_eq!(got, [Some(PidSource::Pid(7)), Some(PidSource::Pid(8))]);
+        let got = pid_sources(&c.targets, &[], &[spec("a=/run/a.pid")]).expect("valid");
+        assert_eq!(got, [Some(PidSource::File("/run/a.pid".into())), None]);
+        assert!(matches!(
+            pid_sources(&c.targets, &[spec("c=1")], &[]),
+            Err(UsageError::UnknownPidTarget(_))
+        ));
+        assert!(matches!(
+            pid_sources(&c.targets, &[spec("x")], &[]),
+            Err(UsageError::BadPid(_))
+        ));
+    }
+}
