@@ -32,9 +32,19 @@ pub fn cancel_local(worker: &Rc<Worker>, key: CancelKey) -> bool {
     };
     let addr = session.backend_addr;
     let backend = session.backend_key;
+    let timeout = worker.shared.config.timeouts.connect;
     monoio::spawn(async move {
-        if let Err(error) = crate::backend::cancel(addr, backend.pid, backend.secret).await {
-            tracing::warn!(%addr, %error, "sending cancel request to backend failed");
+        let sent = monoio::time::timeout(
+            timeout,
+            crate::backend::cancel(addr, backend.pid, backend.secret),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => tracing::debug!(%addr, pid = backend.pid, "cancel request sent"),
+            Ok(Err(error)) => {
+                tracing::warn!(%addr, %error, "sending cancel request to backend failed")
+            }
+            Err(_) => tracing::warn!(%addr, "cancel request to backend timed out"),
         }
     });
     true
