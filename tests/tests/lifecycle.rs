@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use branchgate::auth::verifier::ScramVerifier;
 use branchgate::catalog::CatalogError;
+use branchgate::config::TomlError;
 use branchgate::role::{self, Mode, RoleArgs};
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
 use branchgate_e2e::raw::{request, SSL_REQUEST_CODE};
@@ -468,7 +469,7 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
 
     router.write_catalog("[[branch]]\nid = \"b1\"\nprimary = \n");
     match router.reload() {
-        Err(CatalogError::Parse { line, .. }) => assert_eq!(line, 3),
+        Err(CatalogError::Toml(TomlError::Parse { line, .. })) => assert_eq!(line, 3),
         other => panic!("invalid TOML must be a parse error, got {other:?}"),
     }
     works("after invalid TOML");
@@ -476,7 +477,7 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
     let bad = BranchSpec::new("b1", pg.addr()).role("app3", "SCRAM-SHA-256$4096:bm90LWJhc2U2NA");
     router.write_catalog(&catalog_toml(&[bad]));
     match router.reload() {
-        Err(CatalogError::Invalid { message, .. }) => {
+        Err(CatalogError::Toml(TomlError::Invalid { message, .. })) => {
             assert!(message.contains("invalid SCRAM verifier"), "{message}")
         }
         other => panic!("a bad verifier must be rejected, got {other:?}"),
