@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{share, Local};
+use super::{millis, share, Local};
 use crate::plan::{Pacer, Plan, Slice, Step};
 use crate::progress::Progress;
 use crate::runtime::{self, join_all, Counters, Gate, RuntimeError};
@@ -138,10 +138,6 @@ pub fn run(
     Ok(merged)
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {
     let local = Rc::new(Local::new(
         shared.common.clone(),
@@ -161,11 +157,7 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<Target
             paced(&shared, &local, rate, thread, places).await;
         }
     }
-    Ok(match Rc::try_unwrap(local) {
-        Ok(local) => local.into_stats(),
-        // Every task holding a clone has been awaited; this is unreachable in practice.
-        Err(local) => local.stats.borrow().clone(),
-    })
+    Ok(Local::finish(local))
 }
 
 /// One closed-loop slot: a connection to whichever target runs, again and again.

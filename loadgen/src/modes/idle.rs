@@ -180,11 +180,7 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<Target
     for conn in conns {
         conn.terminate().await;
     }
-    Ok(match Rc::try_unwrap(local) {
-        Ok(local) => local.into_stats(),
-        // Every task holding a clone has been awaited; this is unreachable in practice.
-        Err(local) => local.stats.borrow().clone(),
-    })
+    Ok(Local::finish(local))
 }
 
 async fn open(local: &Local, target: usize, start: Instant) -> Option<Conn> {

@@ -12,6 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use branchgate::auth::scram::SaltedPasswordCache;
 
@@ -86,6 +87,20 @@ impl Local {
     pub fn into_stats(self) -> Vec<TargetStats> {
         self.stats.into_inner()
     }
+
+    /// The stats of a thread whose tasks have all been awaited.
+    pub fn finish(local: Rc<Local>) -> Vec<TargetStats> {
+        match Rc::try_unwrap(local) {
+            Ok(local) => local.into_stats(),
+            // Every task holding a clone has been awaited; this is unreachable in practice.
+            Err(local) => local.stats.borrow().clone(),
+        }
+    }
+}
+
+/// Whole milliseconds of `d`, for progress bars (saturating).
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// This thread's share of `total` when it is split over `threads` threads.

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Local;
+use super::{millis, Local};
 use crate::client::query::{Outcome, Protocol, Request};
 use crate::client::{ClientError, Conn};
 use crate::plan::{latency, Pacer, Plan, Step};
@@ -149,10 +149,6 @@ impl Shared {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {
     let local = Rc::new(Local::new(
         shared.common.clone(),
@@ -192,11 +188,7 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<Target
         })
         .collect();
     join_all(driving).await;
-    Ok(match Rc::try_unwrap(local) {
-        Ok(local) => local.into_stats(),
-        // Every task holding a clone has been awaited; this is unreachable in practice.
-        Err(local) => local.stats.borrow().clone(),
-    })
+    Ok(Local::finish(local))
 }
 
 /// Opens one connection and prepares the statements (extended protocol).
