@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{millis, share, Local};
+use super::{millis, progress_line, share, Local};
 use crate::plan::{Pacer, Plan, Slice, Step};
 use crate::progress::Progress;
 use crate::runtime::{self, join_all, Counters, Gate, RuntimeError};
@@ -121,10 +121,7 @@ pub fn run(
                 Limit::Duration(_) => millis(now.saturating_duration_since(start)),
             };
             progress.update(pos, || {
-                let name = plan
-                    .slice_at(now)
-                    .map_or("", |s| common.targets[s.target].name.as_str());
-                format!("{name}: {done} connections, {errors} errors")
+                progress_line(&plan, &common, now, (done, errors), "connections")
             });
         },
     )?;

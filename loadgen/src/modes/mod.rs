@@ -12,11 +12,12 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use branchgate::auth::scram::SaltedPasswordCache;
 
 use crate::client::{self, ClientError, Conn, ConnectOptions, Timings};
+use crate::plan::Plan;
 use crate::runtime::Counters;
 use crate::settings::Common;
 use crate::stats::TargetStats;
@@ -96,6 +97,20 @@ impl Local {
             Err(local) => local.stats.borrow().clone(),
         }
     }
+}
+
+/// The progress line while `plan` runs: the current target and the counts so far.
+pub fn progress_line(
+    plan: &Plan,
+    common: &Common,
+    now: Instant,
+    (done, errors): (u64, u64),
+    what: &str,
+) -> String {
+    let name = plan
+        .slice_at(now)
+        .map_or("", |s| common.targets[s.target].name.as_str());
+    format!("{name}: {done} {what}, {errors} errors")
 }
 
 /// Whole milliseconds of `d`, for progress bars (saturating).

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{millis, Local};
+use super::{millis, progress_line, Local};
 use crate::client::query::{Outcome, Protocol, Request};
 use crate::client::{ClientError, Conn};
 use crate::plan::{latency, Pacer, Plan, Step};
@@ -118,10 +118,7 @@ pub fn run(common: Arc<Common>, settings: QuerySettings) -> Result<Vec<TargetSta
             };
             let elapsed = millis(now.saturating_duration_since(plan.start()));
             progress.update(elapsed, || {
-                let name = plan
-                    .slice_at(now)
-                    .map_or("", |s| common.targets[s.target].name.as_str());
-                format!("{name}: {done} queries, {errors} errors")
+                progress_line(&plan, &common, now, (done, errors), "queries")
             });
         },
     )?;

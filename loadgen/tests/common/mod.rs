@@ -13,7 +13,10 @@ pub struct Setup {
     /// The router's certificates.
     pub certs: Certs,
     /// The primary.
-    #[allow(dead_code, reason = "each test binary compiles this; only some read the server")]
+    #[allow(
+        dead_code,
+        reason = "each test binary compiles this; only some read the server"
+    )]
     pub pg: PgServer,
 }
 
