@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use rustls_pki_types::{InvalidDnsNameError, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -16,6 +17,10 @@ use tokio_rustls::TlsConnector;
 
 /// Worker threads of the runtime [`block_on`] builds.
 const RUNTIME_THREADS: usize = 2;
+/// How long a query may take to show up as active in pg_stat_activity.
+const ACTIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between pg_stat_activity polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// `MakeTlsConnect` for tokio-rustls; remembers the ALPN protocol of the last handshake.
 #[derive(Clone)]
@@ -162,4 +167,26 @@ pub fn assert_db_error(error: &tokio_postgres::Error, code: &SqlState, text: &st
         .unwrap_or_else(|| panic!("expected a database error {code:?}, got: {error}"));
     assert_eq!(db.code(), code, "{db:?}");
     assert!(db.message().contains(text), "{db:?}");
+}
+
+/// Polls (through `watcher`) until backend `pid` runs `query`.
+pub async fn wait_active(watcher: &Client, pid: i32, query: &str) {
+    let deadline = Instant::now() + ACTIVE_TIMEOUT;
+    loop {
+        let row = watcher
+            .query_opt(
+                "SELECT state FROM pg_stat_activity WHERE pid = $1 AND query = $2",
+                &[&pid, &query],
+            )
+            .await
+            .expect("read pg_stat_activity");
+        if row.is_some_and(|r| r.get::<_, Option<&str>>(0) == Some("active")) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend {pid} did not start `{query}` within {ACTIVE_TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
 }

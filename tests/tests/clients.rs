@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use branchgate_e2e::certs::ALPN_POSTGRESQL;
 use branchgate_e2e::pg::quote_ident;
 use branchgate_e2e::raw::cancel_request;
-use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, MakeRustls};
+use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, wait_active, MakeRustls};
 use branchgate_e2e::tools::{psql_command, psql_output};
 use branchgate_e2e::tp_cancel::cancel_key;
 use branchgate_e2e::{
@@ -40,7 +40,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CANCEL_BOUND: Duration = Duration::from_secs(10);
 /// How long a query may take to show up as active in pg_stat_activity.
 const ACTIVE_TIMEOUT: Duration = Duration::from_secs(10);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Connections per cancel test: each lands on one of the router's two workers by its source
 /// port, and so does each cancel connection, so several rounds cover the cross-worker path.
 const CANCEL_ROUNDS: usize = 6;
@@ -169,28 +168,6 @@ impl Fixture {
 
 const NEGOTIATIONS: [TpNegotiation; 2] = [TpNegotiation::Postgres, TpNegotiation::Direct];
 
-/// Polls (through `watcher`) until backend `pid` runs `query`.
-async fn wait_active(watcher: &Client, pid: i32, query: &str) {
-    let deadline = Instant::now() + ACTIVE_TIMEOUT;
-    loop {
-        let row = watcher
-            .query_opt(
-                "SELECT state FROM pg_stat_activity WHERE pid = $1 AND query = $2",
-                &[&pid, &query],
-            )
-            .await
-            .expect("read pg_stat_activity");
-        if row.is_some_and(|r| r.get::<_, Option<&str>>(0) == Some("active")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backend {pid} did not start `{query}` within {ACTIVE_TIMEOUT:?}"
-        );
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
 /// Sends a plaintext CancelRequest on a new TCP connection and waits for the router to close it
 /// (it answers nothing, like PostgreSQL).
 async fn raw_cancel(pid: i32, secret: u32) {
@@ -208,95 +185,19 @@ async fn raw_cancel(pid: i32, secret: u32) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// psycopg scripts
+// psycopg scripts (argv[1] is the connection string)
 
-const PSYCOPG_WHO: &str = r#"
-import sys, psycopg
-with psycopg.connect(sys.argv[1], autocommit=True) as conn:
-    user, recovery, pid, port = conn.execute(
-        "select current_user, pg_is_in_recovery(), pg_backend_pid(), inet_server_port()"
-    ).fetchone()
-    assert conn.info.backend_pid > 0
-    print(user, recovery, port, pid == conn.info.backend_pid, conn.pgconn.ssl_in_use)
-"#;
+/// Prints the user, whether in recovery, the server port, whether the pids agree, and TLS use.
+const PSYCOPG_WHO: &str = include_str!("clients/who.py");
 
-const PSYCOPG_SESSION: &str = r#"
-import sys, psycopg
-from psycopg.pq import TransactionStatus
-dsn = sys.argv[1]
-with psycopg.connect(dsn, autocommit=True) as a, psycopg.connect(dsn, autocommit=True) as b:
-    a.execute("create temp table session_items (x int)")
-    a.execute("insert into session_items values (1), (2)")
-    print("temp", a.execute("select count(*) from session_items").fetchone()[0])
-    try:
-        b.execute("select count(*) from session_items")
-        print("other session sees the temp table")
-    except psycopg.Error as e:
-        print("other", e.sqlstate)
-    a.execute("set search_path = pg_temp, public")
-    a.execute("set work_mem = '7MB'")
-    a.execute("select 1")
-    print("search_path", a.execute("show search_path").fetchone()[0])
-    print("work_mem", a.execute("show work_mem").fetchone()[0])
-    a.execute("listen clients_chan")
-    b_sql_pid = b.execute("select pg_backend_pid()").fetchone()[0]
-    b.execute("notify clients_chan, 'hello from b'")
-    for n in a.notifies(timeout=10, stop_after=1):
-        print("notify", n.channel, repr(n.payload), n.pid == b.info.backend_pid,
-              n.pid == b_sql_pid, n.pid != a.info.backend_pid)
-    a.execute("begin")
-    print("status", a.info.transaction_status == TransactionStatus.INTRANS)
-    for i in range(50):
-        a.execute("insert into session_items values (%s)", (i,))
-    print("inside", a.execute("select count(*) from session_items").fetchone()[0])
-    a.execute("rollback")
-    print("status", a.info.transaction_status == TransactionStatus.IDLE)
-    print("after", a.execute("select count(*) from session_items").fetchone()[0])
-"#;
+/// Temp tables, SET, LISTEN/NOTIFY and a rolled-back transaction across two sessions.
+const PSYCOPG_SESSION: &str = include_str!("clients/session.py");
 
-const PSYCOPG_TERMINATE: &str = r#"
-import sys, psycopg
-with psycopg.connect(sys.argv[1], autocommit=True) as conn:
-    pid = conn.info.backend_pid
-    print(pid)
-    print("pids agree", conn.execute("select pg_backend_pid()").fetchone()[0] == pid)
-    target = "pg_backend_pid()" if sys.argv[2] == "self" else str(pid)
-    try:
-        conn.execute("select pg_terminate_backend(" + target + ")")
-        print("no error")
-    except psycopg.Error as e:
-        print("error", e.sqlstate, conn.closed)
-"#;
+/// `pg_terminate_backend` of its own backend, by `pg_backend_pid()` (argv[2] `self`) or number.
+const PSYCOPG_TERMINATE: &str = include_str!("clients/terminate.py");
 
-const PSYCOPG_CANCEL: &str = r#"
-import sys, threading, time, psycopg
-dsn, method, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for _ in range(rounds):
-    with psycopg.connect(dsn, autocommit=True) as conn, \
-            psycopg.connect(dsn, autocommit=True) as watcher:
-        pid = conn.info.backend_pid
-        def cancel_when_running():
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                row = watcher.execute(
-                    "select state from pg_stat_activity where pid = %s"
-                    " and query = 'select pg_sleep(30)'", (pid,)).fetchone()
-                if row is not None and row[0] == "active":
-                    getattr(conn, method)()
-                    return
-                time.sleep(0.02)
-        canceller = threading.Thread(target=cancel_when_running)
-        canceller.start()
-        start = time.monotonic()
-        try:
-            conn.execute("select pg_sleep(30)")
-            outcome = "completed"
-        except psycopg.Error as e:
-            outcome = e.sqlstate
-        elapsed = time.monotonic() - start
-        canceller.join()
-        print(outcome, elapsed < 10)
-"#;
+/// argv[3] rounds of canceling `pg_sleep(30)` with the method argv[2] names; prints each outcome.
+const PSYCOPG_CANCEL: &str = include_str!("clients/cancel.py");
 
 // ---------------------------------------------------------------------------------------------
 // 1. psql 15 (SSLRequest)

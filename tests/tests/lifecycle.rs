@@ -164,6 +164,20 @@ impl Drop for LocalRouter {
     }
 }
 
+/// Starts a graceful shutdown of a router that accepts clients, and waits until it refuses them.
+fn start_shutdown(router: &mut LocalRouter) -> thread::JoinHandle<()> {
+    let addr = router.addr();
+    assert!(
+        !refuses_connections(addr),
+        "the router refuses before shutdown"
+    );
+    let shutdown = router.shutdown_in_background();
+    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
+        refuses_connections(addr).then_some(())
+    });
+    shutdown
+}
+
 /// Waits for a background shutdown to return, panicking after [`SHUTDOWN_TIMEOUT`].
 fn join_within(handle: thread::JoinHandle<()>, timeout: Duration) -> Duration {
     let start = Instant::now();
@@ -514,14 +528,7 @@ fn shutdown_refuses_new_clients_and_ends_sessions_after_the_drain() {
     let mut held = open_session(addr, "app4.b1", password).expect("app4 logs in");
     assert_eq!(held.value("SELECT current_user").expect("query"), "app4");
 
-    assert!(
-        !refuses_connections(addr),
-        "the router refuses before shutdown"
-    );
-    let shutdown = router.shutdown_in_background();
-    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
-        refuses_connections(addr).then_some(())
-    });
+    let shutdown = start_shutdown(&mut router);
     let error = held.ended_by_server();
     assert_db_error(&error, &SqlState::ADMIN_SHUTDOWN, ADMIN_SHUTDOWN_MESSAGE);
     join_within(shutdown, SHUTDOWN_TIMEOUT);
@@ -540,14 +547,7 @@ fn shutdown_ends_early_when_the_last_session_leaves_during_the_drain() {
     let addr = router.addr();
     let held = open_session(addr, "app5.b1", password).expect("app5 logs in");
 
-    assert!(
-        !refuses_connections(addr),
-        "the router refuses before shutdown"
-    );
-    let shutdown = router.shutdown_in_background();
-    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
-        refuses_connections(addr).then_some(())
-    });
+    let shutdown = start_shutdown(&mut router);
     // The drain lets open sessions keep working until they leave.
     assert_eq!(
         held.value("SELECT current_user")
