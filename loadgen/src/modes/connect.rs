@@ -136,11 +136,7 @@ pub fn run(
 }
 
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {
-    let local = Rc::new(Local::new(
-        shared.common.clone(),
-        shared.counters.clone(),
-        thread,
-    )?);
+    let local = Local::for_thread(&shared.common, &shared.counters, thread)?;
     let threads = shared.common.threads;
     let places = share(shared.settings.concurrency, threads, thread);
     match shared.settings.pace {

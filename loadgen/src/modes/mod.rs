@@ -55,6 +55,19 @@ impl Local {
         })
     }
 
+    /// [`Local::new`], shared by the tasks of worker thread `thread`.
+    pub fn for_thread(
+        common: &Arc<Common>,
+        counters: &Arc<Counters>,
+        thread: usize,
+    ) -> io::Result<Rc<Local>> {
+        Ok(Rc::new(Local::new(
+            common.clone(),
+            counters.clone(),
+            thread,
+        )?))
+    }
+
     /// Opens a connection to target `index` (branch and source address chosen here), giving up
     /// after `--timeout`.
     pub async fn connect(&self, index: usize) -> Result<(Conn, Timings), ClientError> {

@@ -7,7 +7,6 @@
 //! [`crate::plan`]). Closed loop (`--closed`): each connection sends as soon as it has its reply.
 
 use std::io;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,11 +146,7 @@ impl Shared {
 }
 
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {
-    let local = Rc::new(Local::new(
-        shared.common.clone(),
-        shared.counters.clone(),
-        thread,
-    )?);
+    let local = Local::for_thread(&shared.common, &shared.counters, thread)?;
     let threads = shared.common.threads;
     let gate = Gate::new(OPEN_CONCURRENCY);
     let mut opening = Vec::new();
