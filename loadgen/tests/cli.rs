@@ -3,8 +3,11 @@
 
 use std::process::{Command, Output};
 
-use branchgate_e2e::{BranchSpec, Certs, PgServer, TestRouter};
 use serde_json::Value;
+
+mod common;
+
+use common::router_on_primary;
 
 const PASSWORD: &str = "pscale_pw_cli_test";
 
@@ -89,17 +92,8 @@ fn bad_arguments_exit_2_and_unreachable_targets_exit_1() {
 
 #[test]
 fn every_mode_reports_json() {
-    let pg = PgServer::start_primary();
-    pg.create_role("app", PASSWORD);
-    let verifier = pg.role_verifier("app");
-    let certs = Certs::generate();
-    let router = TestRouter::start(
-        &certs,
-        &[
-            BranchSpec::new("b1", pg.addr()).role("app", &verifier),
-            BranchSpec::new("b2", pg.addr()).role("app", &verifier),
-        ],
-    );
+    let setup = router_on_primary(PASSWORD, &["b1", "b2"]);
+    let (router, certs, pg) = (&setup.router, &setup.certs, &setup.pg);
     let ca = certs.ca_path();
     let port = router.direct_addr().port();
     let direct = format!(

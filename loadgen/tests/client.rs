@@ -4,11 +4,15 @@
 use std::cell::RefCell;
 
 use branchgate::auth::scram::SaltedPasswordCache;
-use branchgate_e2e::{BranchSpec, Certs, PgServer, TestRouter};
+use branchgate_e2e::{Certs, PgServer};
 use branchgate_loadgen::client::query::{Outcome, Request};
 use branchgate_loadgen::client::{connect, ClientError, Conn, ConnectOptions, Timings};
 use branchgate_loadgen::runtime::block_on;
 use branchgate_loadgen::target::Target;
+
+mod common;
+
+use common::router_on_primary;
 
 const PASSWORD: &str = "pscale_pw_loadgen_test";
 
@@ -113,16 +117,9 @@ fn plaintext_scram_to_postgres() {
 
 #[test]
 fn tls_both_modes_through_the_router() {
-    let pg = PgServer::start_primary();
-    pg.create_role("app", PASSWORD);
-    let verifier = pg.role_verifier("app");
-    let certs = Certs::generate();
-    let router = TestRouter::start(
-        &certs,
-        &[BranchSpec::new("b1", pg.addr()).role("app", &verifier)],
-    );
-    let addr = router.direct_addr();
-    let ca = certs.ca_path();
+    let setup = router_on_primary(PASSWORD, &["b1"]);
+    let addr = setup.router.direct_addr();
+    let ca = setup.certs.ca_path();
     let ca = ca.to_str().expect("UTF-8 path");
     let url = |params: &str| {
         target(&format!(
@@ -166,18 +163,11 @@ fn tls_both_modes_through_the_router() {
 
 #[test]
 fn verify_full_rejects_an_unknown_ca() {
-    let pg = PgServer::start_primary();
-    pg.create_role("app", PASSWORD);
-    let verifier = pg.role_verifier("app");
-    let certs = Certs::generate();
+    let setup = router_on_primary(PASSWORD, &["b1"]);
     let other = Certs::generate();
-    let router = TestRouter::start(
-        &certs,
-        &[BranchSpec::new("b1", pg.addr()).role("app", &verifier)],
-    );
     let spec = format!(
         "bg=postgres://app.b1:{PASSWORD}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
-        router.direct_addr().port(),
+        setup.router.direct_addr().port(),
         other.ca_path().display()
     );
     let target = target(&spec);

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::auth::verifier::ScramVerifier;
-use crate::config::line_col;
+use crate::config::TomlError;
 
 mod edit;
 
@@ -92,28 +92,9 @@ pub enum CatalogError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// TOML syntax error, unknown key or a value of the wrong type.
-    #[error("{file}:{line}:{col}: {message}")]
-    Parse {
-        /// File name as given to [`Catalog::parse`].
-        file: String,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column, in characters.
-        col: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// Well-formed TOML that is not a valid catalog (bad id, duplicate, bad verifier, ...).
-    #[error("{file}:{line}: {message}")]
-    Invalid {
-        /// File name as given to [`Catalog::parse`].
-        file: String,
-        /// 1-based line of the offending value.
-        line: usize,
-        /// What is wrong.
-        message: String,
-    },
+    /// A TOML syntax error, or values that do not make a valid file, with its line.
+    #[error(transparent)]
+    Toml(#[from] TomlError),
     /// [`set_role_verifier`] could not make the edit (an unusual file layout); file unchanged.
     #[error("{}: cannot edit the catalog: {reason}", path.display())]
     NotEdited {
@@ -144,19 +125,10 @@ impl Catalog {
 
     /// Parses catalog text; `file_name` only labels errors.
     pub fn parse(text: &str, file_name: &str) -> Result<Catalog, CatalogError> {
-        let raw: RawCatalog = toml::from_str(text).map_err(|e| {
-            let (line, col) = e.span().map_or((1, 1), |span| line_col(text, span.start));
-            CatalogError::Parse {
-                file: file_name.to_owned(),
-                line,
-                col,
-                message: e.message().trim_end().to_owned(),
-            }
-        })?;
-        let invalid = |span: Range<usize>, message: String| CatalogError::Invalid {
-            file: file_name.to_owned(),
-            line: line_col(text, span.start).0,
-            message,
+        let raw: RawCatalog = toml::from_str(text)
+            .map_err(|e| TomlError::parse(text, file_name, e.span(), e.message()))?;
+        let invalid = |span: Range<usize>, message: String| {
+            CatalogError::from(TomlError::invalid(text, file_name, span, message))
         };
 
         let mut branches = Vec::with_capacity(raw.branch.len());

@@ -31,6 +31,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 mod raw;
+mod toml_error;
+
+pub use toml_error::TomlError;
 
 use raw::{HumanDuration, RawConfig, RawTls};
 
@@ -116,28 +119,9 @@ pub enum ConfigError {
         /// The underlying error.
         source: std::io::Error,
     },
-    /// TOML syntax error, unknown key or a value of the wrong type.
-    #[error("{file}:{line}:{col}: {message}")]
-    Parse {
-        /// File name as given to [`Config::parse`].
-        file: String,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column, in characters.
-        col: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// Well-formed TOML whose values do not make a valid configuration.
-    #[error("{file}:{line}: {message}")]
-    Invalid {
-        /// File name as given to [`Config::parse`].
-        file: String,
-        /// 1-based line of the offending value.
-        line: usize,
-        /// What is wrong.
-        message: String,
-    },
+    /// A TOML syntax error, or values that do not make a valid file, with its line.
+    #[error(transparent)]
+    Toml(#[from] TomlError),
 }
 
 impl Config {
@@ -156,19 +140,10 @@ impl Config {
 
     /// Parses configuration text. `file_name` only labels errors. Does not touch the file system.
     pub fn parse(text: &str, base_dir: &Path, file_name: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, col) = e.span().map_or((1, 1), |span| line_col(text, span.start));
-            ConfigError::Parse {
-                file: file_name.to_owned(),
-                line,
-                col,
-                message: e.message().trim_end().to_owned(),
-            }
-        })?;
-        let invalid = |(span, message): (Range<usize>, String)| ConfigError::Invalid {
-            file: file_name.to_owned(),
-            line: line_col(text, span.start).0,
-            message,
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| TomlError::parse(text, file_name, e.span(), e.message()))?;
+        let invalid = |(span, message): (Range<usize>, String)| {
+            ConfigError::from(TomlError::invalid(text, file_name, span, message))
         };
 
         let tls_span = raw.tls.span();
@@ -245,15 +220,6 @@ impl Config {
             },
         })
     }
-}
-
-/// Converts a byte offset into a 1-based (line, column in characters) pair.
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset).unwrap_or(text);
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = before.matches('\n').count() + 1;
-    let col = before[line_start..].chars().count() + 1;
-    (line, col)
 }
 
 /// Takes an optional duration, rejecting zero (it would fail or spin every connection).
@@ -394,11 +360,11 @@ max_message_bytes = 65536
     fn cert_without_key_names_both() {
         let text = MINIMAL.replace("key = \"/etc/branchgate/server.key\"\n", "");
         match parse(&text) {
-            Err(ConfigError::Invalid {
+            Err(ConfigError::Toml(TomlError::Invalid {
                 file,
                 line,
                 message,
-            }) => {
+            })) => {
                 assert_eq!((file.as_str(), line), ("router.toml", 4));
                 assert!(
                     message.contains("cert") && message.contains("key"),
@@ -455,11 +421,5 @@ max_message_bytes = 65536
             Err(ConfigError::Io { path, .. }) => assert!(path.ends_with("missing.toml")),
             other => panic!("expected Io, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn line_col_counts_characters() {
-        assert_eq!(line_col("ab\ncé d", 7), (2, 4));
-        assert_eq!(line_col("x", 99), (1, 2));
     }
 }

@@ -8,6 +8,10 @@
 //! - [`tools`]: paths of PostgreSQL's programs and the Python venv, free ports.
 //! - [`spawn`]: starting servers that die with the test process.
 //! - [`router`]: `TestRouter`, the router started in-process.
+//! - [`raw`]: hand-built protocol messages over raw sockets and sync rustls, for bad input.
+//! - [`tokio_tls`]: tokio-postgres over tokio-rustls.
+//! - [`tp_cancel`]: the cancel key of a tokio-postgres client.
+//! - [`tp_session`]: a tokio-postgres session held open from synchronous code.
 //!
 //! Servers are real processes: run `scripts/setup` once to install PostgreSQL 15 and the venv.
 //! As root, servers run as the `postgres` OS user.
@@ -16,9 +20,13 @@ pub mod catalog;
 pub mod certs;
 pub mod clients;
 pub mod pg;
+pub mod raw;
 pub mod router;
 pub mod spawn;
+pub mod tokio_tls;
 pub mod tools;
+pub mod tp_cancel;
+pub mod tp_session;
 
 pub use catalog::BranchSpec;
 pub use certs::Certs;

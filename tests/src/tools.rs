@@ -2,7 +2,7 @@
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// PostgreSQL 15's binaries, named explicitly: Debian puts only wrappers on `PATH`.
 pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -61,6 +61,25 @@ pub fn run_python(code: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stdout)
     );
     String::from_utf8(output.stdout).expect("python printed UTF-8")
+}
+
+/// psql 15 with unaligned, tuples-only, quiet output, stopping at the first error; callers add
+/// the connection and `-c`.
+pub fn psql_command() -> Command {
+    let mut command = Command::new(psql_bin());
+    command.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"]);
+    command
+}
+
+/// Runs a psql `command` with stdin closed: `Ok` holds stdout without its trailing newlines,
+/// `Err` holds stderr.
+pub fn psql_output(command: &mut Command) -> Result<String, String> {
+    let output = command.stdin(Stdio::null()).output().expect("run psql");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let text = String::from_utf8(output.stdout).expect("psql printed UTF-8");
+    Ok(text.trim_end_matches('\n').to_owned())
 }
 
 /// A loopback TCP port that was free a moment ago: bound to 127.0.0.1:0, read, released.

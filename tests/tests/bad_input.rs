@@ -7,38 +7,30 @@
 //! an SSLRequest or from the first byte (direct SSL, ALPN `postgresql`). Full logins reuse the
 //! router crate's SCRAM client with a password, like any libpq client would.
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use branchgate::auth::{ClientCredentials, ScramClient};
+use branchgate_e2e::raw::{
+    self, attribute, cancel_request, expect_auth, expect_closed, expect_fatal, expect_sasl, login,
+    message, next_message, parse_error, query, query_one, read_byte, request,
+    sasl_initial_response, scram_first, ssl_request_on, start_sasl, startup_for, startup_message,
+    tls_handshake, untagged, Mode, PgError, Tls, AUTH_OK, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL,
+    CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, IO_TIMEOUT, MODES, PROTOCOL_3_0, PROTOCOL_3_2,
+    PROTOCOL_4_0, SCRAM_SHA_256, SSL_REQUEST_CODE,
+};
 use branchgate_e2e::{
     free_port, psycopg_query, BranchSpec, Certs, ClientError, Conninfo, PgServer, SslNegotiation,
     TestRouter,
 };
-use rustls::{AlertDescription, ClientConfig, ClientConnection, StreamOwned};
-use rustls_pki_types::ServerName;
+use rustls::{AlertDescription, ClientConfig};
 
 const ROLE: &str = "app";
 const PASSWORD: &str = "pscale_pw_bad_input_0123456789";
-/// Upper bound for any single read: the router's startup timeout is 3 s, so a read that waits
-/// this long means the router neither answered nor closed.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-const PROTOCOL_3_0: u32 = 0x0003_0000;
-const PROTOCOL_3_2: u32 = 0x0003_0002;
-const PROTOCOL_4_0: u32 = 0x0004_0000;
-const SSL_REQUEST_CODE: u32 = 0x04D2_162F;
-const GSSENC_REQUEST_CODE: u32 = 0x04D2_1630;
-const CANCEL_REQUEST_CODE: u32 = 0x04D2_162E;
-const AUTH_OK: u32 = 0;
-const AUTH_SASL: u32 = 10;
-const AUTH_SASL_CONTINUE: u32 = 11;
-const AUTH_SASL_FINAL: u32 = 12;
-const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 /// A client-final-message proof of 32 zero bytes, base64: well formed, never correct.
 const WRONG_PROOF: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
@@ -105,30 +97,9 @@ fn assert_router_healthy() {
     assert_eq!(rows, "1");
 }
 
-// ---------------------------------------------------------------------------------------------
-// Raw sockets and TLS
-
-/// How a TLS client starts TLS.
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    /// SSLRequest, `S`, then the handshake.
-    SslRequest,
-    /// The handshake from the first byte, ALPN `postgresql`.
-    Direct,
-}
-
-const MODES: [Mode; 2] = [Mode::SslRequest, Mode::Direct];
-
-type Tls = StreamOwned<ClientConnection, TcpStream>;
-
+/// A TCP connection to the fixture's router.
 fn tcp() -> TcpStream {
-    let sock = TcpStream::connect(fixture().router.direct_addr()).expect("connect to the router");
-    sock.set_read_timeout(Some(IO_TIMEOUT))
-        .expect("read timeout");
-    sock.set_write_timeout(Some(IO_TIMEOUT))
-        .expect("write timeout");
-    sock.set_nodelay(true).expect("nodelay");
-    sock
+    raw::tcp(fixture().router.direct_addr())
 }
 
 /// The fixture's client configuration with other ALPN protocols.
@@ -138,267 +109,13 @@ fn client_config(alpn: &[&[u8]]) -> Arc<ClientConfig> {
     Arc::new(config)
 }
 
-fn tls_handshake(config: Arc<ClientConfig>, sock: TcpStream) -> io::Result<Tls> {
-    let name = ServerName::try_from("localhost").expect("server name");
-    let conn = ClientConnection::new(config, name).expect("client connection");
-    let mut tls = StreamOwned::new(conn, sock);
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock)?;
-    }
-    Ok(tls)
-}
-
-/// Sends an SSLRequest and checks the single-byte answer.
-fn ssl_request_on(sock: &mut TcpStream) {
-    sock.write_all(&request(SSL_REQUEST_CODE))
-        .expect("send SSLRequest");
-    assert_eq!(read_byte(sock), b'S', "SSLRequest answer");
-}
-
+/// A TLS connection to the fixture's router, verified against its CA.
 fn connect_tls(mode: Mode) -> Tls {
-    let mut sock = tcp();
-    if let Mode::SslRequest = mode {
-        ssl_request_on(&mut sock);
-    }
-    tls_handshake(fixture().certs.client_config(), sock)
-        .unwrap_or_else(|e| panic!("TLS handshake ({mode:?}): {e}"))
-}
-
-fn read_byte(sock: &mut TcpStream) -> u8 {
-    let mut byte = [0u8; 1];
-    sock.read_exact(&mut byte).expect("read one byte");
-    byte[0]
-}
-
-// ---------------------------------------------------------------------------------------------
-// Messages
-
-/// An untagged startup packet: length, then `code`, then `body`.
-fn untagged(code: u32, body: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(8 + body.len()).expect("small packet");
-    [&len.to_be_bytes()[..], &code.to_be_bytes(), body].concat()
-}
-
-/// SSLRequest or GSSENCRequest.
-fn request(code: u32) -> Vec<u8> {
-    untagged(code, &[])
-}
-
-fn cancel_request(pid: u32, secret: u32) -> Vec<u8> {
-    untagged(
-        CANCEL_REQUEST_CODE,
-        &[pid.to_be_bytes(), secret.to_be_bytes()].concat(),
+    raw::connect_tls(
+        fixture().router.direct_addr(),
+        fixture().certs.client_config(),
+        mode,
     )
-}
-
-fn startup_message(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, value) in params {
-        for text in [name, value] {
-            body.extend_from_slice(text.as_bytes());
-            body.push(0);
-        }
-    }
-    body.push(0);
-    untagged(version, &body)
-}
-
-fn startup_for(user: &str) -> Vec<u8> {
-    startup_message(PROTOCOL_3_0, &[("user", user), ("database", "postgres")])
-}
-
-/// A tagged frontend message.
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(4 + body.len()).expect("small message");
-    [&[tag][..], &len.to_be_bytes(), body].concat()
-}
-
-fn sasl_initial_response(mechanism: &str, data: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(data.len()).expect("small data");
-    let body = [mechanism.as_bytes(), &[0], &len.to_be_bytes(), data].concat();
-    message(b'p', &body)
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    message(b'Q', &[sql.as_bytes(), &[0]].concat())
-}
-
-/// One backend message, or `None` on a clean end of stream before its first byte.
-fn read_message(s: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
-    let mut tag = [0u8; 1];
-    if s.read(&mut tag)? == 0 {
-        return Ok(None);
-    }
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let len = usize::try_from(i32::from_be_bytes(len)).expect("non-negative length");
-    assert!((4..1 << 20).contains(&len), "implausible length {len}");
-    let mut body = vec![0u8; len - 4];
-    s.read_exact(&mut body)?;
-    Ok(Some((tag[0], body)))
-}
-
-fn next_message(s: &mut impl Read, what: &str) -> (u8, Vec<u8>) {
-    match read_message(s) {
-        Ok(Some(message)) => message,
-        Ok(None) => panic!("{what}: connection closed, a message was expected"),
-        Err(e) => panic!("{what}: reading a message failed: {e}"),
-    }
-}
-
-/// The fields of an ErrorResponse the tests look at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct PgError {
-    severity: String,
-    code: String,
-    message: String,
-}
-
-fn parse_error(body: &[u8]) -> PgError {
-    let mut error = PgError {
-        severity: String::new(),
-        code: String::new(),
-        message: String::new(),
-    };
-    let mut fields = body.split(|&b| b == 0);
-    while let Some(field) = fields.next().filter(|f| !f.is_empty()) {
-        let value = String::from_utf8(field[1..].to_vec()).expect("UTF-8 field");
-        match field[0] {
-            b'V' => error.severity = value,
-            b'S' if error.severity.is_empty() => error.severity = value,
-            b'C' => error.code = value,
-            b'M' => error.message = value,
-            _ => {}
-        }
-    }
-    error
-}
-
-/// Panics unless the router closes the connection without sending another byte.
-fn expect_closed(s: &mut impl Read, what: &str) {
-    let mut buf = [0u8; 512];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{what}: expected a close, got {:?}", &buf[..n]),
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::UnexpectedEof
-                    | ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-            ) => {}
-        Err(e) => panic!("{what}: expected a close, got {e} ({:?})", e.kind()),
-    }
-}
-
-/// Reads a FATAL ErrorResponse with `code`, checks that the connection is then closed, and
-/// returns the error.
-fn expect_fatal(s: &mut impl Read, code: &str, what: &str) -> PgError {
-    let (tag, body) = next_message(s, what);
-    assert_eq!(
-        tag, b'E',
-        "{what}: expected ErrorResponse, got {:?}",
-        tag as char
-    );
-    let error = parse_error(&body);
-    assert_eq!(
-        (error.severity.as_str(), error.code.as_str()),
-        ("FATAL", code),
-        "{what}: {error:?}"
-    );
-    expect_closed(s, what);
-    error
-}
-
-/// Reads an Authentication message of `kind`, returning its data; an ErrorResponse is `Err`.
-fn expect_auth(s: &mut impl Read, kind: u32, what: &str) -> Result<Vec<u8>, PgError> {
-    let (tag, body) = next_message(s, what);
-    if tag == b'E' {
-        return Err(parse_error(&body));
-    }
-    assert_eq!(
-        tag, b'R',
-        "{what}: expected Authentication, got {:?}",
-        tag as char
-    );
-    let (code, data) = body.split_at(4);
-    assert_eq!(code, kind.to_be_bytes(), "{what}: authentication kind");
-    Ok(data.to_vec())
-}
-
-/// Reads AuthenticationSASL and checks it offers exactly SCRAM-SHA-256.
-fn expect_sasl(s: &mut impl Read, what: &str) {
-    let data = expect_auth(s, AUTH_SASL, what).unwrap_or_else(|e| panic!("{what}: {e:?}"));
-    assert_eq!(data, b"SCRAM-SHA-256\0\0", "{what}: mechanisms");
-}
-
-/// Sends a StartupMessage for `user` and reads AuthenticationSASL.
-fn start_sasl(s: &mut (impl Read + Write), user: &str) {
-    s.write_all(&startup_for(user))
-        .expect("send StartupMessage");
-    expect_sasl(s, user);
-}
-
-/// Sends a client-first-message with `nonce` and returns the server-first-message.
-fn scram_first(s: &mut (impl Read + Write), nonce: &str) -> String {
-    let first = format!("n,,n=,r={nonce}");
-    s.write_all(&sasl_initial_response(SCRAM_SHA_256, first.as_bytes()))
-        .expect("send SASLInitialResponse");
-    let data = expect_auth(s, AUTH_SASL_CONTINUE, "server-first-message")
-        .unwrap_or_else(|e| panic!("server-first-message: {e:?}"));
-    String::from_utf8(data).expect("ASCII server-first-message")
-}
-
-/// The `x=` attribute of a SCRAM message.
-fn attribute<'a>(scram: &'a str, name: &str) -> &'a str {
-    scram
-        .split(',')
-        .find_map(|a| a.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-        .unwrap_or_else(|| panic!("{name}= missing in {scram:?}"))
-}
-
-/// SCRAM with the password after AuthenticationSASL, up to ReadyForQuery.
-fn login(s: &mut (impl Read + Write), password: &str) -> Result<(), PgError> {
-    let (mut scram, first) = ScramClient::new(ClientCredentials::Password(password.to_owned()));
-    s.write_all(&sasl_initial_response(SCRAM_SHA_256, &first))
-        .expect("send SASLInitialResponse");
-    let server_first = expect_auth(s, AUTH_SASL_CONTINUE, "server-first-message")?;
-    let client_final = scram
-        .handle_server_first(&server_first)
-        .expect("valid server-first-message");
-    s.write_all(&message(b'p', &client_final))
-        .expect("send SASLResponse");
-    let server_final = expect_auth(s, AUTH_SASL_FINAL, "server-final-message")?;
-    scram
-        .verify_server_final(&server_final)
-        .expect("the router proves it holds the verifier");
-    expect_auth(s, AUTH_OK, "AuthenticationOk")?;
-    loop {
-        match next_message(s, "after AuthenticationOk") {
-            (b'Z', _) => return Ok(()),
-            (b'E', body) => return Err(parse_error(&body)),
-            (b'S' | b'K' | b'N', _) => {}
-            (tag, _) => panic!("unexpected {:?} before ReadyForQuery", tag as char),
-        }
-    }
-}
-
-/// Runs `sql` (one row, one column) and returns the value.
-fn query_one(s: &mut (impl Read + Write), sql: &str) -> String {
-    s.write_all(&query(sql)).expect("send Query");
-    let mut value = None;
-    loop {
-        match next_message(s, sql) {
-            (b'D', body) => {
-                let len = i32::from_be_bytes(body[2..6].try_into().expect("4 bytes"));
-                let len = usize::try_from(len).expect("not NULL");
-                value = Some(String::from_utf8(body[6..6 + len].to_vec()).expect("UTF-8"));
-            }
-            (b'E', body) => panic!("{sql}: {:?}", parse_error(&body)),
-            (b'Z', _) => return value.unwrap_or_else(|| panic!("{sql}: no row")),
-            _ => {}
-        }
-    }
 }
 
 /// A working session over `tls` ends with Terminate.

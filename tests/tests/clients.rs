@@ -9,28 +9,24 @@
 //! verifiers go into the router's catalog. Both branches have a role `app`, with different
 //! passwords; `app2` exists only in `b2`.
 
-use std::future::Future;
-use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use branchgate_e2e::certs::ALPN_POSTGRESQL;
 use branchgate_e2e::pg::quote_ident;
+use branchgate_e2e::raw::cancel_request;
+use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, wait_active, MakeRustls};
+use branchgate_e2e::tools::{psql_command, psql_output};
+use branchgate_e2e::tp_cancel::cancel_key;
 use branchgate_e2e::{
-    psql_bin, run_python, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation, TestRouter,
+    run_python, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation, TestRouter,
 };
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::{SslMode, SslNegotiation as TpNegotiation};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use tokio_postgres::{Client, Config};
-use tokio_rustls::TlsConnector;
 
 const APP_B1_PASSWORD: &str = "pscale_pw_clients_app_b1_Xq7";
 const APP_B2_PASSWORD: &str = "pscale_pw_clients_app_b2_Lm3";
@@ -44,9 +40,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CANCEL_BOUND: Duration = Duration::from_secs(10);
 /// How long a query may take to show up as active in pg_stat_activity.
 const ACTIVE_TIMEOUT: Duration = Duration::from_secs(10);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
-/// CancelRequest: length 16, then the code 80877102.
-const CANCEL_REQUEST_HEADER: [u8; 8] = [0x00, 0x00, 0x00, 0x10, 0x04, 0xd2, 0x16, 0x2e];
 /// Connections per cancel test: each lands on one of the router's two workers by its source
 /// port, and so does each cancel connection, so several rounds cover the cross-worker path.
 const CANCEL_ROUNDS: usize = 6;
@@ -133,20 +126,14 @@ impl Fixture {
             conninfo.push_str(&format!(" dbname='{dbname}'"));
         }
         // No PG* variables from the environment: the defaults are what is under test.
-        let output = Command::new(psql_bin())
-            .env_clear()
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-            .arg(&conninfo)
-            .arg("-c")
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql");
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-        }
-        let text = String::from_utf8(output.stdout).expect("psql printed UTF-8");
-        Ok(text.trim_end_matches('\n').to_owned())
+        psql_output(
+            psql_command()
+                .env_clear()
+                .arg("-d")
+                .arg(&conninfo)
+                .arg("-c")
+                .arg(sql),
+        )
     }
 
     /// A tokio-postgres configuration for the router (hostname `localhost`, address 127.0.0.1).
@@ -179,252 +166,12 @@ impl Fixture {
     }
 }
 
-/// Connects and drives the connection in a task of the current runtime.
-async fn tp_connect_with(
-    config: &Config,
-    tls: MakeRustls,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(tls).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            eprintln!("tokio-postgres connection ended: {error}");
-        }
-    });
-    Ok(client)
-}
-
-/// A fresh multi-threaded runtime: blocking helpers may run on the test thread meanwhile.
-fn block_on<F: Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-        .block_on(future)
-}
-
 const NEGOTIATIONS: [TpNegotiation; 2] = [TpNegotiation::Postgres, TpNegotiation::Direct];
-
-/// The SQLSTATE of a server error, panicking (with the error) on any other kind of failure.
-fn sqlstate(error: &tokio_postgres::Error) -> &SqlState {
-    error
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected a server error, got: {error:?}"))
-        .code()
-}
-
-/// Polls (through `watcher`) until backend `pid` runs `query`.
-async fn wait_active(watcher: &Client, pid: i32, query: &str) {
-    let deadline = Instant::now() + ACTIVE_TIMEOUT;
-    loop {
-        let row = watcher
-            .query_opt(
-                "SELECT state FROM pg_stat_activity WHERE pid = $1 AND query = $2",
-                &[&pid, &query],
-            )
-            .await
-            .expect("read pg_stat_activity");
-        if row.is_some_and(|r| r.get::<_, Option<&str>>(0) == Some("active")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backend {pid} did not start `{query}` within {ACTIVE_TIMEOUT:?}"
-        );
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// tokio-postgres over tokio-rustls
-
-/// `MakeTlsConnect` for tokio-rustls; remembers the ALPN protocol of the last handshake.
-#[derive(Clone)]
-struct MakeRustls {
-    config: Arc<rustls::ClientConfig>,
-    alpn: Arc<Mutex<Option<Vec<u8>>>>,
-}
-
-impl MakeRustls {
-    fn new(config: Arc<rustls::ClientConfig>) -> MakeRustls {
-        MakeRustls {
-            config,
-            alpn: Arc::new(Mutex::new(None)),
-        }
-    }
-
-    fn last_alpn(&self) -> Option<Vec<u8>> {
-        self.alpn.lock().expect("alpn lock").clone()
-    }
-}
-
-impl<S> MakeTlsConnect<S> for MakeRustls
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type TlsConnect = RustlsConnect;
-    type Error = rustls_pki_types::InvalidDnsNameError;
-
-    fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, Self::Error> {
-        Ok(RustlsConnect {
-            connector: TlsConnector::from(self.config.clone()),
-            name: ServerName::try_from(domain.to_owned())?,
-            alpn: self.alpn.clone(),
-        })
-    }
-}
-
-struct RustlsConnect {
-    connector: TlsConnector,
-    name: ServerName<'static>,
-    alpn: Arc<Mutex<Option<Vec<u8>>>>,
-}
-
-impl<S> TlsConnect<S> for RustlsConnect
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Stream = RustlsStream<S>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream<S>>> + Send>>;
-
-    fn connect(self, stream: S) -> Self::Future {
-        Box::pin(async move {
-            let tls = self.connector.connect(self.name, stream).await?;
-            *self.alpn.lock().expect("alpn lock") = tls.get_ref().1.alpn_protocol().map(Vec::from);
-            Ok(RustlsStream(tls))
-        })
-    }
-}
-
-struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for RustlsStream<S> {
-    fn channel_binding(&self) -> ChannelBinding {
-        // The router offers SCRAM-SHA-256 without -PLUS, so there is nothing to bind to.
-        ChannelBinding::none()
-    }
-}
-
-/// The cancel key (BackendKeyData) a tokio-postgres client was given. tokio-postgres keeps it
-/// private, so its CancelRequest is written into a [`Capture`] stream and read back.
-async fn cancel_key(client: &Client) -> (i32, u32) {
-    let written = Arc::new(Mutex::new(Vec::new()));
-    let capture = Capture {
-        written: written.clone(),
-        answered: false,
-    };
-    client
-        .cancel_token()
-        .cancel_query_raw(capture, PassThrough)
-        .await
-        .expect("write the CancelRequest into the capture");
-    let bytes = written.lock().expect("capture lock").clone();
-    assert!(bytes.len() >= 16, "no CancelRequest captured: {bytes:?}");
-    let request = &bytes[bytes.len() - 16..];
-    assert_eq!(request[..8], CANCEL_REQUEST_HEADER, "{bytes:?}");
-    let pid = i32::from_be_bytes([request[8], request[9], request[10], request[11]]);
-    let secret = u32::from_be_bytes([request[12], request[13], request[14], request[15]]);
-    (pid, secret)
-}
-
-/// Answers `S` to an SSLRequest and records everything written to it.
-struct Capture {
-    written: Arc<Mutex<Vec<u8>>>,
-    answered: bool,
-}
-
-impl AsyncRead for Capture {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.answered {
-            self.answered = true;
-            buf.put_slice(b"S");
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Capture {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.written
-            .lock()
-            .expect("capture lock")
-            .extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl TlsStream for Capture {
-    fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
-    }
-}
-
-/// A "TLS" connector that leaves the stream as it is.
-struct PassThrough;
-
-impl TlsConnect<Capture> for PassThrough {
-    type Stream = Capture;
-    type Error = io::Error;
-    type Future = std::future::Ready<io::Result<Capture>>;
-
-    fn connect(self, stream: Capture) -> Self::Future {
-        std::future::ready(Ok(stream))
-    }
-}
 
 /// Sends a plaintext CancelRequest on a new TCP connection and waits for the router to close it
 /// (it answers nothing, like PostgreSQL).
 async fn raw_cancel(pid: i32, secret: u32) {
-    let mut request = [0u8; 16];
-    request[..8].copy_from_slice(&CANCEL_REQUEST_HEADER);
-    request[8..12].copy_from_slice(&pid.to_be_bytes());
-    request[12..].copy_from_slice(&secret.to_be_bytes());
+    let request = cancel_request(u32::from_be_bytes(pid.to_be_bytes()), secret);
     let mut tcp = tokio::net::TcpStream::connect(fixture().router.direct_addr())
         .await
         .expect("connect to the router");
@@ -438,95 +185,19 @@ async fn raw_cancel(pid: i32, secret: u32) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// psycopg scripts
+// psycopg scripts (argv[1] is the connection string)
 
-const PSYCOPG_WHO: &str = r#"
-import sys, psycopg
-with psycopg.connect(sys.argv[1], autocommit=True) as conn:
-    user, recovery, pid, port = conn.execute(
-        "select current_user, pg_is_in_recovery(), pg_backend_pid(), inet_server_port()"
-    ).fetchone()
-    assert conn.info.backend_pid > 0
-    print(user, recovery, port, pid == conn.info.backend_pid, conn.pgconn.ssl_in_use)
-"#;
+/// Prints the user, whether in recovery, the server port, whether the pids agree, and TLS use.
+const PSYCOPG_WHO: &str = include_str!("clients/who.py");
 
-const PSYCOPG_SESSION: &str = r#"
-import sys, psycopg
-from psycopg.pq import TransactionStatus
-dsn = sys.argv[1]
-with psycopg.connect(dsn, autocommit=True) as a, psycopg.connect(dsn, autocommit=True) as b:
-    a.execute("create temp table session_items (x int)")
-    a.execute("insert into session_items values (1), (2)")
-    print("temp", a.execute("select count(*) from session_items").fetchone()[0])
-    try:
-        b.execute("select count(*) from session_items")
-        print("other session sees the temp table")
-    except psycopg.Error as e:
-        print("other", e.sqlstate)
-    a.execute("set search_path = pg_temp, public")
-    a.execute("set work_mem = '7MB'")
-    a.execute("select 1")
-    print("search_path", a.execute("show search_path").fetchone()[0])
-    print("work_mem", a.execute("show work_mem").fetchone()[0])
-    a.execute("listen clients_chan")
-    b_sql_pid = b.execute("select pg_backend_pid()").fetchone()[0]
-    b.execute("notify clients_chan, 'hello from b'")
-    for n in a.notifies(timeout=10, stop_after=1):
-        print("notify", n.channel, repr(n.payload), n.pid == b.info.backend_pid,
-              n.pid == b_sql_pid, n.pid != a.info.backend_pid)
-    a.execute("begin")
-    print("status", a.info.transaction_status == TransactionStatus.INTRANS)
-    for i in range(50):
-        a.execute("insert into session_items values (%s)", (i,))
-    print("inside", a.execute("select count(*) from session_items").fetchone()[0])
-    a.execute("rollback")
-    print("status", a.info.transaction_status == TransactionStatus.IDLE)
-    print("after", a.execute("select count(*) from session_items").fetchone()[0])
-"#;
+/// Temp tables, SET, LISTEN/NOTIFY and a rolled-back transaction across two sessions.
+const PSYCOPG_SESSION: &str = include_str!("clients/session.py");
 
-const PSYCOPG_TERMINATE: &str = r#"
-import sys, psycopg
-with psycopg.connect(sys.argv[1], autocommit=True) as conn:
-    pid = conn.info.backend_pid
-    print(pid)
-    print("pids agree", conn.execute("select pg_backend_pid()").fetchone()[0] == pid)
-    target = "pg_backend_pid()" if sys.argv[2] == "self" else str(pid)
-    try:
-        conn.execute("select pg_terminate_backend(" + target + ")")
-        print("no error")
-    except psycopg.Error as e:
-        print("error", e.sqlstate, conn.closed)
-"#;
+/// `pg_terminate_backend` of its own backend, by `pg_backend_pid()` (argv[2] `self`) or number.
+const PSYCOPG_TERMINATE: &str = include_str!("clients/terminate.py");
 
-const PSYCOPG_CANCEL: &str = r#"
-import sys, threading, time, psycopg
-dsn, method, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for _ in range(rounds):
-    with psycopg.connect(dsn, autocommit=True) as conn, \
-            psycopg.connect(dsn, autocommit=True) as watcher:
-        pid = conn.info.backend_pid
-        def cancel_when_running():
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                row = watcher.execute(
-                    "select state from pg_stat_activity where pid = %s"
-                    " and query = 'select pg_sleep(30)'", (pid,)).fetchone()
-                if row is not None and row[0] == "active":
-                    getattr(conn, method)()
-                    return
-                time.sleep(0.02)
-        canceller = threading.Thread(target=cancel_when_running)
-        canceller.start()
-        start = time.monotonic()
-        try:
-            conn.execute("select pg_sleep(30)")
-            outcome = "completed"
-        except psycopg.Error as e:
-            outcome = e.sqlstate
-        elapsed = time.monotonic() - start
-        canceller.join()
-        print(outcome, elapsed < 10)
-"#;
+/// argv[3] rounds of canceling `pg_sleep(30)` with the method argv[2] names; prints each outcome.
+const PSYCOPG_CANCEL: &str = include_str!("clients/cancel.py");
 
 // ---------------------------------------------------------------------------------------------
 // 1. psql 15 (SSLRequest)

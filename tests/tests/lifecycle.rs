@@ -5,30 +5,30 @@
 //! its own router (in-process, or the real binary) because most of them rewrite the catalog.
 
 use std::fs;
-use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use branchgate::auth::verifier::ScramVerifier;
 use branchgate::catalog::CatalogError;
+use branchgate::config::TomlError;
 use branchgate::role::{self, Mode, RoleArgs};
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
+use branchgate_e2e::raw::{request, SSL_REQUEST_CODE};
+use branchgate_e2e::tokio_tls::assert_db_error;
+use branchgate_e2e::tools::{psql_command, psql_output};
+use branchgate_e2e::tp_session::Session;
 use branchgate_e2e::{
-    free_port, psql_bin, psycopg_query, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation,
+    free_port, psycopg_query, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation,
     ADMIN_PASSWORD, ADMIN_USER,
 };
 use tempfile::TempDir;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::tls::{ChannelBinding, TlsConnect};
 
 /// The environment variable the `role` command reads the admin password from.
 const ADMIN_PASSWORD_ENV: &str = "BRANCHGATE_ADMIN_PASSWORD";
@@ -164,6 +164,20 @@ impl Drop for LocalRouter {
     }
 }
 
+/// Starts a graceful shutdown of a router that accepts clients, and waits until it refuses them.
+fn start_shutdown(router: &mut LocalRouter) -> thread::JoinHandle<()> {
+    let addr = router.addr();
+    assert!(
+        !refuses_connections(addr),
+        "the router refuses before shutdown"
+    );
+    let shutdown = router.shutdown_in_background();
+    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
+        refuses_connections(addr).then_some(())
+    });
+    shutdown
+}
+
 /// Waits for a background shutdown to return, panicking after [`SHUTDOWN_TIMEOUT`].
 fn join_within(handle: thread::JoinHandle<()>, timeout: Duration) -> Duration {
     let start = Instant::now();
@@ -183,11 +197,7 @@ fn refuses_connections(addr: SocketAddr) -> bool {
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))
         .expect("set read timeout");
-    // SSLRequest: length 8, code 80877103.
-    if stream
-        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .is_err()
-    {
+    if stream.write_all(&request(SSL_REQUEST_CODE)).is_err() {
         return true;
     }
     let mut answer = [0u8; 1];
@@ -197,165 +207,15 @@ fn refuses_connections(addr: SocketAddr) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// tokio-postgres over tokio-rustls: a session held open across router events
+// tokio-postgres: a session held open across router events
 
-struct RustlsConnect(Arc<rustls::ClientConfig>);
-
-struct RustlsStream(tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
-
-type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<RustlsStream>> + Send>>;
-
-impl TlsConnect<tokio::net::TcpStream> for RustlsConnect {
-    type Stream = RustlsStream;
-    type Error = io::Error;
-    type Future = ConnectFuture;
-
-    fn connect(self, stream: tokio::net::TcpStream) -> ConnectFuture {
-        Box::pin(async move {
-            let name =
-                rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
-            let tls = tokio_rustls::TlsConnector::from(self.0)
-                .connect(name, stream)
-                .await?;
-            Ok(RustlsStream(tls))
-        })
-    }
-}
-
-impl AsyncRead for RustlsStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for RustlsStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl tokio_postgres::tls::TlsStream for RustlsStream {
-    fn channel_binding(&self) -> ChannelBinding {
-        // The router offers SCRAM-SHA-256 without -PLUS.
-        ChannelBinding::none()
-    }
-}
-
-type ConnectionTask = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
-
-/// An open tokio-postgres session through the router, driven by its own runtime thread.
-struct Session {
-    runtime: tokio::runtime::Runtime,
-    client: Option<tokio_postgres::Client>,
-    connection: Option<ConnectionTask>,
-}
-
-impl Session {
-    /// Connects (SSLRequest, then TLS verified against the test CA) as `user`.
-    fn open(
-        addr: SocketAddr,
-        user: &str,
-        password: &str,
-    ) -> Result<Session, tokio_postgres::Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let mut config = tokio_postgres::Config::new();
-        config
-            .user(user)
-            .password(password)
-            .dbname("postgres")
-            .ssl_mode(tokio_postgres::config::SslMode::Require);
-        let tls = RustlsConnect(fixture().certs.client_config());
-        let (client, connection) = runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect(addr)
-                .await
-                .expect("TCP connect to the router");
-            tokio::time::timeout(EVENT_TIMEOUT, config.connect_raw(tcp, tls))
-                .await
-                .expect("connect did not finish in time")
-        })?;
-        let connection = runtime.spawn(connection);
-        Ok(Session {
-            runtime,
-            client: Some(client),
-            connection: Some(connection),
-        })
-    }
-
-    /// Runs `sql` (simple protocol) and returns the first column of the first row.
-    fn value(&self, sql: &str) -> Result<String, tokio_postgres::Error> {
-        let client = self.client.as_ref().expect("session closed");
-        let messages = self.runtime.block_on(async {
-            tokio::time::timeout(EVENT_TIMEOUT, client.simple_query(sql))
-                .await
-                .expect("query did not finish in time")
-        })?;
-        Ok(messages
-            .iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => {
-                    Some(row.get(0).unwrap_or("").to_owned())
-                }
-                _ => None,
-            })
-            .expect("query returned a row"))
-    }
-
-    /// Waits until the router ends the session and returns the error that ended it.
-    fn ended_by_server(&mut self) -> tokio_postgres::Error {
-        let task = self.connection.take().expect("already waited");
-        let outcome = self.runtime.block_on(async {
-            tokio::time::timeout(EVENT_TIMEOUT, task)
-                .await
-                .expect("the router did not end the session in time")
-        });
-        match outcome.expect("connection task panicked") {
-            Ok(()) => panic!("the session ended without an error"),
-            Err(error) => error,
-        }
-    }
-
-    /// Closes the session from the client side (Terminate) and waits until it is gone.
-    fn close(mut self) {
-        drop(self.client.take());
-        let task = self.connection.take().expect("already waited");
-        let outcome = self.runtime.block_on(async {
-            tokio::time::timeout(EVENT_TIMEOUT, task)
-                .await
-                .expect("the connection did not close in time")
-        });
-        outcome
-            .expect("connection task panicked")
-            .expect("clean close");
-    }
-}
-
-/// Asserts that `error` is a database error with `code` and a message containing `text`.
-fn assert_db_error(error: &tokio_postgres::Error, code: &SqlState, text: &str) {
-    let db = error
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected a database error {code:?}, got: {error}"));
-    assert_eq!(db.code(), code, "{db:?}");
-    assert!(db.message().contains(text), "{db:?}");
+/// A tokio-postgres session to the router at `addr`, verified against the fixture's CA.
+fn open_session(
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+) -> Result<Session, tokio_postgres::Error> {
+    Session::open(addr, fixture().certs.client_config(), user, password)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,28 +375,13 @@ fn psql_via(addr: SocketAddr, user: &str, password: &str, sql: &str) -> Result<S
             "sslrootcert",
             fixture().certs.ca_path().to_str().expect("UTF-8 path"),
         );
-    let output = Command::new(psql_bin())
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-            "-d",
-        ])
-        .arg(conninfo.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run psql");
-    if !output.status.success() {
-        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .trim_end()
-        .to_owned())
+    psql_output(
+        psql_command()
+            .arg("-c")
+            .arg(sql)
+            .arg("-d")
+            .arg(conninfo.to_string()),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,9 +423,9 @@ fn password_reset_closes_the_roles_sessions_only() {
         .role("web2", &server_role("web2", old_password))
         .role("peer2", &server_role("peer2", "pscale_pw_peer2"));
     let router = LocalRouter::start(&[branch], "1s");
-    let mut web = Session::open(router.addr(), "web2.b1", old_password).expect("web2 logs in");
+    let mut web = open_session(router.addr(), "web2.b1", old_password).expect("web2 logs in");
     assert_eq!(web.value("SELECT current_user").expect("query"), "web2");
-    let peer = Session::open(router.addr(), "peer2.b1", "pscale_pw_peer2").expect("peer2 logs in");
+    let peer = open_session(router.addr(), "peer2.b1", "pscale_pw_peer2").expect("peer2 logs in");
 
     let args = RoleArgs {
         config: router.config_path(),
@@ -597,7 +442,7 @@ fn password_reset_closes_the_roles_sessions_only() {
     let error = web.value("SELECT 1").expect_err("the session is closed");
     assert!(error.is_closed(), "{error}");
 
-    let error = Session::open(router.addr(), "web2.b1", old_password)
+    let error = open_session(router.addr(), "web2.b1", old_password)
         .err()
         .expect("the old password no longer works");
     assert_db_error(
@@ -625,7 +470,7 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
     let verifier = server_role("app3", password);
     let b1 = BranchSpec::new("b1", pg.addr()).role("app3", &verifier);
     let router = LocalRouter::start(std::slice::from_ref(&b1), "1s");
-    let held = Session::open(router.addr(), "app3.b1", password).expect("app3 logs in");
+    let held = open_session(router.addr(), "app3.b1", password).expect("app3 logs in");
     let works = |label: &str| {
         assert_eq!(held.value("SELECT 41 + 1").expect(label), "42", "{label}");
         let who = psycopg_query(
@@ -638,7 +483,7 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
 
     router.write_catalog("[[branch]]\nid = \"b1\"\nprimary = \n");
     match router.reload() {
-        Err(CatalogError::Parse { line, .. }) => assert_eq!(line, 3),
+        Err(CatalogError::Toml(TomlError::Parse { line, .. })) => assert_eq!(line, 3),
         other => panic!("invalid TOML must be a parse error, got {other:?}"),
     }
     works("after invalid TOML");
@@ -646,14 +491,14 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
     let bad = BranchSpec::new("b1", pg.addr()).role("app3", "SCRAM-SHA-256$4096:bm90LWJhc2U2NA");
     router.write_catalog(&catalog_toml(&[bad]));
     match router.reload() {
-        Err(CatalogError::Invalid { message, .. }) => {
+        Err(CatalogError::Toml(TomlError::Invalid { message, .. })) => {
             assert!(message.contains("invalid SCRAM verifier"), "{message}")
         }
         other => panic!("a bad verifier must be rejected, got {other:?}"),
     }
     works("after a bad verifier");
 
-    let error = Session::open(router.addr(), "app3.b2", password)
+    let error = open_session(router.addr(), "app3.b2", password)
         .err()
         .expect("b2 is not in the catalog yet");
     assert_db_error(
@@ -680,17 +525,10 @@ fn shutdown_refuses_new_clients_and_ends_sessions_after_the_drain() {
     let branch = BranchSpec::new("b1", pg.addr()).role("app4", &server_role("app4", password));
     let mut router = LocalRouter::start(&[branch], "1s");
     let addr = router.addr();
-    let mut held = Session::open(addr, "app4.b1", password).expect("app4 logs in");
+    let mut held = open_session(addr, "app4.b1", password).expect("app4 logs in");
     assert_eq!(held.value("SELECT current_user").expect("query"), "app4");
 
-    assert!(
-        !refuses_connections(addr),
-        "the router refuses before shutdown"
-    );
-    let shutdown = router.shutdown_in_background();
-    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
-        refuses_connections(addr).then_some(())
-    });
+    let shutdown = start_shutdown(&mut router);
     let error = held.ended_by_server();
     assert_db_error(&error, &SqlState::ADMIN_SHUTDOWN, ADMIN_SHUTDOWN_MESSAGE);
     join_within(shutdown, SHUTDOWN_TIMEOUT);
@@ -707,16 +545,9 @@ fn shutdown_ends_early_when_the_last_session_leaves_during_the_drain() {
     let branch = BranchSpec::new("b1", pg.addr()).role("app5", &server_role("app5", password));
     let mut router = LocalRouter::start(&[branch], LONG_DRAIN);
     let addr = router.addr();
-    let held = Session::open(addr, "app5.b1", password).expect("app5 logs in");
+    let held = open_session(addr, "app5.b1", password).expect("app5 logs in");
 
-    assert!(
-        !refuses_connections(addr),
-        "the router refuses before shutdown"
-    );
-    let shutdown = router.shutdown_in_background();
-    wait_for("new connections to be refused", EVENT_TIMEOUT, || {
-        refuses_connections(addr).then_some(())
-    });
+    let shutdown = start_shutdown(&mut router);
     // The drain lets open sessions keep working until they leave.
     assert_eq!(
         held.value("SELECT current_user")

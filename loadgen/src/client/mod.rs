@@ -5,7 +5,6 @@
 //! - [`startup`]: SSLRequest or direct SSL, StartupMessage, SCRAM-SHA-256, up to ReadyForQuery,
 //!   with the time of each phase.
 //! - [`query`]: simple and extended (prepared) queries.
-//! - [`write`]: writers for the extended-protocol messages the router's codec lacks.
 //!
 //! Frames are read into one reused buffer per connection. Results are not kept: rows and other
 //! large messages are skipped as they stream past, so any result size works with a small buffer.
@@ -14,7 +13,6 @@ pub mod query;
 pub mod startup;
 pub mod tls;
 pub mod transport;
-pub mod write;
 
 use std::io;
 

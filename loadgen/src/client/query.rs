@@ -5,7 +5,7 @@
 use branchgate::protocol::backend::{self as msg, ErrorFields};
 use branchgate::protocol::write as pgwrite;
 
-use super::{write, ClientError, Conn, Incoming};
+use super::{ClientError, Conn, Incoming};
 
 /// How queries are sent (`--protocol`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -41,8 +41,8 @@ impl Request {
     /// Bind/Execute/Sync of the prepared statement `name`, unnamed portal.
     pub fn prepared(name: &str) -> Request {
         let mut buf = Vec::with_capacity(32 + 2 * name.len());
-        write::bind(&mut buf, "", name);
-        write::execute(&mut buf, "");
+        pgwrite::bind(&mut buf, "", name);
+        pgwrite::execute(&mut buf, "");
         pgwrite::sync(&mut buf);
         Request(buf)
     }
@@ -69,7 +69,7 @@ impl Conn {
     /// Prepares `sql` as the named statement `name` (Parse, Sync).
     pub async fn prepare(&mut self, name: &str, sql: &str) -> Result<(), ClientError> {
         self.wbuf.clear();
-        write::parse(&mut self.wbuf, name, sql);
+        pgwrite::parse(&mut self.wbuf, name, sql);
         pgwrite::sync(&mut self.wbuf);
         self.flush().await?;
         match self.read_results().await? {

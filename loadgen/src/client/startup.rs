@@ -16,7 +16,7 @@ use branchgate::protocol::write as pgwrite;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
 use super::transport::{tcp_connect, Transport};
-use super::{tls, write, ClientError, Conn, Incoming};
+use super::{tls, ClientError, Conn, Incoming};
 use crate::target::Target;
 
 /// The SASL mechanism this client speaks (no channel binding).
@@ -178,7 +178,7 @@ async fn authenticate(
                         if password.is_empty() {
                             return Err(ClientError::NoPassword);
                         }
-                        write::password_message(&mut conn.wbuf, password);
+                        pgwrite::password_message(&mut conn.wbuf, password);
                     }
                     Authentication::Md5Password { .. } => {
                         return Err(ClientError::UnsupportedAuth(msg::auth_code::MD5_PASSWORD))

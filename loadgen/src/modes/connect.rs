@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{share, Local};
+use super::{millis, progress_line, share, Local};
 use crate::plan::{Pacer, Plan, Slice, Step};
 use crate::progress::Progress;
 use crate::runtime::{self, join_all, Counters, Gate, RuntimeError};
@@ -121,10 +121,7 @@ pub fn run(
                 Limit::Duration(_) => millis(now.saturating_duration_since(start)),
             };
             progress.update(pos, || {
-                let name = plan
-                    .slice_at(now)
-                    .map_or("", |s| common.targets[s.target].name.as_str());
-                format!("{name}: {done} connections, {errors} errors")
+                progress_line(&plan, &common, now, (done, errors), "connections")
             });
         },
     )?;
@@ -138,16 +135,8 @@ pub fn run(
     Ok(merged)
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {
-    let local = Rc::new(Local::new(
-        shared.common.clone(),
-        shared.counters.clone(),
-        thread,
-    )?);
+    let local = Local::for_thread(&shared.common, &shared.counters, thread)?;
     let threads = shared.common.threads;
     let places = share(shared.settings.concurrency, threads, thread);
     match shared.settings.pace {
@@ -161,11 +150,7 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<Target
             paced(&shared, &local, rate, thread, places).await;
         }
     }
-    Ok(match Rc::try_unwrap(local) {
-        Ok(local) => local.into_stats(),
-        // Every task holding a clone has been awaited; this is unreachable in practice.
-        Err(local) => local.stats.borrow().clone(),
-    })
+    Ok(Local::finish(local))
 }
 
 /// One closed-loop slot: a connection to whichever target runs, again and again.

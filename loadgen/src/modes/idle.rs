@@ -7,7 +7,6 @@
 //! both are the same process.
 
 use std::io;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -159,7 +158,7 @@ pub fn run(common: Arc<Common>, settings: IdleSettings) -> Result<Vec<IdleResult
 
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {
     let common = &shared.common;
-    let local = Rc::new(Local::new(common.clone(), shared.counters.clone(), thread)?);
+    let local = Local::for_thread(common, &shared.counters, thread)?;
     let count = share(shared.connections, common.threads, thread);
     let gate = Gate::new(share(shared.concurrency, common.threads, thread));
     let start = Instant::now();
@@ -180,11 +179,7 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<Target
     for conn in conns {
         conn.terminate().await;
     }
-    Ok(match Rc::try_unwrap(local) {
-        Ok(local) => local.into_stats(),
-        // Every task holding a clone has been awaited; this is unreachable in practice.
-        Err(local) => local.stats.borrow().clone(),
-    })
+    Ok(Local::finish(local))
 }
 
 async fn open(local: &Local, target: usize, start: Instant) -> Option<Conn> {

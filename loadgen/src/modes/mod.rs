@@ -12,10 +12,12 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use branchgate::auth::scram::SaltedPasswordCache;
 
 use crate::client::{self, ClientError, Conn, ConnectOptions, Timings};
+use crate::plan::Plan;
 use crate::runtime::Counters;
 use crate::settings::Common;
 use crate::stats::TargetStats;
@@ -53,6 +55,19 @@ impl Local {
         })
     }
 
+    /// [`Local::new`], shared by the tasks of worker thread `thread`.
+    pub fn for_thread(
+        common: &Arc<Common>,
+        counters: &Arc<Counters>,
+        thread: usize,
+    ) -> io::Result<Rc<Local>> {
+        Ok(Rc::new(Local::new(
+            common.clone(),
+            counters.clone(),
+            thread,
+        )?))
+    }
+
     /// Opens a connection to target `index` (branch and source address chosen here), giving up
     /// after `--timeout`.
     pub async fn connect(&self, index: usize) -> Result<(Conn, Timings), ClientError> {
@@ -86,6 +101,34 @@ impl Local {
     pub fn into_stats(self) -> Vec<TargetStats> {
         self.stats.into_inner()
     }
+
+    /// The stats of a thread whose tasks have all been awaited.
+    pub fn finish(local: Rc<Local>) -> Vec<TargetStats> {
+        match Rc::try_unwrap(local) {
+            Ok(local) => local.into_stats(),
+            // Every task holding a clone has been awaited; this is unreachable in practice.
+            Err(local) => local.stats.borrow().clone(),
+        }
+    }
+}
+
+/// The progress line while `plan` runs: the current target and the counts so far.
+pub fn progress_line(
+    plan: &Plan,
+    common: &Common,
+    now: Instant,
+    (done, errors): (u64, u64),
+    what: &str,
+) -> String {
+    let name = plan
+        .slice_at(now)
+        .map_or("", |s| common.targets[s.target].name.as_str());
+    format!("{name}: {done} {what}, {errors} errors")
+}
+
+/// Whole milliseconds of `d`, for progress bars (saturating).
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// This thread's share of `total` when it is split over `threads` threads.

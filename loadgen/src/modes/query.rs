@@ -7,12 +7,11 @@
 //! [`crate::plan`]). Closed loop (`--closed`): each connection sends as soon as it has its reply.
 
 use std::io;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Local;
+use super::{millis, progress_line, Local};
 use crate::client::query::{Outcome, Protocol, Request};
 use crate::client::{ClientError, Conn};
 use crate::plan::{latency, Pacer, Plan, Step};
@@ -118,10 +117,7 @@ pub fn run(common: Arc<Common>, settings: QuerySettings) -> Result<Vec<TargetSta
             };
             let elapsed = millis(now.saturating_duration_since(plan.start()));
             progress.update(elapsed, || {
-                let name = plan
-                    .slice_at(now)
-                    .map_or("", |s| common.targets[s.target].name.as_str());
-                format!("{name}: {done} queries, {errors} errors")
+                progress_line(&plan, &common, now, (done, errors), "queries")
             });
         },
     )?;
@@ -149,16 +145,8 @@ impl Shared {
     }
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {
-    let local = Rc::new(Local::new(
-        shared.common.clone(),
-        shared.counters.clone(),
-        thread,
-    )?);
+    let local = Local::for_thread(&shared.common, &shared.counters, thread)?;
     let threads = shared.common.threads;
     let gate = Gate::new(OPEN_CONCURRENCY);
     let mut opening = Vec::new();
@@ -192,11 +180,7 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<Target
         })
         .collect();
     join_all(driving).await;
-    Ok(match Rc::try_unwrap(local) {
-        Ok(local) => local.into_stats(),
-        // Every task holding a clone has been awaited; this is unreachable in practice.
-        Err(local) => local.stats.borrow().clone(),
-    })
+    Ok(Local::finish(local))
 }
 
 /// Opens one connection and prepares the statements (extended protocol).

@@ -8,7 +8,7 @@ use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
 
 use super::{Catalog, CatalogError};
 use crate::auth::verifier::ScramVerifier;
-use crate::config::line_col;
+use crate::config::TomlError;
 
 /// Sets (creates or replaces) `role`'s verifier on `branch` in the catalog file at `path`.
 ///
@@ -42,13 +42,7 @@ pub fn set_role_verifier(
         });
     }
     let mut doc: DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
-        let (line, col) = e.span().map_or((1, 1), |span| line_col(&text, span.start));
-        CatalogError::Parse {
-            file: file_name.clone(),
-            line,
-            col,
-            message: e.message().trim_end().to_owned(),
-        }
+        TomlError::parse(&text, &file_name, e.span(), e.message())
     })?;
     let not_edited = |reason| CatalogError::NotEdited {
         path: path.clone(),
@@ -250,7 +244,10 @@ mod tests {
         let e = set_role_verifier(&path, "b9", "app", &verifier(V1)).expect_err("no b9");
         assert!(matches!(e, CatalogError::UnknownBranch { .. }), "{e}");
         let e = set_role_verifier(&path, "b1", "a|b", &verifier(V1)).expect_err("bad name");
-        assert!(matches!(e, CatalogError::Invalid { .. }), "{e}");
+        assert!(
+            matches!(e, CatalogError::Toml(TomlError::Invalid { .. })),
+            "{e}"
+        );
         assert_eq!(
             std::fs::read_to_string(&path).expect("read"),
             two_branches()
@@ -258,7 +255,10 @@ mod tests {
 
         std::fs::write(&path, "[[branch]]\nid = \"b1\"\n").expect("write broken");
         let e = set_role_verifier(&path, "b1", "app", &verifier(V1)).expect_err("broken");
-        assert!(matches!(e, CatalogError::Parse { line: 1, .. }), "{e}");
+        assert!(
+            matches!(e, CatalogError::Toml(TomlError::Parse { line: 1, .. })),
+            "{e}"
+        );
         let leftovers = std::fs::read_dir(dir.path()).expect("list").count();
         assert_eq!(leftovers, 1, "no temp files left behind");
     }

@@ -1,11 +1,10 @@
 //! Administration of a test server through `psql` over its unix socket, as the superuser.
 
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{PgServer, ADMIN_USER, POLL_INTERVAL, READY_TIMEOUT};
-use crate::tools::psql_bin;
+use super::{PgServer, POLL_INTERVAL, READY_TIMEOUT};
+use crate::tools::{psql_command, psql_output};
 
 /// The start of every SCRAM verifier PostgreSQL 15 stores with its default 4096 iterations.
 pub const SCRAM_VERIFIER_PREFIX: &str = "SCRAM-SHA-256$4096:";
@@ -26,29 +25,12 @@ impl PgServer {
 
     /// Runs `sql` in `database`; `Err` holds psql's stderr (for tests that expect an error).
     pub fn try_psql_admin_in(&self, database: &str, sql: &str) -> Result<String, String> {
-        let output = Command::new(psql_bin())
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                ADMIN_USER,
-                "-d",
-                database,
-            ])
-            .arg("-c")
-            .arg(sql)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql");
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
-        }
-        let mut text = String::from_utf8(output.stdout).expect("psql printed UTF-8");
-        text.truncate(text.trim_end_matches('\n').len());
-        Ok(text)
+        psql_output(
+            self.as_admin(&mut psql_command())
+                .args(["-d", database])
+                .arg("-c")
+                .arg(sql),
+        )
     }
 
     /// Polls `sql` until it returns `expected`; panics with the last value after the deadline.

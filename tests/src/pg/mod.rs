@@ -99,10 +99,8 @@ impl PgServer {
     pub fn start_replica(primary: &PgServer) -> PgServer {
         let dir = server_dir();
         let mut basebackup = Command::new(pg_bin("pg_basebackup"));
-        basebackup
-            .arg("-h")
-            .arg(primary.socket_dir())
-            .args(["-p", &primary.port().to_string(), "-U", ADMIN_USER])
+        primary
+            .as_admin(&mut basebackup)
             .arg("-D")
             .arg(dir.path().join("data"))
             .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
@@ -226,24 +224,22 @@ impl PgServer {
     }
 
     fn pg_isready(&self) -> bool {
-        Command::new(pg_bin("pg_isready"))
-            .arg("-q")
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                ADMIN_USER,
-                "-d",
-                "postgres",
-                "-t",
-                "2",
-            ])
+        self.as_admin(Command::new(pg_bin("pg_isready")).arg("-q"))
+            .args(["-d", "postgres", "-t", "2"])
             .stdin(Stdio::null())
             .status()
             .expect("run pg_isready")
             .success()
+    }
+
+    /// Adds the options that reach this server over its unix socket as [`ADMIN_USER`].
+    pub(crate) fn as_admin<'c>(&self, command: &'c mut Command) -> &'c mut Command {
+        command.arg("-h").arg(self.socket_dir()).args([
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            ADMIN_USER,
+        ])
     }
 }
 

@@ -64,6 +64,43 @@ pub fn query(buf: &mut Vec<u8>, sql: &str) {
     frame(buf, frontend::QUERY, |buf| put_cstr(buf, sql));
 }
 
+/// Parse (F): prepare `sql` as statement `name` (empty: the unnamed statement), with no
+/// parameter types given.
+pub fn parse(buf: &mut Vec<u8>, name: &str, sql: &str) {
+    frame(buf, frontend::PARSE, |buf| {
+        put_cstr(buf, name);
+        put_cstr(buf, sql);
+        // Number of parameter types: none, the server infers them.
+        buf.extend_from_slice(&0u16.to_be_bytes());
+    });
+}
+
+/// Bind (F): bind statement `statement` to portal `portal` with no parameters, all results in
+/// text format.
+pub fn bind(buf: &mut Vec<u8>, portal: &str, statement: &str) {
+    frame(buf, frontend::BIND, |buf| {
+        put_cstr(buf, portal);
+        put_cstr(buf, statement);
+        // Parameter format codes, parameter values, result format codes: none of each.
+        buf.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    });
+}
+
+/// Execute (F): run `portal` to completion (no row limit).
+pub fn execute(buf: &mut Vec<u8>, portal: &str) {
+    frame(buf, frontend::EXECUTE, |buf| {
+        put_cstr(buf, portal);
+        put_u32(buf, 0);
+    });
+}
+
+/// PasswordMessage (F) with a cleartext password.
+pub fn password_message(buf: &mut Vec<u8>, password: &str) {
+    frame(buf, frontend::PASSWORD_MESSAGE, |buf| {
+        put_cstr(buf, password)
+    });
+}
+
 /// Sync (F).
 pub fn sync(buf: &mut Vec<u8>) {
     frame(buf, frontend::SYNC, |_| {});
@@ -134,6 +171,26 @@ mod tests {
         sync(&mut buf);
         terminate(&mut buf);
         assert_eq!(buf, b"S\x00\x00\x00\x04X\x00\x00\x00\x04");
+    }
+
+    #[test]
+    fn extended_protocol_fixtures() {
+        let mut buf = Vec::new();
+        parse(&mut buf, "lg0", "SELECT 1");
+        assert_eq!(buf, b"P\x00\x00\x00\x13lg0\0SELECT 1\0\x00\x00");
+        buf.clear();
+        bind(&mut buf, "", "lg0");
+        assert_eq!(buf, b"B\x00\x00\x00\x0f\0lg0\0\x00\x00\x00\x00\x00\x00");
+        buf.clear();
+        execute(&mut buf, "");
+        assert_eq!(buf, b"E\x00\x00\x00\x09\0\x00\x00\x00\x00");
+    }
+
+    #[test]
+    fn password_message_stops_at_a_nul() {
+        let mut buf = b"x".to_vec();
+        password_message(&mut buf, "pw\0ignored");
+        assert_eq!(buf, b"xp\x00\x00\x00\x07pw\0");
     }
 
     #[test]

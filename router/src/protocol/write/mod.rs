@@ -15,8 +15,8 @@ pub use backend::{
     error_response_full, negotiate_protocol_version, parameter_status, ready_for_query,
 };
 pub use frontend::{
-    cancel_request, gssenc_request, query, sasl_initial_response, sasl_response, ssl_request,
-    startup_message, sync, terminate,
+    bind, cancel_request, execute, gssenc_request, parse, password_message, query,
+    sasl_initial_response, sasl_response, ssl_request, startup_message, sync, terminate,
 };
 
 /// Severity of an ErrorResponse the router sends.
