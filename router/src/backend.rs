@@ -12,13 +12,10 @@ use crate::buf::{write_all_vec, ReadBuf};
 use crate::protocol::backend::{Authentication, BackendKeyData};
 use crate::protocol::{backend as msg, frame, write};
 
-/// Read buffer for the backend → client direction.
-pub const BACKEND_READ_BUFFER_BYTES: usize = 16 * 1024;
-
 /// Largest message accepted from a backend during startup (ParameterStatus, errors, SASL).
 /// ParameterStatus echoes startup parameters such as `application_name`, so it can be nearly as
 /// large as the client's startup packet; the whole frame must still fit the read buffer.
-pub const MAX_BACKEND_STARTUP_MESSAGE_BYTES: usize = BACKEND_READ_BUFFER_BYTES;
+pub const MAX_BACKEND_STARTUP_MESSAGE_BYTES: usize = crate::buf::POOL_BUFFER_BYTES;
 
 // A client may send the largest startup packet we accept; its backend's echo must fit too.
 const _: () =
@@ -81,6 +78,7 @@ pub async fn connect(
     startup: &[u8],
     credentials: ClientCredentials,
     to_client: &mut Vec<u8>,
+    mut buf: ReadBuf,
 ) -> Result<(BackendConn, u8), BackendError> {
     let mut stream = TcpStream::connect_addr(addr)
         .await
@@ -89,7 +87,6 @@ pub async fn connect(
     let (result, _) = stream.write_all(startup.to_vec()).await;
     result?;
 
-    let mut buf = ReadBuf::new(BACKEND_READ_BUFFER_BYTES);
     let mut out = Vec::with_capacity(256);
     let mut scram: Option<ScramClient> = None;
     let mut credentials = Some(credentials);

@@ -4,6 +4,7 @@
 //! keeps one boxed slice per direction and lends it out for each operation. Positions are kept
 //! as offsets (`start..end`), never as borrowed views across an `.await`.
 
+use std::cell::RefCell;
 use std::io;
 
 use monoio::buf::{IoBuf, IoBufMut};
@@ -20,10 +21,40 @@ pub struct ReadBuf {
 impl ReadBuf {
     /// A zeroed buffer of `capacity` bytes (zeroed once, so every slice of it is initialised).
     pub fn new(capacity: usize) -> Self {
+        Self::from_storage(vec![0; capacity].into_boxed_slice())
+    }
+
+    /// A buffer over storage taken from a [`BufPool`].
+    pub fn from_storage(data: Box<[u8]>) -> Self {
         Self {
-            data: vec![0; capacity].into_boxed_slice(),
+            data,
             start: 0,
             end: 0,
+        }
+    }
+
+    /// A buffer without storage (no allocation); [`ReadBuf::attach`] gives it some.
+    pub fn detached() -> Self {
+        Self::from_storage(Box::default())
+    }
+
+    /// True if the buffer currently has no storage.
+    pub fn is_detached(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Give a detached buffer storage from `pool`.
+    pub fn attach(&mut self, pool: &BufPool) {
+        if self.is_detached() {
+            self.data = pool.take();
+            self.clear();
+        }
+    }
+
+    /// Return the storage of an empty buffer to `pool`, so an idle connection holds none.
+    pub fn detach(&mut self, pool: &BufPool) {
+        if self.is_empty() && !self.is_detached() {
+            pool.give(std::mem::take(&mut self.data));
         }
     }
 
@@ -112,6 +143,37 @@ impl ReadBuf {
     }
 }
 
+/// Size of the buffers a worker lends to its connections.
+pub const POOL_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Free buffers a worker keeps for reuse; beyond this they go back to the allocator.
+pub const MAX_POOLED_BUFFERS: usize = 64;
+
+/// A worker-local pool of I/O buffers. Connections hold buffers only while bytes are moving:
+/// an idle session waits for readiness without one, which keeps idle connections small.
+#[derive(Debug, Default)]
+pub struct BufPool {
+    free: RefCell<Vec<Box<[u8]>>>,
+}
+
+impl BufPool {
+    /// A buffer of [`POOL_BUFFER_BYTES`], reused if one is free.
+    pub fn take(&self) -> Box<[u8]> {
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0; POOL_BUFFER_BYTES].into_boxed_slice())
+    }
+
+    /// Hand a buffer back (dropped if the pool is full or it has another size).
+    pub fn give(&self, buf: Box<[u8]>) {
+        let mut free = self.free.borrow_mut();
+        if buf.len() == POOL_BUFFER_BYTES && free.len() < MAX_POOLED_BUFFERS {
+            free.push(buf);
+        }
+    }
+}
+
 /// Write all of `buf` to `io`, then clear it, keeping its allocation.
 pub async fn write_all_vec<W: AsyncWriteRent>(io: &mut W, buf: &mut Vec<u8>) -> io::Result<()> {
     if buf.is_empty() {
@@ -127,6 +189,25 @@ pub async fn write_all_vec<W: AsyncWriteRent>(io: &mut W, buf: &mut Vec<u8>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detach_returns_storage_to_the_pool() {
+        let pool = BufPool::default();
+        let mut b = ReadBuf::detached();
+        assert!(b.is_detached());
+        b.attach(&pool);
+        assert_eq!(b.capacity(), POOL_BUFFER_BYTES);
+        b.spare_mut()[0] = 1;
+        b.commit(1);
+        b.detach(&pool);
+        assert!(!b.is_detached(), "a buffer holding data keeps its storage");
+        b.consume(1);
+        b.detach(&pool);
+        assert!(b.is_detached());
+        assert_eq!(pool.free.borrow().len(), 1);
+        b.attach(&pool);
+        assert!(pool.free.borrow().is_empty(), "storage is reused");
+    }
 
     #[test]
     fn consume_and_compact() {

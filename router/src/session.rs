@@ -13,13 +13,13 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use monoio::io::Splitable;
+use monoio::io::{OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 
 use crate::auth::scram::{self, ClientCredentials, ClientKey};
 use crate::auth::verifier::ScramVerifier;
 use crate::backend::{self, BackendConn, BackendError};
-use crate::buf::{write_all_vec, ReadBuf};
+use crate::buf::{write_all_vec, BufPool, ReadBuf};
 use crate::error::{KillReason, SessionError};
 use crate::protocol::frame::{self, FrameHeader};
 use crate::protocol::frontend::SaslInitialResponse;
@@ -35,9 +35,6 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Largest SASL message accepted from a client (PostgreSQL allows 65535; SCRAM needs < 1 KiB).
 pub const MAX_AUTH_MESSAGE_BYTES: usize = 8 * 1024;
-
-/// Decrypted client bytes per connection; larger than the biggest startup packet.
-pub const CLIENT_PLAIN_BUFFER_BYTES: usize = 16 * 1024;
 
 const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
 
@@ -57,11 +54,11 @@ struct Client {
 }
 
 impl Client {
-    fn new(tcp: TcpStream) -> Self {
+    fn new(tcp: TcpStream, pool: &BufPool) -> Self {
         Self {
             tcp,
-            raw: ReadBuf::new(tls::TLS_READ_BUFFER_BYTES),
-            plain: ReadBuf::new(CLIENT_PLAIN_BUFFER_BYTES),
+            raw: ReadBuf::from_storage(pool.take()),
+            plain: ReadBuf::from_storage(pool.take()),
             out: Vec::with_capacity(1024),
             tls_out: Vec::with_capacity(2048),
             tls: None,
@@ -158,7 +155,7 @@ pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }
-    let mut client = Client::new(tcp);
+    let mut client = Client::new(tcp, &worker.buffers);
     let startup_timeout = worker.shared.config.timeouts.startup;
     let result =
         match monoio::time::timeout(startup_timeout, establish(&worker, &mut client, over_limit))
@@ -445,7 +442,13 @@ async fn connect_backend(
         let mut to_client = Vec::new();
         let attempt = monoio::time::timeout(
             shared.config.timeouts.connect,
-            backend::connect(addr, &routed.backend_startup, credentials, &mut to_client),
+            backend::connect(
+                addr,
+                &routed.backend_startup,
+                credentials,
+                &mut to_client,
+                ReadBuf::from_storage(worker.buffers.take()),
+            ),
         )
         .await
         .unwrap_or(Err(BackendError::Timeout));
@@ -484,6 +487,16 @@ async fn connect_backend(
             }
         }
     }
+}
+
+/// Wait until the socket behind `half` has bytes to read, without lending a buffer to the kernel.
+async fn readable(half: &OwnedReadHalf<TcpStream>) -> std::io::Result<()> {
+    // SAFETY: this is the access pattern of monoio's own split halves, which share the stream
+    // through this cell: TcpStream's operations only clone its fd into an io_uring/epoll
+    // operation and keep no reference into the stream, and both halves live on this thread.
+    // `readable` needs only `&self`.
+    let stream: &TcpStream = unsafe { &*half.0.get() };
+    stream.readable(false).await
 }
 
 /// How a relayed session ended.
@@ -537,19 +550,33 @@ async fn relay(worker: &Rc<Worker>, mut client: Client, ready: Ready, peer: Sock
         mut plain,
         mut tls_out,
         tls,
+        out,
         ..
     } = client;
+    drop(out);
     let Some(tls) = tls else { return };
     let (mut client_rd, mut client_wr) = tcp.into_split();
     let (mut backend_rd, mut backend_wr) = backend.stream.into_split();
     let mut backend_buf = backend.read_buf;
+    let pool = &worker.buffers;
 
+    // Each direction lends its buffers back to the worker's pool before it waits for the next
+    // bytes, so an idle session holds no I/O buffer at all.
     let end = {
         let client_to_backend = async {
             loop {
                 if let Err(e) = plain.drain_to(&mut backend_wr).await {
                     return End::BackendError(e);
                 }
+                if raw.is_empty() && !tls.has_buffered_plaintext() {
+                    raw.detach(pool);
+                    plain.detach(pool);
+                    if let Err(e) = readable(&client_rd).await {
+                        return End::ClientError(e.into());
+                    }
+                }
+                raw.attach(pool);
+                plain.attach(pool);
                 match tls.read(&mut client_rd, &mut raw, plain.spare_mut()).await {
                     Ok(0) => return End::ClientClosed,
                     Ok(n) => plain.commit(n),
@@ -568,6 +595,12 @@ async fn relay(worker: &Rc<Worker>, mut client: Client, ready: Ready, peer: Sock
                     }
                     backend_buf.clear();
                 }
+                backend_buf.detach(pool);
+                tls_out = Vec::new();
+                if let Err(e) = readable(&backend_rd).await {
+                    return End::BackendError(e);
+                }
+                backend_buf.attach(pool);
                 match backend_buf.fill_from(&mut backend_rd).await {
                     Ok(0) => return End::BackendClosed,
                     Ok(_) => {}

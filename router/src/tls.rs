@@ -23,9 +23,6 @@ use crate::buf::{write_all_vec, ReadBuf};
 /// The ALPN protocol name PostgreSQL 17 defines for its TLS connections.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
-/// Ciphertext read buffer per connection: one maximal TLS record plus header room.
-pub const TLS_READ_BUFFER_BYTES: usize = 18 * 1024;
-
 /// Errors of the TLS layer. None of them reaches the client as an ErrorResponse: TLS failures are
 /// answered with TLS alerts (sent by rustls) or by closing the connection.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +190,16 @@ impl TlsConn {
                 return Ok(0);
             }
         }
+    }
+
+    /// True if decrypted bytes or whole records are waiting inside rustls, so the next
+    /// [`TlsConn::read`] needs no socket read.
+    pub fn has_buffered_plaintext(&self) -> bool {
+        self.conn
+            .borrow_mut()
+            .process_new_packets()
+            .map(|state| state.plaintext_bytes_to_read() > 0)
+            .unwrap_or(true)
     }
 
     /// Encrypt `data` and write it to `io`, using `out` as the reused ciphertext buffer.

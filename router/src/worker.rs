@@ -122,6 +122,8 @@ pub struct Worker {
     next_session: Cell<u64>,
     live: Cell<usize>,
     stop_accepting: Signal<()>,
+    /// I/O buffers lent to this worker's connections while they move bytes.
+    pub buffers: crate::buf::BufPool,
 }
 
 /// Unregisters a session when the session ends.
@@ -158,6 +160,7 @@ impl Worker {
             next_session: Cell::new(0),
             live: Cell::new(0),
             stop_accepting: Signal::default(),
+            buffers: crate::buf::BufPool::default(),
         })
     }
 
