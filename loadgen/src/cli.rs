@@ -73,6 +73,13 @@ pub struct CommonArgs {
     /// Exit with status 1 if any operation failed.
     #[arg(long)]
     pub strict: bool,
+    /// The target's server process, PID for every target or NAME=PID for one: idle reads its
+    /// memory, connect and query its CPU time during the target's slices.
+    #[arg(long, value_name = "[NAME=]PID")]
+    pub pid: Vec<PidSpec>,
+    /// Like --pid, with the process id read from the first line of a file when the run starts.
+    #[arg(long, value_name = "[NAME=]FILE")]
+    pub pid_file: Vec<PidSpec>,
 }
 
 /// `connect` mode.
@@ -148,12 +155,6 @@ pub struct IdleArgs {
     /// Connection setups in flight at most (all threads together).
     #[arg(long, value_name = "C", default_value = "64")]
     pub concurrency: NonZeroUsize,
-    /// Process whose memory is measured: PID for every target, or NAME=PID for one.
-    #[arg(long, value_name = "[NAME=]PID")]
-    pub pid: Vec<PidSpec>,
-    /// Like --pid, with the process id read from the first line of a file.
-    #[arg(long, value_name = "[NAME=]FILE")]
-    pub pid_file: Vec<PidSpec>,
     /// How long to hold the connections once they are all open.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub hold: Duration,
@@ -261,7 +262,7 @@ mod tests {
         assert!(args.max && args.rate.is_none());
         assert_eq!(args.count.map(NonZeroU64::get), Some(100));
 
-        let cli = parse("query --target a=x --rate 500 --protocol extended --branches b1,b2 --branch-dist zipf:1.2 --duration 2s")
+        let cli = parse("query --target a=x --rate 500 --protocol extended --branches b1,b2 --branch-dist zipf:1.2 --duration 2s --pid a=7")
             .expect("valid");
         let ModeArgs::Query(args) = cli.mode else {
             panic!("not query")
@@ -271,14 +272,15 @@ mod tests {
         assert_eq!(args.common.branches, ["b1", "b2"]);
         assert_eq!(args.common.branch_dist, BranchDist::Zipf(1.2));
         assert_eq!(args.duration, Duration::from_secs(2));
+        assert_eq!(args.common.pid[0].value, "7");
 
         let cli = parse("idle --target a=x --connections 10 --pid 42 --pid-file b=/run/x.pid")
             .expect("valid");
         let ModeArgs::Idle(args) = cli.mode else {
             panic!("not idle")
         };
-        assert_eq!(args.pid[0].target, None);
-        assert_eq!(args.pid_file[0].target.as_deref(), Some("b"));
+        assert_eq!(args.common.pid[0].target, None);
+        assert_eq!(args.common.pid_file[0].target.as_deref(), Some("b"));
     }
 
     #[test]

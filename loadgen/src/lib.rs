@@ -20,9 +20,12 @@
 //! - [`plot`]: the SVG percentile chart.
 //! - [`progress`]: the progress bar.
 //! - [`sys`]: open-file limit and /proc memory readings.
+//! - [`cpu`]: another process's CPU time (its CPU clock, or /proc/PID/stat).
+//! - [`sampler`]: each target's server CPU time, read at its slice boundaries.
 
 pub mod cli;
 pub mod client;
+pub mod cpu;
 pub mod dist;
 pub mod modes;
 pub mod plan;
@@ -30,6 +33,7 @@ pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod runtime;
+pub mod sampler;
 pub mod settings;
 pub mod stats;
 pub mod sys;

@@ -3,7 +3,8 @@
 //! JSON (`--json`), field names stable:
 //! `{"mode", "threads", "settings": {...}, "results": [{"target", "mode", "count", "errors",
 //! "first_error", "duration_s", "rate_per_s", "latency_us": {"p50","p90","p99","p999","max"},
-//! "phases": {"tcp","tls","auth","ready"} (connect), "connections_requested", "pid",
+//! "phases": {"tcp","tls","auth","ready"} (connect), "pid" (idle; connect and query with
+//! `--pid`), "cpu_s", "cpu_us_per_op" (connect and query with `--pid`), "connections_requested",
 //! "rss_bytes_before", "rss_bytes_after", "bytes_per_connection" (idle)}]}`.
 
 use std::fmt::Write as _;
@@ -11,6 +12,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::modes::idle::IdleResult;
+use crate::sampler::CpuUse;
 use crate::stats::{Latency, Phases, Summary, TargetStats};
 
 /// The whole run.
@@ -51,6 +53,9 @@ pub struct TargetReport {
     /// Connect mode: each setup phase on its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<PhaseReport>,
+    /// Connect and query modes with `--pid`: the server's CPU time.
+    #[serde(flatten)]
+    pub cpu: Option<CpuReport>,
     /// Idle mode: memory.
     #[serde(flatten)]
     pub idle: Option<IdleReport>,
@@ -79,6 +84,29 @@ impl From<&Phases> for PhaseReport {
             tls: phases.tls.summary(),
             auth: phases.auth.summary(),
             ready: phases.ready.summary(),
+        }
+    }
+}
+
+/// The CPU time of a target's process during the target's recorded slices.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CpuReport {
+    /// The process measured.
+    pub pid: u32,
+    /// Its CPU time (user + system, all threads), seconds.
+    pub cpu_s: f64,
+    /// `cpu_s` per successful operation, microseconds; `None` without any.
+    pub cpu_us_per_op: Option<f64>,
+}
+
+impl CpuReport {
+    /// The report of `cpu` spent on `count` operations.
+    pub fn new(cpu: &CpuUse, count: u64) -> CpuReport {
+        let cpu_s = cpu.total().as_secs_f64();
+        CpuReport {
+            pid: cpu.pid,
+            cpu_s: round(cpu_s, 6),
+            cpu_us_per_op: (count > 0).then(|| round(cpu_s * 1e6 / count as f64, 3)),
         }
     }
 }
@@ -117,9 +145,16 @@ impl TargetReport {
             rate_per_s: round(rate_per_s, 1),
             latency_us: stats.latency.summary(),
             phases: (mode == "connect").then(|| PhaseReport::from(&stats.phases)),
+            cpu: None,
             idle: None,
             latency: stats.latency,
         }
+    }
+
+    /// With the CPU time of the target's process, if it has one.
+    pub fn with_cpu(mut self, cpu: Option<&CpuUse>) -> TargetReport {
+        self.cpu = cpu.map(|cpu| CpuReport::new(cpu, self.count));
+        self
     }
 
     /// The report of an idle-mode target.
@@ -177,14 +212,19 @@ impl Report {
     }
 
     fn latency_table(&self, out: &mut String, width: usize) {
-        let _ = writeln!(
+        let cpu = self.results.iter().any(|r| r.cpu.is_some());
+        let _ = write!(
             out,
             "{:<width$} {:>9} {:>7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "target", "count", "errors", "rate/s", "p50", "p90", "p99", "p99.9", "max"
         );
+        if cpu {
+            let _ = write!(out, " {:>9} {:>9}", "cpu s", "cpu/op");
+        }
+        out.push('\n');
         for r in &self.results {
             let l = &r.latency_us;
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "{:<width$} {:>9} {:>7} {:>12.1} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 r.target,
@@ -197,6 +237,17 @@ impl Report {
                 us(l.p999),
                 us(l.max)
             );
+            if cpu {
+                let (cpu_s, per_op) = match &r.cpu {
+                    Some(c) => (
+                        format!("{:.3}", c.cpu_s),
+                        c.cpu_us_per_op.map_or("-".into(), us),
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
+                let _ = write!(out, " {cpu_s:>9} {per_op:>9}");
+            }
+            out.push('\n');
         }
     }
 
@@ -323,7 +374,40 @@ mod tests {
         close(&r["phases"]["tls"]["p99"], 120.0);
         assert!(r["first_error"].is_null());
         assert!(r.get("rss_bytes_before").is_none());
+        assert!(r.get("cpu_s").is_none() && r.get("pid").is_none());
         assert!(report.table().contains("250µs"), "{}", report.table());
+        assert!(!report.table().contains("cpu"), "{}", report.table());
+    }
+
+    #[test]
+    fn cpu_fields() {
+        let ms = Duration::from_millis;
+        let cpu = CpuUse {
+            pid: 42,
+            slices: vec![(1, ms(150)), (3, ms(100))],
+        };
+        let report = Report {
+            mode: "query",
+            threads: 2,
+            settings: serde_json::json!({}),
+            results: vec![
+                TargetReport::new("bg", "query", stats(1000, 2000)).with_cpu(Some(&cpu)),
+                TargetReport::new("idle", "query", stats(0, 2000)).with_cpu(Some(&cpu)),
+                TargetReport::new("pg", "query", stats(10, 2000)).with_cpu(None),
+            ],
+            headline: "query".into(),
+        };
+        let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
+        let r = &json["results"];
+        assert_eq!((&r[0]["pid"], &r[0]["cpu_s"]), (&42.into(), &0.25.into()));
+        assert_eq!(r[0]["cpu_us_per_op"], 250.0);
+        assert!(r[1]["cpu_us_per_op"].is_null() && r[1]["cpu_s"] == 0.25);
+        assert!(r[2].get("cpu_s").is_none() && r[2].get("pid").is_none());
+        let table = report.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[2].ends_with("cpu s    cpu/op"), "{table}");
+        assert!(lines[3].ends_with("0.250     250µs"), "{table}");
+        assert!(lines[5].ends_with("-         -"), "{table}");
     }
 
     #[test]

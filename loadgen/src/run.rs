@@ -13,10 +13,10 @@ use crate::client::ClientError;
 use crate::modes::connect::{self, ConnectSettings, Limit, Pace};
 use crate::modes::idle::{self, IdleError, IdleSettings};
 use crate::modes::query::{self, QueryPace, QuerySettings};
-use crate::modes::Local;
+use crate::modes::{Local, MeasureError, Measured};
 use crate::report::{Report, TargetReport};
 use crate::runtime::{self, Counters, RuntimeError};
-use crate::settings::{load_queries, pid_sources, Common, UsageError};
+use crate::settings::{load_queries, Common, UsageError};
 use crate::{plot, sys};
 
 /// `connect --duration` when neither a duration nor a count is given.
@@ -53,6 +53,9 @@ pub enum Error {
     /// The worker threads failed.
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
+    /// Connect or query mode stopped (worker threads, or a `--pid` process unreadable).
+    #[error("{0}")]
+    Measure(#[from] MeasureError),
     /// Idle mode could not read the process's memory.
     #[error("{0}")]
     Idle(#[from] IdleError),
@@ -137,7 +140,7 @@ fn run_connect(args: ConnectArgs) -> Result<(Arc<Common>, Report), Error> {
         slice: args.slice,
     };
     prepare(&common, settings.concurrency, None)?;
-    let stats = connect::run(common.clone(), settings)?;
+    let measured = connect::run(common.clone(), settings)?;
     let (pace_text, rate) = match pace {
         Pace::Max => (format!("--max, {} in flight", settings.concurrency), None),
         Pace::Rate(rate) => (format!("{rate}/s"), Some(rate)),
@@ -163,7 +166,7 @@ fn run_connect(args: ConnectArgs) -> Result<(Arc<Common>, Report), Error> {
             common.threads,
             secs(args.slice)
         ),
-        results: reports(&common, "connect", stats),
+        results: reports(&common, "connect", measured),
     };
     Ok((common, report))
 }
@@ -191,7 +194,7 @@ fn run_query(args: QueryArgs) -> Result<(Arc<Common>, Report), Error> {
         slice: args.slice,
     };
     let query_count = settings.queries.len();
-    let stats = query::run(common.clone(), settings)?;
+    let measured = query::run(common.clone(), settings)?;
     let (pace_text, rate) = match pace {
         QueryPace::Closed => ("closed loop".to_owned(), None),
         QueryPace::Rate(rate) => (format!("{rate}/s open loop"), Some(rate)),
@@ -214,14 +217,13 @@ fn run_query(args: QueryArgs) -> Result<(Arc<Common>, Report), Error> {
             common.threads,
             secs(args.slice)
         ),
-        results: reports(&common, "query", stats),
+        results: reports(&common, "query", measured),
     };
     Ok((common, report))
 }
 
 fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
     let common = Arc::new(Common::from_args(args.common)?);
-    let pids = pid_sources(&common.targets, &args.pid, &args.pid_file)?;
     let connections = args.connections.get();
     prepare(&common, connections, None)?;
     if common.source_ips.is_empty() && connections > ONE_SOURCE_CONNECTIONS && !common.quiet {
@@ -233,7 +235,6 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
     let settings = IdleSettings {
         connections,
         concurrency: args.concurrency.get(),
-        pids,
         hold: args.hold,
         settle: args.settle,
     };
@@ -261,16 +262,15 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
     Ok((common, report))
 }
 
-fn reports(
-    common: &Common,
-    mode: &'static str,
-    stats: Vec<crate::stats::TargetStats>,
-) -> Vec<TargetReport> {
+fn reports(common: &Common, mode: &'static str, measured: Measured) -> Vec<TargetReport> {
     common
         .targets
         .iter()
-        .zip(stats)
-        .map(|(target, stats)| TargetReport::new(&target.name, mode, stats))
+        .zip(measured.stats)
+        .zip(&measured.cpu)
+        .map(|((target, stats), cpu)| {
+            TargetReport::new(&target.name, mode, stats).with_cpu(cpu.as_ref())
+        })
         .collect()
 }
 

@@ -10,6 +10,7 @@ use rand::Rng;
 
 use crate::cli::{CommonArgs, PidSpec};
 use crate::dist::BranchPicker;
+use crate::sys::{self, ProcError};
 use crate::target::{Target, TargetError};
 
 /// The query when no `--query-file` is given.
@@ -72,6 +73,8 @@ pub struct Common {
     pub quiet: bool,
     /// Exit 1 on any error.
     pub strict: bool,
+    /// Each target's server process (`--pid`, `--pid-file`), in target order.
+    pub pids: Vec<Option<PidSource>>,
 }
 
 impl Common {
@@ -93,6 +96,7 @@ impl Common {
             Some(n) => n.get(),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
+        let pids = pid_sources(&targets, &args.pid, &args.pid_file)?;
         Ok(Common {
             targets,
             branches: BranchPicker::new(args.branches, args.branch_dist),
@@ -103,6 +107,7 @@ impl Common {
             plot: args.plot,
             quiet: args.quiet,
             strict: args.strict,
+            pids,
         })
     }
 
@@ -147,12 +152,22 @@ pub fn load_queries(path: Option<&Path>) -> Result<Vec<String>, UsageError> {
 pub enum PidSource {
     /// This pid.
     Pid(u32),
-    /// The first line of this file, read when the target is measured.
+    /// The first line of this file, read when the run starts (idle: when the target is measured).
     File(PathBuf),
 }
 
+impl PidSource {
+    /// The process id, reading the file now if it comes from one.
+    pub fn read(&self) -> Result<u32, ProcError> {
+        match self {
+            PidSource::Pid(pid) => Ok(*pid),
+            PidSource::File(path) => sys::read_pid_file(path),
+        }
+    }
+}
+
 /// The process to measure for each target: a named `--pid`/`--pid-file` wins over one for all.
-pub fn pid_sources(
+fn pid_sources(
     targets: &[Target],
     pids: &[PidSpec],
     pid_files: &[PidSpec],
@@ -272,5 +287,13 @@ mod tests {
             pid_sources(&c.targets, &[spec("x")], &[]),
             Err(UsageError::BadPid(_))
         ));
+        let c = common("--target a=postgres://u@127.0.0.1 --pid 9").expect("valid");
+        assert_eq!(c.pids, [Some(PidSource::Pid(9))]);
+        assert_eq!(PidSource::Pid(9).read().ok(), Some(9));
+        let error = common("--target a=postgres://u@127.0.0.1 --pid-file b=/x").expect_err("b");
+        assert_eq!(
+            error.to_string(),
+            "--pid/--pid-file names unknown target 'b'"
+        );
     }
 }

@@ -123,6 +123,14 @@ fn every_mode_reports_json() {
         "100ms",
     ];
 
+    // The router runs in this process: its CPU time (and memory) is ours. `pg` has no pid.
+    let pid = std::process::id().to_string();
+    let pid_file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(pid_file.path(), format!("{pid}\n")).expect("write pid file");
+    let pid_file = format!("sslreq={}", pid_file.path().display());
+    let direct_pid = format!("direct={pid}");
+    let router_pids = ["--pid", &direct_pid, "--pid-file", &pid_file];
+
     let plot = tempfile::NamedTempFile::new().expect("temp file");
     let plot_path = plot.path().to_str().expect("UTF-8 path");
     let mut args = vec![
@@ -135,6 +143,7 @@ fn every_mode_reports_json() {
         "--plot",
         plot_path,
     ];
+    args.extend_from_slice(&router_pids);
     args.extend_from_slice(&common);
     let report = json(&args);
     assert_eq!(report["mode"], "connect");
@@ -158,6 +167,7 @@ fn every_mode_reports_json() {
             .is_some_and(|l| l > 0.0));
     }
     assert_eq!(results[2]["phases"]["tls"]["max"], 0.0);
+    assert_router_cpu(results);
     let svg = std::fs::read_to_string(plot.path()).expect("plot written");
     assert_eq!(svg.matches("<polyline").count(), 3);
 
@@ -173,10 +183,13 @@ fn every_mode_reports_json() {
         "--warmup",
         "100ms",
     ];
+    args.extend_from_slice(&router_pids);
     args.extend_from_slice(&common);
     let report = json(&args);
     assert_eq!(report["settings"]["protocol"], "extended");
-    for result in report["results"].as_array().expect("results") {
+    let results = report["results"].as_array().expect("results");
+    assert_router_cpu(results);
+    for result in results {
         assert!(result["count"].as_u64().is_some_and(|c| c > 10), "{result}");
         assert_eq!(result["errors"], 0);
         let duration = result["duration_s"].as_f64().expect("duration");
@@ -200,8 +213,6 @@ fn every_mode_reports_json() {
         assert!((95..=101).contains(&count), "200/s for 0.5 s: {result}");
     }
 
-    // The router runs in this process, so its memory is ours.
-    let pid = std::process::id().to_string();
     let report = json(&[
         "idle",
         "--connections",
@@ -232,4 +243,40 @@ fn every_mode_reports_json() {
     );
     assert!(result["rss_bytes_after"].is_number(), "{result}");
     assert!(result["bytes_per_connection"].is_number(), "{result}");
+    assert!(result.get("cpu_s").is_none(), "{result}");
+
+    // A process that cannot be read stops the run before it starts.
+    let (code, line) = failure(&[
+        "query",
+        "--closed",
+        "--duration",
+        "100ms",
+        "--target",
+        &plain,
+        "--pid",
+        "999999999",
+        "--quiet",
+    ]);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("target 'pg': cannot read the CPU time of process 999999999"),
+        "{line}"
+    );
+}
+
+/// The router targets (`direct`, `sslreq`: this process) used CPU in their slices; `pg` was
+/// given no pid and has no CPU fields.
+fn assert_router_cpu(results: &[Value]) {
+    let pid = u64::from(std::process::id());
+    for result in &results[..2] {
+        assert_eq!(result["pid"].as_u64(), Some(pid), "{result}");
+        let cpu_s = result["cpu_s"].as_f64().expect("cpu_s");
+        let per_op = result["cpu_us_per_op"].as_f64().expect("cpu_us_per_op");
+        assert!(cpu_s > 0.0 && per_op > 0.0, "{result}");
+        let count = result["count"].as_f64().expect("count");
+        // cpu_s is rounded to the microsecond.
+        assert!((per_op * count - cpu_s * 1e6).abs() <= 1.0, "{result}");
+    }
+    assert!(results[2].get("cpu_s").is_none(), "{}", results[2]);
+    assert!(results[2].get("pid").is_none(), "{}", results[2]);
 }

@@ -4,6 +4,7 @@
 //! `--max` keeps `--concurrency` setups in flight (closed loop); `--rate N` starts N per second
 //! on a constant schedule while a target runs (open loop, capped at `--concurrency` in flight).
 //! Targets take turns in slices ([`Plan`]); a connection belongs to the slice it started in.
+//! With `--pid`, a [`Sampler`] reads the server's CPU time at the boundaries of the slices.
 
 use std::io;
 use std::rc::Rc;
@@ -11,10 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{millis, progress_line, share, Local};
+use super::{millis, progress_line, share, Local, MeasureError, Measured};
 use crate::plan::{Pacer, Plan, Slice, Step};
 use crate::progress::Progress;
-use crate::runtime::{self, join_all, Counters, Gate, RuntimeError};
+use crate::runtime::{self, join_all, Counters, Gate};
+use crate::sampler::Sampler;
 use crate::settings::Common;
 use crate::stats::TargetStats;
 
@@ -84,11 +86,9 @@ impl Shared {
     }
 }
 
-/// Runs the storm and returns the stats per target.
-pub fn run(
-    common: Arc<Common>,
-    settings: ConnectSettings,
-) -> Result<Vec<TargetStats>, RuntimeError> {
+/// Runs the storm and returns what was measured per target.
+pub fn run(common: Arc<Common>, settings: ConnectSettings) -> Result<Measured, MeasureError> {
+    let sampler = Sampler::start(&common)?;
     let start = Instant::now() + START_DELAY;
     let targets = common.targets.len();
     let plan = match settings.limit {
@@ -109,6 +109,7 @@ pub fn run(
         (Limit::Duration(_), None) => 0,
     };
     let progress = Progress::new(!common.quiet, len);
+    sampler.begin(plan);
     let worker = shared.clone();
     let results = runtime::run_threads(
         threads,
@@ -126,13 +127,18 @@ pub fn run(
         },
     )?;
     progress.finish();
+    let mut cpu = sampler.finish()?;
     let mut merged = crate::stats::merge_threads(targets, results);
     let counted = matches!(settings.limit, Limit::Count(_));
     for (target, stats) in merged.iter_mut().enumerate() {
         let slices = plan.recorded_slices_of(target, stats.busy_ns.len());
         stats.fill_slices(&slices, plan.slice_len(), counted);
+        // CPU counts in the slices that duration_s counts: not after a count ran out.
+        if let Some(cpu) = &mut cpu[target] {
+            cpu.truncate(stats.busy_ns.len());
+        }
     }
-    Ok(merged)
+    Ok(Measured { stats: merged, cpu })
 }
 
 async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<TargetStats>> {

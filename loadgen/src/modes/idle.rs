@@ -15,7 +15,7 @@ use super::{share, Local};
 use crate::client::Conn;
 use crate::progress::Progress;
 use crate::runtime::{self, join_all, Counters, Gate, RuntimeError};
-use crate::settings::{Common, PidSource};
+use crate::settings::Common;
 use crate::stats::TargetStats;
 use crate::sys::{self, ProcError};
 
@@ -29,8 +29,6 @@ pub struct IdleSettings {
     pub connections: usize,
     /// Setups in flight at most, all threads together.
     pub concurrency: usize,
-    /// The process to measure, per target.
-    pub pids: Vec<Option<PidSource>>,
     /// How long to hold the connections after measuring.
     pub hold: Duration,
     /// Pause between the last connection and the memory reading.
@@ -92,12 +90,8 @@ enum Phase {
 pub fn run(common: Arc<Common>, settings: IdleSettings) -> Result<Vec<IdleResult>, IdleError> {
     let progress = Progress::new(!common.quiet, settings.connections as u64);
     let mut results = Vec::with_capacity(common.targets.len());
-    for (index, pid) in settings.pids.iter().enumerate() {
-        let pid = match pid {
-            None => None,
-            Some(PidSource::Pid(pid)) => Some(*pid),
-            Some(PidSource::File(path)) => Some(sys::read_pid_file(path)?),
-        };
+    for (index, pid) in common.pids.iter().enumerate() {
+        let pid = pid.as_ref().map(|source| source.read()).transpose()?;
         let rss_before = pid.map(sys::rss_bytes).transpose()?;
         let name = common.targets[index].name.clone();
         progress.reset(settings.connections as u64, format!("{name}: opening"));

@@ -18,10 +18,31 @@ use branchgate::auth::scram::SaltedPasswordCache;
 
 use crate::client::{self, ClientError, Conn, ConnectOptions, Timings};
 use crate::plan::Plan;
-use crate::runtime::Counters;
+use crate::runtime::{Counters, RuntimeError};
+use crate::sampler::{CpuUse, SamplerError};
 use crate::settings::Common;
 use crate::stats::TargetStats;
 use crate::timer::Timer;
+
+/// What `connect` and `query` measured, per target in command-line order.
+#[derive(Debug)]
+pub struct Measured {
+    /// Counts, latencies and busy time.
+    pub stats: Vec<TargetStats>,
+    /// The CPU time of the target's `--pid` process in its recorded slices.
+    pub cpu: Vec<Option<CpuUse>>,
+}
+
+/// Why `connect` or `query` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// The worker threads failed.
+    #[error("{0}")]
+    Runtime(#[from] RuntimeError),
+    /// A `--pid` process could not be measured.
+    #[error("{0}")]
+    Cpu(#[from] SamplerError),
+}
 
 /// What one worker thread owns: its stats per target, its PBKDF2 cache, its precise timer and
 /// its count of connections (for the round robin over source addresses).

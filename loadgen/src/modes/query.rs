@@ -5,18 +5,21 @@
 //! of R/n per second, the schedules offset so that together they are evenly spaced. Latency
 //! is measured from the scheduled send time (coordinated omission corrected, see
 //! [`crate::plan`]). Closed loop (`--closed`): each connection sends as soon as it has its reply.
+//! With `--pid`, a [`Sampler`] reads the server's CPU time at the boundaries of the slices: it
+//! checks the processes before the connections open, and samples once the plan is known.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{millis, progress_line, Local};
+use super::{millis, progress_line, Local, MeasureError, Measured};
 use crate::client::query::{Outcome, Protocol, Request};
 use crate::client::{ClientError, Conn};
 use crate::plan::{latency, Pacer, Plan, Step};
 use crate::progress::Progress;
-use crate::runtime::{self, join_all, Counters, Gate, RuntimeError};
+use crate::runtime::{self, join_all, Counters, Gate};
+use crate::sampler::Sampler;
 use crate::settings::Common;
 use crate::stats::TargetStats;
 
@@ -73,8 +76,9 @@ fn statement_name(k: usize) -> String {
     format!("lg{k}")
 }
 
-/// Opens the connections, runs the plan and returns the stats per target.
-pub fn run(common: Arc<Common>, settings: QuerySettings) -> Result<Vec<TargetStats>, RuntimeError> {
+/// Opens the connections, runs the plan and returns what was measured per target.
+pub fn run(common: Arc<Common>, settings: QuerySettings) -> Result<Measured, MeasureError> {
+    let sampler = Sampler::start(&common)?;
     let targets = common.targets.len();
     let shared = Arc::new(Shared {
         common: common.clone(),
@@ -110,6 +114,7 @@ pub fn run(common: Arc<Common>, settings: QuerySettings) -> Result<Vec<TargetSta
                 let ns = u64::try_from((start - shared.base).as_nanos()).unwrap_or(u64::MAX);
                 shared.start_ns.store(ns, Ordering::Release);
                 let new = shared.plan(start);
+                sampler.begin(new);
                 let total = new.end().map_or(0, |end| millis(end - start));
                 progress.reset(total, String::new());
                 plan = Some(new);
@@ -122,6 +127,7 @@ pub fn run(common: Arc<Common>, settings: QuerySettings) -> Result<Vec<TargetSta
         },
     )?;
     progress.finish();
+    let cpu = sampler.finish()?;
     let mut merged = crate::stats::merge_threads(targets, results);
     if let Some(plan) = plan {
         for (target, stats) in merged.iter_mut().enumerate() {
@@ -129,7 +135,7 @@ pub fn run(common: Arc<Common>, settings: QuerySettings) -> Result<Vec<TargetSta
             stats.fill_slices(&slices, plan.slice_len(), false);
         }
     }
-    Ok(merged)
+    Ok(Measured { stats: merged, cpu })
 }
 
 impl Shared {
