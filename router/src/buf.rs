@@ -58,9 +58,19 @@ impl ReadBuf {
         }
     }
 
+    /// Hand the storage back to `pool` (whatever it still holds is dropped).
+    pub fn release(self, pool: &BufPool) {
+        pool.give(self.data);
+    }
+
     /// The unconsumed bytes.
     pub fn data(&self) -> &[u8] {
         &self.data[self.start..self.end]
+    }
+
+    /// The unconsumed bytes, writable (records are opened in place).
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.data[self.start..self.end]
     }
 
     /// Number of unconsumed bytes.
@@ -143,8 +153,18 @@ impl ReadBuf {
     }
 }
 
-/// Size of the buffers a worker lends to its connections.
-pub const POOL_BUFFER_BYTES: usize = 16 * 1024;
+/// Size of the buffers a worker lends to its connections: the largest TLS record a client may
+/// send fits whole, and so does one sealed record of the largest plaintext.
+pub const POOL_BUFFER_BYTES: usize = 20 * 1024;
+
+const _: () = assert!(POOL_BUFFER_BYTES >= crate::tls::record::MAX_RECORD_LEN);
+const _: () = assert!(
+    POOL_BUFFER_BYTES
+        >= crate::tls::record::MAX_SEAL_HEADER
+            + crate::tls::MAX_PLAINTEXT
+            + crate::tls::record::MAX_SEAL_TRAILER
+            + crate::tls::record::CONTROL_RECORD_ROOM
+);
 
 /// Free buffers a worker keeps for reuse; beyond this they go back to the allocator.
 pub const MAX_POOLED_BUFFERS: usize = 64;

@@ -10,9 +10,10 @@
 //! - [`config`]: the router's own TOML configuration (parse, don't validate).
 //! - [`catalog`]: the branch catalog (branches, addresses, role verifiers), reloadable.
 //! - [`route`]: user name parsing (`role.branch[|replica]`) and backend selection.
-//! - [`tls`]: rustls server configuration and a TLS stream over monoio's owned-buffer I/O.
+//! - [`tls`]: rustls configuration and handshake, and in-place record protection after it.
 //! - [`backend`]: connecting and authenticating to a PostgreSQL backend.
 //! - [`session`]: one client connection on the direct port, from first byte to relay.
+//! - [`relay`]: an established session's bytes, both ways, driven by readiness.
 //! - [`cancel`]: CancelRequest routing between workers.
 //! - [`worker`]: the thread-per-core runtime: pinned threads, io_uring, SO_REUSEPORT listeners.
 //! - [`mailbox`]: bounded cross-thread queues that wake a monoio runtime.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod mailbox;
 pub mod protocol;
+pub mod relay;
 pub mod role;
 pub mod route;
 pub mod router;

@@ -5,28 +5,30 @@
 //! 2. StartupMessage over TLS, parsed in place; `user` names the role and the branch.
 //! 3. SCRAM-SHA-256 with the client against the catalog verifier; we keep the ClientKey.
 //! 4. Backend connection (primary, or least-loaded healthy replica) authenticated with that key.
-//! 5. Relay both ways with one reused buffer per direction until either side closes.
+//! 5. Relay both ways ([`crate::relay`]) until either side closes.
 //!
-//! Steps 1-3 run under `timeouts.startup`, step 4 under `timeouts.connect`.
+//! Steps 1-3 run under `timeouts.startup`, step 4 under `timeouts.connect`. Steps 1-4 run in a
+//! future of their own, boxed and freed when they end, so the task of an established session
+//! holds only what the relay needs.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use monoio::io::{OwnedReadHalf, Splitable};
 use monoio::net::TcpStream;
 
 use crate::auth::scram::{self, ClientCredentials, ClientKey};
 use crate::auth::verifier::ScramVerifier;
 use crate::backend::{self, BackendConn, BackendError};
 use crate::buf::{write_all_vec, BufPool, ReadBuf};
-use crate::error::{KillReason, SessionError};
+use crate::error::SessionError;
 use crate::protocol::frame::{self, FrameHeader};
 use crate::protocol::frontend::SaslInitialResponse;
 use crate::protocol::startup::{self, CancelKey, StartupPacket};
 use crate::protocol::write::{self, Severity};
+use crate::relay::{self, End, CLOSE_WRITE_TIMEOUT};
 use crate::route;
-use crate::tls::{self, Handshake, TlsConn, TlsError};
+use crate::tls::{self, Handshake, RecordLayer, TlsError};
 use crate::upstream::{ActiveGuard, Upstreams};
 use crate::worker::{SessionHandle, Signal, Worker};
 
@@ -43,13 +45,13 @@ struct Client {
     tcp: TcpStream,
     /// Bytes from the socket: plaintext before TLS, ciphertext after.
     raw: ReadBuf,
-    /// Decrypted bytes.
+    /// Opened data from the client's records.
     plain: ReadBuf,
-    /// Messages to send (plaintext before encryption).
+    /// Messages to send (plaintext, sealed on flush once TLS is up).
     out: Vec<u8>,
-    /// Ciphertext scratch buffer.
+    /// Records to send (and the handshake's flights).
     tls_out: Vec<u8>,
-    tls: Option<TlsConn>,
+    tls: Option<Box<RecordLayer>>,
     handshake: Handshake,
 }
 
@@ -66,34 +68,46 @@ impl Client {
         }
     }
 
-    /// Send everything in `out` (encrypted once TLS is up).
+    /// Send everything in `out` (as TLS records once TLS is up).
     async fn flush(&mut self) -> Result<(), SessionError> {
-        match &self.tls {
-            Some(tls) => {
-                tls.write(&mut self.tcp, &self.out, &mut self.tls_out)
-                    .await?;
+        match &mut self.tls {
+            Some(records) => {
+                tls::seal_into(records, &self.out, &mut self.tls_out).map_err(TlsError::from)?;
                 self.out.clear();
+                write_all_vec(&mut self.tcp, &mut self.tls_out).await?;
             }
             None => write_all_vec(&mut self.tcp, &mut self.out).await?,
         }
         Ok(())
     }
 
-    /// Read more decrypted bytes into `plain`.
+    /// Read more opened data into `plain`.
     async fn read_more(&mut self) -> Result<(), SessionError> {
-        let Some(tls) = &self.tls else {
+        let Some(records) = &mut self.tls else {
             return Err(SessionError::Protocol("read before TLS"));
         };
-        let spare = self.plain.spare_mut();
-        if spare.is_empty() {
-            return Err(SessionError::Protocol("message too long"));
+        loop {
+            let before = self.plain.len();
+            let open = tls::open_into(records, &mut self.raw, &mut self.plain)?;
+            // Data that came before a close_notify is still served (a CancelRequest, say).
+            if self.plain.len() > before {
+                return Ok(());
+            }
+            if !open || self.handshake.closed {
+                return Err(SessionError::ClientClosed);
+            }
+            if records
+                .record_len(self.raw.data())
+                .map_err(TlsError::from)?
+                .is_some()
+            {
+                // A whole record is waiting that `plain` has no room for.
+                return Err(SessionError::Protocol("message too long"));
+            }
+            if self.raw.fill_from(&mut self.tcp).await? == 0 {
+                return Err(SessionError::ClientClosed);
+            }
         }
-        let n = tls.read(&mut self.tcp, &mut self.raw, spare).await?;
-        if n == 0 {
-            return Err(SessionError::ClientClosed);
-        }
-        self.plain.commit(n);
-        Ok(())
     }
 
     /// Wait for one whole message in `plain`.
@@ -108,9 +122,15 @@ impl Client {
     }
 
     async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> Result<(), SessionError> {
-        let (conn, handshake) =
-            tls::accept(&mut self.tcp, config, &mut self.raw, &mut self.tls_out).await?;
-        self.tls = Some(conn);
+        let (records, handshake) = tls::accept(
+            &mut self.tcp,
+            config,
+            &mut self.raw,
+            &mut self.plain,
+            &mut self.tls_out,
+        )
+        .await?;
+        self.tls = Some(Box::new(records));
         self.handshake = handshake;
         Ok(())
     }
@@ -149,25 +169,56 @@ struct Routed {
     backend_startup: Vec<u8>,
 }
 
+/// An established session: the client authenticated, its backend connected, both told.
+struct Session {
+    client: TcpStream,
+    records: Box<RecordLayer>,
+    /// Ciphertext past the client's last whole record (normally none).
+    cipher: Vec<u8>,
+    backend: TcpStream,
+    handle: Rc<SessionHandle>,
+    _upstream: ActiveGuard,
+}
+
 /// Serve one accepted connection until it ends. Every failure is logged once, here.
 pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
     let (_live, over_limit) = worker.connection_started();
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }
+    // Boxed: its state (buffers, SCRAM, the backend handshake) is freed before the relay.
+    let session = Box::pin(start(&worker, tcp, peer, over_limit)).await;
+    if let Some(session) = session {
+        relay(&worker, session, peer).await;
+    }
+}
+
+/// Steps 1 to 4. `None` if the connection ended (a cancel request, or a refusal, logged).
+async fn start(
+    worker: &Rc<Worker>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    over_limit: bool,
+) -> Option<Session> {
     let mut client = Client::new(tcp, &worker.buffers);
     let startup_timeout = worker.shared.config.timeouts.startup;
     let result =
-        match monoio::time::timeout(startup_timeout, establish(&worker, &mut client, over_limit))
+        match monoio::time::timeout(startup_timeout, establish(worker, &mut client, over_limit))
             .await
         {
             Ok(result) => result,
             Err(_) => Err(SessionError::StartupTimeout),
         };
     let auth = match result {
-        Ok(Established::Cancel(key)) => return crate::cancel::handle(&worker, key),
+        Ok(Established::Cancel(key)) => {
+            crate::cancel::handle(worker, key);
+            return None;
+        }
         Ok(Established::Authenticated(auth)) => auth,
-        Err(error) => return refuse(&mut client, peer, error).await,
+        Err(error) => {
+            refuse(&mut client, peer, error).await;
+            return None;
+        }
     };
     let Authenticated {
         routed,
@@ -175,32 +226,90 @@ pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
         server_final,
         verifier,
     } = *auth;
-    match connect_backend(&worker, &routed, client_key, &verifier).await {
-        Ok(Connected {
-            ready,
-            status,
-            mut to_client,
-        }) => {
-            write::auth_sasl_final(&mut client.out, &server_final);
-            write::auth_ok(&mut client.out);
-            client.out.append(&mut to_client);
-            let key = ready.client_key;
-            write::backend_key_data(&mut client.out, key.pid, key.secret);
-            write::ready_for_query(&mut client.out, status);
-            relay(&worker, client, ready, peer).await
-        }
-        Err((error, mut to_client)) => {
-            // The client did authenticate; a backend that then refuses the session (no such
-            // database, too many connections) says why in its own ErrorResponse, which the client
-            // sees verbatim after AuthenticationOk, as PostgreSQL itself would send it.
-            if matches!(error, SessionError::Backend(BackendError::Rejected)) {
-                write::auth_sasl_final(&mut client.out, &server_final);
-                write::auth_ok(&mut client.out);
-                client.out.append(&mut to_client);
+    let (ready, status, mut to_client) =
+        match connect_backend(worker, &routed, client_key, &verifier).await {
+            Ok(Connected {
+                ready,
+                status,
+                to_client,
+            }) => (ready, status, to_client),
+            Err((error, mut to_client)) => {
+                // The client did authenticate; a backend that then refuses the session (no
+                // such database, too many connections) says why in its own ErrorResponse,
+                // which the client sees verbatim after AuthenticationOk, as PostgreSQL itself
+                // would send it.
+                if matches!(error, SessionError::Backend(BackendError::Rejected)) {
+                    write::auth_sasl_final(&mut client.out, &server_final);
+                    write::auth_ok(&mut client.out);
+                    client.out.append(&mut to_client);
+                }
+                refuse(&mut client, peer, error).await;
+                return None;
             }
-            refuse(&mut client, peer, error).await
+        };
+    let Ready {
+        backend,
+        _upstream,
+        client_key,
+        branch,
+        role,
+    } = ready;
+    let BackendConn {
+        mut stream,
+        addr,
+        pid,
+        secret,
+        read_buf,
+    } = backend;
+    write::auth_sasl_final(&mut client.out, &server_final);
+    write::auth_ok(&mut client.out);
+    client.out.append(&mut to_client);
+    write::backend_key_data(&mut client.out, client_key.pid, client_key.secret);
+    write::ready_for_query(&mut client.out, status);
+    // Bytes the backend sent past its ReadyForQuery (normally none) follow ours.
+    client.out.extend_from_slice(read_buf.data());
+    read_buf.release(&worker.buffers);
+    if let Err(error) = client.flush().await {
+        tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
+        return None;
+    }
+    // And messages the client pipelined after authenticating go to the backend first.
+    if !client.plain.is_empty() {
+        let mut early = client.plain.data().to_vec();
+        if let Err(error) = write_all_vec(&mut stream, &mut early).await {
+            tracing::warn!(%peer, %error, "backend connection failed");
+            return None;
         }
     }
+    let Client {
+        tcp,
+        raw,
+        plain,
+        tls,
+        handshake,
+        ..
+    } = client;
+    let cipher = raw.data().to_vec();
+    raw.release(&worker.buffers);
+    plain.release(&worker.buffers);
+    let records = tls?;
+    let handle = Rc::new(SessionHandle {
+        client_key,
+        backend_addr: addr,
+        backend_key: CancelKey { pid, secret },
+        branch,
+        role,
+        sni: handshake.sni,
+        kill: Signal::default(),
+    });
+    Some(Session {
+        client: tcp,
+        records,
+        cipher,
+        backend: stream,
+        handle,
+        _upstream,
+    })
 }
 
 /// Log the error once and tell the client what it may know.
@@ -489,47 +598,16 @@ async fn connect_backend(
     }
 }
 
-/// Wait until the socket behind `half` has bytes to read, without lending a buffer to the kernel.
-async fn readable(half: &OwnedReadHalf<TcpStream>) -> std::io::Result<()> {
-    // SAFETY: this is the access pattern of monoio's own split halves, which share the stream
-    // through this cell: TcpStream's operations only clone its fd into an io_uring/epoll
-    // operation and keep no reference into the stream, and both halves live on this thread.
-    // `readable` needs only `&self`.
-    let stream: &TcpStream = unsafe { &*half.0.get() };
-    stream.readable(false).await
-}
-
-/// How a relayed session ended.
-#[derive(Debug)]
-enum End {
-    ClientClosed,
-    BackendClosed,
-    ClientError(SessionError),
-    BackendError(std::io::Error),
-    Killed(KillReason),
-}
-
-/// Step 5: register the session and copy bytes both ways until one side ends.
-async fn relay(worker: &Rc<Worker>, mut client: Client, ready: Ready, peer: SocketAddr) {
-    let Ready {
+/// Step 5: register the session and relay until one side ends, then say goodbye as fits.
+async fn relay(worker: &Rc<Worker>, session: Session, peer: SocketAddr) {
+    let Session {
+        mut client,
+        mut records,
+        cipher,
         backend,
+        handle,
         _upstream,
-        client_key,
-        branch,
-        role,
-    } = ready;
-    let handle = Rc::new(SessionHandle {
-        client_key,
-        backend_addr: backend.addr,
-        backend_key: CancelKey {
-            pid: backend.pid,
-            secret: backend.secret,
-        },
-        branch,
-        role,
-        sni: client.handshake.sni.take(),
-        kill: Signal::default(),
-    });
+    } = session;
     tracing::debug!(
         %peer,
         branch = %handle.branch,
@@ -540,95 +618,43 @@ async fn relay(worker: &Rc<Worker>, mut client: Client, ready: Ready, peer: Sock
         "session established"
     );
     let _registration = worker.register(handle.clone());
-    if let Err(error) = client.flush().await {
-        tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
-        return;
-    }
-    let Client {
-        tcp,
-        mut raw,
-        mut plain,
-        mut tls_out,
-        tls,
-        out,
-        ..
-    } = client;
-    drop(out);
-    let Some(tls) = tls else { return };
-    let (mut client_rd, mut client_wr) = tcp.into_split();
-    let (mut backend_rd, mut backend_wr) = backend.stream.into_split();
-    let mut backend_buf = backend.read_buf;
-    let pool = &worker.buffers;
-
-    // Each direction lends its buffers back to the worker's pool before it waits for the next
-    // bytes, so an idle session holds no I/O buffer at all.
-    let end = {
-        let client_to_backend = async {
-            loop {
-                if let Err(e) = plain.drain_to(&mut backend_wr).await {
-                    return End::BackendError(e);
-                }
-                if raw.is_empty() && !tls.has_buffered_plaintext() {
-                    raw.detach(pool);
-                    plain.detach(pool);
-                    if let Err(e) = readable(&client_rd).await {
-                        return End::ClientError(e.into());
-                    }
-                }
-                raw.attach(pool);
-                plain.attach(pool);
-                match tls.read(&mut client_rd, &mut raw, plain.spare_mut()).await {
-                    Ok(0) => return End::ClientClosed,
-                    Ok(n) => plain.commit(n),
-                    Err(e) => return End::ClientError(e.into()),
-                }
-            }
-        };
-        let backend_to_client = async {
-            loop {
-                if !backend_buf.is_empty() {
-                    if let Err(e) = tls
-                        .write(&mut client_wr, backend_buf.data(), &mut tls_out)
-                        .await
-                    {
-                        return End::ClientError(e.into());
-                    }
-                    backend_buf.clear();
-                }
-                backend_buf.detach(pool);
-                tls_out = Vec::new();
-                if let Err(e) = readable(&backend_rd).await {
-                    return End::BackendError(e);
-                }
-                backend_buf.attach(pool);
-                match backend_buf.fill_from(&mut backend_rd).await {
-                    Ok(0) => return End::BackendClosed,
-                    Ok(_) => {}
-                    Err(e) => return End::BackendError(e),
-                }
-            }
-        };
-        monoio::select! {
-            end = client_to_backend => end,
-            end = backend_to_client => end,
-            reason = handle.kill.wait() => End::Killed(reason),
-        }
-    };
+    let (end, mut last) = relay::run(
+        &client,
+        &backend,
+        &mut records,
+        &cipher,
+        &handle.kill,
+        &worker.buffers,
+    )
+    .await;
+    drop(cipher);
     match end {
         End::Killed(reason) => {
             let (code, message) = reason.to_wire();
-            let mut out = Vec::with_capacity(128);
-            write::error_response(&mut out, Severity::Fatal, code, message);
-            let _ = tls.write(&mut client_wr, &out, &mut tls_out).await;
-            tls.close(&mut client_wr, &mut tls_out).await;
+            let mut error = Vec::with_capacity(128);
+            write::error_response(&mut error, Severity::Fatal, code, message);
+            let _ = tls::seal_into(&mut records, &error, &mut last);
+            let _ = tls::close_notify_into(&mut records, &mut last);
+            send_last(&mut client, last).await;
             tracing::info!(%peer, ?reason, "session closed by the router");
         }
         End::BackendClosed => {
-            tls.close(&mut client_wr, &mut tls_out).await;
+            let _ = tls::close_notify_into(&mut records, &mut last);
+            send_last(&mut client, last).await;
             tracing::debug!(%peer, "backend closed the session");
         }
         End::ClientClosed => tracing::debug!(%peer, "client closed the session"),
         End::ClientError(error) => tracing::debug!(%peer, %error, "client connection failed"),
-        End::BackendError(error) => tracing::warn!(%peer, %error, "backend connection failed"),
+        End::BackendError(error) => {
+            send_last(&mut client, last).await;
+            tracing::warn!(%peer, %error, "backend connection failed");
+        }
+    }
+}
+
+/// Sends a session's last records, giving up on a client that does not read them.
+async fn send_last(client: &mut TcpStream, mut last: Vec<u8>) {
+    if !last.is_empty() {
+        let _ = monoio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all_vec(client, &mut last)).await;
     }
 }

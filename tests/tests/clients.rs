@@ -116,9 +116,21 @@ impl Fixture {
         dbname: Option<&str>,
         sql: &str,
     ) -> Result<String, String> {
+        self.psql_with(user, password, dbname, "", sql)
+    }
+
+    /// [`Fixture::psql`] with more conninfo settings.
+    fn psql_with(
+        &self,
+        user: &str,
+        password: &str,
+        dbname: Option<&str>,
+        extra: &str,
+        sql: &str,
+    ) -> Result<String, String> {
         let mut conninfo = format!(
             "host=localhost hostaddr=127.0.0.1 port={} user='{user}' password='{password}' \
-             sslmode=verify-full sslrootcert='{}' connect_timeout=10",
+             sslmode=verify-full sslrootcert='{}' connect_timeout=10 {extra}",
             self.router.direct_addr().port(),
             self.certs.ca_path().display()
         );
@@ -232,6 +244,23 @@ fn psql_reaches_primary_and_replica_as_the_bare_role() {
         )
         .expect("psql to the replica");
     assert_eq!(port, f.b1_replica.port().to_string());
+}
+
+/// OpenSSL's TLS 1.2 works as well as its TLS 1.3, with statements and results larger than
+/// one TLS record.
+#[test]
+fn psql_over_tls_1_2_and_1_3_with_multi_record_messages() {
+    let f = fixture();
+    let literal = "y".repeat(50_000);
+    let sql = format!("select length('{literal}'), repeat('ab', 60000)");
+    for version in ["TLSv1.2", "TLSv1.3"] {
+        let settings =
+            format!("ssl_min_protocol_version={version} ssl_max_protocol_version={version}");
+        let rows = f
+            .psql_with("app.b1", APP_B1_PASSWORD, Some("postgres"), &settings, &sql)
+            .unwrap_or_else(|e| panic!("psql over {version}: {e}"));
+        assert_eq!(rows, format!("50000|{}", "ab".repeat(60_000)), "{version}");
+    }
 }
 
 #[test]

@@ -1,0 +1,234 @@
+//! TLS for every listener: the rustls configuration, the handshake, and record protection.
+//!
+//! Both PostgreSQL TLS modes end up in [`accept`]: direct SSL (the ClientHello is the first
+//! thing the client sends, already in the read buffer) and SSLRequest (the handshake follows our
+//! `S`). rustls runs the handshake ([`handshake`]); established connections are served by our
+//! own in-place [`record`] layer with the secrets rustls negotiated, so a session keeps no TLS
+//! buffers and copies nothing per record.
+//!
+//! # Layout
+//! - [`handshake`]: the server handshake on rustls's unbuffered API, without I/O.
+//! - [`record`]: opening and sealing records in place after the handshake.
+
+pub mod handshake;
+pub mod record;
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::buf::{write_all_vec, ReadBuf};
+pub use handshake::{ServerHandshake, Want};
+pub use record::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT};
+
+/// The ALPN protocol name PostgreSQL 17 defines for its TLS connections.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// Errors of the TLS layer. None of them reaches the client as an ErrorResponse: TLS failures are
+/// answered with TLS alerts (chosen by rustls) or by closing the connection.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{0}: no certificate found")]
+    NoCertificate(PathBuf),
+    /// rustls refused the certificate/key pair.
+    #[error("invalid certificate or key: {0}")]
+    Config(rustls::Error),
+    /// The handshake failed; the alert rustls chose was sent.
+    #[error("TLS: {0}")]
+    Protocol(#[from] rustls::Error),
+    /// A record after the handshake was bad, or the connection's keys ran out.
+    #[error("TLS record: {0}")]
+    Record(#[from] RecordError),
+    /// A direct-SSL client did not offer ALPN `postgresql` (PostgreSQL 17 closes these).
+    #[error("direct SSL connection without ALPN")]
+    NoAlpn,
+    /// More application data arrived with the client's Finished than the buffer holds.
+    #[error("too much data with the TLS handshake")]
+    EarlyDataTooLong,
+    /// rustls could not encode a handshake record.
+    #[error("cannot encode a TLS handshake record")]
+    Encode,
+    /// The peer closed the connection during the handshake.
+    #[error("connection closed during TLS handshake")]
+    Eof,
+    /// Socket error.
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What the handshake learned about the client.
+#[derive(Debug, Clone, Default)]
+pub struct Handshake {
+    /// The server name the client asked for (SNI), if any.
+    pub sni: Option<Box<str>>,
+    /// True if the client negotiated ALPN `postgresql`.
+    pub alpn: bool,
+    /// True if the client sent close_notify along with its first data: nothing more follows.
+    pub closed: bool,
+}
+
+thread_local! {
+    /// The SNI of the ClientHello rustls last resolved a certificate for on this thread. The
+    /// unbuffered server connection has no SNI accessor, so the resolver notes it here and
+    /// [`ServerHandshake`] takes it right after the rustls call that processed the ClientHello:
+    /// no other handshake can run on this thread in between.
+    static CLIENT_HELLO_SNI: RefCell<Option<Box<str>>> = const { RefCell::new(None) };
+}
+
+fn take_client_hello_sni() -> Option<Box<str>> {
+    CLIENT_HELLO_SNI.with(|sni| sni.borrow_mut().take())
+}
+
+/// The configured certificate resolver, noting each ClientHello's SNI for [`Handshake::sni`].
+#[derive(Debug)]
+struct NoteSni(Arc<dyn ResolvesServerCert>);
+
+impl ResolvesServerCert for NoteSni {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = client_hello.server_name().map(Box::from);
+        CLIENT_HELLO_SNI.with(|slot| *slot.borrow_mut() = sni);
+        self.0.resolve(client_hello)
+    }
+}
+
+/// Build the server configuration from PEM files: ALPN `postgresql`, TLS 1.2 and 1.3.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::File {
+            path: cert.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(cert.to_owned()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::File {
+        path: key.to_owned(),
+        source,
+    })?;
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(TlsError::Config)?;
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    // libpq never resumes sessions: tickets would only cost CPU and bytes per handshake.
+    config.send_tls13_tickets = 0;
+    // Established connections are served by `record::RecordLayer` with the negotiated secrets.
+    config.enable_secret_extraction = true;
+    config.cert_resolver = Arc::new(NoteSni(config.cert_resolver.clone()));
+    Ok(Arc::new(config))
+}
+
+/// Run the server handshake on `io`. `raw` holds ciphertext already read (the ClientHello's first
+/// bytes for direct SSL) and keeps any ciphertext read past the handshake; application data the
+/// client sent with its Finished goes to `early`.
+///
+/// Not cancel-safe (the caller drops the whole connection on timeout).
+pub async fn accept<S: AsyncReadRent + AsyncWriteRent>(
+    io: &mut S,
+    config: Arc<ServerConfig>,
+    raw: &mut ReadBuf,
+    early: &mut ReadBuf,
+    out: &mut Vec<u8>,
+) -> Result<(RecordLayer, Handshake), TlsError> {
+    let mut handshake = ServerHandshake::new(config)?;
+    loop {
+        let want = match handshake.advance(raw, out, early) {
+            Ok(want) => want,
+            Err(error) => {
+                // The alert rustls chose is in `out`.
+                write_all_vec(io, out).await.ok();
+                return Err(error);
+            }
+        };
+        write_all_vec(io, out).await?;
+        match want {
+            Want::Write => {}
+            Want::Read => {
+                if raw.fill_from(io).await? == 0 {
+                    return Err(TlsError::Eof);
+                }
+            }
+            Want::Done => return handshake.finish(),
+        }
+    }
+}
+
+/// Opens every whole record at the front of `cipher`, appending its data to `plain`. Stops
+/// before a record whose data might not fit. Returns false if the client sent close_notify
+/// (after the data before it).
+pub fn open_into(
+    records: &mut RecordLayer,
+    cipher: &mut ReadBuf,
+    plain: &mut ReadBuf,
+) -> Result<bool, TlsError> {
+    while let Some(len) = records.record_len(cipher.data())? {
+        if plain.spare_mut().len() < len {
+            break;
+        }
+        let opened = records.open(&mut cipher.data_mut()[..len])?;
+        if let Opened::Data(range) = &opened {
+            let data = &cipher.data()[range.clone()];
+            plain.spare_mut()[..data.len()].copy_from_slice(data);
+            plain.commit(data.len());
+        }
+        cipher.consume(len);
+        if opened == Opened::Closed {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Seals `plain` as application-data records appended to `out` (any KeyUpdate that is due
+/// goes first).
+pub fn seal_into(
+    records: &mut RecordLayer,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), RecordError> {
+    if records.key_update_due() {
+        let start = out.len();
+        out.resize(start + record::CONTROL_RECORD_ROOM, 0);
+        let len = records.seal_key_update(&mut out[start..])?;
+        out.truncate(start + len);
+    }
+    let (header, trailer) = (records.seal_header_len(), records.seal_trailer_len());
+    for chunk in plain.chunks(MAX_PLAINTEXT) {
+        let start = out.len();
+        out.resize(start + header, 0);
+        out.extend_from_slice(chunk);
+        out.resize(out.len() + trailer, 0);
+        let len = records.seal(&mut out[start..], chunk.len())?;
+        debug_assert_eq!(start + len, out.len());
+    }
+    Ok(())
+}
+
+/// Appends a close_notify alert record to `out`.
+pub fn close_notify_into(records: &mut RecordLayer, out: &mut Vec<u8>) -> Result<(), RecordError> {
+    let start = out.len();
+    out.resize(start + record::CONTROL_RECORD_ROOM, 0);
+    let len = records.seal_close_notify(&mut out[start..])?;
+    out.truncate(start + len);
+    Ok(())
+}
