@@ -186,10 +186,13 @@ pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }
-    // Boxed: its state (buffers, SCRAM, the backend handshake) is freed before the relay.
-    let session = Box::pin(start(&worker, tcp, peer, over_limit)).await;
-    if let Some(session) = session {
-        relay(&worker, session, peer).await;
+    // Boxed: its state (buffers, SCRAM, the backend handshake) is freed before the relay. In
+    // a statement of its own, or the unboxed future's temporary would take room in this task
+    // for as long as it lives.
+    let starting = Box::pin(start(&worker, tcp, peer, over_limit));
+    let session = starting.await;
+    if let Some(mut session) = session {
+        relay(&worker, &mut session, peer).await;
     }
 }
 
@@ -599,15 +602,9 @@ async fn connect_backend(
 }
 
 /// Step 5: register the session and relay until one side ends, then say goodbye as fits.
-async fn relay(worker: &Rc<Worker>, session: Session, peer: SocketAddr) {
-    let Session {
-        mut client,
-        mut records,
-        cipher,
-        backend,
-        handle,
-        _upstream,
-    } = session;
+async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
+    // Fields are used in place: moving them out would give each a second slot in the task.
+    let handle = &session.handle;
     tracing::debug!(
         %peer,
         branch = %handle.branch,
@@ -619,42 +616,53 @@ async fn relay(worker: &Rc<Worker>, session: Session, peer: SocketAddr) {
     );
     let _registration = worker.register(handle.clone());
     let (end, mut last) = relay::run(
-        &client,
-        &backend,
-        &mut records,
-        &cipher,
-        &handle.kill,
+        &session.client,
+        &session.backend,
+        &mut session.records,
+        &session.cipher,
+        &session.handle.kill,
         &worker.buffers,
     )
     .await;
-    drop(cipher);
-    match end {
+    session.cipher = Vec::new();
+    let records = &mut session.records;
+    // What the client still gets: the rest of what was on its way, then a FATAL error if the
+    // router ends the session, then close_notify if we are the side that closes.
+    let goodbye = match &end {
         End::Killed(reason) => {
             let (code, message) = reason.to_wire();
             let mut error = Vec::with_capacity(128);
             write::error_response(&mut error, Severity::Fatal, code, message);
-            let _ = tls::seal_into(&mut records, &error, &mut last);
-            let _ = tls::close_notify_into(&mut records, &mut last);
-            send_last(&mut client, last).await;
+            let _ = tls::seal_into(records, &error, &mut last);
+            let _ = tls::close_notify_into(records, &mut last);
             tracing::info!(%peer, ?reason, "session closed by the router");
+            true
         }
         End::BackendClosed => {
-            let _ = tls::close_notify_into(&mut records, &mut last);
-            send_last(&mut client, last).await;
+            let _ = tls::close_notify_into(records, &mut last);
             tracing::debug!(%peer, "backend closed the session");
+            true
         }
-        End::ClientClosed => tracing::debug!(%peer, "client closed the session"),
-        End::ClientError(error) => tracing::debug!(%peer, %error, "client connection failed"),
         End::BackendError(error) => {
-            send_last(&mut client, last).await;
             tracing::warn!(%peer, %error, "backend connection failed");
+            true
         }
+        End::ClientClosed => {
+            tracing::debug!(%peer, "client closed the session");
+            false
+        }
+        End::ClientError(error) => {
+            tracing::debug!(%peer, %error, "client connection failed");
+            false
+        }
+    };
+    if goodbye && !last.is_empty() {
+        // Boxed: the last write's state is needed once, not for the session's whole life.
+        Box::pin(send_last(&mut session.client, last)).await;
     }
 }
 
 /// Sends a session's last records, giving up on a client that does not read them.
 async fn send_last(client: &mut TcpStream, mut last: Vec<u8>) {
-    if !last.is_empty() {
-        let _ = monoio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all_vec(client, &mut last)).await;
-    }
+    let _ = monoio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all_vec(client, &mut last)).await;
 }

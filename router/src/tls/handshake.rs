@@ -12,8 +12,8 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::ServerConfig;
 
-use super::record::RecordLayer;
-use super::{take_client_hello_sni, Handshake, TlsError, ALPN_POSTGRESQL};
+use super::record::{RecordLayer, TrafficSecrets};
+use super::{take_noted, Handshake, Noted, TlsError, ALPN_POSTGRESQL};
 use crate::buf::ReadBuf;
 
 /// What the handshake needs from the caller before the next [`ServerHandshake::advance`].
@@ -30,14 +30,15 @@ pub enum Want {
 /// A handshake in progress.
 pub struct ServerHandshake {
     conn: UnbufferedServerConnection,
-    sni: Option<Box<str>>,
+    /// What rustls's hooks told us so far.
+    noted: Noted,
     peer_closed: bool,
 }
 
 impl std::fmt::Debug for ServerHandshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerHandshake")
-            .field("sni", &self.sni)
+            .field("sni", &self.noted.sni)
             .finish_non_exhaustive()
     }
 }
@@ -54,7 +55,7 @@ impl ServerHandshake {
     pub fn new(config: Arc<ServerConfig>) -> Result<ServerHandshake, TlsError> {
         Ok(ServerHandshake {
             conn: UnbufferedServerConnection::new(config)?,
-            sni: None,
+            noted: Noted::default(),
             peer_closed: false,
         })
     }
@@ -89,10 +90,7 @@ impl ServerHandshake {
     ) -> Result<Step, TlsError> {
         let UnbufferedStatus { discard, state } =
             self.conn.process_tls_records(incoming.data_mut());
-        // rustls resolves the certificate, and so reads the SNI, inside the call above.
-        if let Some(sni) = take_client_hello_sni() {
-            self.sni = Some(sni);
-        }
+        self.noted.absorb(take_noted());
         let peer_closed = matches!(state, Ok(ConnectionState::PeerClosed));
         let step = match state {
             Ok(ConnectionState::EncodeTlsData(mut encode)) => {
@@ -149,18 +147,29 @@ impl ServerHandshake {
                 break;
             }
         }
-        let _ = take_client_hello_sni();
+        self.noted.absorb(take_noted());
     }
 
     /// The negotiated connection's record layer and what the handshake learned.
     pub fn finish(self) -> Result<(RecordLayer, Handshake), TlsError> {
         let handshake = Handshake {
-            sni: self.sni,
+            sni: self.noted.sni,
             alpn: self.conn.alpn_protocol() == Some(ALPN_POSTGRESQL),
             closed: self.peer_closed,
         };
-        let (secrets, kernel) = self.conn.dangerous_into_kernel_connection()?;
-        Ok((RecordLayer::new(secrets, kernel)?, handshake))
+        let traffic = match (self.noted.client_traffic, self.noted.server_traffic) {
+            (Some(client), Some(server)) => Some(TrafficSecrets { client, server }),
+            _ => None,
+        };
+        // The kernel connection is dropped at once: key updates are derived from `traffic`.
+        let (keys, kernel) = self.conn.dangerous_into_kernel_connection()?;
+        let records = RecordLayer::new(
+            keys,
+            kernel.protocol_version(),
+            kernel.negotiated_cipher_suite(),
+            traffic,
+        )?;
+        Ok((records, handshake))
     }
 }
 

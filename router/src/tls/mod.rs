@@ -29,7 +29,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::buf::{write_all_vec, ReadBuf};
 pub use handshake::{ServerHandshake, Want};
-pub use record::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT};
+pub use record::{Opened, RecordError, RecordLayer, TrafficSecret, TrafficSecrets, MAX_PLAINTEXT};
 
 /// The ALPN protocol name PostgreSQL 17 defines for its TLS connections.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -86,16 +86,32 @@ pub struct Handshake {
     pub closed: bool,
 }
 
-thread_local! {
-    /// The SNI of the ClientHello rustls last resolved a certificate for on this thread. The
-    /// unbuffered server connection has no SNI accessor, so the resolver notes it here and
-    /// [`ServerHandshake`] takes it right after the rustls call that processed the ClientHello:
-    /// no other handshake can run on this thread in between.
-    static CLIENT_HELLO_SNI: RefCell<Option<Box<str>>> = const { RefCell::new(None) };
+/// What rustls tells our hooks (the certificate resolver, the key log) about the handshake it
+/// is running. The unbuffered server connection has no SNI accessor and does not give out
+/// traffic secrets, so the hooks note them here, and [`ServerHandshake`] takes them right
+/// after each rustls call: no other handshake can run on this thread in between.
+#[derive(Default)]
+struct Noted {
+    sni: Option<Box<str>>,
+    client_traffic: Option<TrafficSecret>,
+    server_traffic: Option<TrafficSecret>,
 }
 
-fn take_client_hello_sni() -> Option<Box<str>> {
-    CLIENT_HELLO_SNI.with(|sni| sni.borrow_mut().take())
+thread_local! {
+    static NOTED: RefCell<Noted> = RefCell::new(Noted::default());
+}
+
+impl Noted {
+    /// Keeps what `newer` learned, and what this knew that `newer` does not.
+    fn absorb(&mut self, newer: Noted) {
+        self.sni = newer.sni.or(self.sni.take());
+        self.client_traffic = newer.client_traffic.or(self.client_traffic.take());
+        self.server_traffic = newer.server_traffic.or(self.server_traffic.take());
+    }
+}
+
+fn take_noted() -> Noted {
+    NOTED.with(|noted| std::mem::take(&mut *noted.borrow_mut()))
 }
 
 /// The configured certificate resolver, noting each ClientHello's SNI for [`Handshake::sni`].
@@ -105,8 +121,32 @@ struct NoteSni(Arc<dyn ResolvesServerCert>);
 impl ResolvesServerCert for NoteSni {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let sni = client_hello.server_name().map(Box::from);
-        CLIENT_HELLO_SNI.with(|slot| *slot.borrow_mut() = sni);
+        NOTED.with(|noted| noted.borrow_mut().sni = sni);
         self.0.resolve(client_hello)
+    }
+}
+
+/// Notes the TLS 1.3 application traffic secrets, from which key updates are derived.
+#[derive(Debug)]
+struct NoteTrafficSecrets;
+
+const CLIENT_TRAFFIC_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_TRAFFIC_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+impl rustls::KeyLog for NoteTrafficSecrets {
+    fn will_log(&self, label: &str) -> bool {
+        label == CLIENT_TRAFFIC_SECRET || label == SERVER_TRAFFIC_SECRET
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        NOTED.with(|noted| {
+            let mut noted = noted.borrow_mut();
+            match label {
+                CLIENT_TRAFFIC_SECRET => noted.client_traffic = TrafficSecret::new(secret),
+                SERVER_TRAFFIC_SECRET => noted.server_traffic = TrafficSecret::new(secret),
+                _ => {}
+            }
+        });
     }
 }
 
@@ -134,6 +174,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     config.send_tls13_tickets = 0;
     // Established connections are served by `record::RecordLayer` with the negotiated secrets.
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(NoteTrafficSecrets);
     config.cert_resolver = Arc::new(NoteSni(config.cert_resolver.clone()));
     Ok(Arc::new(config))
 }

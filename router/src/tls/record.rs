@@ -1,10 +1,14 @@
 //! TLS records after the handshake: record protection in place in the caller's buffers.
 //!
-//! rustls runs the handshake; then its kernel-connection API hands over the traffic secrets
-//! (the interface kTLS uses) and keeps only what it needs to derive TLS 1.3 key updates. From
-//! there each record is opened and sealed here, in place, with aws-lc-rs's AEADs: a session
-//! keeps no TLS buffers of its own and allocates nothing per record. Record formats follow
-//! RFC 8446 section 5 (TLS 1.3) and RFC 5288 / RFC 7905 (TLS 1.2 AES-GCM, ChaCha20-Poly1305).
+//! rustls runs the handshake; then its kernel-connection API hands over the keys and sequence
+//! numbers (the interface kTLS uses), and each record is opened and sealed here, in place, with
+//! aws-lc-rs's AEADs: a session keeps no TLS buffers of its own and allocates nothing per
+//! record. Record formats follow RFC 8446 section 5 (TLS 1.3) and RFC 5288 / RFC 7905 (TLS 1.2
+//! AES-GCM, ChaCha20-Poly1305).
+//!
+//! TLS 1.3 key updates (RFC 8446 7.2) are derived here too, from the application traffic
+//! secrets rustls reports through its key log: keeping rustls's kernel connection for them
+//! would cost every session about 800 bytes.
 //!
 //! Alerts other than close_notify and every handshake message but a TLS 1.3 KeyUpdate end the
 //! connection (TLS 1.2 renegotiation is refused by closing, which clients treat as a refusal).
@@ -12,8 +16,7 @@
 use std::ops::Range;
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
-use rustls::kernel::KernelConnection;
-use rustls::server::ServerConnectionData;
+use aws_lc_rs::hkdf;
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion, SupportedCipherSuite};
 
 /// Bytes of a record header: content type, legacy version, length.
@@ -50,7 +53,7 @@ const KEY_UPDATE_REQUESTED: u8 = 1;
 const KEY_UPDATE_LEN: usize = 5;
 
 /// Records sent before the confidentiality limit at which a TLS 1.3 session rekeys.
-const REKEY_MARGIN: u64 = 1 << 16;
+pub(crate) const REKEY_MARGIN: u64 = 1 << 16;
 
 /// Why a record could not be processed. Each ends the connection; none reaches the client as
 /// an ErrorResponse (the TLS layer has no way to carry one once records are broken).
@@ -74,9 +77,9 @@ pub enum RecordError {
     /// The sequence number or the cipher's confidentiality limit ran out.
     #[error("record sequence exhausted")]
     Exhausted,
-    /// rustls could not derive the next traffic secret.
-    #[error("key update: {0}")]
-    KeyUpdate(rustls::Error),
+    /// A TLS 1.3 key update was needed without the traffic secrets to derive it.
+    #[error("key update without traffic secrets")]
+    KeyUpdate,
     /// rustls negotiated a cipher this layer does not implement.
     #[error("unsupported traffic secrets")]
     UnsupportedCipher,
@@ -107,27 +110,40 @@ struct Keys {
 }
 
 impl Keys {
-    fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<(Keys, bool), RecordError> {
-        let (algorithm, key, iv, gcm) = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv, true),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv, true),
+    fn new(
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+    ) -> Result<(Keys, &'static aead::Algorithm), RecordError> {
+        let (algorithm, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&aead::CHACHA20_POLY1305, key, iv, false)
+                (&aead::CHACHA20_POLY1305, key, iv)
             }
             _ => return Err(RecordError::UnsupportedCipher),
         };
-        let key =
-            UnboundKey::new(algorithm, key.as_ref()).map_err(|_| RecordError::UnsupportedCipher)?;
         let iv: [u8; NONCE_LEN] = iv
             .as_ref()
             .try_into()
             .map_err(|_| RecordError::UnsupportedCipher)?;
-        let keys = Keys {
+        Ok((
+            Keys::from_parts(algorithm, key.as_ref(), iv, seq)?,
+            algorithm,
+        ))
+    }
+
+    fn from_parts(
+        algorithm: &'static aead::Algorithm,
+        key: &[u8],
+        iv: [u8; NONCE_LEN],
+        seq: u64,
+    ) -> Result<Keys, RecordError> {
+        let key = UnboundKey::new(algorithm, key).map_err(|_| RecordError::UnsupportedCipher)?;
+        Ok(Keys {
             key: LessSafeKey::new(key),
             iv,
             seq,
-        };
-        Ok((keys, gcm))
+        })
     }
 
     /// The per-record nonce of RFC 8446 5.3 (and of rustls's TLS 1.2 sealing): the base XOR the
@@ -157,6 +173,83 @@ fn tls12_aad(seq: u64, content_type: u8, len: usize) -> [u8; 13] {
     aad
 }
 
+/// A TLS 1.3 application traffic secret: the next one, and its keys, are derived from it at a
+/// key update (RFC 8446 7.1 and 7.2).
+pub struct TrafficSecret {
+    secret: [u8; TrafficSecret::MAX_LEN],
+    len: usize,
+}
+
+impl TrafficSecret {
+    /// Long enough for SHA-384, the longest hash of a TLS 1.3 suite.
+    const MAX_LEN: usize = 48;
+
+    /// The secret as rustls reports it; its length names the suite's hash (32: SHA-256,
+    /// 48: SHA-384).
+    pub fn new(secret: &[u8]) -> Option<TrafficSecret> {
+        if secret.len() != 32 && secret.len() != Self::MAX_LEN {
+            return None;
+        }
+        let mut copy = [0u8; Self::MAX_LEN];
+        copy[..secret.len()].copy_from_slice(secret);
+        Some(TrafficSecret {
+            secret: copy,
+            len: secret.len(),
+        })
+    }
+
+    /// HKDF-Expand-Label(secret, label, "", out.len()).
+    fn expand_label(&self, label: &[u8], out: &mut [u8]) -> Result<(), RecordError> {
+        struct Len(usize);
+        impl hkdf::KeyType for Len {
+            fn len(&self) -> usize {
+                self.0
+            }
+        }
+        let algorithm = if self.len == Self::MAX_LEN {
+            hkdf::HKDF_SHA384
+        } else {
+            hkdf::HKDF_SHA256
+        };
+        let prk = hkdf::Prk::new_less_safe(algorithm, &self.secret[..self.len]);
+        // struct { uint16 length; opaque label<7..255> = "tls13 " + label; opaque context<0..255> }
+        let length = (out.len() as u16).to_be_bytes();
+        let label_len = [(b"tls13 ".len() + label.len()) as u8];
+        let info: [&[u8]; 5] = [&length, &label_len, b"tls13 ", label, &[0]];
+        prk.expand(&info, Len(out.len()))
+            .and_then(|okm| okm.fill(out))
+            .map_err(|_| RecordError::KeyUpdate)
+    }
+
+    /// Moves to the next generation of this secret; returns its keys for `algorithm`.
+    fn update(&mut self, algorithm: &'static aead::Algorithm) -> Result<Keys, RecordError> {
+        let mut next = [0u8; Self::MAX_LEN];
+        self.expand_label(b"traffic upd", &mut next[..self.len])?;
+        self.secret = next;
+        let mut key = [0u8; 32];
+        let key = &mut key[..algorithm.key_len()];
+        self.expand_label(b"key", key)?;
+        let mut iv = [0u8; NONCE_LEN];
+        self.expand_label(b"iv", &mut iv)?;
+        Keys::from_parts(algorithm, key, iv, 0)
+    }
+}
+
+impl std::fmt::Debug for TrafficSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrafficSecret(..)")
+    }
+}
+
+/// The client's and the server's TLS 1.3 application traffic secrets.
+#[derive(Debug)]
+pub struct TrafficSecrets {
+    /// client_application_traffic_secret_0.
+    pub client: TrafficSecret,
+    /// server_application_traffic_secret_0.
+    pub server: TrafficSecret,
+}
+
 fn write_header(buf: &mut [u8], content_type: u8, len: usize) {
     buf[0] = content_type;
     buf[1..3].copy_from_slice(&LEGACY_VERSION);
@@ -174,8 +267,10 @@ pub struct RecordLayer {
     tx_limit: u64,
     /// The peer asked us to update our sending key (KeyUpdate with update_requested).
     key_update_requested: bool,
-    /// rustls's key schedule, for TLS 1.3 key updates.
-    kernel: KernelConnection<ServerConnectionData>,
+    /// The AEAD of both directions.
+    algorithm: &'static aead::Algorithm,
+    /// TLS 1.3 only: where key updates are derived from.
+    secrets: Option<Box<TrafficSecrets>>,
 }
 
 impl std::fmt::Debug for RecordLayer {
@@ -189,30 +284,39 @@ impl std::fmt::Debug for RecordLayer {
 }
 
 impl RecordLayer {
-    /// Takes over from rustls after the handshake.
+    /// Takes over from rustls after the handshake: the keys rustls extracted, the version and
+    /// suite it negotiated, and (TLS 1.3) the traffic secrets from its key log.
     pub fn new(
-        secrets: ExtractedSecrets,
-        kernel: KernelConnection<ServerConnectionData>,
+        keys: ExtractedSecrets,
+        version: ProtocolVersion,
+        suite: SupportedCipherSuite,
+        secrets: Option<TrafficSecrets>,
     ) -> Result<RecordLayer, RecordError> {
-        let version = match kernel.protocol_version() {
+        let version = match version {
             ProtocolVersion::TLSv1_3 => Version::Tls13,
             ProtocolVersion::TLSv1_2 => Version::Tls12,
             _ => return Err(RecordError::UnsupportedCipher),
         };
-        let tx_limit = match kernel.negotiated_cipher_suite() {
+        let tx_limit = match suite {
             SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
             SupportedCipherSuite::Tls12(suite) => suite.common.confidentiality_limit,
         };
-        let (rx, gcm) = Keys::new(secrets.rx.0, secrets.rx.1)?;
-        let (tx, _) = Keys::new(secrets.tx.0, secrets.tx.1)?;
+        let secrets = match version {
+            Version::Tls13 => Some(Box::new(secrets.ok_or(RecordError::KeyUpdate)?)),
+            Version::Tls12 => None,
+        };
+        let (rx, algorithm) = Keys::new(keys.rx.0, keys.rx.1)?;
+        let (tx, _) = Keys::new(keys.tx.0, keys.tx.1)?;
+        let chacha = std::ptr::eq(algorithm, &aead::CHACHA20_POLY1305);
         Ok(RecordLayer {
             version,
-            explicit_nonce: version == Version::Tls12 && gcm,
+            explicit_nonce: version == Version::Tls12 && !chacha,
             rx,
             tx,
             tx_limit,
             key_update_requested: false,
-            kernel,
+            algorithm,
+            secrets,
         })
     }
 
@@ -338,11 +442,8 @@ impl RecordLayer {
             [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request]
                 if request == KEY_UPDATE_NOT_REQUESTED || request == KEY_UPDATE_REQUESTED =>
             {
-                let (seq, secrets) = self
-                    .kernel
-                    .update_rx_secret()
-                    .map_err(RecordError::KeyUpdate)?;
-                self.rx = Keys::new(seq, secrets)?.0;
+                let secrets = self.secrets.as_mut().ok_or(RecordError::KeyUpdate)?;
+                self.rx = secrets.client.update(self.algorithm)?;
                 self.key_update_requested |= request == KEY_UPDATE_REQUESTED;
                 Ok(Opened::Nothing)
             }
@@ -350,6 +451,12 @@ impl RecordLayer {
                 "post-handshake message other than KeyUpdate",
             )),
         }
+    }
+
+    /// Lowers the confidentiality limit, so tests can reach it.
+    #[cfg(test)]
+    pub fn set_tx_limit(&mut self, limit: u64) {
+        self.tx_limit = limit;
     }
 
     /// Bytes [`RecordLayer::seal`] needs before the plaintext.
@@ -405,11 +512,8 @@ impl RecordLayer {
             KEY_UPDATE_NOT_REQUESTED,
         ]);
         let len = self.seal_record(buf, CONTENT_HANDSHAKE, KEY_UPDATE_LEN)?;
-        let (seq, secrets) = self
-            .kernel
-            .update_tx_secret()
-            .map_err(RecordError::KeyUpdate)?;
-        self.tx = Keys::new(seq, secrets)?.0;
+        let secrets = self.secrets.as_mut().ok_or(RecordError::KeyUpdate)?;
+        self.tx = secrets.server.update(self.algorithm)?;
         self.key_update_requested = false;
         Ok(len)
     }

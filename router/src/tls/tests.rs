@@ -242,6 +242,41 @@ fn key_updates_both_ways() {
 }
 
 #[test]
+fn sending_keys_are_renewed_before_the_confidentiality_limit() {
+    let pki = pki();
+    for suite in [SUITES[0], SUITES[3]] {
+        let tls13 = suite.version() == &rustls::version::TLS13;
+        let mut client = client(&pki, suite, &[ALPN_POSTGRESQL]);
+        let mut server = Server::new();
+        handshake(&mut client, &mut server, &pki.config).expect("handshake");
+        // A few records short of the limit, counting the margin kept for a rekey.
+        server.records().set_tx_limit(record::REKEY_MARGIN + 3);
+        let mut sent = 0;
+        for _ in 0..3 {
+            let wire = server.write(b"x");
+            assert_eq!(client_receives(&mut client, &wire), b"x");
+            sent += 1;
+        }
+        if tls13 {
+            // From here a KeyUpdate goes out first, and the limit applies to the new key.
+            assert!(server.records().key_update_due());
+            let wire = server.write(b"after the rekey");
+            assert!(!server.records().key_update_due());
+            assert_eq!(client_receives(&mut client, &wire), b"after the rekey");
+        } else {
+            // TLS 1.2 cannot rekey: the session ends at the limit.
+            let mut out = Vec::new();
+            let mut result = Ok(());
+            while result.is_ok() && sent < record::REKEY_MARGIN + 4 {
+                result = seal_into(server.records(), b"x", &mut out);
+                sent += 1;
+            }
+            assert!(matches!(result, Err(RecordError::Exhausted)), "{result:?}");
+        }
+    }
+}
+
+#[test]
 fn tampered_and_replayed_records_fail() {
     let pki = pki();
     let mut client = client(&pki, SUITES[0], &[ALPN_POSTGRESQL]);
