@@ -196,7 +196,7 @@ def section_throughput(ws):
     return head + "".join(cmd_block(c) for c in cmds) + "\n" + "\n".join(rows) + "\n" + errs
 
 
-def section_idle(w):
+def section_idle(w, open_files):
     doc, res, command = w
     rows = ["| target | connections open | RSS before | RSS after | per connection |", "|---|---|---|---|---|"]
     for t, r in res.items():
@@ -212,10 +212,21 @@ def section_idle(w):
         if PGB in res and res[PGB].get("bytes_per_connection"):
             text += f"; PgBouncer {size(res[PGB]['bytes_per_connection'])} ({ratio(b, res[PGB]['bytes_per_connection'])})"
         text += ".\n"
+    if BG in res:
+        reached = res[BG]["count"]
+        text += (f"\nLargest count reached here: {num(reached)} sessions at once through branchgate's direct "
+                 "port, each with its own PostgreSQL backend.")
+        if open_files:
+            text += (f" The ceiling on this machine is the open-file limit: {num(open_files)} descriptors "
+                     f"per process, two per session (client and backend), so about {num((open_files - 500) // 2)} "
+                     "sessions; the hard limit cannot be raised here (no CAP_SYS_RESOURCE). PostgreSQL's "
+                     "memory, about 1.5 MiB per backend, would stop the direct port near 14,000 sessions "
+                     "on this 24 GiB machine anyway; counts of 100k need the pooled port.")
+        text += "\n"
     head = ("## 4. Idle connections\n\nTLS sessions opened (handshake, SCRAM, ReadyForQuery) and held idle; "
-            "the router process's VmRSS before and with all of them open. On the direct port every "
-            "client session holds a PostgreSQL backend, so PostgreSQL's memory (about 1.5 MiB per "
-            "backend) bounds the count on this machine.\n")
+            "the router process's VmRSS before and with all of them open, measured first in the run, on "
+            "fresh processes (memory a finished workload left behind would otherwise be reused and hide "
+            "part of the cost).\n")
     return head + cmd_block(command) + "\n" + text + errors_note(res)
 
 
@@ -266,7 +277,7 @@ def report(args):
     if thr:
         parts.append(section_throughput(thr))
     if idle:
-        parts.append(section_idle(idle))
+        parts.append(section_idle(idle, args.open_files))
     if thr:
         parts.append(section_cpu(thr))
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -308,6 +319,7 @@ def main():
     p.add_argument("--commit", default="unknown")
     p.add_argument("--command", default="scripts/bench")
     p.add_argument("--versions", default="")
+    p.add_argument("--open-files", type=int, default=None, help="the router's open-file limit")
     args = p.parse_args()
     if args.summary:
         summary(args.summary)

@@ -65,10 +65,49 @@ pub struct Router {
     reload_lock: Arc<Mutex<()>>,
 }
 
+/// Descriptors a session holds: the client's socket and its backend's.
+const FDS_PER_SESSION: u64 = 2;
+/// Descriptors beyond the sessions: listeners, io_uring, logs, health probes, cancels.
+const SPARE_FDS: u64 = 256;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (the default soft limit, often 1024, would
+/// cap the router at a few hundred sessions), and says so if even that is too few for
+/// `max_clients` sessions.
+fn raise_open_file_limit(max_clients: u32) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit to a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit from a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = u64::from(max_clients) * FDS_PER_SESSION + SPARE_FDS;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            needed,
+            "open-file limit too low for limits.max_client_connections: raise the hard limit \
+             (LimitNOFILE=, ulimit -Hn) or lower max_client_connections"
+        );
+    }
+}
+
 /// Start the router described by `config`: returns once every worker is accepting.
 pub fn start(config: Config) -> Result<Router, StartError> {
     let catalog = Catalog::load(&config.catalog_path)?;
     let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
+    raise_open_file_limit(config.limits.max_client_connections.get());
     let workers = config.workers.get();
     let listeners = bind_reuseport(config.listen.direct, workers)?;
     let direct_addr = listeners[0]

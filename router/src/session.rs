@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use monoio::io::Splitable;
 use monoio::net::TcpStream;
 
 use crate::auth::scram::{self, ClientCredentials, ClientKey};
@@ -26,7 +27,7 @@ use crate::protocol::frame::{self, FrameHeader};
 use crate::protocol::frontend::SaslInitialResponse;
 use crate::protocol::startup::{self, CancelKey, StartupPacket};
 use crate::protocol::write::{self, Severity};
-use crate::relay::{self, End, CLOSE_WRITE_TIMEOUT};
+use crate::relay::{self, End, Sockets, CLOSE_WRITE_TIMEOUT};
 use crate::route;
 use crate::tls::{self, Handshake, RecordLayer, TlsError};
 use crate::upstream::{ActiveGuard, Upstreams};
@@ -171,11 +172,10 @@ struct Routed {
 
 /// An established session: the client authenticated, its backend connected, both told.
 struct Session {
-    client: TcpStream,
+    sockets: Sockets,
     records: Box<RecordLayer>,
     /// Ciphertext past the client's last whole record (normally none).
     cipher: Vec<u8>,
-    backend: TcpStream,
     handle: Rc<SessionHandle>,
     _upstream: ActiveGuard,
 }
@@ -305,11 +305,17 @@ async fn start(
         sni: handshake.sni,
         kill: Signal::default(),
     });
+    let (client_rd, client_wr) = tcp.into_split();
+    let (backend_rd, backend_wr) = stream.into_split();
     Some(Session {
-        client: tcp,
+        sockets: Sockets {
+            client_rd,
+            client_wr,
+            backend_rd,
+            backend_wr,
+        },
         records,
         cipher,
-        backend: stream,
         handle,
         _upstream,
     })
@@ -615,9 +621,8 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
         "session established"
     );
     let _registration = worker.register(handle.clone());
-    let (end, mut last) = relay::run(
-        &session.client,
-        &session.backend,
+    let end = relay::run(
+        &mut session.sockets,
         &mut session.records,
         &session.cipher,
         &session.handle.kill,
@@ -626,43 +631,36 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
     .await;
     session.cipher = Vec::new();
     let records = &mut session.records;
-    // What the client still gets: the rest of what was on its way, then a FATAL error if the
-    // router ends the session, then close_notify if we are the side that closes.
-    let goodbye = match &end {
-        End::Killed(reason) => {
-            let (code, message) = reason.to_wire();
-            let mut error = Vec::with_capacity(128);
-            write::error_response(&mut error, Severity::Fatal, code, message);
-            let _ = tls::seal_into(records, &error, &mut last);
-            let _ = tls::close_notify_into(records, &mut last);
+    // What the client still gets: a FATAL error if the router ends the session, then
+    // close_notify if we are the side that closes.
+    let mut last = Vec::new();
+    match &end {
+        End::Killed { reason, clean } => {
+            // After a half-sent record nothing the client could read can follow.
+            if *clean {
+                let (code, message) = reason.to_wire();
+                let mut error = Vec::with_capacity(128);
+                write::error_response(&mut error, Severity::Fatal, code, message);
+                let _ = tls::seal_into(records, &error, &mut last);
+                let _ = tls::close_notify_into(records, &mut last);
+            }
             tracing::info!(%peer, ?reason, "session closed by the router");
-            true
         }
         End::BackendClosed => {
             let _ = tls::close_notify_into(records, &mut last);
             tracing::debug!(%peer, "backend closed the session");
-            true
         }
-        End::BackendError(error) => {
-            tracing::warn!(%peer, %error, "backend connection failed");
-            true
-        }
-        End::ClientClosed => {
-            tracing::debug!(%peer, "client closed the session");
-            false
-        }
-        End::ClientError(error) => {
-            tracing::debug!(%peer, %error, "client connection failed");
-            false
-        }
-    };
-    if goodbye && !last.is_empty() {
+        End::BackendError(error) => tracing::warn!(%peer, %error, "backend connection failed"),
+        End::ClientClosed => tracing::debug!(%peer, "client closed the session"),
+        End::ClientError(error) => tracing::debug!(%peer, %error, "client connection failed"),
+    }
+    if !last.is_empty() {
         // Boxed: the last write's state is needed once, not for the session's whole life.
-        Box::pin(send_last(&mut session.client, last)).await;
+        Box::pin(send_last(&mut session.sockets.client_wr, last)).await;
     }
 }
 
 /// Sends a session's last records, giving up on a client that does not read them.
-async fn send_last(client: &mut TcpStream, mut last: Vec<u8>) {
+async fn send_last(client: &mut monoio::net::tcp::TcpOwnedWriteHalf, mut last: Vec<u8>) {
     let _ = monoio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all_vec(client, &mut last)).await;
 }

@@ -738,6 +738,32 @@ fn odd_first_bytes() {
     }
 }
 
+/// TLS 1.3 key updates in the middle of a session, asked for by the client (rustls sends
+/// KeyUpdate with update_requested): the router follows the client's new key and answers with
+/// its own, and the session goes on, in both TLS modes, several times over.
+#[test]
+fn key_updates_mid_session_keep_the_session_going() {
+    for mode in MODES {
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.b1");
+        login(&mut tls, PASSWORD).expect("login");
+        assert_eq!(query_one(&mut tls, "select 1"), "1");
+        for round in 0..3 {
+            tls.conn.refresh_traffic_keys().expect("client key update");
+            let sql = format!("select {round} + 1");
+            assert_eq!(
+                query_one(&mut tls, &sql),
+                (round + 1).to_string(),
+                "{mode:?}"
+            );
+            // A result of several records under the router's new key.
+            let big = query_one(&mut tls, "select repeat('k', 40000)");
+            assert_eq!(big.len(), 40_000, "{mode:?} round {round}");
+        }
+        assert_router_healthy();
+    }
+}
+
 /// Writes `bytes` one TLS record per byte.
 fn dribble(tls: &mut Tls, bytes: &[u8]) {
     for byte in bytes {

@@ -476,6 +476,14 @@ impl RecordLayer {
         }
     }
 
+    /// Length of the record [`RecordLayer::seal_key_update`] writes (0: TLS 1.2 has none).
+    pub fn key_update_record_len(&self) -> usize {
+        match self.version {
+            Version::Tls13 => self.seal_header_len() + KEY_UPDATE_LEN + self.seal_trailer_len(),
+            Version::Tls12 => 0,
+        }
+    }
+
     /// True if a KeyUpdate must go out before the next record: the peer asked for one, or our
     /// key nears its confidentiality limit. Call [`RecordLayer::seal_key_update`] then.
     pub fn key_update_due(&self) -> bool {
@@ -500,8 +508,8 @@ impl RecordLayer {
     }
 
     /// Writes a KeyUpdate record (update_not_requested) at the start of `buf` (at least
-    /// [`CONTROL_RECORD_ROOM`] bytes) under the current key, then switches to the next one;
-    /// returns the record's length.
+    /// [`RecordLayer::key_update_record_len`] bytes) under the current key, then switches to the
+    /// next one; returns the record's length.
     pub fn seal_key_update(&mut self, buf: &mut [u8]) -> Result<usize, RecordError> {
         let at = self.seal_header_len();
         buf[at..at + KEY_UPDATE_LEN].copy_from_slice(&[
