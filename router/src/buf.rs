@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::ops::Range;
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -131,10 +132,8 @@ impl ReadBuf {
                 "read buffer full",
             ));
         }
-        let data = std::mem::take(&mut self.data);
-        let (result, slice) = io.read(data.slice_mut(self.end..)).await;
-        self.data = slice.into_inner();
-        let n = result?;
+        let range = self.end..self.data.len();
+        let n = read_into(io, &mut self.data, range).await?;
         self.end += n;
         Ok(n)
     }
@@ -144,10 +143,7 @@ impl ReadBuf {
         if self.is_empty() {
             return Ok(());
         }
-        let data = std::mem::take(&mut self.data);
-        let (result, slice) = io.write_all(data.slice(self.start..self.end)).await;
-        self.data = slice.into_inner();
-        result?;
+        write_from(io, &mut self.data, self.start..self.end).await?;
         self.clear();
         Ok(())
     }
@@ -192,6 +188,31 @@ impl BufPool {
             free.push(buf);
         }
     }
+}
+
+/// Lends `buf[range]` to the kernel for one read; returns how many bytes came (0: end of
+/// stream). Not cancel-safe: dropping the call drops the buffer with the operation.
+pub async fn read_into<R: AsyncReadRent>(
+    io: &mut R,
+    buf: &mut Box<[u8]>,
+    range: Range<usize>,
+) -> io::Result<usize> {
+    let owned = std::mem::take(buf);
+    let (result, slice) = io.read(owned.slice_mut(range)).await;
+    *buf = slice.into_inner();
+    result
+}
+
+/// Lends `buf[range]` to the kernel until all of it is written. Not cancel-safe, as above.
+pub async fn write_from<W: AsyncWriteRent>(
+    io: &mut W,
+    buf: &mut Box<[u8]>,
+    range: Range<usize>,
+) -> io::Result<()> {
+    let owned = std::mem::take(buf);
+    let (result, slice) = io.write_all(owned.slice(range)).await;
+    *buf = slice.into_inner();
+    result.map(|_| ())
 }
 
 /// Write all of `buf` to `io`, then clear it, keeping its allocation.

@@ -17,12 +17,10 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::time::Duration;
 
-use monoio::buf::{IoBuf, IoBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
-use crate::buf::BufPool;
+use crate::buf::{read_into, write_from, BufPool};
 use crate::error::KillReason;
 use crate::tls::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT};
 use crate::worker::Signal;
@@ -112,10 +110,8 @@ impl Upstream {
         (self.sent, self.plain_end, self.cipher_start) = (0, 0, 0);
         // A partial record is shorter than a whole one, and the buffer holds a whole one.
         debug_assert!(self.cipher_end < self.buf.len());
-        let buf = std::mem::take(&mut self.buf);
-        let (result, slice) = from.read(buf.slice_mut(self.cipher_end..)).await;
-        self.buf = slice.into_inner();
-        let n = result?;
+        let range = self.cipher_end..self.buf.len();
+        let n = read_into(from, &mut self.buf, range).await?;
         self.cipher_end += n;
         Ok(n)
     }
@@ -145,10 +141,7 @@ impl Upstream {
         if self.sent == self.plain_end {
             return Ok(());
         }
-        let buf = std::mem::take(&mut self.buf);
-        let (result, slice) = to.write_all(buf.slice(self.sent..self.plain_end)).await;
-        self.buf = slice.into_inner();
-        result?;
+        write_from(to, &mut self.buf, self.sent..self.plain_end).await?;
         self.sent = self.plain_end;
         Ok(())
     }
@@ -193,10 +186,9 @@ impl Downstream {
         };
         let at = update + header;
         let room = (self.buf.len() - at - trailer).min(MAX_PLAINTEXT);
-        let buf = std::mem::take(&mut self.buf);
-        let (result, slice) = from.read(buf.slice_mut(at..at + room)).await;
-        self.buf = slice.into_inner();
-        let n = result.map_err(ReadError::Io)?;
+        let n = read_into(from, &mut self.buf, at..at + room)
+            .await
+            .map_err(ReadError::Io)?;
         if n == 0 {
             return Ok(false);
         }
@@ -213,10 +205,7 @@ impl Downstream {
 
     /// Sends the sealed records to the client. Not cancel-safe.
     async fn write(&mut self, to: &mut TcpOwnedWriteHalf) -> io::Result<()> {
-        let buf = std::mem::take(&mut self.buf);
-        let (result, slice) = to.write_all(buf.slice(self.sent..self.end)).await;
-        self.buf = slice.into_inner();
-        result?;
+        write_from(to, &mut self.buf, self.sent..self.end).await?;
         self.sent = self.end;
         Ok(())
     }

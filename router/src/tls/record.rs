@@ -541,34 +541,31 @@ impl RecordLayer {
         let seq = self.tx.seq;
         let nonce = self.tx.xor_nonce();
         let (header, rest) = buf[..total].split_at_mut(HEADER_LEN);
-        match self.version {
+        // The additional data, and where the plaintext (then the tag) lies in `rest`.
+        let mut aad = [0u8; 13];
+        let (aad, plain) = match self.version {
             Version::Tls13 => {
                 rest[len] = content_type;
                 write_header(header, CONTENT_APPLICATION_DATA, len + 1 + TAG_LEN);
-                let aad = Aad::from([header[0], header[1], header[2], header[3], header[4]]);
-                let (plain, tag_space) = rest.split_at_mut(len + 1);
-                let tag = self
-                    .tx
-                    .key
-                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, plain)
-                    .map_err(|_| RecordError::Exhausted)?;
-                tag_space.copy_from_slice(tag.as_ref());
+                aad[..HEADER_LEN].copy_from_slice(header);
+                (&aad[..HEADER_LEN], 0..len + 1)
             }
             Version::Tls12 => {
                 let explicit = header_len - HEADER_LEN;
                 write_header(header, content_type, total - HEADER_LEN);
                 // The explicit nonce (AES-GCM) is the last 8 bytes of the per-record nonce.
                 rest[..explicit].copy_from_slice(&nonce[NONCE_LEN - explicit..]);
-                let aad = Aad::from(tls12_aad(seq, content_type, len));
-                let (plain, tag_space) = rest[explicit..].split_at_mut(len);
-                let tag = self
-                    .tx
-                    .key
-                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, plain)
-                    .map_err(|_| RecordError::Exhausted)?;
-                tag_space.copy_from_slice(tag.as_ref());
+                aad = tls12_aad(seq, content_type, len);
+                (&aad[..], explicit..explicit + len)
             }
-        }
+        };
+        let (plain, tag_space) = rest[plain.start..].split_at_mut(plain.len());
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), plain)
+            .map_err(|_| RecordError::Exhausted)?;
+        tag_space.copy_from_slice(tag.as_ref());
         self.tx.next_seq()?;
         Ok(total)
     }
