@@ -69,6 +69,13 @@ impl Client {
         }
     }
 
+    /// The connection ends here: its buffers go back to the worker's pool.
+    fn give_up(self, pool: &BufPool) -> Option<Session> {
+        self.raw.release(pool);
+        self.plain.release(pool);
+        None
+    }
+
     /// Send everything in `out` (as TLS records once TLS is up).
     async fn flush(&mut self) -> Result<(), SessionError> {
         match &mut self.tls {
@@ -215,12 +222,12 @@ async fn start(
     let auth = match result {
         Ok(Established::Cancel(key)) => {
             crate::cancel::handle(worker, key);
-            return None;
+            return client.give_up(&worker.buffers);
         }
         Ok(Established::Authenticated(auth)) => auth,
         Err(error) => {
             refuse(&mut client, peer, error).await;
-            return None;
+            return client.give_up(&worker.buffers);
         }
     };
     let Authenticated {
@@ -247,7 +254,7 @@ async fn start(
                     client.out.append(&mut to_client);
                 }
                 refuse(&mut client, peer, error).await;
-                return None;
+                return client.give_up(&worker.buffers);
             }
         };
     let Ready {
@@ -274,14 +281,14 @@ async fn start(
     read_buf.release(&worker.buffers);
     if let Err(error) = client.flush().await {
         tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
-        return None;
+        return client.give_up(&worker.buffers);
     }
     // And messages the client pipelined after authenticating go to the backend first.
     if !client.plain.is_empty() {
         let mut early = client.plain.data().to_vec();
         if let Err(error) = write_all_vec(&mut stream, &mut early).await {
             tracing::warn!(%peer, %error, "backend connection failed");
-            return None;
+            return client.give_up(&worker.buffers);
         }
     }
     let Client {
