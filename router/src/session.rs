@@ -11,6 +11,7 @@
 //! future of their own, boxed and freed when they end, so the task of an established session
 //! holds only what the relay needs.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -188,28 +189,32 @@ struct Session {
 }
 
 /// Serve one accepted connection until it ends. Every failure is logged once, here.
-pub async fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) {
-    let (_live, over_limit) = worker.connection_started();
+///
+/// Steps 1 to 4 run in a boxed future of their own, which owns the socket until the session
+/// is established: its state (buffers, SCRAM, the backend handshake) is freed before the relay,
+/// and the task itself only keeps what the relay needs.
+pub fn serve(worker: Rc<Worker>, tcp: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> {
+    let (live, over_limit) = worker.connection_started();
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }
-    // Boxed: its state (buffers, SCRAM, the backend handshake) is freed before the relay. In
-    // a statement of its own, or the unboxed future's temporary would take room in this task
-    // for as long as it lives.
-    let starting = Box::pin(start(&worker, tcp, peer, over_limit));
-    let session = starting.await;
-    if let Some(mut session) = session {
-        relay(&worker, &mut session, peer).await;
+    let starting = Box::pin(start(worker.clone(), tcp, peer, over_limit));
+    async move {
+        let _live = live;
+        if let Some(mut session) = starting.await {
+            relay(&worker, &mut session, peer).await;
+        }
     }
 }
 
 /// Steps 1 to 4. `None` if the connection ended (a cancel request, or a refusal, logged).
 async fn start(
-    worker: &Rc<Worker>,
+    worker: Rc<Worker>,
     tcp: TcpStream,
     peer: SocketAddr,
     over_limit: bool,
 ) -> Option<Session> {
+    let worker = &worker;
     let mut client = Client::new(tcp, &worker.buffers);
     let startup_timeout = worker.shared.config.timeouts.startup;
     let result =
