@@ -1,5 +1,5 @@
 branchgate-loadgen idle --connections 9750 --concurrency 32 --hold 2s --settle 1s \
-    --target pgbouncer=postgres://bench:$PASSWORD@localhost:34979/bench?sslmode=verify-full&sslrootcert=$DIR/tls/ca.crt \
-    --target branchgate=postgres://bench.main:$PASSWORD@localhost:47801/postgres?sslmode=verify-full&sslrootcert=$DIR/tls/ca.crt&sslnegotiation=direct \
-    --pid branchgate=18094 \
-    --pid pgbouncer=18154
+    --target pgbouncer=postgres://bench:$PASSWORD@localhost:44029/bench?sslmode=verify-full&sslrootcert=$DIR/tls/ca.crt \
+    --target branchgate=postgres://bench.main:$PASSWORD@localhost:51595/postgres?sslmode=verify-full&sslrootcert=$DIR/tls/ca.crt&sslnegotiation=direct \
+    --pid branchgate=32026 \
+    --pid pgbouncer=32086
