@@ -382,7 +382,11 @@ async fn establish(
                 return Err(SessionError::TooManyConnections);
             }
             if message.minor > 0 || message.protocol_options().next().is_some() {
-                write::negotiate_protocol_version(&mut client.out, 0, message.protocol_options());
+                write::negotiate_protocol_version(
+                    &mut client.out,
+                    startup::PROTOCOL_3_0,
+                    message.protocol_options(),
+                );
             }
             let user = message.user().ok_or(SessionError::NoUser)?;
             let target = route::parse_user(user)?;

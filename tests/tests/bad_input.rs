@@ -594,7 +594,12 @@ fn protocol_3_2_is_negotiated_down_and_4_0_is_refused() {
             .expect("send");
         let (tag, body) = next_message(&mut tls, "NegotiateProtocolVersion");
         assert_eq!(tag, b'v');
-        let expected = [&0u32.to_be_bytes()[..], &1u32.to_be_bytes(), b"_pq_.foo\0"].concat();
+        let expected = [
+            &PROTOCOL_3_0.to_be_bytes()[..],
+            &1u32.to_be_bytes(),
+            b"_pq_.foo\0",
+        ]
+        .concat();
         assert_eq!(body, expected);
         expect_sasl(&mut tls, "after NegotiateProtocolVersion");
         login(&mut tls, PASSWORD).expect("login at 3.0");

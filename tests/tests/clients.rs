@@ -210,6 +210,8 @@ const PSYCOPG_TERMINATE: &str = include_str!("clients/terminate.py");
 
 /// argv[3] rounds of canceling `pg_sleep(30)` with the method argv[2] names; prints each outcome.
 const PSYCOPG_CANCEL: &str = include_str!("clients/cancel.py");
+/// Connects with `max_protocol_version=latest`, prints libpq's full protocol version and `select 1`.
+const PSYCOPG_PROTOCOL: &str = include_str!("clients/protocol.py");
 
 // ---------------------------------------------------------------------------------------------
 // 1. psql 15 (SSLRequest)
@@ -329,6 +331,18 @@ fn psycopg_direct_ssl_reaches_primary_and_replica() {
         out.trim_end(),
         format!("app True {} True True", f.b1_replica.port())
     );
+}
+
+#[test]
+fn libpq_18_asking_for_protocol_3_2_is_negotiated_down_to_3_0() {
+    let f = fixture();
+    for negotiation in [SslNegotiation::Direct, SslNegotiation::Postgres] {
+        let dsn = f
+            .libpq("app.b1", APP_B1_PASSWORD, negotiation)
+            .param("max_protocol_version", "latest");
+        let out = run_python(PSYCOPG_PROTOCOL, &[&dsn.to_string()]);
+        assert_eq!(out.trim_end(), "30000 1", "{negotiation:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

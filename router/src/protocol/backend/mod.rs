@@ -148,8 +148,10 @@ impl From<TransactionStatus> for u8 {
 /// NegotiateProtocolVersion (B).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NegotiateProtocolVersion<'a> {
-    /// Newest minor version the server supports for the requested major version.
-    pub newest_minor: u32,
+    /// Newest protocol version the server supports for the requested major version, as a whole
+    /// version number (`3 << 16 | minor`): what PostgreSQL sends, whatever the documentation's
+    /// "minor version" suggests.
+    pub newest_version: u32,
     /// Number of protocol options the server did not recognise.
     pub unsupported_count: u32,
     /// Their names, NUL-terminated one after another, validated; see [`Self::unsupported`].
@@ -160,7 +162,7 @@ impl<'a> NegotiateProtocolVersion<'a> {
     /// Parses the body of a `v` message.
     pub fn parse(body: &'a [u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
-        let newest_minor = r.u32()?;
+        let newest_version = r.u32()?;
         let unsupported_count = r.u32()?;
         let unsupported = r.rest();
         let mut names = Reader::new(unsupported);
@@ -169,7 +171,7 @@ impl<'a> NegotiateProtocolVersion<'a> {
         }
         names.finish()?;
         Ok(Self {
-            newest_minor,
+            newest_version,
             unsupported_count,
             unsupported,
         })
@@ -238,9 +240,9 @@ mod tests {
 
     #[test]
     fn negotiate_protocol_version_fixture() {
-        let v =
-            NegotiateProtocolVersion::parse(b"\0\0\0\0\0\0\0\x02_pq_.a\0_pq_.b\0").expect("valid");
-        assert_eq!((v.newest_minor, v.unsupported_count), (0, 2));
+        let v = NegotiateProtocolVersion::parse(b"\0\x03\0\0\0\0\0\x02_pq_.a\0_pq_.b\0")
+            .expect("valid");
+        assert_eq!((v.newest_version, v.unsupported_count), (0x0003_0000, 2));
         assert_eq!(v.unsupported().collect::<Vec<_>>(), ["_pq_.a", "_pq_.b"]);
         let short = b"\0\0\0\0\0\0\0\x02_pq_.a\0";
         assert_eq!(

@@ -91,15 +91,17 @@ pub fn ready_for_query(buf: &mut Vec<u8>, status: impl Into<u8>) {
     frame(buf, backend::READY_FOR_QUERY, |buf| buf.push(status.into()));
 }
 
-/// NegotiateProtocolVersion (B): the newest minor version we speak for major 3, and the
-/// `_pq_.*` options we do not recognise.
+/// NegotiateProtocolVersion (B): the newest protocol version we speak for the client's major
+/// version, as a whole version number (`3 << 16 | minor`, which is what PostgreSQL sends and
+/// libpq checks; the protocol documentation calls it the "minor version"), and the `_pq_.*`
+/// options we do not recognise.
 pub fn negotiate_protocol_version<'s>(
     buf: &mut Vec<u8>,
-    newest_minor: u32,
+    newest_version: u32,
     unsupported: impl IntoIterator<Item = &'s str>,
 ) {
     frame(buf, backend::NEGOTIATE_PROTOCOL_VERSION, |buf| {
-        put_u32(buf, newest_minor);
+        put_u32(buf, newest_version);
         let count_at = buf.len();
         put_u32(buf, 0);
         let mut count = 0;
@@ -119,6 +121,7 @@ mod tests {
         Authentication, BackendKeyData, ErrorFields, NegotiateProtocolVersion, ParameterStatus,
         TransactionStatus,
     };
+    use crate::protocol::startup::PROTOCOL_3_0;
 
     #[test]
     fn error_response_fixture_and_round_trip() {
@@ -204,14 +207,14 @@ mod tests {
         ready_for_query(&mut buf, TransactionStatus::Failed);
         assert_eq!(buf, b"Z\x00\x00\x00\x05IZ\x00\x00\x00\x05E");
         buf.clear();
-        negotiate_protocol_version(&mut buf, 0, ["_pq_.a", "_pq_.b"]);
+        negotiate_protocol_version(&mut buf, PROTOCOL_3_0, ["_pq_.a", "_pq_.b"]);
         let v = NegotiateProtocolVersion::parse(one_frame(&buf, b'v')).expect("parses");
         assert_eq!(
-            (v.newest_minor, v.unsupported().collect::<Vec<_>>()),
-            (0, vec!["_pq_.a", "_pq_.b"])
+            (v.newest_version, v.unsupported().collect::<Vec<_>>()),
+            (PROTOCOL_3_0, vec!["_pq_.a", "_pq_.b"])
         );
         buf.clear();
-        negotiate_protocol_version(&mut buf, 0, []);
-        assert_eq!(buf, b"v\x00\x00\x00\x0c\x00\x00\x00\x00\x00\x00\x00\x00");
+        negotiate_protocol_version(&mut buf, PROTOCOL_3_0, []);
+        assert_eq!(buf, b"v\x00\x00\x00\x0c\x00\x03\x00\x00\x00\x00\x00\x00");
     }
 }
