@@ -9,7 +9,7 @@ use monoio::net::TcpStream;
 
 use crate::auth::scram::{ClientCredentials, ScramClient, ScramError};
 use crate::buf::{write_all_vec, ReadBuf};
-use crate::protocol::backend::{Authentication, BackendKeyData};
+use crate::protocol::backend::{Authentication, BackendKeyData, ErrorFields, ParameterStatus};
 use crate::protocol::{backend as msg, frame, write};
 
 /// Largest message accepted from a backend during startup (ParameterStatus, errors, SASL).
@@ -50,8 +50,33 @@ pub enum BackendError {
     #[error("SCRAM: {0}")]
     Scram(#[from] ScramError),
     /// The backend answered with an ErrorResponse, already copied for the client.
-    #[error("backend rejected the connection")]
-    Rejected,
+    #[error("backend rejected the connection (SQLSTATE {0})")]
+    Rejected(Sqlstate),
+}
+
+/// A SQLSTATE as a backend sent it: five ASCII characters, kept without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sqlstate([u8; 5]);
+
+impl Sqlstate {
+    /// The code from an ErrorResponse's `C` field (anything not five bytes long is kept as
+    /// `?????`: it matches no known code).
+    pub fn new(code: &str) -> Self {
+        Self(code.as_bytes().try_into().unwrap_or(*b"?????"))
+    }
+
+    /// The backend refused because of its own state, not the client's request: it is starting
+    /// up, shutting down or in crash recovery (57P01, 57P02, 57P03), or full (53300). Another
+    /// replica may well take the client.
+    pub fn server_unavailable(self) -> bool {
+        matches!(&self.0, b"57P01" | b"57P02" | b"57P03" | b"53300")
+    }
+}
+
+impl std::fmt::Display for Sqlstate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.0).unwrap_or("?????"))
+    }
 }
 
 /// An authenticated backend connection, ready for queries.
@@ -67,6 +92,18 @@ pub struct BackendConn {
     pub secret: u32,
     /// Bytes read past ReadyForQuery (normally none), and the buffer reused for the relay.
     pub read_buf: ReadBuf,
+    /// The backend's `in_hot_standby` report (PostgreSQL 14+): `Some(true)` on a standby,
+    /// `Some(false)` on a primary, `None` if it did not say.
+    pub hot_standby: Option<bool>,
+}
+
+impl BackendConn {
+    /// Sends Terminate and closes: a backend we will not use ends without logging a lost client.
+    pub async fn terminate(mut self) {
+        let mut buf = Vec::with_capacity(frame::HEADER_BYTES);
+        write::terminate(&mut buf);
+        let (_, _) = self.stream.write_all(buf).await;
+    }
 }
 
 /// Connect to `addr`, send the StartupMessage already encoded in `startup`, authenticate with
@@ -91,6 +128,7 @@ pub async fn connect(
     let mut scram: Option<ScramClient> = None;
     let mut credentials = Some(credentials);
     let mut key: Option<BackendKeyData> = None;
+    let mut hot_standby = None;
     loop {
         let header = loop {
             match frame::check(buf.data(), MAX_BACKEND_STARTUP_MESSAGE_BYTES) {
@@ -150,10 +188,21 @@ pub async fn connect(
                         .map_err(|_| BackendError::Protocol("bad BackendKeyData"))?,
                 );
             }
-            msg::PARAMETER_STATUS | msg::NOTICE_RESPONSE => to_client.extend_from_slice(whole),
+            msg::PARAMETER_STATUS => {
+                if let Ok(ParameterStatus {
+                    name: "in_hot_standby",
+                    value,
+                }) = ParameterStatus::parse(body)
+                {
+                    hot_standby = Some(value == "on");
+                }
+                to_client.extend_from_slice(whole);
+            }
+            msg::NOTICE_RESPONSE => to_client.extend_from_slice(whole),
             msg::ERROR_RESPONSE => {
                 to_client.extend_from_slice(whole);
-                return Err(BackendError::Rejected);
+                let code = ErrorFields::parse(body).map_or("", |fields| fields.code);
+                return Err(BackendError::Rejected(Sqlstate::new(code)));
             }
             msg::READY_FOR_QUERY => {
                 let status = body.first().copied().unwrap_or(b'I');
@@ -166,6 +215,7 @@ pub async fn connect(
                         pid: key.pid,
                         secret: key.secret,
                         read_buf: buf,
+                        hot_standby,
                     },
                     status,
                 ));
@@ -186,4 +236,21 @@ pub async fn cancel(addr: SocketAddr, pid: u32, secret: u32) -> io::Result<()> {
     write::cancel_request(&mut buf, pid, secret);
     let (result, _) = stream.write_all(buf).await;
     result.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sqlstate;
+
+    #[test]
+    fn unavailable_sqlstates() {
+        for code in ["57P01", "57P02", "57P03", "53300"] {
+            assert!(Sqlstate::new(code).server_unavailable(), "{code}");
+        }
+        for code in ["28P01", "28000", "3D000", "08P01", "", "57P03x"] {
+            assert!(!Sqlstate::new(code).server_unavailable(), "{code}");
+        }
+        assert_eq!(Sqlstate::new("57P03").to_string(), "57P03");
+        assert_eq!(Sqlstate::new("long code").to_string(), "?????");
+    }
 }

@@ -125,7 +125,7 @@ impl SessionError {
                 SqlState::CONNECTION_FAILURE,
                 format!("no healthy replica available for branch \"{branch}\"").into(),
             ),
-            Backend(BackendError::Rejected) => return None,
+            Backend(BackendError::Rejected(_)) => return None,
             Backend(_) => (
                 SqlState::CONNECTION_FAILURE,
                 "could not connect to the branch's database server".into(),

@@ -31,7 +31,7 @@ use crate::protocol::write::{self, Severity};
 use crate::relay::{self, End, Sockets, CLOSE_WRITE_TIMEOUT};
 use crate::route;
 use crate::tls::{self, Handshake, RecordLayer, TlsError};
-use crate::upstream::{ActiveGuard, Upstreams};
+use crate::upstream::{self, ActiveGuard, Upstreams};
 use crate::worker::{SessionHandle, Signal, Worker};
 
 /// The TLS record type of a handshake: a direct-SSL ClientHello starts with it.
@@ -253,7 +253,7 @@ async fn start(
                 // such database, too many connections) says why in its own ErrorResponse,
                 // which the client sees verbatim after AuthenticationOk, as PostgreSQL itself
                 // would send it.
-                if matches!(error, SessionError::Backend(BackendError::Rejected)) {
+                if matches!(error, SessionError::Backend(BackendError::Rejected(_))) {
                     write::auth_sasl_final(&mut client.out, &server_final);
                     write::auth_ok(&mut client.out);
                     client.out.append(&mut to_client);
@@ -275,6 +275,7 @@ async fn start(
         pid,
         secret,
         read_buf,
+        hot_standby: _,
     } = backend;
     write::auth_sasl_final(&mut client.out, &server_final);
     write::auth_ok(&mut client.out);
@@ -587,6 +588,16 @@ async fn connect_backend(
         .await
         .unwrap_or(Err(BackendError::Timeout));
         match attempt {
+            Ok((backend, _)) if routed.replica && backend.hot_standby == Some(false) => {
+                tracing::warn!(
+                    %addr,
+                    hold = ?upstream::NOT_A_STANDBY_HOLD,
+                    "replica address is not a standby (in_hot_standby = off), trying another"
+                );
+                guard.upstream().hold_down(upstream::NOT_A_STANDBY_HOLD);
+                failed.push(addr);
+                backend.terminate().await;
+            }
             Ok((backend, status)) => {
                 guard.upstream().set_healthy(true);
                 let client_key = CancelKey {
@@ -605,11 +616,23 @@ async fn connect_backend(
                     to_client,
                 });
             }
-            Err(BackendError::Rejected) => {
-                return Err((SessionError::Backend(BackendError::Rejected), to_client));
+            Err(BackendError::Rejected(code)) if routed.replica && code.server_unavailable() => {
+                tracing::warn!(%addr, %code, "replica refused the connection, trying another");
+                guard.upstream().set_healthy(false);
+                failed.push(addr);
             }
-            Err(error @ (BackendError::Connect(_) | BackendError::Timeout)) if routed.replica => {
-                tracing::warn!(%addr, %error, "replica unreachable, trying another");
+            Err(error @ BackendError::Rejected(_)) => {
+                return Err((SessionError::Backend(error), to_client));
+            }
+            // The replica itself failed (not the client's credentials): try another.
+            Err(
+                error @ (BackendError::Connect(_)
+                | BackendError::Timeout
+                | BackendError::Io(_)
+                | BackendError::Closed
+                | BackendError::Protocol(_)),
+            ) if routed.replica => {
+                tracing::warn!(%addr, %error, "replica failed, trying another");
                 guard.upstream().set_healthy(false);
                 failed.push(addr);
             }
