@@ -19,7 +19,6 @@
 //! health_check_interval = "2s"
 //! [limits]                       # all optional
 //! max_client_connections = 10000
-//! max_message_bytes = 1073741824
 //! ```
 
 use std::net::SocketAddr;
@@ -50,8 +49,6 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: NonZeroU32 = match NonZeroU32::new(10_
     Some(n) => n,
     None => unreachable!(),
 };
-/// Default cap on one frame: PostgreSQL's own limit (MaxAllocSize, 1 GiB).
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 0x4000_0000;
 
 /// The router configuration. Every field is checked and every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,8 +101,6 @@ pub struct Timeouts {
 pub struct Limits {
     /// Concurrent client connections across all workers.
     pub max_client_connections: NonZeroU32,
-    /// Cap on a single frame during auth and relay checks (at least 1).
-    pub max_message_bytes: usize,
 }
 
 /// Why a configuration file was rejected.
@@ -213,10 +208,6 @@ impl Config {
                     .limits
                     .max_client_connections
                     .unwrap_or(DEFAULT_MAX_CLIENT_CONNECTIONS),
-                max_message_bytes: raw
-                    .limits
-                    .max_message_bytes
-                    .map_or(DEFAULT_MAX_MESSAGE_BYTES, NonZeroUsize::get),
             },
         })
     }
@@ -287,7 +278,6 @@ direct = "127.0.0.1:5432"
             }
         );
         assert_eq!(config.limits.max_client_connections.get(), 10_000);
-        assert_eq!(config.limits.max_message_bytes, 1 << 30);
     }
 
     #[test]
@@ -307,7 +297,6 @@ drain = "0s"
 health_check_interval = "1m"
 [limits]
 max_client_connections = 7
-max_message_bytes = 65536
 "#;
         let config = parse(text).expect("full config parses");
         assert_eq!(config.workers.get(), 3);
@@ -324,7 +313,6 @@ max_message_bytes = 65536
             Duration::from_secs(60)
         );
         assert_eq!(config.limits.max_client_connections.get(), 7);
-        assert_eq!(config.limits.max_message_bytes, 65536);
     }
 
     #[test]
@@ -402,8 +390,8 @@ max_message_bytes = 65536
             e.starts_with("router.toml:7:10: invalid socket address"),
             "{e}"
         );
-        let e = error(&format!("{MINIMAL}[limits]\nmax_message_bytes = 0\n"));
-        assert!(e.starts_with("router.toml:9:21:"), "{e}");
+        let e = error(&format!("{MINIMAL}[limits]\nmax_client_connections = 0\n"));
+        assert!(e.starts_with("router.toml:9:26:"), "{e}");
         let e = error("catalog = 'c'\n[listen]\ndirect = '127.0.0.1:1'\n");
         assert_eq!(e, "router.toml:1:1: missing field `tls`");
         let e = error("catalog = 'c'\n[tls\n");

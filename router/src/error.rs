@@ -20,6 +20,9 @@ pub enum SessionError {
     /// Bytes followed an SSLRequest before the TLS handshake (a man-in-the-middle pattern).
     #[error("data pipelined after SSLRequest")]
     DataAfterSslRequest,
+    /// Bytes followed a GSSENCRequest before its `N` answer was read (as PostgreSQL, refused).
+    #[error("data pipelined after GSSENCRequest")]
+    DataAfterGssEncRequest,
     /// The startup packet was malformed or too large.
     #[error("invalid startup packet: {0}")]
     Startup(#[from] StartupError),
@@ -80,6 +83,10 @@ impl SessionError {
             DataAfterSslRequest => (
                 SqlState::PROTOCOL_VIOLATION,
                 "received unencrypted data after SSL request".into(),
+            ),
+            DataAfterGssEncRequest => (
+                SqlState::PROTOCOL_VIOLATION,
+                "received unencrypted data after GSSAPI encryption request".into(),
             ),
             Startup(StartupError::UnsupportedProtocol { major, minor }) => (
                 SqlState::FEATURE_NOT_SUPPORTED,
@@ -173,6 +180,7 @@ mod tests {
         let cases: Vec<(SessionError, &str)> = vec![
             (SessionError::TlsRequired, "28000"),
             (SessionError::DataAfterSslRequest, "08P01"),
+            (SessionError::DataAfterGssEncRequest, "08P01"),
             (SessionError::Protocol("x"), "08P01"),
             (SessionError::NoUser, "28000"),
             (SessionError::UnknownBranch("b".into()), "3D000"),

@@ -349,6 +349,7 @@ async fn refuse(client: &mut Client, peer: SocketAddr, error: SessionError) {
             error,
             SessionError::TlsRequired
                 | SessionError::DataAfterSslRequest
+                | SessionError::DataAfterGssEncRequest
                 | SessionError::Startup(_)
         );
     if let (true, Some((code, message))) = (may_write, error.to_wire()) {
@@ -469,9 +470,14 @@ async fn front_door(
             }
             StartupPacket::GssEncRequest if !answered_gss => {
                 answered_gss = true;
+                let pipelined = client.raw.len() > len;
                 client.raw.consume(len);
                 client.out.push(b'N');
                 client.flush().await?;
+                // PostgreSQL answers `N`, then refuses bytes sent before the client read it.
+                if pipelined {
+                    return Err(SessionError::DataAfterGssEncRequest);
+                }
             }
             StartupPacket::GssEncRequest => {
                 return Err(SessionError::Protocol("repeated GSSENCRequest"))

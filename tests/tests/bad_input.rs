@@ -560,6 +560,21 @@ fn gssenc_request_is_refused_then_ssl_request_works() {
 }
 
 #[test]
+fn bytes_pipelined_after_gssenc_request_are_refused_after_n() {
+    let mut sock = tcp();
+    let bytes = [request(GSSENC_REQUEST_CODE), request(SSL_REQUEST_CODE)].concat();
+    sock.write_all(&bytes).expect("send");
+    // As PostgreSQL: the answer `N` first, then the refusal, in plaintext.
+    assert_eq!(read_byte(&mut sock), b'N');
+    let error = expect_fatal(&mut sock, "08P01", "data after GSSENCRequest");
+    assert_eq!(
+        error.message,
+        "received unencrypted data after GSSAPI encryption request"
+    );
+    assert_router_healthy();
+}
+
+#[test]
 fn cancel_request_with_an_unknown_key_changes_nothing() {
     let mut session = connect_tls(Mode::SslRequest);
     start_sasl(&mut session, "app.b1");

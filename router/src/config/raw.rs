@@ -58,5 +58,4 @@ pub(super) struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) max_client_connections: Option<NonZeroU32>,
-    pub(super) max_message_bytes: Option<NonZeroUsize>,
 }
