@@ -9,7 +9,6 @@
 
 use std::rc::Rc;
 
-use crate::mailbox::Message;
 use crate::protocol::startup::CancelKey;
 use crate::worker::Worker;
 
@@ -19,8 +18,8 @@ pub fn handle(worker: &Rc<Worker>, key: CancelKey) {
         return;
     }
     for (id, mailbox) in worker.shared.mailboxes.iter().enumerate() {
-        if id != worker.id && mailbox.send(Message::Cancel(key)).is_err() {
-            tracing::warn!(worker = id, "mailbox full: cancel request dropped");
+        if id != worker.id && mailbox.send_cancel(key).is_err() {
+            tracing::debug!(worker = id, "mailbox full: cancel request dropped");
         }
     }
 }

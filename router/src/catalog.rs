@@ -29,7 +29,7 @@ use crate::config::TomlError;
 
 mod edit;
 
-pub use edit::set_role_verifier;
+pub use edit::{lock_for_edit, set_role_verifier, EditLock};
 
 /// Longest branch id, and longest role name (PostgreSQL's NAMEDATALEN - 1).
 pub const MAX_NAME_BYTES: usize = 63;

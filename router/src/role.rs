@@ -109,6 +109,9 @@ pub fn apply(
         });
     }
     let config = Config::load(&args.config)?;
+    // One role command at a time per catalog, from reading it to writing it back, so the
+    // server's password and the file's verifier always end up from the same command.
+    let _lock = catalog::lock_for_edit(&config.catalog_path)?;
     let catalog = Catalog::load(&config.catalog_path)?;
     let branch = catalog
         .branch(&args.branch)

@@ -16,7 +16,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
-use crate::mailbox::{Mailbox, Message};
+use crate::mailbox::Mailbox;
 use crate::tls::TlsError;
 use crate::upstream::Upstreams;
 use crate::worker::{Shared, Worker};
@@ -24,8 +24,10 @@ use crate::worker::{Shared, Worker};
 /// Listen backlog per worker socket.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// How often the catalog file's modification time is checked.
-const CATALOG_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the catalog file's modification time and size are checked. A change is reloaded
+/// once two checks in a row see the same new stamp, so a file an editor is still writing in
+/// place is not read half-written (the `role` command replaces it atomically anyway).
+const CATALOG_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -290,12 +292,15 @@ impl Router {
                 let meta = std::fs::metadata(path).ok()?;
                 Some((meta.modified().ok()?, meta.len()))
             };
-            let mut seen = stamp(&path);
+            let mut loaded = stamp(&path);
+            let mut previous = loaded;
             while !stopping.load(Ordering::Relaxed) {
                 std::thread::park_timeout(CATALOG_WATCH_INTERVAL);
                 let now = stamp(&path);
-                if now.is_some() && now != seen {
-                    seen = now;
+                let settled = now == previous;
+                previous = now;
+                if now.is_some() && now != loaded && settled {
+                    loaded = now;
                     let _ = reload(&shared, &lock);
                 }
             }
@@ -308,7 +313,7 @@ impl Router {
         tracing::info!("shutting down");
         self.stopping.store(true, Ordering::Relaxed);
         for mailbox in &self.shared.mailboxes {
-            let _ = mailbox.send(Message::Shutdown);
+            mailbox.request_shutdown();
         }
         for handle in self.helpers {
             handle.thread().unpark();
@@ -352,16 +357,10 @@ fn reload(shared: &Shared, lock: &Mutex<()>) -> Result<(), CatalogError> {
     let branches = newer.branches().len();
     shared.catalog.store(Arc::new(newer));
     tracing::info!(branches, changed_roles = changed.len(), "catalog reloaded");
-    for (branch, role) in changed {
-        let (branch, role): (Arc<str>, Arc<str>) = (branch.into(), role.into());
+    if !changed.is_empty() {
+        // Each worker closes its sessions whose verifier is no longer in force.
         for mailbox in &shared.mailboxes {
-            let message = Message::CloseRole {
-                branch: branch.clone(),
-                role: role.clone(),
-            };
-            if mailbox.send(message).is_err() {
-                tracing::warn!("mailbox full: could not close sessions of a changed role");
-            }
+            mailbox.request_sweep();
         }
     }
     Ok(())

@@ -316,6 +316,7 @@ async fn start(
         branch,
         role,
         sni: handshake.sni,
+        verifier,
         kill: Signal::default(),
     });
     let (client_rd, client_wr) = tcp.into_split();

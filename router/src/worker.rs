@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use monoio::net::TcpListener;
 use rustls::ServerConfig;
 
+use crate::auth::verifier::ScramVerifier;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::KillReason;
@@ -107,8 +108,21 @@ pub struct SessionHandle {
     pub role: Box<str>,
     /// The server name the client sent in its TLS ClientHello (SNI), if any.
     pub sni: Option<Box<str>>,
+    /// The verifier the client authenticated against: the session ends when it leaves the
+    /// catalog (password reset, role or branch removed).
+    pub verifier: Arc<ScramVerifier>,
     /// Fired to end the session with a FATAL error.
     pub kill: Signal<KillReason>,
+}
+
+impl SessionHandle {
+    /// True while `catalog` still holds the verifier this session authenticated against.
+    pub fn verifier_in_force(&self, catalog: &Catalog) -> bool {
+        catalog
+            .branch(&self.branch)
+            .and_then(|branch| branch.role(&self.role))
+            .is_some_and(|verifier| **verifier == *self.verifier)
+    }
 }
 
 /// One worker thread's state. Lives in an `Rc`: it never leaves its thread.
@@ -172,10 +186,14 @@ impl Worker {
         (LiveGuard(self.clone()), over)
     }
 
-    /// Make a session findable for cancel requests, password resets and shutdown.
+    /// Make a session findable for cancel requests, password resets and shutdown. A session
+    /// whose verifier changed while it was starting (after the last sweep) is killed at once.
     pub fn register(self: &Rc<Self>, handle: Rc<SessionHandle>) -> Registration {
         let id = self.next_session.get();
         self.next_session.set(id + 1);
+        if !handle.verifier_in_force(&self.shared.catalog.load()) {
+            handle.kill.fire(KillReason::PasswordReset);
+        }
         self.sessions.borrow_mut().insert(id, handle);
         Registration {
             worker: self.clone(),
@@ -212,12 +230,17 @@ impl Worker {
                 Message::Cancel(key) => {
                     crate::cancel::cancel_local(self, key);
                 }
-                Message::CloseRole { branch, role } => {
+                Message::Sweep => {
+                    let catalog = self.shared.catalog.load();
                     let n = self.kill_where(KillReason::PasswordReset, |s| {
-                        *s.branch == *branch && *s.role == *role
+                        !s.verifier_in_force(&catalog)
                     });
                     if n > 0 {
-                        tracing::info!(worker = self.id, %branch, %role, sessions = n, "closed sessions after password change");
+                        tracing::info!(
+                            worker = self.id,
+                            sessions = n,
+                            "closed sessions whose role's password changed or was removed"
+                        );
                     }
                 }
                 Message::Shutdown => return,

@@ -86,7 +86,7 @@ impl Fixture {
 /// `select 1` through the router with psycopg, alternating SSLRequest and direct SSL.
 fn assert_router_healthy() {
     static TURN: AtomicUsize = AtomicUsize::new(0);
-    let negotiation = if TURN.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+    let negotiation = if TURN.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
         SslNegotiation::Postgres
     } else {
         SslNegotiation::Direct

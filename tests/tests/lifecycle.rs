@@ -84,6 +84,23 @@ fn write_atomically(path: &Path, text: &str) {
     fs::rename(&tmp, path).expect("rename into place");
 }
 
+/// Replaces the file at `path` with `text` of the same length and modification time, so the
+/// router's file watch (which compares both) cannot see the change: only SIGHUP reloads it.
+fn write_unseen_by_the_watch(path: &Path, text: &str) {
+    let old = fs::metadata(path).expect("stat the catalog");
+    assert_eq!(old.len(), text.len() as u64, "the new text must be as long");
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).expect("write temp file");
+    let file = fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .expect("open temp file");
+    file.set_modified(old.modified().expect("mtime"))
+        .expect("set mtime");
+    drop(file);
+    fs::rename(&tmp, path).expect("rename into place");
+}
+
 /// Polls `probe` until it returns `Some`, panicking with `what` after `timeout`.
 fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -107,13 +124,19 @@ struct LocalRouter {
 impl LocalRouter {
     /// Starts a router (2 workers) for `branches` with the given drain time.
     fn start(branches: &[BranchSpec], drain: &str) -> LocalRouter {
+        Self::start_with(branches, drain, "")
+    }
+
+    /// As [`LocalRouter::start`], with `extra` appended to router.toml.
+    fn start_with(branches: &[BranchSpec], drain: &str, extra: &str) -> LocalRouter {
         let dir = tempfile::Builder::new()
             .prefix("bg-lifecycle-")
             .tempdir()
             .expect("create temp dir");
         let text = router_toml(&fixture().certs, "catalog.toml");
         assert!(text.contains("drain = \"1s\""), "{text}");
-        let text = text.replace("drain = \"1s\"", &format!("drain = {}", toml_string(drain)));
+        let text =
+            text.replace("drain = \"1s\"", &format!("drain = {}", toml_string(drain))) + extra;
         fs::write(dir.path().join("router.toml"), &text).expect("write router.toml");
         write_atomically(&dir.path().join("catalog.toml"), &catalog_toml(branches));
         let config = branchgate::config::Config::parse(&text, dir.path(), "router.toml")
@@ -416,6 +439,31 @@ fn role_create_cli_makes_a_role_that_logs_in_through_the_router() {
 }
 
 #[test]
+fn clients_over_max_client_connections_get_53300() {
+    let pg = &fixture().pg;
+    let password = "pscale_pw_lim7";
+    let branch = BranchSpec::new("b1", pg.addr()).role("lim7", &server_role("lim7", password));
+    let router =
+        LocalRouter::start_with(&[branch], "1s", "\n[limits]\nmax_client_connections = 2\n");
+    let first = open_session(router.addr(), "lim7.b1", password).expect("first client");
+    let _second = open_session(router.addr(), "lim7.b1", password).expect("second client");
+    let error = open_session(router.addr(), "lim7.b1", password)
+        .err()
+        .expect("a third client is over the limit");
+    assert_db_error(
+        &error,
+        &SqlState::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already",
+    );
+    // A client that leaves frees its place.
+    first.close();
+    let third = wait_for("a place for the third client", EVENT_TIMEOUT, || {
+        open_session(router.addr(), "lim7.b1", password).ok()
+    });
+    assert_eq!(third.value("SELECT current_user").expect("query"), "lim7");
+}
+
+#[test]
 fn password_reset_closes_the_roles_sessions_only() {
     let pg = &fixture().pg;
     let old_password = "pscale_pw_web2_old";
@@ -622,7 +670,7 @@ fn check_config_accepts_valid_files_and_points_at_bad_lines() {
 }
 
 #[test]
-fn binary_runs_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
+fn binary_reloads_on_sighup_and_on_role_reset_and_exits_on_sigterm() {
     let pg = &fixture().pg;
     let password = "pscale_pw_app6";
     let b1 = BranchSpec::new("b1", pg.addr()).role("app6", &server_role("app6", password));
@@ -631,18 +679,25 @@ fn binary_runs_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
         .tempdir()
         .expect("temp dir");
     let catalog = dir.path().join("catalog.toml");
-    write_atomically(&catalog, &catalog_toml(std::slice::from_ref(&b1)));
+    let late_password = "pscale_pw_late6";
+    let late = b1
+        .clone()
+        .role("late6", &server_role("late6", late_password));
+    let late_text = catalog_toml(&[late]);
+    // The first catalog is padded to the later one's length (see write_unseen_by_the_watch).
+    let mut first_text = catalog_toml(std::slice::from_ref(&b1));
+    let pad = late_text.len() - first_text.len() - "# \n".len();
+    first_text.push_str(&format!("# {}\n", "-".repeat(pad)));
+    write_atomically(&catalog, &first_text);
     let (mut process, addr) = spawn_router_process(dir.path());
 
     let who = psql_via(addr, "app6.b1", password, "SELECT current_user")
         .unwrap_or_else(|e| panic!("psql through branchgate run: {e}\n{}", process.log()));
     assert_eq!(who, "app6");
 
-    let late_password = "pscale_pw_late6";
-    let b1 = b1.role("late6", &server_role("late6", late_password));
     let err = psql_via(addr, "late6.b1", late_password, "SELECT 1").expect_err("not yet");
     assert!(err.contains("password authentication failed"), "{err}");
-    write_atomically(&catalog, &catalog_toml(&[b1]));
+    write_unseen_by_the_watch(&catalog, &late_text);
     process.signal(libc::SIGHUP);
     let who = wait_for("the added role to log in", EVENT_TIMEOUT, || {
         psql_via(addr, "late6.b1", late_password, "SELECT current_user").ok()
@@ -654,6 +709,17 @@ fn binary_runs_reloads_on_sighup_and_exits_cleanly_on_sigterm() {
             .contains("SIGHUP: reloading catalog")
             .then_some(())
     });
+
+    // A password reset by the real CLI reaches the running router through its file watch
+    // alone (no signal) and closes the role's open session.
+    let mut session = open_session(addr, "app6.b1", password).expect("app6 logs in");
+    let new_password = role_cli("reset", &dir.path().join("router.toml"), "b1", "app6");
+    let error = session.ended_by_server();
+    assert_db_error(&error, &SqlState::ADMIN_SHUTDOWN, PASSWORD_RESET_MESSAGE);
+    let who = wait_for("the new password to log in", EVENT_TIMEOUT, || {
+        psql_via(addr, "app6.b1", &new_password, "SELECT current_user").ok()
+    });
+    assert_eq!(who, "app6");
 
     process.signal(libc::SIGTERM);
     let status = process.wait_exit(SHUTDOWN_TIMEOUT);

@@ -15,8 +15,8 @@ use crate::config::TomlError;
 /// Comments and layout are preserved (`toml_edit`); a missing `[branch.roles]` table is
 /// created. The result is parsed as a [`Catalog`] before it replaces the file, atomically (temp
 /// file in the same directory, fsync, rename, fsync of the directory), so a reader sees the old
-/// file or the new one, never a mix. Two concurrent edits may lose one update: the caller (the
-/// `role` command) is expected to be the only writer.
+/// file or the new one, never a mix. Concurrent editors serialise with [`lock_for_edit`]: hold
+/// it across the whole change (server and file), or two edits may lose one update.
 pub fn set_role_verifier(
     path: &Path,
     branch: &str,
@@ -112,6 +112,37 @@ fn set_role(branch: &mut dyn TableLike, inline: bool, role: &str, verifier: &str
         }
     }
     Some(())
+}
+
+/// An exclusive lock on the catalog at `path` for one edit, released when dropped.
+///
+/// The lock is on a sidecar file (`.<name>.lock` in the same directory): the catalog itself is
+/// replaced by rename, so a lock on its inode would not exclude the next editor. Blocks while
+/// another editor holds it.
+#[derive(Debug)]
+pub struct EditLock {
+    _file: std::fs::File,
+}
+
+/// Takes the [`EditLock`] for the catalog at `path`.
+pub fn lock_for_edit(path: &Path) -> Result<EditLock, CatalogError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or("catalog".into(), |n| n.to_string_lossy());
+    let lock_path = dir.join(format!(".{name}.lock"));
+    let io = |source| CatalogError::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(EditLock { _file: file })
 }
 
 /// Writes `contents` to a temp file next to `path`, syncs it, and renames it over `path`.
@@ -261,6 +292,18 @@ mod tests {
         );
         let leftovers = std::fs::read_dir(dir.path()).expect("list").count();
         assert_eq!(leftovers, 1, "no temp files left behind");
+    }
+
+    #[test]
+    fn edit_lock_excludes_a_second_editor_until_dropped() {
+        let (dir, path) = write_catalog(&two_branches());
+        let held = lock_for_edit(&path).expect("first lock");
+        let other = std::fs::File::open(dir.path().join(".catalog.toml.lock")).expect("sidecar");
+        assert!(other.try_lock().is_err(), "a second editor got the lock");
+        drop(held);
+        other
+            .try_lock()
+            .expect("free after the first editor is done");
     }
 
     #[test]
