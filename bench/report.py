@@ -86,6 +86,10 @@ def summary(path):
         line = f"    {target:<22} {num(r['count']):>9} ok {r['errors']:>4} err  {num(r['rate_per_s'], 1):>10}/s  p50 {us(lat['p50']):>9}  p99 {us(lat['p99']):>9}"
         if r.get("cpu_us_per_op") is not None:
             line += f"  cpu {r['cpu_us_per_op']:.1f} µs/op"
+        if r.get("tls_established_us"):
+            line += f"  to TLS {us(r['tls_established_us']['p50'])}"
+            rtt = (r.get("phases") or {}).get("ssl_request")
+            line += f" (SSLRequest {us(rtt['p50'])})" if rtt else " (direct)"
         if r.get("bytes_per_connection") is not None:
             line += f"  {size(r['bytes_per_connection'])}/conn"
         print(line)
@@ -125,13 +129,17 @@ def section_latency(w):
         rows.append(f"| {t} | {us(lat['p50'])} | {us(lat['p90'])} | {us(lat['p99'])} | {us(lat['p999'])} | {added50} | {added99} |")
     text = "\n".join(rows) + "\n"
     if base and BG in res and PGB in res:
-        bg = res[BG]["latency_us"]["p50"] - base["latency_us"]["p50"]
-        pgb = res[PGB]["latency_us"]["p50"] - base["latency_us"]["p50"]
+        def added(target, p):
+            return res[target]["latency_us"][p] - base["latency_us"][p]
+        bg, pgb = added(BG, "p50"), added(PGB, "p50")
         if pgb > 0:
             verdict = "met" if bg <= AIM_ADDED_P50_VS_PGBOUNCER * pgb else "missed"
             text += (f"\nbranchgate adds {signed_us(bg)} at p50, PgBouncer {signed_us(pgb)}: "
                      f"{bg / pgb:.2f} of PgBouncer's added latency (aim: at most "
-                     f"{AIM_ADDED_P50_VS_PGBOUNCER}; **{verdict}**).\n")
+                     f"{AIM_ADDED_P50_VS_PGBOUNCER}; **{verdict}**).")
+        bg99, pgb99 = added(BG, "p99"), added(PGB, "p99")
+        text += (f" At p99 branchgate adds {signed_us(bg99)}, PgBouncer {signed_us(pgb99)}"
+                 + (f": {bg99 / pgb99:.2f} of PgBouncer's.\n" if pgb99 > 0 else ".\n"))
     rate = doc["settings"].get("rate")
     head = (f"## 1. Added latency per query\n\nOne connection per target, `SELECT 1` (simple protocol), "
             f"open loop at {num(rate)} queries/s (latency from the scheduled send time, "
@@ -139,25 +147,50 @@ def section_latency(w):
     return head + cmd_block(command) + "\n" + text + errors_note(res)
 
 
-def section_connect(w):
+def phase(r, name, p="p50"):
+    """A connection phase; `ssl_request` is absent for direct SSL and without TLS."""
+    summary = (r.get("phases") or {}).get(name)
+    return summary[p] if summary else None
+
+
+def to_tls(r, p="p50"):
+    """connect() until TLS established; absent without TLS (and in results before it existed)."""
+    summary = r.get("tls_established_us")
+    return summary[p] if summary else None
+
+
+def direct_vs_sslrequest(res):
+    """The sentence comparing connect() to TLS established, direct SSL vs SSLRequest."""
+    if BG not in res or BG_REQ not in res:
+        return None
+    direct, req = to_tls(res[BG]), to_tls(res[BG_REQ])
+    if direct is None or req is None:
+        return None
+    saved = req - direct
+    rtt = phase(res[BG_REQ], "ssl_request")
+    how = (f"{us(saved)} ({saved / req:.0%}) sooner" if saved >= 0
+           else f"{us(-saved)} later (noise hides the round trip in this run)")
+    return (f"connect() to TLS established, p50: direct SSL {us(direct)}, SSLRequest {us(req)}: "
+            f"direct SSL has TLS up {how}; the SSLRequest round trip it skips takes {us(rtt)} at p50.")
+
+
+def section_connect(w, serial):
     doc, res, command = w
-    rows = ["| target | connections/s | p50 | p99 | TCP p50 | TLS p50 | auth p50 | ready p50 | router CPU / connection |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| target | connections/s | p50 | p99 | TCP p50 | SSLRequest p50 | TLS p50 | auth p50 | ready p50 "
+            "| to TLS p50 | router CPU / connection |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, r in res.items():
-        lat, ph = r["latency_us"], r.get("phases") or {}
-        def phase(p):
-            return us(ph[p]["p50"]) if p in ph else "-"
+        lat = r["latency_us"]
         cpu = cpu_per_op(r)
-        rows.append(f"| {t} | {num(r['rate_per_s'])} | {us(lat['p50'])} | {us(lat['p99'])} | {phase('tcp')} | "
-                    f"{phase('tls')} | {phase('auth')} | {phase('ready')} | {us(cpu) if cpu is not None else '-'} |")
+        rows.append(f"| {t} | {num(r['rate_per_s'])} | {us(lat['p50'])} | {us(lat['p99'])} | "
+                    f"{us(phase(r, 'tcp'))} | {us(phase(r, 'ssl_request'))} | {us(phase(r, 'tls'))} | "
+                    f"{us(phase(r, 'auth'))} | {us(phase(r, 'ready'))} | {us(to_tls(r))} | "
+                    f"{us(cpu) if cpu is not None else '-'} |")
     text = "\n".join(rows) + "\n"
     notes = []
-    if BG in res and BG_REQ in res:
-        d = res[BG_REQ]["phases"]["tls"]["p50"] - res[BG]["phases"]["tls"]["p50"]
-        notes.append(f"Direct SSL saves the SSLRequest round trip: its TLS phase p50 is {us(abs(d))} "
-                     f"{'shorter' if d >= 0 else 'longer (the round trip is hidden by noise in this run)'} "
-                     f"than SSLRequest's ({us(res[BG]['phases']['tls']['p50'])} vs "
-                     f"{us(res[BG_REQ]['phases']['tls']['p50'])}).")
+    compare = direct_vs_sslrequest(res)
+    if compare:
+        notes.append(f"With {doc['settings'].get('concurrency')} setups in flight: {compare}")
     if BG in res and PGB in res:
         r = res[BG]["rate_per_s"] / res[PGB]["rate_per_s"] if res[PGB]["rate_per_s"] else 0
         verdict = "met" if r >= AIM_CONNECT_RATE_VS_PGBOUNCER else "missed"
@@ -169,11 +202,36 @@ def section_connect(w):
     conc = doc["settings"].get("concurrency")
     head = (f"## 2. Connection setup (TLS + SCRAM-SHA-256)\n\nAs fast as possible with {conc} setups in "
             "flight per target: connect() to ReadyForQuery, then Terminate. Phases are each measured from "
-            "the end of the previous one; `TLS` includes the SSLRequest round trip where there is one. "
+            "the end of the previous one: `SSLRequest` is the SSLRequest → `S` round trip (none for direct "
+            "SSL, which sends the TLS ClientHello at once), `TLS` the handshake after it. `to TLS` is not a "
+            "phase but connect() until TLS is established (TCP, SSLRequest round trip if any, handshake): "
+            "direct SSL should be one round trip shorter. "
             "The load generator caches the salted password, so client-side PBKDF2 is not measured. "
             "CPU is the router process's (branchgate or PgBouncer) during the target's own slices, "
             "from the kernel's per-process CPU clock.\n")
-    return head + cmd_block(command) + "\n" + text + "\n" + "\n".join(notes) + "\n" + errors_note(res)
+    body = head + cmd_block(command) + "\n" + text + "\n" + "\n".join(notes) + "\n" + errors_note(res)
+    if serial:
+        body += section_connect_serial(serial)
+    return body
+
+
+def section_connect_serial(w):
+    doc, res, command = w
+    rows = ["| target | connections | TCP p50 | SSLRequest p50 / p99 | TLS p50 / p99 | to TLS p50 / p99 | p50 to ReadyForQuery |",
+            "|---|---|---|---|---|---|---|"]
+    for t, r in res.items():
+        def pair(p50, p99):
+            return "-" if p50 is None else f"{us(p50)} / {us(p99)}"
+        rows.append(f"| {t} | {num(r['count'])} | {us(phase(r, 'tcp'))} | "
+                    f"{pair(phase(r, 'ssl_request'), phase(r, 'ssl_request', 'p99'))} | "
+                    f"{pair(phase(r, 'tls'), phase(r, 'tls', 'p99'))} | "
+                    f"{pair(to_tls(r), to_tls(r, 'p99'))} | {us(r['latency_us']['p50'])} |")
+    compare = direct_vs_sslrequest(res)
+    head = ("\n### The round trip direct SSL saves\n\nbranchgate alone, one setup at a time, the two TLS "
+            "modes interleaved: no queue and no other connection's PostgreSQL backend fork competing for "
+            "the cores while a handshake runs, so the SSLRequest round trip is not lost in the noise.\n")
+    return (head + cmd_block(command) + "\n" + "\n".join(rows) + "\n"
+            + (f"\n{compare}\n" if compare else "") + errors_note(res))
 
 
 def section_throughput(ws):
@@ -263,6 +321,7 @@ def report(args):
     parts = []
     lat = workload(args.results, "latency")
     con = workload(args.results, "connect")
+    serial = workload(args.results, "connect-serial")
     thr = []
     for name in sorted(os.listdir(args.results)):
         if name.startswith("throughput-") and name.endswith(".json"):
@@ -273,7 +332,7 @@ def report(args):
     if lat:
         parts.append(section_latency(lat))
     if con:
-        parts.append(section_connect(con))
+        parts.append(section_connect(con, serial))
     if thr:
         parts.append(section_throughput(thr))
     if idle:
@@ -282,7 +341,7 @@ def report(args):
         parts.append(section_cpu(thr))
     out_dir = os.path.dirname(os.path.abspath(args.out))
     plots = [plot_link(args.results, out_dir, n) for n in
-             ["latency", "connect"] + [f"throughput-{n}" for n, _ in thr]
+             ["latency", "connect", "connect-serial"] + [f"throughput-{n}" for n, _ in thr]
              if os.path.exists(os.path.join(args.results, n + ".svg"))]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = f"""# Benchmarks

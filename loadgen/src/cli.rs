@@ -55,11 +55,13 @@ pub struct CommonArgs {
     /// Worker threads, each with its own io_uring runtime [default: number of CPUs].
     #[arg(long, value_name = "N")]
     pub threads: Option<NonZeroUsize>,
-    /// Source addresses to bind, round robin: FIRST-LAST or a comma-separated list (IPv4).
-    #[arg(long, value_name = "FIRST-LAST")]
+    /// Source addresses to bind, round robin: FIRST-LAST or a comma-separated list (IPv4), or
+    /// `none` for the kernel's choice. Idle mode picks loopback addresses by itself when one
+    /// address could run out of ephemeral ports.
+    #[arg(long, value_name = "FIRST-LAST|none")]
     pub source_ips: Option<SourceIps>,
     /// Give up on a connection setup or query after this long.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
     /// Print one JSON document on stdout instead of tables.
     #[arg(long)]
@@ -98,7 +100,7 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "C", default_value = "64")]
     pub concurrency: NonZeroUsize,
     /// Measure each target for this long [default: 10s].
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "count")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration, conflicts_with = "count")]
     pub duration: Option<Duration>,
     /// Measure each target for this many connections instead of a duration.
     #[arg(long, value_name = "N")]
@@ -107,7 +109,7 @@ pub struct ConnectArgs {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
     pub warmup: Duration,
     /// Targets take turns in slices of about this length.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_positive_duration)]
     pub slice: Duration,
 }
 
@@ -134,13 +136,13 @@ pub struct QueryArgs {
     #[arg(long, value_name = "FILE")]
     pub query_file: Option<PathBuf>,
     /// Measure each target for this long.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
     pub duration: Duration,
     /// Run each target this long first without recording.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub warmup: Duration,
     /// Targets take turns in slices of about this length.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_positive_duration)]
     pub slice: Duration,
 }
 
@@ -167,6 +169,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("'{text}': {e} (try 10s or 500ms)"))
 }
 
+/// A duration that must be more than zero (a run, a slice, a timeout of nothing is a mistake).
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("'{text}' is zero; it must be more than that")),
+        duration => Ok(duration),
+    }
+}
+
 fn parse_rate(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
@@ -174,7 +184,7 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     }
 }
 
-/// Source addresses to bind, in order.
+/// Source addresses to bind, in order; empty for `none` (the kernel chooses).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceIps(pub Vec<IpAddr>);
 
@@ -182,6 +192,9 @@ impl FromStr for SourceIps {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "none" {
+            return Ok(SourceIps(Vec::new()));
+        }
         let ip = |s: &str| {
             s.trim()
                 .parse::<Ipv4Addr>()
@@ -297,6 +310,11 @@ mod tests {
             "query --target a=x --closed --protocol binary",
             "query --target a=x --closed --connections 0",
             "idle --target a=x",
+            "connect --target a=x --max --duration 0s",
+            "connect --target a=x --max --slice 0ms",
+            "query --target a=x --closed --duration 0s",
+            "query --target a=x --closed --slice 0s",
+            "idle --target a=x --connections 5 --timeout 0s",
             "idle --target a=x --connections 5 --source-ips 127.0.0.9-127.0.0.1",
         ] {
             assert!(parse(args).is_err(), "{args}");
@@ -311,6 +329,7 @@ mod tests {
         assert_eq!(range.0[255], IpAddr::from([127, 0, 1, 1]));
         let list: SourceIps = "127.0.0.2, 127.0.0.3".parse().expect("list");
         assert_eq!(list.0.len(), 2);
+        assert_eq!("none".parse::<SourceIps>(), Ok(SourceIps(Vec::new())));
         for bad in ["", "x", "127.0.0.1-", "::1", "127.0.0.0-127.255.255.255"] {
             assert!(bad.parse::<SourceIps>().is_err(), "{bad}");
         }

@@ -92,6 +92,11 @@ impl BranchPicker {
         self.pick_with(rng.gen::<f64>())
     }
 
+    /// The branches, in `--branches` order.
+    pub fn branches(&self) -> &[String] {
+        &self.branches
+    }
+
     /// Whether no branches were given.
     pub fn is_empty(&self) -> bool {
         self.branches.is_empty()

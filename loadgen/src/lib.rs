@@ -7,10 +7,13 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line (clap).
-//! - [`settings`]: checked settings: targets parsed and resolved, query file read.
+//! - [`settings`]: checked settings: targets parsed and resolved, query file read, plot file
+//!   created.
+//! - [`source`]: idle mode's spread of source addresses over 127.0.0.0/8.
 //! - [`target`]: target URLs and their TLS settings.
 //! - [`client`]: the PostgreSQL client: transport, TLS, startup and SCRAM, queries.
 //! - [`dist`]: branch choice per connection, uniform or Zipf.
+//! - [`probe`]: the check before a run: every target, every branch, every statement.
 //! - [`plan`]: slices (which target runs when) and the open-loop pacer.
 //! - [`runtime`]: worker threads, one monoio runtime each.
 //! - [`timer`]: a microsecond-precise sleep for the open-loop schedules.
@@ -19,7 +22,7 @@
 //! - [`report`]: tables and JSON.
 //! - [`plot`]: the SVG percentile chart.
 //! - [`progress`]: the progress bar.
-//! - [`sys`]: open-file limit and /proc memory readings.
+//! - [`sys`]: open-file limit, ephemeral port range and /proc memory readings.
 //! - [`cpu`]: another process's CPU time (its CPU clock, or /proc/PID/stat).
 //! - [`sampler`]: each target's server CPU time, read at its slice boundaries.
 
@@ -30,11 +33,13 @@ pub mod dist;
 pub mod modes;
 pub mod plan;
 pub mod plot;
+pub mod probe;
 pub mod progress;
 pub mod report;
 pub mod runtime;
 pub mod sampler;
 pub mod settings;
+pub mod source;
 pub mod stats;
 pub mod sys;
 pub mod target;

@@ -1,5 +1,6 @@
 //! `branchgate-loadgen`: parse the command line, run, print. Exit status 0 on success, 1 when
-//! the run failed (or, with `--strict`, had errors), 2 for bad arguments.
+//! the run failed (or, with `--strict`, a target had errors or recorded nothing), 2 for bad
+//! arguments.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -18,8 +19,11 @@ fn main() -> ExitCode {
             let mut stdout = std::io::stdout().lock();
             // A closed pipe (`| head`) is not worth a panic.
             let _ = writeln!(stdout, "{}", outcome.output.trim_end());
-            if outcome.failed {
-                eprintln!("branchgate-loadgen: some operations failed (--strict)");
+            if !outcome.failures.is_empty() {
+                eprintln!(
+                    "branchgate-loadgen: --strict: {}",
+                    outcome.failures.join("; ")
+                );
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS

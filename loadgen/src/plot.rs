@@ -6,8 +6,7 @@
 //! nine the largest sample can resolve (10^x samples for x nines).
 
 use std::fmt::Write as _;
-use std::io;
-use std::path::Path;
+use std::io::{self, Write};
 
 use crate::stats::Latency;
 
@@ -28,9 +27,11 @@ const COLOURS: [&str; 8] = [
     "#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442",
 ];
 
-/// Writes the chart of `series` (name, histogram) to `path`.
-pub fn write(path: &Path, title: &str, series: &[(&str, &Latency)]) -> io::Result<()> {
-    std::fs::write(path, svg(title, series))
+/// Writes the chart of `series` (name, histogram) to `out` (the `--plot` file, created before
+/// the run).
+pub fn write(mut out: impl Write, title: &str, series: &[(&str, &Latency)]) -> io::Result<()> {
+    out.write_all(svg(title, series).as_bytes())?;
+    out.flush()
 }
 
 /// The chart as SVG text.

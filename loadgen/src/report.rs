@@ -3,7 +3,8 @@
 //! JSON (`--json`), field names stable:
 //! `{"mode", "threads", "settings": {...}, "results": [{"target", "mode", "count", "errors",
 //! "first_error", "duration_s", "rate_per_s", "latency_us": {"p50","p90","p99","p999","max"},
-//! "phases": {"tcp","tls","auth","ready"} (connect), "pid" (idle; connect and query with
+//! "phases": {"tcp","ssl_request","tls","auth","ready"}, "tls_established_us" (connect; the
+//! last two only where they apply, see [`PhaseReport`]), "pid" (idle; connect and query with
 //! `--pid`), "cpu_s", "cpu_us_per_op" (connect and query with `--pid`), "connections_requested",
 //! "rss_bytes_before", "rss_bytes_after", "bytes_per_connection" (idle)}]}`.
 
@@ -53,6 +54,10 @@ pub struct TargetReport {
     /// Connect mode: each setup phase on its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phases: Option<PhaseReport>,
+    /// Connect mode, TLS targets: connect() until the TLS session is established (TCP, the
+    /// SSLRequest round trip if any, the handshake). Direct SSL should be one round trip less.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_established_us: Option<Summary>,
     /// Connect and query modes with `--pid`: the server's CPU time.
     #[serde(flatten)]
     pub cpu: Option<CpuReport>,
@@ -69,9 +74,13 @@ pub struct TargetReport {
 pub struct PhaseReport {
     /// connect() until TCP established.
     pub tcp: Summary,
-    /// TCP until TLS established (0 without TLS).
+    /// TCP established until the server's `S` to SSLRequest (one round trip). Absent for
+    /// direct SSL and without TLS, which send no SSLRequest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssl_request: Option<Summary>,
+    /// The TLS handshake, from the `S` (direct SSL: from TCP established); 0 without TLS.
     pub tls: Summary,
-    /// TLS until AuthenticationOk.
+    /// TLS (or TCP) until AuthenticationOk.
     pub auth: Summary,
     /// AuthenticationOk until ReadyForQuery.
     pub ready: Summary,
@@ -81,11 +90,17 @@ impl From<&Phases> for PhaseReport {
     fn from(phases: &Phases) -> Self {
         PhaseReport {
             tcp: phases.tcp.summary(),
+            ssl_request: recorded(&phases.ssl_request),
             tls: phases.tls.summary(),
             auth: phases.auth.summary(),
             ready: phases.ready.summary(),
         }
     }
+}
+
+/// The summary of a histogram that only some connections record; `None` if none did.
+fn recorded(latency: &Latency) -> Option<Summary> {
+    (latency.count() > 0).then(|| latency.summary())
 }
 
 /// The CPU time of a target's process during the target's recorded slices.
@@ -145,6 +160,9 @@ impl TargetReport {
             rate_per_s: round(rate_per_s, 1),
             latency_us: stats.latency.summary(),
             phases: (mode == "connect").then(|| PhaseReport::from(&stats.phases)),
+            tls_established_us: (mode == "connect")
+                .then(|| recorded(&stats.phases.tls_established))
+                .flatten(),
             cpu: None,
             idle: None,
             latency: stats.latency,
@@ -252,23 +270,31 @@ impl Report {
     }
 
     fn phase_table(&self, out: &mut String, width: usize) {
-        let _ = writeln!(out, "\nconnection phases, p50 / p99:");
         let _ = writeln!(
             out,
-            "{:<width$} {:>19} {:>19} {:>19} {:>19}",
-            "target", "tcp", "tls", "auth", "ready"
+            "\nconnection phases, p50 / p99 (ssl_request: the SSLRequest round trip, - for direct \
+             SSL; to tls: connect() until TLS is established):"
+        );
+        let _ = writeln!(
+            out,
+            "{:<width$} {:>19} {:>19} {:>19} {:>19} {:>19} {:>19}",
+            "target", "tcp", "ssl_request", "tls", "auth", "ready", "to tls"
         );
         for r in &self.results {
             let Some(p) = &r.phases else { continue };
-            let pair = |s: &Summary| format!("{} / {}", us(s.p50), us(s.p99));
+            let pair = |s: Option<&Summary>| {
+                s.map_or("-".into(), |s| format!("{} / {}", us(s.p50), us(s.p99)))
+            };
             let _ = writeln!(
                 out,
-                "{:<width$} {:>19} {:>19} {:>19} {:>19}",
+                "{:<width$} {:>19} {:>19} {:>19} {:>19} {:>19} {:>19}",
                 r.target,
-                pair(&p.tcp),
-                pair(&p.tls),
-                pair(&p.auth),
-                pair(&p.ready)
+                pair(Some(&p.tcp)),
+                pair(p.ssl_request.as_ref()),
+                pair(Some(&p.tls)),
+                pair(Some(&p.auth)),
+                pair(Some(&p.ready)),
+                pair(r.tls_established_us.as_ref())
             );
         }
     }
@@ -377,6 +403,81 @@ mod tests {
         assert!(r.get("cpu_s").is_none() && r.get("pid").is_none());
         assert!(report.table().contains("250µs"), "{}", report.table());
         assert!(!report.table().contains("cpu"), "{}", report.table());
+    }
+
+    #[test]
+    fn ssl_request_phase_only_where_one_was_sent() {
+        let us = Duration::from_micros;
+        let t0 = std::time::Instant::now();
+        let timings = |ssl_request: Option<u64>, tls: Option<u64>| crate::client::Timings {
+            start: t0,
+            tcp: t0 + us(50),
+            ssl_request: ssl_request.map(|d| t0 + us(d)),
+            tls: tls.map(|d| t0 + us(d)),
+            auth: t0 + us(2000),
+            ready: t0 + us(2010),
+        };
+        // SSLRequest: its round trip ends at 90 µs, the handshake at 390 µs.
+        let cases = [
+            ("sslrequest", timings(Some(90), Some(390))),
+            ("direct", timings(None, Some(350))),
+            ("plain", timings(None, None)),
+        ];
+        let results = cases
+            .iter()
+            .map(|(name, t)| {
+                let mut stats = TargetStats {
+                    count: 1,
+                    ..TargetStats::default()
+                };
+                stats.latency.record(t.ready - t.start);
+                stats.phases.record(t);
+                stats.busy(0, Duration::from_secs(1));
+                TargetReport::new(name, "connect", stats)
+            })
+            .collect();
+        let report = Report {
+            mode: "connect",
+            threads: 1,
+            settings: serde_json::json!({}),
+            results,
+            headline: "connect".into(),
+        };
+        let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
+        let [req, direct, plain] = [0, 1, 2].map(|i| json["results"][i].clone());
+        // Histograms keep 3 significant digits.
+        let p50 = |v: &serde_json::Value, want: f64| {
+            let got = v["p50"].as_f64().expect("a number");
+            assert!((got - want).abs() <= want * 0.001, "{got} vs {want}");
+        };
+        p50(&req["phases"]["ssl_request"], 40.0);
+        p50(&req["phases"]["tls"], 300.0);
+        p50(&req["tls_established_us"], 390.0);
+        assert!(direct["phases"].get("ssl_request").is_none(), "{direct}");
+        p50(&direct["phases"]["tls"], 300.0);
+        p50(&direct["tls_established_us"], 350.0);
+        p50(&direct["phases"]["auth"], 1650.0);
+        assert!(plain["phases"].get("ssl_request").is_none(), "{plain}");
+        assert!(plain.get("tls_established_us").is_none(), "{plain}");
+        p50(&plain["phases"]["tls"], 0.0);
+        p50(&plain["phases"]["auth"], 1950.0);
+        let table = report.table();
+        let row = |name: &str| {
+            table
+                .lines()
+                .rfind(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} row: {table}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(
+            row("sslrequest").contains("40.0µs / 40.0µs 300µs / 300µs"),
+            "{table}"
+        );
+        assert!(row("direct").contains(" - 300µs / 300µs"), "{table}");
+        assert!(row("direct").ends_with("350µs / 350µs"), "{table}");
+        assert!(row("plain").ends_with(" -"), "{table}");
     }
 
     #[test]

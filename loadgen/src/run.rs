@@ -1,5 +1,5 @@
-//! One run: check the arguments, raise the open-file limit, make sure every target answers,
-//! measure, report.
+//! One run: check the arguments (and create the plot file), raise the open-file limit, make
+//! sure every target answers on every branch, measure, report.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,21 +8,20 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cli::{Cli, ConnectArgs, IdleArgs, ModeArgs, QueryArgs};
-use crate::client::query::{Outcome as QueryOutcome, Protocol, Request};
-use crate::client::ClientError;
+use crate::client::query::Protocol;
 use crate::modes::connect::{self, ConnectSettings, Limit, Pace};
 use crate::modes::idle::{self, IdleError, IdleSettings};
 use crate::modes::query::{self, QueryPace, QuerySettings};
-use crate::modes::{Local, MeasureError, Measured};
+use crate::modes::{MeasureError, Measured};
+use crate::probe::{self, ProbeError};
 use crate::report::{Report, TargetReport};
-use crate::runtime::{self, Counters, RuntimeError};
+use crate::runtime::{self, RuntimeError};
 use crate::settings::{load_queries, Common, UsageError};
+use crate::source::{self, Spread};
 use crate::{plot, sys};
 
 /// `connect --duration` when neither a duration nor a count is given.
 const DEFAULT_CONNECT_DURATION: Duration = Duration::from_secs(10);
-/// Above this many connections from one source address, ephemeral ports may run out.
-const ONE_SOURCE_CONNECTIONS: usize = 25_000;
 
 /// Why a run failed. [`Error::exit_code`] is 2 for bad arguments, 1 otherwise.
 #[derive(Debug, thiserror::Error)]
@@ -30,26 +29,9 @@ pub enum Error {
     /// A bad argument.
     #[error("{0}")]
     Usage(#[from] UsageError),
-    /// A target did not accept a connection before the run.
-    #[error("target '{target}' ({addr}): {error}")]
-    Unreachable {
-        /// Its name.
-        target: String,
-        /// Its address.
-        addr: std::net::SocketAddr,
-        /// Why.
-        error: ClientError,
-    },
-    /// A statement of the query file failed on a target before the run.
-    #[error("target '{target}': query '{query}' failed: {message}")]
-    QueryFailed {
-        /// The target.
-        target: String,
-        /// The statement.
-        query: String,
-        /// The server's error.
-        message: String,
-    },
+    /// A target or branch failed the check before the run.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
     /// The worker threads failed.
     #[error("{0}")]
     Runtime(#[from] RuntimeError),
@@ -86,8 +68,9 @@ pub struct Outcome {
     pub report: Report,
     /// Tables or JSON, as asked.
     pub output: String,
-    /// `--strict` and some operation failed.
-    pub failed: bool,
+    /// With `--strict`: what makes the run a failure, one entry per target that failed an
+    /// operation or recorded none (empty without `--strict`).
+    pub failures: Vec<String>,
 }
 
 /// Runs the command line's measurement.
@@ -97,15 +80,15 @@ pub fn run(cli: Cli) -> Result<Outcome, Error> {
         ModeArgs::Query(args) => run_query(args)?,
         ModeArgs::Idle(args) => run_idle(args)?,
     };
-    if let Some(path) = &common.plot {
+    if let Some(plot) = &common.plot {
         let title = format!("{} latency by percentile", report.mode);
         let series: Vec<(&str, &crate::stats::Latency)> = report
             .results
             .iter()
             .map(|r| (r.target.as_str(), &r.latency))
             .collect();
-        plot::write(path, &title, &series).map_err(|source| Error::Plot {
-            path: path.clone(),
+        plot::write(&plot.file, &title, &series).map_err(|source| Error::Plot {
+            path: plot.path.clone(),
             source,
         })?;
     }
@@ -114,12 +97,34 @@ pub fn run(cli: Cli) -> Result<Outcome, Error> {
     } else {
         report.table()
     };
-    let failed = common.strict && report.results.iter().any(|r| r.errors > 0);
+    let failures = if common.strict {
+        strict_failures(&report)
+    } else {
+        Vec::new()
+    };
     Ok(Outcome {
         report,
         output,
-        failed,
+        failures,
     })
+}
+
+/// What `--strict` refuses: a target with failed operations, or with no successful one (a
+/// target that recorded nothing measured nothing, however few errors it had).
+pub fn strict_failures(report: &Report) -> Vec<String> {
+    report
+        .results
+        .iter()
+        .filter_map(|r| match (r.errors, r.count) {
+            (0, 0) => Some(format!("target '{}' recorded no operations", r.target)),
+            (0, _) => None,
+            (errors, _) => Some(format!(
+                "target '{}' had {errors} failed operations (first: {})",
+                r.target,
+                r.first_error.as_deref().unwrap_or("unknown")
+            )),
+        })
+        .collect()
 }
 
 fn run_connect(args: ConnectArgs) -> Result<(Arc<Common>, Report), Error> {
@@ -223,15 +228,28 @@ fn run_query(args: QueryArgs) -> Result<(Arc<Common>, Report), Error> {
 }
 
 fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
-    let common = Arc::new(Common::from_args(args.common)?);
+    let mut common = Common::from_args(args.common)?;
     let connections = args.connections.get();
-    prepare(&common, connections, None)?;
-    if common.source_ips.is_empty() && connections > ONE_SOURCE_CONNECTIONS && !common.quiet {
-        eprintln!(
-            "note: {connections} connections from one source address may run out of ports; \
-             spread them with --source-ips 127.0.0.2-127.0.0.250"
-        );
+    let ports = sys::ephemeral_ports().unwrap_or(sys::DEFAULT_EPHEMERAL_PORTS);
+    let spread = common.spread_sources(connections, ports);
+    if !common.quiet {
+        match &spread {
+            Spread::Unneeded => {}
+            Spread::Loopback(ips) => eprintln!(
+                "note: {connections} connections per target, one source address has {ports} \
+                 ephemeral ports: spreading them over {} loopback addresses from {} \
+                 (servers must accept 127.0.0.0/8; --source-ips overrides)",
+                ips.len(),
+                source::FIRST_AUTO_SOURCE
+            ),
+            Spread::Impossible(why) => eprintln!(
+                "note: {connections} connections from one source address may run out of its \
+                 {ports} ephemeral ports: {why}"
+            ),
+        }
     }
+    let common = Arc::new(common);
+    prepare(&common, connections, None)?;
     let settings = IdleSettings {
         connections,
         concurrency: args.concurrency.get(),
@@ -245,7 +263,9 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
         settings: json!({
             "connections": connections, "concurrency": args.concurrency.get(),
             "hold_s": args.hold.as_secs_f64(), "settle_s": args.settle.as_secs_f64(),
-            "source_ips": common.source_ips.len(), "timeout_s": common.timeout.as_secs_f64(),
+            "source_ips": common.source_ips.len(),
+            "source_ips_auto": matches!(spread, Spread::Loopback(_)),
+            "timeout_s": common.timeout.as_secs_f64(),
         }),
         headline: format!(
             "idle: {connections} connections per target, held {}, {} threads, targets one after another",
@@ -278,8 +298,8 @@ fn secs(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-/// Raises the open-file limit for `connections` and checks that every target answers (and,
-/// in query mode, runs every statement).
+/// Raises the open-file limit for `connections` and checks that every target answers on every
+/// branch (and, in query mode, runs every statement there).
 fn prepare(
     common: &Arc<Common>,
     connections: usize,
@@ -299,47 +319,48 @@ fn prepare(
         Err(error) if !common.quiet => eprintln!("note: cannot raise the open-file limit: {error}"),
         Err(_) => {}
     }
-    let common = common.clone();
-    let queries: Option<(Vec<String>, Protocol)> = queries.map(|(q, p)| (q.to_vec(), p));
-    runtime::block_on(probe(common, queries)).map_err(RuntimeError::Start)?
+    let queries = queries.map(|(q, p)| (q.to_vec(), p));
+    let checked = runtime::block_on(probe::check(common.clone(), queries));
+    Ok(checked.map_err(RuntimeError::Start)??)
 }
 
-async fn probe(common: Arc<Common>, queries: Option<(Vec<String>, Protocol)>) -> Result<(), Error> {
-    let local = Local::new(common.clone(), Arc::new(Counters::default()), 0)
-        .map_err(RuntimeError::Start)?;
-    for (index, target) in common.targets.iter().enumerate() {
-        let unreachable = |error| Error::Unreachable {
-            target: target.name.clone(),
-            addr: target.addr,
-            error,
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::TargetStats;
+
+    fn target(name: &str, count: u64, errors: u64) -> TargetReport {
+        let mut stats = TargetStats {
+            count,
+            ..TargetStats::default()
         };
-        let (mut conn, _) = local.connect(index).await.map_err(unreachable)?;
-        let Some((queries, protocol)) = &queries else {
-            conn.terminate().await;
-            continue;
-        };
-        for (k, sql) in queries.iter().enumerate() {
-            let mut request = match protocol {
-                Protocol::Simple => Request::simple(sql),
-                Protocol::Extended => {
-                    let name = format!("probe{k}");
-                    conn.prepare(&name, sql).await.map_err(unreachable)?;
-                    Request::prepared(&name)
-                }
-            };
-            let outcome = monoio::time::timeout(common.timeout, conn.run(&mut request))
-                .await
-                .map_err(|_| unreachable(ClientError::Timeout))?
-                .map_err(unreachable)?;
-            if let QueryOutcome::Failed(message) = outcome {
-                return Err(Error::QueryFailed {
-                    target: target.name.clone(),
-                    query: sql.clone(),
-                    message,
-                });
-            }
+        for _ in 0..errors {
+            stats.error(|| "timed out".into());
         }
-        conn.terminate().await;
+        TargetReport::new(name, "query", stats)
     }
-    Ok(())
+
+    #[test]
+    fn strict_refuses_errors_and_targets_that_recorded_nothing() {
+        let report = |results| Report {
+            mode: "query",
+            threads: 1,
+            settings: json!({}),
+            results,
+            headline: String::new(),
+        };
+        assert!(strict_failures(&report(vec![target("a", 5, 0)])).is_empty());
+        let failures = strict_failures(&report(vec![
+            target("a", 5, 0),
+            target("idle", 0, 0),
+            target("bad", 3, 2),
+        ]));
+        assert_eq!(
+            failures,
+            [
+                "target 'idle' recorded no operations",
+                "target 'bad' had 2 failed operations (first: timed out)"
+            ]
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! A [`Common`] that exists is usable; every problem is a [`UsageError`] (exit status 2).
 
 use std::fs;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use rand::Rng;
 
 use crate::cli::{CommonArgs, PidSpec};
 use crate::dist::BranchPicker;
+use crate::source::{self, Spread};
 use crate::sys::{self, ProcError};
 use crate::target::{Target, TargetError};
 
@@ -50,6 +51,25 @@ pub enum UsageError {
     /// `--pid` is not a number.
     #[error("--pid '{0}' is not a process id")]
     BadPid(String),
+    /// `--source-ips` are IPv4 and a target is IPv6: the socket could not bind them.
+    #[error(
+        "--source-ips are IPv4 addresses but target '{target}' is IPv6 ({addr}); \
+         give the target an IPv4 address (e.g. 127.0.0.1) or drop --source-ips"
+    )]
+    SourceFamily {
+        /// The target.
+        target: String,
+        /// Its address.
+        addr: SocketAddr,
+    },
+    /// The `--plot` file cannot be written (checked before measuring).
+    #[error("cannot write plot {path}: {source}")]
+    Plot {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Settings every mode uses.
@@ -63,12 +83,14 @@ pub struct Common {
     pub threads: usize,
     /// Source addresses to bind, round robin (empty: the kernel chooses).
     pub source_ips: Vec<IpAddr>,
+    /// Whether `--source-ips` was given (then idle mode keeps it as it is).
+    pub source_ips_given: bool,
     /// Limit per connection setup and per query.
     pub timeout: Duration,
     /// JSON output.
     pub json: bool,
-    /// SVG plot path.
-    pub plot: Option<PathBuf>,
+    /// `--plot`: the SVG file, created before measuring so a bad path fails at once.
+    pub plot: Option<PlotFile>,
     /// No progress bar.
     pub quiet: bool,
     /// Exit 1 on any error.
@@ -97,14 +119,26 @@ impl Common {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let pids = pid_sources(&targets, &args.pid, &args.pid_file)?;
+        let source_ips_given = args.source_ips.is_some();
+        let source_ips = args.source_ips.map(|s| s.0).unwrap_or_default();
+        if source_ips.iter().any(IpAddr::is_ipv4) {
+            if let Some(target) = targets.iter().find(|t| t.addr.is_ipv6()) {
+                return Err(UsageError::SourceFamily {
+                    target: target.name.clone(),
+                    addr: target.addr,
+                });
+            }
+        }
+        let plot = args.plot.map(PlotFile::create).transpose()?;
         Ok(Common {
             targets,
             branches: BranchPicker::new(args.branches, args.branch_dist),
             threads,
-            source_ips: args.source_ips.map(|s| s.0).unwrap_or_default(),
+            source_ips,
+            source_ips_given,
             timeout: args.timeout,
             json: args.json,
-            plot: args.plot,
+            plot,
             quiet: args.quiet,
             strict: args.strict,
             pids,
@@ -116,11 +150,45 @@ impl Common {
         self.branches.pick(rng)
     }
 
-    /// The source address of the `n`-th connection, if `--source-ips` was given.
+    /// The source address of the `n`-th connection, if there are source addresses.
     pub fn source_ip(&self, n: usize) -> Option<IpAddr> {
         match self.source_ips.len() {
             0 => None,
             len => Some(self.source_ips[n % len]),
+        }
+    }
+
+    /// Idle mode: without `--source-ips`, spreads `connections` per target over loopback
+    /// addresses when one address has too few of its `ephemeral_ports` for them.
+    pub fn spread_sources(&mut self, connections: usize, ephemeral_ports: u32) -> Spread {
+        if self.source_ips_given {
+            return Spread::Unneeded;
+        }
+        let spread = source::spread(connections, &self.targets, ephemeral_ports);
+        if let Spread::Loopback(ips) = &spread {
+            self.source_ips.clone_from(ips);
+        }
+        spread
+    }
+}
+
+/// The `--plot` file, created (empty) when the arguments are checked and written at the end.
+#[derive(Debug)]
+pub struct PlotFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Open for writing.
+    pub file: fs::File,
+}
+
+impl PlotFile {
+    fn create(path: PathBuf) -> Result<PlotFile, UsageError> {
+        match fs::File::create(&path) {
+            Ok(file) => Ok(PlotFile { path, file }),
+            Err(source) => Err(UsageError::Plot {
+                path: path.display().to_string(),
+                source,
+            }),
         }
     }
 }
@@ -242,11 +310,58 @@ mod tests {
                 "--target postgres://u@h",
                 "target 'postgres://u@h': expected NAME=URL",
             ),
+            (
+                "--target a=postgres://u@127.0.0.1 --target b=postgres://u@[::1] --source-ips 127.0.0.2",
+                "--source-ips are IPv4 addresses but target 'b' is IPv6 ([::1]:5432); \
+                 give the target an IPv4 address (e.g. 127.0.0.1) or drop --source-ips",
+            ),
+            (
+                "--target a=postgres://u@127.0.0.1 --plot /nonexistent/dir/x.svg",
+                "cannot write plot /nonexistent/dir/x.svg: No such file or directory (os error 2)",
+            ),
         ];
         for (args, message) in messages {
             let error = common(args).expect_err(args);
             assert_eq!(error.to_string(), message);
         }
+    }
+
+    #[test]
+    fn source_addresses_given_or_spread() {
+        let ipv6 = common("--target a=postgres://u@[::1] --source-ips none").expect("no IPv4");
+        assert!(ipv6.source_ips.is_empty() && ipv6.source_ips_given);
+        let mut auto = common("--target a=postgres://u@127.0.0.1").expect("valid");
+        assert!(!auto.source_ips_given);
+        assert_eq!(auto.spread_sources(100, 28_232), Spread::Unneeded);
+        assert_eq!(auto.source_ip(0), None);
+        assert!(matches!(
+            auto.spread_sources(30_000, 28_232),
+            Spread::Loopback(_)
+        ));
+        assert_eq!(auto.source_ips.len(), 3);
+        assert_eq!(auto.source_ip(4), Some(IpAddr::from([127, 0, 0, 3])));
+        // Given addresses, or `none`, are kept however many connections there are.
+        for (arg, len) in [("none", 0), ("127.0.0.5", 1)] {
+            let mut given = common(&format!(
+                "--target a=postgres://u@127.0.0.1 --source-ips {arg}"
+            ))
+            .expect("valid");
+            assert_eq!(given.spread_sources(1_000_000, 28_232), Spread::Unneeded);
+            assert_eq!(given.source_ips.len(), len);
+        }
+    }
+
+    #[test]
+    fn plot_file_is_created_at_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("p.svg");
+        let c = common(&format!(
+            "--target a=postgres://u@127.0.0.1 --plot {}",
+            path.display()
+        ))
+        .expect("valid");
+        assert_eq!(c.plot.map(|p| p.path), Some(path.clone()));
+        assert!(path.exists());
     }
 
     #[test]

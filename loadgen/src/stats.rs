@@ -8,6 +8,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::client::Timings;
+
 /// The longest latency recorded exactly, in nanoseconds; longer ones count as this (60 s).
 pub const MAX_RECORDED_NS: u64 = 60_000_000_000;
 
@@ -100,23 +102,50 @@ fn round_us(us: f64) -> f64 {
     (us * 10.0).round() / 10.0
 }
 
-/// Connection setup phases, each measured from the end of the previous one.
+/// Connection setup phases, each measured from the end of the previous one, and the time to a
+/// TLS session.
 #[derive(Clone, Debug, Default)]
 pub struct Phases {
     /// connect() until the TCP connection is established.
     pub tcp: Latency,
-    /// TCP established until the TLS handshake is done (SSLRequest round trip included).
+    /// TCP established until the server's `S` to SSLRequest: one round trip, recorded only for
+    /// connections that sent SSLRequest (not for direct SSL, not without TLS).
+    pub ssl_request: Latency,
+    /// The TLS handshake: from the `S` (direct SSL: from TCP established) until it is done;
+    /// 0 without TLS.
     pub tls: Latency,
     /// TLS done until AuthenticationOk.
     pub auth: Latency,
     /// AuthenticationOk until ReadyForQuery.
     pub ready: Latency,
+    /// Not a phase: connect() until the TLS session is established (TCP, SSLRequest round trip
+    /// if any, handshake), recorded only for TLS connections. Direct SSL's saving shows here.
+    pub tls_established: Latency,
 }
 
 impl Phases {
+    /// Records the phases of one connection setup.
+    pub fn record(&mut self, t: &Timings) {
+        self.tcp.record(t.tcp - t.start);
+        if let Some(answered) = t.ssl_request {
+            self.ssl_request.record(answered - t.tcp);
+        }
+        let handshake = t
+            .tls
+            .map_or(Duration::ZERO, |done| done - t.handshake_start());
+        self.tls.record(handshake);
+        self.auth.record(t.auth - t.channel_ready());
+        self.ready.record(t.ready - t.auth);
+        if let Some(done) = t.tls {
+            self.tls_established.record(done - t.start);
+        }
+    }
+
     fn merge(&mut self, other: &Phases) {
         self.tcp.merge(&other.tcp);
+        self.ssl_request.merge(&other.ssl_request);
         self.tls.merge(&other.tls);
+        self.tls_established.merge(&other.tls_established);
         self.auth.merge(&other.auth);
         self.ready.merge(&other.ready);
     }

@@ -1,4 +1,5 @@
-//! The operating system: the open-file limit, and another process's resident memory.
+//! The operating system: the open-file limit, the ephemeral port range, and another process's
+//! resident memory.
 
 use std::fs;
 use std::io;
@@ -50,6 +51,34 @@ pub fn raise_nofile(wanted: u64) -> io::Result<Nofile> {
         before,
         now: limit.rlim_max,
     })
+}
+
+/// Where the kernel keeps the ephemeral port range (IPv6 uses the same one).
+const PORT_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Linux's default ephemeral port range, 32768 to 60999, for when /proc cannot be read.
+pub const DEFAULT_EPHEMERAL_PORTS: u32 = 60999 - 32768 + 1;
+
+/// How many ephemeral ports one source address has towards one server address and port.
+pub fn ephemeral_ports() -> io::Result<u32> {
+    let text = fs::read_to_string(PORT_RANGE_PATH)?;
+    parse_port_range(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{PORT_RANGE_PATH}: '{}' is not FIRST LAST", text.trim()),
+        )
+    })
+}
+
+/// `32768\t60999` -> 28232.
+fn parse_port_range(text: &str) -> Option<u32> {
+    let mut words = text.split_whitespace();
+    let first: u32 = words.next()?.parse().ok()?;
+    let last: u32 = words.next()?.parse().ok()?;
+    if words.next().is_some() || last < first {
+        return None;
+    }
+    Some(last - first + 1)
 }
 
 /// Why a process's memory could not be read.
@@ -120,6 +149,19 @@ mod tests {
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\tx kB\n"), None);
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(
+            parse_port_range("32768\t60999\n"),
+            Some(DEFAULT_EPHEMERAL_PORTS)
+        );
+        assert_eq!(parse_port_range("1024 1024"), Some(1));
+        for bad in ["", "32768", "60999 32768", "a b", "1 2 3"] {
+            assert_eq!(parse_port_range(bad), None, "{bad}");
+        }
+        assert!(ephemeral_ports().expect("readable on Linux") > 0);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::process::{Command, Output};
 
+use branchgate_e2e::PgServer;
 use serde_json::Value;
 
 mod common;
@@ -72,6 +73,40 @@ fn bad_arguments_exit_2_and_unreachable_targets_exit_1() {
             "--pid",
         ),
         (&["bogus"], "bogus"),
+        (
+            &[
+                "connect",
+                "--max",
+                "--duration",
+                "0s",
+                "--target",
+                "a=postgres://u@127.0.0.1",
+            ],
+            "'0s' is zero",
+        ),
+        (
+            &[
+                "query",
+                "--closed",
+                "--slice",
+                "0ms",
+                "--target",
+                "a=postgres://u@127.0.0.1",
+            ],
+            "--slice",
+        ),
+        (
+            &[
+                "idle",
+                "--connections",
+                "1",
+                "--target",
+                "a=postgres://u@[::1]",
+                "--source-ips",
+                "127.0.0.2",
+            ],
+            "target 'a' is IPv6",
+        ),
     ];
     for (args, needle) in cases {
         let (code, line) = failure(args);
@@ -86,6 +121,20 @@ fn bad_arguments_exit_2_and_unreachable_targets_exit_1() {
     assert_eq!(code, 1);
     assert!(
         line.contains("target 'a'") && line.contains("refused"),
+        "{line}"
+    );
+    // The plot file is made before any connection: its error comes first, not after the run.
+    let (code, line) = failure(&[
+        "connect",
+        "--max",
+        "--target",
+        &target,
+        "--plot",
+        "/nonexistent/dir/plot.svg",
+    ]);
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.contains("cannot write plot /nonexistent/dir/plot.svg"),
         "{line}"
     );
 }
@@ -162,6 +211,14 @@ fn every_mode_reports_json() {
         for phase in ["tcp", "tls", "auth", "ready"] {
             assert!(result["phases"][phase]["p99"].is_number(), "{result}");
         }
+        // Only the SSLRequest target has the round trip; only TLS targets a time to TLS.
+        let (ssl_request, tls) = (name == "sslreq", name != "pg");
+        assert_eq!(
+            result["phases"].get("ssl_request").is_some(),
+            ssl_request,
+            "{result}"
+        );
+        assert_eq!(result.get("tls_established_us").is_some(), tls, "{result}");
         assert!(result["latency_us"]["p50"]
             .as_f64()
             .is_some_and(|l| l > 0.0));
@@ -213,37 +270,23 @@ fn every_mode_reports_json() {
         assert!((95..=101).contains(&count), "200/s for 0.5 s: {result}");
     }
 
-    let report = json(&[
-        "idle",
-        "--connections",
-        "20",
-        "--hold",
-        "100ms",
-        "--settle",
-        "50ms",
-        "--source-ips",
-        "127.0.0.2-127.0.0.5",
+    // Every branch is checked before the run, so one bad branch among good ones always fails.
+    let (code, line) = failure(&[
+        "connect",
+        "--max",
+        "--count",
+        "1",
         "--target",
         &direct,
         "--branches",
-        "b1",
-        "--pid",
-        &pid,
-        "--json",
+        "b1,nope,b2",
         "--quiet",
     ]);
-    let result = &report["results"][0];
-    assert_eq!(
-        (result["count"].as_u64(), result["errors"].as_u64()),
-        (Some(20), Some(0))
-    );
+    assert_eq!(code, 1, "{line}");
     assert!(
-        result["rss_bytes_before"].as_u64().is_some_and(|b| b > 0),
-        "{result}"
+        line.contains("target 'direct'") && line.contains("branch 'nope'"),
+        "{line}"
     );
-    assert!(result["rss_bytes_after"].is_number(), "{result}");
-    assert!(result["bytes_per_connection"].is_number(), "{result}");
-    assert!(result.get("cpu_s").is_none(), "{result}");
 
     // A process that cannot be read stops the run before it starts.
     let (code, line) = failure(&[
@@ -280,4 +323,141 @@ fn assert_router_cpu(results: &[Value]) {
     }
     assert!(results[2].get("cpu_s").is_none(), "{}", results[2]);
     assert!(results[2].get("pid").is_none(), "{}", results[2]);
+}
+
+/// Rows of `seen` per (role, statement), as `role:statement=count` lines in order.
+fn seen(pg: &PgServer) -> String {
+    pg.psql_admin("SELECT string_agg(who || ':' || stmt || '=' || n, ' ' ORDER BY who, stmt) FROM (SELECT who, stmt, count(*) AS n FROM seen GROUP BY who, stmt) s")
+}
+
+/// The count of `role:statement` in [`seen`]'s output (0 if absent).
+fn seen_count(seen: &str, key: &str) -> u64 {
+    seen.split(' ')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .map_or(0, |n| n.parse().expect("a count"))
+}
+
+#[test]
+fn query_file_and_zipf_branches_end_to_end() {
+    let pg = PgServer::start_primary();
+    for role in ["u_b1", "u_b2"] {
+        pg.create_role(role, PASSWORD);
+    }
+    pg.psql_admin("CREATE TABLE seen (who text, stmt int); GRANT INSERT ON seen TO u_b1, u_b2");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("q.sql");
+    std::fs::write(
+        &file,
+        "-- each statement says who ran it\nINSERT INTO seen VALUES (current_user, 1)\n\n\
+         INSERT INTO seen VALUES (current_user, 2)\n",
+    )
+    .expect("write query file");
+    let file = file.to_str().expect("UTF-8 path");
+    let target = format!(
+        "pg=postgres://u_{{branch}}:{PASSWORD}@{}/postgres?sslmode=disable",
+        pg.addr()
+    );
+    let run = |connections: &str, dist: &str| {
+        let report = json(&[
+            "query",
+            "--closed",
+            "--connections",
+            connections,
+            "--query-file",
+            file,
+            "--branches",
+            "b1,b2",
+            "--branch-dist",
+            dist,
+            "--duration",
+            "300ms",
+            "--warmup",
+            "0s",
+            "--slice",
+            "100ms",
+            "--target",
+            &target,
+            "--json",
+            "--quiet",
+            "--strict",
+        ]);
+        let result = report["results"][0].clone();
+        assert_eq!(result["errors"], 0, "{result}");
+        assert_eq!(report["settings"]["queries"], 2, "{report}");
+        result["count"].as_u64().expect("count")
+    };
+
+    // zipf:100 gives the second branch a weight of 2^-100: every measured connection is on b1.
+    // Before the run, each branch ran each statement once (the pre-run check).
+    let count = run("8", "zipf:100");
+    let rows = seen(&pg);
+    assert_eq!(
+        seen_count(&rows, "u_b2:1") + seen_count(&rows, "u_b2:2"),
+        2,
+        "{rows}"
+    );
+    let (one, two) = (seen_count(&rows, "u_b1:1"), seen_count(&rows, "u_b1:2"));
+    assert_eq!(
+        one + two,
+        count + 2,
+        "every recorded query ran, once: {rows}"
+    );
+    // Each connection alternates the file's two statements.
+    assert!(one > 1 && two > 1 && one.abs_diff(two) <= 8, "{rows}");
+
+    // Uniform over two branches: 24 connections all on one would be a 1 in 8 million chance.
+    pg.psql_admin("TRUNCATE seen");
+    let count = run("24", "uniform");
+    let rows = seen(&pg);
+    let b1 = seen_count(&rows, "u_b1:1") + seen_count(&rows, "u_b1:2");
+    let b2 = seen_count(&rows, "u_b2:1") + seen_count(&rows, "u_b2:2");
+    assert_eq!(b1 + b2, count + 4, "{rows}");
+    assert!(b1 > 2 && b2 > 2, "both branches measured: {rows}");
+}
+
+#[test]
+fn strict_refuses_a_target_that_recorded_nothing() {
+    let pg = PgServer::start_primary();
+    pg.create_role("app", PASSWORD);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("slow.sql");
+    std::fs::write(&file, "SELECT pg_sleep(2.5)\n").expect("write query file");
+    let target = format!(
+        "pg=postgres://app:{PASSWORD}@{}/postgres?sslmode=disable",
+        pg.addr()
+    );
+    // One connection: its query sent in the 1 s warmup slice answers after 2.5 s, past the end
+    // of the one recorded slice (1 s to 2 s), so the target records nothing and no error.
+    let output = loadgen(&[
+        "query",
+        "--closed",
+        "--connections",
+        "1",
+        "--query-file",
+        file.to_str().expect("UTF-8 path"),
+        "--duration",
+        "1s",
+        "--warmup",
+        "1s",
+        "--slice",
+        "1s",
+        "--target",
+        &target,
+        "--json",
+        "--quiet",
+        "--strict",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "branchgate-loadgen: --strict: target 'pg' recorded no operations"
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).expect("the report still prints");
+    let result = &report["results"][0];
+    assert_eq!(
+        (&result["count"], &result["errors"]),
+        (&0.into(), &0.into()),
+        "{result}"
+    );
 }

@@ -44,8 +44,14 @@ pub enum ClientError {
     #[error("server refused TLS (use sslmode=disable for a plaintext server)")]
     TlsRefused,
     /// Direct SSL, but the server did not choose ALPN `postgresql` (libpq 17 refuses too).
-    #[error("server did not negotiate ALPN 'postgresql'")]
+    #[error("server did not negotiate ALPN 'postgresql' (direct SSL needs it; a server without ALPN wants sslnegotiation=postgres)")]
     NoAlpn,
+    /// Direct SSL, and the server hung up on the ClientHello without a TLS answer.
+    #[error(
+        "server closed the connection on the TLS ClientHello: it does not accept direct SSL \
+             (PostgreSQL 16 and older do not); use sslnegotiation=postgres"
+    )]
+    DirectSslRefused,
     /// The server closed the connection unexpectedly.
     #[error("server closed the connection")]
     Closed,

@@ -1,5 +1,6 @@
-//! Connection setup: TCP, TLS (SSLRequest or direct), StartupMessage, authentication, and the
-//! server's startup messages up to ReadyForQuery, noting when each phase ends.
+//! Connection setup: TCP, TLS (SSLRequest round trip then handshake, or direct SSL: handshake
+//! at once), StartupMessage, authentication, and the server's startup messages up to
+//! ReadyForQuery, noting when each phase ends.
 //!
 //! SCRAM reuses the router's client ([`ScramClient`]); PBKDF2 comes from a per-thread
 //! [`SaltedPasswordCache`], so after the first login per password, salt and iteration count a
@@ -46,12 +47,26 @@ pub struct Timings {
     pub start: Instant,
     /// TCP connection established.
     pub tcp: Instant,
-    /// TLS handshake done (equal to `tcp` without TLS).
-    pub tls: Instant,
+    /// SSLRequest answered with `S`; `None` for direct SSL and without TLS.
+    pub ssl_request: Option<Instant>,
+    /// TLS handshake done; `None` without TLS.
+    pub tls: Option<Instant>,
     /// AuthenticationOk received.
     pub auth: Instant,
     /// ReadyForQuery received.
     pub ready: Instant,
+}
+
+impl Timings {
+    /// When the TLS handshake began: on the SSLRequest's answer, or (direct SSL) at once.
+    pub fn handshake_start(&self) -> Instant {
+        self.ssl_request.unwrap_or(self.tcp)
+    }
+
+    /// When the channel the StartupMessage went over was ready: TLS done, or TCP without TLS.
+    pub fn channel_ready(&self) -> Instant {
+        self.tls.unwrap_or(self.tcp)
+    }
 }
 
 /// Connects, authenticates and waits for ReadyForQuery. Not cancel-safe (on timeout the
@@ -66,11 +81,13 @@ pub async fn connect(
         .await
         .map_err(ClientError::Connect)?;
     let tcp_done = Instant::now();
+    let mut ssl_request_done = None;
     let transport = match &target.tls {
         None => Transport::Plain(tcp),
         Some(settings) => {
             if !settings.direct {
                 ssl_request(&mut tcp).await?;
+                ssl_request_done = Some(Instant::now());
             }
             let stream = tls::handshake(
                 tcp,
@@ -83,8 +100,8 @@ pub async fn connect(
         }
     };
     let tls_done = match transport {
-        Transport::Plain(_) => tcp_done,
-        Transport::Tls(_) => Instant::now(),
+        Transport::Plain(_) => None,
+        Transport::Tls(_) => Some(Instant::now()),
     };
     let mut conn = Conn::new(transport);
     let mut params = vec![("user", options.user)];
@@ -103,6 +120,7 @@ pub async fn connect(
     let timings = Timings {
         start,
         tcp: tcp_done,
+        ssl_request: ssl_request_done,
         tls: tls_done,
         auth: auth_done.unwrap_or(ready),
         ready,

@@ -149,15 +149,17 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
-/// Runs the client handshake on `tcp`. With `require_alpn` (direct SSL, as libpq 17 insists)
-/// the server must have chosen ALPN `postgresql`.
+/// Runs the client handshake on `tcp`. With `direct` (direct SSL: the ClientHello is the
+/// connection's first byte) the server must have chosen ALPN `postgresql`, as libpq 17 insists,
+/// and a server that hangs up before answering the ClientHello is taken not to speak direct SSL
+/// (PostgreSQL 16 and older read it as a startup packet of absurd length and close).
 ///
 /// Not cancel-safe (callers drop the whole connection on timeout).
 pub async fn handshake(
     tcp: TcpStream,
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
-    require_alpn: bool,
+    direct: bool,
 ) -> Result<TlsStream, ClientError> {
     let conn = ClientConnection::new(config, server_name)?;
     let mut stream = TlsStream {
@@ -166,24 +168,39 @@ pub async fn handshake(
         raw: ReadBuf::new(TLS_READ_BUFFER_BYTES),
         out: Vec::with_capacity(1024),
     };
+    let mut answered = false;
     loop {
         stream.flush_tls().await?;
         if !stream.conn.is_handshaking() {
             break;
         }
-        if stream.raw.fill_from(&mut stream.tcp).await? == 0 {
+        let read = stream.raw.fill_from(&mut stream.tcp).await;
+        if direct && !answered && hung_up(&read) {
+            return Err(ClientError::DirectSslRefused);
+        }
+        if read? == 0 {
             return Err(ClientError::Closed);
         }
+        answered = true;
         while !stream.raw.is_empty() && stream.conn.is_handshaking() {
             if stream.process_raw()? == 0 {
                 break;
             }
         }
     }
-    if require_alpn && stream.conn.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+    if direct && stream.conn.alpn_protocol() != Some(ALPN_POSTGRESQL) {
         return Err(ClientError::NoAlpn);
     }
     Ok(stream)
+}
+
+/// Whether a read result means the server hung up: end of stream, or a reset (the kernel
+/// resets a connection closed with unread data, such as the rest of a ClientHello).
+fn hung_up(read: &io::Result<usize>) -> bool {
+    match read {
+        Ok(n) => *n == 0,
+        Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+    }
 }
 
 impl TlsStream {

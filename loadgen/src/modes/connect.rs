@@ -1,5 +1,6 @@
 //! `connect`: connection storms. Each connection is timed from connect() to ReadyForQuery,
-//! split into TCP, TLS, authentication and the rest of startup, then closed with Terminate.
+//! split into TCP, the SSLRequest round trip (SSLRequest targets only), the TLS handshake,
+//! authentication and the rest of startup, then closed with Terminate.
 //!
 //! `--max` keeps `--concurrency` setups in flight (closed loop); `--rate N` starts N per second
 //! on a constant schedule while a target runs (open loop, capped at `--concurrency` in flight).
@@ -238,10 +239,7 @@ async fn one_connection(local: &Local, slice: Slice) {
                 let stats = &mut stats[index];
                 stats.count += 1;
                 stats.latency.record(t.ready - t.start);
-                stats.phases.tcp.record(t.tcp - t.start);
-                stats.phases.tls.record(t.tls - t.tcp);
-                stats.phases.auth.record(t.auth - t.tls);
-                stats.phases.ready.record(t.ready - t.auth);
+                stats.phases.record(&t);
                 stats.busy(slice.index, done - slice.start);
             }
             local.counters.done();

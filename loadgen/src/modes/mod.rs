@@ -92,9 +92,18 @@ impl Local {
     /// Opens a connection to target `index` (branch and source address chosen here), giving up
     /// after `--timeout`.
     pub async fn connect(&self, index: usize) -> Result<(Conn, Timings), ClientError> {
+        let branch = self.common.pick_branch(&mut rand::thread_rng());
+        self.connect_to(index, branch).await
+    }
+
+    /// [`Local::connect`] to a given branch (`None`: the user name as it is).
+    pub async fn connect_to(
+        &self,
+        index: usize,
+        branch: Option<&str>,
+    ) -> Result<(Conn, Timings), ClientError> {
         let common = &self.common;
         let target = &common.targets[index];
-        let branch = common.pick_branch(&mut rand::thread_rng());
         let user = target.user(branch);
         let n = self.connections.get();
         self.connections.set(n + 1);
