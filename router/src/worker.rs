@@ -296,3 +296,119 @@ impl Worker {
         tracing::info!(worker = self.id, "worker stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::path::Path;
+
+    use super::*;
+    use crate::mailbox::Mailbox;
+
+    const PASSWORD: &str = "pscale_pw_worker_test";
+
+    fn shared(workers: usize, verifier: &ScramVerifier) -> Arc<Shared> {
+        let config = Config::parse(
+            "catalog = \"catalog.toml\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [listen]\ndirect = \"127.0.0.1:0\"\n",
+            Path::new("/nonexistent"),
+            "router.toml",
+        )
+        .expect("config");
+        let catalog = Catalog::parse(
+            &format!(
+                "[[branch]]\nid = \"b1\"\nprimary = \"127.0.0.1:1\"\n\
+                 [branch.roles]\napp = \"{verifier}\"\n"
+            ),
+            "catalog.toml",
+        )
+        .expect("catalog");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .and_then(|params| params.self_signed(&key))
+            .expect("certificate");
+        let tls = crate::tls::server_config_from_der(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("TLS config");
+        Arc::new(Shared {
+            config,
+            catalog: ArcSwap::from_pointee(catalog),
+            tls,
+            mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
+            upstreams: Upstreams::default(),
+            clients: AtomicU32::new(0),
+            mock_secret: [7; 32],
+        })
+    }
+
+    fn session(backend: SocketAddr, verifier: ScramVerifier) -> Rc<SessionHandle> {
+        Rc::new(SessionHandle {
+            client_key: CancelKey {
+                pid: 4242,
+                secret: 0x5eed_cafe,
+            },
+            backend_addr: backend,
+            backend_key: CancelKey {
+                pid: 4242,
+                secret: 0x0bac_0e4d,
+            },
+            branch: "b1".into(),
+            role: "app".into(),
+            sni: None,
+            verifier: Arc::new(verifier),
+            kill: Signal::default(),
+        })
+    }
+
+    /// A CancelRequest that lands on worker 0 for a session of worker 1 travels through worker
+    /// 1's mailbox and reaches the backend with the backend's own key; a wrong secret sends
+    /// nothing.
+    #[test]
+    fn a_cancel_on_another_worker_reaches_the_owners_backend() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("fake backend");
+        let backend_addr = backend.local_addr().expect("address");
+        let received = std::thread::spawn(move || {
+            let (mut stream, _) = backend.accept().expect("the cancel connection");
+            let mut request = Vec::new();
+            stream
+                .read_to_end(&mut request)
+                .expect("read the CancelRequest");
+            request
+        });
+        let verifier = ScramVerifier::generate(PASSWORD);
+        let shared = shared(2, &verifier);
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (first, owner) = (
+                Worker::new(0, shared.clone()),
+                Worker::new(1, shared.clone()),
+            );
+            let handle = session(backend_addr, verifier);
+            let _registration = owner.register(handle.clone());
+            let wrong = CancelKey {
+                secret: handle.client_key.secret ^ 1,
+                ..handle.client_key
+            };
+            for (key, owned) in [(wrong, false), (handle.client_key, true)] {
+                crate::cancel::handle(&first, key);
+                // Worker 0 does not own it, so it asked worker 1, which checks the secret.
+                assert_eq!(shared.mailboxes[1].recv().await, Message::Cancel(key));
+                assert_eq!(crate::cancel::cancel_local(&owner, key), owned);
+            }
+            // The send runs as a task on this runtime: let it run until the backend has it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !received.is_finished() && Instant::now() < deadline {
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let mut expected = Vec::new();
+        crate::protocol::write::cancel_request(&mut expected, 4242, 0x0bac_0e4d);
+        // One connection came, and it carried the backend's key, not the client's.
+        assert_eq!(received.join().expect("fake backend thread"), expected);
+    }
+}
