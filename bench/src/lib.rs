@@ -10,8 +10,10 @@
 //! - [`catalog`]: catalog TOML with any number of branches.
 //! - [`scram`]: one SCRAM exchange precomputed on the client side.
 //! - [`tls`]: certificates, rustls configurations like the router's, and an in-memory handshake.
+//! - [`router_tls`]: the router's own handshake and record layer, in memory.
 
 pub mod catalog;
+pub mod router_tls;
 pub mod scram;
 pub mod tls;
 pub mod wire;

@@ -20,7 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 pub const SERVER_NAME: &str = "db.example.test";
 
 /// Flights after which a handshake that has not finished is declared stuck (TLS 1.3 needs 2).
-const MAX_FLIGHTS: usize = 8;
+pub(crate) const MAX_FLIGHTS: usize = 8;
 
 /// Clients offer TLS 1.3 only, so a bench can never quietly measure TLS 1.2 (any current libpq
 /// negotiates 1.3 with the router); the server keeps the router's versions.
@@ -65,7 +65,7 @@ pub struct Pki {
     pub cert_pem: String,
     /// The server's private key, PKCS#8 PEM.
     pub key_pem: String,
-    key: PrivatePkcs8KeyDer<'static>,
+    pub(crate) key: PrivatePkcs8KeyDer<'static>,
 }
 
 impl Pki {
@@ -135,16 +135,20 @@ pub fn providers() -> Vec<Provider> {
 }
 
 /// The server configuration `branchgate::tls::server_config` builds, with an explicit provider:
-/// the router's default protocol versions, ALPN `postgresql`, no session tickets.
+/// the router's default protocol versions, its cipher suite order (the server's, not the
+/// client's), ALPN `postgresql`, no session tickets.
 pub fn server_config(
     provider: Arc<CryptoProvider>,
     pki: &Pki,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut provider = Arc::unwrap_or_clone(provider);
+    branchgate::tls::order_cipher_suites(&mut provider.cipher_suites);
     let key = PrivateKeyDer::Pkcs8(pki.key.clone_key());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(vec![pki.cert.clone()], key)?;
+    config.ignore_client_order = true;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
@@ -176,6 +180,18 @@ pub enum HandshakeError {
     /// Moving bytes between the in-memory buffers failed.
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
+    /// The router's handshake refused something (`branchgate::tls::ServerHandshake`).
+    #[error("router: {0}")]
+    Router(#[from] branchgate::tls::TlsError),
+    /// A record of the router's record layer could not be sealed or opened.
+    #[error("record: {0}")]
+    Record(#[from] branchgate::tls::RecordError),
+    /// A client flight was larger than the router's read buffer.
+    #[error("client flight larger than the read buffer")]
+    Overflow,
+    /// The client's traffic secrets were not logged, or could not be extracted.
+    #[error("client traffic secrets missing")]
+    NoSecrets,
     /// The handshake finished without agreeing on ALPN `postgresql`.
     #[error("ALPN postgresql not negotiated")]
     NoAlpn,
@@ -246,7 +262,10 @@ impl InMemoryHandshake {
 }
 
 /// Moves everything `conn` wants to send into `wire` (replacing what was there).
-fn drain<D>(conn: &mut ConnectionCommon<D>, wire: &mut Vec<u8>) -> Result<(), HandshakeError> {
+pub(crate) fn drain<D>(
+    conn: &mut ConnectionCommon<D>,
+    wire: &mut Vec<u8>,
+) -> Result<(), HandshakeError> {
     wire.clear();
     while conn.wants_write() {
         conn.write_tls(wire)?;
@@ -255,7 +274,10 @@ fn drain<D>(conn: &mut ConnectionCommon<D>, wire: &mut Vec<u8>) -> Result<(), Ha
 }
 
 /// Hands `bytes` to `conn` and lets it process them.
-fn feed<D>(conn: &mut ConnectionCommon<D>, mut bytes: &[u8]) -> Result<(), HandshakeError> {
+pub(crate) fn feed<D>(
+    conn: &mut ConnectionCommon<D>,
+    mut bytes: &[u8],
+) -> Result<(), HandshakeError> {
     while !bytes.is_empty() {
         conn.read_tls(&mut bytes)?;
         conn.process_new_packets()?;
@@ -305,10 +327,6 @@ mod tests {
 
     #[test]
     fn fixture_matches_the_router_configuration() {
-        // With the `ring` feature both providers are compiled in, and rustls then needs a
-        // process default before the router's `ServerConfig::builder()`.
-        let aws = rustls::crypto::aws_lc_rs::default_provider();
-        let _already_installed = aws.install_default();
         let pki = Pki::generate(KeyKind::EcdsaP256).expect("certificates");
         let dir = tempfile::tempdir().expect("temp dir");
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
@@ -320,6 +338,11 @@ mod tests {
         let ours = server_config(provider.clone(), &pki).expect("fixture config");
         assert_eq!(ours.alpn_protocols, router.alpn_protocols);
         assert_eq!(ours.send_tls13_tickets, router.send_tls13_tickets);
+        assert_eq!(ours.ignore_client_order, router.ignore_client_order);
+        assert_eq!(
+            ours.crypto_provider().cipher_suites,
+            router.crypto_provider().cipher_suites
+        );
         let client = client_config(provider, &pki).expect("client config");
         InMemoryHandshake::new(router, client)
             .run()

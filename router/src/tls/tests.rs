@@ -209,6 +209,93 @@ fn every_suite_carries_data_both_ways() {
     }
 }
 
+/// A client with rustls's defaults, TLS 1.2 and 1.3: it offers AES-256-GCM first.
+fn default_client(pki: &Pki) -> ClientConnection {
+    let mut config = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(pki.roots.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    let name = ServerName::try_from("localhost").expect("name");
+    ClientConnection::new(Arc::new(config), name).expect("client")
+}
+
+#[test]
+fn server_order_picks_aes_128_gcm_over_the_clients_aes_256() {
+    let pki = pki();
+    assert_eq!(
+        default_provider().cipher_suites[0],
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        "the client's first choice"
+    );
+    let mut client = default_client(&pki);
+    let mut server = Server::new();
+    handshake(&mut client, &mut server, &pki.config).unwrap_or_else(|(e, _)| panic!("{e}"));
+    assert_eq!(
+        client.negotiated_cipher_suite(),
+        Some(cipher_suite::TLS13_AES_128_GCM_SHA256)
+    );
+    let wire = client_sends(&mut client, b"SELECT 1");
+    server.feed(&wire);
+    assert_eq!(server.read().0, b"SELECT 1");
+}
+
+#[test]
+fn cipher_suites_are_in_server_order_and_all_kept() {
+    use cipher_suite::*;
+    let pki = pki();
+    assert!(pki.config.ignore_client_order);
+    let ours = &pki.config.crypto_provider().cipher_suites;
+    assert_eq!(
+        ours[..],
+        [
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ]
+    );
+    let defaults = default_provider().cipher_suites;
+    assert_eq!(ours.len(), defaults.len());
+    assert!(
+        defaults.iter().all(|suite| ours.contains(suite)),
+        "none dropped"
+    );
+}
+
+#[test]
+fn tls12_clients_get_aes_128_gcm_too() {
+    let pki = pki();
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: default_provider()
+            .cipher_suites
+            .into_iter()
+            .filter(|suite| suite.version() == &rustls::version::TLS12)
+            .collect(),
+        ..default_provider()
+    };
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("versions")
+        .with_root_certificates(pki.roots.clone())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut client = ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut server = Server::new();
+    handshake(&mut client, &mut server, &pki.config).unwrap_or_else(|(e, _)| panic!("{e}"));
+    assert_eq!(
+        client.negotiated_cipher_suite(),
+        Some(cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)
+    );
+}
+
 #[test]
 fn key_updates_both_ways() {
     let pki = pki();
