@@ -3,6 +3,10 @@
 //! The branch id is the text after the LAST dot, so role names may contain dots
 //! (`my.dotted.role.b1`). Branch ids cannot contain `|` or `.`, so a `|` suffix is split off
 //! first, at the last `|`.
+//!
+//! A user name without a dot may take its branch from the TLS server name instead: a client of
+//! `b1.db.example.com` (SNI) connecting as `app` is `app.b1`, if `b1` is a branch
+//! ([`parse_user_or_sni`]).
 
 /// The only accepted `|` suffix: route to one of the branch's replicas.
 const REPLICA_SUFFIX: &str = "replica";
@@ -43,6 +47,35 @@ pub fn parse_user(user: &str) -> Result<Target<'_>, RouteError> {
             replica,
         }),
         _ => Err(RouteError::MissingBranch),
+    }
+}
+
+/// As [`parse_user`]; but a user name with no dot at all takes its branch from the first label
+/// of `sni`, when `is_branch` says that label is a branch. Otherwise the user name's own error
+/// stands, so a client without a usable server name still learns the expected format.
+pub fn parse_user_or_sni<'a>(
+    user: &'a str,
+    sni: Option<&'a str>,
+    is_branch: impl FnOnce(&str) -> bool,
+) -> Result<Target<'a>, RouteError> {
+    let error = match parse_user(user) {
+        Err(error @ RouteError::MissingBranch) => error,
+        other => return other,
+    };
+    let (role, replica) = match user.rsplit_once('|') {
+        Some((role, _)) => (role, true),
+        None => (user, false),
+    };
+    let label = sni.and_then(|name| name.split('.').next());
+    match label {
+        Some(branch) if !role.is_empty() && !role.contains('.') && is_branch(branch) => {
+            Ok(Target {
+                role,
+                branch,
+                replica,
+            })
+        }
+        _ => Err(error),
     }
 }
 
@@ -91,6 +124,44 @@ mod tests {
             "app.b1|Replica",
         ] {
             assert_eq!(parse_user(user), Err(RouteError::UnknownSuffix), "{user:?}");
+        }
+    }
+
+    #[test]
+    fn branch_from_the_server_name_only_without_a_dot() {
+        let known = |b: &str| ["b1", "b2"].contains(&b);
+        let sni = Some("b2.db.example.com");
+        assert_eq!(
+            parse_user_or_sni("app", sni, known),
+            Ok(target("app", "b2", false))
+        );
+        assert_eq!(
+            parse_user_or_sni("app|replica", sni, known),
+            Ok(target("app", "b2", true))
+        );
+        // The user name's branch wins; its own errors stand.
+        assert_eq!(
+            parse_user_or_sni("app.b1", sni, known),
+            Ok(target("app", "b1", false))
+        );
+        for user in ["app.", ".b1", "", "|replica", "app.|replica"] {
+            assert_eq!(
+                parse_user_or_sni(user, sni, known),
+                Err(RouteError::MissingBranch),
+                "{user:?}"
+            );
+        }
+        assert_eq!(
+            parse_user_or_sni("app|x", sni, known),
+            Err(RouteError::UnknownSuffix)
+        );
+        // No server name, or one whose first label is no branch: the format error.
+        for sni in [None, Some("localhost"), Some("b3.db.example.com"), Some("")] {
+            assert_eq!(
+                parse_user_or_sni("app", sni, known),
+                Err(RouteError::MissingBranch),
+                "{sni:?}"
+            );
         }
     }
 }

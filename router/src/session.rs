@@ -392,8 +392,10 @@ async fn establish(
                 );
             }
             let user = message.user().ok_or(SessionError::NoUser)?;
-            let target = route::parse_user(user)?;
             let catalog = worker.shared.catalog.load();
+            let target = route::parse_user_or_sni(user, client.handshake.sni.as_deref(), |b| {
+                catalog.branch(b).is_some()
+            })?;
             let branch = catalog
                 .branch(target.branch)
                 .cloned()

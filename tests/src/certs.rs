@@ -11,8 +11,9 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use tempfile::TempDir;
 
-/// The names the server certificate is valid for.
-pub const SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+/// The names the server certificate is valid for. `<branch>.db.localhost` names a branch by
+/// SNI (OpenSSL wants two labels after a wildcard, so not `*.localhost`).
+pub const SERVER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "*.db.localhost"];
 /// The ALPN protocol PostgreSQL 17 clients send with direct SSL.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 

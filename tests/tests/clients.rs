@@ -21,7 +21,7 @@ use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, wait_active
 use branchgate_e2e::tools::{psql_command, psql_output};
 use branchgate_e2e::tp_cancel::cancel_key;
 use branchgate_e2e::{
-    run_python, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation, TestRouter,
+    psycopg_query, run_python, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation, TestRouter,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::config::{SslMode, SslNegotiation as TpNegotiation};
@@ -331,6 +331,67 @@ fn psycopg_direct_ssl_reaches_primary_and_replica() {
         out.trim_end(),
         format!("app True {} True True", f.b1_replica.port())
     );
+}
+
+#[test]
+fn a_user_name_without_branch_takes_it_from_the_server_name() {
+    let f = fixture();
+    let by_sni = |host: &str, user: &str, password: &str, negotiation| {
+        Conninfo::new(f.router.direct_addr())
+            .param("host", host)
+            .param("hostaddr", "127.0.0.1")
+            .user(user)
+            .password(password)
+            .verify_full(&f.certs.ca_path(), negotiation)
+    };
+    let who = "select current_user || ' ' || inet_server_port()";
+    for negotiation in [SslNegotiation::Direct, SslNegotiation::Postgres] {
+        let b2 = by_sni("b2.db.localhost", "app", APP_B2_PASSWORD, negotiation);
+        assert_eq!(
+            psycopg_query(&b2, who).expect("app on b2 by SNI"),
+            format!("app {}", f.b2_primary.port())
+        );
+        let replica = by_sni(
+            "b1.db.localhost",
+            "app|replica",
+            APP_B1_PASSWORD,
+            negotiation,
+        );
+        assert_eq!(
+            psycopg_query(&replica, who).expect("app on b1's replica by SNI"),
+            format!("app {}", f.b1_replica.port())
+        );
+        // Branch isolation holds: b1's password is not b2's.
+        let wrong = by_sni("b2.db.localhost", "app", APP_B1_PASSWORD, negotiation);
+        let error = psycopg_query(&wrong, "select 1").expect_err("b1's password on b2");
+        assert!(
+            error
+                .message
+                .contains("password authentication failed for user \"app\""),
+            "{error:?}"
+        );
+        // A server name that names no branch: the user name's format error, as without SNI.
+        let nowhere = by_sni("b9.db.localhost", "app", APP_B1_PASSWORD, negotiation);
+        let error = psycopg_query(&nowhere, "select 1").expect_err("no branch b9");
+        assert!(
+            error.message.contains("user name must have the form"),
+            "{error:?}"
+        );
+    }
+    // psql 15 sends SNI too (SSLRequest; it knows no sslnegotiation).
+    let conninfo = format!(
+        "host=b2.db.localhost hostaddr=127.0.0.1 port={} user=app password='{APP_B2_PASSWORD}' \
+         dbname=postgres sslmode=verify-full sslrootcert='{}'",
+        f.router.direct_addr().port(),
+        f.certs.ca_path().display()
+    );
+    let out = psql_output(
+        psql_command()
+            .env_clear()
+            .args(["-d", &conninfo, "-c", who]),
+    )
+    .expect("psql 15 by SNI");
+    assert_eq!(out, format!("app {}", f.b2_primary.port()));
 }
 
 #[test]
