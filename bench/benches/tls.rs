@@ -24,7 +24,25 @@ use branchgate_bench::router_tls::{connected_records, in_client_order, router_co
 use branchgate_bench::router_tls::{open_records, seal_records, RouterHandshake, SealInPlace};
 use branchgate_bench::tls::{client_config, providers, server_config, InMemoryHandshake};
 use branchgate_bench::tls::{KeyKind, Pki};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
+
+/// Benches one handshake runner twice: `server` times only the server's share (what `handshake`
+/// returns), `both_sides` the whole call.
+fn server_and_both_sides(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    mut handshake: impl FnMut() -> Duration,
+) {
+    group.bench_function(BenchmarkId::new("server", id), |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| handshake()).sum())
+    });
+    group.bench_function(BenchmarkId::new("both_sides", id), |b| {
+        b.iter(&mut handshake)
+    });
+}
 
 fn tls(c: &mut Criterion) {
     let mut group = c.benchmark_group("tls13_handshake");
@@ -37,18 +55,8 @@ fn tls(c: &mut Criterion) {
             let client = client_config(p.provider.clone(), &pki).expect("client config");
             let mut handshake = InMemoryHandshake::new(server, client);
             let id = format!("{}/{}", p.name, kind.label());
-
-            group.bench_function(BenchmarkId::new("server", &id), |b| {
-                b.iter_custom(|iters| {
-                    let mut busy = Duration::ZERO;
-                    for _ in 0..iters {
-                        busy += handshake.run().expect("handshake").server_busy;
-                    }
-                    busy
-                })
-            });
-            group.bench_function(BenchmarkId::new("both_sides", &id), |b| {
-                b.iter(|| handshake.run().expect("handshake").server_busy)
+            server_and_both_sides(&mut group, &id, || {
+                handshake.run().expect("handshake").server_busy
             });
         }
     }
@@ -66,17 +74,8 @@ fn router_handshake(c: &mut Criterion) {
     ] {
         let mut handshake = RouterHandshake::new(server, client.clone());
         let id = format!("{}/{order}", KeyKind::EcdsaP256.label());
-        group.bench_function(BenchmarkId::new("server", &id), |b| {
-            b.iter_custom(|iters| {
-                let mut busy = Duration::ZERO;
-                for _ in 0..iters {
-                    busy += handshake.run().expect("handshake").server_busy;
-                }
-                busy
-            })
-        });
-        group.bench_function(BenchmarkId::new("both_sides", &id), |b| {
-            b.iter(|| handshake.run().expect("handshake").server_busy)
+        server_and_both_sides(&mut group, &id, || {
+            handshake.run().expect("handshake").server_busy
         });
     }
     group.finish();

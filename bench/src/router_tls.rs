@@ -21,7 +21,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, ClientConnection, KeyLog, ServerConfig, SupportedCipherSuite};
 use rustls_pki_types::{PrivateKeyDer, ServerName};
 
-use crate::tls::{client_config, drain, feed, HandshakeError, Pki, MAX_FLIGHTS, SERVER_NAME};
+use crate::tls::{client_config, drain, feed, server_name, HandshakeError, Pki, MAX_FLIGHTS};
 
 /// The TLS 1.3 suites, with labels for bench ids: the router's choice first.
 pub const TLS13_SUITES: [(&str, SupportedCipherSuite); 3] = [
@@ -72,16 +72,13 @@ pub struct RouterHandshake {
 }
 
 impl RouterHandshake {
-    /// A handshake runner for a router configuration and a client connecting to [`SERVER_NAME`].
+    /// A handshake runner for a router configuration and a client connecting to
+    /// [`SERVER_NAME`](crate::tls::SERVER_NAME).
     pub fn new(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Self {
         Self {
             server,
             client,
-            name: ServerName::DnsName(
-                SERVER_NAME
-                    .try_into()
-                    .expect("SERVER_NAME is a valid DNS name"),
-            ),
+            name: server_name(),
             wire: Vec::with_capacity(16 * 1024),
             raw: ReadBuf::new(POOL_BUFFER_BYTES),
             early: ReadBuf::new(POOL_BUFFER_BYTES),
@@ -273,7 +270,7 @@ mod tests {
     use std::io::Read;
 
     use super::*;
-    use crate::tls::{providers, KeyKind};
+    use crate::tls::{providers, KeyKind, SERVER_NAME};
 
     fn pki() -> Pki {
         Pki::generate(KeyKind::EcdsaP256).expect("certificates")

@@ -19,6 +19,15 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Server
 /// The name the server certificate is for, sent as SNI.
 pub const SERVER_NAME: &str = "db.example.test";
 
+/// [`SERVER_NAME`] as the name clients connect to.
+pub fn server_name() -> ServerName<'static> {
+    ServerName::DnsName(
+        SERVER_NAME
+            .try_into()
+            .expect("SERVER_NAME is a valid DNS name"),
+    )
+}
+
 /// Flights after which a handshake that has not finished is declared stuck (TLS 1.3 needs 2).
 pub(crate) const MAX_FLIGHTS: usize = 8;
 
@@ -224,11 +233,7 @@ impl InMemoryHandshake {
         Self {
             server,
             client,
-            name: ServerName::DnsName(
-                SERVER_NAME
-                    .try_into()
-                    .expect("SERVER_NAME is a valid DNS name"),
-            ),
+            name: server_name(),
             wire: Vec::with_capacity(16 * 1024),
         }
     }
