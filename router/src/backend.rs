@@ -8,7 +8,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use crate::auth::scram::{ClientCredentials, ScramClient, ScramError};
-use crate::buf::{write_all_vec, ReadBuf};
+use crate::buf::{write_all_vec, BufPool, ReadBuf};
 use crate::protocol::backend::{Authentication, BackendKeyData, ErrorFields, ParameterStatus};
 use crate::protocol::{backend as msg, frame, write};
 
@@ -99,7 +99,9 @@ pub struct BackendConn {
 
 impl BackendConn {
     /// Sends Terminate and closes: a backend we will not use ends without logging a lost client.
-    pub async fn terminate(mut self) {
+    /// The read buffer goes back to `pool`.
+    pub async fn terminate(mut self, pool: &BufPool) {
+        self.read_buf.release(pool);
         let mut buf = Vec::with_capacity(frame::HEADER_BYTES);
         write::terminate(&mut buf);
         let (_, _) = self.stream.write_all(buf).await;

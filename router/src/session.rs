@@ -605,7 +605,7 @@ async fn connect_backend(
                 );
                 guard.upstream().hold_down(upstream::NOT_A_STANDBY_HOLD);
                 failed.push(addr);
-                backend.terminate().await;
+                backend.terminate(&worker.buffers).await;
             }
             Ok((backend, status)) => {
                 guard.upstream().set_healthy(true);
