@@ -223,7 +223,9 @@ impl Worker {
         killed
     }
 
-    async fn handle_mail(self: &Rc<Self>) {
+    /// Serve the mailbox until a Shutdown request, or for ever when `draining` (then cancels
+    /// and sweeps still reach the sessions that finish during the drain).
+    async fn handle_mail(self: &Rc<Self>, draining: bool) {
         let mailbox = self.shared.mailboxes[self.id].clone();
         loop {
             match mailbox.recv().await {
@@ -243,7 +245,8 @@ impl Worker {
                         );
                     }
                 }
-                Message::Shutdown => return,
+                Message::Shutdown if !draining => return,
+                Message::Shutdown => {}
             }
         }
     }
@@ -280,9 +283,14 @@ impl Worker {
     /// Run the worker until a Shutdown message: accept, serve, then drain.
     pub async fn run(self: Rc<Self>, listener: TcpListener) {
         monoio::spawn(self.clone().accept_loop(listener));
-        self.handle_mail().await;
+        self.handle_mail(false).await;
 
         self.stop_accepting.fire(());
+        // Dropped with the runtime when this returns.
+        monoio::spawn({
+            let worker = self.clone();
+            async move { worker.handle_mail(true).await }
+        });
         let drain = self.shared.config.timeouts.drain;
         if !self.wait_idle(Instant::now() + drain).await {
             let n = self.kill_where(KillReason::Shutdown, |_| true);
