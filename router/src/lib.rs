@@ -16,7 +16,8 @@
 //! - [`relay`]: an established session's bytes, both ways, driven by readiness.
 //! - [`cancel`]: CancelRequest routing between workers.
 //! - [`worker`]: the thread-per-core runtime: pinned threads, io_uring, SO_REUSEPORT listeners.
-//! - [`mailbox`]: bounded cross-thread queues that wake a monoio runtime.
+//! - [`mailbox`]: per-worker mailboxes (a bounded cancel queue, shutdown and sweep flags) that
+//!   wake a monoio runtime.
 //! - [`upstream`]: backend addresses: outstanding connections, health probes, replica choice.
 //! - [`buf`]: reused per-connection buffers for monoio's owned-buffer I/O.
 //! - [`error`]: router errors and their single mapping to ErrorResponse.

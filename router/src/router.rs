@@ -276,7 +276,7 @@ impl Router {
         std::thread::spawn(move || {
             let interval = shared.config.timeouts.health_check_interval;
             while !stopping.load(Ordering::Relaxed) {
-                shared.upstreams.probe_all();
+                shared.upstreams.probe_all(&stopping);
                 std::thread::park_timeout(interval);
             }
         })

@@ -179,8 +179,9 @@ impl Upstreams {
     }
 
     /// Probe every address once, [`PROBE_THREADS`] at a time (blocking; run on the health
-    /// thread). Returns when every probe has ended, each within [`HEALTH_PROBE_TIMEOUT`].
-    pub fn probe_all(&self) {
+    /// thread). Returns when every probe has ended, each within [`HEALTH_PROBE_TIMEOUT`]; once
+    /// `stopping` is set no new probe starts, so a shutdown waits for one probe at most.
+    pub fn probe_all(&self, stopping: &AtomicBool) {
         let map = self.map.load_full();
         let upstreams: Vec<&Arc<Upstream>> = map.values().collect();
         let per_thread = upstreams.len().div_ceil(PROBE_THREADS).max(1);
@@ -188,6 +189,9 @@ impl Upstreams {
             for share in upstreams.chunks(per_thread) {
                 scope.spawn(move || {
                     for upstream in share {
+                        if stopping.load(Ordering::Relaxed) {
+                            return;
+                        }
                         upstream.probed(&probe(upstream.addr, HEALTH_PROBE_TIMEOUT));
                     }
                 });
@@ -324,6 +328,16 @@ mod tests {
         assert!(up.is_healthy());
         up.probed(&Err(ProbeError::Closed));
         assert!(!up.is_healthy());
+    }
+
+    #[test]
+    fn no_probe_starts_once_stopping() {
+        // Nothing listens on port 1: a probe would mark it unhealthy.
+        let u = upstreams(&[addr(1)]);
+        u.probe_all(&AtomicBool::new(true));
+        assert!(u.get(addr(1)).is_healthy());
+        u.probe_all(&AtomicBool::new(false));
+        assert!(!u.get(addr(1)).is_healthy());
     }
 
     #[test]
