@@ -10,6 +10,7 @@ use monoio::net::TcpStream;
 use crate::auth::scram::{ClientCredentials, ScramClient, ScramError};
 use crate::buf::{write_all_vec, BufPool, ReadBuf};
 use crate::protocol::backend::{Authentication, BackendKeyData, ErrorFields, ParameterStatus};
+use crate::protocol::sqlstate::SqlState;
 use crate::protocol::{backend as msg, frame, write};
 
 /// Largest message accepted from a backend during startup (ParameterStatus, errors, SASL).
@@ -51,29 +52,27 @@ pub enum BackendError {
     Scram(#[from] ScramError),
     /// The backend answered with an ErrorResponse, already copied for the client.
     #[error("backend rejected the connection (SQLSTATE {0})")]
-    Rejected(Sqlstate),
+    Rejected(ReceivedSqlState),
 }
 
 /// A SQLSTATE as a backend sent it: five ASCII characters, kept without allocating.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sqlstate([u8; 5]);
+pub struct ReceivedSqlState([u8; 5]);
 
-impl Sqlstate {
+impl ReceivedSqlState {
     /// The code from an ErrorResponse's `C` field (anything not five bytes long is kept as
     /// `?????`: it matches no known code).
     pub fn new(code: &str) -> Self {
         Self(code.as_bytes().try_into().unwrap_or(*b"?????"))
     }
 
-    /// The backend refused because of its own state, not the client's request: it is starting
-    /// up, shutting down or in crash recovery (57P01, 57P02, 57P03), or full (53300). Another
-    /// replica may well take the client.
+    /// See [`SqlState::means_server_unavailable`].
     pub fn server_unavailable(self) -> bool {
-        matches!(&self.0, b"57P01" | b"57P02" | b"57P03" | b"53300")
+        SqlState::means_server_unavailable(&self.0)
     }
 }
 
-impl std::fmt::Display for Sqlstate {
+impl std::fmt::Display for ReceivedSqlState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(std::str::from_utf8(&self.0).unwrap_or("?????"))
     }
@@ -204,7 +203,7 @@ pub async fn connect(
             msg::ERROR_RESPONSE => {
                 to_client.extend_from_slice(whole);
                 let code = ErrorFields::parse(body).map_or("", |fields| fields.code);
-                return Err(BackendError::Rejected(Sqlstate::new(code)));
+                return Err(BackendError::Rejected(ReceivedSqlState::new(code)));
             }
             msg::READY_FOR_QUERY => {
                 let status = body.first().copied().unwrap_or(b'I');
@@ -242,17 +241,17 @@ pub async fn cancel(addr: SocketAddr, pid: u32, secret: u32) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Sqlstate;
+    use super::ReceivedSqlState;
 
     #[test]
     fn unavailable_sqlstates() {
         for code in ["57P01", "57P02", "57P03", "53300"] {
-            assert!(Sqlstate::new(code).server_unavailable(), "{code}");
+            assert!(ReceivedSqlState::new(code).server_unavailable(), "{code}");
         }
         for code in ["28P01", "28000", "3D000", "08P01", "", "57P03x"] {
-            assert!(!Sqlstate::new(code).server_unavailable(), "{code}");
+            assert!(!ReceivedSqlState::new(code).server_unavailable(), "{code}");
         }
-        assert_eq!(Sqlstate::new("57P03").to_string(), "57P03");
-        assert_eq!(Sqlstate::new("long code").to_string(), "?????");
+        assert_eq!(ReceivedSqlState::new("57P03").to_string(), "57P03");
+        assert_eq!(ReceivedSqlState::new("long code").to_string(), "?????");
     }
 }

@@ -35,11 +35,7 @@ pub enum RouteError {
 
 /// Splits a startup `user` parameter into role, branch and replica flag, without allocating.
 pub fn parse_user(user: &str) -> Result<Target<'_>, RouteError> {
-    let (name, replica) = match user.rsplit_once('|') {
-        Some((name, REPLICA_SUFFIX)) => (name, true),
-        Some(_) => return Err(RouteError::UnknownSuffix),
-        None => (user, false),
-    };
+    let (name, replica) = split_suffix(user)?;
     match name.rsplit_once('.') {
         Some((role, branch)) if !role.is_empty() && !branch.is_empty() => Ok(Target {
             role,
@@ -62,10 +58,8 @@ pub fn parse_user_or_sni<'a>(
         Err(error @ RouteError::MissingBranch) => error,
         other => return other,
     };
-    let (role, replica) = match user.rsplit_once('|') {
-        Some((role, _)) => (role, true),
-        None => (user, false),
-    };
+    // parse_user accepted the suffix, so this cannot fail.
+    let (role, replica) = split_suffix(user)?;
     let label = sni.and_then(|name| name.split('.').next());
     match label {
         Some(branch) if !role.is_empty() && !role.contains('.') && is_branch(branch) => {
@@ -76,6 +70,15 @@ pub fn parse_user_or_sni<'a>(
             })
         }
         _ => Err(error),
+    }
+}
+
+/// Splits off the `|replica` suffix: the name before it and whether it was there.
+fn split_suffix(user: &str) -> Result<(&str, bool), RouteError> {
+    match user.rsplit_once('|') {
+        Some((name, REPLICA_SUFFIX)) => Ok((name, true)),
+        Some(_) => Err(RouteError::UnknownSuffix),
+        None => Ok((user, false)),
     }
 }
 

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 
 use crate::catalog::Catalog;
 use crate::protocol::backend::{self as msg, ErrorFields};
+use crate::protocol::sqlstate::SqlState;
 use crate::protocol::{frame, write};
 
 /// How long one health probe may take, connect and answer together.
@@ -269,7 +270,7 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
         msg::ERROR_RESPONSE => {
             let fields = ErrorFields::parse(body)
                 .map_err(|_| ProbeError::NotPostgres("bad ErrorResponse"))?;
-            if crate::backend::Sqlstate::new(fields.code).server_unavailable() {
+            if SqlState::means_server_unavailable(fields.code.as_bytes()) {
                 Err(ProbeError::Unavailable {
                     code: fields.code.into(),
                     message: fields.message.into(),

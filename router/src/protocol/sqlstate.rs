@@ -29,6 +29,8 @@ impl SqlState {
     pub const QUERY_CANCELED: Self = Self::new("57014");
     /// 57P01 admin_shutdown.
     pub const ADMIN_SHUTDOWN: Self = Self::new("57P01");
+    /// 57P02 crash_shutdown.
+    pub const CRASH_SHUTDOWN: Self = Self::new("57P02");
     /// 57P03 cannot_connect_now.
     pub const CANNOT_CONNECT_NOW: Self = Self::new("57P03");
     /// XX000 internal_error.
@@ -55,6 +57,20 @@ impl SqlState {
     /// The code as written on the wire.
     pub const fn as_str(self) -> &'static str {
         self.0
+    }
+
+    /// True if a server refusing a connection with `code` did so because of its own state, not
+    /// the client's request: shutting down, crash recovery, starting up (57P01, 57P02, 57P03)
+    /// or full (53300). Another server may well take the client.
+    pub fn means_server_unavailable(code: &[u8]) -> bool {
+        [
+            Self::ADMIN_SHUTDOWN,
+            Self::CRASH_SHUTDOWN,
+            Self::CANNOT_CONNECT_NOW,
+            Self::TOO_MANY_CONNECTIONS,
+        ]
+        .iter()
+        .any(|known| known.as_str().as_bytes() == code)
     }
 }
 
