@@ -14,11 +14,20 @@
 //! direct = "127.0.0.1:5432"
 //! [timeouts]                     # all optional
 //! startup = "10s"
+//! handshake = "5s"
 //! connect = "5s"
 //! drain = "30s"
 //! health_check_interval = "2s"
 //! [limits]                       # all optional
 //! max_client_connections = 10000
+//! max_startup_connections = 1000
+//! [auth]                         # optional
+//! mock_secret_file = "branchgate-mock.secret"   # default: beside the catalog
+//! [reload]                       # optional
+//! max_removed_percent = 50
+//! force = false
+//! [admin]                        # optional
+//! socket = "branchgate.sock"     # default: beside this file
 //! ```
 
 use std::net::SocketAddr;
@@ -36,6 +45,8 @@ pub use toml_error::TomlError;
 
 use raw::{HumanDuration, RawConfig, RawTls};
 
+/// Default time from accept until TLS is up (the first byte, then the handshake).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time a client has to finish TLS, startup and authentication.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time for a backend TCP connect plus backend authentication.
@@ -49,6 +60,17 @@ pub const DEFAULT_MAX_CLIENT_CONNECTIONS: NonZeroU32 = match NonZeroU32::new(10_
     Some(n) => n,
     None => unreachable!(),
 };
+/// Default cap, per worker, on connections not yet authenticated (TLS, startup, SCRAM).
+pub const DEFAULT_MAX_STARTUP_CONNECTIONS: NonZeroU32 = match NonZeroU32::new(1_000) {
+    Some(n) => n,
+    None => unreachable!(),
+};
+/// Default share of the catalog's branches (or roles) one reload may remove, in percent.
+pub const DEFAULT_MAX_REMOVED_PERCENT: u8 = 50;
+/// Default file name of the fake-SCRAM secret, in the catalog's directory.
+pub const DEFAULT_MOCK_SECRET_FILE: &str = "branchgate-mock.secret";
+/// Default file name of the control socket, in the configuration file's directory.
+pub const DEFAULT_CONTROL_SOCKET: &str = "branchgate.sock";
 
 /// The router configuration. Every field is checked and every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +87,38 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Resource limits.
     pub limits: Limits,
+    /// Authentication settings.
+    pub auth: Auth,
+    /// What a catalog reload may change at once.
+    pub reload: Reload,
+    /// The local control socket (`branchgate reload`, `branchgate role`).
+    pub admin: Admin,
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// 32 random bytes (hex) from which the SCRAM salts and keys of roles and branches that do
+    /// not exist are derived, so that they look like real ones: stable across restarts and
+    /// across routers that share the file. Created on first start if missing.
+    pub mock_secret_file: PathBuf,
+}
+
+/// The guard against reloads that would tear the catalog down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reload {
+    /// A reload that removes more than this share (1 to 100 percent) of the branches, or of
+    /// the roles, is refused; one that removes every branch always is.
+    pub max_removed_percent: u8,
+    /// Apply every valid catalog, whatever it removes.
+    pub force: bool,
+}
+
+/// The local control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// The Unix socket the running router answers `reload` on (owner-only permissions).
+    pub socket: PathBuf,
 }
 
 /// The server certificate chain and private key, both PEM, paths resolved.
@@ -88,6 +142,10 @@ pub struct Listen {
 pub struct Timeouts {
     /// A client must complete TLS, startup and authentication within this.
     pub startup: Duration,
+    /// From accept until TLS is established (the first byte, then the handshake); a plaintext
+    /// CancelRequest or an answer to `N` must also come within it. Shorter than `startup`, so
+    /// that sockets that say nothing are dropped early.
+    pub handshake: Duration,
     /// Backend TCP connect plus backend authentication.
     pub connect: Duration,
     /// Graceful shutdown drain; zero closes sessions at once.
@@ -99,8 +157,11 @@ pub struct Timeouts {
 /// Resource limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Concurrent client connections across all workers.
+    /// Authenticated client sessions across all workers (as PostgreSQL counts backends).
     pub max_client_connections: NonZeroU32,
+    /// Per worker: connections still in TLS, startup or SCRAM. Connections beyond it are
+    /// closed as soon as they are accepted, before any handshake.
+    pub max_startup_connections: NonZeroU32,
 }
 
 /// Why a configuration file was rejected.
@@ -180,6 +241,8 @@ impl Config {
         let t = raw.timeouts;
         let timeouts = Timeouts {
             startup: non_zero(t.startup, DEFAULT_STARTUP_TIMEOUT, "startup").map_err(&invalid)?,
+            handshake: non_zero(t.handshake, DEFAULT_HANDSHAKE_TIMEOUT, "handshake")
+                .map_err(&invalid)?,
             connect: non_zero(t.connect, DEFAULT_CONNECT_TIMEOUT, "connect").map_err(&invalid)?,
             drain: t.drain.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.into_inner().0),
             health_check_interval: non_zero(
@@ -195,9 +258,43 @@ impl Config {
             std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
         });
 
+        let max_removed_percent = match raw.reload.max_removed_percent {
+            None => DEFAULT_MAX_REMOVED_PERCENT,
+            Some(p) if (1..=100).contains(p.get_ref()) => p.into_inner(),
+            Some(p) => {
+                return Err(invalid((
+                    p.span(),
+                    "[reload] max_removed_percent must be 1 to 100".into(),
+                )))
+            }
+        };
+        let catalog_path = base_dir.join(raw.catalog);
+        let catalog_dir = match catalog_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => base_dir.to_owned(),
+        };
+
         Ok(Config {
             workers,
-            catalog_path: base_dir.join(raw.catalog),
+            auth: Auth {
+                mock_secret_file: catalog_dir.join(
+                    raw.auth
+                        .mock_secret_file
+                        .unwrap_or_else(|| DEFAULT_MOCK_SECRET_FILE.into()),
+                ),
+            },
+            reload: Reload {
+                max_removed_percent,
+                force: raw.reload.force.unwrap_or(false),
+            },
+            admin: Admin {
+                socket: base_dir.join(
+                    raw.admin
+                        .socket
+                        .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+                ),
+            },
+            catalog_path,
             tls,
             listen: Listen {
                 direct: raw.listen.direct,
@@ -208,6 +305,10 @@ impl Config {
                     .limits
                     .max_client_connections
                     .unwrap_or(DEFAULT_MAX_CLIENT_CONNECTIONS),
+                max_startup_connections: raw
+                    .limits
+                    .max_startup_connections
+                    .unwrap_or(DEFAULT_MAX_STARTUP_CONNECTIONS),
             },
         })
     }
@@ -272,12 +373,29 @@ direct = "127.0.0.1:5432"
             config.timeouts,
             Timeouts {
                 startup: DEFAULT_STARTUP_TIMEOUT,
+                handshake: DEFAULT_HANDSHAKE_TIMEOUT,
                 connect: DEFAULT_CONNECT_TIMEOUT,
                 drain: DEFAULT_DRAIN_TIMEOUT,
                 health_check_interval: DEFAULT_HEALTH_CHECK_INTERVAL,
             }
         );
         assert_eq!(config.limits.max_client_connections.get(), 10_000);
+        assert_eq!(config.limits.max_startup_connections.get(), 1_000);
+        assert_eq!(
+            config.auth.mock_secret_file,
+            Path::new("/etc/branchgate/branchgate-mock.secret")
+        );
+        assert_eq!(
+            config.reload,
+            Reload {
+                max_removed_percent: 50,
+                force: false
+            }
+        );
+        assert_eq!(
+            config.admin.socket,
+            Path::new("/etc/branchgate/branchgate.sock")
+        );
     }
 
     #[test]
@@ -292,11 +410,20 @@ key = "a.key"
 direct = "[::1]:15432"
 [timeouts]
 startup = "1s 500ms"
+handshake = "300ms"
 connect = "250ms"
 drain = "0s"
 health_check_interval = "1m"
 [limits]
 max_client_connections = 7
+max_startup_connections = 3
+[auth]
+mock_secret_file = "/var/lib/branchgate/mock.secret"
+[reload]
+max_removed_percent = 100
+force = true
+[admin]
+socket = "/run/branchgate/control.sock"
 "#;
         let config = parse(text).expect("full config parses");
         assert_eq!(config.workers.get(), 3);
@@ -313,6 +440,35 @@ max_client_connections = 7
             Duration::from_secs(60)
         );
         assert_eq!(config.limits.max_client_connections.get(), 7);
+        assert_eq!(config.timeouts.handshake, Duration::from_millis(300));
+        assert_eq!(config.limits.max_startup_connections.get(), 3);
+        assert_eq!(
+            config.auth.mock_secret_file,
+            Path::new("/var/lib/branchgate/mock.secret")
+        );
+        assert_eq!(
+            config.reload,
+            Reload {
+                max_removed_percent: 100,
+                force: true
+            }
+        );
+        assert_eq!(
+            config.admin.socket,
+            Path::new("/run/branchgate/control.sock")
+        );
+        // The mock secret defaults to the catalog's directory, wherever that is.
+        let moved = text.replace(
+            "mock_secret_file = \"/var/lib/branchgate/mock.secret\"\n",
+            "",
+        );
+        let config = parse(&moved).expect("parses");
+        assert_eq!(
+            config.auth.mock_secret_file,
+            Path::new("/etc/branchgate/cat/branchgate-mock.secret")
+        );
+        let e = error(&text.replace("max_removed_percent = 100", "max_removed_percent = 0"));
+        assert!(e.contains("max_removed_percent must be 1 to 100"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! - [`error`]: router errors and their single mapping to ErrorResponse.
 //! - [`role`]: the `branchgate role create|reset` command.
 //! - [`router`]: starting, reloading and stopping the whole router ([`start`], [`Router`]).
+//! - [`throttle`]: rate-limited logging for warnings that repeat per connection.
 
 pub mod auth;
 pub mod backend;
@@ -38,6 +39,7 @@ pub mod role;
 pub mod route;
 pub mod router;
 pub mod session;
+pub mod throttle;
 pub mod tls;
 pub mod upstream;
 pub mod worker;

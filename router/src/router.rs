@@ -38,6 +38,9 @@ pub enum StartError {
     /// Certificate or key unusable.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The fake-SCRAM secret file cannot be read or created.
+    #[error("auth: {0}")]
+    MockSecret(#[from] crate::auth::mock_secret::MockSecretError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -109,6 +112,7 @@ fn raise_open_file_limit(max_clients: u32) {
 pub fn start(config: Config) -> Result<Router, StartError> {
     let catalog = Catalog::load(&config.catalog_path)?;
     let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
+    let mock_secret = crate::auth::mock_secret::load_or_create(&config.auth.mock_secret_file)?;
     raise_open_file_limit(config.limits.max_client_connections.get());
     let workers = config.workers.get();
     let listeners = bind_reuseport(config.listen.direct, workers)?;
@@ -127,7 +131,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
         upstreams,
         clients: AtomicU32::new(0),
-        mock_secret: rand::random(),
+        mock_secret,
         config,
     });
 

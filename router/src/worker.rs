@@ -49,8 +49,8 @@ pub struct Shared {
     pub upstreams: Upstreams,
     /// Client connections open on all workers.
     pub clients: AtomicU32,
-    /// Key for the fake verifiers of unknown roles (random per process).
-    pub mock_secret: [u8; 32],
+    /// Key for the fake verifiers of unknown roles and branches (from `auth.mock_secret_file`).
+    pub mock_secret: crate::auth::mock_secret::MockSecret,
 }
 
 /// A one-shot local signal carrying a value, with a single waiter.

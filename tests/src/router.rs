@@ -25,12 +25,19 @@ pub struct TestRouter {
 impl TestRouter {
     /// Writes router.toml and catalog.toml for `branches` and starts the router.
     pub fn start(certs: &Certs, branches: &[BranchSpec]) -> TestRouter {
+        TestRouter::start_with(certs, branches, "")
+    }
+
+    /// As [`TestRouter::start`], with `extra` appended to router.toml. router.toml ends inside
+    /// its `[timeouts]` table, so `extra` may begin with more timeouts before its own tables:
+    /// `"handshake = \"1s\"\n[limits]\nmax_client_connections = 5\n"`.
+    pub fn start_with(certs: &Certs, branches: &[BranchSpec], extra: &str) -> TestRouter {
         let dir = tempfile::Builder::new()
             .prefix("bg-router-")
             .tempdir()
             .expect("create temp dir");
         fs::write(dir.path().join(CATALOG_FILE), catalog_toml(branches)).expect("write catalog");
-        let text = router_toml(certs, CATALOG_FILE);
+        let text = router_toml(certs, CATALOG_FILE) + extra;
         fs::write(dir.path().join(CONFIG_FILE), &text).expect("write router config");
         let config = branchgate::config::Config::parse(&text, dir.path(), CONFIG_FILE)
             .unwrap_or_else(|e| panic!("router config rejected: {e}\n{text}"));
@@ -55,13 +62,19 @@ impl TestRouter {
             .unwrap_or_else(|e| panic!("catalog reload: {e}"));
     }
 
+    /// The path of router.toml.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join(CONFIG_FILE)
+    }
+
+    /// The running router.
+    pub fn router(&self) -> &branchgate::Router {
+        self.router.as_ref().expect("router already shut down")
+    }
+
     /// The directory holding router.toml and catalog.toml.
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    fn router(&self) -> &branchgate::Router {
-        self.router.as_ref().expect("router already shut down")
     }
 }
 

@@ -9,7 +9,9 @@
 //! - [`verifier`]: PostgreSQL's `SCRAM-SHA-256$...` verifier format and the key derivations.
 //! - [`scram`]: the server side (client to router) and the client side (router to backend).
 //! - [`password`]: generated `pscale_pw_...` passwords.
+//! - [`mock_secret`]: the persistent secret behind the fake SCRAM exchanges of unknown names.
 
+pub mod mock_secret;
 pub mod password;
 pub mod scram;
 pub mod verifier;

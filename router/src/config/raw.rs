@@ -29,6 +29,12 @@ pub(super) struct RawConfig {
     pub(super) timeouts: RawTimeouts,
     #[serde(default)]
     pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) auth: RawAuth,
+    #[serde(default)]
+    pub(super) reload: RawReload,
+    #[serde(default)]
+    pub(super) admin: RawAdmin,
 }
 
 #[derive(Deserialize)]
@@ -49,6 +55,7 @@ pub(super) struct RawListen {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTimeouts {
     pub(super) startup: Option<Spanned<HumanDuration>>,
+    pub(super) handshake: Option<Spanned<HumanDuration>>,
     pub(super) connect: Option<Spanned<HumanDuration>>,
     pub(super) drain: Option<Spanned<HumanDuration>>,
     pub(super) health_check_interval: Option<Spanned<HumanDuration>>,
@@ -58,4 +65,24 @@ pub(super) struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) max_client_connections: Option<NonZeroU32>,
+    pub(super) max_startup_connections: Option<NonZeroU32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub(super) mock_secret_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReload {
+    pub(super) max_removed_percent: Option<Spanned<u8>>,
+    pub(super) force: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) socket: Option<PathBuf>,
 }
