@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use branchgate::auth::verifier::ScramVerifier;
+use branchgate::auth::verifier::{ScramVerifier, VerifierShape};
 
 /// The roles every generated branch has; the second shows that roles may contain dots.
 pub const ROLES: [&str; 2] = ["app", "my.dotted.role"];
@@ -29,7 +29,7 @@ pub fn catalog_toml(branches: usize) -> String {
              replicas = [\"10.2.{hi}.{lo}:5432\"]\n[branch.roles]"
         );
         for role in ROLES {
-            let verifier = ScramVerifier::mock(&format!("{role}.{id}"), &VERIFIER_SEED);
+            let verifier = ScramVerifier::mock(&id, role, VerifierShape::DEFAULT, &VERIFIER_SEED);
             let _ = writeln!(text, "\"{role}\" = \"{verifier}\"");
         }
         text.push('\n');

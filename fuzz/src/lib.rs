@@ -34,7 +34,7 @@ pub fn identity() -> &'static Identity {
             verifier: ScramVerifier::from_password(PASSWORD, SALT, ITERATIONS),
             client_key: verifier::client_key(&salted),
             server_key: verifier::server_key(&salted),
-            mock: ScramVerifier::mock("ghost", &[7; KEY_LEN]),
+            mock: ScramVerifier::mock("b1", "ghost", branchgate::auth::VerifierShape::DEFAULT, &[7; KEY_LEN]),
         }
     })
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::auth::verifier::ScramVerifier;
+use crate::auth::verifier::{ScramVerifier, VerifierShape};
 use crate::config::TomlError;
 
 mod edit;
@@ -44,9 +44,17 @@ pub struct Branch {
     pub replicas: Box<[SocketAddr]>,
     /// Role name -> verifier. A role belongs to exactly this branch.
     roles: HashMap<Box<str>, Arc<ScramVerifier>>,
+    /// The shape of this branch's verifiers, which a fake one for a role it lacks must have.
+    mock_shape: VerifierShape,
 }
 
 impl Branch {
+    /// The shape a fake verifier for a role this branch does not have must take: that of most
+    /// of its roles (or, with none, of the catalog's).
+    pub fn mock_shape(&self) -> VerifierShape {
+        self.mock_shape
+    }
+
     /// The verifier of `name`, if the role exists on this branch.
     pub fn role(&self, name: &str) -> Option<&Arc<ScramVerifier>> {
         self.roles.get(name)
@@ -73,12 +81,24 @@ impl fmt::Debug for Branch {
 }
 
 /// All branches, immutable once built.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Catalog {
     /// In file order.
     branches: Box<[Arc<Branch>]>,
     /// Branch id -> index into `branches`.
     by_id: HashMap<Box<str>, usize>,
+    /// The shape of most verifiers in the catalog: fake verifiers for branches it lacks.
+    mock_shape: VerifierShape,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog {
+            branches: Box::default(),
+            by_id: HashMap::new(),
+            mock_shape: VerifierShape::DEFAULT,
+        }
+    }
 }
 
 /// Why a catalog file was rejected or could not be edited.
@@ -174,17 +194,39 @@ impl Catalog {
             }
 
             by_id.insert(id.clone(), branches.len());
-            branches.push(Arc::new(Branch {
+            branches.push(Branch {
                 id,
                 primary: raw_branch.primary,
                 replicas: replicas.into(),
                 roles,
-            }));
+                mock_shape: VerifierShape::DEFAULT,
+            });
         }
+        let mock_shape = VerifierShape::most_common(
+            branches
+                .iter()
+                .flat_map(|branch| branch.roles.values().map(|v| &**v)),
+        )
+        .unwrap_or(VerifierShape::DEFAULT);
+        let branches = branches
+            .into_iter()
+            .map(|mut branch| {
+                branch.mock_shape = VerifierShape::most_common(branch.roles.values().map(|v| &**v))
+                    .unwrap_or(mock_shape);
+                Arc::new(branch)
+            })
+            .collect();
         Ok(Catalog {
-            branches: branches.into(),
+            branches,
             by_id,
+            mock_shape,
         })
+    }
+
+    /// The shape a fake verifier for a branch the catalog does not have must take: that of
+    /// most verifiers in the catalog.
+    pub fn mock_shape(&self) -> VerifierShape {
+        self.mock_shape
     }
 
     /// The branch with this id.
@@ -214,7 +256,8 @@ impl Catalog {
     }
 }
 
-fn is_branch_id(id: &str) -> bool {
+/// True if `id` is a well-formed branch id: 1 to 63 bytes of `a-z`, `0-9`, `_` and `-`.
+pub fn is_branch_id(id: &str) -> bool {
     (1..=MAX_NAME_BYTES).contains(&id.len())
         && id
             .bytes()

@@ -35,10 +35,7 @@ pub enum SessionError {
     /// The user name does not name a branch.
     #[error("{0}")]
     Route(#[from] RouteError),
-    /// The branch is not in the catalog.
-    #[error("unknown branch {0:?}")]
-    UnknownBranch(Box<str>),
-    /// Wrong password, or a role that does not exist in the branch (indistinguishable on purpose).
+    /// Wrong password, or a role or branch that does not exist (indistinguishable on purpose).
     #[error("password authentication failed for role {0:?}")]
     AuthFailed(Box<str>),
     /// The client chose a SASL mechanism we did not offer.
@@ -59,6 +56,16 @@ pub enum SessionError {
     /// The client did not finish startup and authentication in time.
     #[error("startup timeout")]
     StartupTimeout,
+    /// The client did not send its first bytes and finish TLS within `timeouts.handshake`.
+    #[error("no TLS within the handshake timeout")]
+    HandshakeTimeout,
+    /// The router's drain time ended while the client was still authenticating: as PostgreSQL
+    /// during authentication, nothing is said but close_notify.
+    #[error("shutting down")]
+    DrainOver,
+    /// The router ended an authenticated client's connection before its session began.
+    #[error("terminated: {0:?}")]
+    Terminated(KillReason),
     /// TLS failed (alerts were sent by rustls where the protocol says so).
     #[error("{0}")]
     Tls(#[from] TlsError),
@@ -70,12 +77,27 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
 }
 
+/// What a client is told about an error: an ErrorResponse's code, message and detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError {
+    /// The SQLSTATE.
+    pub code: SqlState,
+    /// The message, written for users.
+    pub message: Cow<'static, str>,
+    /// The detail line, where PostgreSQL sends one.
+    pub detail: Option<&'static str>,
+}
+
+/// PostgreSQL's detail for unencrypted bytes after an encryption request.
+const MAN_IN_THE_MIDDLE_DETAIL: &str = "This could be either a client-software bug or evidence \
+                                        of an attempted man-in-the-middle attack.";
+
 impl SessionError {
-    /// The SQLSTATE and user-facing message for this error, or `None` when nothing is sent
-    /// (the connection is gone, or TLS is the layer that answers).
-    pub fn to_wire(&self) -> Option<(SqlState, Cow<'static, str>)> {
+    /// What the client is told of this error, or `None` when nothing is sent (the connection
+    /// is gone, or TLS is the layer that answers).
+    pub fn to_wire(&self) -> Option<WireError> {
         use SessionError::*;
-        Some(match self {
+        let (code, message): (SqlState, Cow<'static, str>) = match self {
             TlsRequired => (
                 SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
                 "TLS is required: connect with sslmode=require (or verify-full)".into(),
@@ -108,10 +130,6 @@ impl SessionError {
                 SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
                 e.to_string().into(),
             ),
-            UnknownBranch(branch) => (
-                SqlState::INVALID_CATALOG_NAME,
-                format!("branch \"{branch}\" does not exist").into(),
-            ),
             AuthFailed(role) => (
                 SqlState::INVALID_PASSWORD,
                 format!("password authentication failed for user \"{role}\"").into(),
@@ -141,8 +159,32 @@ impl SessionError {
                 SqlState::PROTOCOL_VIOLATION,
                 "timeout waiting for startup and authentication".into(),
             ),
-            Tls(_) | ClientClosed | Io(_) => return None,
+            Terminated(reason) => {
+                let (code, message) = reason.to_wire();
+                (code, message.into())
+            }
+            Tls(_) | ClientClosed | Io(_) | HandshakeTimeout | DrainOver => return None,
+        };
+        let detail = match self {
+            DataAfterSslRequest | DataAfterGssEncRequest => Some(MAN_IN_THE_MIDDLE_DETAIL),
+            _ => None,
+        };
+        Some(WireError {
+            code,
+            message,
+            detail,
         })
+    }
+
+    /// True for the errors PostgreSQL reports in plaintext, before any TLS (everything else
+    /// is said over TLS or not at all).
+    pub fn is_sent_before_tls(&self) -> bool {
+        matches!(
+            self,
+            SessionError::TlsRequired
+                | SessionError::DataAfterGssEncRequest
+                | SessionError::Startup(_)
+        )
     }
 }
 
@@ -183,20 +225,37 @@ mod tests {
             (SessionError::DataAfterGssEncRequest, "08P01"),
             (SessionError::Protocol("x"), "08P01"),
             (SessionError::NoUser, "28000"),
-            (SessionError::UnknownBranch("b".into()), "3D000"),
             (SessionError::AuthFailed("r".into()), "28P01"),
             (SessionError::InvalidSaslMechanism, "08P01"),
             (SessionError::TooManyConnections, "53300"),
             (SessionError::NoHealthyReplica("b".into()), "08006"),
             (SessionError::StartupTimeout, "08P01"),
+            (SessionError::Terminated(KillReason::Shutdown), "57P01"),
         ];
         for (error, code) in cases {
-            let (state, message) = error.to_wire().expect("user-facing");
-            assert_eq!(state.as_str(), code, "{error:?}");
-            assert!(!message.is_empty());
+            let wire = error.to_wire().expect("user-facing");
+            assert_eq!(wire.code.as_str(), code, "{error:?}");
+            assert!(!wire.message.is_empty());
         }
-        assert!(SessionError::ClientClosed.to_wire().is_none());
+        for silent in [
+            SessionError::ClientClosed,
+            SessionError::HandshakeTimeout,
+            SessionError::DrainOver,
+        ] {
+            assert!(silent.to_wire().is_none(), "{silent:?}");
+        }
         assert_eq!(KillReason::Shutdown.to_wire().0.as_str(), "57P01");
+        // PostgreSQL's detail for bytes sent behind an encryption request.
+        let detail = SessionError::DataAfterSslRequest
+            .to_wire()
+            .and_then(|w| w.detail);
+        assert_eq!(
+            detail,
+            Some(
+                "This could be either a client-software bug or evidence of an attempted \
+                 man-in-the-middle attack."
+            )
+        );
     }
 
     #[test]
@@ -205,8 +264,8 @@ mod tests {
             std::io::ErrorKind::ConnectionRefused,
             "10.1.2.3:5432 refused",
         )));
-        let (state, message) = error.to_wire().expect("user-facing");
-        assert_eq!(state.as_str(), "08006");
-        assert!(!message.contains("10.1.2.3"));
+        let wire = error.to_wire().expect("user-facing");
+        assert_eq!(wire.code.as_str(), "08006");
+        assert!(!wire.message.contains("10.1.2.3"));
     }
 }

@@ -12,10 +12,12 @@
 //! - [`route`]: user name parsing (`role.branch[|replica]`) and backend selection.
 //! - [`tls`]: rustls configuration and handshake, and in-place record protection after it.
 //! - [`backend`]: connecting and authenticating to a PostgreSQL backend.
-//! - [`session`]: one client connection on the direct port, from first byte to relay.
+//! - [`front_door`]: every port's way in: TLS, the StartupMessage, SCRAM, until authenticated.
+//! - [`session`]: a direct session (session-mode port): its own backend, relayed.
 //! - [`relay`]: an established session's bytes, both ways, driven by readiness.
 //! - [`cancel`]: CancelRequest routing between workers.
 //! - [`worker`]: the thread-per-core runtime: pinned threads, io_uring, SO_REUSEPORT listeners.
+//! - [`signal`]: one-shot events inside a worker (a session's kill, the end of the drain).
 //! - [`mailbox`]: per-worker mailboxes (a bounded cancel queue, shutdown and sweep flags) that
 //!   wake a monoio runtime.
 //! - [`upstream`]: backend addresses: outstanding connections, health probes, replica choice.
@@ -32,6 +34,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod config;
 pub mod error;
+pub mod front_door;
 pub mod mailbox;
 pub mod protocol;
 pub mod relay;
@@ -39,6 +42,7 @@ pub mod role;
 pub mod route;
 pub mod router;
 pub mod session;
+pub mod signal;
 pub mod throttle;
 pub mod tls;
 pub mod upstream;

@@ -5,8 +5,9 @@
 //! first, at the last `|`.
 //!
 //! A user name without a dot may take its branch from the TLS server name instead: a client of
-//! `b1.db.example.com` (SNI) connecting as `app` is `app.b1`, if `b1` is a branch
-//! ([`parse_user_or_sni`]).
+//! `b1.db.example.com` (SNI) connecting as `app` is `app.b1`, if `b1` could be a branch id
+//! ([`parse_user_or_sni`]). Whether the catalog has it is not asked there: the answer would
+//! tell a client which branches exist before it gave a password.
 
 /// The only accepted `|` suffix: route to one of the branch's replicas.
 const REPLICA_SUFFIX: &str = "replica";
@@ -47,12 +48,14 @@ pub fn parse_user(user: &str) -> Result<Target<'_>, RouteError> {
 }
 
 /// As [`parse_user`]; but a user name with no dot at all takes its branch from the first label
-/// of `sni`, when `is_branch` says that label is a branch. Otherwise the user name's own error
-/// stands, so a client without a usable server name still learns the expected format.
+/// of `sni`, when the server name has more labels after it (`localhost` names no branch) and
+/// `may_be_branch` accepts that label. The router passes the branch-id syntax check, not a
+/// catalog lookup. Otherwise the user name's own error stands, so a client without a usable
+/// server name still learns the expected format.
 pub fn parse_user_or_sni<'a>(
     user: &'a str,
     sni: Option<&'a str>,
-    is_branch: impl FnOnce(&str) -> bool,
+    may_be_branch: impl FnOnce(&str) -> bool,
 ) -> Result<Target<'a>, RouteError> {
     let error = match parse_user(user) {
         Err(error @ RouteError::MissingBranch) => error,
@@ -60,9 +63,11 @@ pub fn parse_user_or_sni<'a>(
     };
     // parse_user accepted the suffix, so this cannot fail.
     let (role, replica) = split_suffix(user)?;
-    let label = sni.and_then(|name| name.split('.').next());
+    let label = sni
+        .and_then(|name| name.split_once('.'))
+        .map(|(first, _)| first);
     match label {
-        Some(branch) if !role.is_empty() && !role.contains('.') && is_branch(branch) => {
+        Some(branch) if !role.is_empty() && !role.contains('.') && may_be_branch(branch) => {
             Ok(Target {
                 role,
                 branch,
@@ -158,8 +163,15 @@ mod tests {
             parse_user_or_sni("app|x", sni, known),
             Err(RouteError::UnknownSuffix)
         );
-        // No server name, or one whose first label is no branch: the format error.
-        for sni in [None, Some("localhost"), Some("b3.db.example.com"), Some("")] {
+        // No server name, a single label, or a first label that cannot be a branch: the format
+        // error.
+        for sni in [
+            None,
+            Some("localhost"),
+            Some("b1"),
+            Some("b3.db.example.com"),
+            Some(""),
+        ] {
             assert_eq!(
                 parse_user_or_sni("app", sni, known),
                 Err(RouteError::MissingBranch),

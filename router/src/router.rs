@@ -130,7 +130,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         tls,
         mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
         upstreams,
-        clients: AtomicU32::new(0),
+        sessions: AtomicU32::new(0),
         mock_secret,
         config,
     });

@@ -5,12 +5,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -23,6 +21,9 @@ use crate::config::Config;
 use crate::error::KillReason;
 use crate::mailbox::{Mailbox, Message};
 use crate::protocol::startup::CancelKey;
+use crate::signal::Broadcast;
+pub use crate::signal::Signal;
+use crate::throttle::LogThrottle;
 use crate::upstream::Upstreams;
 
 /// How long killed sessions get to write their FATAL message before the worker stops.
@@ -47,50 +48,10 @@ pub struct Shared {
     pub mailboxes: Vec<Arc<Mailbox>>,
     /// Backend addresses: connection counts and health.
     pub upstreams: Upstreams,
-    /// Client connections open on all workers.
-    pub clients: AtomicU32,
+    /// Authenticated client sessions on all workers (`limits.max_client_connections`).
+    pub sessions: AtomicU32,
     /// Key for the fake verifiers of unknown roles and branches (from `auth.mock_secret_file`).
     pub mock_secret: crate::auth::mock_secret::MockSecret,
-}
-
-/// A one-shot local signal carrying a value, with a single waiter.
-#[derive(Debug)]
-pub struct Signal<T: Copy> {
-    value: Cell<Option<T>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl<T: Copy> Default for Signal<T> {
-    fn default() -> Self {
-        Self {
-            value: Cell::new(None),
-            waker: RefCell::new(None),
-        }
-    }
-}
-
-impl<T: Copy> Signal<T> {
-    /// Fire (the first value wins) and wake the waiter.
-    pub fn fire(&self, value: T) {
-        if self.value.get().is_none() {
-            self.value.set(Some(value));
-        }
-        if let Some(waker) = self.waker.borrow_mut().take() {
-            waker.wake();
-        }
-    }
-
-    /// Wait until fired. Cancel-safe.
-    pub async fn wait(&self) -> T {
-        poll_fn(|cx| match self.value.get() {
-            Some(value) => Poll::Ready(value),
-            None => {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
-    }
 }
 
 /// What the worker knows about one live session (for cancel, password reset and shutdown).
@@ -134,8 +95,13 @@ pub struct Worker {
     pub shared: Arc<Shared>,
     sessions: RefCell<HashMap<u64, Rc<SessionHandle>>>,
     next_session: Cell<u64>,
+    /// Connection tasks (starting or established): the drain waits for them.
     live: Cell<usize>,
+    /// Connections not yet authenticated (`limits.max_startup_connections`).
+    starting: Cell<u32>,
     stop_accepting: Signal<()>,
+    /// Fired when the drain time is over: connections still starting end then.
+    drain_over: Broadcast,
     /// I/O buffers lent to this worker's connections while they move bytes.
     pub buffers: crate::buf::BufPool,
 }
@@ -160,9 +126,45 @@ pub struct LiveGuard(Rc<Worker>);
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.0.live.set(self.0.live.get() - 1);
-        self.0.shared.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// A place in the worker's budget of connections that have not authenticated yet; given up
+/// (dropped) once the client has authenticated, or when the connection ends.
+#[derive(Debug)]
+pub struct StartupSlot(Rc<Worker>);
+
+impl Drop for StartupSlot {
+    fn drop(&mut self) {
+        self.0.starting.set(self.0.starting.get() - 1);
+    }
+}
+
+/// A place among the router's authenticated sessions (`limits.max_client_connections`).
+#[derive(Debug)]
+pub struct SessionSlot(Arc<Shared>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// A session slot, or `None` when `limits.max_client_connections` sessions are open.
+    pub fn session_slot(self: &Arc<Self>) -> Option<SessionSlot> {
+        let max = self.config.limits.max_client_connections.get();
+        self.sessions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| SessionSlot(self.clone()))
+    }
+}
+
+/// Logs the connections closed at accept because the startup budget was full.
+static STARTUP_BUDGET_FULL: LogThrottle = LogThrottle::new();
 
 impl Worker {
     /// A worker with no sessions.
@@ -173,17 +175,34 @@ impl Worker {
             sessions: RefCell::new(HashMap::new()),
             next_session: Cell::new(0),
             live: Cell::new(0),
+            starting: Cell::new(0),
             stop_accepting: Signal::default(),
+            drain_over: Broadcast::default(),
             buffers: crate::buf::BufPool::default(),
         })
     }
 
-    /// Count a new connection; the flag says whether it is over `max_client_connections`.
-    pub fn connection_started(self: &Rc<Self>) -> (LiveGuard, bool) {
+    /// Takes a newly accepted connection into the startup budget, or `None` when the budget
+    /// (`limits.max_startup_connections`) is full: then the connection is closed at once, before
+    /// it costs a handshake or a buffer.
+    pub fn admit(self: &Rc<Self>) -> Option<(LiveGuard, StartupSlot)> {
+        let starting = self.starting.get();
+        if starting >= self.shared.config.limits.max_startup_connections.get() {
+            return None;
+        }
+        self.starting.set(starting + 1);
         self.live.set(self.live.get() + 1);
-        let before = self.shared.clients.fetch_add(1, Ordering::Relaxed);
-        let over = before >= self.shared.config.limits.max_client_connections.get();
-        (LiveGuard(self.clone()), over)
+        Some((LiveGuard(self.clone()), StartupSlot(self.clone())))
+    }
+
+    /// Connections of this worker that have not authenticated yet.
+    pub fn starting(&self) -> u32 {
+        self.starting.get()
+    }
+
+    /// Completes when the drain time is over (connections still starting end then).
+    pub fn drain_over(&self) -> crate::signal::BroadcastWait<'_> {
+        self.drain_over.wait()
     }
 
     /// Make a session findable for cancel requests, password resets and shutdown. A session
@@ -258,9 +277,24 @@ impl Worker {
                 _ = self.stop_accepting.wait() => break,
             };
             match accepted {
-                Ok((stream, peer)) => {
-                    monoio::spawn(crate::session::serve(self.clone(), stream, peer));
-                }
+                Ok((stream, peer)) => match self.admit() {
+                    Some(admitted) => {
+                        monoio::spawn(crate::session::serve(self.clone(), stream, peer, admitted));
+                    }
+                    None => {
+                        drop(stream);
+                        if let Some(suppressed) = STARTUP_BUDGET_FULL.allow() {
+                            tracing::warn!(
+                                worker = self.id,
+                                %peer,
+                                limit = self.shared.config.limits.max_startup_connections.get(),
+                                suppressed,
+                                "connection closed at accept: too many connections still in \
+                                 TLS, startup or authentication (limits.max_startup_connections)"
+                            );
+                        }
+                    }
+                },
                 Err(error) => {
                     tracing::warn!(worker = self.id, %error, "accept failed");
                     monoio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -293,6 +327,7 @@ impl Worker {
         });
         let drain = self.shared.config.timeouts.drain;
         if !self.wait_idle(Instant::now() + drain).await {
+            self.drain_over.fire();
             let n = self.kill_where(KillReason::Shutdown, |_| true);
             tracing::info!(
                 worker = self.id,
@@ -346,7 +381,7 @@ mod tests {
             tls,
             mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
             upstreams: Upstreams::default(),
-            clients: AtomicU32::new(0),
+            sessions: AtomicU32::new(0),
             mock_secret: [7; 32],
         })
     }

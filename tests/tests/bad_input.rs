@@ -41,7 +41,7 @@ struct Fixture {
     certs: Certs,
     router: TestRouter,
     down_port: u16,
-    _pg: PgServer,
+    pg: PgServer,
 }
 
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();
@@ -69,7 +69,7 @@ fn fixture() -> &'static Fixture {
             certs,
             router,
             down_port,
-            _pg: pg,
+            pg,
         }
     })
 }
@@ -174,12 +174,22 @@ fn case_direct_ssl_no_alpn() {
     }
 }
 
+/// PostgreSQL's detail line for unencrypted bytes behind an encryption request.
+const MITM_DETAIL: &str = "This could be either a client-software bug or evidence of an \
+                           attempted man-in-the-middle attack.";
+
+/// A StartupMessage pipelined behind the SSLRequest: as PostgreSQL does, `S`, the handshake
+/// (which never sees those bytes), then FATAL 08P01 over TLS and close_notify.
 fn case_pipelined_after_ssl_request() {
     let mut sock = tcp();
     let bytes = [request(SSL_REQUEST_CODE), startup_for("app.b1")].concat();
     sock.write_all(&bytes).expect("send");
-    let error = expect_fatal(&mut sock, "08P01", "data after SSLRequest");
+    assert_eq!(read_byte(&mut sock), b'S', "SSLRequest answer");
+    let mut tls = tls_handshake(fixture().certs.client_config(), sock)
+        .unwrap_or_else(|e| panic!("handshake after the pipelined SSLRequest: {e}"));
+    let error = expect_fatal(&mut tls, "08P01", "data after SSLRequest");
     assert_eq!(error.message, "received unencrypted data after SSL request");
+    assert_eq!(error.detail.as_deref(), Some(MITM_DETAIL));
 }
 
 /// Sends `bytes` as the startup packet over TLS and expects FATAL 08P01.
@@ -224,11 +234,16 @@ fn case_no_user(mode: Mode) {
     );
 }
 
+/// A branch the catalog does not have gets a SCRAM exchange and fails like a wrong password.
 fn case_unknown_branch(mode: Mode) {
     let mut tls = connect_tls(mode);
-    tls.write_all(&startup_for("app.nosuch")).expect("send");
-    let error = expect_fatal(&mut tls, "3D000", "unknown branch");
-    assert_eq!(error.message, "branch \"nosuch\" does not exist");
+    start_sasl(&mut tls, "app.nosuch");
+    let error = login(&mut tls, PASSWORD).expect_err("no such branch");
+    assert_eq!(
+        (error.code.as_str(), error.message.as_str()),
+        ("28P01", "password authentication failed for user \"app\"")
+    );
+    expect_closed(&mut tls, "unknown branch");
 }
 
 fn case_wrong_mechanism(mode: Mode) {
@@ -309,7 +324,7 @@ fn direct_ssl_without_alpn_is_closed_without_a_message() {
 }
 
 #[test]
-fn data_pipelined_after_ssl_request_is_refused_in_plaintext() {
+fn data_pipelined_after_ssl_request_is_refused_over_tls() {
     case_pipelined_after_ssl_request();
     assert_router_healthy();
 }
@@ -413,7 +428,62 @@ fn wrong_password_and_unknown_role_fail_the_same_way() {
             attribute(&app_first, "s").len()
         );
         assert_eq!(attribute(&ghost_first, "s"), attribute(&ghost_again, "s"));
+
+        // A branch that does not exist: the same exchange and the same failure, with a salt
+        // of the same shape that is stable per branch and role.
+        let (error, nowhere_first) = wrong_proof(mode, "app.nosuch");
+        assert_eq!(
+            error.message,
+            "password authentication failed for user \"app\""
+        );
+        let (_, nowhere_again) = wrong_proof(mode, "app.nosuch");
+        let (_, elsewhere) = wrong_proof(mode, "app.other");
+        assert_router_healthy();
+        assert_eq!(attribute(&nowhere_first, "i"), attribute(&app_first, "i"));
+        assert_eq!(
+            attribute(&nowhere_first, "s").len(),
+            attribute(&app_first, "s").len()
+        );
+        assert_eq!(
+            attribute(&nowhere_first, "s"),
+            attribute(&nowhere_again, "s")
+        );
+        for other in [&elsewhere, &ghost_first, &app_first] {
+            assert_ne!(attribute(&nowhere_first, "s"), attribute(other, "s"));
+        }
     }
+}
+
+/// The server-first-message a router at `addr` sends for `user`.
+fn server_first_at(addr: SocketAddr, user: &str) -> String {
+    let mut tls = raw::connect_tls(addr, fixture().certs.client_config(), Mode::Direct);
+    start_sasl(&mut tls, user);
+    scram_first(&mut tls, "salt-probe-nonce")
+}
+
+/// The fake salts come from a secret kept in a file: a restarted router, or another router
+/// given the same file, hands out the same salt for a role that does not exist, so comparing
+/// salts over time or across routers tells nothing; a router with another secret differs.
+#[test]
+fn fake_salts_are_stable_across_restarts_and_routers() {
+    let fx = fixture();
+    let first = server_first_at(fx.router.direct_addr(), "ghost.b1");
+    let secret = fx.router.dir().join("branchgate-mock.secret");
+    assert!(secret.exists(), "created on first start beside the catalog");
+    let branches = [BranchSpec::new("b1", fx.pg.addr()).role(ROLE, &fx.pg.role_verifier(ROLE))];
+    let shared = format!(
+        "[auth]\nmock_secret_file = {:?}\n",
+        secret.to_str().expect("UTF-8 path")
+    );
+    let twin = TestRouter::start_with(&fx.certs, &branches, &shared);
+    let from_twin = server_first_at(twin.direct_addr(), "ghost.b1");
+    assert_eq!(attribute(&from_twin, "s"), attribute(&first, "s"));
+    assert_eq!(attribute(&from_twin, "i"), attribute(&first, "i"));
+    drop(twin);
+    let stranger = TestRouter::start(&fx.certs, &branches);
+    let from_stranger = server_first_at(stranger.direct_addr(), "ghost.b1");
+    assert_ne!(attribute(&from_stranger, "s"), attribute(&first, "s"));
+    assert_router_healthy();
 }
 
 #[test]

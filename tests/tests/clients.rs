@@ -370,9 +370,20 @@ fn a_user_name_without_branch_takes_it_from_the_server_name() {
                 .contains("password authentication failed for user \"app\""),
             "{error:?}"
         );
-        // A server name that names no branch: the user name's format error, as without SNI.
+        // A server name whose first label could be a branch the catalog does not have: a
+        // failed password, as for a branch named in the user name (which branches exist is
+        // not told before a password).
         let nowhere = by_sni("b9.db.localhost", "app", APP_B1_PASSWORD, negotiation);
         let error = psycopg_query(&nowhere, "select 1").expect_err("no branch b9");
+        assert!(
+            error
+                .message
+                .contains("password authentication failed for user \"app\""),
+            "{error:?}"
+        );
+        // A server name of one label names no branch: the user name's format error.
+        let single = by_sni("localhost", "app", APP_B1_PASSWORD, negotiation);
+        let error = psycopg_query(&single, "select 1").expect_err("no branch in the name");
         assert!(
             error.message.contains("user name must have the form"),
             "{error:?}"

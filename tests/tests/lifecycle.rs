@@ -551,8 +551,8 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
         .expect("b2 is not in the catalog yet");
     assert_db_error(
         &error,
-        &SqlState::INVALID_CATALOG_NAME,
-        "branch \"b2\" does not exist",
+        &SqlState::INVALID_PASSWORD,
+        "password authentication failed for user \"app3\"",
     );
     let b2 = BranchSpec::new("b2", pg.addr()).role("app3", &verifier);
     router.write_catalog(&catalog_toml(&[b1, b2]));

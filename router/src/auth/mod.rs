@@ -20,4 +20,4 @@ pub use password::generate_password;
 pub use scram::{
     server_finish, server_start, ClientCredentials, ClientKey, ScramClient, ScramError, ServerFirst,
 };
-pub use verifier::{ScramVerifier, VerifierError};
+pub use verifier::{ScramVerifier, VerifierError, VerifierShape};

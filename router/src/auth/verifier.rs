@@ -129,20 +129,78 @@ impl ScramVerifier {
         Self::from_password(password, &salt, DEFAULT_ITERATIONS)
     }
 
-    /// A stand-in verifier for a role that does not exist, so that authenticating as it looks
-    /// exactly like a wrong password: the same iteration count as real roles, a salt that is
-    /// stable per role (a changing salt would reveal the role is fake), and keys that no
-    /// password can match short of a SHA-256 preimage. `secret` is a per-router random key;
-    /// without it an attacker could compute the mock salts and compare.
-    pub fn mock(role: &str, secret: &[u8; KEY_LEN]) -> Self {
-        let role = role.as_bytes();
-        let salt = hmac_sha256(secret, &[MOCK_SALT_LABEL, role]);
-        Self {
-            iterations: DEFAULT_ITERATIONS,
-            salt: salt[..DEFAULT_SALT_LEN].to_vec(),
-            stored_key: hmac_sha256(secret, &[MOCK_STORED_KEY_LABEL, role]),
-            server_key: hmac_sha256(secret, &[MOCK_SERVER_KEY_LABEL, role]),
+    /// A stand-in verifier for a role or branch that does not exist, so that authenticating as
+    /// it looks exactly like a wrong password: the `shape` (iteration count, salt length) of the
+    /// branch's real verifiers, a salt that is stable per branch and role (a changing salt would
+    /// reveal the role is fake) and across restarts and routers (`secret` is the operator's
+    /// persistent [`super::mock_secret`]), and keys that no password can match short of a
+    /// SHA-256 preimage. Without the secret an attacker could compute the mock salts and compare.
+    pub fn mock(branch: &str, role: &str, shape: VerifierShape, secret: &[u8; KEY_LEN]) -> Self {
+        // Branch ids cannot hold NUL, so "branch\0role" names one pair.
+        let name: [&[u8]; 3] = [branch.as_bytes(), b"\0", role.as_bytes()];
+        let derive = |label: &[u8], counter: u8| {
+            hmac_sha256(secret, &[label, &[counter], name[0], name[1], name[2]])
+        };
+        let salt_len = shape.salt_len.clamp(1, MAX_MOCK_SALT_LEN);
+        let mut salt = Vec::with_capacity(salt_len);
+        for counter in 0.. {
+            if salt.len() >= salt_len {
+                break;
+            }
+            let block = derive(MOCK_SALT_LABEL, counter);
+            let take = (salt_len - salt.len()).min(block.len());
+            salt.extend_from_slice(&block[..take]);
         }
+        Self {
+            iterations: shape.iterations.max(1),
+            salt,
+            stored_key: derive(MOCK_STORED_KEY_LABEL, 0),
+            server_key: derive(MOCK_SERVER_KEY_LABEL, 0),
+        }
+    }
+
+    /// This verifier's public parameters.
+    pub fn shape(&self) -> VerifierShape {
+        VerifierShape {
+            iterations: self.iterations,
+            salt_len: self.salt.len(),
+        }
+    }
+}
+
+/// Longest salt a mock verifier gets (real ones are 16 bytes unless an operator chose more).
+pub const MAX_MOCK_SALT_LEN: usize = 64;
+
+/// The public parameters of a verifier, which every client sees in the server-first-message: a
+/// fake verifier must have those of the real ones beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VerifierShape {
+    /// PBKDF2 iteration count.
+    pub iterations: u32,
+    /// Salt length in bytes.
+    pub salt_len: usize,
+}
+
+impl VerifierShape {
+    /// What PostgreSQL gives new verifiers by default (and `branchgate role` too).
+    pub const DEFAULT: VerifierShape = VerifierShape {
+        iterations: DEFAULT_ITERATIONS,
+        salt_len: DEFAULT_SALT_LEN,
+    };
+
+    /// The shape most of `verifiers` have (ties go to the larger shape, so the answer does not
+    /// depend on the order), or `None` if there are none.
+    pub fn most_common<'a>(
+        verifiers: impl IntoIterator<Item = &'a ScramVerifier>,
+    ) -> Option<VerifierShape> {
+        let mut counts: std::collections::BTreeMap<VerifierShape, usize> = Default::default();
+        for verifier in verifiers {
+            *counts.entry(verifier.shape()).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|&(shape, count)| (count, shape))
+            .map(|(shape, _)| shape)
     }
 }
 
@@ -388,17 +446,59 @@ mod tests {
     }
 
     #[test]
-    fn mock_is_deterministic_per_role_and_secret() {
+    fn mock_is_deterministic_per_branch_role_and_secret() {
         let secret = [7u8; KEY_LEN];
-        let a = ScramVerifier::mock("app", &secret);
-        assert_eq!(a, ScramVerifier::mock("app", &secret));
-        assert_eq!(a.iterations, DEFAULT_ITERATIONS);
-        assert_eq!(a.salt.len(), DEFAULT_SALT_LEN);
-        let other_role = ScramVerifier::mock("app2", &secret);
-        let other_secret = ScramVerifier::mock("app", &[8u8; KEY_LEN]);
-        assert_ne!(a.salt, other_role.salt);
-        assert_ne!(a.salt, other_secret.salt);
+        let shape = VerifierShape::DEFAULT;
+        let a = ScramVerifier::mock("b1", "app", shape, &secret);
+        assert_eq!(a, ScramVerifier::mock("b1", "app", shape, &secret));
+        assert_eq!(a.shape(), shape);
+        let others = [
+            ScramVerifier::mock("b1", "app2", shape, &secret),
+            ScramVerifier::mock("b2", "app", shape, &secret),
+            // "b1" + "\0" + "app" is one name, not "b" + "1\0app".
+            ScramVerifier::mock("b", "1\0app", shape, &secret),
+            ScramVerifier::mock("b1", "app", shape, &[8u8; KEY_LEN]),
+        ];
+        for other in &others {
+            assert_ne!(a.salt, other.salt);
+            assert_ne!(a.stored_key, other.stored_key);
+        }
         assert_ne!(a.stored_key, a.server_key);
-        assert_eq!(a.to_string().parse::<ScramVerifier>(), Ok(a));
+        assert_eq!(a.to_string().parse::<ScramVerifier>(), Ok(a.clone()));
+
+        // Another shape: its iteration count and salt length, and the same salt prefix.
+        let long = ScramVerifier::mock(
+            "b1",
+            "app",
+            VerifierShape {
+                iterations: 10_000,
+                salt_len: 40,
+            },
+            &secret,
+        );
+        assert_eq!((long.iterations, long.salt.len()), (10_000, 40));
+        assert_eq!(long.salt[..16], a.salt[..]);
+        let huge = VerifierShape {
+            iterations: 1,
+            salt_len: 1000,
+        };
+        assert_eq!(
+            ScramVerifier::mock("b1", "app", huge, &secret).salt.len(),
+            MAX_MOCK_SALT_LEN
+        );
+    }
+
+    #[test]
+    fn most_common_shape_does_not_depend_on_order() {
+        let v = |iterations, salt_len| {
+            ScramVerifier::from_password("pw", &vec![1; salt_len], iterations)
+        };
+        let (a, b, c) = (v(4096, 16), v(4096, 16), v(10_000, 16));
+        let shape = |list: &[&ScramVerifier]| VerifierShape::most_common(list.iter().copied());
+        assert_eq!(shape(&[&a, &c, &b]), Some(a.shape()));
+        assert_eq!(shape(&[]), None);
+        // A tie: the larger shape, whatever the order.
+        assert_eq!(shape(&[&a, &c]), Some(c.shape()));
+        assert_eq!(shape(&[&c, &a]), Some(c.shape()));
     }
 }

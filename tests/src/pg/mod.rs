@@ -44,6 +44,10 @@ const SERVER_CONF: &str = "
 listen_addresses = '127.0.0.1'
 wal_level = replica
 max_wal_senders = 5
+# Replicas cloned at the same time from one primary: one clone's checkpoint must not recycle a
+# WAL segment another still has to stream (seen as 'requested WAL segment ... has already been
+# removed' on a loaded machine).
+wal_keep_size = '128MB'
 hot_standby = on
 fsync = off
 full_page_writes = off

@@ -22,7 +22,7 @@ pub use message::{
 };
 pub use read::{
     expect_auth, expect_closed, expect_fatal, expect_sasl, next_message, parse_error, read_message,
-    PgError,
+    Closing, PgError,
 };
 pub use session::{attribute, login, query_one, scram_first, start_sasl};
 

@@ -1,8 +1,46 @@
 //! Reading backend messages and checking the router's answers.
 
 use std::io::{self, ErrorKind, Read};
+use std::net::TcpStream;
 
-use super::AUTH_SASL;
+use super::{Tls, AUTH_SASL};
+
+/// A client stream whose end the tests check: a plaintext one may end with a FIN or a reset,
+/// a TLS one only with the server's close_notify (every orderly close of the router's sends
+/// one; rustls reports an end without it as `UnexpectedEof`).
+pub trait Closing: Read {
+    /// Panics unless the server ended the stream properly, sending nothing more.
+    fn expect_end(&mut self, what: &str);
+}
+
+impl Closing for TcpStream {
+    fn expect_end(&mut self, what: &str) {
+        let mut buf = [0u8; 512];
+        match self.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: expected a close, got {:?}", &buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                ) => {}
+            Err(e) => panic!("{what}: expected a close, got {e} ({:?})", e.kind()),
+        }
+    }
+}
+
+impl Closing for Tls {
+    fn expect_end(&mut self, what: &str) {
+        let mut buf = [0u8; 512];
+        match self.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: expected close_notify, got {:?}", &buf[..n]),
+            Err(e) => panic!("{what}: expected close_notify, got {e} ({:?})", e.kind()),
+        }
+    }
+}
 
 /// One backend message, or `None` on a clean end of stream before its first byte.
 pub fn read_message(s: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
@@ -37,6 +75,8 @@ pub struct PgError {
     pub code: String,
     /// `M`.
     pub message: String,
+    /// `D`, if sent.
+    pub detail: Option<String>,
 }
 
 /// The fields of an ErrorResponse body.
@@ -45,6 +85,7 @@ pub fn parse_error(body: &[u8]) -> PgError {
         severity: String::new(),
         code: String::new(),
         message: String::new(),
+        detail: None,
     };
     let mut fields = body.split(|&b| b == 0);
     while let Some(field) = fields.next().filter(|f| !f.is_empty()) {
@@ -54,32 +95,22 @@ pub fn parse_error(body: &[u8]) -> PgError {
             b'S' if error.severity.is_empty() => error.severity = value,
             b'C' => error.code = value,
             b'M' => error.message = value,
+            b'D' => error.detail = Some(value),
             _ => {}
         }
     }
     error
 }
 
-/// Panics unless the router closes the connection without sending another byte.
-pub fn expect_closed(s: &mut impl Read, what: &str) {
-    let mut buf = [0u8; 512];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{what}: expected a close, got {:?}", &buf[..n]),
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::UnexpectedEof
-                    | ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-            ) => {}
-        Err(e) => panic!("{what}: expected a close, got {e} ({:?})", e.kind()),
-    }
+/// Panics unless the router closes the connection without sending another byte (over TLS:
+/// with close_notify).
+pub fn expect_closed(s: &mut impl Closing, what: &str) {
+    s.expect_end(what);
 }
 
-/// Reads a FATAL ErrorResponse with `code`, checks that the connection is then closed, and
-/// returns the error.
-pub fn expect_fatal(s: &mut impl Read, code: &str, what: &str) -> PgError {
+/// Reads a FATAL ErrorResponse with `code`, checks that the connection is then closed (over
+/// TLS: with close_notify), and returns the error.
+pub fn expect_fatal(s: &mut impl Closing, code: &str, what: &str) -> PgError {
     let (tag, body) = next_message(s, what);
     assert_eq!(
         tag, b'E',

@@ -292,7 +292,12 @@ mod tests {
 
     #[test]
     fn mock_verifier_fails_like_a_wrong_password() {
-        let mock = ScramVerifier::mock("ghost", &[9u8; KEY_LEN]);
+        let mock = ScramVerifier::mock(
+            "b1",
+            "ghost",
+            crate::auth::VerifierShape::DEFAULT,
+            &[9u8; KEY_LEN],
+        );
         for password in ["", "pencil", "pscale_pw_guess"] {
             assert_eq!(
                 exchange(ClientCredentials::Password(password.into()), &mock).err(),

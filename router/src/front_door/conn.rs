@@ -1,0 +1,308 @@
+//! The client's connection while it is at the front door: its socket, TLS once it is up, and
+//! buffers that it holds only while there are bytes in them.
+//!
+//! A connection that has not authenticated is an unknown party's, so it is kept cheap: the read
+//! buffers are borrowed from the worker's pool only once the socket is readable, and given back
+//! as soon as they are empty; the output buffers are freed after each flush.
+
+use std::time::Duration;
+
+use monoio::io::AsyncWriteRent;
+use monoio::net::TcpStream;
+
+use crate::buf::{read_into, write_all_vec, BufPool, ReadBuf};
+use crate::error::SessionError;
+use crate::protocol::frame::{self, FrameHeader};
+use crate::tls::{self, Handshake, RecordLayer, ServerHandshake, TlsError, Want};
+
+/// How long the last bytes of a connection (a FATAL error, close_notify, an alert) may take to
+/// reach a client that does not read them, and how long the router then waits for the client to
+/// close before it drops the socket.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Bytes of a departing client read (and dropped) while waiting for it to close.
+const CLOSE_DRAIN_BYTES: usize = 64 * 1024;
+
+/// Output capacity kept across flushes; more is freed, since a connection at the front door
+/// waits most of its time.
+const KEEP_OUT_CAPACITY: usize = 256;
+
+/// The client's connection from its first byte until it is authenticated.
+pub struct ClientConn<'w> {
+    tcp: TcpStream,
+    pool: &'w BufPool,
+    /// Bytes from the socket: plaintext before TLS, ciphertext after.
+    raw: ReadBuf,
+    /// Opened data from the client's records.
+    plain: ReadBuf,
+    /// Messages to send (plaintext, sealed on flush once TLS is up).
+    out: Vec<u8>,
+    /// Records to send (and the handshake's flights).
+    tls_out: Vec<u8>,
+    records: Option<Box<RecordLayer>>,
+    handshake: Handshake,
+}
+
+/// What a connection hands over once the front door is done with it.
+pub struct Parts {
+    /// The socket.
+    pub tcp: TcpStream,
+    /// Record protection, both directions.
+    pub records: Box<RecordLayer>,
+    /// What the TLS handshake learned (SNI).
+    pub handshake: Handshake,
+    /// Ciphertext the client sent past its last opened record (normally none).
+    pub cipher: Vec<u8>,
+    /// Opened data not consumed yet: messages the client pipelined (normally none).
+    pub plain: Vec<u8>,
+}
+
+impl<'w> ClientConn<'w> {
+    /// A connection that holds no buffer yet.
+    pub fn new(tcp: TcpStream, pool: &'w BufPool) -> Self {
+        Self {
+            tcp,
+            pool,
+            raw: ReadBuf::detached(),
+            plain: ReadBuf::detached(),
+            out: Vec::new(),
+            tls_out: Vec::new(),
+            records: None,
+            handshake: Handshake::default(),
+        }
+    }
+
+    /// True once TLS is established.
+    pub fn has_tls(&self) -> bool {
+        self.records.is_some()
+    }
+
+    /// What the TLS handshake learned (SNI, ALPN).
+    pub fn handshake(&self) -> &Handshake {
+        &self.handshake
+    }
+
+    /// The socket's unread bytes before TLS (plaintext).
+    pub fn raw(&self) -> &ReadBuf {
+        &self.raw
+    }
+
+    /// Marks `n` bytes at the front of [`ClientConn::raw`] as used.
+    pub fn consume_raw(&mut self, n: usize) {
+        self.raw.consume(n);
+        self.raw.detach(self.pool);
+    }
+
+    /// Drops every unread plaintext byte (what a client pipelined after an encryption request).
+    pub fn discard_raw(&mut self) {
+        self.raw.clear();
+        self.raw.detach(self.pool);
+    }
+
+    /// Opened data from the client.
+    pub fn plain(&self) -> &[u8] {
+        self.plain.data()
+    }
+
+    /// Marks `n` bytes of opened data as used.
+    pub fn consume_plain(&mut self, n: usize) {
+        self.plain.consume(n);
+        self.plain.detach(self.pool);
+    }
+
+    /// Messages waiting to be sent: write more into it, then [`ClientConn::flush`].
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.out
+    }
+
+    /// Reads once from the socket into `raw`, borrowing a buffer only once there are bytes to
+    /// read. Returns 0 at end of stream.
+    pub async fn fill_raw(&mut self) -> Result<usize, SessionError> {
+        if self.raw.is_empty() {
+            self.raw.detach(self.pool);
+            self.tcp.readable(false).await?;
+        }
+        self.raw.attach(self.pool);
+        let n = self.raw.fill_from(&mut self.tcp).await?;
+        if n == 0 {
+            self.raw.detach(self.pool);
+        }
+        Ok(n)
+    }
+
+    /// Sends everything in `out` (as TLS records once TLS is up).
+    pub async fn flush(&mut self) -> Result<(), SessionError> {
+        match &mut self.records {
+            Some(records) => {
+                tls::seal_into(records, &self.out, &mut self.tls_out).map_err(TlsError::from)?;
+                self.out.clear();
+                write_all_vec(&mut self.tcp, &mut self.tls_out).await?;
+            }
+            None => write_all_vec(&mut self.tcp, &mut self.out).await?,
+        }
+        shrink(&mut self.out);
+        shrink(&mut self.tls_out);
+        Ok(())
+    }
+
+    /// Runs the TLS handshake: `raw` holds what the client sent so far (the ClientHello's first
+    /// bytes for direct SSL). Not cancel-safe (the caller drops the connection on timeout).
+    pub async fn accept_tls(
+        &mut self,
+        config: std::sync::Arc<rustls::ServerConfig>,
+    ) -> Result<(), SessionError> {
+        // Boxed: rustls's connection state is large, and the future of the whole front door
+        // would otherwise keep room for it after the handshake.
+        let mut handshake = Box::new(ServerHandshake::new(config)?);
+        loop {
+            self.raw.attach(self.pool);
+            self.plain.attach(self.pool);
+            let step = handshake.advance(&mut self.raw, &mut self.tls_out, &mut self.plain);
+            self.plain.detach(self.pool);
+            let want = match step {
+                Ok(want) => want,
+                Err(error) => {
+                    // The alert rustls chose is in `tls_out`.
+                    let _ = write_all_vec(&mut self.tcp, &mut self.tls_out).await;
+                    return Err(error.into());
+                }
+            };
+            write_all_vec(&mut self.tcp, &mut self.tls_out).await?;
+            match want {
+                Want::Write => {}
+                Want::Read => {
+                    if self.fill_raw().await? == 0 {
+                        return Err(TlsError::Eof.into());
+                    }
+                }
+                Want::Done => {
+                    let (records, learned) = handshake.finish()?;
+                    self.records = Some(Box::new(records));
+                    self.handshake = learned;
+                    shrink(&mut self.tls_out);
+                    self.raw.detach(self.pool);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Reads more opened data into `plain`.
+    pub async fn read_more(&mut self) -> Result<(), SessionError> {
+        loop {
+            let Some(records) = &mut self.records else {
+                return Err(SessionError::Protocol("read before TLS"));
+            };
+            if !self.raw.is_empty() {
+                self.plain.attach(self.pool);
+                let before = self.plain.len();
+                let open = tls::open_into(records, &mut self.raw, &mut self.plain)?;
+                let opened = self.plain.len() > before;
+                self.plain.detach(self.pool);
+                self.raw.detach(self.pool);
+                // Data that came before a close_notify is still served (a CancelRequest, say).
+                if opened {
+                    return Ok(());
+                }
+                if !open || self.handshake.closed {
+                    return Err(SessionError::ClientClosed);
+                }
+                if records
+                    .record_len(self.raw.data())
+                    .map_err(TlsError::from)?
+                    .is_some()
+                {
+                    // A whole record is waiting that `plain` has no room for.
+                    return Err(SessionError::Protocol("message too long"));
+                }
+            } else if self.handshake.closed {
+                return Err(SessionError::ClientClosed);
+            }
+            if self.fill_raw().await? == 0 {
+                return Err(SessionError::ClientClosed);
+            }
+        }
+    }
+
+    /// Waits for one whole message in `plain`, at most `max_bytes` long.
+    pub async fn read_frame(&mut self, max_bytes: usize) -> Result<FrameHeader, SessionError> {
+        loop {
+            match frame::check(self.plain.data(), max_bytes) {
+                Ok(Some(header)) => return Ok(header),
+                Ok(None) => self.read_more().await?,
+                Err(_) => return Err(SessionError::Protocol("invalid message length")),
+            }
+        }
+    }
+
+    /// Ends the connection in order: sends what is in `out` (a FATAL error, say), then
+    /// close_notify when TLS is up, then waits (bounded) for the client to close, so that its
+    /// unread bytes do not make the kernel reset the connection before ours arrive.
+    pub async fn close(mut self) {
+        let mut last = std::mem::take(&mut self.out);
+        if let Some(records) = &mut self.records {
+            let mut sealed = std::mem::take(&mut self.tls_out);
+            if tls::seal_into(records, &last, &mut sealed).is_ok() {
+                let _ = tls::close_notify_into(records, &mut sealed);
+            }
+            last = sealed;
+        }
+        self.release_buffers();
+        let _ = monoio::time::timeout(CLOSE_TIMEOUT, async {
+            write_all_vec(&mut self.tcp, &mut last).await?;
+            self.tcp.shutdown().await?;
+            drain_until_closed(&mut self.tcp).await
+        })
+        .await;
+    }
+
+    /// Closes without a word (the client is gone, or is owed nothing).
+    pub fn drop_silently(mut self) {
+        self.release_buffers();
+    }
+
+    /// Hands the connection over after authentication: the socket, TLS state and the bytes the
+    /// client sent beyond what the front door read.
+    pub fn into_parts(mut self) -> Option<Parts> {
+        let cipher = self.raw.data().to_vec();
+        let plain = self.plain.data().to_vec();
+        self.release_buffers();
+        let records = self.records.take()?;
+        Some(Parts {
+            tcp: self.tcp,
+            records,
+            handshake: std::mem::take(&mut self.handshake),
+            cipher,
+            plain,
+        })
+    }
+
+    fn release_buffers(&mut self) {
+        self.raw.clear();
+        self.plain.clear();
+        self.raw.detach(self.pool);
+        self.plain.detach(self.pool);
+    }
+}
+
+/// Frees an output buffer's allocation when it is more than a small one.
+fn shrink(buf: &mut Vec<u8>) {
+    if buf.is_empty() && buf.capacity() > KEEP_OUT_CAPACITY {
+        *buf = Vec::new();
+    }
+}
+
+/// Reads and drops what the client still sends until it closes (bounded by
+/// [`CLOSE_DRAIN_BYTES`]; the caller bounds the time).
+async fn drain_until_closed(tcp: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf: Box<[u8]> = vec![0; 512].into_boxed_slice();
+    let mut drained = 0;
+    while drained < CLOSE_DRAIN_BYTES {
+        let len = buf.len();
+        match read_into(tcp, &mut buf, 0..len).await? {
+            0 => break,
+            n => drained += n,
+        }
+    }
+    Ok(())
+}

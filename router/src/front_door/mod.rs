@@ -1,0 +1,139 @@
+//! The front door: one client connection from its first byte until it has authenticated. Every
+//! port shares it; what comes after (a direct session, [`crate::session`]) takes over an
+//! authenticated client.
+//!
+//! 1. [`negotiate`]: direct SSL (first byte 0x16), SSLRequest, GSSENCRequest (answered `N`),
+//!    CancelRequest, or a plaintext StartupMessage (refused: TLS is required).
+//! 2. [`routing`]: the StartupMessage over TLS, parsed in place: `user` names the role and branch.
+//! 3. [`auth`]: SCRAM-SHA-256 with the client against the catalog's verifier.
+//!
+//! A connection at the front door belongs to someone who has proved nothing, so it is cheap and
+//! bounded: it counts against its worker's `limits.max_startup_connections` (checked at accept),
+//! not against `max_client_connections`; it holds buffers only while there are bytes in them
+//! ([`conn`]); step 1 must end within `timeouts.handshake` of the accept, all three within
+//! `timeouts.startup`; and nothing it is told before the password check says whether its role
+//! or branch exists.
+//!
+//! # Layout
+//! - [`conn`]: the client's socket at the front door, its TLS state and lazily held buffers.
+//! - [`negotiate`]: step 1. - [`routing`]: step 2. - [`auth`]: step 3.
+
+pub mod auth;
+pub mod conn;
+pub mod negotiate;
+pub mod routing;
+
+use std::net::SocketAddr;
+
+use monoio::time::{timeout_at, Instant};
+
+use crate::error::SessionError;
+use crate::protocol::startup::CancelKey;
+use crate::protocol::write::{self, Severity};
+use crate::throttle::LogThrottle;
+use crate::tls::TlsError;
+use crate::worker::Worker;
+
+pub use auth::Authenticated;
+pub use conn::{ClientConn, Parts};
+
+use negotiate::Negotiated;
+use routing::Startup;
+
+/// What the front door let in.
+#[derive(Debug)]
+pub enum Admission {
+    /// A CancelRequest (plaintext or over TLS): no session follows.
+    Cancel(CancelKey),
+    /// A client that authenticated, not yet told so.
+    Authenticated(Box<Authenticated>),
+}
+
+/// Steps 1 to 3, under their deadlines (counted from `accepted`), and ended early by the end of
+/// the worker's drain. Not cancel-safe.
+pub async fn admit(
+    worker: &Worker,
+    conn: &mut ClientConn<'_>,
+    accepted: Instant,
+) -> Result<Admission, SessionError> {
+    let timeouts = worker.shared.config.timeouts;
+    let steps = async {
+        let negotiated = match timeout_at(
+            accepted + timeouts.handshake,
+            negotiate::negotiate(worker, conn),
+        )
+        .await
+        {
+            Ok(negotiated) => negotiated?,
+            Err(_) => return Err(SessionError::HandshakeTimeout),
+        };
+        if let Negotiated::Cancel(key) = negotiated {
+            return Ok(Admission::Cancel(key));
+        }
+        let routed = match routing::read_startup(worker, conn).await? {
+            Startup::Cancel(key) => return Ok(Admission::Cancel(key)),
+            Startup::Session(routed) => routed,
+        };
+        let authenticated = auth::authenticate(worker, conn, routed).await?;
+        Ok(Admission::Authenticated(Box::new(authenticated)))
+    };
+    monoio::select! {
+        result = timeout_at(accepted + timeouts.startup, steps) => {
+            result.unwrap_or(Err(SessionError::StartupTimeout))
+        }
+        _ = worker.drain_over() => Err(SessionError::DrainOver),
+    }
+}
+
+/// Refusals logged at info level (bad input: a flood of it must not flood the log).
+static REFUSED: LogThrottle = LogThrottle::new();
+/// Refusals because a backend failed (one per client while a backend is down).
+static BACKEND_REFUSED: LogThrottle = LogThrottle::new();
+
+/// Logs `error` once and ends the connection the way PostgreSQL would: the client gets the
+/// ErrorResponse it may see (in plaintext only for the errors PostgreSQL sends before TLS),
+/// then close_notify once TLS is up.
+pub async fn refuse(mut conn: ClientConn<'_>, peer: SocketAddr, error: SessionError) {
+    match &error {
+        SessionError::ClientClosed => tracing::debug!(%peer, "client left during startup"),
+        SessionError::HandshakeTimeout | SessionError::DrainOver => {
+            tracing::debug!(%peer, %error, "connection closed")
+        }
+        SessionError::Backend(_) | SessionError::NoHealthyReplica(_) => {
+            if let Some(suppressed) = BACKEND_REFUSED.allow() {
+                tracing::warn!(%peer, %error, suppressed, "connection refused");
+            }
+        }
+        _ => {
+            if let Some(suppressed) = REFUSED.allow() {
+                tracing::info!(%peer, %error, suppressed, "connection refused");
+            }
+        }
+    }
+    if conn.has_tls() || error.is_sent_before_tls() {
+        if let Some(wire) = error.to_wire() {
+            write::error_response_full(
+                conn.out(),
+                Severity::Fatal,
+                wire.code,
+                &wire.message,
+                wire.detail,
+                None,
+            );
+        }
+    }
+    match error {
+        // The socket failed, or nothing is owed before TLS.
+        SessionError::Io(_) | SessionError::HandshakeTimeout => conn.drop_silently(),
+        SessionError::ClientClosed | SessionError::DrainOver if !conn.has_tls() => {
+            conn.drop_silently()
+        }
+        // A handshake without ALPN succeeded as TLS: PostgreSQL 17 refuses it with a plain
+        // TLS close.
+        SessionError::Tls(TlsError::NoAlpn) => conn.close().await,
+        // TLS failed: rustls sent its alert during the handshake; after it there is nothing
+        // the broken record layer can be trusted to seal.
+        SessionError::Tls(_) => conn.drop_silently(),
+        _ => conn.close().await,
+    }
+}
