@@ -1,50 +1,500 @@
-//! CancelRequest routing.
+//! CancelRequest handling: an index of every session's key, and a per-source limit on guesses.
 //!
-//! The key a client holds is (backend pid, router-issued secret). A CancelRequest may arrive on
-//! any worker, in plaintext or over TLS. The receiving worker looks in its own registry first;
-//! if the session is not there it asks every other worker through its mailbox (cancels are rare,
-//! so a broadcast costs nothing and keeps all 32 bits of the secret random). The owner compares
-//! the secret in constant time and sends a real CancelRequest with the backend's own key.
-//! A wrong secret does nothing and the client is told nothing, as in PostgreSQL.
+//! The key a client holds is (backend pid, router-issued secret). Each session puts its key in
+//! one [`CancelIndex`] shared by all workers, sharded by pid (a shard is a mutex held for one
+//! hash-map operation: when a session starts, when it ends, and for a cancel request). A
+//! CancelRequest may arrive on any worker, in plaintext or over TLS; that worker looks the key
+//! up (the secret compared in constant time) and, on a match, sends the real CancelRequest to
+//! the session's backend with the backend's own key. No other worker is involved, so a flood of
+//! made-up keys fills no queue and displaces no real cancel. A wrong key does nothing and the
+//! client is told nothing, as in PostgreSQL.
+//!
+//! Guessing is bounded per source ([`CancelLimiter`], one per worker): every key that matches
+//! nothing costs its source a token; a source without tokens has its cancel requests ignored
+//! until the tokens come back. Other sources are not affected. Floods are logged once per
+//! interval, with counts.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use subtle::ConstantTimeEq;
 
 use crate::protocol::startup::CancelKey;
+use crate::throttle::LogThrottle;
 use crate::worker::Worker;
 
-/// Handle a CancelRequest received by `worker`.
-pub fn handle(worker: &Rc<Worker>, key: CancelKey) {
-    if cancel_local(worker, key) {
-        return;
-    }
-    for (id, mailbox) in worker.shared.mailboxes.iter().enumerate() {
-        if id != worker.id && mailbox.send_cancel(key).is_err() {
-            tracing::debug!(worker = id, "mailbox full: cancel request dropped");
+/// Shards of the index: enough that workers registering sessions rarely meet on one.
+const INDEX_SHARDS: usize = 64;
+
+/// Unknown keys a source may send at once before its cancel requests are ignored.
+pub const MISS_BURST: u32 = 16;
+/// Unknown keys a source earns back per second.
+pub const MISS_REFILL_PER_SECOND: u32 = 2;
+/// Sources one worker's limiter remembers; beyond it, the idlest are forgotten.
+pub const MAX_TRACKED_SOURCES: usize = 4096;
+
+/// Where a session's cancel goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelTarget {
+    /// The backend serving the session.
+    pub backend: SocketAddr,
+    /// The backend's own key (its BackendKeyData).
+    pub key: CancelKey,
+}
+
+#[derive(Debug)]
+struct Entry {
+    secret: u32,
+    target: CancelTarget,
+    /// Tells apart two sessions whose backends (on different servers) have the same pid.
+    id: u64,
+}
+
+/// Sessions under one pid: nearly always one, so no allocation for it.
+#[derive(Debug)]
+enum Slot {
+    One(Entry),
+    Many(Vec<Entry>),
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    by_pid: HashMap<u32, Slot>,
+    next_id: u64,
+}
+
+/// Every live session's cancel key, shared by all workers.
+#[derive(Debug)]
+pub struct CancelIndex {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+impl Default for CancelIndex {
+    fn default() -> Self {
+        CancelIndex {
+            shards: (0..INDEX_SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 }
 
-/// Cancel the matching session if this worker owns it. Returns true if it did.
-pub fn cancel_local(worker: &Rc<Worker>, key: CancelKey) -> bool {
-    let Some(session) = worker.find_by_key(key) else {
+/// A session's place in the [`CancelIndex`]; dropping it removes the key.
+#[derive(Debug)]
+pub struct Registration {
+    index: Arc<CancelIndex>,
+    pid: u32,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut shard = self.index.shard(self.pid);
+        let Some(slot) = shard.by_pid.get_mut(&self.pid) else {
+            return;
+        };
+        match slot {
+            Slot::One(entry) if entry.id == self.id => {
+                shard.by_pid.remove(&self.pid);
+            }
+            Slot::One(_) => {}
+            Slot::Many(entries) => {
+                entries.retain(|entry| entry.id != self.id);
+                if let [_] = entries.as_slice() {
+                    if let Some(last) = entries.pop() {
+                        *slot = Slot::One(last);
+                    }
+                } else if entries.is_empty() {
+                    shard.by_pid.remove(&self.pid);
+                }
+            }
+        }
+    }
+}
+
+impl CancelIndex {
+    fn shard(&self, pid: u32) -> MutexGuard<'_, Shard> {
+        let shard = &self.shards[pid as usize % self.shards.len()];
+        // A panic while a shard was held left it consistent (each operation is one map call).
+        shard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Makes `key` cancel the session served by `target`, until the registration is dropped.
+    pub fn register(self: &Arc<Self>, key: CancelKey, target: CancelTarget) -> Registration {
+        let mut shard = self.shard(key.pid);
+        let id = shard.next_id;
+        shard.next_id += 1;
+        let entry = Entry {
+            secret: key.secret,
+            target,
+            id,
+        };
+        match shard.by_pid.remove(&key.pid) {
+            None => {
+                shard.by_pid.insert(key.pid, Slot::One(entry));
+            }
+            Some(Slot::One(other)) => {
+                shard.by_pid.insert(key.pid, Slot::Many(vec![other, entry]));
+            }
+            Some(Slot::Many(mut entries)) => {
+                entries.push(entry);
+                shard.by_pid.insert(key.pid, Slot::Many(entries));
+            }
+        }
+        Registration {
+            index: self.clone(),
+            pid: key.pid,
+            id,
+        }
+    }
+
+    /// The session `key` belongs to, if any; the secret is compared in constant time.
+    pub fn find(&self, key: CancelKey) -> Option<CancelTarget> {
+        let shard = self.shard(key.pid);
+        let matches = |entry: &&Entry| bool::from(entry.secret.ct_eq(&key.secret));
+        match shard.by_pid.get(&key.pid)? {
+            Slot::One(entry) => Some(entry).filter(matches).map(|e| e.target),
+            Slot::Many(entries) => entries.iter().find(matches).map(|e| e.target),
+        }
+    }
+
+    /// Keys registered (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+                shard
+                    .by_pid
+                    .values()
+                    .map(|slot| match slot {
+                        Slot::One(_) => 1,
+                        Slot::Many(entries) => entries.len(),
+                    })
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// True if no key is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One source's allowance of unknown keys: a token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// Per-source limit on cancel requests whose key matches nothing, for one worker.
+#[derive(Debug, Default)]
+pub struct CancelLimiter {
+    sources: HashMap<IpAddr, Bucket>,
+}
+
+/// What the limiter says about a source's request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Look the key up.
+    Allowed,
+    /// The source guessed too much lately: ignore the request.
+    Throttled,
+}
+
+impl CancelLimiter {
+    /// The address a source is counted under: IPv6 clients by their /64 (one host's usual
+    /// share), IPv4 (and IPv4-mapped) by their address.
+    fn source(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let mut segments = v6.segments();
+                    segments[4..].fill(0);
+                    IpAddr::from(segments)
+                }
+            },
+        }
+    }
+
+    fn refill(bucket: &mut Bucket, now: Instant) {
+        let earned = now.duration_since(bucket.updated).as_secs_f64()
+            * f64::from(MISS_REFILL_PER_SECOND);
+        bucket.tokens = (bucket.tokens + earned).min(f64::from(MISS_BURST));
+        bucket.updated = now;
+    }
+
+    /// May a cancel request from `ip` be looked up now?
+    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Verdict {
+        match self.sources.get_mut(&Self::source(ip)) {
+            None => Verdict::Allowed,
+            Some(bucket) => {
+                Self::refill(bucket, now);
+                if bucket.tokens >= 1.0 {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Throttled
+                }
+            }
+        }
+    }
+
+    /// Charges `ip` for a key that matched nothing.
+    pub fn miss(&mut self, ip: IpAddr, now: Instant) {
+        let source = Self::source(ip);
+        if !self.sources.contains_key(&source) && self.sources.len() >= MAX_TRACKED_SOURCES {
+            self.forget_idlest(now);
+        }
+        let bucket = self.sources.entry(source).or_insert(Bucket {
+            tokens: f64::from(MISS_BURST),
+            updated: now,
+        });
+        Self::refill(bucket, now);
+        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
+    }
+
+    /// Makes room: sources whose allowance is whole again carry no information; if that frees
+    /// nothing, the half that was charged longest ago goes.
+    fn forget_idlest(&mut self, now: Instant) {
+        let whole = f64::from(MISS_BURST);
+        self.sources.retain(|_, bucket| {
+            Self::refill(bucket, now);
+            bucket.tokens < whole
+        });
+        if self.sources.len() >= MAX_TRACKED_SOURCES {
+            let mut ages: Vec<Duration> = self
+                .sources
+                .values()
+                .map(|b| now.duration_since(b.updated))
+                .collect();
+            let middle = ages.len() / 2;
+            let (_, &mut median, _) = ages.select_nth_unstable(middle);
+            self.sources
+                .retain(|_, b| now.duration_since(b.updated) < median);
+        }
+    }
+
+    /// Sources tracked.
+    pub fn tracked(&self) -> usize {
+        self.sources.len()
+    }
+}
+
+/// Cancel requests whose key matched no session.
+static UNKNOWN_KEYS: LogThrottle = LogThrottle::new();
+/// Cancel requests ignored because their source guessed too much.
+static THROTTLED: LogThrottle = LogThrottle::new();
+
+/// Handles a CancelRequest that `worker` received from `from`: cancels the matching session's
+/// query, if there is one and the source is not over its limit. Returns true if a cancel went
+/// to a backend.
+pub fn handle(worker: &Rc<Worker>, key: CancelKey, from: IpAddr) -> bool {
+    let now = Instant::now();
+    let mut limiter = worker.cancel_limiter.borrow_mut();
+    if limiter.check(from, now) == Verdict::Throttled {
+        if let Some(suppressed) = THROTTLED.allow() {
+            tracing::warn!(
+                source = %from,
+                suppressed,
+                "cancel requests ignored: the source sent too many unknown keys"
+            );
+        }
+        return false;
+    }
+    let Some(target) = worker.shared.cancels.find(key) else {
+        limiter.miss(from, now);
+        if let Some(suppressed) = UNKNOWN_KEYS.allow() {
+            tracing::info!(source = %from, suppressed, "cancel request with an unknown key");
+        }
         return false;
     };
-    let addr = session.backend_addr;
-    let backend = session.backend_key;
+    drop(limiter);
     let timeout = worker.shared.config.timeouts.connect;
     monoio::spawn(async move {
-        let sent = monoio::time::timeout(
-            timeout,
-            crate::backend::cancel(addr, backend.pid, backend.secret),
-        )
-        .await;
+        let CancelTarget { backend, key } = target;
+        let sent =
+            monoio::time::timeout(timeout, crate::backend::cancel(backend, key.pid, key.secret))
+                .await;
         match sent {
-            Ok(Ok(())) => tracing::debug!(%addr, pid = backend.pid, "cancel request sent"),
+            Ok(Ok(())) => tracing::debug!(%backend, pid = key.pid, "cancel request sent"),
             Ok(Err(error)) => {
-                tracing::warn!(%addr, %error, "sending cancel request to backend failed")
+                tracing::warn!(%backend, %error, "sending cancel request to backend failed")
             }
-            Err(_) => tracing::warn!(%addr, "cancel request to backend timed out"),
+            Err(_) => tracing::warn!(%backend, "cancel request to backend timed out"),
         }
     });
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    fn target(port: u16) -> CancelTarget {
+        CancelTarget {
+            backend: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            key: CancelKey {
+                pid: u32::from(port),
+                secret: 99,
+            },
+        }
+    }
+
+    #[test]
+    fn keys_are_found_by_pid_and_secret_and_removed_with_their_session() {
+        let index = Arc::new(CancelIndex::default());
+        let key = |pid, secret| CancelKey { pid, secret };
+        let a = index.register(key(7, 1), target(1));
+        // Another server's backend with the same pid.
+        let b = index.register(key(7, 2), target(2));
+        let c = index.register(key(8, 1), target(3));
+        assert_eq!(index.len(), 3);
+        assert_eq!(index.find(key(7, 1)), Some(target(1)));
+        assert_eq!(index.find(key(7, 2)), Some(target(2)));
+        assert_eq!(index.find(key(8, 1)), Some(target(3)));
+        for wrong in [key(7, 3), key(8, 2), key(9, 1)] {
+            assert_eq!(index.find(wrong), None, "{wrong:?}");
+        }
+        drop(a);
+        assert_eq!(index.find(key(7, 1)), None);
+        assert_eq!(index.find(key(7, 2)), Some(target(2)));
+        drop(b);
+        drop(c);
+        assert!(index.is_empty());
+        // Two sessions may even share a whole key: each removes only itself.
+        let d = index.register(key(5, 5), target(4));
+        let e = index.register(key(5, 5), target(5));
+        drop(d);
+        assert_eq!(index.find(key(5, 5)), Some(target(5)));
+        drop(e);
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn misses_are_limited_per_source_and_earned_back() {
+        let mut limiter = CancelLimiter::default();
+        let start = Instant::now();
+        let guesser = IpAddr::from([10, 0, 0, 1]);
+        let neighbour = IpAddr::from([10, 0, 0, 2]);
+        for _ in 0..MISS_BURST {
+            assert_eq!(limiter.check(guesser, start), Verdict::Allowed);
+            limiter.miss(guesser, start);
+        }
+        assert_eq!(limiter.check(guesser, start), Verdict::Throttled);
+        assert_eq!(limiter.check(neighbour, start), Verdict::Allowed);
+        // Half a second earns one guess back at 2 per second.
+        let later = start + Duration::from_millis(500);
+        assert_eq!(limiter.check(guesser, later), Verdict::Allowed);
+        limiter.miss(guesser, later);
+        assert_eq!(limiter.check(guesser, later), Verdict::Throttled);
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let mut limiter = CancelLimiter::default();
+        let now = Instant::now();
+        let host = |last: u16| IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, last));
+        for i in 0..MISS_BURST {
+            limiter.miss(host(i as u16), now);
+        }
+        assert_eq!(limiter.check(host(999), now), Verdict::Throttled);
+        let other_64 = IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 1));
+        assert_eq!(limiter.check(other_64, now), Verdict::Allowed);
+        let v4 = Ipv4Addr::new(192, 0, 2, 1);
+        for _ in 0..MISS_BURST {
+            limiter.miss(IpAddr::V4(v4), now);
+        }
+        assert_eq!(
+            limiter.check(IpAddr::V6(v4.to_ipv6_mapped()), now),
+            Verdict::Throttled
+        );
+    }
+
+    #[test]
+    fn the_limiter_stays_bounded() {
+        let mut limiter = CancelLimiter::default();
+        let start = Instant::now();
+        for i in 0..(3 * MAX_TRACKED_SOURCES as u32) {
+            let now = start + Duration::from_micros(u64::from(i));
+            limiter.miss(IpAddr::from(i.to_be_bytes()), now);
+            assert!(limiter.tracked() <= MAX_TRACKED_SOURCES);
+        }
+        // The newest guesser is still remembered.
+        let last = IpAddr::from((3 * MAX_TRACKED_SOURCES as u32 - 1).to_be_bytes());
+        assert!(limiter.sources.contains_key(&last));
+    }
+
+    /// A CancelRequest that lands on worker 0 for a session another worker registered reaches
+    /// that session's backend with the backend's own key; a wrong secret sends nothing, and a
+    /// source over its limit is ignored even with the right key.
+    #[test]
+    fn a_cancel_on_any_worker_reaches_the_sessions_backend() {
+        use std::io::Read;
+
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("fake backend");
+        let backend_addr = backend.local_addr().expect("address");
+        let received = std::thread::spawn(move || {
+            let (mut stream, _) = backend.accept().expect("the cancel connection");
+            let mut request = Vec::new();
+            stream
+                .read_to_end(&mut request)
+                .expect("read the CancelRequest");
+            request
+        });
+        let verifier = crate::auth::verifier::ScramVerifier::generate("pscale_pw_cancel");
+        let shared = crate::worker::tests::shared(2, &verifier);
+        let client_key = CancelKey {
+            pid: 4242,
+            secret: 0x5eed_cafe,
+        };
+        let backend_key = CancelKey {
+            pid: 4242,
+            secret: 0x0bac_0e4d,
+        };
+        // Registered as worker 1's session would be.
+        let _registration = shared.cancels.register(
+            client_key,
+            CancelTarget {
+                backend: backend_addr,
+                key: backend_key,
+            },
+        );
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let worker = Worker::new(0, shared.clone());
+            let honest = IpAddr::from([127, 0, 0, 1]);
+            let guesser = IpAddr::from([127, 0, 0, 2]);
+            let wrong = CancelKey {
+                secret: client_key.secret ^ 1,
+                ..client_key
+            };
+            assert!(!handle(&worker, wrong, honest));
+            for _ in 0..MISS_BURST {
+                assert!(!handle(&worker, wrong, guesser));
+            }
+            assert!(!handle(&worker, client_key, guesser), "the guesser is ignored");
+            assert!(handle(&worker, client_key, honest));
+            // The send runs as a task on this runtime: let it run until the backend has it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !received.is_finished() && Instant::now() < deadline {
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let mut expected = Vec::new();
+        crate::protocol::write::cancel_request(&mut expected, 4242, 0x0bac_0e4d);
+        // One connection came, and it carried the backend's key, not the client's.
+        assert_eq!(received.join().expect("fake backend thread"), expected);
+    }
 }

@@ -132,6 +132,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         upstreams,
         sessions: AtomicU32::new(0),
         mock_secret,
+        cancels: Default::default(),
         config,
     });
 

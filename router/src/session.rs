@@ -22,6 +22,7 @@ use monoio::time::{timeout_at, Instant};
 use crate::auth::scram::ClientCredentials;
 use crate::backend::{self, BackendConn, BackendError};
 use crate::buf::{write_all_vec, ReadBuf};
+use crate::cancel::{self, CancelTarget};
 use crate::error::{KillReason, SessionError};
 use crate::front_door::{self, Admission, Authenticated, ClientConn, Parts};
 use crate::protocol::startup::CancelKey;
@@ -41,6 +42,8 @@ struct Session {
     handle: Rc<SessionHandle>,
     _upstream: ActiveGuard,
     _slot: SessionSlot,
+    /// The client's cancel key, findable by every worker while the session lives.
+    _cancel: cancel::Registration,
 }
 
 /// Serve one accepted connection until it ends. Every failure is logged once.
@@ -86,7 +89,7 @@ async fn start(
     let auth = match front_door::admit(worker, &mut conn, accepted).await {
         Ok(Admission::Authenticated(auth)) => auth,
         Ok(Admission::Cancel(key)) => {
-            crate::cancel::handle(worker, key);
+            crate::cancel::handle(worker, key, peer.ip());
             conn.close().await;
             return None;
         }
@@ -168,10 +171,17 @@ async fn start(
         verifier,
         ..
     } = *auth;
-    let handle = Rc::new(SessionHandle {
+    let backend_key = CancelKey { pid, secret };
+    let cancel = worker.shared.cancels.register(
         client_key,
+        CancelTarget {
+            backend: addr,
+            key: backend_key,
+        },
+    );
+    let handle = Rc::new(SessionHandle {
         backend_addr: addr,
-        backend_key: CancelKey { pid, secret },
+        backend_key,
         branch: branch.id.clone(),
         role,
         sni: handshake.sni,
@@ -192,6 +202,7 @@ async fn start(
         handle,
         _upstream,
         _slot: slot,
+        _cancel: cancel,
     })
 }
 

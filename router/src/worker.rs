@@ -50,16 +50,16 @@ pub struct Shared {
     pub upstreams: Upstreams,
     /// Authenticated client sessions on all workers (`limits.max_client_connections`).
     pub sessions: AtomicU32,
+    /// Every live session's cancel key, whichever worker serves it.
+    pub cancels: Arc<crate::cancel::CancelIndex>,
     /// Key for the fake verifiers of unknown roles and branches (from `auth.mock_secret_file`).
     pub mock_secret: crate::auth::mock_secret::MockSecret,
 }
 
-/// What the worker knows about one live session (for cancel, password reset and shutdown).
+/// What the worker knows about one live session (for password resets and shutdown).
 #[derive(Debug)]
 pub struct SessionHandle {
-    /// The key the client was given (backend pid, router-issued secret).
-    pub client_key: CancelKey,
-    /// The backend serving the session, and the backend's own key.
+    /// The backend serving the session.
     pub backend_addr: SocketAddr,
     /// The backend's BackendKeyData.
     pub backend_key: CancelKey,
@@ -102,6 +102,8 @@ pub struct Worker {
     stop_accepting: Signal<()>,
     /// Fired when the drain time is over: connections still starting end then.
     drain_over: Broadcast,
+    /// This worker's limit on cancel requests with unknown keys, per source.
+    pub cancel_limiter: RefCell<crate::cancel::CancelLimiter>,
     /// I/O buffers lent to this worker's connections while they move bytes.
     pub buffers: crate::buf::BufPool,
 }
@@ -178,6 +180,7 @@ impl Worker {
             starting: Cell::new(0),
             stop_accepting: Signal::default(),
             drain_over: Broadcast::default(),
+            cancel_limiter: RefCell::default(),
             buffers: crate::buf::BufPool::default(),
         })
     }
@@ -220,18 +223,6 @@ impl Worker {
         }
     }
 
-    /// The session whose client key matches (secret compared in constant time), if it is ours.
-    pub fn find_by_key(&self, key: CancelKey) -> Option<Rc<SessionHandle>> {
-        use subtle::ConstantTimeEq;
-        self.sessions
-            .borrow()
-            .values()
-            .find(|s| {
-                s.client_key.pid == key.pid && bool::from(s.client_key.secret.ct_eq(&key.secret))
-            })
-            .cloned()
-    }
-
     fn kill_where(&self, reason: KillReason, pred: impl Fn(&SessionHandle) -> bool) -> usize {
         let sessions = self.sessions.borrow();
         let mut killed = 0;
@@ -242,15 +233,12 @@ impl Worker {
         killed
     }
 
-    /// Serve the mailbox until a Shutdown request, or for ever when `draining` (then cancels
-    /// and sweeps still reach the sessions that finish during the drain).
+    /// Serve the mailbox until a Shutdown request, or for ever when `draining` (then sweeps
+    /// still reach the sessions that finish during the drain).
     async fn handle_mail(self: &Rc<Self>, draining: bool) {
         let mailbox = self.shared.mailboxes[self.id].clone();
         loop {
             match mailbox.recv().await {
-                Message::Cancel(key) => {
-                    crate::cancel::cancel_local(self, key);
-                }
                 Message::Sweep => {
                     let catalog = self.shared.catalog.load();
                     let n = self.kill_where(KillReason::PasswordReset, |s| {
@@ -341,16 +329,14 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Read;
+pub(crate) mod tests {
     use std::path::Path;
 
     use super::*;
     use crate::mailbox::Mailbox;
 
-    const PASSWORD: &str = "pscale_pw_worker_test";
-
-    fn shared(workers: usize, verifier: &ScramVerifier) -> Arc<Shared> {
+    /// Shared state for `workers` workers: branch `b1` (primary on port 1) with role `app`.
+    pub(crate) fn shared(workers: usize, verifier: &ScramVerifier) -> Arc<Shared> {
         let config = Config::parse(
             "catalog = \"catalog.toml\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
              [listen]\ndirect = \"127.0.0.1:0\"\n",
@@ -382,76 +368,21 @@ mod tests {
             mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
             upstreams: Upstreams::default(),
             sessions: AtomicU32::new(0),
+            cancels: Default::default(),
             mock_secret: [7; 32],
         })
     }
 
-    fn session(backend: SocketAddr, verifier: ScramVerifier) -> Rc<SessionHandle> {
-        Rc::new(SessionHandle {
-            client_key: CancelKey {
-                pid: 4242,
-                secret: 0x5eed_cafe,
-            },
-            backend_addr: backend,
-            backend_key: CancelKey {
-                pid: 4242,
-                secret: 0x0bac_0e4d,
-            },
-            branch: "b1".into(),
-            role: "app".into(),
-            sni: None,
-            verifier: Arc::new(verifier),
-            kill: Signal::default(),
-        })
-    }
-
-    /// A CancelRequest that lands on worker 0 for a session of worker 1 travels through worker
-    /// 1's mailbox and reaches the backend with the backend's own key; a wrong secret sends
-    /// nothing.
     #[test]
-    fn a_cancel_on_another_worker_reaches_the_owners_backend() {
-        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("fake backend");
-        let backend_addr = backend.local_addr().expect("address");
-        let received = std::thread::spawn(move || {
-            let (mut stream, _) = backend.accept().expect("the cancel connection");
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .expect("read the CancelRequest");
-            request
-        });
-        let verifier = ScramVerifier::generate(PASSWORD);
-        let shared = shared(2, &verifier);
-        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let (first, owner) = (
-                Worker::new(0, shared.clone()),
-                Worker::new(1, shared.clone()),
-            );
-            let handle = session(backend_addr, verifier);
-            let _registration = owner.register(handle.clone());
-            let wrong = CancelKey {
-                secret: handle.client_key.secret ^ 1,
-                ..handle.client_key
-            };
-            for (key, owned) in [(wrong, false), (handle.client_key, true)] {
-                crate::cancel::handle(&first, key);
-                // Worker 0 does not own it, so it asked worker 1, which checks the secret.
-                assert_eq!(shared.mailboxes[1].recv().await, Message::Cancel(key));
-                assert_eq!(crate::cancel::cancel_local(&owner, key), owned);
-            }
-            // The send runs as a task on this runtime: let it run until the backend has it.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !received.is_finished() && Instant::now() < deadline {
-                monoio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        let mut expected = Vec::new();
-        crate::protocol::write::cancel_request(&mut expected, 4242, 0x0bac_0e4d);
-        // One connection came, and it carried the backend's key, not the client's.
-        assert_eq!(received.join().expect("fake backend thread"), expected);
+    fn session_slots_stop_at_max_client_connections() {
+        let verifier = ScramVerifier::generate("pscale_pw_slots");
+        let shared = shared(1, &verifier);
+        let max = shared.config.limits.max_client_connections.get();
+        let slots: Vec<_> = (0..max).map_while(|_| shared.session_slot()).collect();
+        assert_eq!(slots.len() as u32, max);
+        assert!(shared.session_slot().is_none());
+        drop(slots);
+        assert!(shared.session_slot().is_some());
+        assert_eq!(shared.sessions.load(Ordering::Relaxed), 0);
     }
 }
