@@ -225,8 +225,8 @@ impl CancelLimiter {
     }
 
     fn refill(bucket: &mut Bucket, now: Instant) {
-        let earned = now.duration_since(bucket.updated).as_secs_f64()
-            * f64::from(MISS_REFILL_PER_SECOND);
+        let earned =
+            now.duration_since(bucket.updated).as_secs_f64() * f64::from(MISS_REFILL_PER_SECOND);
         bucket.tokens = (bucket.tokens + earned).min(f64::from(MISS_BURST));
         bucket.updated = now;
     }
@@ -319,9 +319,11 @@ pub fn handle(worker: &Rc<Worker>, key: CancelKey, from: IpAddr) -> bool {
     let timeout = worker.shared.config.timeouts.connect;
     monoio::spawn(async move {
         let CancelTarget { backend, key } = target;
-        let sent =
-            monoio::time::timeout(timeout, crate::backend::cancel(backend, key.pid, key.secret))
-                .await;
+        let sent = monoio::time::timeout(
+            timeout,
+            crate::backend::cancel(backend, key.pid, key.secret),
+        )
+        .await;
         match sent {
             Ok(Ok(())) => tracing::debug!(%backend, pid = key.pid, "cancel request sent"),
             Ok(Err(error)) => {
@@ -484,7 +486,10 @@ mod tests {
             for _ in 0..MISS_BURST {
                 assert!(!handle(&worker, wrong, guesser));
             }
-            assert!(!handle(&worker, client_key, guesser), "the guesser is ignored");
+            assert!(
+                !handle(&worker, client_key, guesser),
+                "the guesser is ignored"
+            );
             assert!(handle(&worker, client_key, honest));
             // The send runs as a task on this runtime: let it run until the backend has it.
             let deadline = Instant::now() + Duration::from_secs(10);

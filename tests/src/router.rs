@@ -32,12 +32,21 @@ impl TestRouter {
     /// its `[timeouts]` table, so `extra` may begin with more timeouts before its own tables:
     /// `"handshake = \"1s\"\n[limits]\nmax_client_connections = 5\n"`.
     pub fn start_with(certs: &Certs, branches: &[BranchSpec], extra: &str) -> TestRouter {
+        TestRouter::start_with_config(certs, branches, |text| text + extra)
+    }
+
+    /// As [`TestRouter::start`], with router.toml rewritten by `edit` (e.g. a timeout replaced).
+    pub fn start_with_config(
+        certs: &Certs,
+        branches: &[BranchSpec],
+        edit: impl FnOnce(String) -> String,
+    ) -> TestRouter {
         let dir = tempfile::Builder::new()
             .prefix("bg-router-")
             .tempdir()
             .expect("create temp dir");
         fs::write(dir.path().join(CATALOG_FILE), catalog_toml(branches)).expect("write catalog");
-        let text = router_toml(certs, CATALOG_FILE) + extra;
+        let text = edit(router_toml(certs, CATALOG_FILE));
         fs::write(dir.path().join(CONFIG_FILE), &text).expect("write router config");
         let config = branchgate::config::Config::parse(&text, dir.path(), CONFIG_FILE)
             .unwrap_or_else(|e| panic!("router config rejected: {e}\n{text}"));
@@ -70,6 +79,13 @@ impl TestRouter {
     /// The running router.
     pub fn router(&self) -> &branchgate::Router {
         self.router.as_ref().expect("router already shut down")
+    }
+
+    /// Starts a graceful shutdown (stop accepting, drain, close the rest) on another thread;
+    /// join the handle to wait for its end.
+    pub fn shutdown_in_background(&mut self) -> std::thread::JoinHandle<()> {
+        let router = self.router.take().expect("router already shut down");
+        std::thread::spawn(move || router.shutdown())
     }
 
     /// The directory holding router.toml and catalog.toml.

@@ -24,7 +24,7 @@ pub use read::{
     expect_auth, expect_closed, expect_fatal, expect_sasl, next_message, parse_error, read_message,
     Closing, PgError,
 };
-pub use session::{attribute, login, query_one, scram_first, start_sasl};
+pub use session::{attribute, login, login_keyed, query_one, scram_first, start_sasl};
 
 /// Upper bound for any single read or write: the test router's startup timeout is 3 s, so a read
 /// that waits this long means the router neither answered nor closed.
@@ -77,6 +77,18 @@ pub fn tls_handshake(config: Arc<ClientConfig>, sock: TcpStream) -> io::Result<T
         tls.conn.complete_io(&mut tls.sock)?;
     }
     Ok(tls)
+}
+
+/// The first flight of a TLS client for `localhost` (its ClientHello), to send and then never
+/// go on: a stalled handshake.
+pub fn client_hello(config: Arc<ClientConfig>) -> Vec<u8> {
+    let name = ServerName::try_from("localhost").expect("server name");
+    let mut conn = ClientConnection::new(config, name).expect("client connection");
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).expect("ClientHello");
+    }
+    hello
 }
 
 /// Sends an SSLRequest and checks the single-byte answer.

@@ -36,6 +36,11 @@ pub fn attribute<'a>(scram: &'a str, name: &str) -> &'a str {
 
 /// SCRAM with the password after AuthenticationSASL, up to ReadyForQuery.
 pub fn login(s: &mut (impl Read + Write), password: &str) -> Result<(), PgError> {
+    login_keyed(s, password).map(drop)
+}
+
+/// As [`login`], returning the cancel key (pid, secret) of BackendKeyData.
+pub fn login_keyed(s: &mut (impl Read + Write), password: &str) -> Result<(u32, u32), PgError> {
     let (mut scram, first) = ScramClient::new(ClientCredentials::Password(password.to_owned()));
     s.write_all(&sasl_initial_response(SCRAM_SHA_256, &first))
         .expect("send SASLInitialResponse");
@@ -50,11 +55,18 @@ pub fn login(s: &mut (impl Read + Write), password: &str) -> Result<(), PgError>
         .verify_server_final(&server_final)
         .expect("the router proves it holds the verifier");
     expect_auth(s, AUTH_OK, "AuthenticationOk")?;
+    let mut key = None;
     loop {
         match next_message(s, "after AuthenticationOk") {
-            (b'Z', _) => return Ok(()),
+            (b'Z', _) => return Ok(key.expect("BackendKeyData before ReadyForQuery")),
             (b'E', body) => return Err(parse_error(&body)),
-            (b'S' | b'K' | b'N', _) => {}
+            (b'K', body) => {
+                let word =
+                    |at: usize| u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes"));
+                assert_eq!(body.len(), 8, "BackendKeyData of protocol 3.0");
+                key = Some((word(0), word(4)));
+            }
+            (b'S' | b'N', _) => {}
             (tag, _) => panic!("unexpected {:?} before ReadyForQuery", tag as char),
         }
     }
