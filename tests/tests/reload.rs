@@ -277,18 +277,18 @@ fn role_reset_returns_once_the_router_has_the_new_password() {
     for round in 0..RESET_ROUNDS {
         let (ok, new_password, stderr) = role_reset(router.config(), "b1", "reset1");
         assert!(ok, "role reset failed: {stderr}");
-        assert!(
-            stderr.contains("the running router has it in force"),
-            "{stderr}"
-        );
         // At once, no retry: the command returned only after the router confirmed.
         let session = open_session(&router, "reset1.b1", &new_password).unwrap_or_else(|e| {
             panic!(
                 "round {round}: the new password was refused right after `role reset` \
-                 returned: {e}\n{}",
+                 returned: {e}\n{stderr}\n{}",
                 router.log()
             )
         });
+        assert!(
+            stderr.contains("the running router has it in force"),
+            "{stderr}"
+        );
         assert_eq!(
             session.value("SELECT current_user").expect("query"),
             "reset1"
