@@ -11,8 +11,10 @@
 //! ```
 //!
 //! A [`Catalog`] is immutable once built and shared behind an `Arc`; a reload builds a new one,
-//! and [`Catalog::changed_roles`] says whose live sessions must be closed. The `role` command
-//! edits the file in place with [`set_role_verifier`].
+//! and [`Catalog::changed_roles`] says whose live sessions must be closed, and
+//! [`Catalog::removed_by`] how much of the catalog in force it would remove (the reload
+//! [`guard`] refuses a new catalog that removes too much). The `role` command edits the file in
+//! place with [`set_role_verifier`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -28,8 +30,10 @@ use crate::auth::verifier::{ScramVerifier, VerifierShape};
 use crate::config::TomlError;
 
 mod edit;
+pub mod guard;
 
 pub use edit::{lock_for_edit, set_role_verifier, EditLock};
+pub use guard::{Refusal, Removal, Verdict};
 
 /// Longest branch id, and longest role name (PostgreSQL's NAMEDATALEN - 1).
 pub const MAX_NAME_BYTES: usize = 63;

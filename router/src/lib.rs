@@ -8,7 +8,8 @@
 //! - [`protocol`]: PostgreSQL wire codec: frames, startup packet, the few messages we decode, writers.
 //! - [`auth`]: SCRAM-SHA-256 verifiers, the server side, and the client side that reuses a ClientKey.
 //! - [`config`]: the router's own TOML configuration (parse, don't validate).
-//! - [`catalog`]: the branch catalog (branches, addresses, role verifiers), reloadable.
+//! - [`catalog`]: the branch catalog (branches, addresses, role verifiers), reloadable, and the
+//!   guard against reloads that would remove too much of it.
 //! - [`route`]: user name parsing (`role.branch[|replica]`) and backend selection.
 //! - [`tls`]: rustls configuration and handshake, and in-place record protection after it.
 //! - [`backend`]: connecting and authenticating to a PostgreSQL backend.
@@ -25,6 +26,7 @@
 //! - [`error`]: router errors and their single mapping to ErrorResponse.
 //! - [`role`]: the `branchgate role create|reset` command.
 //! - [`router`]: starting, reloading and stopping the whole router ([`start`], [`Router`]).
+//! - [`control`]: the control socket (`reload`, `check`) and its one-line protocol.
 //! - [`throttle`]: rate-limited logging for warnings that repeat per connection.
 
 pub mod auth;
@@ -33,6 +35,7 @@ pub mod buf;
 pub mod cancel;
 pub mod catalog;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod front_door;
 pub mod mailbox;

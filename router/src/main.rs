@@ -3,8 +3,16 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use branchgate::catalog::Catalog;
+use branchgate::config::Config;
+use branchgate::control::{self, ControlError, Request, Status};
 
 use clap::{Parser, Subcommand};
+
+/// How long `reload` and `check-config` wait for the running router's answer.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,10 +32,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a configuration file, its catalog and TLS files, without starting.
+    /// Validate a configuration file, its catalog and TLS files, without starting; warn about
+    /// a catalog with no branches or roles, or one the running router would refuse to reload.
     CheckConfig {
         /// Router configuration file (TOML).
         config: PathBuf,
+    },
+    /// Make the running router reload its catalog now, and print what it loaded or why not.
+    Reload {
+        /// Router configuration file (TOML): names the router's control socket.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Apply the catalog even if it removes every branch or role, or more than
+        /// `[reload] max_removed_percent` of them.
+        #[arg(long)]
+        force: bool,
     },
     /// Manage roles of a branch.
     Role {
@@ -62,9 +81,8 @@ fn run(command: Command) -> Result<(), String> {
             router.run_until_signalled().map_err(|e| e.to_string())
         }
         Command::CheckConfig { config } => {
-            let config = branchgate::config::Config::load(&config).map_err(|e| e.to_string())?;
-            let catalog = branchgate::catalog::Catalog::load(&config.catalog_path)
-                .map_err(|e| e.to_string())?;
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let catalog = Catalog::load(&config.catalog_path).map_err(|e| e.to_string())?;
             branchgate::tls::server_config(&config.tls.cert, &config.tls.key)
                 .map_err(|e| e.to_string())?;
             println!(
@@ -73,8 +91,60 @@ fn run(command: Command) -> Result<(), String> {
                 config.listen.direct,
                 catalog.branches().len()
             );
+            warn_about_catalog(&config, &catalog);
             Ok(())
         }
+        Command::Reload { config, force } => {
+            let config = Config::load(&config).map_err(|e| e.to_string())?;
+            let socket = &config.admin.socket;
+            let reply = control::request(socket, Request::Reload { force }, CONTROL_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            match reply.status {
+                Status::Ok => {
+                    println!("{}", reply.text);
+                    Ok(())
+                }
+                Status::Refused => Err(format!(
+                    "the router refused the catalog: it {}; the catalog in force is kept (apply \
+                     it anyway with `branchgate reload --force`)",
+                    reply.text
+                )),
+                Status::Error => Err(format!("the router kept its catalog: {}", reply.text)),
+            }
+        }
         Command::Role { action } => branchgate::role::run(action).map_err(|e| e.to_string()),
+    }
+}
+
+/// `check-config`'s warnings (stderr; they do not fail the check): a catalog nobody could log
+/// in with, and what a router running with this configuration would say to reloading it.
+fn warn_about_catalog(config: &Config, catalog: &Catalog) {
+    let path = config.catalog_path.display();
+    if catalog.branches().len() == 0 {
+        eprintln!(
+            "branchgate: warning: {path} has no branches: every client would be refused (3D000)"
+        );
+    } else if catalog.branches().all(|b| b.roles().next().is_none()) {
+        eprintln!(
+            "branchgate: warning: {path} has no roles: nobody could log in (add one with \
+             `branchgate role create`)"
+        );
+    }
+    match control::request(&config.admin.socket, Request::Check, CONTROL_TIMEOUT) {
+        Ok(reply) => match reply.status {
+            Status::Ok => println!("running router: {}", reply.text),
+            Status::Refused => eprintln!(
+                "branchgate: warning: the running router would refuse to reload this catalog: \
+                 it {} (`branchgate reload --force` applies it anyway)",
+                reply.text
+            ),
+            Status::Error => eprintln!(
+                "branchgate: warning: the running router could not load this catalog: {}",
+                reply.text
+            ),
+        },
+        // No router runs with this configuration: nothing to compare with.
+        Err(ControlError::NoRouter { .. }) => {}
+        Err(error) => eprintln!("branchgate: warning: cannot ask the running router: {error}"),
     }
 }

@@ -3,16 +3,22 @@
 //! The password exists only in this process and on the operator's screen: the branch primary
 //! and the catalog both receive its SCRAM verifier. The primary is changed first
 //! (`CREATE/ALTER ROLE ... PASSWORD 'SCRAM-SHA-256$...'`, stored by PostgreSQL as is), then the
-//! catalog file, so the router never accepts a password the backend would refuse. The running
-//! router picks up the catalog change and, after a reset, closes the role's open sessions.
+//! catalog file, so the router never accepts a password the backend would refuse. Then the
+//! running router is asked over its control socket to reload, and the command returns once it
+//! has the new verifier in force: a client that logs in with the new password right after the
+//! command returns gets in (the router's file watch alone would leave it up to a second on the
+//! old verifier, while no password works). After a reset the router closes the role's open
+//! sessions.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::auth::password::generate_password;
 use crate::auth::verifier::ScramVerifier;
 use crate::catalog::{self, Catalog, MAX_NAME_BYTES};
 use crate::config::Config;
+use crate::control::{self, ControlError, Request, Status};
 
 mod admin;
 mod error;
@@ -26,6 +32,8 @@ pub use error::RoleError;
 pub const ADMIN_PASSWORD_ENV: &str = "BRANCHGATE_ADMIN_PASSWORD";
 /// SQLSTATE 42710 duplicate_object: `CREATE ROLE` for a role the server already has.
 const DUPLICATE_OBJECT: &str = "42710";
+/// How long the command waits for the running router to confirm it reloaded the catalog.
+pub const ROUTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Role subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -65,6 +73,11 @@ pub enum Mode {
 
 /// Runs a role subcommand: the password goes to stdout as `password: ...` then `user: ...`,
 /// everything else to stderr.
+///
+/// Returns once the running router has the new verifier in force, or when no router runs. If
+/// a router answers but does not load the catalog, the password is still printed (server and
+/// catalog have it, and this is its only copy) and the command fails with
+/// [`RoleError::RouterNotUpdated`].
 pub fn run(command: RoleCommand) -> Result<(), RoleError> {
     let (args, mode) = match command {
         RoleCommand::Create(args) => (args, Mode::Create),
@@ -75,20 +88,59 @@ pub fn run(command: RoleCommand) -> Result<(), RoleError> {
         Ok(_) | Err(std::env::VarError::NotPresent) => None,
         Err(std::env::VarError::NotUnicode(_)) => return Err(RoleError::AdminPasswordNotUtf8),
     };
-    let password = apply(&args, mode, admin_password.as_deref())?;
+    let config = Config::load(&args.config)?;
+    let password = apply_with_config(&config, &args, mode, admin_password.as_deref())?;
+    let router = confirm_with_router(&config.admin.socket, ROUTER_CONFIRM_TIMEOUT);
     let done = match mode {
         Mode::Create => "created",
         Mode::Reset => "has a new password",
     };
+    let router_note = match &router {
+        Ok(RouterState::Loaded) => "the running router has it in force".to_owned(),
+        Ok(RouterState::NotRunning) => format!(
+            "no router answers on {}: a router loads the catalog when it starts",
+            config.admin.socket.display()
+        ),
+        Err(_) => "but the running router did not load it (see below)".to_owned(),
+    };
     eprintln!(
-        "branchgate: role {:?} on branch {:?} {done}; catalog updated",
+        "branchgate: role {:?} on branch {:?} {done}; catalog updated; {router_note}",
         args.role, args.branch
     );
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "password: {password}")
         .and_then(|()| writeln!(stdout, "user: {}.{}", args.role, args.branch))
         .and_then(|()| stdout.flush())
-        .map_err(RoleError::Output)
+        .map_err(RoleError::Output)?;
+    router.map(|_state| ())
+}
+
+/// Where the running router stands after [`confirm_with_router`].
+#[derive(Debug)]
+pub enum RouterState {
+    /// It reloaded the catalog: what the file says is in force.
+    Loaded,
+    /// No router answers on the control socket: no socket file, or nobody listening on it.
+    NotRunning,
+}
+
+/// Asks the router answering on `socket` to reload its catalog and waits (at most `timeout`)
+/// until it has. Called after the catalog file was replaced, so the router reads that file (or
+/// a later one).
+pub fn confirm_with_router(socket: &Path, timeout: Duration) -> Result<RouterState, RoleError> {
+    let not_updated = |reason: String| RoleError::RouterNotUpdated { reason };
+    match control::request(socket, Request::Reload { force: false }, timeout) {
+        Ok(reply) => match reply.status {
+            Status::Ok => Ok(RouterState::Loaded),
+            Status::Refused => Err(not_updated(format!(
+                "it refused the catalog file, which {}; the catalog in force is kept",
+                reply.text
+            ))),
+            Status::Error => Err(not_updated(reply.text)),
+        },
+        Err(ControlError::NoRouter { .. }) => Ok(RouterState::NotRunning),
+        Err(error) => Err(not_updated(error.to_string())),
+    }
 }
 
 /// Creates or resets `args.role` on `args.branch`: checks the catalog, sets a new password's
@@ -97,7 +149,21 @@ pub fn run(command: RoleCommand) -> Result<(), RoleError> {
 ///
 /// For [`Mode::Create`], a role the server already has (but the catalog does not) gets the new
 /// password too: the catalog is the source of truth for which roles the router serves.
+///
+/// The running router is not told: [`run`] asks it with [`confirm_with_router`]; until then it
+/// finds the change through its file watch.
 pub fn apply(
+    args: &RoleArgs,
+    mode: Mode,
+    admin_password: Option<&str>,
+) -> Result<String, RoleError> {
+    let config = Config::load(&args.config)?;
+    apply_with_config(&config, args, mode, admin_password)
+}
+
+/// [`apply`] with `args.config` already loaded.
+fn apply_with_config(
+    config: &Config,
     args: &RoleArgs,
     mode: Mode,
     admin_password: Option<&str>,
@@ -108,7 +174,6 @@ pub fn apply(
             reason,
         });
     }
-    let config = Config::load(&args.config)?;
     // One role command at a time per catalog, from reading it to writing it back, so the
     // server's password and the file's verifier always end up from the same command.
     let _lock = catalog::lock_for_edit(&config.catalog_path)?;
@@ -343,6 +408,54 @@ mod tests {
             catalog_text(dir.path()).starts_with("# branches\n"),
             "comment lost"
         );
+    }
+
+    #[test]
+    fn the_routers_answer_decides_the_outcome() {
+        use crate::control::{ControlServer, Reply};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("branchgate.sock");
+        let timeout = Duration::from_secs(10);
+        assert!(matches!(
+            confirm_with_router(&socket, timeout),
+            Ok(RouterState::NotRunning)
+        ));
+
+        let answering = |status: Status, text: &'static str| {
+            let listener = control::bind(&socket).expect("bind");
+            ControlServer::start(listener, move |request| {
+                assert_eq!(request, Request::Reload { force: false });
+                Reply::new(status, text)
+            })
+            .expect("serve")
+        };
+        let router = answering(Status::Ok, "reloaded: 1 branches, 2 roles");
+        assert!(matches!(
+            confirm_with_router(&socket, timeout),
+            Ok(RouterState::Loaded)
+        ));
+        router.stop();
+
+        let router = answering(Status::Refused, "removes every branch (2 of 2)");
+        let e = confirm_with_router(&socket, timeout).expect_err("refused");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("the role was changed on the server and in the catalog, but"),
+            "{text}"
+        );
+        assert!(
+            text.contains("which removes every branch (2 of 2); the catalog in force is kept"),
+            "{text}"
+        );
+        router.stop();
+
+        let router = answering(Status::Error, "catalog.toml:3: expected a value");
+        let e = confirm_with_router(&socket, timeout).expect_err("invalid file");
+        assert!(
+            matches!(&e, RoleError::RouterNotUpdated { reason } if reason == "catalog.toml:3: expected a value"),
+            "{e}"
+        );
+        router.stop();
     }
 
     #[test]

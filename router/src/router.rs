@@ -1,25 +1,32 @@
 //! Starting, reloading and stopping the router.
 //!
-//! [`start`] binds one SO_REUSEPORT listener per worker on the calling thread (so a bad address
-//! fails synchronously and port 0 resolves to one port shared by all workers), then starts the
-//! pinned worker threads and the helper threads (replica health probes, catalog file watch).
+//! [`start`] binds one SO_REUSEPORT listener per worker and the control socket on the calling
+//! thread (so a bad address fails synchronously and port 0 resolves to one port shared by all
+//! workers), then starts the pinned worker threads and the helper threads (replica health
+//! probes, catalog file watch, control socket). Reloads are in `router/reload.rs`.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
+use crate::control::{self, ControlError, ControlServer, Reply, Request, Status};
 use crate::mailbox::Mailbox;
 use crate::tls::TlsError;
 use crate::upstream::Upstreams;
 use crate::worker::{Shared, Worker};
+
+mod reload;
+
+pub use reload::{ReloadError, Reloaded};
+use reload::{Reloader, Trigger, Watch};
 
 /// Listen backlog per worker socket.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -49,6 +56,10 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another router answers on the control socket (`[admin] socket`): two routers were
+    /// started with one configuration.
+    #[error(transparent)]
+    ControlSocketInUse(ControlError),
     /// A worker thread could not start its runtime.
     #[error("worker {worker}: {source}")]
     Worker {
@@ -59,7 +70,8 @@ pub enum StartError {
     },
 }
 
-/// A running router. Dropping it without [`Router::shutdown`] leaves the workers running.
+/// A running router. Dropping it without [`Router::shutdown`] leaves the workers running (but
+/// closes the control socket).
 #[derive(Debug)]
 pub struct Router {
     shared: Arc<Shared>,
@@ -67,7 +79,9 @@ pub struct Router {
     workers: Vec<JoinHandle<()>>,
     helpers: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
-    reload_lock: Arc<Mutex<()>>,
+    reloader: Arc<Reloader>,
+    /// `None` when the socket could not be created (logged): the router runs without it.
+    control: Option<ControlServer>,
 }
 
 /// Descriptors a session holds: the client's socket and its backend's.
@@ -110,6 +124,8 @@ fn raise_open_file_limit(max_clients: u32) {
 
 /// Start the router described by `config`: returns once every worker is accepting.
 pub fn start(config: Config) -> Result<Router, StartError> {
+    // Stamped before reading, as every reload does (see `reload::Reloader`).
+    let loaded = reload::stamp(&config.catalog_path);
     let catalog = Catalog::load(&config.catalog_path)?;
     let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
     let mock_secret = crate::auth::mock_secret::load_or_create(&config.auth.mock_secret_file)?;
@@ -122,6 +138,20 @@ pub fn start(config: Config) -> Result<Router, StartError> {
             addr: config.listen.direct,
             source,
         })?;
+    let control_listener = match control::bind(&config.admin.socket) {
+        Ok(listener) => Some(listener),
+        Err(error @ ControlError::InUse { .. }) => {
+            return Err(StartError::ControlSocketInUse(error))
+        }
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "running without a control socket: `branchgate reload` will not reach this \
+                 router, and `branchgate role` will not wait for it"
+            );
+            None
+        }
+    };
 
     let upstreams = Upstreams::default();
     upstreams.sync(&catalog);
@@ -165,18 +195,49 @@ pub fn start(config: Config) -> Result<Router, StartError> {
     tracing::info!(%direct_addr, workers, "branchgate accepting");
 
     let stopping = Arc::new(AtomicBool::new(false));
-    let reload_lock = Arc::new(Mutex::new(()));
+    let reloader = Arc::new(Reloader::new(shared.clone(), loaded));
+    let control = control_listener.and_then(|listener| serve_control(listener, &reloader));
     let mut router = Router {
         shared,
         direct_addr,
         workers: handles,
         helpers: Vec::new(),
         stopping,
-        reload_lock,
+        reloader,
+        control,
     };
     router.helpers.push(router.spawn_health_probes());
     router.helpers.push(router.spawn_catalog_watch());
     Ok(router)
+}
+
+/// Starts answering on the control socket; `None` (logged) if its thread cannot start.
+fn serve_control(
+    listener: control::ControlListener,
+    reloader: &Arc<Reloader>,
+) -> Option<ControlServer> {
+    let reloader = reloader.clone();
+    let not_loaded = |error: ReloadError| match error {
+        ReloadError::Refused(refusal) => Reply::new(Status::Refused, refusal),
+        ReloadError::Catalog(error) => Reply::new(Status::Error, error),
+    };
+    let handler = move |request| match request {
+        Request::Reload { force } => match reloader.reload(Trigger::ControlSocket, force) {
+            Ok(reloaded) => Reply::new(Status::Ok, format_args!("reloaded: {reloaded}")),
+            Err(error) => not_loaded(error),
+        },
+        Request::Check => match reloader.check() {
+            Ok(reloaded) => Reply::new(Status::Ok, format_args!("a reload would load {reloaded}")),
+            Err(error) => not_loaded(error),
+        },
+    };
+    match ControlServer::start(listener, handler) {
+        Ok(server) => Some(server),
+        Err(error) => {
+            tracing::warn!(%error, "running without a control socket: its thread did not start");
+            None
+        }
+    }
 }
 
 fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, StartError> {
@@ -269,10 +330,22 @@ impl Router {
         self.shared.config.catalog_path.clone()
     }
 
-    /// Re-read the catalog (what SIGHUP does). An invalid file is rejected, logged, and the old
-    /// catalog stays in force. Sessions of roles whose verifier changed or vanished are closed.
-    pub fn reload_catalog(&self) -> Result<(), CatalogError> {
-        reload(&self.shared, &self.reload_lock)
+    /// The control socket the router answers on, if it could create one.
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control.as_ref().map(ControlServer::path)
+    }
+
+    /// Re-read the catalog (what SIGHUP does). An invalid file is rejected, a file the reload
+    /// guard refuses (it removes every branch or role, or more than `[reload]
+    /// max_removed_percent` of them) is refused, either logged, and the old catalog stays in
+    /// force. Sessions of roles whose verifier changed or vanished are closed.
+    pub fn reload_catalog(&self) -> Result<Reloaded, ReloadError> {
+        self.reloader.reload(Trigger::Api, false)
+    }
+
+    /// As [`Router::reload_catalog`], past the reload guard: any valid file is applied.
+    pub fn reload_catalog_forced(&self) -> Result<Reloaded, ReloadError> {
+        self.reloader.reload(Trigger::Api, true)
     }
 
     fn spawn_health_probes(&self) -> JoinHandle<()> {
@@ -288,25 +361,15 @@ impl Router {
     }
 
     fn spawn_catalog_watch(&self) -> JoinHandle<()> {
-        let shared = self.shared.clone();
+        let reloader = self.reloader.clone();
+        let path = self.shared.config.catalog_path.clone();
         let stopping = self.stopping.clone();
-        let lock = self.reload_lock.clone();
         std::thread::spawn(move || {
-            let path = shared.config.catalog_path.clone();
-            let stamp = |path: &PathBuf| -> Option<(SystemTime, u64)> {
-                let meta = std::fs::metadata(path).ok()?;
-                Some((meta.modified().ok()?, meta.len()))
-            };
-            let mut loaded = stamp(&path);
-            let mut previous = loaded;
+            let mut watch = Watch::new(reload::stamp(&path));
             while !stopping.load(Ordering::Relaxed) {
                 std::thread::park_timeout(CATALOG_WATCH_INTERVAL);
-                let now = stamp(&path);
-                let settled = now == previous;
-                previous = now;
-                if now.is_some() && now != loaded && settled {
-                    loaded = now;
-                    let _ = reload(&shared, &lock);
+                if let Some(now) = watch.look(reload::stamp(&path), reloader.last_read()) {
+                    reloader.reload_if_unread(now);
                 }
             }
         })
@@ -316,6 +379,10 @@ impl Router {
     /// FATAL 57P01, and wait for every thread to end.
     pub fn shutdown(self) {
         tracing::info!("shutting down");
+        // First, so that no reload starts while the router stops; removes the socket file.
+        if let Some(control) = self.control {
+            control.stop();
+        }
         self.stopping.store(true, Ordering::Relaxed);
         for mailbox in &self.shared.mailboxes {
             mailbox.request_shutdown();
@@ -338,7 +405,7 @@ impl Router {
             match signal {
                 SIGHUP => {
                     tracing::info!("SIGHUP: reloading catalog");
-                    let _ = self.reload_catalog();
+                    let _ = self.reloader.reload(Trigger::Signal, false);
                 }
                 _ => break,
             }
@@ -346,27 +413,4 @@ impl Router {
         self.shutdown();
         Ok(())
     }
-}
-
-fn reload(shared: &Shared, lock: &Mutex<()>) -> Result<(), CatalogError> {
-    let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let newer = match Catalog::load(&shared.config.catalog_path) {
-        Ok(catalog) => catalog,
-        Err(error) => {
-            tracing::error!(%error, "catalog reload rejected; the previous catalog stays in force");
-            return Err(error);
-        }
-    };
-    let changed = shared.catalog.load().changed_roles(&newer);
-    shared.upstreams.sync(&newer);
-    let branches = newer.branches().len();
-    shared.catalog.store(Arc::new(newer));
-    tracing::info!(branches, changed_roles = changed.len(), "catalog reloaded");
-    if !changed.is_empty() {
-        // Each worker closes its sessions whose verifier is no longer in force.
-        for mailbox in &shared.mailboxes {
-            mailbox.request_sweep();
-        }
-    }
-    Ok(())
 }

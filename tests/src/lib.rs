@@ -8,6 +8,7 @@
 //! - [`tools`]: paths of PostgreSQL's programs and the Python venv, free ports.
 //! - [`spawn`]: starting servers that die with the test process.
 //! - [`router`]: `TestRouter`, the router started in-process.
+//! - [`binary`]: the `branchgate` binary's commands, and `branchgate run` as a child process.
 //! - [`raw`]: hand-built protocol messages over raw sockets and sync rustls, for bad input.
 //! - [`tokio_tls`]: tokio-postgres over tokio-rustls.
 //! - [`tp_cancel`]: the cancel key of a tokio-postgres client.
@@ -16,6 +17,7 @@
 //! Servers are real processes: run `scripts/setup` once to install PostgreSQL 15 and the venv.
 //! As root, servers run as the `postgres` OS user.
 
+pub mod binary;
 pub mod catalog;
 pub mod certs;
 pub mod clients;

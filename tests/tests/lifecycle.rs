@@ -18,6 +18,7 @@ use branchgate::auth::verifier::ScramVerifier;
 use branchgate::catalog::CatalogError;
 use branchgate::config::TomlError;
 use branchgate::role::{self, Mode, RoleArgs};
+use branchgate::router::{ReloadError, Reloaded};
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
 use branchgate_e2e::raw::{request, SSL_REQUEST_CODE};
 use branchgate_e2e::tokio_tls::assert_db_error;
@@ -164,7 +165,7 @@ impl LocalRouter {
         write_atomically(&self.catalog_path(), text);
     }
 
-    fn reload(&self) -> Result<(), CatalogError> {
+    fn reload(&self) -> Result<Reloaded, ReloadError> {
         self.router().reload_catalog()
     }
 
@@ -428,8 +429,8 @@ fn role_create_cli_makes_a_role_that_logs_in_through_the_router() {
         catalog.contains(&toml_string(&verifier)),
         "catalog lacks the server's verifier {verifier}:\n{catalog}"
     );
-    router.reload().expect("reload after role create");
-
+    // No reload here: the command returned once the router confirmed, over its control
+    // socket, that the new verifier is in force.
     let who = psycopg_query(
         &via_router(router.addr(), "web.b1", &password),
         "SELECT current_user",
@@ -531,7 +532,9 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
 
     router.write_catalog("[[branch]]\nid = \"b1\"\nprimary = \n");
     match router.reload() {
-        Err(CatalogError::Toml(TomlError::Parse { line, .. })) => assert_eq!(line, 3),
+        Err(ReloadError::Catalog(CatalogError::Toml(TomlError::Parse { line, .. }))) => {
+            assert_eq!(line, 3)
+        }
         other => panic!("invalid TOML must be a parse error, got {other:?}"),
     }
     works("after invalid TOML");
@@ -539,7 +542,7 @@ fn rejected_catalogs_keep_the_old_one_in_force() {
     let bad = BranchSpec::new("b1", pg.addr()).role("app3", "SCRAM-SHA-256$4096:bm90LWJhc2U2NA");
     router.write_catalog(&catalog_toml(&[bad]));
     match router.reload() {
-        Err(CatalogError::Toml(TomlError::Invalid { message, .. })) => {
+        Err(ReloadError::Catalog(CatalogError::Toml(TomlError::Invalid { message, .. }))) => {
             assert!(message.contains("invalid SCRAM verifier"), "{message}")
         }
         other => panic!("a bad verifier must be rejected, got {other:?}"),
@@ -710,15 +713,14 @@ fn binary_reloads_on_sighup_and_on_role_reset_and_exits_on_sigterm() {
             .then_some(())
     });
 
-    // A password reset by the real CLI reaches the running router through its file watch
-    // alone (no signal) and closes the role's open session.
+    // A password reset by the real CLI reaches the running router through its control socket
+    // (no signal) and closes the role's open session.
     let mut session = open_session(addr, "app6.b1", password).expect("app6 logs in");
     let new_password = role_cli("reset", &dir.path().join("router.toml"), "b1", "app6");
     let error = session.ended_by_server();
     assert_db_error(&error, &SqlState::ADMIN_SHUTDOWN, PASSWORD_RESET_MESSAGE);
-    let who = wait_for("the new password to log in", EVENT_TIMEOUT, || {
-        psql_via(addr, "app6.b1", &new_password, "SELECT current_user").ok()
-    });
+    let who = psql_via(addr, "app6.b1", &new_password, "SELECT current_user")
+        .unwrap_or_else(|e| panic!("the new password right after role reset: {e}"));
     assert_eq!(who, "app6");
 
     process.signal(libc::SIGTERM);

@@ -146,6 +146,18 @@ pub enum RoleError {
         /// Why the catalog edit failed.
         source: CatalogError,
     },
+    /// The role was changed on the server and in the catalog, but the running router answered
+    /// that it did not load the catalog (the reload guard refused it, the file is invalid) or
+    /// did not answer in time: it still has the previous verifier, or none for a new role.
+    #[error(
+        "the role was changed on the server and in the catalog, but the running router did not \
+         load it: {reason}; until it does, it does not accept the new password (fix that, then \
+         run `branchgate reload`)"
+    )]
+    RouterNotUpdated {
+        /// What the router answered, or why it could not be asked.
+        reason: String,
+    },
     /// The new password could not be written to stdout; server and catalog were already changed.
     #[error(
         "cannot print the new password ({0}); the role was changed: \

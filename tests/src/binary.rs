@@ -1,0 +1,192 @@
+//! The `branchgate` binary: its commands, and `branchgate run` as a child process whose log the
+//! test reads.
+
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::catalog::{router_toml, toml_string};
+use crate::certs::Certs;
+use crate::pg::ADMIN_PASSWORD;
+use crate::tools::free_port;
+
+/// The environment variable the `role` command reads the admin password from.
+pub const ADMIN_PASSWORD_ENV: &str = "BRANCHGATE_ADMIN_PASSWORD";
+/// How long `branchgate run` may take to start accepting.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at starting the binary on a free port (another process may take it first).
+const BIND_ATTEMPTS: usize = 5;
+/// Pause between polls.
+const POLL: Duration = Duration::from_millis(50);
+/// What the router logs once every worker accepts (and its control socket is bound).
+const ACCEPTING: &str = "branchgate accepting";
+
+/// Polls `probe` until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        thread::sleep(POLL);
+    }
+}
+
+/// The `branchgate` binary built next to the running test (`target/<profile>/branchgate`).
+pub fn branchgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("branchgate");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p branchgate`; scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `branchgate <args>` to completion, with the test server's admin password.
+pub fn branchgate(args: &[&str]) -> Output {
+    Command::new(branchgate_bin())
+        .args(args)
+        .env(ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run branchgate")
+}
+
+/// `branchgate run`, killed if the test ends while it runs.
+pub struct RouterProcess {
+    child: Child,
+    log: PathBuf,
+    config: PathBuf,
+    addr: SocketAddr,
+}
+
+impl RouterProcess {
+    /// Writes router.toml in `dir` (its catalog is `dir/catalog.toml`, which must exist),
+    /// starts `branchgate run` on a free port (retried when another process takes the port),
+    /// and returns once it accepts clients and answers on its control socket.
+    pub fn spawn(dir: &Path, certs: &Certs) -> RouterProcess {
+        let template = router_toml(certs, "catalog.toml");
+        for _ in 0..BIND_ATTEMPTS {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let text = template.replace(
+                "direct = \"127.0.0.1:0\"",
+                &format!("direct = {}", toml_string(&addr.to_string())),
+            );
+            assert_ne!(text, template, "router_toml changed its listen line");
+            let config = dir.join("router.toml");
+            fs::write(&config, text).expect("write router.toml");
+            let log = dir.join("branchgate.log");
+            let log_file = fs::File::create(&log).expect("create log");
+            let mut command = Command::new(branchgate_bin());
+            command
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file);
+            // SAFETY: only prctl(2), async-signal-safe, runs between fork and exec. The router
+            // dies with the test thread that started it, even if the test process is killed.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut process = RouterProcess {
+                child: command.spawn().expect("spawn branchgate run"),
+                log,
+                config,
+                addr,
+            };
+            // The control socket is bound before the workers start, so once they accept, a
+            // `branchgate reload` finds it.
+            let up = wait_for("branchgate run to accept or exit", START_TIMEOUT, || {
+                if let Some(status) = process.child.try_wait().expect("try_wait") {
+                    return Some(Err(status));
+                }
+                process.log().contains(ACCEPTING).then_some(Ok(()))
+            });
+            match up {
+                Ok(()) => return process,
+                Err(_) if process.log().contains("cannot listen") => continue,
+                Err(status) => panic!("branchgate run exited ({status}):\n{}", process.log()),
+            }
+        }
+        panic!("branchgate run found no free port in {BIND_ATTEMPTS} attempts");
+    }
+
+    /// The direct port's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The router.toml it runs with.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// Its stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until a log line contains every one of `parts`, and returns that line.
+    pub fn wait_for_log(&self, parts: &[&str], timeout: Duration) -> String {
+        wait_for(&format!("a log line with {parts:?}"), timeout, || {
+            self.log_lines(parts).into_iter().next()
+        })
+    }
+
+    /// The log lines that contain every one of `parts`.
+    pub fn log_lines(&self, parts: &[&str]) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|line| parts.iter().all(|part| line.contains(part)))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Sends `signal` to the router.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our own child, which is not reaped until `Drop` or `wait_exit`.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
+    /// Waits for the router to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_for("branchgate to exit", timeout, || {
+            self.child.try_wait().expect("try_wait")
+        })
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
