@@ -108,7 +108,7 @@ pub struct Auth {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reload {
     /// A reload that removes more than this share (1 to 100 percent) of the branches, or of
-    /// the roles, is refused; one that removes every branch always is.
+    /// the roles, is refused; one that removes every branch, or every role, always is.
     pub max_removed_percent: u8,
     /// Apply every valid catalog, whatever it removes.
     pub force: bool,
