@@ -38,6 +38,9 @@ pub enum SessionError {
     /// Wrong password, or a role or branch that does not exist (indistinguishable on purpose).
     #[error("password authentication failed for role {0:?}")]
     AuthFailed(Box<str>),
+    /// A message other than a SASL response (its type byte) arrived during authentication.
+    #[error("expected SASL response, got message type {0}")]
+    ExpectedSaslResponse(u8),
     /// The client chose a SASL mechanism we did not offer.
     #[error("client selected an invalid SASL mechanism")]
     InvalidSaslMechanism,
@@ -134,6 +137,11 @@ impl SessionError {
                 SqlState::INVALID_PASSWORD,
                 format!("password authentication failed for user \"{role}\"").into(),
             ),
+            // PostgreSQL's words, with the type byte in decimal (Terminate, 'X', is 88).
+            ExpectedSaslResponse(tag) => (
+                SqlState::PROTOCOL_VIOLATION,
+                format!("expected SASL response, got message type {tag}").into(),
+            ),
             InvalidSaslMechanism => (
                 SqlState::PROTOCOL_VIOLATION,
                 "client selected an invalid SASL authentication mechanism".into(),
@@ -227,6 +235,7 @@ mod tests {
             (SessionError::NoUser, "28000"),
             (SessionError::AuthFailed("r".into()), "28P01"),
             (SessionError::InvalidSaslMechanism, "08P01"),
+            (SessionError::ExpectedSaslResponse(b'X'), "08P01"),
             (SessionError::TooManyConnections, "53300"),
             (SessionError::NoHealthyReplica("b".into()), "08006"),
             (SessionError::StartupTimeout, "08P01"),

@@ -512,7 +512,15 @@ fn garbage_scram_is_a_protocol_violation() {
         start_sasl(&mut tls, "app.b1");
         tls.write_all(&query("select 1")).expect("send");
         let error = expect_fatal(&mut tls, "08P01", "Query instead of SASL");
-        assert_eq!(error.message, "expected SASL response");
+        assert_eq!(error.message, "expected SASL response, got message type 81");
+        assert_router_healthy();
+
+        // A Terminate instead of the SASL response: PostgreSQL answers it the same way.
+        let mut tls = connect_tls(mode);
+        start_sasl(&mut tls, "app.b1");
+        tls.write_all(&message(b'X', &[])).expect("send");
+        let error = expect_fatal(&mut tls, "08P01", "Terminate instead of SASL");
+        assert_eq!(error.message, "expected SASL response, got message type 88");
         assert_router_healthy();
 
         let mut tls = connect_tls(mode);

@@ -503,3 +503,104 @@ fn repeated_refusals_are_logged_once_with_a_count() {
         .count();
     assert_eq!(warnings, 1, "{text}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. The same answers as PostgreSQL
+
+/// An ErrorResponse's fields but PostgreSQL's source location (F, L, R), and how the stream
+/// ended after it: `true` for a close_notify.
+type Answer = (Vec<(u8, String)>, bool);
+
+fn error_and_end(tls: &mut Tls, what: &str) -> Answer {
+    let (tag, body) = next_message(tls, what);
+    assert_eq!(tag, b'E', "{what}: expected ErrorResponse");
+    let fields = body
+        .split(|&b| b == 0)
+        .filter(|f| !f.is_empty() && !matches!(f[0], b'F' | b'L' | b'R'))
+        .map(|f| (f[0], String::from_utf8_lossy(&f[1..]).into_owned()))
+        .collect();
+    let mut rest = [0u8; 64];
+    let clean = matches!(tls.read(&mut rest), Ok(0));
+    (fields, clean)
+}
+
+/// What a server at `addr` answers `user` for each front-door mistake the router must answer
+/// as PostgreSQL does.
+fn front_door_answers(addr: SocketAddr, user: &str, ghost: &str) -> Vec<(&'static str, Answer)> {
+    let config = fixture().certs.client_config();
+    let mut answers = Vec::new();
+
+    let mut sock = raw::tcp(addr);
+    sock.write_all(&[request(SSL_REQUEST_CODE), raw::startup_for(user)].concat())
+        .expect("send");
+    assert_eq!(raw::read_byte(&mut sock), b'S');
+    let mut tls = raw::tls_handshake(config.clone(), sock).expect("handshake");
+    answers.push(("pipelined SSLRequest", error_and_end(&mut tls, "pipelined")));
+
+    for (what, tag) in [("Terminate for SASL", b'X'), ("Query for SASL", b'Q')] {
+        let mut tls = raw::connect_tls(addr, config.clone(), Mode::SslRequest);
+        start_sasl_any(&mut tls, user);
+        let body: &[u8] = if tag == b'Q' { b"select 1\0" } else { b"" };
+        tls.write_all(&raw::message(tag, body)).expect("send");
+        answers.push((what, error_and_end(&mut tls, what)));
+    }
+
+    for (what, name, password) in [
+        ("wrong password", user, "pscale_pw_wrong"),
+        ("unknown role", ghost, PASSWORD),
+    ] {
+        let mut tls = raw::connect_tls(addr, config.clone(), Mode::SslRequest);
+        start_sasl_any(&mut tls, name);
+        let error = login(&mut tls, password).expect_err(what);
+        let mut rest = [0u8; 64];
+        let clean = matches!(tls.read(&mut rest), Ok(0));
+        let fields = vec![
+            (b'S', error.severity.clone()),
+            (b'C', error.code),
+            (b'M', error.message),
+        ];
+        answers.push((what, (fields, clean)));
+    }
+    answers
+}
+
+/// AuthenticationSASL, whatever mechanisms are offered (PostgreSQL adds SCRAM-SHA-256-PLUS
+/// over TLS; the router, which ends TLS itself, does not).
+fn start_sasl_any(tls: &mut Tls, user: &str) {
+    tls.write_all(&raw::startup_for(user))
+        .expect("send StartupMessage");
+    let (tag, body) = next_message(tls, "AuthenticationSASL");
+    assert_eq!(
+        (tag, &body[..4]),
+        (b'R', &10u32.to_be_bytes()[..]),
+        "{body:?}"
+    );
+}
+
+/// For the mistakes whose answer PostgreSQL defines, the router sends the same ErrorResponse
+/// (severity, code, message, detail) and ends the TLS connection the same way (close_notify) as
+/// a real PostgreSQL 15 with TLS on.
+#[test]
+fn front_door_mistakes_are_answered_as_postgresql_answers_them() {
+    let f = fixture();
+    static TLS_ON: OnceLock<()> = OnceLock::new();
+    TLS_ON.get_or_init(|| f.pg.enable_tls(&f.certs));
+    let router = TestRouter::start(&f.certs, &[b1()]);
+    let postgres = front_door_answers(f.pg.addr(), ROLE, "ghost");
+    let ours = front_door_answers(router.direct_addr(), "app.b1", "ghost.b1");
+    // What PostgreSQL says, so that the comparison is about something.
+    let (pipelined, clean) = &postgres[0].1;
+    assert!(*clean, "PostgreSQL ends with close_notify");
+    assert!(
+        pipelined.contains(&(b'M', "received unencrypted data after SSL request".into()))
+            && pipelined.iter().any(|(field, _)| *field == b'D'),
+        "{pipelined:?}"
+    );
+    assert_eq!(postgres.len(), 5);
+    for ((what, pg), (_, bg)) in postgres.iter().zip(&ours) {
+        assert_eq!(
+            bg, pg,
+            "{what}: router (left) and PostgreSQL (right) differ"
+        );
+    }
+}

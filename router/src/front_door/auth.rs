@@ -109,9 +109,9 @@ pub async fn authenticate(
 
 async fn expect_password_message(conn: &mut ClientConn<'_>) -> Result<FrameHeader, SessionError> {
     let header = conn.read_frame(MAX_AUTH_MESSAGE_BYTES).await?;
+    // As PostgreSQL, even a Terminate gets this answer (only an end of stream does not).
     match header.tag {
         b'p' => Ok(header),
-        b'X' => Err(SessionError::ClientClosed),
-        _ => Err(SessionError::Protocol("expected SASL response")),
+        tag => Err(SessionError::ExpectedSaslResponse(tag)),
     }
 }

@@ -78,6 +78,26 @@ impl PgServer {
         verifier
     }
 
+    /// Turns TLS on with `certs`' server certificate and key (copied into the data directory,
+    /// owned by the server user, key mode 0600), by `ALTER SYSTEM` and a reload.
+    pub fn enable_tls(&self, certs: &crate::Certs) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data_dir();
+        for (from, to) in [
+            (certs.cert_path(), "server.crt"),
+            (certs.key_path(), "server.key"),
+        ] {
+            let path = data.join(to);
+            std::fs::copy(&from, &path).unwrap_or_else(|e| panic!("copy {to}: {e}"));
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .unwrap_or_else(|e| panic!("chmod {to}: {e}"));
+            crate::spawn::give_to_server_user(&path);
+        }
+        self.psql_admin("ALTER SYSTEM SET ssl = on");
+        self.psql_admin("SELECT pg_reload_conf()");
+        self.wait_for_value("SHOW ssl", "on");
+    }
+
     /// Promotes a replica to primary and waits until it leaves recovery.
     pub fn promote(&self) {
         assert_eq!(
