@@ -5,11 +5,9 @@
 //! its own router (in-process, or the real binary) because most of them rewrite the catalog.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,31 +17,25 @@ use branchgate::catalog::CatalogError;
 use branchgate::config::TomlError;
 use branchgate::role::{self, Mode, RoleArgs};
 use branchgate::router::{ReloadError, Reloaded};
+use branchgate_e2e::binary::{branchgate, wait_for, RouterProcess};
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
 use branchgate_e2e::raw::{request, SSL_REQUEST_CODE};
 use branchgate_e2e::tokio_tls::assert_db_error;
 use branchgate_e2e::tools::{psql_command, psql_output};
 use branchgate_e2e::tp_session::Session;
 use branchgate_e2e::{
-    free_port, psycopg_query, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation,
-    ADMIN_PASSWORD, ADMIN_USER,
+    psycopg_query, BranchSpec, Certs, Conninfo, PgServer, SslNegotiation, ADMIN_PASSWORD,
+    ADMIN_USER,
 };
 use tempfile::TempDir;
 use tokio_postgres::error::SqlState;
 
-/// The environment variable the `role` command reads the admin password from.
-const ADMIN_PASSWORD_ENV: &str = "BRANCHGATE_ADMIN_PASSWORD";
 /// How long a router-side event (a FATAL, a refused connection, a reload) may take to show.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on a graceful shutdown: drain (1 s in tests) plus the kill grace, with a wide margin.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Drain long enough that finishing before it proves the drain ended early.
 const LONG_DRAIN: &str = "60s";
-/// Pause between polls.
-const POLL: Duration = Duration::from_millis(50);
-/// Attempts at starting the binary on a free port (another process may take it first).
-const BIND_ATTEMPTS: usize = 5;
-
 const ADMIN_SHUTDOWN_MESSAGE: &str = "terminating connection due to administrator command";
 const PASSWORD_RESET_MESSAGE: &str = "terminating connection because the role's password was reset";
 
@@ -100,18 +92,6 @@ fn write_unseen_by_the_watch(path: &Path, text: &str) {
         .expect("set mtime");
     drop(file);
     fs::rename(&tmp, path).expect("rename into place");
-}
-
-/// Polls `probe` until it returns `Some`, panicking with `what` after `timeout`.
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        thread::sleep(POLL);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,32 +225,6 @@ fn open_session(
 // ---------------------------------------------------------------------------------------------
 // The branchgate binary
 
-/// The `branchgate` binary built next to this test (`target/<profile>/branchgate`).
-fn branchgate_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("branchgate");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p branchgate`; scripts/test does)",
-        bin.display()
-    );
-    bin
-}
-
-fn branchgate(args: &[&str]) -> Output {
-    Command::new(branchgate_bin())
-        .args(args)
-        .env(ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run branchgate")
-}
-
 /// Runs `branchgate role <action>` and returns the new password from its output.
 fn role_cli(action: &str, config: &Path, branch: &str, role: &str) -> String {
     let config = config.to_str().expect("temp paths are UTF-8");
@@ -296,96 +250,6 @@ fn role_cli(action: &str, config: &Path, branch: &str, role: &str) -> String {
     let password = field("password:");
     assert!(password.starts_with("pscale_pw_"), "{stdout}");
     password
-}
-
-/// The `branchgate run` process; killed if the test ends while it runs.
-struct RouterProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl RouterProcess {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) on our own child, which is not reaped until `Drop` or `wait_exit`.
-        assert_eq!(
-            unsafe { libc::kill(pid, signal) },
-            0,
-            "kill({pid}, {signal})"
-        );
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_for("branchgate to exit", timeout, || {
-            self.child.try_wait().expect("try_wait")
-        })
-    }
-}
-
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Starts `branchgate run` with router.toml in `dir` listening on a free port (retried when
-/// another process takes the port) and returns once it accepts TCP connections.
-fn spawn_router_process(dir: &Path) -> (RouterProcess, SocketAddr) {
-    let template = router_toml(&fixture().certs, "catalog.toml");
-    for _ in 0..BIND_ATTEMPTS {
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let text = template.replace(
-            "direct = \"127.0.0.1:0\"",
-            &format!("direct = {}", toml_string(&addr.to_string())),
-        );
-        assert_ne!(text, template, "router_toml changed its listen line");
-        let config = dir.join("router.toml");
-        fs::write(&config, text).expect("write router.toml");
-        let log = dir.join("branchgate.log");
-        let log_file = fs::File::create(&log).expect("create log");
-        let mut command = Command::new(branchgate_bin());
-        command
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        // SAFETY: only prctl(2), async-signal-safe, runs between fork and exec. The router dies
-        // with the test thread that started it, even if the test process is killed.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut process = RouterProcess {
-            child: command.spawn().expect("spawn branchgate run"),
-            log,
-        };
-        let up = wait_for("branchgate run to listen or exit", EVENT_TIMEOUT, || {
-            if let Some(status) = process.child.try_wait().expect("try_wait") {
-                return Some(Err(status));
-            }
-            TcpStream::connect(addr).is_ok().then_some(Ok(()))
-        });
-        match up {
-            Ok(()) => return (process, addr),
-            Err(_) if process.log().contains("cannot listen") => continue,
-            Err(status) => panic!("branchgate run exited ({status}):\n{}", process.log()),
-        }
-    }
-    panic!("branchgate run found no free port in {BIND_ATTEMPTS} attempts");
 }
 
 /// Runs `sql` with psql 15 (SSLRequest, verify-full) through the router.
@@ -692,7 +556,8 @@ fn binary_reloads_on_sighup_and_on_role_reset_and_exits_on_sigterm() {
     let pad = late_text.len() - first_text.len() - "# \n".len();
     first_text.push_str(&format!("# {}\n", "-".repeat(pad)));
     write_atomically(&catalog, &first_text);
-    let (mut process, addr) = spawn_router_process(dir.path());
+    let mut process = RouterProcess::spawn(dir.path(), &fixture().certs);
+    let addr = process.addr();
 
     let who = psql_via(addr, "app6.b1", password, "SELECT current_user")
         .unwrap_or_else(|e| panic!("psql through branchgate run: {e}\n{}", process.log()));
