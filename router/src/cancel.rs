@@ -12,7 +12,10 @@
 //! Guessing is bounded per source ([`CancelLimiter`], one per worker): every key that matches
 //! nothing costs its source a token; a source without tokens has its cancel requests ignored
 //! until the tokens come back. Other sources are not affected. Floods are logged once per
-//! interval, with counts.
+//! interval, with counts. A right key cannot be used to flood the backend either: each session
+//! has at most one cancel on its way to its backend at a time (a second one while the first is
+//! still being delivered would cancel the same query), so the router opens at most one backend
+//! connection per session for cancels.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +54,8 @@ struct Entry {
     target: CancelTarget,
     /// Tells apart two sessions whose backends (on different servers) have the same pid.
     id: u64,
+    /// A cancel for this session is on its way to the backend ([`CancelClaim`]).
+    sending: bool,
 }
 
 /// Sessions under one pid: nearly always one, so no allocation for it.
@@ -131,6 +136,7 @@ impl CancelIndex {
             secret: key.secret,
             target,
             id,
+            sending: false,
         };
         match shard.by_pid.remove(&key.pid) {
             None => {
@@ -153,12 +159,38 @@ impl CancelIndex {
 
     /// The session `key` belongs to, if any; the secret is compared in constant time.
     pub fn find(&self, key: CancelKey) -> Option<CancelTarget> {
-        let shard = self.shard(key.pid);
-        let matches = |entry: &&Entry| bool::from(entry.secret.ct_eq(&key.secret));
-        match shard.by_pid.get(&key.pid)? {
-            Slot::One(entry) => Some(entry).filter(matches).map(|e| e.target),
-            Slot::Many(entries) => entries.iter().find(matches).map(|e| e.target),
+        let mut shard = self.shard(key.pid);
+        Self::entry(&mut shard, key).map(|entry| entry.target)
+    }
+
+    fn entry(shard: &mut Shard, key: CancelKey) -> Option<&mut Entry> {
+        let matches = |entry: &&mut Entry| bool::from(entry.secret.ct_eq(&key.secret));
+        match shard.by_pid.get_mut(&key.pid)? {
+            Slot::One(entry) => Some(entry).filter(matches),
+            Slot::Many(entries) => entries.iter_mut().find(matches),
         }
+    }
+
+    /// Finds `key`'s session and claims the right to send its cancel: [`Claim::Sending`] until
+    /// the returned claim is dropped, during which the same session's key gets
+    /// [`Claim::AlreadySending`].
+    pub fn claim(self: &Arc<Self>, key: CancelKey) -> Claim {
+        let mut shard = self.shard(key.pid);
+        let Some(entry) = Self::entry(&mut shard, key) else {
+            return Claim::Unknown;
+        };
+        if entry.sending {
+            return Claim::AlreadySending;
+        }
+        entry.sending = true;
+        Claim::Sending(
+            entry.target,
+            CancelClaim {
+                index: self.clone(),
+                pid: key.pid,
+                id: entry.id,
+            },
+        )
     }
 
     /// Keys registered (for tests and metrics).
@@ -182,6 +214,40 @@ impl CancelIndex {
     /// True if no key is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// What [`CancelIndex::claim`] found.
+#[derive(Debug)]
+pub enum Claim {
+    /// No session has this key.
+    Unknown,
+    /// The session's previous cancel is still on its way to the backend.
+    AlreadySending,
+    /// Send the cancel to this target; the claim ends when the [`CancelClaim`] is dropped.
+    Sending(CancelTarget, CancelClaim),
+}
+
+/// The right to send one session's cancel; dropping it lets the next one go.
+#[derive(Debug)]
+pub struct CancelClaim {
+    index: Arc<CancelIndex>,
+    pid: u32,
+    id: u64,
+}
+
+impl Drop for CancelClaim {
+    fn drop(&mut self) {
+        let mut shard = self.index.shard(self.pid);
+        let entry = match shard.by_pid.get_mut(&self.pid) {
+            Some(Slot::One(entry)) => Some(entry),
+            Some(Slot::Many(entries)) => entries.iter_mut().find(|e| e.id == self.id),
+            None => None,
+        };
+        // The session may have ended meanwhile, or another taken its pid: only ours is freed.
+        if let Some(entry) = entry.filter(|e| e.id == self.id) {
+            entry.sending = false;
+        }
     }
 }
 
@@ -308,16 +374,24 @@ pub fn handle(worker: &Rc<Worker>, key: CancelKey, from: IpAddr) -> bool {
         }
         return false;
     }
-    let Some(target) = worker.shared.cancels.find(key) else {
-        limiter.miss(from, now);
-        if let Some(suppressed) = UNKNOWN_KEYS.allow() {
-            tracing::info!(source = %from, suppressed, "cancel request with an unknown key");
+    let (target, claim) = match worker.shared.cancels.claim(key) {
+        Claim::Sending(target, claim) => (target, claim),
+        Claim::AlreadySending => {
+            tracing::debug!(source = %from, "cancel request while one is on its way: dropped");
+            return false;
         }
-        return false;
+        Claim::Unknown => {
+            limiter.miss(from, now);
+            if let Some(suppressed) = UNKNOWN_KEYS.allow() {
+                tracing::info!(source = %from, suppressed, "cancel request with an unknown key");
+            }
+            return false;
+        }
     };
     drop(limiter);
     let timeout = worker.shared.config.timeouts.connect;
     monoio::spawn(async move {
+        let _claim = claim;
         let CancelTarget { backend, key } = target;
         let sent = monoio::time::timeout(
             timeout,
@@ -379,6 +453,34 @@ mod tests {
         assert_eq!(index.find(key(5, 5)), Some(target(5)));
         drop(e);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn one_cancel_per_session_is_on_its_way_at_a_time() {
+        let index = Arc::new(CancelIndex::default());
+        let key = CancelKey { pid: 7, secret: 1 };
+        let registration = index.register(key, target(1));
+        let Claim::Sending(found, claim) = index.claim(key) else {
+            panic!("the first cancel goes");
+        };
+        assert_eq!(found, target(1));
+        assert!(matches!(index.claim(key), Claim::AlreadySending));
+        // Another session under the same pid is not held up.
+        let other = CancelKey { pid: 7, secret: 2 };
+        let _other = index.register(other, target(2));
+        assert!(matches!(index.claim(other), Claim::Sending(..)));
+        drop(claim);
+        assert!(matches!(index.claim(key), Claim::Sending(..)));
+        assert!(matches!(
+            index.claim(CancelKey { pid: 7, secret: 3 }),
+            Claim::Unknown
+        ));
+        // A claim outliving its session frees nothing of a later one.
+        let Claim::Sending(_, late) = index.claim(CancelKey { pid: 7, secret: 2 }) else {
+            panic!("claim");
+        };
+        drop(registration);
+        drop(late);
     }
 
     #[test]
