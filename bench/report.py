@@ -2,12 +2,18 @@
 """BENCHMARKS.md from the JSON documents branchgate-loadgen wrote during one scripts/bench run.
 
     report.py --summary RESULT.json            # a few lines per target, for the terminal
-    report.py --mode M --results DIR --out FILE --commit C --command CMD --versions V
+    report.py --mode M --results DIR --out FILE --commit C --command CMD --versions V \
+              --sections latency,connect,... [--partial]
+    report.py --criterion CRITERION_HOME [--criterion-command CMD]...   # JSON on stdout
 
 Every figure is computed from one run's JSON (the workloads' targets were interleaved in
 slices of one clock), so ratios between targets are what to read; absolute numbers move with
-the machine's noise. The section after ANALYSIS_MARKER in an existing report is hand-written
-and kept as it is.
+the machine's noise. Each generated section sits between `<!-- bench:NAME -->` markers: a run
+that measured only some workloads (`--partial`: `--only`, `--compare`) replaces or inserts
+just those sections, each saying which run it comes from, and keeps the rest of the file; a
+full run rewrites the header and its sections and keeps the sections it did not measure
+(`compare`). The section after ANALYSIS_MARKER in an existing report is hand-written and kept
+as it is.
 """
 
 import argparse
@@ -15,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 
 ANALYSIS_MARKER = "<!-- analysis: everything below is written by hand and kept by scripts/bench -->"
@@ -90,8 +97,16 @@ def summary(path):
             line += f"  to TLS {us(r['tls_established_us']['p50'])}"
             rtt = (r.get("phases") or {}).get("ssl_request")
             line += f" (SSLRequest {us(rtt['p50'])})" if rtt else " (direct)"
+        if r.get("stage"):
+            line += f"  at {r['stage']}"
         if r.get("bytes_per_connection") is not None:
             line += f"  {size(r['bytes_per_connection'])}/conn"
+        tree = r.get("process_tree")
+        if tree and tree.get("pss_bytes_per_connection") is not None:
+            line += (f" (process tree: Pss {size(tree['pss_bytes_per_connection'])}/conn, "
+                     f"{tree['processes_before']}->{tree['processes_after']} processes)")
+        if r.get("closed_by_server"):
+            line += f"  CLOSED BY SERVER: {r['closed_by_server']}"
         print(line)
         if r["errors"]:
             print(f"    {'':<22} first error: {r.get('first_error')}")
@@ -304,6 +319,272 @@ def section_cpu(ws):
     return head + "\n" + "\n".join(rows) + "\n"
 
 
+PREAUTH_STAGES = ["tcp", "hello", "tls", "startup", "ready"]
+STAGE_WHAT = {
+    "tcp": "TCP connected, nothing sent",
+    "hello": "TLS ClientHello sent (after the SSLRequest round trip, except direct SSL), nothing more",
+    "tls": "TLS handshake done, nothing sent over it",
+    "startup": "StartupMessage sent, AuthenticationSASL received, no answer",
+    "ready": "logged in (SCRAM), ReadyForQuery received: an idle session",
+}
+
+
+def tree(r, key):
+    return (r.get("process_tree") or {}).get(key)
+
+
+def closed_note(r):
+    n = r.get("closed_by_server") or 0
+    return f" ({n} closed by the server)" if n else ""
+
+
+def preauth_workloads(results_dir, prefix):
+    found = {}
+    for stage in PREAUTH_STAGES:
+        w = workload(results_dir, f"{prefix}-{stage}")
+        if w:
+            found[stage] = w
+    return found
+
+
+def stage_commands(ws):
+    """The stages' commands: one block with `--stage $STAGE` when they differ only there."""
+    template = {command.replace(f"--stage {stage} ", "--stage $STAGE ") for stage, (_, _, command) in ws.items()}
+    if len(template) == 1:
+        return (f"\nFor each STAGE in {', '.join(ws)}, on fresh processes:\n" + cmd_block(template.pop()))
+    return "".join(cmd_block(command) for _, (_, _, command) in ws.items())
+
+
+def section_preauth(ws):
+    rows = ["| stage | held at | branchgate | PgBouncer | PostgreSQL: Pss of its processes | "
+            "PostgreSQL: page tables |", "|---|---|---|---|---|---|"]
+    details = ["| stage | target | held | closed by server | setup p50 | VmRSS before → after | VmRSS / conn "
+               "| processes before → after | Pss / conn (process tree) |", "|---|---|---|---|---|---|---|---|---|"]
+    errs = ""
+    n = None
+    for stage, (doc, res, _) in ws.items():
+        n = doc["settings"].get("connections")
+        bg, pgb, pg = res.get(BG, {}), res.get(PGB, {}), res.get(PG, {})
+        rows.append(f"| {stage} | {STAGE_WHAT[stage]} | {size(bg.get('bytes_per_connection'))}{closed_note(bg)} | "
+                    f"{size(pgb.get('bytes_per_connection'))}{closed_note(pgb)} | "
+                    f"{size(tree(pg, 'pss_bytes_per_connection'))}{closed_note(pg)} | "
+                    f"{size(tree(pg, 'page_table_bytes_per_connection'))} |")
+        for t, r in res.items():
+            details.append(
+                f"| {stage} | {t} | {num(r['count'])} of {num(r.get('connections_requested'))} | "
+                f"{num(r.get('closed_by_server') or 0)} | {us(r['latency_us']['p50'])} | "
+                f"{size(r.get('rss_bytes_before'))} → {size(r.get('rss_bytes_after'))} | "
+                f"{size(r.get('bytes_per_connection'))} | "
+                f"{num(tree(r, 'processes_before'))} → {num(tree(r, 'processes_after'))} | "
+                f"{size(tree(r, 'pss_bytes_per_connection'))} |")
+        errs += errors_note(res)
+    head = (f"## 6. Memory before authentication\n\n{num(n)} connections per target held at each stage of "
+            "the setup, then the server's memory read, as in section 4 (VmRSS of the process before and "
+            "with all of them held, over the connections still open). Each stage is one `idle --stage` "
+            "run on freshly started branchgate and PgBouncer processes (and with the previous stage's "
+            "PostgreSQL backends gone), so memory a finished workload left allocated cannot hide the cost. "
+            "Every server is configured not to cut the hold short (branchgate `timeouts.startup` and "
+            "`timeouts.handshake`, `limits.max_startup_connections`; PgBouncer `client_login_timeout`, "
+            "`max_client_conn`; PostgreSQL `authentication_timeout` at its maximum, `max_connections`); a "
+            "connection the server closes anyway is counted and left out of the figure. branchgate by "
+            "direct SSL, PgBouncer and PostgreSQL by SSLRequest (they have no direct SSL).\n")
+    note = ("\nPostgreSQL forks a backend process for every connection at accept, so its postmaster's "
+            "VmRSS does not move (see `VmRSS / conn` of `pg` below): its column sums the proportional set "
+            "size (Pss in /proc/PID/smaps_rollup: each resident page divided among the processes that map "
+            "it) over the postmaster and all its descendants, before and with the connections held "
+            "(`--process-tree`). That counts each backend's own memory once and the pages it still shares "
+            "with the postmaster after fork once in all, not once per backend as a sum of VmRSS would; "
+            "shared memory (shared_buffers) that was resident before is not counted again. Not counted, "
+            "for any server: kernel memory, such as socket buffers and (for PostgreSQL) each process's "
+            "kernel stack and task; PostgreSQL's page tables (VmPTE) are shown on their own. branchgate "
+            "and PgBouncer are one process each; their Pss change per connection (details below) is the "
+            "same measure for them, as a check of the two.\n")
+    text = head + stage_commands(ws) + "\n" + "\n".join(rows) + "\n" + note
+    text += "\nDetails:\n\n" + "\n".join(details) + "\n" + errs
+    return text
+
+
+def criterion_summary(home, commands):
+    """router_records from CRITERION_HOME after `--save-baseline before` and `--baseline before`."""
+    benches = []
+    for root, dirs, files in os.walk(home):
+        if os.path.basename(root) != "before" or "benchmark.json" not in files:
+            continue
+        bench_dir = os.path.dirname(root)
+
+        def read(kind, name):
+            path = os.path.join(bench_dir, kind, name)
+            if not os.path.exists(path):
+                return None
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+
+        meta = read("before", "benchmark.json")
+        before, after, change = read("before", "estimates.json"), read("new", "estimates.json"), read("change", "estimates.json")
+
+        def est(e, key="mean"):
+            if not e:
+                return None
+            return {"point": e[key]["point_estimate"], "lower": e[key]["confidence_interval"]["lower_bound"],
+                    "upper": e[key]["confidence_interval"]["upper_bound"]}
+
+        benches.append({"id": meta.get("full_id") or meta.get("title"), "throughput": meta.get("throughput"),
+                        "before_ns": est(before), "after_ns": est(after),
+                        "before_median_ns": est(before, "median"), "after_median_ns": est(after, "median"),
+                        "change": est(change)})
+    benches.sort(key=lambda b: b["id"] or "")
+    return {"benchmarks": benches, "commands": [" ".join(c.split()) for c in commands]}
+
+
+def ns(value):
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value / 1000:.2f} µs"
+    return f"{value:.1f} ns"
+
+
+def pct(value):
+    return f"{value * 100:+.1f}%"
+
+
+# Criterion's own noise threshold: a change within ±1% is not called a change.
+NOISE = 0.01
+
+
+def change_verdict(change):
+    if change is None:
+        return "-"
+    if change["lower"] > NOISE:
+        return "slower"
+    if change["upper"] < -NOISE:
+        return "faster"
+    return "no change"
+
+
+def section_compare(results_dir, out_dir):
+    path = os.path.join(results_dir, "compare.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    before, after = "before", "after"
+    rev = meta.get("rev_commit")
+    parts = []
+    named = meta.get("rev")
+    named = f"`{named}` (`{rev}`)" if named != rev else f"`{rev}`"
+    head = (f"## 7. Before/after: `{rev}` and `{meta.get('commit')}`\n\n"
+            f"`before` is the router at {named}, built in a temporary git worktree with its own target "
+            f"directory; `after` is the tree being measured (`{meta.get('commit')}`). "
+            "Both run side by side against the same PostgreSQL, each on its own port with a configuration "
+            "its own `check-config` accepts")
+    dropped = meta.get("before_config_without") or []
+    head += (f" (before's lacks {', '.join(f'`{k}`' for k in dropped)}, which that version does not know)"
+             if dropped else "") + ". The load generator drives both in one invocation per workload, in "
+    head += "interleaved slices; read the after/before ratios.\n"
+    if meta.get("build_before"):
+        head += cmd_block(meta["build_before"])
+    parts.append(head)
+
+    # Throughput: the figure section 3 reports.
+    rows = ["| connections | before queries/s | after queries/s | after/before | queries in the same slices "
+            "(after/before) | p50 before / after | p99 before / after | router CPU / query before / after "
+            "| after/before |", "|---|---|---|---|---|---|---|---|---|"]
+    cmds = []
+    thr = []
+    for name in sorted(os.listdir(results_dir)):
+        m = re.fullmatch(r"compare-throughput-(\d+)\.json", name)
+        if m:
+            thr.append((int(m.group(1)), workload(results_dir, name[:-len(".json")])))
+    thr.sort()
+    for n, (doc, res, command) in thr:
+        cmds.append(command)
+        b, a = res.get(before, {}), res.get(after, {})
+        lb, la = b.get("latency_us", {}), a.get("latency_us", {})
+        rows.append(f"| {n} | {num(b.get('rate_per_s'))} | {num(a.get('rate_per_s'))} | "
+                    f"{ratio(a.get('rate_per_s'), b.get('rate_per_s'))} | "
+                    f"{num(b.get('count'))} / {num(a.get('count'))} ({ratio(a.get('count'), b.get('count'))}) | "
+                    f"{us(lb.get('p50'))} / {us(la.get('p50'))} | {us(lb.get('p99'))} / {us(la.get('p99'))} | "
+                    f"{us(cpu_per_op(b))} / {us(cpu_per_op(a))} | {ratio(cpu_per_op(a), cpu_per_op(b))} |")
+    if thr:
+        parts.append("### Throughput\n\nClosed loop, the point selects of section 3 (queries/s as section 3 "
+                     "reports it: queries over the target's busy time, each slice counted until the last query "
+                     "started in it came back; both targets also had the same slices, so their query counts "
+                     "compare directly).\n"
+                     + "".join(cmd_block(c) for c in cmds) + "\n" + "\n".join(rows) + "\n"
+                     + "".join(errors_note(w[1]) for _, w in thr))
+
+    lat = workload(results_dir, "compare-latency")
+    if lat:
+        doc, res, command = lat
+        base = res.get(PG)
+        rows = ["| target | p50 | p99 | added p50 | added p99 |", "|---|---|---|---|---|"]
+        added = {}
+        for t, r in res.items():
+            l = r["latency_us"]
+            a50 = a99 = "-"
+            if base and t != PG:
+                added[t] = (l["p50"] - base["latency_us"]["p50"], l["p99"] - base["latency_us"]["p99"])
+                a50, a99 = signed_us(added[t][0]), signed_us(added[t][1])
+            rows.append(f"| {t} | {us(l['p50'])} | {us(l['p99'])} | {a50} | {a99} |")
+        text = ("### Added latency\n\nOne connection per target, `SELECT 1`, open loop at "
+                f"{num(doc['settings'].get('rate'))} queries/s, as section 1.\n" + cmd_block(command) + "\n"
+                + "\n".join(rows) + "\n")
+        if before in added and after in added:
+            b50, a50 = added[before][0], added[after][0]
+            text += (f"\nAdded at p50: before {signed_us(b50)}, after {signed_us(a50)} "
+                     f"(after {signed_us(a50 - b50)} against before).\n")
+        parts.append(text + errors_note(res))
+
+    rec_path = os.path.join(results_dir, "compare-records.json")
+    if os.path.exists(rec_path):
+        with open(rec_path, encoding="utf-8") as f:
+            rec = json.load(f)
+        rows = ["| benchmark | before, median | after, median | after/before | change of the mean, 95% CI "
+                "| criterion's verdict |", "|---|---|---|---|---|---|"]
+        medians = []
+        for b in rec["benchmarks"]:
+            c = b.get("change")
+            ci = f"{pct(c['point'])} ({pct(c['lower'])} to {pct(c['upper'])})" if c else "-"
+            mb = (b.get("before_median_ns") or {}).get("point")
+            ma = (b.get("after_median_ns") or {}).get("point")
+            if mb and ma:
+                medians.append(ma / mb)
+            rows.append(f"| {b['id']} | {ns(mb)} | {ns(ma)} | {ratio(ma, mb)} | {ci} | {change_verdict(c)} |")
+        verdicts = [change_verdict(b.get("change")) for b in rec["benchmarks"]]
+        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("faster", "no change", "slower") if v in verdicts)
+        text = ("### router_records (criterion)\n\nIn-place seal and open of one TLS record, each suite, 64 B and "
+                "16 KiB: before's own bench code built and run in its worktree with `--save-baseline before`, "
+                "then the current tree's with `--baseline before`, one after the other (not interleaved: drift "
+                "of the shared machine between the two runs is in the figures; the medians resist its outliers "
+                "better than the means). Criterion's verdict: the whole 95% confidence interval of the change "
+                f"of the mean beyond ±{NOISE:.0%}, its noise threshold.\n"
+                + "".join(cmd_block(c) for c in rec.get("commands", [])) + "\n" + "\n".join(rows) + "\n")
+        if medians:
+            text += (f"\n{len(verdicts)} benchmarks: median after/before from {min(medians):.2f}x to "
+                     f"{max(medians):.2f}x; criterion: {counts}.\n")
+        parts.append(text)
+
+    ws = preauth_workloads(results_dir, "compare-preauth")
+    if ws:
+        rows = ["| stage | held at | before | after | after − before | closed by server (before / after) |",
+                "|---|---|---|---|---|---|"]
+        errs = ""
+        n = None
+        for stage, (doc, res, _) in ws.items():
+            n = doc["settings"].get("connections")
+            b, a = res.get(before, {}), res.get(after, {})
+            bb, ab = b.get("bytes_per_connection"), a.get("bytes_per_connection")
+            diff = ("+" if ab - bb >= 0 else "−") + size(abs(ab - bb)) if bb is not None and ab is not None else "-"
+            rows.append(f"| {stage} | {STAGE_WHAT[stage]} | {size(bb)} | {size(ab)} | {diff} | "
+                        f"{b.get('closed_by_server', '-')} / {a.get('closed_by_server', '-')} |")
+            errs += errors_note(res)
+        parts.append(f"### Memory per held connection\n\n{num(n)} connections per router held at each stage, "
+                     "VmRSS of each router, both freshly started for every stage (as section 6).\n"
+                     + stage_commands(ws) + "\n" + "\n".join(rows) + "\n" + errs)
+    return "\n".join(parts)
+
+
 def machine():
     cpu = "unknown CPU"
     try:
@@ -317,37 +598,105 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}"
 
 
-def report(args):
-    parts = []
-    lat = workload(args.results, "latency")
-    con = workload(args.results, "connect")
-    serial = workload(args.results, "connect-serial")
+SECTION_ORDER = ["latency", "connect", "throughput", "idle", "cpu", "preauth", "compare"]
+
+
+def block(name, text):
+    return f"<!-- bench:{name} -->\n{text.rstrip()}\n<!-- /bench:{name} -->\n"
+
+
+def block_re(name):
+    return re.compile(rf"<!-- bench:{re.escape(name)} -->\n.*?<!-- /bench:{re.escape(name)} -->\n?", re.S)
+
+
+def provenance(args, now):
+    return (f"*From `{args.command}` ({args.mode} run) on {now}, commit `{args.commit}`; {args.versions}; "
+            f"{machine()}: not the run the header describes.*\n\n")
+
+
+def generate(args, wanted, now):
+    """The sections this run measured, by name, each with its markers."""
     thr = []
     for name in sorted(os.listdir(args.results)):
-        if name.startswith("throughput-") and name.endswith(".json"):
-            n = int(name[len("throughput-"):-len(".json")])
-            thr.append((n, workload(args.results, name[:-len(".json")])))
+        m = re.fullmatch(r"throughput-(\d+)\.json", name)
+        if m:
+            thr.append((int(m.group(1)), workload(args.results, name[:-len(".json")])))
     thr.sort()
-    idle = workload(args.results, "idle")
-    if lat:
-        parts.append(section_latency(lat))
-    if con:
-        parts.append(section_connect(con, serial))
-    if thr:
-        parts.append(section_throughput(thr))
-    if idle:
-        parts.append(section_idle(idle, args.open_files))
-    if thr:
-        parts.append(section_cpu(thr))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    plots = [plot_link(args.results, out_dir, n) for n in
-             ["latency", "connect", "connect-serial"] + [f"throughput-{n}" for n, _ in thr]
-             if os.path.exists(os.path.join(args.results, n + ".svg"))]
+    texts = {}
+    if "latency" in wanted and (w := workload(args.results, "latency")):
+        texts["latency"] = section_latency(w)
+    if "connect" in wanted and (w := workload(args.results, "connect")):
+        texts["connect"] = section_connect(w, workload(args.results, "connect-serial"))
+    if "throughput" in wanted and thr:
+        texts["throughput"] = section_throughput(thr)
+    if "idle" in wanted and (w := workload(args.results, "idle")):
+        texts["idle"] = section_idle(w, args.open_files)
+    if "cpu" in wanted and thr:
+        texts["cpu"] = section_cpu(thr)
+    if "preauth" in wanted and (ws := preauth_workloads(args.results, "preauth")):
+        texts["preauth"] = section_preauth(ws)
+    if "compare" in wanted:
+        text = section_compare(args.results, os.path.dirname(os.path.abspath(args.out)))
+        if text:
+            texts["compare"] = text
+    out = {}
+    for name, text in texts.items():
+        # A section from another run than the header's says so; a comparison always names its run.
+        if args.partial or name == "compare":
+            heading, _, rest = text.partition("\n\n")
+            text = heading + "\n\n" + provenance(args, now) + rest
+        out[name] = block(name, text)
+    return out
+
+
+def report(args):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    wanted = set(filter(None, (args.sections or ",".join(SECTION_ORDER)).split(",")))
+    new = generate(args, wanted, now)
+    old = None
+    if os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            old = f.read()
+    if args.partial and old:
+        body = old
+        for name in SECTION_ORDER:
+            if name not in new:
+                continue
+            pattern = block_re(name)
+            if pattern.search(body):
+                body = pattern.sub(lambda _: new[name], body, count=1)
+                continue
+            # Before the first later section already there, else before the plots or the analysis.
+            later = [m.start() for n in SECTION_ORDER[SECTION_ORDER.index(name) + 1:]
+                     if (m := re.search(rf"<!-- bench:{re.escape(n)} -->", body))]
+            anchors = later or [i for i in (body.find("\n## Plots"), body.find(ANALYSIS_MARKER)) if i >= 0]
+            at = min(anchors) if anchors else len(body)
+            if at and body[at] == "\n":
+                at += 1
+            body = body[:at] + new[name] + "\n" + body[at:]
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(body)
+        return
+    # A new header and this run's sections; measured sections of other runs are kept.
+    kept = {}
+    if old:
+        for name in SECTION_ORDER:
+            if name not in new and (m := block_re(name).search(old)):
+                kept[name] = m.group(0)
+    parts = [new.get(name) or kept.get(name) for name in SECTION_ORDER]
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    thr = sorted(int(m.group(1)) for name in os.listdir(args.results)
+                 if (m := re.fullmatch(r"throughput-(\d+)\.json", name)))
+    plots = [plot_link(args.results, out_dir, n) for n in
+             ["latency", "connect", "connect-serial"] + [f"throughput-{n}" for n in thr]
+             if os.path.exists(os.path.join(args.results, n + ".svg")) and
+             ("throughput" if n.startswith("throughput") else n.split("-")[0]) in wanted]
     head = f"""# Benchmarks
 
 Written by `{args.command}` ({args.mode} run) on {now}, commit `{args.commit}`; {args.versions};
 {machine()}. Regenerate with the same command; only the analysis at the end is written by hand.
+A section measured by another run (`scripts/bench --only ...`, `scripts/bench --compare REV`) says
+so at its top.
 
 Every path is TLS (`sslmode=verify-full`, ECDSA P-256 certificate, TLS 1.3) with SCRAM-SHA-256:
 `pg` is PostgreSQL itself, `pgbouncer` is PgBouncer in transaction mode in front of it, `branchgate`
@@ -359,12 +708,10 @@ same cores.
 
 """
     analysis = f"{ANALYSIS_MARKER}\n\n## Analysis\n\n(none yet)\n"
-    if os.path.exists(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            old = f.read()
-        if ANALYSIS_MARKER in old:
-            analysis = old[old.index(ANALYSIS_MARKER):]
-    body = head + "\n".join(parts) + "\n## Plots\n\n" + "\n".join(plots) + "\n\n" + analysis
+    if old and ANALYSIS_MARKER in old:
+        analysis = old[old.index(ANALYSIS_MARKER):]
+    plots_text = "\n## Plots\n\n" + "\n".join(plots) + "\n" if plots else ""
+    body = head + "\n".join(p for p in parts if p) + plots_text + "\n" + analysis
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(body)
 
@@ -379,8 +726,15 @@ def main():
     p.add_argument("--command", default="scripts/bench")
     p.add_argument("--versions", default="")
     p.add_argument("--open-files", type=int, default=None, help="the router's open-file limit")
+    p.add_argument("--sections", help="the sections this run measured, comma-separated")
+    p.add_argument("--partial", action="store_true",
+                   help="replace or insert only these sections in an existing report")
+    p.add_argument("--criterion", metavar="CRITERION_HOME", help="print router_records before/after as JSON")
+    p.add_argument("--criterion-command", action="append", default=[], help="recorded with --criterion")
     args = p.parse_args()
-    if args.summary:
+    if args.criterion:
+        print(json.dumps(criterion_summary(args.criterion, args.criterion_command), indent=2))
+    elif args.summary:
         summary(args.summary)
     elif args.results and args.out:
         report(args)

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::query::Protocol;
+use crate::client::Stage;
 use crate::dist::BranchDist;
 
 /// The most source addresses `--source-ips` may list (a /8 has 16M; nobody needs more).
@@ -34,7 +35,8 @@ pub enum ModeArgs {
     Connect(ConnectArgs),
     /// Query latency and throughput over a fixed set of connections, open or closed loop.
     Query(QueryArgs),
-    /// Hold N idle connections and report the server's resident memory per connection.
+    /// Hold N connections (logged in, or stopped at a stage before authentication) and report
+    /// the server's resident memory per connection.
     Idle(IdleArgs),
 }
 
@@ -163,6 +165,16 @@ pub struct IdleArgs {
     /// Pause between the last connection opening and reading the memory.
     #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = parse_duration)]
     pub settle: Duration,
+    /// Where each connection stops and is held: tcp (connected, nothing sent), hello (TLS
+    /// ClientHello sent, after the SSLRequest round trip unless direct SSL), tls (handshake
+    /// done, nothing sent over it), startup (StartupMessage sent, the server's authentication
+    /// request received and left unanswered), ready (logged in).
+    #[arg(long, value_enum, value_name = "STAGE", default_value = "ready")]
+    pub stage: Stage,
+    /// Also read the proportional set size (Pss) and page tables of the --pid process and all
+    /// its descendants: for a server that forks a process per connection (PostgreSQL).
+    #[arg(long)]
+    pub process_tree: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -294,6 +306,16 @@ mod tests {
         };
         assert_eq!(args.common.pid[0].target, None);
         assert_eq!(args.common.pid_file[0].target.as_deref(), Some("b"));
+        assert_eq!(args.stage, Stage::Ready);
+        assert!(!args.process_tree);
+
+        let cli = parse("idle --target a=x --connections 10 --stage hello --process-tree")
+            .expect("valid");
+        let ModeArgs::Idle(args) = cli.mode else {
+            panic!("not idle")
+        };
+        assert_eq!(args.stage, Stage::Hello);
+        assert!(args.process_tree);
     }
 
     #[test]
@@ -316,6 +338,7 @@ mod tests {
             "query --target a=x --closed --slice 0s",
             "idle --target a=x --connections 5 --timeout 0s",
             "idle --target a=x --connections 5 --source-ips 127.0.0.9-127.0.0.1",
+            "idle --target a=x --connections 5 --stage auth",
         ] {
             assert!(parse(args).is_err(), "{args}");
         }

@@ -22,7 +22,8 @@
 //! - [`report`]: tables and JSON.
 //! - [`plot`]: the SVG percentile chart.
 //! - [`progress`]: the progress bar.
-//! - [`sys`]: open-file limit, ephemeral port range and /proc memory readings.
+//! - [`sys`]: open-file limit, ephemeral port range, /proc memory readings (a process, or a
+//!   process and its descendants), sockets the peer closed.
 //! - [`cpu`]: another process's CPU time (its CPU clock, or /proc/PID/stat).
 //! - [`sampler`]: each target's server CPU time, read at its slice boundaries.
 

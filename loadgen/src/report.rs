@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::client::Stage;
 use crate::modes::idle::IdleResult;
 use crate::sampler::CpuUse;
 use crate::stats::{Latency, Phases, Summary, TargetStats};
@@ -129,6 +130,8 @@ impl CpuReport {
 /// Idle mode's memory figures.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct IdleReport {
+    /// Where the connections were held (`--stage`).
+    pub stage: &'static str,
     /// Connections asked for.
     pub connections_requested: u64,
     /// The process measured.
@@ -137,8 +140,40 @@ pub struct IdleReport {
     pub rss_bytes_before: Option<u64>,
     /// Its VmRSS with the connections open, bytes.
     pub rss_bytes_after: Option<u64>,
-    /// (after - before) / connections opened.
+    /// (after - before) / connections open at the reading.
     pub bytes_per_connection: Option<f64>,
+    /// Held connections the server closed before we did.
+    pub closed_by_server: u64,
+    /// Of those, the ones closed before the memory was read (left out of the per-connection
+    /// figures).
+    pub closed_before_reading: u64,
+    /// How long the closed ones had been held (since reaching the stage), if any closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed_after_us: Option<Summary>,
+    /// `--process-tree`: the process and its descendants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_tree: Option<TreeReport>,
+}
+
+/// The memory of a process and its descendants (`process_tree` in the JSON).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TreeReport {
+    /// Processes before.
+    pub processes_before: u64,
+    /// Processes with the connections open.
+    pub processes_after: u64,
+    /// Summed Pss before, bytes.
+    pub pss_bytes_before: u64,
+    /// Summed Pss with the connections open, bytes.
+    pub pss_bytes_after: u64,
+    /// Summed page tables (VmPTE) before, bytes.
+    pub page_table_bytes_before: u64,
+    /// Summed page tables with the connections open, bytes.
+    pub page_table_bytes_after: u64,
+    /// Pss change / connections open at the reading.
+    pub pss_bytes_per_connection: Option<f64>,
+    /// Page-table change / connections open at the reading.
+    pub page_table_bytes_per_connection: Option<f64>,
 }
 
 impl TargetReport {
@@ -176,13 +211,33 @@ impl TargetReport {
     }
 
     /// The report of an idle-mode target.
-    pub fn idle(name: &str, requested: u64, result: IdleResult) -> TargetReport {
+    pub fn idle(name: &str, requested: u64, stage: Stage, result: IdleResult) -> TargetReport {
+        let process_tree = match (result.tree_before, result.tree_after) {
+            (Some(before), Some(after)) => Some(TreeReport {
+                processes_before: before.processes,
+                processes_after: after.processes,
+                pss_bytes_before: before.pss_bytes,
+                pss_bytes_after: after.pss_bytes,
+                page_table_bytes_before: before.page_table_bytes,
+                page_table_bytes_after: after.page_table_bytes,
+                pss_bytes_per_connection: result.tree_pss_per_connection().map(|b| round(b, 1)),
+                page_table_bytes_per_connection: result
+                    .tree_page_tables_per_connection()
+                    .map(|b| round(b, 1)),
+            }),
+            _ => None,
+        };
         let idle = IdleReport {
+            stage: stage.as_str(),
             connections_requested: requested,
             pid: result.pid,
             rss_bytes_before: result.rss_before,
             rss_bytes_after: result.rss_after,
             bytes_per_connection: result.bytes_per_connection().map(|b| round(b, 1)),
+            closed_by_server: result.closed_by_server,
+            closed_before_reading: result.closed_before_reading,
+            closed_after_us: recorded(&result.closed_after),
+            process_tree,
         };
         let mut report = TargetReport::new(name, "idle", result.stats);
         report.idle = Some(idle);
@@ -300,11 +355,16 @@ impl Report {
     }
 
     fn idle_table(&self, out: &mut String, width: usize) {
-        let _ = writeln!(
+        let tree = self
+            .results
+            .iter()
+            .any(|r| r.idle.is_some_and(|i| i.process_tree.is_some()));
+        let _ = write!(
             out,
-            "{:<width$} {:>8} {:>7} {:>10} {:>9} {:>9} {:>11} {:>11} {:>10}",
+            "{:<width$} {:>8} {:>7} {:>7} {:>10} {:>9} {:>9} {:>11} {:>11} {:>10}",
             "target",
             "open",
+            "closed",
             "errors",
             "open/s",
             "setup p50",
@@ -313,22 +373,57 @@ impl Report {
             "rss after",
             "bytes/conn"
         );
+        if tree {
+            let _ = write!(
+                out,
+                " {:>9} {:>9} {:>9}",
+                "processes", "pss/conn", "pte/conn"
+            );
+        }
+        out.push('\n');
+        let per_conn = |b: Option<f64>| b.map_or("-".into(), |b| format!("{b:.0}"));
         for r in &self.results {
             let Some(idle) = &r.idle else { continue };
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "{:<width$} {:>8} {:>7} {:>10.1} {:>9} {:>9} {:>11} {:>11} {:>10}",
+                "{:<width$} {:>8} {:>7} {:>7} {:>10.1} {:>9} {:>9} {:>11} {:>11} {:>10}",
                 r.target,
                 r.count,
+                idle.closed_by_server,
                 r.errors,
                 r.rate_per_s,
                 us(r.latency_us.p50),
                 us(r.latency_us.p99),
                 idle.rss_bytes_before.map_or("-".into(), bytes),
                 idle.rss_bytes_after.map_or("-".into(), bytes),
-                idle.bytes_per_connection
-                    .map_or("-".into(), |b| format!("{b:.0}")),
+                per_conn(idle.bytes_per_connection),
             );
+            if tree {
+                let (processes, pss, pte) = match &idle.process_tree {
+                    Some(t) => (
+                        format!("{}", t.processes_after),
+                        per_conn(t.pss_bytes_per_connection),
+                        per_conn(t.page_table_bytes_per_connection),
+                    ),
+                    None => ("-".into(), "-".into(), "-".into()),
+                };
+                let _ = write!(out, " {processes:>9} {pss:>9} {pte:>9}");
+            }
+            out.push('\n');
+        }
+        for r in &self.results {
+            let Some(idle) = &r.idle else { continue };
+            if idle.closed_by_server > 0 {
+                let after = idle
+                    .closed_after_us
+                    .map_or("-".into(), |s| format!("{} / {}", us(s.p50), us(s.max)));
+                let _ = writeln!(
+                    out,
+                    "\n{}: the server closed {} of the {} held connections ({} before the memory \
+                     reading, left out of bytes/conn); held p50 / max before the close: {after}",
+                    r.target, idle.closed_by_server, r.count, idle.closed_before_reading
+                );
+            }
         }
     }
 }
@@ -518,13 +613,85 @@ mod tests {
             pid: Some(7),
             rss_before: Some(1 << 20),
             rss_after: Some((1 << 20) + 4_096_000),
+            tree_before: None,
+            tree_after: None,
+            closed_by_server: 0,
+            closed_before_reading: 0,
+            closed_after: Latency::new(),
         };
-        let report = TargetReport::idle("bg", 1000, result);
+        let report = TargetReport::idle("bg", 1000, Stage::Tls, result);
         let json = serde_json::to_value(&report).expect("serializes");
         assert_eq!(json["bytes_per_connection"], 4096.0);
         assert_eq!(json["rss_bytes_before"], 1 << 20);
         assert_eq!(json["connections_requested"], 1000);
+        assert_eq!(json["stage"], "tls");
+        assert_eq!(json["closed_by_server"], 0);
+        assert!(json.get("closed_after_us").is_none());
+        assert!(json.get("process_tree").is_none());
         assert!(json.get("phases").is_none());
+    }
+
+    #[test]
+    fn idle_closes_and_process_tree() {
+        use crate::sys::TreeMemory;
+        let mut closed_after = Latency::new();
+        for _ in 0..100 {
+            closed_after.record(Duration::from_secs(5));
+        }
+        let tree = |processes, pss_bytes| TreeMemory {
+            processes,
+            pss_bytes,
+            page_table_bytes: processes * 100_000,
+        };
+        let result = IdleResult {
+            stats: stats(1000, 500),
+            pid: Some(7),
+            rss_before: Some(1 << 20),
+            rss_after: Some(1 << 20),
+            tree_before: Some(tree(6, 40_000_000)),
+            tree_after: Some(tree(906, 940_000_000)),
+            closed_by_server: 100,
+            closed_before_reading: 100,
+            closed_after,
+        };
+        let report = Report {
+            mode: "idle",
+            threads: 2,
+            settings: serde_json::json!({}),
+            results: vec![TargetReport::idle("pg", 1000, Stage::Tcp, result)],
+            headline: "idle".into(),
+        };
+        let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
+        let r = &json["results"][0];
+        assert_eq!(
+            (
+                r["closed_by_server"].as_u64(),
+                r["closed_before_reading"].as_u64()
+            ),
+            (Some(100), Some(100))
+        );
+        assert!(
+            (r["closed_after_us"]["p50"].as_f64().expect("p50") - 5e6).abs() < 5e3,
+            "{r}"
+        );
+        assert_eq!(r["bytes_per_connection"], 0.0);
+        let t = &r["process_tree"];
+        assert_eq!(
+            (
+                t["processes_before"].as_u64(),
+                t["processes_after"].as_u64()
+            ),
+            (Some(6), Some(906))
+        );
+        assert_eq!(t["pss_bytes_per_connection"], 1_000_000.0);
+        assert_eq!(t["page_table_bytes_per_connection"], 100_000.0);
+        let table = report.table();
+        assert!(table.contains("processes  pss/conn  pte/conn"), "{table}");
+        assert!(table.contains("906   1000000    100000"), "{table}");
+        assert!(
+            table.contains("pg: the server closed 100 of the 1000 held connections (100 before"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -110,21 +110,28 @@ pub fn run(cli: Cli) -> Result<Outcome, Error> {
 }
 
 /// What `--strict` refuses: a target with failed operations, or with no successful one (a
-/// target that recorded nothing measured nothing, however few errors it had).
+/// target that recorded nothing measured nothing, however few errors it had), or (idle) whose
+/// server closed held connections: its memory figure is then not the one asked for.
 pub fn strict_failures(report: &Report) -> Vec<String> {
-    report
-        .results
-        .iter()
-        .filter_map(|r| match (r.errors, r.count) {
-            (0, 0) => Some(format!("target '{}' recorded no operations", r.target)),
-            (0, _) => None,
-            (errors, _) => Some(format!(
+    let mut failures = Vec::new();
+    for r in &report.results {
+        match (r.errors, r.count) {
+            (0, 0) => failures.push(format!("target '{}' recorded no operations", r.target)),
+            (0, _) => {}
+            (errors, _) => failures.push(format!(
                 "target '{}' had {errors} failed operations (first: {})",
                 r.target,
                 r.first_error.as_deref().unwrap_or("unknown")
             )),
-        })
-        .collect()
+        }
+        if let Some(idle) = r.idle.filter(|i| i.closed_by_server > 0) {
+            failures.push(format!(
+                "target '{}': the server closed {} of {} held connections",
+                r.target, idle.closed_by_server, r.count
+            ));
+        }
+    }
+    failures
 }
 
 fn run_connect(args: ConnectArgs) -> Result<(Arc<Common>, Report), Error> {
@@ -229,6 +236,7 @@ fn run_query(args: QueryArgs) -> Result<(Arc<Common>, Report), Error> {
 
 fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
     let mut common = Common::from_args(args.common)?;
+    common.check_stage(args.stage)?;
     let connections = args.connections.get();
     let ports = sys::ephemeral_ports().unwrap_or(sys::DEFAULT_EPHEMERAL_PORTS);
     let spread = common.spread_sources(connections, ports);
@@ -255,6 +263,8 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
         concurrency: args.concurrency.get(),
         hold: args.hold,
         settle: args.settle,
+        stage: args.stage,
+        process_tree: args.process_tree,
     };
     let results = idle::run(common.clone(), settings)?;
     let report = Report {
@@ -262,13 +272,16 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
         threads: common.threads,
         settings: json!({
             "connections": connections, "concurrency": args.concurrency.get(),
+            "stage": args.stage.as_str(), "process_tree": args.process_tree,
             "hold_s": args.hold.as_secs_f64(), "settle_s": args.settle.as_secs_f64(),
             "source_ips": common.source_ips.len(),
             "source_ips_auto": matches!(spread, Spread::Loopback(_)),
             "timeout_s": common.timeout.as_secs_f64(),
         }),
         headline: format!(
-            "idle: {connections} connections per target, held {}, {} threads, targets one after another",
+            "idle: {connections} connections per target held at stage {}, for {} after the \
+             reading, {} threads, targets one after another",
+            args.stage,
             secs(args.hold),
             common.threads
         ),
@@ -276,7 +289,7 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
             .targets
             .iter()
             .zip(results)
-            .map(|(t, r)| TargetReport::idle(&t.name, connections as u64, r))
+            .map(|(t, r)| TargetReport::idle(&t.name, connections as u64, args.stage, r))
             .collect(),
     };
     Ok((common, report))

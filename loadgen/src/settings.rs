@@ -9,6 +9,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::cli::{CommonArgs, PidSpec};
+use crate::client::Stage;
 use crate::dist::BranchPicker;
 use crate::source::{self, Spread};
 use crate::sys::{self, ProcError};
@@ -61,6 +62,14 @@ pub enum UsageError {
         target: String,
         /// Its address.
         addr: SocketAddr,
+    },
+    /// `idle --stage hello|tls` with a target that does not use TLS.
+    #[error("target '{target}': --stage {stage} needs TLS (sslmode=require or verify-full)")]
+    StageNeedsTls {
+        /// The target.
+        target: String,
+        /// The stage.
+        stage: Stage,
     },
     /// The `--plot` file cannot be written (checked before measuring).
     #[error("cannot write plot {path}: {source}")]
@@ -143,6 +152,17 @@ impl Common {
             strict: args.strict,
             pids,
         })
+    }
+
+    /// Refuses a stage that only exists with TLS when a target has none.
+    pub fn check_stage(&self, stage: Stage) -> Result<(), UsageError> {
+        match self.targets.iter().find(|t| t.tls.is_none()) {
+            Some(target) if stage.needs_tls() => Err(UsageError::StageNeedsTls {
+                target: target.name.clone(),
+                stage,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// A branch for a new connection.
@@ -324,6 +344,21 @@ mod tests {
             let error = common(args).expect_err(args);
             assert_eq!(error.to_string(), message);
         }
+    }
+
+    #[test]
+    fn tls_stages_need_tls() {
+        let c = common("--target a=postgres://u@127.0.0.1?sslmode=require --target b=postgres://u@127.0.0.1?sslmode=disable")
+            .expect("valid");
+        for stage in [Stage::Tcp, Stage::Startup, Stage::Ready] {
+            assert!(c.check_stage(stage).is_ok(), "{stage}");
+        }
+        let error = c.check_stage(Stage::Tls).expect_err("plaintext b");
+        assert_eq!(
+            error.to_string(),
+            "target 'b': --stage tls needs TLS (sslmode=require or verify-full)"
+        );
+        assert!(c.check_stage(Stage::Hello).is_err());
     }
 
     #[test]

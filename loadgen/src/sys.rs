@@ -1,8 +1,11 @@
-//! The operating system: the open-file limit, the ephemeral port range, and another process's
-//! resident memory.
+//! The operating system: the open-file limit, the ephemeral port range, another process's
+//! resident memory (or that of a process and all its descendants), and sockets the peer has
+//! closed.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::fd::RawFd;
 use std::path::Path;
 
 /// Descriptors kept spare beyond the connections (runtime, stdio, files).
@@ -106,6 +109,21 @@ pub enum ProcError {
     /// /proc/PID/status has no VmRSS line (a kernel thread, or a zombie).
     #[error("/proc/{0}/status has no VmRSS")]
     NoRss(u32),
+    /// /proc/PID/smaps_rollup could not be read (another user's process needs root or
+    /// CAP_SYS_PTRACE).
+    #[error("cannot read /proc/{pid}/smaps_rollup: {source}")]
+    Smaps {
+        /// The process.
+        pid: u32,
+        /// Why.
+        source: io::Error,
+    },
+    /// /proc/PID/smaps_rollup has no Pss line, or /proc/PID/status no VmPTE line.
+    #[error("/proc/{0} has no Pss or VmPTE (a kernel thread, or a zombie)")]
+    NoPss(u32),
+    /// /proc could not be listed.
+    #[error("cannot list /proc: {0}")]
+    ListProc(io::Error),
 }
 
 /// The process id on the first line of a pid file (as PostgreSQL's postmaster.pid has it).
@@ -129,13 +147,145 @@ pub fn rss_bytes(pid: u32) -> Result<u64, ProcError> {
 
 /// The `VmRSS:   1234 kB` line of /proc/PID/status, in bytes.
 fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut words = line["VmRSS:".len()..].split_whitespace();
+    parse_kb_line(status, "VmRSS:")
+}
+
+/// The `KEY   1234 kB` line of a /proc file (`status`, `smaps_rollup`), in bytes.
+fn parse_kb_line(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let mut words = line[key.len()..].split_whitespace();
     let value: u64 = words.next()?.parse().ok()?;
     match words.next() {
         Some("kB") => value.checked_mul(1024),
         _ => None,
     }
+}
+
+/// The memory of a process and all its descendants (children, their children, ...), for a
+/// server that forks a process per connection (PostgreSQL): its own VmRSS says nothing of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeMemory {
+    /// Processes in the tree, the root included.
+    pub processes: u64,
+    /// Their proportional set sizes summed, bytes: every resident page once in all, a page
+    /// shared by k of them counted 1/k in each (so pages a child still shares with the
+    /// postmaster after fork, and shared memory, are not counted once per process as a sum of
+    /// VmRSS would count them). Kernel memory is not in it.
+    pub pss_bytes: u64,
+    /// Their page tables summed (VmPTE), bytes: kernel memory each process costs beyond its
+    /// pages, which a server with one process for all connections does not pay per connection.
+    pub page_table_bytes: u64,
+}
+
+/// Reads [`TreeMemory`] of `root` and its descendants. A descendant that exits meanwhile is
+/// left out; the root must be readable.
+pub fn tree_memory(root: u32) -> Result<TreeMemory, ProcError> {
+    let mut total = TreeMemory::default();
+    for pid in descendants(root)? {
+        match process_memory(pid) {
+            Ok((pss, page_tables)) => {
+                total.processes += 1;
+                total.pss_bytes += pss;
+                total.page_table_bytes += page_tables;
+            }
+            // Gone, or a zombie that holds no memory any more.
+            Err(ProcError::Status { source, .. } | ProcError::Smaps { source, .. })
+                if pid != root && gone(&source) => {}
+            Err(ProcError::NoPss(_)) if pid != root => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(total)
+}
+
+/// Whether reading a process's /proc file failed because it exited meanwhile.
+fn gone(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::NotFound || error.raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Pss (smaps_rollup) and VmPTE (status) of one process, bytes.
+fn process_memory(pid: u32) -> Result<(u64, u64), ProcError> {
+    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map_err(|source| ProcError::Smaps { pid, source })?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|source| ProcError::Status { pid, source })?;
+    match (
+        parse_kb_line(&rollup, "Pss:"),
+        parse_kb_line(&status, "VmPTE:"),
+    ) {
+        (Some(pss), Some(page_tables)) => Ok((pss, page_tables)),
+        _ => Err(ProcError::NoPss(pid)),
+    }
+}
+
+/// `root` and every process descending from it, root first, from the parent of each process
+/// in /proc/PID/stat.
+fn descendants(root: u32) -> Result<Vec<u32>, ProcError> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for entry in fs::read_dir("/proc").map_err(ProcError::ListProc)? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Processes come and go while /proc is listed; one that is gone has no children here.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(parent) = parse_parent(&stat) {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        if let Some(kids) = children.get(&tree[next]) {
+            tree.extend(kids);
+        }
+        next += 1;
+    }
+    Ok(tree)
+}
+
+/// The parent pid in /proc/PID/stat: `pid (comm) state ppid ...`, where comm may itself hold
+/// spaces and parentheses, so the fields are counted from the last `)`.
+fn parse_parent(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Which of `fds` the peer has closed (its FIN or RST arrived), without reading from them:
+/// poll(2) with no wait, for POLLRDHUP (POLLHUP and POLLERR come unasked). Bytes the server
+/// sent and left unread do not count as a close.
+pub fn peer_closed(fds: &[RawFd]) -> io::Result<Vec<bool>> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        })
+        .collect();
+    let len = libc::nfds_t::try_from(polls.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many descriptors"))?;
+    loop {
+        // SAFETY: `polls` is a valid array of `len` pollfd structures, written in place.
+        let n = unsafe { libc::poll(polls.as_mut_ptr(), len, 0) };
+        if n >= 0 {
+            break;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(polls
+        .iter()
+        .map(|p| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+        .collect())
 }
 
 #[cfg(test)]
@@ -149,6 +299,67 @@ mod tests {
         assert_eq!(parse_vm_rss("Name:\tx\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
         assert_eq!(parse_vm_rss("VmRSS:\tx kB\n"), None);
+    }
+
+    #[test]
+    fn smaps_and_stat_fixtures() {
+        let rollup = "56417f0fd000-7fff835f0000 ---p 00000000 00:00 0  [rollup]\nRss:  1772 kB\nPss:  458 kB\nPss_Dirty:  116 kB\n";
+        assert_eq!(parse_kb_line(rollup, "Pss:"), Some(458 * 1024));
+        assert_eq!(
+            parse_kb_line("VmPTE:\t  44 kB\n", "VmPTE:"),
+            Some(44 * 1024)
+        );
+        assert_eq!(parse_kb_line(rollup, "VmPTE:"), None);
+        assert_eq!(parse_parent("42 (postgres) S 7 42 42 0 -1"), Some(7));
+        assert_eq!(parse_parent("43 (a) b (c) R 9 43"), Some(9));
+        assert_eq!(parse_parent("44 (x"), None);
+    }
+
+    #[test]
+    fn a_tree_counts_its_children() {
+        let me = std::process::id();
+        let alone = tree_memory(me).expect("own tree");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let with_child = tree_memory(me).expect("own tree");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(alone.processes >= 1 && alone.pss_bytes > 0, "{alone:?}");
+        assert!(alone.page_table_bytes > 0, "{alone:?}");
+        assert!(
+            with_child.processes > alone.processes,
+            "{alone:?} {with_child:?}"
+        );
+        assert!(matches!(
+            tree_memory(u32::MAX),
+            Err(ProcError::Smaps { .. })
+        ));
+    }
+
+    #[test]
+    fn closed_sockets_are_seen_without_reading() {
+        use std::io::Write;
+        use std::net::{TcpListener, TcpStream};
+        use std::os::fd::AsRawFd;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pair = || {
+            let client = TcpStream::connect(addr).expect("connect");
+            (client, listener.accept().expect("accept").0)
+        };
+        let ((silent, _s1), (talked, mut s2), (closed, s3)) = (pair(), pair(), pair());
+        s2.write_all(b"N").expect("write");
+        drop(s3);
+        let fds = [silent.as_raw_fd(), talked.as_raw_fd(), closed.as_raw_fd()];
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Unread bytes are not a close; a FIN is, read or not.
+        assert_eq!(peer_closed(&fds).expect("poll"), [false, false, true]);
+        drop(s2);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(peer_closed(&fds).expect("poll"), [false, true, true]);
+        assert!(peer_closed(&[]).expect("nothing").is_empty());
     }
 
     #[test]

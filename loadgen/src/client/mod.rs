@@ -5,11 +5,13 @@
 //! - [`startup`]: SSLRequest or direct SSL, StartupMessage, SCRAM-SHA-256, up to ReadyForQuery,
 //!   with the time of each phase.
 //! - [`query`]: simple and extended (prepared) queries.
+//! - [`stage`]: connections held part of the way through setup (before authentication).
 //!
 //! Frames are read into one reused buffer per connection. Results are not kept: rows and other
 //! large messages are skipped as they stream past, so any result size works with a small buffer.
 
 pub mod query;
+pub mod stage;
 pub mod startup;
 pub mod tls;
 pub mod transport;
@@ -21,6 +23,7 @@ use branchgate::buf::ReadBuf;
 use branchgate::protocol::backend::{self as msg, ErrorFields};
 use branchgate::protocol::frame::{self, FrameError, FrameHeader};
 
+pub use stage::{open_to, Held, Stage};
 pub use startup::{connect, ConnectOptions, Timings};
 pub use transport::Transport;
 
@@ -78,6 +81,15 @@ pub enum ClientError {
     /// SCRAM failed (wrong server signature, malformed message).
     #[error("SCRAM: {0}")]
     Scram(#[from] ScramError),
+    /// Asked to stop at the server's authentication request, but the server let the client
+    /// in without one (`trust`): there is no such stage to hold.
+    #[error(
+        "server authenticated without asking for a password: no authentication request to stop at"
+    )]
+    NoAuthRequest,
+    /// A stage that only exists with TLS (`hello`, `tls`) asked of a plaintext target.
+    #[error("stage '{0}' needs TLS (sslmode=require or verify-full)")]
+    StageNeedsTls(stage::Stage),
     /// The operation did not finish within `--timeout`.
     #[error("timed out")]
     Timeout,

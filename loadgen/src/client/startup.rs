@@ -15,6 +15,7 @@ use branchgate::protocol::backend::{self as msg, Authentication};
 use branchgate::protocol::frame;
 use branchgate::protocol::write as pgwrite;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
 
 use super::transport::{tcp_connect, Transport};
 use super::{tls, ClientError, Conn, Incoming};
@@ -77,44 +78,17 @@ pub async fn connect(
 ) -> Result<(Conn, Timings), ClientError> {
     let target = options.target;
     let start = Instant::now();
-    let mut tcp = tcp_connect(target.addr, options.source)
+    let tcp = tcp_connect(target.addr, options.source)
         .await
         .map_err(ClientError::Connect)?;
     let tcp_done = Instant::now();
-    let mut ssl_request_done = None;
-    let transport = match &target.tls {
-        None => Transport::Plain(tcp),
-        Some(settings) => {
-            if !settings.direct {
-                ssl_request(&mut tcp).await?;
-                ssl_request_done = Some(Instant::now());
-            }
-            let stream = tls::handshake(
-                tcp,
-                settings.config.clone(),
-                settings.server_name.clone(),
-                settings.direct,
-            )
-            .await?;
-            Transport::Tls(Box::new(stream))
-        }
-    };
+    let (transport, ssl_request_done) = secure(tcp, target).await?;
     let tls_done = match transport {
         Transport::Plain(_) => None,
         Transport::Tls(_) => Some(Instant::now()),
     };
     let mut conn = Conn::new(transport);
-    let mut params = vec![("user", options.user)];
-    if let Some(database) = &target.url.database {
-        params.push(("database", database));
-    }
-    let application_name = target.url.application_name.as_deref();
-    params.push((
-        "application_name",
-        application_name.unwrap_or(DEFAULT_APPLICATION_NAME),
-    ));
-    pgwrite::startup_message(&mut conn.wbuf, params);
-    conn.flush().await?;
+    send_startup(&mut conn, options).await?;
     let auth_done = authenticate(&mut conn, &target.url.password, cache).await?;
     let ready = Instant::now();
     let timings = Timings {
@@ -128,8 +102,51 @@ pub async fn connect(
     Ok((conn, timings))
 }
 
+/// TLS over `tcp` as the target asks for it (SSLRequest round trip then handshake, or direct
+/// SSL), or plain TCP. Returns when the SSLRequest was answered, if one was sent.
+pub(super) async fn secure(
+    mut tcp: TcpStream,
+    target: &Target,
+) -> Result<(Transport, Option<Instant>), ClientError> {
+    let Some(settings) = &target.tls else {
+        return Ok((Transport::Plain(tcp), None));
+    };
+    let mut ssl_request_done = None;
+    if !settings.direct {
+        ssl_request(&mut tcp).await?;
+        ssl_request_done = Some(Instant::now());
+    }
+    let stream = tls::handshake(
+        tcp,
+        settings.config.clone(),
+        settings.server_name.clone(),
+        settings.direct,
+    )
+    .await?;
+    Ok((Transport::Tls(Box::new(stream)), ssl_request_done))
+}
+
+/// Sends the StartupMessage: `user`, `database` if the URL has one, `application_name`.
+pub(super) async fn send_startup(
+    conn: &mut Conn,
+    options: ConnectOptions<'_>,
+) -> Result<(), ClientError> {
+    let target = options.target;
+    let mut params = vec![("user", options.user)];
+    if let Some(database) = &target.url.database {
+        params.push(("database", database));
+    }
+    let application_name = target.url.application_name.as_deref();
+    params.push((
+        "application_name",
+        application_name.unwrap_or(DEFAULT_APPLICATION_NAME),
+    ));
+    pgwrite::startup_message(&mut conn.wbuf, params);
+    conn.flush().await
+}
+
 /// Sends SSLRequest and reads the one-byte answer.
-async fn ssl_request(tcp: &mut monoio::net::TcpStream) -> Result<(), ClientError> {
+pub(super) async fn ssl_request(tcp: &mut TcpStream) -> Result<(), ClientError> {
     let mut request = Vec::with_capacity(8);
     pgwrite::ssl_request(&mut request);
     let (result, _) = tcp.write_all(request).await;
@@ -141,6 +158,37 @@ async fn ssl_request(tcp: &mut monoio::net::TcpStream) -> Result<(), ClientError
         (_, Some(&SSL_ACCEPTED)) => Ok(()),
         (_, Some(&SSL_REFUSED)) => Err(ClientError::TlsRefused),
         (_, Some(_)) => Err(ClientError::Protocol("unexpected answer to SSLRequest")),
+    }
+}
+
+/// Reads the server's answer to the StartupMessage up to its first authentication request
+/// (AuthenticationSASL from a SCRAM server), which is left unanswered: the connection then
+/// waits on the server's side for a password that never comes (idle mode's `startup` stage).
+pub(super) async fn await_auth_request(conn: &mut Conn) -> Result<(), ClientError> {
+    loop {
+        let header = match conn.next().await? {
+            Incoming::Whole(header) => header,
+            Incoming::Skipped(_) => continue,
+        };
+        let body = frame::body(conn.rbuf.data(), header);
+        match header.tag {
+            msg::AUTHENTICATION => {
+                let request = Authentication::parse(body)
+                    .map_err(|_| ClientError::Protocol("malformed authentication request"))?;
+                if let Authentication::Ok = request {
+                    return Err(ClientError::NoAuthRequest);
+                }
+                conn.consume(header);
+                return Ok(());
+            }
+            msg::ERROR_RESPONSE => return Err(ClientError::server(body)),
+            msg::NOTICE_RESPONSE | msg::NEGOTIATE_PROTOCOL_VERSION => conn.consume(header),
+            _ => {
+                return Err(ClientError::Protocol(
+                    "unexpected message before authentication",
+                ))
+            }
+        }
     }
 }
 

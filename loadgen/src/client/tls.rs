@@ -5,6 +5,7 @@
 //! [`ReadBuf`] and fed to rustls; plaintext comes out into the caller's buffer.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -194,6 +195,22 @@ pub async fn handshake(
     Ok(stream)
 }
 
+/// Sends the ClientHello of a handshake that goes no further (idle mode's `hello` stage): the
+/// server answers with its first flight, which is left unread, and then waits for the client's.
+pub async fn client_hello(
+    tcp: &mut TcpStream,
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+) -> Result<(), ClientError> {
+    let mut conn = ClientConnection::new(config, server_name)?;
+    let mut out = Vec::with_capacity(1024);
+    while conn.wants_write() {
+        conn.write_tls(&mut out)?;
+    }
+    write_all_vec(tcp, &mut out).await?;
+    Ok(())
+}
+
 /// Whether a read result means the server hung up: end of stream, or a reset (the kernel
 /// resets a connection closed with unread data, such as the rest of a ClientHello).
 fn hung_up(read: &io::Result<usize>) -> bool {
@@ -262,5 +279,11 @@ impl TlsStream {
     pub fn shrink(&mut self) {
         self.raw = ReadBuf::new(0);
         self.out = Vec::new();
+    }
+}
+
+impl AsRawFd for TlsStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.tcp.as_raw_fd()
     }
 }

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use branchgate::buf::ReadBuf;
 use monoio::io::AsyncWriteRentExt;
@@ -59,6 +59,15 @@ impl Transport {
     pub fn shrink(&mut self) {
         if let Transport::Tls(tls) = self {
             tls.shrink();
+        }
+    }
+}
+
+impl AsRawFd for Transport {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Transport::Plain(tcp) => tcp.as_raw_fd(),
+            Transport::Tls(tls) => tls.as_raw_fd(),
         }
     }
 }

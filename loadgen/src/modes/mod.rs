@@ -2,26 +2,29 @@
 //!
 //! - [`connect`]: connection storms.
 //! - [`query`]: query latency and throughput.
-//! - [`idle`]: memory per idle connection.
+//! - [`idle`]: memory per held connection, logged in or stopped before authentication.
 
 pub mod connect;
 pub mod idle;
 pub mod query;
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use branchgate::auth::scram::SaltedPasswordCache;
 
-use crate::client::{self, ClientError, Conn, ConnectOptions, Timings};
+use crate::client::{self, ClientError, Conn, ConnectOptions, Held, Stage, Timings};
 use crate::plan::Plan;
 use crate::runtime::{Counters, RuntimeError};
 use crate::sampler::{CpuUse, SamplerError};
 use crate::settings::Common;
 use crate::stats::TargetStats;
+use crate::target::Target;
 use crate::timer::Timer;
 
 /// What `connect` and `query` measured, per target in command-line order.
@@ -102,22 +105,54 @@ impl Local {
         index: usize,
         branch: Option<&str>,
     ) -> Result<(Conn, Timings), ClientError> {
-        let common = &self.common;
-        let target = &common.targets[index];
-        let user = target.user(branch);
-        let n = self.connections.get();
-        self.connections.set(n + 1);
-        // Threads interleave so together they walk the addresses in order.
-        let source = common.source_ip(n * common.threads + self.thread);
+        let (target, user, source) = self.destination(index, branch);
         let options = ConnectOptions {
             target,
             user: &user,
             source,
         };
-        match monoio::time::timeout(common.timeout, client::connect(options, &self.cache)).await {
+        match monoio::time::timeout(self.common.timeout, client::connect(options, &self.cache))
+            .await
+        {
             Ok(result) => result,
             Err(_) => Err(ClientError::Timeout),
         }
+    }
+
+    /// Opens a connection to target `index` as far as `stage` (idle mode), giving up after
+    /// `--timeout`; returns it with when it got there.
+    pub async fn open_to(
+        &self,
+        index: usize,
+        stage: Stage,
+    ) -> Result<(Held, Instant), ClientError> {
+        let branch = self.common.pick_branch(&mut rand::thread_rng());
+        let (target, user, source) = self.destination(index, branch);
+        let options = ConnectOptions {
+            target,
+            user: &user,
+            source,
+        };
+        let opening = client::open_to(options, &self.cache, stage);
+        match monoio::time::timeout(self.common.timeout, opening).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Target `index`, its user name for `branch`, and the next source address.
+    fn destination(
+        &self,
+        index: usize,
+        branch: Option<&str>,
+    ) -> (&Target, Cow<'_, str>, Option<IpAddr>) {
+        let common = &self.common;
+        let target = &common.targets[index];
+        let n = self.connections.get();
+        self.connections.set(n + 1);
+        // Threads interleave so together they walk the addresses in order.
+        let source = common.source_ip(n * common.threads + self.thread);
+        (target, target.user(branch), source)
     }
 
     /// Records a failure for target `index`.
