@@ -86,7 +86,10 @@ async fn start(
 ) -> Option<Session> {
     let worker = &worker;
     let mut conn = ClientConn::new(tcp, &worker.buffers);
-    let auth = match front_door::admit(worker, &mut conn, accepted).await {
+    // The front door and the backend connect are boxed one after the other: a connection holds
+    // the state of the step it is in, not room for the largest of them all along.
+    let admitted = Box::pin(front_door::admit(worker, &mut conn, accepted)).await;
+    let auth = match admitted {
         Ok(Admission::Authenticated(auth)) => auth,
         Ok(Admission::Cancel(key)) => {
             crate::cancel::handle(worker, key, peer.ip());
@@ -104,7 +107,7 @@ async fn start(
         return None;
     };
     let connecting = monoio::select! {
-        connected = connect_backend(worker, &auth) => connected,
+        connected = Box::pin(connect_backend(worker, &auth)) => connected,
         _ = worker.drain_over() => Err((SessionError::Terminated(KillReason::Shutdown), Vec::new())),
     };
     let Connected {

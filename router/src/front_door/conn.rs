@@ -168,6 +168,8 @@ impl<'w> ClientConn<'w> {
                 }
             };
             write_all_vec(&mut self.tcp, &mut self.tls_out).await?;
+            // The server's flight (its certificate chain) is not kept while the client answers.
+            shrink(&mut self.tls_out);
             match want {
                 Want::Write => {}
                 Want::Read => {
