@@ -3,6 +3,12 @@
 //! monoio hands a buffer to the kernel for the duration of a read or write, so a connection
 //! keeps one boxed slice per direction and lends it out for each operation. Positions are kept
 //! as offsets (`start..end`), never as borrowed views across an `.await`.
+//!
+//! These buffers hold plaintext (opened records, messages to seal). A buffer is zeroed when its
+//! memory goes back to the allocator: a [`ReadBuf`] dropped with its storage, a buffer the full
+//! [`BufPool`] does not keep, the pool's buffers when the pool is dropped. Going back to the
+//! pool it is not zeroed: that is the per-message path, and the next connection to take it
+//! only ever reads what it wrote itself.
 
 use std::cell::RefCell;
 use std::io;
@@ -10,6 +16,7 @@ use std::ops::Range;
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use zeroize::Zeroize;
 
 /// A fixed-size buffer holding the unconsumed bytes `start..end`.
 #[derive(Debug)]
@@ -60,8 +67,8 @@ impl ReadBuf {
     }
 
     /// Hand the storage back to `pool` (whatever it still holds is dropped).
-    pub fn release(self, pool: &BufPool) {
-        pool.give(self.data);
+    pub fn release(mut self, pool: &BufPool) {
+        pool.give(std::mem::take(&mut self.data));
     }
 
     /// The unconsumed bytes.
@@ -149,6 +156,12 @@ impl ReadBuf {
     }
 }
 
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        self.data.zeroize();
+    }
+}
+
 /// Size of the buffers a worker lends to its connections: the largest TLS record a client may
 /// send fits whole, and so does one sealed record of the largest plaintext.
 pub const POOL_BUFFER_BYTES: usize = 20 * 1024;
@@ -181,11 +194,21 @@ impl BufPool {
             .unwrap_or_else(|| vec![0; POOL_BUFFER_BYTES].into_boxed_slice())
     }
 
-    /// Hand a buffer back (dropped if the pool is full or it has another size).
-    pub fn give(&self, buf: Box<[u8]>) {
+    /// Hand a buffer back (zeroed and freed if the pool is full or it has another size).
+    pub fn give(&self, mut buf: Box<[u8]>) {
         let mut free = self.free.borrow_mut();
         if buf.len() == POOL_BUFFER_BYTES && free.len() < MAX_POOLED_BUFFERS {
             free.push(buf);
+        } else {
+            buf.zeroize();
+        }
+    }
+}
+
+impl Drop for BufPool {
+    fn drop(&mut self) {
+        for buf in self.free.get_mut() {
+            buf.zeroize();
         }
     }
 }

@@ -12,6 +12,9 @@
 //!   lies and its data moved down to the front, which is what the backend is sent;
 //! - backend to client: plaintext is read in behind room for a record header and sealed in
 //!   place into one record (after a TLS 1.3 KeyUpdate when one is due).
+//!
+//! The buffers hold plaintext: one dropped with its task (rather than given back to the pool)
+//! is zeroed first. Given back, it is not: the pool zeroes what it frees (`BufPool`).
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -19,6 +22,7 @@ use std::time::Duration;
 
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
+use zeroize::Zeroize;
 
 use crate::buf::{read_into, write_from, BufPool};
 use crate::error::KillReason;
@@ -80,6 +84,12 @@ struct Upstream {
     plain_end: usize,
     cipher_start: usize,
     cipher_end: usize,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
 }
 
 impl Upstream {
@@ -163,6 +173,12 @@ struct Downstream {
     end: usize,
 }
 
+impl Drop for Downstream {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
+}
+
 impl Downstream {
     /// Reads what the backend sent and seals it into one record, after a KeyUpdate if one is
     /// due. Returns false when the backend closed. Not cancel-safe.
@@ -175,31 +191,31 @@ impl Downstream {
         if self.buf.is_empty() {
             self.buf = pool.take();
         }
-        // Room for a KeyUpdate record in front, so that one can go out with the data.
-        let (update, header, trailer) = {
+        // Room in front for a control record the client may be owed by the time the data is
+        // sealed (a KeyUpdate it asked for meanwhile), so that it goes out with the data.
+        let (room, header, trailer) = {
             let records = records.borrow();
             (
-                records.key_update_record_len(),
+                records.control_room(),
                 records.seal_header_len(),
                 records.seal_trailer_len(),
             )
         };
-        let at = update + header;
-        let room = (self.buf.len() - at - trailer).min(MAX_PLAINTEXT);
-        let n = read_into(from, &mut self.buf, at..at + room)
+        let at = room + header;
+        let plain_room = (self.buf.len() - at - trailer).min(MAX_PLAINTEXT);
+        let n = read_into(from, &mut self.buf, at..at + plain_room)
             .await
             .map_err(ReadError::Io)?;
         if n == 0 {
             return Ok(false);
         }
         let mut records = records.borrow_mut();
-        self.sent = if records.key_update_due() {
-            records.seal_key_update(&mut self.buf[..update])?;
-            0
-        } else {
-            update
-        };
-        self.end = update + records.seal(&mut self.buf[update..], n)?;
+        let control = records.control_len();
+        self.sent = room - control;
+        if control > 0 {
+            records.seal_control(&mut self.buf[self.sent..room])?;
+        }
+        self.end = room + records.seal(&mut self.buf[room..], n)?;
         Ok(true)
     }
 

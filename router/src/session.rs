@@ -102,7 +102,7 @@ impl Client {
             if self.plain.len() > before {
                 return Ok(());
             }
-            if !open || self.handshake.closed {
+            if !open {
                 return Err(SessionError::ClientClosed);
             }
             if records
@@ -131,14 +131,8 @@ impl Client {
     }
 
     async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> Result<(), SessionError> {
-        let (records, handshake) = tls::accept(
-            &mut self.tcp,
-            config,
-            &mut self.raw,
-            &mut self.plain,
-            &mut self.tls_out,
-        )
-        .await?;
+        let (records, handshake) =
+            tls::accept(&mut self.tcp, config, &mut self.raw, &mut self.tls_out).await?;
         self.tls = Some(Box::new(records));
         self.handshake = handshake;
         Ok(())
@@ -689,7 +683,7 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
                 let (code, message) = reason.to_wire();
                 let mut error = Vec::with_capacity(128);
                 write::error_response(&mut error, Severity::Fatal, code, message);
-                let _ = tls::seal_into(records, &error, &mut last);
+                let _ = tls::seal_final_into(records, &error, &mut last);
                 let _ = tls::close_notify_into(records, &mut last);
             }
             tracing::info!(%peer, ?reason, "session closed by the router");
