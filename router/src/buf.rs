@@ -158,8 +158,25 @@ impl ReadBuf {
 
 impl Drop for ReadBuf {
     fn drop(&mut self) {
-        self.data.zeroize();
+        wipe(&mut self.data);
     }
+}
+
+/// Zeroes a buffer whose memory is about to go back to the allocator: it may have held
+/// plaintext.
+pub(crate) fn wipe(buf: &mut [u8]) {
+    if buf.is_empty() {
+        return;
+    }
+    buf.zeroize();
+    #[cfg(test)]
+    WIPED.with(|wiped| wiped.set(wiped.get() + 1));
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Buffers [`wipe`] zeroed on this thread, for tests.
+    pub(crate) static WIPED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Size of the buffers a worker lends to its connections: the largest TLS record a client may
@@ -200,7 +217,7 @@ impl BufPool {
         if buf.len() == POOL_BUFFER_BYTES && free.len() < MAX_POOLED_BUFFERS {
             free.push(buf);
         } else {
-            buf.zeroize();
+            wipe(&mut buf);
         }
     }
 }
@@ -208,7 +225,7 @@ impl BufPool {
 impl Drop for BufPool {
     fn drop(&mut self) {
         for buf in self.free.get_mut() {
-            buf.zeroize();
+            wipe(buf);
         }
     }
 }
@@ -271,6 +288,38 @@ mod tests {
         assert_eq!(pool.free.borrow().len(), 1);
         b.attach(&pool);
         assert!(pool.free.borrow().is_empty(), "storage is reused");
+    }
+
+    fn wiped() -> usize {
+        WIPED.with(|wiped| wiped.get())
+    }
+
+    /// Plaintext is zeroed when its buffer is freed, not when it goes back to the pool.
+    #[test]
+    fn buffers_are_zeroed_when_freed_not_when_pooled() {
+        let pool = BufPool::default();
+        let before = wiped();
+        let buf = ReadBuf::from_storage(pool.take());
+        buf.release(&pool);
+        assert_eq!(wiped(), before, "back in the pool: kept as it is");
+        drop(ReadBuf::detached());
+        assert_eq!(wiped(), before, "no storage, nothing to wipe");
+        let mut buf = ReadBuf::detached();
+        buf.attach(&pool);
+        drop(buf);
+        assert_eq!(wiped(), before + 1, "dropped with its storage");
+        for _ in 0..MAX_POOLED_BUFFERS + 2 {
+            pool.give(vec![1; POOL_BUFFER_BYTES].into_boxed_slice());
+        }
+        assert_eq!(
+            wiped(),
+            before + 3,
+            "the pool keeps 64, frees and wipes the rest"
+        );
+        pool.give(vec![1; 10].into_boxed_slice());
+        assert_eq!(wiped(), before + 4, "another size is freed");
+        drop(pool);
+        assert_eq!(wiped(), before + 4 + MAX_POOLED_BUFFERS, "the pool dropped");
     }
 
     #[test]

@@ -22,9 +22,8 @@ use std::time::Duration;
 
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
-use zeroize::Zeroize;
 
-use crate::buf::{read_into, write_from, BufPool};
+use crate::buf::{read_into, wipe, write_from, BufPool};
 use crate::error::KillReason;
 use crate::tls::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT};
 use crate::worker::Signal;
@@ -88,7 +87,7 @@ struct Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.buf.zeroize();
+        wipe(&mut self.buf);
     }
 }
 
@@ -175,7 +174,7 @@ struct Downstream {
 
 impl Drop for Downstream {
     fn drop(&mut self) {
-        self.buf.zeroize();
+        wipe(&mut self.buf);
     }
 }
 
@@ -330,5 +329,32 @@ pub async fn run(
         end = client_to_backend => end,
         end = backend_to_client => end,
         reason = kill.wait() => End::Killed { reason, clean: !writing_to_client.get() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::WIPED;
+
+    /// A relay's buffers go back to the pool as they are when released, and are zeroed when
+    /// dropped with their task.
+    #[test]
+    fn relay_buffers_are_zeroed_when_dropped() {
+        let pool = BufPool::default();
+        let wiped = || WIPED.with(|wiped| wiped.get());
+        let before = wiped();
+        let mut up = Upstream::with_cipher(b"partial record", &pool);
+        up.cipher_start = up.cipher_end;
+        up.release(&pool);
+        assert_eq!(wiped(), before, "released to the pool");
+        drop(Upstream::with_cipher(b"partial record", &pool));
+        let down = Downstream {
+            buf: pool.take(),
+            ..Downstream::default()
+        };
+        drop(down);
+        drop(Downstream::default());
+        assert_eq!(wiped(), before + 2, "dropped with their task");
     }
 }

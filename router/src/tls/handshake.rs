@@ -43,9 +43,10 @@ pub struct ServerHandshake {
     /// Bytes at the front of `incoming` that rustls was given and has not discarded: what it
     /// keeps of earlier records (processed in place), then the record it is being given.
     offered: usize,
-    /// Where the record being given ends (from the front of `incoming`); `offered` stops
-    /// short of it while the record has not all arrived.
-    record_end: usize,
+    /// Where the record being given starts and (once its header is in) ends, from the front of
+    /// `incoming`; `offered` stops short of the end while the record has not all arrived.
+    record_start: usize,
+    record_end: Option<usize>,
     /// Alert records given to rustls: all, and those of at most two bytes (which rustls reads
     /// as plaintext alerts before the first record it decrypts).
     alert_records: u8,
@@ -81,7 +82,8 @@ impl ServerHandshake {
             conn: Some(UnbufferedServerConnection::new(config)?),
             noted: Noted::default(),
             offered: 0,
-            record_end: 0,
+            record_start: 0,
+            record_end: Some(0),
             alert_records: 0,
             plaintext_alert_records: 0,
             done: None,
@@ -145,37 +147,46 @@ impl ServerHandshake {
             Ok(_) => Step::Failed(rustls::Error::General("unexpected TLS state".into())),
             Err(error) => Step::Failed(error),
         };
+        // rustls discards whole records only, none after the one it is being given.
         incoming.consume(discard);
         self.offered -= discard;
-        self.record_end -= discard;
+        self.record_start = self.record_start.saturating_sub(discard);
+        self.record_end = self.record_end.map(|end| end - discard);
         self.noted.absorb(take_noted());
         Ok(step)
     }
 
-    /// Gives rustls more of the record it is being given, or the next whole record; never
-    /// anything after the handshake. Returns false if there is nothing to give yet.
+    /// Gives rustls more of the record it is being given, or the next one; never anything
+    /// after the handshake. A record still arriving is given as far as it goes, its header too:
+    /// rustls checks each header field as soon as it has it. Returns false if there is nothing
+    /// new to give.
     fn offer_next(&mut self, incoming: &ReadBuf) -> bool {
         if self.conn.as_ref().is_none_or(|conn| !conn.is_handshaking()) {
             return false;
         }
-        let available = incoming.len();
-        if self.offered == self.record_end {
-            // The last record was given whole, and rustls, blocked, has processed it. Frame the
-            // next one by its plain header (rustls itself judges the header).
-            let Some(header) = incoming.data().get(self.offered..self.offered + HEADER_LEN) else {
-                return false;
-            };
-            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-            if header[0] == super::record::CONTENT_ALERT {
-                self.alert_records = self.alert_records.saturating_add(1);
-                if len <= 2 {
-                    self.plaintext_alert_records = self.plaintext_alert_records.saturating_add(1);
-                }
-            }
-            self.record_end = self.offered + HEADER_LEN + len;
+        if self.record_end == Some(self.offered) {
+            // The last record was given whole, and rustls, blocked, has processed it.
+            self.record_start = self.offered;
+            self.record_end = None;
         }
-        // A record still arriving is given as far as it goes: rustls checks its header at once.
-        let offered = available.min(self.record_end);
+        if self.record_end.is_none() {
+            // Frame the record by its plain header (rustls itself judges the header).
+            if let Some(header) = incoming
+                .data()
+                .get(self.record_start..self.record_start + HEADER_LEN)
+            {
+                let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+                if header[0] == super::record::CONTENT_ALERT {
+                    self.alert_records = self.alert_records.saturating_add(1);
+                    if len <= 2 {
+                        self.plaintext_alert_records =
+                            self.plaintext_alert_records.saturating_add(1);
+                    }
+                }
+                self.record_end = Some(self.record_start + HEADER_LEN + len);
+            }
+        }
+        let offered = incoming.len().min(self.record_end.unwrap_or(usize::MAX));
         let more = offered > self.offered;
         self.offered = offered;
         more

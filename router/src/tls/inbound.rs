@@ -13,7 +13,8 @@
 //!   formed (rustls's own parser decides that for a message within one record).
 //!
 //! A split handshake message is not buffered: its header (4 bytes) and the count of body bytes
-//! still to come are enough to follow it, and to fail exactly where rustls does.
+//! still to come are enough to follow it, and to fail exactly where rustls does, including
+//! where rustls's own buffer (in which it keeps the records of handshake messages) is full.
 
 use std::ops::Range;
 
@@ -35,9 +36,10 @@ const MAX_WARNING_ALERTS: u8 = 4;
 const MAX_KEY_UPDATES: u8 = 32;
 /// rustls refuses a second renegotiation attempt.
 const MAX_RENEGOTIATIONS: u8 = 1;
-/// rustls's limit on a handshake message's length, and on the buffer that holds the records of
-/// a split one.
+/// rustls's limit on a handshake message's length, and on its buffer while a split one waits.
 const MAX_HANDSHAKE_BYTES: usize = 0xffff;
+/// rustls's buffer otherwise: one record of the largest size it takes.
+const MAX_WIRE_BYTES: usize = super::record::MAX_RECORD_LEN + 1;
 const HANDSHAKE_HEADER_LEN: usize = 4;
 
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
@@ -75,13 +77,15 @@ impl Inbound {
         self.handshake.pending()
     }
 
-    /// How many of `available` bytes rustls's buffer would hold: while a split handshake
-    /// message waits, its records stay in a buffer of 64 KiB.
+    /// How many of `available` bytes rustls's buffer would hold: what it still keeps of
+    /// handshake records (see [`Reassembly::kept`]) counts against its size, 64 KiB while a
+    /// split handshake message waits, one largest record otherwise.
     pub(crate) fn visible(&self, available: usize) -> usize {
-        match self.handshake.pending() {
-            true => available.min(MAX_HANDSHAKE_BYTES.saturating_sub(self.handshake.window)),
-            false => available,
-        }
+        let size = match self.handshake.pending() {
+            true => MAX_HANDSHAKE_BYTES,
+            false => MAX_WIRE_BYTES,
+        };
+        available.min(size.saturating_sub(self.handshake.kept))
     }
 
     /// Counts warning alerts the peer sent during the handshake: rustls's limit is per
@@ -102,9 +106,11 @@ struct Reassembly {
     first_body: Option<u8>,
     /// The legacy version of the record the message began in (TLS 1.2 parses by it).
     version: [u8; 2],
-    /// Bytes of the records rustls keeps in its buffer for the pending message: from the
-    /// record where it (or the message before it in the same record) began.
-    window: usize,
+    /// Bytes of handshake records rustls still keeps in its buffer (processed in place, not
+    /// discarded): it frees them only once it has handed out a handshake message with no other
+    /// fragment left, so they pile up while a split message waits, and a record of empty
+    /// handshake content stays for good until then.
+    kept: usize,
 }
 
 impl Reassembly {
@@ -260,13 +266,14 @@ impl RecordLayer {
         let before = self.inbound.handshake;
         walk(&mut before.clone(), content, version, |_| Ok(()))?;
         let mut state = before;
+        let mut completed = false;
         walk(&mut state, content, version, |message| {
+            completed = true;
             self.handshake_message(message)
         })?;
-        state.window = match (state.pending(), before.pending()) {
-            (true, true) => before.window + record_len,
-            (true, false) => record_len,
-            (false, _) => 0,
+        state.kept = match state.pending() || !completed {
+            true => before.kept + record_len,
+            false => 0,
         };
         self.inbound.handshake = state;
         Ok(())

@@ -228,25 +228,36 @@ fn write_header(buf: &mut [u8], content_type: u8, len: usize) {
     buf[3..5].copy_from_slice(&(len as u16).to_be_bytes());
 }
 
-/// The header checks of rustls's deframer (`read_opaque_message_header`), in its order. Legacy
-/// versions are not compared with the negotiated one: rustls takes any 3.x, and also the
-/// named versions SSLv2 and DTLS (TLS 1.2 authenticates the version as sent).
-fn check_header(header: &[u8]) -> Result<usize, RecordError> {
-    if !(CONTENT_CHANGE_CIPHER_SPEC..=CONTENT_HEARTBEAT).contains(&header[0]) {
+/// The header checks of rustls's deframer (`read_opaque_message_header`), in its order and as
+/// soon as it has the bytes for each: the content type from the first byte, the version from
+/// the third, the length from the fifth. Returns the length once all five are there. Legacy
+/// versions are not compared with the negotiated one: rustls takes any 3.x, and also the named
+/// versions SSLv2 and DTLS (TLS 1.2 authenticates the version as sent).
+pub(crate) fn check_header(header: &[u8]) -> Result<Option<usize>, RecordError> {
+    let Some(&content_type) = header.first() else {
+        return Ok(None);
+    };
+    if !(CONTENT_CHANGE_CIPHER_SPEC..=CONTENT_HEARTBEAT).contains(&content_type) {
         return Err(RecordError::BadHeader("unknown content type"));
     }
-    let version = u16::from_be_bytes([header[1], header[2]]);
-    if header[1] != 0x03 && !matches!(version, 0x0002 | 0xfeff | 0xfefd | 0xfefc) {
+    let Some(&[major, minor]) = header.get(1..3) else {
+        return Ok(None);
+    };
+    let version = u16::from_be_bytes([major, minor]);
+    if major != 0x03 && !matches!(version, 0x0002 | 0xfeff | 0xfefd | 0xfefc) {
         return Err(RecordError::BadHeader("unknown protocol version"));
     }
-    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-    if len == 0 && header[0] != CONTENT_APPLICATION_DATA {
+    let Some(&[high, low]) = header.get(3..5) else {
+        return Ok(None);
+    };
+    let len = usize::from(u16::from_be_bytes([high, low]));
+    if len == 0 && content_type != CONTENT_APPLICATION_DATA {
         return Err(RecordError::BadHeader("empty record"));
     }
     if len >= RECORD_PAYLOAD_LIMIT {
         return Err(RecordError::BadHeader("record too long"));
     }
-    Ok(len)
+    Ok(Some(len))
 }
 
 /// Record protection for one established connection, both directions.
@@ -382,19 +393,11 @@ impl RecordLayer {
         // What rustls's buffer would hold of `buf`: a split handshake message keeps its records
         // in there, up to 64 KiB; beyond that, more bytes are an error rather than a wait.
         let visible = self.inbound.visible(buf.len());
-        let Some(header) = buf.get(..HEADER_LEN).filter(|_| visible >= HEADER_LEN) else {
-            return match buf.len() > visible {
-                true => Err(RecordError::HandshakeBufferFull),
-                false => Ok(None),
-            };
-        };
-        let total = HEADER_LEN + check_header(header)?;
-        if total <= visible {
-            Ok(Some(total))
-        } else if buf.len() > visible {
-            Err(RecordError::HandshakeBufferFull)
-        } else {
-            Ok(None)
+        let total = check_header(&buf[..visible.min(HEADER_LEN)])?.map(|len| HEADER_LEN + len);
+        match total {
+            Some(total) if total <= visible => Ok(Some(total)),
+            _ if buf.len() > visible => Err(RecordError::HandshakeBufferFull),
+            _ => Ok(None),
         }
     }
 
@@ -408,7 +411,7 @@ impl RecordLayer {
         };
         let outer_type = header[0];
         let header_version = [header[1], header[2]];
-        if check_header(header)? + HEADER_LEN != record.len() {
+        if check_header(header)?.map(|len| len + HEADER_LEN) != Some(record.len()) {
             return Err(RecordError::BadHeader("record length"));
         }
         // change_cipher_spec is never encrypted, except that rustls decrypts every record while

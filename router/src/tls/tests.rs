@@ -684,6 +684,18 @@ fn record_headers_are_checked_as_rustls_does() {
         assert_eq!(error, RecordError::BadHeader(why));
         assert_eq!(error.alert(), Some(AlertDescription::DecodeError));
     }
+    // Each field is checked as soon as it has arrived, as rustls does: a bad content type at
+    // the first byte, a bad version at the third.
+    for (partial, why) in [
+        (&[0x00][..], "unknown content type"),
+        (&[0x17, 0x09, 0x03][..], "unknown protocol version"),
+    ] {
+        assert_eq!(
+            records.record_len(partial),
+            Err(RecordError::BadHeader(why))
+        );
+    }
+    assert_eq!(records.record_len(&[0x17, 0x03]), Ok(None));
     let alert = server.alert_for(&RecordError::BadHeader("record too long"));
     assert_eq!(
         client_gets_alert(&mut client, &alert),
@@ -982,6 +994,22 @@ fn garbage_instead_of_a_client_hello_fails_once() {
     // panic here if the bad input were processed twice).
     assert!(hs.advance(&mut raw, &mut out).is_err());
     assert!(out.is_empty() || out[0] == 0x15, "{out:?}");
+    // A first byte that is no content type fails at once, as in rustls, without waiting for a
+    // whole header.
+    let mut hs = ServerHandshake::new(pki.config.clone()).expect("server");
+    let mut raw = ReadBuf::new(1024);
+    raw.spare_mut()[0] = 0x47;
+    raw.commit(1);
+    let error = hs.advance(&mut raw, &mut Vec::new()).expect_err("not TLS");
+    assert!(
+        matches!(
+            error,
+            TlsError::Protocol(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))
+        ),
+        "{error}"
+    );
 }
 
 /// The handshake's secrets must derive the keys rustls hands over: a key log noting other

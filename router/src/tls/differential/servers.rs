@@ -93,18 +93,28 @@ impl RustlsServer {
         }
     }
 
+    /// True once the handshake is over.
+    pub fn connected(&self) -> bool {
+        !self.conn.is_handshaking()
+    }
+
     /// Takes the bytes sent so far (the handshake flights).
     pub fn take_sent(&mut self) -> Vec<u8> {
         self.drain();
         std::mem::take(&mut self.observed.sent)
     }
 
-    /// Sends application data.
+    /// Sends application data a record's worth at a time, taking the records out in between:
+    /// rustls cuts a write at its 64 KiB of pending records, which would move the record
+    /// boundaries away from those of `seal_into`.
     pub fn send(&mut self, data: &[u8]) {
-        if self.conn.writer().write_all(data).is_err() {
-            return;
+        for chunk in data.chunks(crate::tls::MAX_PLAINTEXT) {
+            let written = self.conn.writer().write_all(chunk);
+            self.drain();
+            if written.is_err() {
+                return;
+            }
         }
-        self.drain();
     }
 
     /// Sends close_notify.
@@ -136,9 +146,9 @@ impl OurServer {
         })
     }
 
-    /// The record layer, once the handshake is done.
-    pub fn records(&mut self) -> Option<&mut RecordLayer> {
-        self.records.as_mut()
+    /// True once the handshake is over.
+    pub fn connected(&self) -> bool {
+        self.records.is_some()
     }
 
     /// Feeds `bytes` through a read buffer the size of the router's: as much as it holds at a
