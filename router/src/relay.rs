@@ -11,13 +11,17 @@
 //! - client to backend: ciphertext is read in at the end; each whole record is opened where it
 //!   lies and its data moved down to the front, which is what the backend is sent;
 //! - backend to client: plaintext is read in behind room for a record header and sealed in
-//!   place into one record (after a TLS 1.3 KeyUpdate when one is due).
+//!   place into one record (after a TLS 1.3 KeyUpdate when one is due). A record the client
+//!   is owed for what it sent (the KeyUpdate it asked for) goes out at once, without waiting
+//!   for backend data.
 //!
 //! The buffers hold plaintext: one dropped with its task (rather than given back to the pool)
 //! is zeroed first. Given back, it is not: the pool zeroes what it frees (`BufPool`).
 
 use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::io;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
@@ -164,6 +168,37 @@ impl Upstream {
     }
 }
 
+/// Raised by the client-to-backend loop when the client is owed a record for what it sent (a
+/// KeyUpdate it asked for, a TLS 1.2 renegotiation refusal), so that the backend-to-client
+/// loop, the only one writing to the client, sends it at once, as rustls sends what it queues,
+/// rather than with the backend's next data.
+#[derive(Default)]
+struct ControlOwed {
+    raised: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl ControlOwed {
+    fn raise(&self) {
+        self.raised.set(true);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once raised (and lowers it). Cancel-safe.
+    async fn wait(&self) {
+        poll_fn(|cx| match self.raised.replace(false) {
+            true => Poll::Ready(()),
+            false => {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
 /// Backend to client: `buf[sent..end]` is sealed records for the client.
 #[derive(Default)]
 struct Downstream {
@@ -215,6 +250,26 @@ impl Downstream {
             records.seal_control(&mut self.buf[self.sent..room])?;
         }
         self.end = room + records.seal(&mut self.buf[room..], n)?;
+        Ok(true)
+    }
+
+    /// Seals the control records the client is owed, if any are still due (the data may have
+    /// taken them along meanwhile). Returns false if there was nothing to send.
+    fn seal_control(
+        &mut self,
+        records: &RefCell<&mut RecordLayer>,
+        pool: &BufPool,
+    ) -> Result<bool, RecordError> {
+        let mut records = records.borrow_mut();
+        let len = records.control_len();
+        if len == 0 {
+            return Ok(false);
+        }
+        if self.buf.is_empty() {
+            self.buf = pool.take();
+        }
+        records.seal_control(&mut self.buf[..len])?;
+        (self.sent, self.end) = (0, len);
         Ok(true)
     }
 
@@ -276,6 +331,7 @@ pub async fn run(
     let records = RefCell::new(records);
     // True while a write to the client is in flight: a record may be half sent.
     let writing_to_client = Cell::new(false);
+    let control_owed = ControlOwed::default();
 
     let client_to_backend = async {
         let mut up = Upstream::with_cipher(cipher, pool);
@@ -295,6 +351,9 @@ pub async fn run(
                 Ok(open) => open,
                 Err(e) => return End::ClientError(e.into()),
             };
+            if records.borrow().owes_control() {
+                control_owed.raise();
+            }
             // Data before a close_notify (a Terminate) still goes to the backend.
             if let Err(e) = up.write(backend_wr).await {
                 return End::BackendError(e);
@@ -308,14 +367,24 @@ pub async fn run(
         let mut down = Downstream::default();
         loop {
             down.release(pool);
-            if let Err(e) = readable(backend_rd).await {
-                return End::BackendError(e);
-            }
-            match down.read(backend_rd, &records, pool).await {
-                Ok(true) => {}
-                Ok(false) => return End::BackendClosed,
-                Err(ReadError::Io(e)) => return End::BackendError(e),
-                Err(ReadError::Record(e)) => return End::ClientError(e.into()),
+            // Both are cancel-safe: a readiness poll, and a flag.
+            let backend_readable = monoio::select! {
+                readable = readable(backend_rd) => Some(readable),
+                () = control_owed.wait() => None,
+            };
+            match backend_readable {
+                Some(Err(e)) => return End::BackendError(e),
+                Some(Ok(())) => match down.read(backend_rd, &records, pool).await {
+                    Ok(true) => {}
+                    Ok(false) => return End::BackendClosed,
+                    Err(ReadError::Io(e)) => return End::BackendError(e),
+                    Err(ReadError::Record(e)) => return End::ClientError(e.into()),
+                },
+                None => match down.seal_control(&records, pool) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => return End::ClientError(e.into()),
+                },
             }
             writing_to_client.set(true);
             let written = down.write(client_wr).await;

@@ -203,3 +203,34 @@ fn key_updates_mid_session_many_in_a_row_with_queries_between() {
         raw::expect_closed(&mut tls, &format!("{mode:?}: the 33rd KeyUpdate"));
     }
 }
+
+/// The router answers a KeyUpdate(update_requested) at once, as rustls would, not only ahead of
+/// the backend's next data: an idle session's client gets the KeyUpdate it asked for.
+#[test]
+fn the_key_update_owed_goes_out_without_backend_data() {
+    for mode in MODES {
+        let mut tls = raw::connect_tls(addr(), fixture().certs.client_config(), mode);
+        tls.write_all(&startup_for(USER)).expect("StartupMessage");
+        expect_sasl(&mut tls, USER);
+        login(&mut tls, PASSWORD).expect("login");
+        tls.conn.refresh_traffic_keys().expect("key update");
+        tls.flush().expect("KeyUpdate sent");
+        // Only the router's KeyUpdate can arrive now: the backend has nothing to say.
+        let read = tls
+            .conn
+            .read_tls(&mut tls.sock)
+            .expect("the router's KeyUpdate");
+        assert!(read > 0, "{mode:?}: closed instead");
+        let state = tls
+            .conn
+            .process_new_packets()
+            .expect("a record the client opens");
+        assert_eq!(
+            state.plaintext_bytes_to_read(),
+            0,
+            "{mode:?}: no data, a KeyUpdate"
+        );
+        queries(&mut tls, &format!("{mode:?} after the KeyUpdate"));
+        terminate(tls);
+    }
+}

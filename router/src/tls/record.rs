@@ -559,6 +559,12 @@ impl RecordLayer {
         }
     }
 
+    /// True if the peer is owed a record for what it sent (a KeyUpdate it asked for, a
+    /// renegotiation refusal): rustls would have it ready to send at once.
+    pub fn owes_control(&self) -> bool {
+        self.owed.no_renegotiation || self.owed.key_update
+    }
+
     /// True if a control record must go out before the next data record: a KeyUpdate the peer
     /// asked for or our key's limit calls for (TLS 1.3), or the answer to a renegotiation
     /// attempt (TLS 1.2). Call [`RecordLayer::seal_control`] then.

@@ -735,11 +735,17 @@ struct Crafted {
 
 impl Crafted {
     fn new(suite: usize) -> Crafted {
+        Crafted::with_after_hello(suite, &[])
+    }
+
+    /// A connection whose client sends `extra` right after its ClientHello.
+    fn with_after_hello(suite: usize, extra: &[u8]) -> Crafted {
         provider::reset_randomness(7);
         let (_, config) = provider::server_configs();
         let mut server = OurServer::new(config).expect("server");
         let mut client = Client::new(provider::SUITES[suite]).expect("client");
         let mut flight = client.advance(&[]).expect("hello");
+        flight.extend_from_slice(extra);
         loop {
             server.feed(&flight);
             let answer = server.take_sent();
@@ -959,6 +965,22 @@ fn empty_records_warnings_and_renegotiation_within_rustls_limits() {
             conn.send(RecordSpec::plain(0x15), &[2, 42]);
             conn.expect_silent(RecordError::Alert(42));
         }
+    }
+}
+
+/// rustls counts warning alerts per connection, those of the handshake too: a warning the
+/// client sent in plaintext during the handshake leaves three for after it.
+#[test]
+fn warnings_during_the_handshake_count_against_the_limit() {
+    for suite in [0, 3] {
+        let warning = if suite < 3 { 90 } else { 42 };
+        let mut conn = Crafted::with_after_hello(suite, &[0x15, 3, 3, 0, 2, 1, warning]);
+        for _ in 0..3 {
+            conn.send(RecordSpec::plain(0x15), &[1, warning]);
+        }
+        assert!(conn.server.observed.failure.is_none());
+        conn.send(RecordSpec::plain(0x15), &[1, warning]);
+        conn.expect_silent(RecordError::TooManyWarnings);
     }
 }
 

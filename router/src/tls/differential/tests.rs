@@ -180,3 +180,56 @@ fn split_handshake_message_within_and_beyond_64_kib() {
         Some("Record(HandshakeBufferFull)")
     );
 }
+
+/// rustls's limit of 4 warning alerts counts those the client sent during the handshake (here
+/// in plaintext, right after its ClientHello): both servers refuse the fourth after it.
+#[test]
+fn warnings_of_the_handshake_count_on_both_servers() {
+    use super::servers::{OurServer, RustlsServer};
+    for suite in [0usize, 3] {
+        let warning = if suite < 3 { 90 } else { 42 };
+        let (rustls_config, our_config) = configs();
+        let mut failures = Vec::new();
+        for ours in [false, true] {
+            provider::reset_randomness(7);
+            let mut theirs = RustlsServer::new(rustls_config.clone()).expect("rustls");
+            let mut our = OurServer::new(our_config.clone()).expect("ours");
+            let mut client = Client::new(provider::SUITES[suite]).expect("client");
+            let mut feed = |bytes: &[u8]| match ours {
+                true => {
+                    our.feed(bytes);
+                    (our.take_sent(), format!("{:?}", our.observed.failure))
+                }
+                false => {
+                    theirs.feed(bytes);
+                    (theirs.take_sent(), format!("{:?}", theirs.observed.failure))
+                }
+            };
+            let mut flight = client.advance(&[]).expect("hello");
+            flight.extend_from_slice(&[0x15, 3, 3, 0, 2, 1, warning]);
+            loop {
+                let (answer, _) = feed(&flight);
+                flight = client.advance(&answer).expect("client");
+                if client.done() {
+                    feed(&flight);
+                    break;
+                }
+            }
+            let mut sealer = client.into_sealer().expect("keys");
+            let outcomes: Vec<String> = (0..4)
+                .map(|_| {
+                    let record = sealer.seal(&RecordSpec::plain(0x15), &[1, warning]);
+                    feed(&record.expect("a record")).1
+                })
+                .collect();
+            failures.push(outcomes);
+        }
+        assert_eq!(failures[0][..3], ["None", "None", "None"], "{failures:?}");
+        assert!(
+            failures[0][3].contains("TooManyWarningAlertsReceived"),
+            "{failures:?}"
+        );
+        assert_eq!(failures[1][..3], ["None", "None", "None"], "{failures:?}");
+        assert!(failures[1][3].contains("TooManyWarnings"), "{failures:?}");
+    }
+}
