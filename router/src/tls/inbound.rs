@@ -85,7 +85,7 @@ impl Inbound {
             true => MAX_HANDSHAKE_BYTES,
             false => MAX_WIRE_BYTES,
         };
-        available.min(size.saturating_sub(self.handshake.kept))
+        available.min(size.saturating_sub(self.handshake.kept as usize))
     }
 
     /// Counts warning alerts the peer sent during the handshake: rustls's limit is per
@@ -96,12 +96,14 @@ impl Inbound {
 }
 
 /// A handshake message split across records: its header so far and the body bytes to come.
+/// Small integers: every session keeps one (a length is at most 64 KiB, `kept` at most 64 KiB
+/// and one record).
 #[derive(Debug, Default, Clone, Copy)]
 struct Reassembly {
     header: [u8; HANDSHAKE_HEADER_LEN],
     /// Header bytes seen (0: no message pending).
-    header_len: usize,
-    body_left: usize,
+    header_len: u8,
+    body_left: u32,
     /// The first byte of the body (a KeyUpdate's request).
     first_body: Option<u8>,
     /// The legacy version of the record the message began in (TLS 1.2 parses by it).
@@ -110,7 +112,7 @@ struct Reassembly {
     /// discarded): it frees them only once it has handed out a handshake message with no other
     /// fragment left, so they pile up while a split message waits, and a record of empty
     /// handshake content stays for good until then.
-    kept: usize,
+    kept: u32,
 }
 
 impl Reassembly {
@@ -147,35 +149,35 @@ fn walk<'a>(
         if begins_here {
             state.version = version;
         }
-        if state.header_len < HANDSHAKE_HEADER_LEN {
-            let take = (HANDSHAKE_HEADER_LEN - state.header_len).min(content.len() - at);
-            state.header[state.header_len..state.header_len + take]
-                .copy_from_slice(&content[at..at + take]);
-            state.header_len += take;
+        let header_len = usize::from(state.header_len);
+        if header_len < HANDSHAKE_HEADER_LEN {
+            let take = (HANDSHAKE_HEADER_LEN - header_len).min(content.len() - at);
+            state.header[header_len..header_len + take].copy_from_slice(&content[at..at + take]);
+            state.header_len += take as u8;
             at += take;
-            if state.header_len < HANDSHAKE_HEADER_LEN {
+            if usize::from(state.header_len) < HANDSHAKE_HEADER_LEN {
                 break;
             }
             let [_, a, b, c] = state.header;
-            state.body_left = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
-            if state.body_left > MAX_HANDSHAKE_BYTES {
+            state.body_left = u32::from_be_bytes([0, a, b, c]);
+            if state.body_left as usize > MAX_HANDSHAKE_BYTES {
                 return Err(RecordError::HandshakeTooLarge);
             }
             state.first_body = None;
         }
-        let take = state.body_left.min(content.len() - at);
+        let take = (state.body_left as usize).min(content.len() - at);
         if take > 0 && state.first_body.is_none() {
             state.first_body = Some(content[at]);
         }
         at += take;
-        state.body_left -= take;
+        state.body_left -= take as u32;
         if state.body_left > 0 {
             break;
         }
         let [typ, a, b, c] = state.header;
         let complete = Complete {
             typ,
-            size: usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c),
+            size: u32::from_be_bytes([0, a, b, c]) as usize,
             first_body: state.first_body,
             whole: begins_here.then(|| &content[start..at]),
             version: state.version,
@@ -272,7 +274,8 @@ impl RecordLayer {
             self.handshake_message(message)
         })?;
         state.kept = match state.pending() || !completed {
-            true => before.kept + record_len,
+            // At most 64 KiB and a record (rustls's buffer): a u32 holds it.
+            true => before.kept + record_len as u32,
             false => 0,
         };
         self.inbound.handshake = state;
