@@ -192,7 +192,29 @@ fn walk<'a>(
 impl RecordLayer {
     /// What an opened record's content means, and what it changes: rustls's checks in its
     /// order. `content` is the plaintext's range in `record`.
+    #[inline]
     pub(super) fn received(
+        &mut self,
+        content_type: u8,
+        header_version: [u8; 2],
+        record: &[u8],
+        content: Range<usize>,
+    ) -> Result<Opened, RecordError> {
+        let inbound = &mut self.inbound;
+        // The hot path: application data, with no handshake message waiting for its rest.
+        if content_type == CONTENT_APPLICATION_DATA
+            && !inbound.handshake.pending()
+            && !content.is_empty()
+        {
+            inbound.empty_records = 0;
+            inbound.key_updates_left = MAX_KEY_UPDATES;
+            return Ok(Opened::Data(content));
+        }
+        self.received_other(content_type, header_version, record, content)
+    }
+
+    #[cold]
+    fn received_other(
         &mut self,
         content_type: u8,
         header_version: [u8; 2],
