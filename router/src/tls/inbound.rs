@@ -10,7 +10,11 @@
 //!   rustls's buffer): TLS 1.3 KeyUpdates (last in their record, at most 32 without data between
 //!   them), TLS 1.2 ClientHellos (refused once with the warning no_renegotiation, then fatal).
 //!   Anything else is unexpected_message, once rustls has seen all of it and found it well
-//!   formed (rustls's own parser decides that for a message within one record).
+//!   formed. For a message within one record rustls's own parser decides, through
+//!   `rustls::internal::msgs::message::Message`, which rustls does not promise to keep (the
+//!   lock file pins rustls; an update that changes it fails the build or the differential
+//!   tests, both wanted). A split one is not kept, so only its type can decide
+//!   ([`RecordError::UnparsedHandshake`] where the type is not enough).
 //!
 //! A split handshake message is not buffered: its header (4 bytes) and the count of body bytes
 //! still to come are enough to follow it, and to fail exactly where rustls does, including
