@@ -227,6 +227,9 @@ def tls_differential_seeds():
     # Inputs the fuzzer found where the record layer differed from rustls (fixed since).
     seeds["found_partial_header"] = td_setup(5) + td_raw(b"\x00\x09\x27\x00")
     seeds["found_finished_cut_short"] = td_setup(0, with_finished=True) + td_flip(10, 6)
+    seeds["found_renegotiation_then_no_data"] = (
+        td_setup(5) + td_record(CLIENT_HELLO, outer=0x16, inner=0x16) + td_data(5) + TD_DELIVER + td_server(0)
+    )
     seeds["found_server_data_64k"] = td_setup(2) + td_key_update(1) + TD_DELIVER + td_server(65535)
     seeds["found_kept_handshake_bytes"] = (
         td_setup(0) + td_record(b"", outer=0x16, inner=0x16, pad=10000) + TD_DELIVER + td_data(100) + td_data(16000)

@@ -209,6 +209,17 @@ impl OurServer {
         let opened = open_into(records, &mut self.raw, &mut self.plain);
         self.observed.plaintext.extend_from_slice(self.plain.data());
         self.plain.clear();
+        // rustls sends a renegotiation refusal as soon as it reads the ClientHello (a KeyUpdate
+        // it owes waits for its next record): so does the relay (and the KeyUpdate too).
+        if records.protocol_version() == rustls::ProtocolVersion::TLSv1_2 && records.owes_control()
+        {
+            let start = self.observed.sent.len();
+            self.observed.sent.resize(start + records.control_room(), 0);
+            let sealed = records.seal_control(&mut self.observed.sent[start..]);
+            self.observed
+                .sent
+                .truncate(start + *sealed.as_ref().unwrap_or(&0));
+        }
         match opened {
             Ok(true) => {}
             Ok(false) => self.observed.closed = true,
