@@ -883,6 +883,30 @@ fn errors_send_their_alert() {
     }
 }
 
+/// A KeyUpdate the client asked for goes out ahead of the alert, as rustls queues it, and the
+/// alert under the next key.
+#[test]
+fn the_key_update_owed_goes_out_before_the_alert() {
+    for suite in 0..3 {
+        let mut conn = Crafted::new(suite);
+        conn.send(RecordSpec::plain(0x16), &[24, 0, 0, 1, 1]);
+        conn.sealer.skip(1);
+        conn.send_data(b"from the future");
+        let error = match conn.server.observed.failure.take() {
+            Some(super::differential::servers::Failure::Record(error)) => error,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(error, RecordError::Decrypt);
+        let sent = std::mem::take(&mut conn.server.observed.sent);
+        let opened = conn.sealer.open(&sent).expect("both open");
+        assert_eq!(
+            opened,
+            [(0x16, vec![24, 0, 0, 1, 0]), (0x15, vec![2, 20])],
+            "KeyUpdate, then bad_record_mac under the next key"
+        );
+    }
+}
+
 /// A KeyUpdate split across two records, or its records' outer type anything the deframer
 /// takes (rustls authenticates the header every TLS 1.3 record should have): accepted.
 #[test]
@@ -929,10 +953,9 @@ fn records_after_close_notify_are_not_opened() {
 }
 
 /// rustls's limits: 32 empty records in a row, 4 warning alerts per connection (in TLS 1.3
-/// only user_canceled may be a warning), one renegotiation attempt (TLS 1.2, answered with the
-/// warning no_renegotiation).
+/// only user_canceled may be a warning).
 #[test]
-fn empty_records_warnings_and_renegotiation_within_rustls_limits() {
+fn empty_records_and_warnings_within_rustls_limits() {
     for suite in 0..6 {
         let tls13 = suite < 3;
         let mut conn = Crafted::new(suite);
@@ -965,6 +988,34 @@ fn empty_records_warnings_and_renegotiation_within_rustls_limits() {
             conn.send(RecordSpec::plain(0x15), &[2, 42]);
             conn.expect_silent(RecordError::Alert(42));
         }
+    }
+}
+
+/// A TLS 1.2 ClientHello after the handshake (renegotiation) is answered with the warning
+/// no_renegotiation, at once, and the connection goes on; a second one ends it without an
+/// alert, as in rustls.
+#[test]
+fn tls12_renegotiation_is_refused_with_a_warning_once() {
+    let mut hello = vec![1, 0, 0, 41, 3, 3];
+    hello.extend(0..32);
+    hello.extend([0, 0, 2, 0xc0, 0x2b, 1, 0]);
+    for suite in 3..6 {
+        let mut conn = Crafted::new(suite);
+        conn.send(RecordSpec::plain(0x16), &hello);
+        // The harness's server sends what is owed as soon as it has read it, as the relay does.
+        let sent = std::mem::take(&mut conn.server.observed.sent);
+        let opened = conn.sealer.open(&sent).expect("the client opens it");
+        assert_eq!(opened, [(0x15, vec![1, 100])], "warning no_renegotiation");
+        conn.send_data(b"still here");
+        assert!(conn.server.observed.failure.is_none());
+        assert_eq!(conn.server.observed.plaintext, b"still here");
+        let records = conn.server.records_mut().expect("connected");
+        let mut out = Vec::new();
+        seal_into(records, b"answer", &mut out).expect("seal");
+        let opened = conn.sealer.open(&out).expect("the client opens it");
+        assert_eq!(opened, [(0x17, b"answer".to_vec())]);
+        conn.send(RecordSpec::plain(0x16), &hello);
+        conn.expect_silent(RecordError::TooManyRenegotiations);
     }
 }
 

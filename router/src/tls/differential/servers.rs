@@ -151,6 +151,11 @@ impl OurServer {
         self.records.is_some()
     }
 
+    /// The record layer, once the handshake is over.
+    pub fn records_mut(&mut self) -> Option<&mut RecordLayer> {
+        self.records.as_mut()
+    }
+
     /// Feeds `bytes` through a read buffer the size of the router's: as much as it holds at a
     /// time, then the handshake or the record layer takes what it can.
     pub fn feed(&mut self, mut bytes: &[u8]) {
