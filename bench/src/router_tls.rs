@@ -67,7 +67,6 @@ pub struct RouterHandshake {
     name: ServerName<'static>,
     wire: Vec<u8>,
     raw: ReadBuf,
-    early: ReadBuf,
     out: Vec<u8>,
 }
 
@@ -81,7 +80,6 @@ impl RouterHandshake {
             name: server_name(),
             wire: Vec::with_capacity(16 * 1024),
             raw: ReadBuf::new(POOL_BUFFER_BYTES),
-            early: ReadBuf::new(POOL_BUFFER_BYTES),
             out: Vec::with_capacity(16 * 1024),
         }
     }
@@ -90,7 +88,6 @@ impl RouterHandshake {
     pub fn run(&mut self) -> Result<RouterHandshaken, HandshakeError> {
         let mut client = ClientConnection::new(self.client.clone(), self.name.clone())?;
         self.raw.clear();
-        self.early.clear();
         self.out.clear();
         let started = Instant::now();
         let mut server = ServerHandshake::new(self.server.clone())?;
@@ -105,7 +102,7 @@ impl RouterHandshake {
             self.raw.commit(self.wire.len());
             loop {
                 let started = Instant::now();
-                let want = server.advance(&mut self.raw, &mut self.out, &mut self.early);
+                let want = server.advance(&mut self.raw, &mut self.out);
                 server_busy += started.elapsed();
                 // On failure, the server's error says more than the client's about its alert.
                 let want = want?;
@@ -257,8 +254,8 @@ impl SealInPlace {
     /// Seals the buffer's plaintext (the last record's ciphertext, which is as good) into a
     /// record; returns it. A KeyUpdate goes out first (and is dropped) when one is due.
     pub fn seal(&mut self, records: &mut RecordLayer) -> Result<&[u8], RecordError> {
-        if records.key_update_due() {
-            records.seal_key_update(&mut self.control)?;
+        if records.control_due() {
+            records.seal_control(&mut self.control)?;
         }
         let len = records.seal(&mut self.buf, self.len)?;
         Ok(&self.buf[..len])
@@ -340,9 +337,10 @@ mod tests {
             }
             // A client key update is derived from the swapped secrets: the server follows it.
             let mut control = [0u8; CONTROL_RECORD_ROOM];
+            records.client.refresh_traffic_keys();
             let len = records
                 .client
-                .seal_key_update(&mut control)
+                .seal_control(&mut control)
                 .expect("key update");
             assert_eq!(
                 records.server.open(&mut control[..len]).expect(label),

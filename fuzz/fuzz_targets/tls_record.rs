@@ -4,7 +4,9 @@
 //! The target plays the client: it knows the keys it gave the layer, so besides raw bytes it can
 //! send records that decrypt, whose (inner) plaintext is whatever the fuzzer chose: content
 //! types, padding, alerts, KeyUpdates. Each such record's outcome is checked against RFC 8446
-//! section 5 (TLS 1.3) and RFC 5246 / 5288 / 7905 (TLS 1.2).
+//! section 5 (TLS 1.3) and RFC 5246 / 5288 / 7905 (TLS 1.2) with rustls's limits, up to the
+//! first handshake message other than a whole KeyUpdate (the `tls_differential` target checks
+//! everything against rustls itself).
 //!
 //! Input: a suite byte (low bits: the suite; bit 7: start near the end of the sequence space),
 //! then operations until the input runs out:
@@ -92,20 +94,16 @@ impl Suite {
 
     /// TLS 1.2 AES-GCM sends the last 8 bytes of each nonce in the record.
     fn explicit_nonce(&self) -> usize {
-        if !self.tls13 && std::ptr::eq(self.aead, &aead::AES_256_GCM) {
+        if !self.tls13 && *self.aead == aead::AES_256_GCM {
             8
         } else {
             0
         }
     }
 
-    fn max_ciphertext(&self) -> usize {
-        MAX_PLAINTEXT + if self.tls13 { 256 } else { 2048 }
-    }
-
     fn secrets(&self, key: [u8; 32], iv: [u8; NONCE_LEN]) -> ConnectionTrafficSecrets {
         let (key, iv) = (AeadKey::from(key), Iv::new(iv));
-        if std::ptr::eq(self.aead, &aead::AES_256_GCM) {
+        if *self.aead == aead::AES_256_GCM {
             ConnectionTrafficSecrets::Aes256Gcm { key, iv }
         } else {
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv }
@@ -252,37 +250,85 @@ enum Expected {
     Error,
 }
 
-/// The rules of RFC 8446 section 5 / RFC 5246 for a record of `outer_type` and `plaintext`,
-/// sealed at sequence number `seq`, arriving after the handshake.
-fn expected(suite: Suite, outer_type: u8, plaintext: &[u8], seq: u64) -> Expected {
+/// What the peer has sent so far that the rules below depend on (rustls's limits).
+#[derive(Default)]
+struct Peer {
+    empty_in_a_row: u32,
+    warnings: u32,
+    key_updates: u32,
+    /// A record the model does not decide (a handshake message other than a whole KeyUpdate)
+    /// was opened: later outcomes depend on what it began.
+    unmodelled: bool,
+}
+
+/// The rules rustls applies after the handshake (RFC 8446 section 5 / RFC 5246, and rustls's
+/// limits) to a record of `outer_type` and `plaintext` sealed at sequence number `seq`: `None`
+/// where the model does not decide (the differential target compares those with rustls).
+fn expected(
+    suite: Suite,
+    peer: &mut Peer,
+    outer_type: u8,
+    plaintext: &[u8],
+    seq: u64,
+) -> Option<Expected> {
+    // The deframer's limit; then only a record that decrypts is judged by its length.
     let ciphertext = suite.explicit_nonce() + plaintext.len() + TAG_LEN;
-    if ciphertext > suite.max_ciphertext() || seq == u64::MAX {
-        return Expected::Error;
+    if ciphertext >= MAX_PLAINTEXT + 2048 || seq == u64::MAX {
+        return Some(Expected::Error);
     }
     let (content_type, content) = if suite.tls13 {
-        if outer_type != CONTENT_APPLICATION_DATA {
-            return Expected::Error;
+        // The target authenticates the header as sent, rustls the one a TLS 1.3 record has.
+        if outer_type != CONTENT_APPLICATION_DATA || plaintext.len() > MAX_PLAINTEXT + 1 {
+            return Some(Expected::Error);
         }
         match plaintext.iter().rposition(|&b| b != 0) {
-            Some(at) if at <= MAX_PLAINTEXT => (plaintext[at], &plaintext[..at]),
-            _ => return Expected::Error,
+            Some(at) if at <= MAX_PLAINTEXT && plaintext[at] != 0x14 => {
+                (plaintext[at], &plaintext[..at])
+            }
+            _ => return Some(Expected::Error),
         }
-    } else if plaintext.len() > MAX_PLAINTEXT {
-        return Expected::Error;
+    } else if plaintext.len() > MAX_PLAINTEXT || outer_type == 0x14 {
+        // (change_cipher_spec is never decrypted: the target's sealed one is garbage.)
+        return Some(Expected::Error);
     } else {
         (outer_type, plaintext)
     };
-    match (content_type, content) {
-        (CONTENT_APPLICATION_DATA, data) => Expected::Data(data.to_vec()),
-        (CONTENT_ALERT, &[_, 0]) => Expected::Closed,
-        // user_canceled; TLS 1.2 warnings.
-        (CONTENT_ALERT, &[_, 90]) => Expected::Nothing { key_update: false },
-        (CONTENT_ALERT, &[1, _]) if !suite.tls13 => Expected::Nothing { key_update: false },
-        (CONTENT_HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, request]) if suite.tls13 && request <= 1 => {
-            Expected::Nothing { key_update: true }
+    if content.is_empty() {
+        peer.empty_in_a_row += 1;
+        if peer.empty_in_a_row > 32 {
+            return Some(Expected::Error);
+        }
+    } else {
+        peer.empty_in_a_row = 0;
+    }
+    Some(match (content_type, content) {
+        (CONTENT_APPLICATION_DATA, data) => {
+            peer.key_updates = 0;
+            Expected::Data(data.to_vec())
+        }
+        (CONTENT_ALERT, &[1 | 2, 0]) => Expected::Closed,
+        (CONTENT_ALERT, &[1, description]) => {
+            peer.warnings += 1;
+            if peer.warnings > 4 || (suite.tls13 && description != 90) {
+                Expected::Error
+            } else {
+                Expected::Nothing { key_update: false }
+            }
+        }
+        (CONTENT_HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, request]) if suite.tls13 => {
+            peer.key_updates += 1;
+            if request > 1 || peer.key_updates > 32 {
+                Expected::Error
+            } else {
+                Expected::Nothing { key_update: true }
+            }
+        }
+        (CONTENT_HANDSHAKE, _) => {
+            peer.unmodelled = true;
+            return None;
         }
         _ => Expected::Error,
-    }
+    })
 }
 
 /// Takes `n` bytes, or what is left.
@@ -326,6 +372,7 @@ fuzz_target!(|data: &[u8]| {
 
     let mut cipher = ReadBuf::new(POOL_BUFFER_BYTES);
     let mut plain = ReadBuf::new(POOL_BUFFER_BYTES);
+    let mut peer = Peer::default();
     while let Some((&op, rest)) = data.split_first() {
         data = rest;
         let aligned = cipher.is_empty();
@@ -347,8 +394,11 @@ fuzz_target!(|data: &[u8]| {
                 let Some(record) = client_tx.seal(outer_type, plaintext) else {
                     return;
                 };
-                let expect = expected(suite, outer_type, plaintext, client_tx.seq);
-                (record, aligned.then_some(expect))
+                let expect = match aligned && !peer.unmodelled {
+                    true => expected(suite, &mut peer, outer_type, plaintext, client_tx.seq),
+                    false => None,
+                };
+                (record, expect)
             }
             _ => {
                 let Some(len) = take_len(&mut data) else {
@@ -376,6 +426,11 @@ fuzz_target!(|data: &[u8]| {
                             assert!(suite.tls13 && received.is_empty());
                             assert_eq!(content, [KEY_UPDATE, 0, 0, 1, 0]);
                             client_rx.update();
+                        }
+                        // A TLS 1.2 renegotiation attempt is refused once, before the data.
+                        CONTENT_ALERT => {
+                            assert!(!suite.tls13 && received.is_empty());
+                            assert_eq!(content, [1, 100]);
                         }
                         other => panic!("the router sealed content type {other}"),
                     }

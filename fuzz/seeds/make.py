@@ -87,6 +87,156 @@ health_check_interval = "2s"
 max_client_connections = 10000
 """
 
+# tls_differential: the layout in router/src/tls/differential.rs.
+def td_setup(suite, with_finished=False):
+    return bytes([suite | (8 if with_finished else 0)])
+
+
+def td_data(n, fill=0):
+    return b"\x00" + u16(n) + bytes([fill])
+
+
+def td_record(content, outer=0x17, version=0x0303, inner=0x17, pad=0, wire_aad=False, no_inner=False):
+    flags = (1 if wire_aad else 0) | (2 if no_inner else 0)
+    return b"\x01" + bytes([flags, outer]) + u16(version) + bytes([inner]) + u16(pad) + u16(len(content)) + content
+
+
+def td_handshake(content):
+    return td_record(content, outer=0x17, inner=0x16)
+
+
+def td_filler(n, byte=0, outer=0x17, inner=0x17):
+    return b"\x02" + bytes([outer, inner]) + u16(n) + bytes([byte])
+
+
+def td_key_update(request):
+    return b"\x03" + bytes([request])
+
+
+def td_alert(level, description):
+    return b"\x04" + bytes([level, description])
+
+
+def td_raw(data):
+    return b"\x05" + u16(len(data)) + data
+
+
+def td_flip(at, bit):
+    return b"\x06" + u16(at) + bytes([bit])
+
+
+TD_DELIVER = b"\x07"
+
+
+def td_server(n):
+    return b"\x08" + u16(n)
+
+
+def td_sequence(delta):
+    return b"\x09" + bytes([delta & 0xFF])
+
+
+def td_repeat(n):
+    return b"\x0a" + bytes([n])
+
+
+def td_split(at):
+    return b"\x0b" + u16(at)
+
+
+# A ClientHello rustls parses: TLS 1.2, a random, no session id, one suite, no compression.
+CLIENT_HELLO_BODY = b"\x03\x03" + bytes(range(32)) + b"\x00" + b"\x00\x02\xc0\x2b" + b"\x01\x00"
+CLIENT_HELLO = b"\x01" + struct.pack(">I", len(CLIENT_HELLO_BODY))[1:] + CLIENT_HELLO_BODY
+
+TD_SUITES = ["tls13_aes128", "tls13_aes256", "tls13_chacha", "tls12_aes128", "tls12_aes256", "tls12_chacha"]
+
+
+def tls_differential_seeds():
+    seeds = {}
+    for n, suite in enumerate(TD_SUITES):
+        tls13 = n < 3
+        seeds[suite + "_session"] = (
+            td_setup(n)
+            + td_data(10, 1)
+            + (td_key_update(1) if tls13 else b"")
+            + TD_DELIVER
+            + td_server(100)
+            + td_data(16384, 7)
+            + td_data(3616, 8)
+            + td_split(9)
+            + TD_DELIVER
+            + td_server(20000)
+            + td_alert(1, 0)
+            + td_data(5, 3)
+        )
+        seeds[suite + "_records"] = (
+            td_setup(n)
+            + td_record(b"odd header", outer=0x16, version=0x0301)
+            + td_record(b"padded", pad=300)
+            + td_record(b"", inner=0x17)
+            + td_handshake(b"\x14\x00\x00\x02ab")
+        )
+        seeds[suite + "_tampered"] = td_setup(n) + td_data(3) + TD_DELIVER + td_data(30) + td_flip(7, 2)
+        seeds[suite + "_empty_records"] = td_setup(n) + td_data(0) + td_repeat(31) + td_data(1) + td_data(0) + td_repeat(40)
+        seeds[suite + "_warnings"] = td_setup(n) + td_alert(1, 90 if tls13 else 42) + td_repeat(5)
+        seeds[suite + "_ccs_and_garbage"] = td_setup(n) + td_data(4) + TD_DELIVER + td_raw(b"\x14\x03\x03\x00\x01\x01")
+        seeds[suite + "_replay"] = td_setup(n) + td_data(4) + td_sequence(-1) + td_data(4)
+        seeds[suite + "_overflow"] = td_setup(n) + td_record(b"x" * 16384, pad=1) + td_data(16385)
+    for n in range(3):
+        suite = TD_SUITES[n]
+        seeds[suite + "_key_update_first_flight"] = (
+            td_setup(n, with_finished=True)
+            + td_key_update(1)
+            + td_data(30, 9)
+            + TD_DELIVER
+            + td_server(10)
+            + td_key_update(1)
+            + td_repeat(30)
+            + td_data(1)
+            + td_server(10)
+        )
+        seeds[suite + "_key_update_bound"] = td_setup(n) + td_key_update(1) + td_repeat(32) + td_data(1)
+        seeds[suite + "_key_update_split"] = (
+            td_setup(n)
+            + td_handshake(b"\x18\x00")
+            + td_handshake(b"\x00\x01")
+            + td_handshake(b"\x01")
+            + td_data(8)
+            + td_handshake(b"\x18\x00\x00\x01\x00\x18")
+        )
+        seeds[suite + "_interleaved"] = td_setup(n) + td_handshake(b"\x18\x00\x00") + td_data(2)
+        seeds[suite + "_no_inner_type"] = td_setup(n) + td_record(b"", no_inner=True, pad=3)
+        seeds[suite + "_inner_ccs"] = td_setup(n) + td_record(b"\x01", inner=0x14)
+        seeds[suite + "_inner_heartbeat"] = td_setup(n) + td_record(b"hb", inner=0x18)
+        seeds[suite + "_wire_aad"] = td_setup(n) + td_record(b"aad", outer=0x16, version=0x0301, wire_aad=True)
+    # A handshake message whose records outgrow rustls's 64 KiB buffer, and one too large.
+    seeds["tls13_handshake_window"] = (
+        td_setup(0) + td_handshake(b"\x77\x00\xff\xf0") + td_filler(16000, 0, inner=0x16) + td_repeat(4)
+    )
+    seeds["tls13_handshake_too_large"] = td_setup(0) + td_handshake(b"\x77\x01\x00\x00")
+    seeds["tls13_client_hello"] = td_setup(0) + td_handshake(CLIENT_HELLO)
+    for n in range(3, 6):
+        seeds[TD_SUITES[n] + "_renegotiation"] = (
+            td_setup(n)
+            + td_record(CLIENT_HELLO, outer=0x16, inner=0x16)
+            + td_data(5)
+            + TD_DELIVER
+            + td_server(7)
+            + td_record(CLIENT_HELLO, outer=0x16, inner=0x16)
+        )
+    # Inputs the fuzzer found where the record layer differed from rustls (fixed since).
+    seeds["found_partial_header"] = td_setup(5) + td_raw(b"\x00\x09\x27\x00")
+    seeds["found_finished_cut_short"] = td_setup(0, with_finished=True) + td_flip(10, 6)
+    seeds["found_renegotiation_then_no_data"] = (
+        td_setup(5) + td_record(CLIENT_HELLO, outer=0x16, inner=0x16) + td_data(5) + TD_DELIVER + td_server(0)
+    )
+    seeds["found_server_data_64k"] = td_setup(2) + td_key_update(1) + TD_DELIVER + td_server(65535)
+    seeds["found_kept_handshake_bytes"] = (
+        td_setup(0) + td_record(b"", outer=0x16, inner=0x16, pad=10000) + TD_DELIVER + td_data(100) + td_data(16000)
+    )
+    return seeds
+
+
 SEEDS = {
     "startup": {
         "startup": startup_packet(
@@ -144,6 +294,7 @@ SEEDS = {
             + sealed_by_router(b"x" * 16400),
         }.items()
     },
+    "tls_differential": tls_differential_seeds(),
 }
 
 for target, seeds in SEEDS.items():

@@ -3,6 +3,12 @@
 //! monoio hands a buffer to the kernel for the duration of a read or write, so a connection
 //! keeps one boxed slice per direction and lends it out for each operation. Positions are kept
 //! as offsets (`start..end`), never as borrowed views across an `.await`.
+//!
+//! These buffers hold plaintext (opened records, messages to seal). A buffer is zeroed when its
+//! memory goes back to the allocator: a [`ReadBuf`] dropped with its storage, a buffer the full
+//! [`BufPool`] does not keep, the pool's buffers when the pool is dropped. Going back to the
+//! pool it is not zeroed: that is the per-message path, and the next connection to take it
+//! only ever reads what it wrote itself.
 
 use std::cell::RefCell;
 use std::io;
@@ -10,6 +16,7 @@ use std::ops::Range;
 
 use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use zeroize::Zeroize;
 
 /// A fixed-size buffer holding the unconsumed bytes `start..end`.
 #[derive(Debug)]
@@ -60,8 +67,8 @@ impl ReadBuf {
     }
 
     /// Hand the storage back to `pool` (whatever it still holds is dropped).
-    pub fn release(self, pool: &BufPool) {
-        pool.give(self.data);
+    pub fn release(mut self, pool: &BufPool) {
+        pool.give(std::mem::take(&mut self.data));
     }
 
     /// The unconsumed bytes.
@@ -149,6 +156,29 @@ impl ReadBuf {
     }
 }
 
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        wipe(&mut self.data);
+    }
+}
+
+/// Zeroes a buffer whose memory is about to go back to the allocator: it may have held
+/// plaintext.
+pub(crate) fn wipe(buf: &mut [u8]) {
+    if buf.is_empty() {
+        return;
+    }
+    buf.zeroize();
+    #[cfg(test)]
+    WIPED.with(|wiped| wiped.set(wiped.get() + 1));
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Buffers [`wipe`] zeroed on this thread, for tests.
+    pub(crate) static WIPED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Size of the buffers a worker lends to its connections: the largest TLS record a client may
 /// send fits whole, and so does one sealed record of the largest plaintext.
 pub const POOL_BUFFER_BYTES: usize = 20 * 1024;
@@ -181,11 +211,21 @@ impl BufPool {
             .unwrap_or_else(|| vec![0; POOL_BUFFER_BYTES].into_boxed_slice())
     }
 
-    /// Hand a buffer back (dropped if the pool is full or it has another size).
-    pub fn give(&self, buf: Box<[u8]>) {
+    /// Hand a buffer back (zeroed and freed if the pool is full or it has another size).
+    pub fn give(&self, mut buf: Box<[u8]>) {
         let mut free = self.free.borrow_mut();
         if buf.len() == POOL_BUFFER_BYTES && free.len() < MAX_POOLED_BUFFERS {
             free.push(buf);
+        } else {
+            wipe(&mut buf);
+        }
+    }
+}
+
+impl Drop for BufPool {
+    fn drop(&mut self) {
+        for buf in self.free.get_mut() {
+            wipe(buf);
         }
     }
 }
@@ -248,6 +288,38 @@ mod tests {
         assert_eq!(pool.free.borrow().len(), 1);
         b.attach(&pool);
         assert!(pool.free.borrow().is_empty(), "storage is reused");
+    }
+
+    fn wiped() -> usize {
+        WIPED.with(|wiped| wiped.get())
+    }
+
+    /// Plaintext is zeroed when its buffer is freed, not when it goes back to the pool.
+    #[test]
+    fn buffers_are_zeroed_when_freed_not_when_pooled() {
+        let pool = BufPool::default();
+        let before = wiped();
+        let buf = ReadBuf::from_storage(pool.take());
+        buf.release(&pool);
+        assert_eq!(wiped(), before, "back in the pool: kept as it is");
+        drop(ReadBuf::detached());
+        assert_eq!(wiped(), before, "no storage, nothing to wipe");
+        let mut buf = ReadBuf::detached();
+        buf.attach(&pool);
+        drop(buf);
+        assert_eq!(wiped(), before + 1, "dropped with its storage");
+        for _ in 0..MAX_POOLED_BUFFERS + 2 {
+            pool.give(vec![1; POOL_BUFFER_BYTES].into_boxed_slice());
+        }
+        assert_eq!(
+            wiped(),
+            before + 3,
+            "the pool keeps 64, frees and wipes the rest"
+        );
+        pool.give(vec![1; 10].into_boxed_slice());
+        assert_eq!(wiped(), before + 4, "another size is freed");
+        drop(pool);
+        assert_eq!(wiped(), before + 4 + MAX_POOLED_BUFFERS, "the pool dropped");
     }
 
     #[test]

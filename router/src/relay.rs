@@ -11,16 +11,23 @@
 //! - client to backend: ciphertext is read in at the end; each whole record is opened where it
 //!   lies and its data moved down to the front, which is what the backend is sent;
 //! - backend to client: plaintext is read in behind room for a record header and sealed in
-//!   place into one record (after a TLS 1.3 KeyUpdate when one is due).
+//!   place into one record (after a TLS 1.3 KeyUpdate when one is due). A record the client
+//!   is owed for what it sent (the KeyUpdate it asked for) goes out at once, without waiting
+//!   for backend data.
+//!
+//! The buffers hold plaintext: one dropped with its task (rather than given back to the pool)
+//! is zeroed first. Given back, it is not: the pool zeroes what it frees (`BufPool`).
 
 use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::io;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
-use crate::buf::{read_into, write_from, BufPool};
+use crate::buf::{read_into, wipe, write_from, BufPool};
 use crate::error::KillReason;
 use crate::tls::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT};
 use crate::worker::Signal;
@@ -80,6 +87,12 @@ struct Upstream {
     plain_end: usize,
     cipher_start: usize,
     cipher_end: usize,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        wipe(&mut self.buf);
+    }
 }
 
 impl Upstream {
@@ -155,12 +168,49 @@ impl Upstream {
     }
 }
 
+/// Raised by the client-to-backend loop when the client is owed a record for what it sent (a
+/// KeyUpdate it asked for, a TLS 1.2 renegotiation refusal), so that the backend-to-client
+/// loop, the only one writing to the client, sends it at once, as rustls sends what it queues,
+/// rather than with the backend's next data.
+#[derive(Default)]
+struct ControlOwed {
+    raised: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl ControlOwed {
+    fn raise(&self) {
+        self.raised.set(true);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once raised (and lowers it). Cancel-safe.
+    async fn wait(&self) {
+        poll_fn(|cx| match self.raised.replace(false) {
+            true => Poll::Ready(()),
+            false => {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
 /// Backend to client: `buf[sent..end]` is sealed records for the client.
 #[derive(Default)]
 struct Downstream {
     buf: Box<[u8]>,
     sent: usize,
     end: usize,
+}
+
+impl Drop for Downstream {
+    fn drop(&mut self) {
+        wipe(&mut self.buf);
+    }
 }
 
 impl Downstream {
@@ -175,31 +225,51 @@ impl Downstream {
         if self.buf.is_empty() {
             self.buf = pool.take();
         }
-        // Room for a KeyUpdate record in front, so that one can go out with the data.
-        let (update, header, trailer) = {
+        // Room in front for a control record the client may be owed by the time the data is
+        // sealed (a KeyUpdate it asked for meanwhile), so that it goes out with the data.
+        let (room, header, trailer) = {
             let records = records.borrow();
             (
-                records.key_update_record_len(),
+                records.control_room(),
                 records.seal_header_len(),
                 records.seal_trailer_len(),
             )
         };
-        let at = update + header;
-        let room = (self.buf.len() - at - trailer).min(MAX_PLAINTEXT);
-        let n = read_into(from, &mut self.buf, at..at + room)
+        let at = room + header;
+        let plain_room = (self.buf.len() - at - trailer).min(MAX_PLAINTEXT);
+        let n = read_into(from, &mut self.buf, at..at + plain_room)
             .await
             .map_err(ReadError::Io)?;
         if n == 0 {
             return Ok(false);
         }
         let mut records = records.borrow_mut();
-        self.sent = if records.key_update_due() {
-            records.seal_key_update(&mut self.buf[..update])?;
-            0
-        } else {
-            update
-        };
-        self.end = update + records.seal(&mut self.buf[update..], n)?;
+        let control = records.control_len();
+        self.sent = room - control;
+        if control > 0 {
+            records.seal_control(&mut self.buf[self.sent..room])?;
+        }
+        self.end = room + records.seal(&mut self.buf[room..], n)?;
+        Ok(true)
+    }
+
+    /// Seals the control records the client is owed, if any are still due (the data may have
+    /// taken them along meanwhile). Returns false if there was nothing to send.
+    fn seal_control(
+        &mut self,
+        records: &RefCell<&mut RecordLayer>,
+        pool: &BufPool,
+    ) -> Result<bool, RecordError> {
+        let mut records = records.borrow_mut();
+        let len = records.control_len();
+        if len == 0 {
+            return Ok(false);
+        }
+        if self.buf.is_empty() {
+            self.buf = pool.take();
+        }
+        records.seal_control(&mut self.buf[..len])?;
+        (self.sent, self.end) = (0, len);
         Ok(true)
     }
 
@@ -261,6 +331,7 @@ pub async fn run(
     let records = RefCell::new(records);
     // True while a write to the client is in flight: a record may be half sent.
     let writing_to_client = Cell::new(false);
+    let control_owed = ControlOwed::default();
 
     let client_to_backend = async {
         let mut up = Upstream::with_cipher(cipher, pool);
@@ -280,6 +351,9 @@ pub async fn run(
                 Ok(open) => open,
                 Err(e) => return End::ClientError(e.into()),
             };
+            if records.borrow().owes_control() {
+                control_owed.raise();
+            }
             // Data before a close_notify (a Terminate) still goes to the backend.
             if let Err(e) = up.write(backend_wr).await {
                 return End::BackendError(e);
@@ -293,14 +367,24 @@ pub async fn run(
         let mut down = Downstream::default();
         loop {
             down.release(pool);
-            if let Err(e) = readable(backend_rd).await {
-                return End::BackendError(e);
-            }
-            match down.read(backend_rd, &records, pool).await {
-                Ok(true) => {}
-                Ok(false) => return End::BackendClosed,
-                Err(ReadError::Io(e)) => return End::BackendError(e),
-                Err(ReadError::Record(e)) => return End::ClientError(e.into()),
+            // Both are cancel-safe: a readiness poll, and a flag.
+            let backend_readable = monoio::select! {
+                readable = readable(backend_rd) => Some(readable),
+                () = control_owed.wait() => None,
+            };
+            match backend_readable {
+                Some(Err(e)) => return End::BackendError(e),
+                Some(Ok(())) => match down.read(backend_rd, &records, pool).await {
+                    Ok(true) => {}
+                    Ok(false) => return End::BackendClosed,
+                    Err(ReadError::Io(e)) => return End::BackendError(e),
+                    Err(ReadError::Record(e)) => return End::ClientError(e.into()),
+                },
+                None => match down.seal_control(&records, pool) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => return End::ClientError(e.into()),
+                },
             }
             writing_to_client.set(true);
             let written = down.write(client_wr).await;
@@ -314,5 +398,32 @@ pub async fn run(
         end = client_to_backend => end,
         end = backend_to_client => end,
         reason = kill.wait() => End::Killed { reason, clean: !writing_to_client.get() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::WIPED;
+
+    /// A relay's buffers go back to the pool as they are when released, and are zeroed when
+    /// dropped with their task.
+    #[test]
+    fn relay_buffers_are_zeroed_when_dropped() {
+        let pool = BufPool::default();
+        let wiped = || WIPED.with(|wiped| wiped.get());
+        let before = wiped();
+        let mut up = Upstream::with_cipher(b"partial record", &pool);
+        up.cipher_start = up.cipher_end;
+        up.release(&pool);
+        assert_eq!(wiped(), before, "released to the pool");
+        drop(Upstream::with_cipher(b"partial record", &pool));
+        let down = Downstream {
+            buf: pool.take(),
+            ..Downstream::default()
+        };
+        drop(down);
+        drop(Downstream::default());
+        assert_eq!(wiped(), before + 2, "dropped with their task");
     }
 }

@@ -27,7 +27,7 @@ use crate::error::{KillReason, SessionError};
 use crate::front_door::{self, Admission, Authenticated, ClientConn, Parts};
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write::{self, Severity};
-use crate::relay::{self, End, Sockets, CLOSE_WRITE_TIMEOUT};
+use crate::relay::{self, ClientFailure, End, Sockets, CLOSE_WRITE_TIMEOUT};
 use crate::throttle::LogThrottle;
 use crate::tls::{self, RecordLayer};
 use crate::upstream::{self, ActiveGuard, Upstreams};
@@ -364,7 +364,7 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
                 let (code, message) = reason.to_wire();
                 let mut error = Vec::with_capacity(128);
                 write::error_response(&mut error, Severity::Fatal, code, message);
-                let _ = tls::seal_into(records, &error, &mut last);
+                let _ = tls::seal_final_into(records, &error, &mut last);
                 let _ = tls::close_notify_into(records, &mut last);
             }
             tracing::info!(%peer, ?reason, "session closed by the router");
@@ -381,7 +381,13 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
             let _ = tls::close_notify_into(records, &mut last);
             tracing::debug!(%peer, "client closed the session");
         }
-        End::ClientError(error) => tracing::debug!(%peer, %error, "client connection failed"),
+        End::ClientError(error) => {
+            // A record that broke a rule gets the alert rustls would send; a socket error, nothing.
+            if let ClientFailure::Record(error) = error {
+                tls::fatal_alert_into(records, error, &mut last);
+            }
+            tracing::debug!(%peer, %error, "client connection failed");
+        }
     }
     if !last.is_empty() {
         // Boxed: the last write's state is needed once, not for the session's whole life.

@@ -604,3 +604,59 @@ fn front_door_mistakes_are_answered_as_postgresql_answers_them() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. Broken records get the alert rustls would send
+
+/// Writes `record` straight to the socket under `tls` (past the client's own record layer) and
+/// returns the error the client's rustls reports on its next read.
+fn send_raw_record(tls: &mut Tls, record: &[u8]) -> rustls::Error {
+    tls.sock.write_all(record).expect("send the raw record");
+    let mut buf = [0u8; 64];
+    let error = loop {
+        match tls.read(&mut buf) {
+            Ok(0) => panic!("closed without an alert"),
+            Ok(_) => continue,
+            Err(error) => break error,
+        }
+    };
+    let inner = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .unwrap_or_else(|| panic!("not a TLS error: {error}"));
+    inner.clone()
+}
+
+/// A record whose authentication fails is answered with the bad_record_mac alert, at the front
+/// door and mid-session; one whose header claims more than TLS allows, with decode_error (what
+/// rustls sends for it); the connection then ends and other clients go on.
+#[test]
+fn broken_records_get_their_alert_at_the_front_door_and_mid_session() {
+    use rustls::AlertDescription::{BadRecordMac, DecodeError};
+    let router = TestRouter::start(&fixture().certs, &[b1()]);
+    let addr = router.direct_addr();
+    let forged = [&[0x17u8, 0x03, 0x03, 0x00, 0x20][..], &[0x5a; 32]].concat();
+    let oversized = [0x17u8, 0x03, 0x03, 0xff, 0xff];
+    for mode in [Mode::Direct, Mode::SslRequest] {
+        let mut tls = raw::connect_tls(addr, fixture().certs.client_config(), mode);
+        assert_eq!(
+            send_raw_record(&mut tls, &forged),
+            rustls::Error::AlertReceived(BadRecordMac),
+            "{mode:?}: before the StartupMessage"
+        );
+        let mut tls = session(addr, "b1");
+        assert_eq!(
+            send_raw_record(&mut tls, &forged),
+            rustls::Error::AlertReceived(BadRecordMac),
+            "{mode:?}: mid-session"
+        );
+        let mut tls = session(addr, "b1");
+        assert_eq!(
+            send_raw_record(&mut tls, &oversized),
+            rustls::Error::AlertReceived(DecodeError),
+            "{mode:?}: a header over the limit, mid-session"
+        );
+    }
+    let mut tls = session(addr, "b1");
+    assert_eq!(query_one(&mut tls, "select 'fine'"), "fine");
+}

@@ -13,7 +13,7 @@ use monoio::net::TcpStream;
 use crate::buf::{read_into, write_all_vec, BufPool, ReadBuf};
 use crate::error::SessionError;
 use crate::protocol::frame::{self, FrameHeader};
-use crate::tls::{self, Handshake, RecordLayer, ServerHandshake, TlsError, Want};
+use crate::tls::{self, Handshake, RecordError, RecordLayer, ServerHandshake, TlsError, Want};
 
 /// How long the last bytes of a connection (a FATAL error, close_notify, an alert) may take to
 /// reach a client that does not read them, and how long the router then waits for the client to
@@ -156,13 +156,11 @@ impl<'w> ClientConn<'w> {
         let mut handshake = Box::new(ServerHandshake::new(config)?);
         loop {
             self.raw.attach(self.pool);
-            self.plain.attach(self.pool);
-            let step = handshake.advance(&mut self.raw, &mut self.tls_out, &mut self.plain);
-            self.plain.detach(self.pool);
-            let want = match step {
+            let want = match handshake.advance(&mut self.raw, &mut self.tls_out) {
                 Ok(want) => want,
                 Err(error) => {
-                    // The alert rustls chose is in `tls_out`.
+                    // The alert (rustls's, or internal_error for keys out of step) is in
+                    // `tls_out`.
                     let _ = write_all_vec(&mut self.tcp, &mut self.tls_out).await;
                     return Err(error.into());
                 }
@@ -182,6 +180,8 @@ impl<'w> ClientConn<'w> {
                     self.records = Some(Box::new(records));
                     self.handshake = learned;
                     shrink(&mut self.tls_out);
+                    // What the client sent after its Finished (a StartupMessage, a KeyUpdate,
+                    // close_notify) stays in `raw` for the record layer.
                     self.raw.detach(self.pool);
                     return Ok(());
                 }
@@ -206,7 +206,7 @@ impl<'w> ClientConn<'w> {
                 if opened {
                     return Ok(());
                 }
-                if !open || self.handshake.closed {
+                if !open {
                     return Err(SessionError::ClientClosed);
                 }
                 if records
@@ -217,8 +217,6 @@ impl<'w> ClientConn<'w> {
                     // A whole record is waiting that `plain` has no room for.
                     return Err(SessionError::Protocol("message too long"));
                 }
-            } else if self.handshake.closed {
-                return Err(SessionError::ClientClosed);
             }
             if self.fill_raw().await? == 0 {
                 return Err(SessionError::ClientClosed);
@@ -244,11 +242,27 @@ impl<'w> ClientConn<'w> {
         let mut last = std::mem::take(&mut self.out);
         if let Some(records) = &mut self.records {
             let mut sealed = std::mem::take(&mut self.tls_out);
-            if tls::seal_into(records, &last, &mut sealed).is_ok() {
+            if tls::seal_final_into(records, &last, &mut sealed).is_ok() {
                 let _ = tls::close_notify_into(records, &mut sealed);
             }
             last = sealed;
         }
+        self.send_last(last).await;
+    }
+
+    /// Ends the connection after the client's records broke `error`: sends the alert rustls
+    /// would send for it (after any record the client is owed), then closes as [`close`] does.
+    ///
+    /// [`close`]: ClientConn::close
+    pub async fn fail(mut self, error: &RecordError) {
+        let mut last = std::mem::take(&mut self.tls_out);
+        if let Some(records) = &mut self.records {
+            tls::fatal_alert_into(records, error, &mut last);
+        }
+        self.send_last(last).await;
+    }
+
+    async fn send_last(mut self, mut last: Vec<u8>) {
         self.release_buffers();
         let _ = monoio::time::timeout(CLOSE_TIMEOUT, async {
             write_all_vec(&mut self.tcp, &mut last).await?;

@@ -131,8 +131,9 @@ pub async fn refuse(mut conn: ClientConn<'_>, peer: SocketAddr, error: SessionEr
         // A handshake without ALPN succeeded as TLS: PostgreSQL 17 refuses it with a plain
         // TLS close.
         SessionError::Tls(TlsError::NoAlpn) => conn.close().await,
-        // TLS failed: rustls sent its alert during the handshake; after it there is nothing
-        // the broken record layer can be trusted to seal.
+        // The client's records broke a rule: the alert rustls would send, then the close.
+        SessionError::Tls(TlsError::Record(error)) => conn.fail(&error).await,
+        // The handshake failed: its alert (rustls's) was sent already.
         SessionError::Tls(_) => conn.drop_silently(),
         _ => conn.close().await,
     }

@@ -9,8 +9,15 @@
 //! # Layout
 //! - [`handshake`]: the server handshake on rustls's unbuffered API, without I/O.
 //! - [`record`]: opening and sealing records in place after the handshake.
+//! - `keys`: AEAD keys, nonces, and the TLS 1.3 traffic secrets key updates come from.
+//! - `inbound`: what the peer may send after the handshake (alerts, KeyUpdates, limits).
+//! - `differential` (tests and the fuzz crate): the record layer against rustls itself.
 
+#[cfg(any(test, feature = "differential"))]
+pub mod differential;
 pub mod handshake;
+mod inbound;
+mod keys;
 pub mod record;
 #[cfg(test)]
 mod tests;
@@ -58,12 +65,17 @@ pub enum TlsError {
     /// A record after the handshake was bad, or the connection's keys ran out.
     #[error("TLS record: {0}")]
     Record(#[from] RecordError),
+    /// The keys or sequence numbers rustls handed over after the handshake are not the ones
+    /// the handshake implies (its noted traffic secrets, no record after the Finished): the
+    /// record layer would fall out of step with the client. internal_error was sent.
+    #[error("TLS keys out of step after the handshake: {0}")]
+    KeysOutOfStep(&'static str),
     /// A direct-SSL client did not offer ALPN `postgresql` (PostgreSQL 17 closes these).
     #[error("direct SSL connection without ALPN")]
     NoAlpn,
-    /// More application data arrived with the client's Finished than the buffer holds.
-    #[error("too much data with the TLS handshake")]
-    EarlyDataTooLong,
+    /// The handshake was used after it had been handed over.
+    #[error("TLS handshake already finished")]
+    Finished,
     /// rustls could not encode a handshake record.
     #[error("cannot encode a TLS handshake record")]
     Encode,
@@ -82,8 +94,6 @@ pub struct Handshake {
     pub sni: Option<Box<str>>,
     /// True if the client negotiated ALPN `postgresql`.
     pub alpn: bool,
-    /// True if the client sent close_notify along with its first data: nothing more follows.
-    pub closed: bool,
 }
 
 /// What rustls tells our hooks (the certificate resolver, the key log) about the handshake it
@@ -177,6 +187,17 @@ pub fn server_config_from_der(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     order_cipher_suites(&mut provider.cipher_suites);
+    let config = rustls_server_config(provider, certs, key)?;
+    Ok(Arc::new(noting_secrets(config)))
+}
+
+/// The rustls side of the router's configuration, for `provider`: what a plain rustls server
+/// configured like the router is (the differential tests run one).
+pub(crate) fn rustls_server_config(
+    provider: rustls::crypto::CryptoProvider,
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, TlsError> {
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Config)?
@@ -188,11 +209,16 @@ pub fn server_config_from_der(
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     // libpq never resumes sessions: tickets would only cost CPU and bytes per handshake.
     config.send_tls13_tickets = 0;
-    // Established connections are served by `record::RecordLayer` with the negotiated secrets.
+    Ok(config)
+}
+
+/// `config` with the hooks [`ServerHandshake`] needs: established connections are served by
+/// `record::RecordLayer` with the negotiated secrets, the SNI is noted.
+pub(crate) fn noting_secrets(mut config: ServerConfig) -> ServerConfig {
     config.enable_secret_extraction = true;
     config.key_log = Arc::new(NoteTrafficSecrets);
     config.cert_resolver = Arc::new(NoteSni(config.cert_resolver.clone()));
-    Ok(Arc::new(config))
+    config
 }
 
 /// Sorts `suites` into the order the server prefers them in: TLS 1.3 first, and within each
@@ -221,20 +247,18 @@ pub fn order_cipher_suites(suites: &mut [SupportedCipherSuite]) {
 }
 
 /// Run the server handshake on `io`. `raw` holds ciphertext already read (the ClientHello's first
-/// bytes for direct SSL) and keeps any ciphertext read past the handshake; application data the
-/// client sent with its Finished goes to `early`.
+/// bytes for direct SSL) and keeps what the client sent after its Finished, for the record layer.
 ///
 /// Not cancel-safe (the caller drops the whole connection on timeout).
 pub async fn accept<S: AsyncReadRent + AsyncWriteRent>(
     io: &mut S,
     config: Arc<ServerConfig>,
     raw: &mut ReadBuf,
-    early: &mut ReadBuf,
     out: &mut Vec<u8>,
 ) -> Result<(RecordLayer, Handshake), TlsError> {
     let mut handshake = ServerHandshake::new(config)?;
     loop {
-        let want = match handshake.advance(raw, out, early) {
+        let want = match handshake.advance(raw, out) {
             Ok(want) => want,
             Err(error) => {
                 // The alert rustls chose is in `out`.
@@ -257,12 +281,15 @@ pub async fn accept<S: AsyncReadRent + AsyncWriteRent>(
 
 /// Opens every whole record at the front of `cipher`, appending its data to `plain`. Stops
 /// before a record whose data might not fit. Returns false if the client sent close_notify
-/// (after the data before it).
+/// (after the data before it); nothing after it is opened.
 pub fn open_into(
     records: &mut RecordLayer,
     cipher: &mut ReadBuf,
     plain: &mut ReadBuf,
 ) -> Result<bool, TlsError> {
+    if records.peer_closed() {
+        return Ok(false);
+    }
     while let Some(len) = records.record_len(cipher.data())? {
         if plain.spare_mut().len() < len {
             break;
@@ -281,36 +308,72 @@ pub fn open_into(
     Ok(true)
 }
 
-/// Seals `plain` as application-data records appended to `out` (any KeyUpdate that is due
-/// goes first).
+/// Seals `plain` as application-data records appended to `out`, each after the control
+/// records that are due then (a KeyUpdate, a renegotiation refusal).
 pub fn seal_into(
     records: &mut RecordLayer,
     plain: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), RecordError> {
-    if records.key_update_due() {
-        let start = out.len();
-        out.resize(start + record::CONTROL_RECORD_ROOM, 0);
-        let len = records.seal_key_update(&mut out[start..])?;
-        out.truncate(start + len);
-    }
+    seal_data(records, plain, out, RecordLayer::seal)
+}
+
+/// As [`seal_into`], for the last data of a connection (its FATAL ErrorResponse): a TLS 1.2
+/// connection at its record limit keeps the records this and a close_notify need.
+pub fn seal_final_into(
+    records: &mut RecordLayer,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), RecordError> {
+    seal_data(records, plain, out, RecordLayer::seal_final)
+}
+
+fn seal_data(
+    records: &mut RecordLayer,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+    seal: fn(&mut RecordLayer, &mut [u8], usize) -> Result<usize, RecordError>,
+) -> Result<(), RecordError> {
     let (header, trailer) = (records.seal_header_len(), records.seal_trailer_len());
     for chunk in plain.chunks(MAX_PLAINTEXT) {
+        if records.control_due() {
+            let start = out.len();
+            out.resize(start + records.control_room(), 0);
+            let len = records.seal_control(&mut out[start..])?;
+            out.truncate(start + len);
+        }
         let start = out.len();
         out.resize(start + header, 0);
         out.extend_from_slice(chunk);
         out.resize(out.len() + trailer, 0);
-        let len = records.seal(&mut out[start..], chunk.len())?;
+        let len = match seal(records, &mut out[start..], chunk.len()) {
+            Ok(len) => len,
+            Err(error) => {
+                out.truncate(start);
+                return Err(error);
+            }
+        };
         debug_assert_eq!(start + len, out.len());
     }
     Ok(())
 }
 
-/// Appends a close_notify alert record to `out`.
+/// Appends a close_notify alert record to `out` (after any record the client is owed; nothing
+/// if a close_notify or a fatal alert was sent before).
 pub fn close_notify_into(records: &mut RecordLayer, out: &mut Vec<u8>) -> Result<(), RecordError> {
     let start = out.len();
     out.resize(start + record::CONTROL_RECORD_ROOM, 0);
-    let len = records.seal_close_notify(&mut out[start..])?;
+    let sealed = records.seal_close_notify(&mut out[start..]);
+    out.truncate(start + *sealed.as_ref().unwrap_or(&0));
+    sealed.map(|_| ())
+}
+
+/// Appends to `out` what rustls sends when a connection fails with `error`: the alert it sends
+/// for that error (`RecordError::alert`), after the records the client is owed, or nothing
+/// where rustls sends nothing. Send it, then close.
+pub fn fatal_alert_into(records: &mut RecordLayer, error: &RecordError, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + record::CONTROL_RECORD_ROOM, 0);
+    let len = records.seal_failure(error, &mut out[start..]);
     out.truncate(start + len);
-    Ok(())
 }
