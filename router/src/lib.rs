@@ -16,11 +16,10 @@
 //! - [`front_door`]: every port's way in: TLS, the StartupMessage, SCRAM, until authenticated.
 //! - [`session`]: a direct session (session-mode port): its own backend, relayed.
 //! - [`relay`]: an established session's bytes, both ways, driven by readiness.
-//! - [`cancel`]: CancelRequest routing between workers.
+//! - [`cancel`]: CancelRequests: every session's key in one index, a per-source limit on guesses.
 //! - [`worker`]: the thread-per-core runtime: pinned threads, io_uring, SO_REUSEPORT listeners.
 //! - [`signal`]: one-shot events inside a worker (a session's kill, the end of the drain).
-//! - [`mailbox`]: per-worker mailboxes (a bounded cancel queue, shutdown and sweep flags) that
-//!   wake a monoio runtime.
+//! - [`mailbox`]: per-worker mailboxes (shutdown and sweep flags) that wake a monoio runtime.
 //! - [`upstream`]: backend addresses: outstanding connections, health probes, replica choice.
 //! - [`buf`]: reused per-connection buffers for monoio's owned-buffer I/O.
 //! - [`error`]: router errors and their single mapping to ErrorResponse.
