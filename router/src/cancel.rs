@@ -27,6 +27,7 @@ use subtle::ConstantTimeEq;
 
 use crate::protocol::startup::CancelKey;
 use crate::throttle::LogThrottle;
+use crate::upstream::Upstream;
 use crate::worker::Worker;
 
 /// Shards of the index: enough that workers registering sessions rarely meet on one.
@@ -48,14 +49,30 @@ pub struct CancelTarget {
     pub key: CancelKey,
 }
 
+/// One session's key. Kept small (every session has one): the backend's pid is the key's own
+/// (a direct session's client is told its backend's pid), its address is the upstream's.
 #[derive(Debug)]
 struct Entry {
     secret: u32,
-    target: CancelTarget,
+    /// The backend's own secret (its BackendKeyData).
+    backend_secret: u32,
+    backend: Arc<Upstream>,
     /// Tells apart two sessions whose backends (on different servers) have the same pid.
     id: u64,
     /// A cancel for this session is on its way to the backend ([`CancelClaim`]).
     sending: bool,
+}
+
+impl Entry {
+    fn target(&self, pid: u32) -> CancelTarget {
+        CancelTarget {
+            backend: self.backend.addr,
+            key: CancelKey {
+                pid,
+                secret: self.backend_secret,
+            },
+        }
+    }
 }
 
 /// Sessions under one pid: nearly always one, so no allocation for it.
@@ -127,14 +144,21 @@ impl CancelIndex {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Makes `key` cancel the session served by `target`, until the registration is dropped.
-    pub fn register(self: &Arc<Self>, key: CancelKey, target: CancelTarget) -> Registration {
+    /// Makes `key` cancel the query of the session whose backend `backend` gave it
+    /// `backend_secret` (and `key.pid`, its own pid), until the registration is dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        key: CancelKey,
+        backend: Arc<Upstream>,
+        backend_secret: u32,
+    ) -> Registration {
         let mut shard = self.shard(key.pid);
         let id = shard.next_id;
         shard.next_id += 1;
         let entry = Entry {
             secret: key.secret,
-            target,
+            backend_secret,
+            backend,
             id,
             sending: false,
         };
@@ -160,7 +184,7 @@ impl CancelIndex {
     /// The session `key` belongs to, if any; the secret is compared in constant time.
     pub fn find(&self, key: CancelKey) -> Option<CancelTarget> {
         let mut shard = self.shard(key.pid);
-        Self::entry(&mut shard, key).map(|entry| entry.target)
+        Self::entry(&mut shard, key).map(|entry| entry.target(key.pid))
     }
 
     fn entry(shard: &mut Shard, key: CancelKey) -> Option<&mut Entry> {
@@ -184,7 +208,7 @@ impl CancelIndex {
         }
         entry.sending = true;
         Claim::Sending(
-            entry.target,
+            entry.target(key.pid),
             CancelClaim {
                 index: self.clone(),
                 pid: key.pid,
@@ -415,12 +439,23 @@ mod tests {
 
     use super::*;
 
-    fn target(port: u16) -> CancelTarget {
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// Registers `key` for a session of the backend on `port` (its secret: the port too).
+    fn register(index: &Arc<CancelIndex>, key: CancelKey, port: u16) -> Registration {
+        let upstream = crate::upstream::Upstreams::default().get(addr(port));
+        index.register(key, upstream, u32::from(port))
+    }
+
+    /// Where `key`'s cancel goes for a session registered with `port`.
+    fn target(key: CancelKey, port: u16) -> CancelTarget {
         CancelTarget {
-            backend: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            backend: addr(port),
             key: CancelKey {
-                pid: u32::from(port),
-                secret: 99,
+                pid: key.pid,
+                secret: u32::from(port),
             },
         }
     }
@@ -429,45 +464,51 @@ mod tests {
     fn keys_are_found_by_pid_and_secret_and_removed_with_their_session() {
         let index = Arc::new(CancelIndex::default());
         let key = |pid, secret| CancelKey { pid, secret };
-        let a = index.register(key(7, 1), target(1));
+        let a = register(&index, key(7, 1), 1);
         // Another server's backend with the same pid.
-        let b = index.register(key(7, 2), target(2));
-        let c = index.register(key(8, 1), target(3));
+        let b = register(&index, key(7, 2), 2);
+        let c = register(&index, key(8, 1), 3);
         assert_eq!(index.len(), 3);
-        assert_eq!(index.find(key(7, 1)), Some(target(1)));
-        assert_eq!(index.find(key(7, 2)), Some(target(2)));
-        assert_eq!(index.find(key(8, 1)), Some(target(3)));
+        assert_eq!(index.find(key(7, 1)), Some(target(key(7, 1), 1)));
+        assert_eq!(index.find(key(7, 2)), Some(target(key(7, 2), 2)));
+        assert_eq!(index.find(key(8, 1)), Some(target(key(8, 1), 3)));
         for wrong in [key(7, 3), key(8, 2), key(9, 1)] {
             assert_eq!(index.find(wrong), None, "{wrong:?}");
         }
         drop(a);
         assert_eq!(index.find(key(7, 1)), None);
-        assert_eq!(index.find(key(7, 2)), Some(target(2)));
+        assert_eq!(index.find(key(7, 2)), Some(target(key(7, 2), 2)));
         drop(b);
         drop(c);
         assert!(index.is_empty());
         // Two sessions may even share a whole key: each removes only itself.
-        let d = index.register(key(5, 5), target(4));
-        let e = index.register(key(5, 5), target(5));
+        let d = register(&index, key(5, 5), 4);
+        let e = register(&index, key(5, 5), 5);
         drop(d);
-        assert_eq!(index.find(key(5, 5)), Some(target(5)));
+        assert_eq!(index.find(key(5, 5)), Some(target(key(5, 5), 5)));
         drop(e);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn entries_stay_small() {
+        // Every session has one, in a table with spare room: 40 bytes a slot, not 80.
+        assert!(std::mem::size_of::<(u32, Slot)>() <= 40);
     }
 
     #[test]
     fn one_cancel_per_session_is_on_its_way_at_a_time() {
         let index = Arc::new(CancelIndex::default());
         let key = CancelKey { pid: 7, secret: 1 };
-        let registration = index.register(key, target(1));
+        let registration = register(&index, key, 1);
         let Claim::Sending(found, claim) = index.claim(key) else {
             panic!("the first cancel goes");
         };
-        assert_eq!(found, target(1));
+        assert_eq!(found, target(key, 1));
         assert!(matches!(index.claim(key), Claim::AlreadySending));
         // Another session under the same pid is not held up.
         let other = CancelKey { pid: 7, secret: 2 };
-        let _other = index.register(other, target(2));
+        let _other = register(&index, other, 2);
         assert!(matches!(index.claim(other), Claim::Sending(..)));
         drop(claim);
         assert!(matches!(index.claim(key), Claim::Sending(..)));
@@ -565,13 +606,10 @@ mod tests {
             secret: 0x0bac_0e4d,
         };
         // Registered as worker 1's session would be.
-        let _registration = shared.cancels.register(
-            client_key,
-            CancelTarget {
-                backend: backend_addr,
-                key: backend_key,
-            },
-        );
+        let upstream = shared.upstreams.get(backend_addr);
+        let _registration = shared
+            .cancels
+            .register(client_key, upstream, backend_key.secret);
         let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .enable_timer()
             .build()

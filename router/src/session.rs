@@ -22,7 +22,7 @@ use monoio::time::{timeout_at, Instant};
 use crate::auth::scram::ClientCredentials;
 use crate::backend::{self, BackendConn, BackendError};
 use crate::buf::{write_all_vec, ReadBuf};
-use crate::cancel::{self, CancelTarget};
+use crate::cancel;
 use crate::error::{KillReason, SessionError};
 use crate::front_door::{self, Admission, Authenticated, ClientConn, Parts};
 use crate::protocol::startup::CancelKey;
@@ -47,6 +47,9 @@ struct Session {
 }
 
 /// Serve one accepted connection until it ends. Every failure is logged once.
+///
+/// Until the client's first byte the connection is a small task of its own that holds nothing
+/// but the socket; then the session's task takes over, which has no room for that wait.
 pub fn serve(
     worker: Rc<Worker>,
     tcp: TcpStream,
@@ -58,8 +61,6 @@ pub fn serve(
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }
     async move {
-        let _live = live;
-        // Nothing is allocated for the connection until it says something.
         let deadline = accepted + worker.shared.config.timeouts.handshake;
         let spoke = monoio::select! {
             readable = timeout_at(deadline, tcp.readable(false)) => matches!(readable, Ok(Ok(()))),
@@ -69,10 +70,24 @@ pub fn serve(
             tracing::debug!(%peer, "connection closed: nothing sent before the handshake timeout");
             return;
         }
-        let starting = Box::pin(start(worker.clone(), tcp, peer, slot, accepted));
-        if let Some(mut session) = starting.await {
-            relay(&worker, &mut session, peer).await;
-        }
+        monoio::spawn(session(worker, tcp, peer, live, slot, accepted));
+    }
+}
+
+/// The task of a connection that has spoken: its front door and backend connect (boxed, freed
+/// when they end), then the relay.
+async fn session(
+    worker: Rc<Worker>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    live: LiveGuard,
+    slot: StartupSlot,
+    accepted: Instant,
+) {
+    let _live = live;
+    let starting = Box::pin(start(worker.clone(), tcp, peer, slot, accepted));
+    if let Some(mut session) = starting.await {
+        relay(&worker, &mut session, peer).await;
     }
 }
 
@@ -131,7 +146,7 @@ async fn start(
     };
     let Ready {
         backend,
-        _upstream,
+        upstream,
         client_key,
     } = ready;
     let BackendConn {
@@ -175,13 +190,11 @@ async fn start(
         ..
     } = *auth;
     let backend_key = CancelKey { pid, secret };
-    let cancel = worker.shared.cancels.register(
-        client_key,
-        CancelTarget {
-            backend: addr,
-            key: backend_key,
-        },
-    );
+    // The client was told the backend's pid: its key and the backend's share it.
+    let cancel = worker
+        .shared
+        .cancels
+        .register(client_key, upstream.shared(), secret);
     let handle = Rc::new(SessionHandle {
         backend_addr: addr,
         backend_key,
@@ -203,7 +216,7 @@ async fn start(
         records,
         cipher,
         handle,
-        _upstream,
+        _upstream: upstream,
         _slot: slot,
         _cancel: cancel,
     })
@@ -211,7 +224,7 @@ async fn start(
 
 struct Ready {
     backend: BackendConn,
-    _upstream: ActiveGuard,
+    upstream: ActiveGuard,
     client_key: CancelKey,
 }
 
@@ -293,7 +306,7 @@ async fn connect_backend(
                 return Ok(Connected {
                     ready: Ready {
                         backend,
-                        _upstream: guard,
+                        upstream: guard,
                         client_key,
                     },
                     status,

@@ -117,6 +117,11 @@ impl ActiveGuard {
     pub fn upstream(&self) -> &Upstream {
         &self.0
     }
+
+    /// The upstream held, shared.
+    pub fn shared(&self) -> Arc<Upstream> {
+        self.0.clone()
+    }
 }
 
 impl Drop for ActiveGuard {
