@@ -72,8 +72,11 @@ async fn start(
     accepted: Instant,
 ) -> Option<Session> {
     let worker = &worker;
-    let Entered { mut conn, auth, slot } =
-        front_door::enter(worker, tcp, peer, startup_slot, accepted).await?;
+    let Entered {
+        mut conn,
+        auth,
+        slot,
+    } = front_door::enter(worker, tcp, peer, startup_slot, accepted).await?;
     let connecting = monoio::select! {
         connected = Box::pin(connect_backend(worker, &auth)) => connected,
         _ = worker.drain_over() => Err((SessionError::Terminated(KillReason::Shutdown), Vec::new())),
