@@ -8,10 +8,13 @@
 //! [branch.roles]                     # role name -> SCRAM verifier
 //! app = "SCRAM-SHA-256$4096:...$...:..."
 //! "my.dotted.role" = "SCRAM-SHA-256$4096:...$...:..."
+//! [branch.pool]                      # optional: the router's [pool] settings for this branch
+//! pool_size = 5                      # any [pool] key; those left out come from router.toml
 //! ```
 //!
 //! A [`Catalog`] is immutable once built and shared behind an `Arc`; a reload builds a new one,
-//! and [`Catalog::changed_roles`] says whose live sessions must be closed, and
+//! and [`Catalog::changed_roles`] says whose live sessions must be closed,
+//! [`Catalog::changed_pools`] which branches' pool settings changed, and
 //! [`Catalog::removed_by`] how much of the catalog in force it would remove (the reload
 //! [`guard`] refuses a new catalog that removes too much). The `role` command edits the file in
 //! place with [`set_role_verifier`].
@@ -27,7 +30,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::auth::verifier::{ScramVerifier, VerifierShape};
-use crate::config::TomlError;
+use crate::config::pool::RawPool;
+use crate::config::{PoolOverrides, TomlError};
 
 mod edit;
 pub mod guard;
@@ -46,6 +50,9 @@ pub struct Branch {
     pub primary: SocketAddr,
     /// Read-only servers for `|replica` sessions; may be empty.
     pub replicas: Box<[SocketAddr]>,
+    /// `[branch.pool]`: this branch's own pool settings for the pooled port
+    /// ([`crate::config::PoolSettings::for_branch`]).
+    pub pool: PoolOverrides,
     /// Role name -> verifier. A role belongs to exactly this branch.
     roles: HashMap<Box<str>, Arc<ScramVerifier>>,
     /// The shape of this branch's verifiers, which a fake one for a role it lacks must have.
@@ -79,6 +86,7 @@ impl fmt::Debug for Branch {
             .field("id", &self.id)
             .field("primary", &self.primary)
             .field("replicas", &self.replicas)
+            .field("pool", &self.pool)
             .field("roles", &roles)
             .finish()
     }
@@ -197,11 +205,17 @@ impl Catalog {
                 roles.insert(name.into_inner().into(), Arc::new(parsed));
             }
 
+            let pool = raw_branch
+                .pool
+                .branch_overrides(&format!("branch {id:?}: [branch.pool]"))
+                .map_err(|(span, message)| invalid(span, message))?;
+
             by_id.insert(id.clone(), branches.len());
             branches.push(Branch {
                 id,
                 primary: raw_branch.primary,
                 replicas: replicas.into(),
+                pool,
                 roles,
                 mock_shape: VerifierShape::DEFAULT,
             });
@@ -258,6 +272,22 @@ impl Catalog {
         changed.sort_unstable();
         changed
     }
+
+    /// Branches of both `self` and `newer` whose `[branch.pool]` differs between them: their
+    /// pools must take up the new settings. Sorted.
+    pub fn changed_pools(&self, newer: &Catalog) -> Vec<Box<str>> {
+        let mut changed: Vec<Box<str>> = self
+            .branches()
+            .filter(|old| {
+                newer
+                    .branch(&old.id)
+                    .is_some_and(|new| new.pool != old.pool)
+            })
+            .map(|old| old.id.clone())
+            .collect();
+        changed.sort_unstable();
+        changed
+    }
 }
 
 /// True if `id` is a well-formed branch id: 1 to 63 bytes of `a-z`, `0-9`, `_` and `-`.
@@ -298,6 +328,8 @@ struct RawBranch {
     replicas: Vec<Spanned<SocketAddr>>,
     #[serde(default)]
     roles: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    pool: RawPool,
 }
 
 #[cfg(test)]
@@ -411,6 +443,73 @@ roles = {{ app = "{V3}" }}
             e.starts_with("catalog.toml:1:3: unknown field `branches`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pool_overrides_are_per_branch_and_have_lines() {
+        let text = two_branches().replace(
+            "\n[[branch]]\nid = \"b2\"",
+            "[branch.pool]\npool_size = 3\nserver_lifetime = \"0s\"\n\n[[branch]]\nid = \"b2\"",
+        );
+        let catalog = parse(&text).expect("catalog with [branch.pool]");
+        let b1 = catalog.branch("b1").expect("b1");
+        assert_eq!(
+            b1.pool,
+            PoolOverrides {
+                pool_size: std::num::NonZeroU32::new(3),
+                server_lifetime: Some(None),
+                ..PoolOverrides::default()
+            }
+        );
+        assert_eq!(b1.roles().count(), 2, "roles before [branch.pool] stay");
+        let b2 = catalog.branch("b2").expect("b2");
+        assert_eq!(b2.pool, PoolOverrides::default());
+        // An inline table too.
+        let inline = two_branches().replace(
+            "primary = \"[::1]:5433\"",
+            "primary = \"[::1]:5433\"\npool = { min_pool_size = 2 }",
+        );
+        let catalog = parse(&inline).expect("inline pool");
+        assert_eq!(
+            catalog.branch("b2").expect("b2").pool.min_pool_size,
+            Some(2)
+        );
+
+        let e = error(&text.replace("pool_size = 3", "pool_size = 3\nmin_pool_size = 4"));
+        assert_eq!(
+            e,
+            "catalog.toml:11: branch \"b1\": [branch.pool] min_pool_size (4) must not be more \
+             than pool_size (3)"
+        );
+        let e = error(&text.replace("pool_size = 3", "query_wait_timeout = \"0s\""));
+        assert!(
+            e.starts_with(
+                "catalog.toml:10: branch \"b1\": [branch.pool] query_wait_timeout must be greater"
+            ),
+            "{e}"
+        );
+        let e = error(&text.replace("pool_size = 3", "pool_mode = \"session\""));
+        assert!(
+            e.starts_with("catalog.toml:10:1: unknown field `pool_mode`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn changed_pools_lists_branches_whose_overrides_changed() {
+        let old = parse(&two_branches()).expect("old");
+        assert!(old.changed_pools(&old).is_empty());
+        let text = two_branches().replace(
+            "primary = \"[::1]:5433\"",
+            "primary = \"[::1]:5433\"\npool = { pool_size = 9 }",
+        );
+        let new = parse(&text).expect("new");
+        assert_eq!(old.changed_pools(&new), [Box::from("b2")]);
+        assert_eq!(new.changed_pools(&old), [Box::from("b2")]);
+        // Only the pool changed: no session is closed for it.
+        assert!(old.changed_roles(&new).is_empty());
+        // Removed branches are not pool changes (their roles are in changed_roles).
+        assert!(new.changed_pools(&Catalog::default()).is_empty());
     }
 
     #[test]

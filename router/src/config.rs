@@ -12,6 +12,7 @@
 //! key = "server.key"             # PEM private key
 //! [listen]
 //! direct = "127.0.0.1:5432"
+//! pooled = "127.0.0.1:6432"      # optional: the pooled (transaction mode) port
 //! [timeouts]                     # all optional
 //! startup = "10s"
 //! handshake = "5s"
@@ -28,7 +29,19 @@
 //! force = false
 //! [admin]                        # optional
 //! socket = "branchgate.sock"     # default: beside this file
+//! [pool]                         # optional, the pooled port; PgBouncer's names and defaults
+//! pool_size = 20                 # backend connections per branch
+//! min_pool_size = 0              # kept open even when unused; at most pool_size
+//! max_client_connections = 0     # clients per branch on the pooled port; 0: no own limit
+//! max_prepared_statements = 200  # per backend connection; 0: not tracked
+//! query_wait_timeout = "120s"    # wait for a backend connection; never 0
+//! client_idle_timeout = "0s"     # "0s": off
+//! idle_transaction_timeout = "0s"
+//! server_idle_timeout = "600s"
+//! server_lifetime = "3600s"
 //! ```
+//!
+//! The catalog may override `[pool]` per branch (`[branch.pool]`, see [`crate::catalog`]).
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -38,9 +51,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+pub mod pool;
 mod raw;
 mod toml_error;
 
+pub use pool::{PoolOverrides, PoolSettings};
 pub use toml_error::TomlError;
 
 use raw::{HumanDuration, RawConfig, RawTls};
@@ -93,6 +108,9 @@ pub struct Config {
     pub reload: Reload,
     /// The local control socket (`branchgate reload`, `branchgate role`).
     pub admin: Admin,
+    /// The pooled port's pools, unless a branch overrides them
+    /// ([`PoolSettings::for_branch`]).
+    pub pool: PoolSettings,
 }
 
 /// Authentication settings.
@@ -135,6 +153,8 @@ pub struct TlsFiles {
 pub struct Listen {
     /// The session-mode (direct) port.
     pub direct: SocketAddr,
+    /// The transaction-mode (pooled) port, if the router has one.
+    pub pooled: Option<SocketAddr>,
 }
 
 /// Timeouts, all non-zero except `drain`.
@@ -229,14 +249,19 @@ impl Config {
             }
         };
 
-        if let Some(pooled) = raw.listen.pooled {
-            return Err(invalid((
-                pooled.span(),
-                "[listen] pooled: the pooled (transaction mode) port is not supported yet; \
-                 remove this line"
-                    .into(),
-            )));
-        }
+        let pooled = match raw.listen.pooled {
+            // SO_REUSEPORT would let both bind it, and share its connections out at random.
+            Some(pooled)
+                if *pooled.get_ref() == raw.listen.direct && pooled.get_ref().port() != 0 =>
+            {
+                return Err(invalid((
+                    pooled.span(),
+                    "[listen] pooled must not be the direct address".into(),
+                )))
+            }
+            pooled => pooled.map(Spanned::into_inner),
+        };
+        let pool = raw.pool.settings().map_err(&invalid)?;
 
         let t = raw.timeouts;
         let timeouts = Timeouts {
@@ -298,7 +323,9 @@ impl Config {
             tls,
             listen: Listen {
                 direct: raw.listen.direct,
+                pooled,
             },
+            pool,
             timeouts,
             limits: Limits {
                 max_client_connections: raw
@@ -528,13 +555,75 @@ socket = "/run/branchgate/control.sock"
     }
 
     #[test]
-    fn pooled_port_is_rejected_for_now() {
-        let text = MINIMAL.replace("[listen]\n", "[listen]\npooled = \"127.0.0.1:6432\"\n");
-        let e = error(&text);
+    fn the_pooled_port_is_optional() {
+        assert_eq!(parse(MINIMAL).expect("no pooled port").listen.pooled, None);
+        let text = MINIMAL.replace("[listen]\n", "[listen]\npooled = \"0.0.0.0:6432\"\n");
+        let config = parse(&text).expect("pooled port");
+        assert_eq!(
+            config.listen.pooled,
+            Some("0.0.0.0:6432".parse().expect("addr"))
+        );
+        // Two ports both left to the kernel get two ports.
+        let text = MINIMAL.replace("127.0.0.1:5432", "127.0.0.1:0");
+        let text = text.replace("[listen]\n", "[listen]\npooled = \"127.0.0.1:0\"\n");
+        assert!(parse(&text).is_ok());
+        let text = MINIMAL.replace("[listen]\n", "[listen]\npooled = \"127.0.0.1:5432\"\n");
+        assert_eq!(
+            error(&text),
+            "router.toml:7: [listen] pooled must not be the direct address"
+        );
+        let text = MINIMAL.replace("[listen]\n", "[listen]\npooled = \"localhost:6432\"\n");
         assert!(
-            e.starts_with("router.toml:7: [listen] pooled:") && e.contains("not supported yet"),
+            error(&text).starts_with("router.toml:7:10: invalid socket address"),
+            "{}",
+            error(&text)
+        );
+    }
+
+    #[test]
+    fn pool_settings_have_defaults_and_lines() {
+        assert_eq!(
+            parse(MINIMAL).expect("minimal").pool,
+            PoolSettings::default()
+        );
+        let text = format!(
+            "{MINIMAL}[pool]\npool_size = 4\nmin_pool_size = 1\nserver_lifetime = \"0s\"\n\
+             client_idle_timeout = \"10s\"\n"
+        );
+        let pool = parse(&text).expect("[pool]").pool;
+        assert_eq!(
+            pool,
+            PoolSettings {
+                pool_size: NonZeroU32::new(4).expect("non-zero"),
+                min_pool_size: 1,
+                server_lifetime: None,
+                client_idle_timeout: Some(Duration::from_secs(10)),
+                ..PoolSettings::default()
+            }
+        );
+        let e = error(&format!(
+            "{MINIMAL}[pool]\npool_size = 4\nmin_pool_size = 5\n"
+        ));
+        assert_eq!(
+            e,
+            "router.toml:10: [pool] min_pool_size (5) must not be more than pool_size (4)"
+        );
+        let e = error(&format!("{MINIMAL}[pool]\nquery_wait_timeout = \"0s\"\n"));
+        assert!(
+            e.starts_with("router.toml:9: [pool] query_wait_timeout must be greater than zero"),
             "{e}"
         );
+        let e = error(&format!("{MINIMAL}[pool]\npool_mode = \"session\"\n"));
+        assert!(
+            e.starts_with("router.toml:9:1: unknown field `pool_mode`"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{MINIMAL}[pool]\nserver_lifetime = \"1 fortnight\"\n"
+        ));
+        assert!(e.starts_with("router.toml:9:19: invalid value"), "{e}");
+        let e = error(&format!("{MINIMAL}[pool]\npool_size = 0\n"));
+        assert!(e.starts_with("router.toml:9:13:"), "{e}");
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! - [`route`]: user name parsing (`role.branch[|replica]`) and backend selection.
 //! - [`tls`]: rustls configuration and handshake, and in-place record protection after it.
 //! - [`backend`]: connecting and authenticating to a PostgreSQL backend.
-//! - [`front_door`]: every port's way in: TLS, the StartupMessage, SCRAM, until authenticated.
-//! - [`session`]: a direct session (session-mode port): its own backend, relayed.
+//! - [`front_door`]: every port's way in: the first byte, TLS, the StartupMessage, SCRAM, until
+//!   authenticated; then a direct session or a pooled client takes over.
+//! - [`direct`]: a direct session (session-mode port): its own backend, relayed.
+//! - [`pooled`]: a pooled client (transaction-mode port): a backend borrowed per transaction.
 //! - [`relay`]: an established session's bytes, both ways, driven by readiness.
 //! - [`cancel`]: CancelRequests: every session's key in one index, a per-source limit on guesses.
 //! - [`worker`]: the thread-per-core runtime: pinned threads, io_uring, SO_REUSEPORT listeners.
@@ -35,15 +37,16 @@ pub mod cancel;
 pub mod catalog;
 pub mod config;
 pub mod control;
+pub mod direct;
 pub mod error;
 pub mod front_door;
 pub mod mailbox;
+pub mod pooled;
 pub mod protocol;
 pub mod relay;
 pub mod role;
 pub mod route;
 pub mod router;
-pub mod session;
 pub mod signal;
 pub mod throttle;
 pub mod tls;

@@ -267,7 +267,13 @@ impl Worker {
             match accepted {
                 Ok((stream, peer)) => match self.admit() {
                     Some(admitted) => {
-                        monoio::spawn(crate::session::serve(self.clone(), stream, peer, admitted));
+                        monoio::spawn(crate::front_door::serve(
+                            self.clone(),
+                            stream,
+                            peer,
+                            admitted,
+                            crate::front_door::Port::Direct,
+                        ));
                     }
                     None => {
                         drop(stream);

@@ -60,7 +60,8 @@ pub fn set_role_verifier(
     let only_this_role = before
         .changed_roles(&after)
         .iter()
-        .all(|(b, r)| (&**b, &**r) == (branch, role));
+        .all(|(b, r)| (&**b, &**r) == (branch, role))
+        && before.changed_pools(&after).is_empty();
     if set.map(|v| **v == *verifier) != Some(true) || !only_this_role {
         return Err(not_edited("the edited file does not say what was asked"));
     }
@@ -267,6 +268,26 @@ mod tests {
         set_role_verifier(&path, "b1", "x.y", &verifier(V2)).expect("dotted roles");
         let text = std::fs::read_to_string(&path).expect("read back");
         assert_eq!(text, format!("{dotted}roles.\"x.y\" = \"{V2}\"\n"));
+    }
+
+    #[test]
+    fn pool_tables_stay_as_they_are() {
+        // A branch with [branch.pool] and no roles yet, then one with both.
+        let original = format!(
+            "[[branch]]\nid = \"b1\"\nprimary = \"127.0.0.1:1\"\n\n[branch.pool]\npool_size = 3\n\n\
+             [[branch]]\nid = \"b2\"\nprimary = \"127.0.0.1:2\"\n[branch.pool]\n\
+             min_pool_size = 1\n[branch.roles]\napp = \"{V1}\"\n"
+        );
+        let (_dir, path) = write_catalog(&original);
+        set_role_verifier(&path, "b1", "app", &verifier(V2)).expect("b1");
+        set_role_verifier(&path, "b2", "app", &verifier(V3)).expect("b2");
+        assert_eq!(role(&path, "b1", "app"), Some(verifier(V2)));
+        assert_eq!(role(&path, "b2", "app"), Some(verifier(V3)));
+        let catalog = Catalog::load(&path).expect("edited catalog loads");
+        let before = Catalog::parse(&original, "catalog.toml").expect("original");
+        assert!(before.changed_pools(&catalog).is_empty());
+        let b1 = catalog.branch("b1").expect("b1");
+        assert_eq!(b1.pool.pool_size.map(|n| n.get()), Some(3));
     }
 
     #[test]

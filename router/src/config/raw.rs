@@ -35,6 +35,8 @@ pub(super) struct RawConfig {
     pub(super) reload: RawReload,
     #[serde(default)]
     pub(super) admin: RawAdmin,
+    #[serde(default)]
+    pub(super) pool: super::pool::RawPool,
 }
 
 #[derive(Deserialize)]

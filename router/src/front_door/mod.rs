@@ -1,6 +1,9 @@
 //! The front door: one client connection from its first byte until it has authenticated. Every
-//! port shares it; what comes after (a direct session, [`crate::session`]) takes over an
-//! authenticated client.
+//! port shares it; what comes after takes over an authenticated client: a direct session
+//! ([`crate::direct`], the direct port) or a pooled client ([`crate::pooled`], the pooled port).
+//!
+//! [`serve`] takes an accepted connection, waits for its first byte and starts the task of its
+//! port's session, which passes through the front door with [`enter`]:
 //!
 //! 1. [`negotiate`]: direct SSL (first byte 0x16), SSLRequest, GSSENCRequest (answered `N`),
 //!    CancelRequest, or a plaintext StartupMessage (refused: TLS is required).
@@ -14,6 +17,9 @@
 //! `timeouts.startup`; and nothing it is told before the password check says whether its role
 //! or branch exists.
 //!
+//! [`enter`] then gives an authenticated client its place among `limits.max_client_connections`
+//! (on either port), or refuses it.
+//!
 //! # Layout
 //! - [`conn`]: the client's socket at the front door, its TLS state and lazily held buffers.
 //! - [`negotiate`]: step 1. - [`routing`]: step 2. - [`auth`]: step 3.
@@ -23,8 +29,11 @@ pub mod conn;
 pub mod negotiate;
 pub mod routing;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::rc::Rc;
 
+use monoio::net::TcpStream;
 use monoio::time::{timeout_at, Instant};
 
 use crate::error::SessionError;
@@ -32,13 +41,111 @@ use crate::protocol::startup::CancelKey;
 use crate::protocol::write::{self, Severity};
 use crate::throttle::LogThrottle;
 use crate::tls::TlsError;
-use crate::worker::Worker;
+use crate::worker::{LiveGuard, SessionSlot, StartupSlot, Worker};
 
 pub use auth::Authenticated;
 pub use conn::{ClientConn, Parts};
 
 use negotiate::Negotiated;
 use routing::Startup;
+
+/// The port a connection came in on, which says what follows the front door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// `listen.direct`: a direct session ([`crate::direct`]).
+    Direct,
+    /// `listen.pooled`: a pooled client ([`crate::pooled`]).
+    Pooled,
+}
+
+/// Serve one accepted connection until it ends. Every failure is logged once.
+///
+/// Until the client's first byte the connection is a small task of its own that holds nothing
+/// but the socket (a silent socket must cost little); then the task of its port's session
+/// takes over, which has no room for that wait.
+pub fn serve(
+    worker: Rc<Worker>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    (live, slot): (LiveGuard, StartupSlot),
+    port: Port,
+) -> impl Future<Output = ()> {
+    let accepted = Instant::now();
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%peer, %error, "set_nodelay failed");
+    }
+    async move {
+        let deadline = accepted + worker.shared.config.timeouts.handshake;
+        let spoke = monoio::select! {
+            readable = timeout_at(deadline, tcp.readable(false)) => matches!(readable, Ok(Ok(()))),
+            _ = worker.drain_over() => false,
+        };
+        if !spoke {
+            tracing::debug!(%peer, "connection closed: nothing sent before the handshake timeout");
+            return;
+        }
+        match port {
+            Port::Direct => {
+                monoio::spawn(crate::direct::session(
+                    worker, tcp, peer, live, slot, accepted,
+                ));
+            }
+            Port::Pooled => {
+                monoio::spawn(crate::pooled::session(
+                    worker, tcp, peer, live, slot, accepted,
+                ));
+            }
+        }
+    }
+}
+
+/// A client through the front door: authenticated (not yet told so) and holding its place
+/// among `limits.max_client_connections`.
+pub struct Entered<'w> {
+    /// The client's connection, TLS up; [`ClientConn::into_parts`] once it has been told.
+    pub conn: ClientConn<'w>,
+    /// Who the client is and where it goes.
+    pub auth: Box<Authenticated>,
+    /// The client's place among the router's authenticated sessions.
+    pub slot: SessionSlot,
+}
+
+/// Takes a connection that has spoken through the front door ([`admit`], boxed: its state is
+/// needed only until then), then gives up its startup slot for a session slot. `None` when the
+/// connection ended: a CancelRequest (passed on to [`crate::cancel::handle`]), or a refusal
+/// (logged, the client told as PostgreSQL would tell it: see [`refuse`]). Not cancel-safe.
+pub async fn enter(
+    worker: &Rc<Worker>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    startup_slot: StartupSlot,
+    accepted: Instant,
+) -> Option<Entered<'_>> {
+    let mut conn = ClientConn::new(tcp, &worker.buffers);
+    // Boxed: the front door's state is the largest a connection goes through, and it is
+    // freed as soon as the client has authenticated.
+    let admitted = Box::pin(admit(worker, &mut conn, accepted)).await;
+    // The ways out are boxed too: a connection that leaves needs their state once, and the
+    // future of one that stays (a direct session's start) has no room for them.
+    let auth = match admitted {
+        Ok(Admission::Authenticated(auth)) => auth,
+        Ok(Admission::Cancel(key)) => {
+            crate::cancel::handle(worker, key, peer.ip());
+            Box::pin(conn.close()).await;
+            return None;
+        }
+        Err(error) => {
+            Box::pin(refuse(conn, peer, error)).await;
+            return None;
+        }
+    };
+    drop(startup_slot);
+    let Some(slot) = worker.shared.session_slot() else {
+        Box::pin(refuse(conn, peer, SessionError::TooManyConnections)).await;
+        return None;
+    };
+    Some(Entered { conn, auth, slot })
+}
 
 /// What the front door let in.
 #[derive(Debug)]

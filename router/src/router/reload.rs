@@ -66,6 +66,9 @@ pub struct Reloaded {
     /// Roles of the catalog in force whose verifier changed or that went away: their sessions
     /// are closed.
     pub changed_roles: usize,
+    /// Branches of the catalog in force whose `[branch.pool]` changed: their pools take up the
+    /// new settings.
+    pub changed_pools: usize,
     /// The guard's refusal that `force` overrode, if it did.
     pub forced: Option<Refusal>,
 }
@@ -84,6 +87,14 @@ impl fmt::Display for Reloaded {
             self.changed_roles,
             plural(self.changed_roles, "role", "roles"),
         )?;
+        if self.changed_pools > 0 {
+            write!(
+                f,
+                ", {} {} with new pool settings",
+                self.changed_pools,
+                plural(self.changed_pools, "branch", "branches"),
+            )?;
+        }
         if let Some(refusal) = self.forced {
             write!(f, "; forced: {refusal}")?;
         }
@@ -145,11 +156,7 @@ impl Reloader {
         let newer = Catalog::load(&self.shared.config.catalog_path)?;
         let in_force = self.shared.catalog.load();
         let verdict = guard::check(&in_force, &newer, &self.shared.config.reload, false)?;
-        Ok(summary(
-            &newer,
-            in_force.changed_roles(&newer).len(),
-            verdict,
-        ))
+        Ok(summary(&in_force, &newer, verdict))
     }
 
     fn reload_locked(
@@ -176,6 +183,7 @@ impl Reloader {
                     branches = reloaded.branches,
                     roles = reloaded.roles,
                     changed_roles = reloaded.changed_roles,
+                    changed_pools = reloaded.changed_pools,
                     "catalog reloaded"
                 );
             }
@@ -199,11 +207,10 @@ impl Reloader {
         let newer = Catalog::load(&shared.config.catalog_path)?;
         let in_force = shared.catalog.load();
         let verdict = guard::check(&in_force, &newer, &shared.config.reload, force)?;
-        let changed = in_force.changed_roles(&newer);
-        let reloaded = summary(&newer, changed.len(), verdict);
+        let reloaded = summary(&in_force, &newer, verdict);
         shared.upstreams.sync(&newer);
         shared.catalog.store(Arc::new(newer));
-        if !changed.is_empty() {
+        if reloaded.changed_roles > 0 {
             // Each worker closes its sessions whose verifier is no longer in force.
             for mailbox in &shared.mailboxes {
                 mailbox.request_sweep();
@@ -213,11 +220,12 @@ impl Reloader {
     }
 }
 
-fn summary(newer: &Catalog, changed_roles: usize, verdict: Verdict) -> Reloaded {
+fn summary(in_force: &Catalog, newer: &Catalog, verdict: Verdict) -> Reloaded {
     Reloaded {
         branches: newer.branches().len(),
         roles: newer.branches().map(|b| b.roles().count()).sum(),
-        changed_roles,
+        changed_roles: in_force.changed_roles(newer).len(),
+        changed_pools: in_force.changed_pools(newer).len(),
         forced: match verdict {
             Verdict::Apply(_) => None,
             Verdict::Forced(refusal) => Some(refusal),
@@ -295,6 +303,7 @@ mod tests {
             branches: 1,
             roles: 1,
             changed_roles: 1,
+            changed_pools: 0,
             forced: None,
         };
         assert_eq!(
@@ -305,11 +314,23 @@ mod tests {
             branches: 0,
             roles: 0,
             changed_roles: 3,
+            changed_pools: 0,
             forced: Some(Refusal::EveryBranch(2)),
         };
         assert_eq!(
             reloaded.to_string(),
             "0 branches, 0 roles, 3 roles changed or removed; forced: removes every branch (2 of 2)"
+        );
+        let pools = Reloaded {
+            branches: 2,
+            roles: 3,
+            changed_roles: 0,
+            changed_pools: 1,
+            forced: None,
+        };
+        assert_eq!(
+            pools.to_string(),
+            "2 branches, 3 roles, 0 roles changed or removed, 1 branch with new pool settings"
         );
         let refused = ReloadError::Refused(Refusal::EveryRole(4));
         assert_eq!(

@@ -2,29 +2,29 @@
 //! connection for its whole life.
 //!
 //! 1. The front door ([`crate::front_door`]): TLS, the StartupMessage, SCRAM with the client.
-//! 2. A place among `limits.max_client_connections` authenticated sessions.
+//! 2. A place among `limits.max_client_connections` authenticated sessions
+//!    ([`front_door::enter`] takes both steps).
 //! 3. A backend connection (primary, or the least-loaded healthy replica) authenticated with the
 //!    client's ClientKey, within `timeouts.connect`.
 //! 4. The relay both ways ([`crate::relay`]) until either side closes.
 //!
-//! Nothing is allocated for a connection before its first byte arrives. Steps 1 to 3 run in a
-//! future of their own, boxed then and freed when they end, so the task of an established session
-//! holds only what the relay needs.
+//! Nothing is allocated for a connection before its first byte arrives ([`front_door::serve`]
+//! waits for it). Steps 1 to 3 run in a future of their own, boxed then and freed when they end,
+//! so the task of an established session holds only what the relay needs.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
 use monoio::io::Splitable;
 use monoio::net::TcpStream;
-use monoio::time::{timeout_at, Instant};
+use monoio::time::Instant;
 
 use crate::auth::scram::ClientCredentials;
 use crate::backend::{self, BackendConn, BackendError};
 use crate::buf::{write_all_vec, ReadBuf};
 use crate::cancel;
 use crate::error::{KillReason, SessionError};
-use crate::front_door::{self, Admission, Authenticated, ClientConn, Parts};
+use crate::front_door::{self, Authenticated, Entered, Parts};
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write::{self, Severity};
 use crate::relay::{self, ClientFailure, End, Sockets, CLOSE_WRITE_TIMEOUT};
@@ -46,37 +46,9 @@ struct Session {
     _cancel: cancel::Registration,
 }
 
-/// Serve one accepted connection until it ends. Every failure is logged once.
-///
-/// Until the client's first byte the connection is a small task of its own that holds nothing
-/// but the socket; then the session's task takes over, which has no room for that wait.
-pub fn serve(
-    worker: Rc<Worker>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    (live, slot): (LiveGuard, StartupSlot),
-) -> impl Future<Output = ()> {
-    let accepted = Instant::now();
-    if let Err(error) = tcp.set_nodelay(true) {
-        tracing::debug!(%peer, %error, "set_nodelay failed");
-    }
-    async move {
-        let deadline = accepted + worker.shared.config.timeouts.handshake;
-        let spoke = monoio::select! {
-            readable = timeout_at(deadline, tcp.readable(false)) => matches!(readable, Ok(Ok(()))),
-            _ = worker.drain_over() => false,
-        };
-        if !spoke {
-            tracing::debug!(%peer, "connection closed: nothing sent before the handshake timeout");
-            return;
-        }
-        monoio::spawn(session(worker, tcp, peer, live, slot, accepted));
-    }
-}
-
-/// The task of a connection that has spoken: its front door and backend connect (boxed, freed
-/// when they end), then the relay.
-async fn session(
+/// The task of a direct-port connection that has spoken (started by [`front_door::serve`]): its
+/// front door and backend connect (boxed, freed when they end), then the relay.
+pub async fn session(
     worker: Rc<Worker>,
     tcp: TcpStream,
     peer: SocketAddr,
@@ -100,27 +72,11 @@ async fn start(
     accepted: Instant,
 ) -> Option<Session> {
     let worker = &worker;
-    let mut conn = ClientConn::new(tcp, &worker.buffers);
-    // The front door and the backend connect are boxed one after the other: a connection holds
-    // the state of the step it is in, not room for the largest of them all along.
-    let admitted = Box::pin(front_door::admit(worker, &mut conn, accepted)).await;
-    let auth = match admitted {
-        Ok(Admission::Authenticated(auth)) => auth,
-        Ok(Admission::Cancel(key)) => {
-            crate::cancel::handle(worker, key, peer.ip());
-            conn.close().await;
-            return None;
-        }
-        Err(error) => {
-            front_door::refuse(conn, peer, error).await;
-            return None;
-        }
-    };
-    drop(startup_slot);
-    let Some(slot) = worker.shared.session_slot() else {
-        front_door::refuse(conn, peer, SessionError::TooManyConnections).await;
-        return None;
-    };
+    let Entered {
+        mut conn,
+        auth,
+        slot,
+    } = front_door::enter(worker, tcp, peer, startup_slot, accepted).await?;
     let connecting = monoio::select! {
         connected = Box::pin(connect_backend(worker, &auth)) => connected,
         _ = worker.drain_over() => Err((SessionError::Terminated(KillReason::Shutdown), Vec::new())),
@@ -140,7 +96,9 @@ async fn start(
                 write::auth_ok(conn.out());
                 conn.out().append(&mut to_client);
             }
-            front_door::refuse(conn, peer, error).await;
+            // Boxed: room for the refusal in this future would be held by every connection
+            // through its start (2.5 KiB of the 4 KiB it was), and it is needed once.
+            Box::pin(front_door::refuse(conn, peer, error)).await;
             return None;
         }
     };
