@@ -85,8 +85,12 @@ fn run(command: Command) -> Result<(), String> {
             let catalog = Catalog::load(&config.catalog_path).map_err(|e| e.to_string())?;
             branchgate::tls::server_config(&config.tls.cert, &config.tls.key)
                 .map_err(|e| e.to_string())?;
+            let pooled = match config.listen.pooled {
+                Some(addr) => format!(", pooled port {addr}"),
+                None => String::new(),
+            };
             println!(
-                "configuration OK: {} workers, direct port {}, {} branches",
+                "configuration OK: {} workers, direct port {}{pooled}, {} branches",
                 config.workers,
                 config.listen.direct,
                 catalog.branches().len()

@@ -1,7 +1,7 @@
 //! Starting, reloading and stopping the router.
 //!
-//! [`start`] binds one SO_REUSEPORT listener per worker and the control socket on the calling
-//! thread (so a bad address fails synchronously and port 0 resolves to one port shared by all
+//! [`start`] binds one SO_REUSEPORT listener per worker and port (direct, and pooled when
+//! configured) and the control socket on the calling thread (so a bad address fails synchronously and port 0 resolves to one port shared by all
 //! workers), then starts the pinned worker threads and the helper threads (replica health
 //! probes, catalog file watch, control socket). Reloads are in `router/reload.rs`.
 
@@ -76,6 +76,7 @@ pub enum StartError {
 pub struct Router {
     shared: Arc<Shared>,
     direct_addr: SocketAddr,
+    pooled_addr: Option<SocketAddr>,
     workers: Vec<JoinHandle<()>>,
     helpers: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
@@ -86,13 +87,13 @@ pub struct Router {
 
 /// Descriptors a session holds: the client's socket and its backend's.
 const FDS_PER_SESSION: u64 = 2;
-/// Descriptors beyond the sessions: listeners, io_uring, logs, health probes, cancels.
+/// Descriptors beyond the sessions and the listeners: io_uring, logs, health probes, cancels.
 const SPARE_FDS: u64 = 256;
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (the default soft limit, often 1024, would
 /// cap the router at a few hundred sessions), and says so if even that is too few for
-/// `max_clients` sessions.
-fn raise_open_file_limit(max_clients: u32) {
+/// `max_clients` sessions beside `listeners` listening sockets.
+fn raise_open_file_limit(max_clients: u32, listeners: usize) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -111,7 +112,10 @@ fn raise_open_file_limit(max_clients: u32) {
             limit = raised;
         }
     }
-    let needed = u64::from(max_clients) * FDS_PER_SESSION + SPARE_FDS;
+    let listeners = u64::try_from(listeners).unwrap_or(u64::MAX);
+    let needed = (u64::from(max_clients) * FDS_PER_SESSION)
+        .saturating_add(listeners)
+        .saturating_add(SPARE_FDS);
     if limit.rlim_cur < needed {
         tracing::warn!(
             open_files = limit.rlim_cur,
@@ -129,15 +133,20 @@ pub fn start(config: Config) -> Result<Router, StartError> {
     let catalog = Catalog::load(&config.catalog_path)?;
     let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
     let mock_secret = crate::auth::mock_secret::load_or_create(&config.auth.mock_secret_file)?;
-    raise_open_file_limit(config.limits.max_client_connections.get());
     let workers = config.workers.get();
-    let listeners = bind_reuseport(config.listen.direct, workers)?;
-    let direct_addr = listeners[0]
-        .local_addr()
-        .map_err(|source| StartError::Listen {
-            addr: config.listen.direct,
-            source,
-        })?;
+    let ports = 1 + usize::from(config.listen.pooled.is_some());
+    raise_open_file_limit(
+        config.limits.max_client_connections.get(),
+        workers.saturating_mul(ports),
+    );
+    let (direct, direct_addr) = bind_reuseport(config.listen.direct, workers)?;
+    let (pooled, pooled_addr): (Vec<Option<TcpListener>>, _) = match config.listen.pooled {
+        Some(addr) => {
+            let (listeners, local) = bind_reuseport(addr, workers)?;
+            (listeners.into_iter().map(Some).collect(), Some(local))
+        }
+        None => ((0..workers).map(|_| None).collect(), None),
+    };
     let control_listener = match control::bind(&config.admin.socket) {
         Ok(listener) => Some(listener),
         Err(error @ ControlError::InUse { .. }) => {
@@ -169,13 +178,15 @@ pub fn start(config: Config) -> Result<Router, StartError> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(workers);
-    for (id, listener) in listeners.into_iter().enumerate() {
+    let per_worker = direct.into_iter().zip(pooled);
+    for (id, (direct, pooled)) in per_worker.enumerate() {
+        let listeners = Listeners { direct, pooled };
         let shared = shared.clone();
         let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let ready = ready_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("branchgate-w{id}"))
-            .spawn(move || run_worker(id, shared, listener, core, ready))
+            .spawn(move || run_worker(id, shared, listeners, core, ready))
             .map_err(|source| StartError::Worker { worker: id, source })?;
         handles.push(handle);
     }
@@ -192,7 +203,12 @@ pub fn start(config: Config) -> Result<Router, StartError> {
             }
         }
     }
-    tracing::info!(%direct_addr, workers, "branchgate accepting");
+    tracing::info!(
+        %direct_addr,
+        pooled_addr = pooled_addr.map(tracing::field::display),
+        workers,
+        "branchgate accepting"
+    );
 
     let stopping = Arc::new(AtomicBool::new(false));
     let reloader = Arc::new(Reloader::new(shared.clone(), loaded));
@@ -200,6 +216,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
     let mut router = Router {
         shared,
         direct_addr,
+        pooled_addr,
         workers: handles,
         helpers: Vec::new(),
         stopping,
@@ -240,7 +257,13 @@ fn serve_control(
     }
 }
 
-fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, StartError> {
+/// Binds `count` SO_REUSEPORT listeners on `addr`, and says which address they share (the port
+/// the kernel chose when `addr` has port 0).
+fn bind_reuseport(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(Vec<TcpListener>, SocketAddr), StartError> {
+    let failed = |source| StartError::Listen { addr, source };
     let mut listeners: Vec<TcpListener> = Vec::with_capacity(count);
     let mut bind_addr = addr;
     for _ in 0..count {
@@ -257,14 +280,24 @@ fn bind_reuseport(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, St
             socket.listen(LISTEN_BACKLOG)?;
             Ok::<_, std::io::Error>(TcpListener::from(socket))
         })()
-        .map_err(|source| StartError::Listen { addr, source })?;
+        .map_err(failed)?;
         if let Ok(local) = listener.local_addr() {
             // Port 0: every further worker binds the port the first one got.
             bind_addr = local;
         }
         listeners.push(listener);
     }
-    Ok(listeners)
+    let local = match listeners.first() {
+        Some(listener) => listener.local_addr().map_err(failed)?,
+        None => addr,
+    };
+    Ok((listeners, local))
+}
+
+/// One worker's listening sockets, one per port.
+struct Listeners {
+    direct: TcpListener,
+    pooled: Option<TcpListener>,
 }
 
 type Ready = mpsc::Sender<Result<(), (usize, std::io::Error)>>;
@@ -272,7 +305,7 @@ type Ready = mpsc::Sender<Result<(), (usize, std::io::Error)>>;
 fn run_worker(
     id: usize,
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listeners: Listeners,
     core: Option<core_affinity::CoreId>,
     ready: Ready,
 ) {
@@ -307,15 +340,20 @@ fn run_worker(
         "worker started"
     );
     runtime.block_on(async move {
-        let listener = match monoio::net::TcpListener::from_std(listener) {
-            Ok(listener) => listener,
+        let Listeners { direct, pooled } = listeners;
+        let listeners = monoio::net::TcpListener::from_std(direct).and_then(|direct| {
+            let pooled = pooled.map(monoio::net::TcpListener::from_std).transpose()?;
+            Ok((direct, pooled))
+        });
+        let (direct, pooled) = match listeners {
+            Ok(listeners) => listeners,
             Err(source) => {
                 let _ = ready.send(Err((id, source)));
                 return;
             }
         };
         let _ = ready.send(Ok(()));
-        Worker::new(id, shared).run(listener).await;
+        Worker::new(id, shared).run(direct, pooled).await;
     });
 }
 
@@ -323,6 +361,12 @@ impl Router {
     /// The address of the direct (session) port, with the real port if 0 was configured.
     pub fn direct_addr(&self) -> SocketAddr {
         self.direct_addr
+    }
+
+    /// The address of the pooled (transaction) port, if configured, with the real port if 0
+    /// was configured.
+    pub fn pooled_addr(&self) -> Option<SocketAddr> {
+        self.pooled_addr
     }
 
     /// Path of the catalog file in use.

@@ -1,6 +1,6 @@
 //! The thread-per-core runtime: one pinned thread per worker, each with its own monoio runtime
 //! (io_uring, or the legacy epoll driver where io_uring is unavailable), its own SO_REUSEPORT
-//! listener, and its own session registry. Nothing here is shared between workers but the
+//! listener on each port, and its own session registry. Nothing here is shared between workers but the
 //! read-mostly [`Shared`] state and the mailboxes.
 
 use std::cell::{Cell, RefCell};
@@ -19,6 +19,7 @@ use crate::auth::verifier::ScramVerifier;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::KillReason;
+use crate::front_door::Port;
 use crate::mailbox::{Mailbox, Message};
 use crate::protocol::startup::CancelKey;
 use crate::signal::Broadcast;
@@ -99,7 +100,8 @@ pub struct Worker {
     live: Cell<usize>,
     /// Connections not yet authenticated (`limits.max_startup_connections`).
     starting: Cell<u32>,
-    stop_accepting: Signal<()>,
+    /// Fired at shutdown: every accept loop ends.
+    stop_accepting: Broadcast,
     /// Fired when the drain time is over: connections still starting end then.
     drain_over: Broadcast,
     /// This worker's limit on cancel requests with unknown keys, per source.
@@ -178,7 +180,7 @@ impl Worker {
             next_session: Cell::new(0),
             live: Cell::new(0),
             starting: Cell::new(0),
-            stop_accepting: Signal::default(),
+            stop_accepting: Broadcast::default(),
             drain_over: Broadcast::default(),
             cancel_limiter: RefCell::default(),
             buffers: crate::buf::BufPool::default(),
@@ -258,7 +260,8 @@ impl Worker {
         }
     }
 
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+    /// Accepts `port`'s connections into the startup budget until shutdown.
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener, port: Port) {
         loop {
             let accepted = monoio::select! {
                 accepted = listener.accept() => accepted,
@@ -280,6 +283,7 @@ impl Worker {
                         if let Some(suppressed) = STARTUP_BUDGET_FULL.allow() {
                             tracing::warn!(
                                 worker = self.id,
+                                ?port,
                                 %peer,
                                 limit = self.shared.config.limits.max_startup_connections.get(),
                                 suppressed,
@@ -290,12 +294,12 @@ impl Worker {
                     }
                 },
                 Err(error) => {
-                    tracing::warn!(worker = self.id, %error, "accept failed");
+                    tracing::warn!(worker = self.id, ?port, %error, "accept failed");
                     monoio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
             }
         }
-        tracing::debug!(worker = self.id, "stopped accepting");
+        tracing::debug!(worker = self.id, ?port, "stopped accepting");
     }
 
     async fn wait_idle(&self, deadline: Instant) -> bool {
@@ -308,12 +312,16 @@ impl Worker {
         true
     }
 
-    /// Run the worker until a Shutdown message: accept, serve, then drain.
-    pub async fn run(self: Rc<Self>, listener: TcpListener) {
-        monoio::spawn(self.clone().accept_loop(listener));
+    /// Run the worker until a Shutdown message: accept on the direct port (and the pooled one,
+    /// if given), serve, then drain.
+    pub async fn run(self: Rc<Self>, direct: TcpListener, pooled: Option<TcpListener>) {
+        monoio::spawn(self.clone().accept_loop(direct, Port::Direct));
+        if let Some(pooled) = pooled {
+            monoio::spawn(self.clone().accept_loop(pooled, Port::Pooled));
+        }
         self.handle_mail(false).await;
 
-        self.stop_accepting.fire(());
+        self.stop_accepting.fire();
         // Dropped with the runtime when this returns.
         monoio::spawn({
             let worker = self.clone();

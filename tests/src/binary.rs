@@ -71,21 +71,35 @@ pub struct RouterProcess {
     log: PathBuf,
     config: PathBuf,
     addr: SocketAddr,
+    pooled_addr: SocketAddr,
 }
 
 impl RouterProcess {
     /// Writes router.toml in `dir` (its catalog is `dir/catalog.toml`, which must exist),
-    /// starts `branchgate run` on a free port (retried when another process takes the port),
+    /// starts `branchgate run` on free ports (retried when another process takes one),
     /// and returns once it accepts clients and answers on its control socket.
     pub fn spawn(dir: &Path, certs: &Certs) -> RouterProcess {
         let template = router_toml(certs, "catalog.toml");
         for _ in 0..BIND_ATTEMPTS {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let pooled_addr = loop {
+                let pooled = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                if pooled != addr {
+                    break pooled;
+                }
+            };
             let text = template.replace(
                 "direct = \"127.0.0.1:0\"",
                 &format!("direct = {}", toml_string(&addr.to_string())),
             );
-            assert_ne!(text, template, "router_toml changed its listen line");
+            let text = text.replace(
+                "pooled = \"127.0.0.1:0\"",
+                &format!("pooled = {}", toml_string(&pooled_addr.to_string())),
+            );
+            assert!(
+                text.contains(&format!("direct = \"{addr}\"\npooled = \"{pooled_addr}\"")),
+                "router_toml changed its listen lines"
+            );
             let config = dir.join("router.toml");
             fs::write(&config, text).expect("write router.toml");
             let log = dir.join("branchgate.log");
@@ -114,6 +128,7 @@ impl RouterProcess {
                 log,
                 config,
                 addr,
+                pooled_addr,
             };
             // The control socket is bound before the workers start, so once they accept, a
             // `branchgate reload` finds it.
@@ -129,12 +144,17 @@ impl RouterProcess {
                 Err(status) => panic!("branchgate run exited ({status}):\n{}", process.log()),
             }
         }
-        panic!("branchgate run found no free port in {BIND_ATTEMPTS} attempts");
+        panic!("branchgate run found no free ports in {BIND_ATTEMPTS} attempts");
     }
 
     /// The direct port's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The pooled port's address.
+    pub fn pooled_addr(&self) -> SocketAddr {
+        self.pooled_addr
     }
 
     /// The router.toml it runs with.

@@ -19,6 +19,8 @@ pub struct BranchSpec {
     pub replicas: Vec<SocketAddr>,
     /// (role name, SCRAM verifier) pairs.
     pub roles: Vec<(String, String)>,
+    /// The `[branch.pool]` table's lines (raw TOML, e.g. `"pool_size = 2\n"`), if any.
+    pub pool: Option<String>,
 }
 
 impl BranchSpec {
@@ -29,6 +31,7 @@ impl BranchSpec {
             primary,
             replicas: Vec::new(),
             roles: Vec::new(),
+            pool: None,
         }
     }
 
@@ -41,6 +44,12 @@ impl BranchSpec {
     /// Adds a role with its verifier (`SCRAM-SHA-256$...`, as in pg_authid).
     pub fn role(mut self, name: &str, verifier: &str) -> BranchSpec {
         self.roles.push((name.to_owned(), verifier.to_owned()));
+        self
+    }
+
+    /// Sets the branch's `[branch.pool]` lines (raw TOML): `.pool("pool_size = 2\n")`.
+    pub fn pool(mut self, lines: &str) -> BranchSpec {
+        self.pool = Some(lines.to_owned());
         self
     }
 }
@@ -65,15 +74,24 @@ pub fn catalog_toml(branches: &[BranchSpec]) -> String {
         for (name, verifier) in &branch.roles {
             let _ = writeln!(out, "{} = {}", toml_string(name), toml_string(verifier));
         }
+        if let Some(pool) = &branch.pool {
+            out.push_str("\n[branch.pool]\n");
+            out.push_str(pool);
+            if !pool.ends_with('\n') {
+                out.push('\n');
+            }
+        }
         out.push('\n');
     }
     out
 }
 
-/// The router configuration: TLS from `certs`, the direct port on `127.0.0.1:0`, two workers.
+/// The router configuration: TLS from `certs`, the direct and pooled ports on `127.0.0.1:0`,
+/// two workers. It ends inside its `[timeouts]` table, so text appended to it may add timeouts
+/// before its own tables.
 pub fn router_toml(certs: &Certs, catalog_file: &str) -> String {
     format!(
-        "catalog = {}\nworkers = 2\n\n[listen]\ndirect = \"127.0.0.1:0\"\n\n\
+        "catalog = {}\nworkers = 2\n\n[listen]\ndirect = \"127.0.0.1:0\"\npooled = \"127.0.0.1:0\"\n\n\
          [tls]\ncert = {}\nkey = {}\n\n[timeouts]\nstartup = \"3s\"\ndrain = \"1s\"\nhealth_check_interval = \"500ms\"\n",
         toml_string(catalog_file),
         toml_path(&certs.cert_path()),
@@ -118,14 +136,14 @@ mod tests {
                 .replica(replica)
                 .role("app", "SCRAM-SHA-256$4096:c2FsdA==$a:b")
                 .role("app.ro", "SCRAM-SHA-256$4096:x$y:z"),
-            BranchSpec::new("b2", primary),
+            BranchSpec::new("b2", primary).pool("pool_size = 2"),
         ];
         let expected = "[[branch]]\nid = \"b1\"\nprimary = \"127.0.0.1:5433\"\n\
                         replicas = [\"127.0.0.1:5434\"]\n\n[branch.roles]\n\
                         \"app\" = \"SCRAM-SHA-256$4096:c2FsdA==$a:b\"\n\
                         \"app.ro\" = \"SCRAM-SHA-256$4096:x$y:z\"\n\n\
                         [[branch]]\nid = \"b2\"\nprimary = \"127.0.0.1:5433\"\n\
-                        replicas = []\n\n[branch.roles]\n\n";
+                        replicas = []\n\n[branch.roles]\n\n[branch.pool]\npool_size = 2\n\n";
         assert_eq!(catalog_toml(&branches), expected);
     }
 
@@ -143,5 +161,10 @@ mod tests {
         assert!(text.starts_with("catalog = \"catalog.toml\"\nworkers = 2\n"));
         assert!(text.contains(&format!("cert = \"{}\"", certs.cert_path().display())));
         assert!(text.contains("direct = \"127.0.0.1:0\""));
+        assert!(text.contains("pooled = \"127.0.0.1:0\""));
+        assert!(
+            text.ends_with("health_check_interval = \"500ms\"\n"),
+            "{text}"
+        );
     }
 }

@@ -62,6 +62,13 @@ impl TestRouter {
         self.router().direct_addr()
     }
 
+    /// The pooled (transaction) listener's address.
+    pub fn pooled_addr(&self) -> SocketAddr {
+        self.router()
+            .pooled_addr()
+            .expect("router.toml configures the pooled port")
+    }
+
     /// Rewrites the catalog and reloads it, panicking if the router rejects it.
     pub fn set_catalog(&self, branches: &[BranchSpec]) {
         fs::write(self.dir.path().join(CATALOG_FILE), catalog_toml(branches))

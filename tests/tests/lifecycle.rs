@@ -440,6 +440,10 @@ fn shutdown_refuses_new_clients_and_ends_sessions_after_the_drain() {
     let branch = BranchSpec::new("b1", pg.addr()).role("app4", &server_role("app4", password));
     let mut router = LocalRouter::start(&[branch], "1s");
     let addr = router.addr();
+    let pooled = router.router().pooled_addr().expect("a pooled port");
+    assert_ne!(pooled.port(), addr.port());
+    let connect = |addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    drop(connect(pooled).expect("the pooled port listens"));
     let mut held = open_session(addr, "app4.b1", password).expect("app4 logs in");
     assert_eq!(held.value("SELECT current_user").expect("query"), "app4");
 
@@ -450,6 +454,10 @@ fn shutdown_refuses_new_clients_and_ends_sessions_after_the_drain() {
     assert!(
         refuses_connections(addr),
         "the router still accepts after shutdown"
+    );
+    assert!(
+        connect(pooled).is_err(),
+        "the pooled port still listens after shutdown"
     );
 }
 

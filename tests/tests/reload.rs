@@ -375,6 +375,19 @@ fn the_library_reload_is_typed_and_the_control_socket_belongs_to_one_router() {
         }
     }
 
+    // A reload that changes a branch's pool settings only is a change, and closes nothing.
+    let mut branches = three_branches("lib1", &verifier)[..2].to_vec();
+    branches[1] = branches[1]
+        .clone()
+        .pool("pool_size = 3\nserver_lifetime = \"0s\"\n");
+    write_atomically(&dir.path().join("catalog.toml"), &catalog_toml(&branches));
+    let reloaded = router.reload_catalog().expect("pool-only reload");
+    assert_eq!((reloaded.changed_pools, reloaded.changed_roles), (1, 0));
+    assert_eq!(
+        reloaded.to_string(),
+        "2 branches, 2 roles, 0 roles changed or removed, 1 branch with new pool settings"
+    );
+
     write_atomically(&dir.path().join("catalog.toml"), "");
     match router.reload_catalog() {
         Err(ReloadError::Refused(refusal)) => assert_eq!(refusal, Refusal::EveryBranch(2)),
