@@ -62,6 +62,14 @@ impl TestRouter {
         self.router().direct_addr()
     }
 
+    /// The pooled (transaction mode) listener's address.
+    ///
+    /// Placeholder until the router has a pooled listener (issue 8): the branch that adds
+    /// `[listen] pooled` replaces this with `self.router().pooled_addr()`.
+    pub fn pooled_addr(&self) -> SocketAddr {
+        panic!("this router has no pooled listener yet (issue 8)")
+    }
+
     /// Rewrites the catalog and reloads it, panicking if the router rejects it.
     pub fn set_catalog(&self, branches: &[BranchSpec]) {
         fs::write(self.dir.path().join(CATALOG_FILE), catalog_toml(branches))
