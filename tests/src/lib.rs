@@ -9,7 +9,9 @@
 //! - [`spawn`]: starting servers that die with the test process.
 //! - [`router`]: `TestRouter`, the router started in-process.
 //! - [`binary`]: the `branchgate` binary's commands, and `branchgate run` as a child process.
-//! - [`raw`]: hand-built protocol messages over raw sockets and sync rustls, for bad input.
+//! - [`pool_config`]: [`PoolSettings`], the pooled listener and `[pool]` table of router.toml.
+//! - [`raw`]: hand-built protocol messages over raw sockets and sync rustls, for bad input and
+//!   for extended-protocol sequences no client library produces on demand.
 //! - [`tokio_tls`]: tokio-postgres over tokio-rustls.
 //! - [`tp_cancel`]: the cancel key of a tokio-postgres client.
 //! - [`tp_session`]: a tokio-postgres session held open from synchronous code.
@@ -22,6 +24,7 @@ pub mod catalog;
 pub mod certs;
 pub mod clients;
 pub mod pg;
+pub mod pool_config;
 pub mod raw;
 pub mod router;
 pub mod spawn;
@@ -34,5 +37,6 @@ pub use catalog::BranchSpec;
 pub use certs::Certs;
 pub use clients::{psycopg_query, ClientError, Conninfo, SslNegotiation};
 pub use pg::{PgServer, ADMIN_PASSWORD, ADMIN_USER};
+pub use pool_config::PoolSettings;
 pub use router::TestRouter;
 pub use tools::{free_port, pg_bin, psql_bin, python, run_python};

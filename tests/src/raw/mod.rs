@@ -4,6 +4,7 @@
 //!
 //! [Protocol flow](https://www.postgresql.org/docs/current/protocol-flow.html).
 
+mod extended;
 mod message;
 mod read;
 mod session;
@@ -16,6 +17,11 @@ use std::time::Duration;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use rustls_pki_types::ServerName;
 
+pub use extended::{
+    bind, bind_execute, close, data_row, describe, error_codes, errors, execute, first_column,
+    flush, parameter_description, parameter_status, parse, row_description, sync, tags, terminate,
+    RawConn, Reply,
+};
 pub use message::{
     cancel_request, message, query, request, sasl_initial_response, startup_for, startup_message,
     untagged,
@@ -24,7 +30,9 @@ pub use read::{
     expect_auth, expect_closed, expect_fatal, expect_sasl, next_message, parse_error, read_message,
     Closing, PgError,
 };
-pub use session::{attribute, login, login_keyed, query_one, scram_first, start_sasl};
+pub use session::{
+    attribute, login, login_keyed, login_reporting, query_one, scram_first, start_sasl, Login,
+};
 
 /// Upper bound for any single read or write: the test router's startup timeout is 3 s, so a read
 /// that waits this long means the router neither answered nor closed.

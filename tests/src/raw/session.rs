@@ -41,6 +41,20 @@ pub fn login(s: &mut (impl Read + Write), password: &str) -> Result<(), PgError>
 
 /// As [`login`], returning the cancel key (pid, secret) of BackendKeyData.
 pub fn login_keyed(s: &mut (impl Read + Write), password: &str) -> Result<(u32, u32), PgError> {
+    login_reporting(s, password).map(|login| login.key)
+}
+
+/// What a successful login told the client.
+#[derive(Clone, Debug)]
+pub struct Login {
+    /// The cancel key (pid, secret) of BackendKeyData.
+    pub key: (u32, u32),
+    /// ParameterStatus (name, value) pairs, in the order they came.
+    pub params: Vec<(String, String)>,
+}
+
+/// As [`login`], returning the cancel key and the ParameterStatus values.
+pub fn login_reporting(s: &mut (impl Read + Write), password: &str) -> Result<Login, PgError> {
     let (mut scram, first) = ScramClient::new(ClientCredentials::Password(password.to_owned()));
     s.write_all(&sasl_initial_response(SCRAM_SHA_256, &first))
         .expect("send SASLInitialResponse");
@@ -56,9 +70,15 @@ pub fn login_keyed(s: &mut (impl Read + Write), password: &str) -> Result<(u32, 
         .expect("the router proves it holds the verifier");
     expect_auth(s, AUTH_OK, "AuthenticationOk")?;
     let mut key = None;
+    let mut params = Vec::new();
     loop {
         match next_message(s, "after AuthenticationOk") {
-            (b'Z', _) => return Ok(key.expect("BackendKeyData before ReadyForQuery")),
+            (b'Z', _) => {
+                return Ok(Login {
+                    key: key.expect("BackendKeyData before ReadyForQuery"),
+                    params,
+                })
+            }
             (b'E', body) => return Err(parse_error(&body)),
             (b'K', body) => {
                 let word =
@@ -66,7 +86,17 @@ pub fn login_keyed(s: &mut (impl Read + Write), password: &str) -> Result<(u32, 
                 assert_eq!(body.len(), 8, "BackendKeyData of protocol 3.0");
                 key = Some((word(0), word(4)));
             }
-            (b'S' | b'N', _) => {}
+            (b'S', body) => {
+                let mut parts = body.split(|&b| b == 0);
+                let mut text = || {
+                    String::from_utf8(parts.next().expect("ParameterStatus field").to_vec())
+                        .expect("UTF-8 ParameterStatus")
+                };
+                let name = text();
+                let value = text();
+                params.push((name, value));
+            }
+            (b'N', _) => {}
             (tag, _) => panic!("unexpected {:?} before ReadyForQuery", tag as char),
         }
     }

@@ -1,0 +1,1463 @@
+//! The pooled port (transaction pooling, issue 8) against a real PostgreSQL 15, always over TLS:
+//! pgbench in its three query modes, psycopg (prepares after 5 executions, pipelines),
+//! tokio-postgres (prepares every statement), psql, a byte-level client for the extended-protocol
+//! sequences no library produces on demand, startup parameters that follow each client, a
+//! backend killed mid-transaction, cancel, the pool's timeouts and limits, and a client leaving
+//! mid-transaction.
+//!
+//! One PostgreSQL server per binary; every test starts its own router with the `[pool]` settings
+//! it checks, so pools are never shared between tests. Routers run one worker (pools are per
+//! worker until a branch lives on one worker), except where a test covers both workers.
+
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use branchgate_e2e::pg::quote_literal;
+use branchgate_e2e::raw::{
+    bind_execute, close, data_row, describe, error_codes, errors, first_column, flush,
+    parameter_description, parameter_status, parse, parse_error, query, row_description, sync,
+    tags, Mode, RawConn, Reply,
+};
+use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, MakeRustls};
+use branchgate_e2e::tools::{pg_bin, psql_command, python};
+use branchgate_e2e::tp_cancel::cancel_key;
+use branchgate_e2e::{
+    run_python, BranchSpec, Certs, Conninfo, PgServer, PoolSettings, SslNegotiation, TestRouter,
+    ADMIN_PASSWORD, ADMIN_USER,
+};
+use tokio_postgres::config::{SslMode, SslNegotiation as TpNegotiation};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+const BRANCH: &str = "b1";
+/// The application role, as the router's clients name it and as PostgreSQL knows it.
+const APP_USER: &str = "app.b1";
+const APP_ROLE: &str = "app";
+const APP_PASSWORD: &str = "pscale_pw_pooled_app_Kf4";
+/// pgbench's role, used by nothing else, so its backends can be counted by user name.
+const BENCH_USER: &str = "bench.b1";
+const BENCH_ROLE: &str = "bench";
+const BENCH_PASSWORD: &str = "pscale_pw_pooled_bench_Wz8";
+/// pgbench's database (owned by the bench role, initialised with `pgbench -i`).
+const BENCH_DATABASE: &str = "bench";
+
+/// pgbench's pool, and its clients: four per backend.
+const BENCH_POOL_SIZE: usize = 2;
+const BENCH_CLIENTS: usize = 4 * BENCH_POOL_SIZE;
+/// Transactions per pgbench client in each mode.
+const BENCH_TRANSACTIONS: usize = 25;
+
+/// Type OIDs.
+const INT4: u32 = 23;
+const TEXT: u32 = 25;
+
+/// A bound on anything that should take milliseconds (a cancel, a handover between clients).
+const QUICK: Duration = Duration::from_secs(3);
+/// How long a client that the router must hold back is watched for a premature answer.
+const HELD_WINDOW: Duration = Duration::from_millis(400);
+/// How long a python or pgbench client may run before the test calls it stuck.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(120);
+/// PgBouncer's NOTICE threshold for a queued client (`query_wait_notify`), which the issue keeps.
+const QUEUED_NOTICE_AFTER: Duration = Duration::from_secs(5);
+
+/// psycopg: autocommit, forced prepares, transactions, pipelines, implicit transactions.
+const PSYCOPG_WORK: &str = include_str!("clients/pooled_work.py");
+/// psycopg: `cancel_safe` of a running query, of an idle client, and the pid it was told.
+const PSYCOPG_CANCEL: &str = include_str!("clients/pooled_cancel.py");
+
+// ---------------------------------------------------------------------------------------------
+// Fixture
+
+struct Fixture {
+    certs: Certs,
+    pg: PgServer,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let pg = PgServer::start_primary();
+        pg.create_role(APP_ROLE, APP_PASSWORD);
+        pg.create_role(BENCH_ROLE, BENCH_PASSWORD);
+        pg.psql_admin(
+            "CREATE TABLE pooled_items (client text NOT NULL, n int NOT NULL); \
+             GRANT ALL ON pooled_items TO app",
+        );
+        for schema in ["s1", "s2"] {
+            pg.psql_admin(&format!(
+                "CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (v text); \
+                 INSERT INTO {schema}.t VALUES ('in {schema}'); \
+                 GRANT USAGE ON SCHEMA {schema} TO app; GRANT SELECT ON {schema}.t TO app"
+            ));
+        }
+        pg.psql_admin(&format!(
+            "CREATE DATABASE {BENCH_DATABASE} OWNER {BENCH_ROLE}"
+        ));
+        let init = Command::new(pg_bin("pgbench"))
+            .env_clear()
+            .arg("-h")
+            .arg(pg.socket_dir())
+            .args(["-p", &pg.port().to_string(), "-U", BENCH_ROLE])
+            .args(["-i", "-q", "-s", "1", BENCH_DATABASE])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pgbench -i");
+        assert!(
+            init.status.success(),
+            "pgbench -i failed:\n{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        Fixture {
+            certs: Certs::generate(),
+            pg,
+        }
+    })
+}
+
+impl Fixture {
+    /// The catalog: branch b1 on the test server with both roles.
+    fn branch(&self) -> BranchSpec {
+        BranchSpec::new(BRANCH, self.pg.addr())
+            .role(APP_ROLE, &self.pg.role_verifier(APP_ROLE))
+            .role(BENCH_ROLE, &self.pg.role_verifier(BENCH_ROLE))
+    }
+
+    /// A router of its own for one test.
+    fn router(&self, settings: &PoolSettings) -> TestRouter {
+        settings.start(&self.certs, &[self.branch()])
+    }
+
+    /// A byte-level client of the pooled port as `app.b1`, with `extra` startup parameters.
+    fn raw(&self, router: &TestRouter, mode: Mode, extra: &[(&str, &str)]) -> RawConn {
+        RawConn::connect(
+            router.pooled_addr(),
+            self.certs.client_config(),
+            mode,
+            APP_USER,
+            APP_PASSWORD,
+            extra,
+        )
+    }
+
+    /// A libpq (psycopg) connection string for the pooled port as `app.b1`, verify-full.
+    fn libpq(&self, router: &TestRouter, negotiation: SslNegotiation) -> Conninfo {
+        Conninfo::new(router.pooled_addr())
+            .param("host", "localhost")
+            .param("hostaddr", "127.0.0.1")
+            .user(APP_USER)
+            .password(APP_PASSWORD)
+            .verify_full(&self.certs.ca_path(), negotiation)
+    }
+
+    /// The superuser straight to PostgreSQL (plaintext), for watching pg_stat_activity.
+    fn admin_dsn(&self) -> Conninfo {
+        Conninfo::new(self.pg.addr())
+            .user(ADMIN_USER)
+            .password(ADMIN_PASSWORD)
+            .no_tls()
+    }
+
+    /// A tokio-postgres configuration for the pooled port as `app.b1`.
+    fn tp_config(&self, router: &TestRouter, negotiation: TpNegotiation) -> Config {
+        let mut config = Config::new();
+        config
+            .host("localhost")
+            .hostaddr(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .port(router.pooled_addr().port())
+            .user(APP_USER)
+            .password(APP_PASSWORD)
+            .dbname("postgres")
+            .ssl_mode(SslMode::Require)
+            .ssl_negotiation(negotiation)
+            .connect_timeout(Duration::from_secs(10));
+        config
+    }
+
+    async fn tp_connect(&self, router: &TestRouter, negotiation: TpNegotiation) -> Client {
+        tp_connect_with(
+            &self.tp_config(router, negotiation),
+            MakeRustls::new(self.certs.client_config()),
+        )
+        .await
+        .expect("tokio-postgres connects to the pooled port")
+    }
+
+    /// The superuser straight to PostgreSQL with tokio-postgres, in the current runtime.
+    async fn tp_admin(&self) -> Client {
+        let (client, connection) = self
+            .admin_dsn()
+            .to_string()
+            .parse::<Config>()
+            .expect("admin conninfo")
+            .connect(NoTls)
+            .await
+            .expect("admin connects to PostgreSQL");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+/// Waits for a child process, killing it and panicking when it takes longer than `deadline`.
+fn wait_with_deadline(mut child: Child, what: &str, deadline: Duration) -> Output {
+    let end = Instant::now() + deadline;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("collect output");
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collect output");
+            panic!(
+                "{what} did not finish within {deadline:?}:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Counts a role's client backends in pg_stat_activity from a connection of the superuser
+/// (which the count leaves out by its user name), sampling until stopped.
+struct BackendSampler {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<(usize, usize)>,
+}
+
+impl BackendSampler {
+    /// Returns once the first sample has been taken.
+    fn start(f: &Fixture, role: &str) -> BackendSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let dsn = f.admin_dsn().to_string();
+        let role = role.to_owned();
+        let handle = thread::spawn({
+            let stop = stop.clone();
+            move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(async move {
+                        let config: Config = dsn.parse().expect("admin conninfo");
+                        let (client, connection) =
+                            config.connect(NoTls).await.expect("sampler connects");
+                        tokio::spawn(connection);
+                        let (mut peak, mut samples) = (0usize, 0usize);
+                        loop {
+                            let row = client
+                                .query_one(
+                                    "SELECT count(*) FROM pg_stat_activity \
+                                     WHERE usename = $1 AND backend_type = 'client backend'",
+                                    &[&role],
+                                )
+                                .await
+                                .expect("sample pg_stat_activity");
+                            let count = usize::try_from(row.get::<_, i64>(0)).expect("count");
+                            peak = peak.max(count);
+                            samples += 1;
+                            if samples == 1 {
+                                let _ = ready_tx.send(());
+                            }
+                            if stop.load(Ordering::Relaxed) {
+                                return (peak, samples);
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    })
+            }
+        });
+        ready_rx.recv().expect("the sampler took its first sample");
+        BackendSampler { stop, handle }
+    }
+
+    /// The highest count seen, and how many samples were taken.
+    fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("sampler thread")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. pgbench: four clients per backend, in each query mode
+
+#[test]
+fn pgbench_in_every_query_mode_with_four_clients_per_backend_stays_within_pool_size() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(
+        u32::try_from(BENCH_POOL_SIZE).expect("small"),
+    ));
+    for mode in ["simple", "extended", "prepared"] {
+        let sampler = BackendSampler::start(f, BENCH_ROLE);
+        let child = Command::new(pg_bin("pgbench"))
+            .env_clear()
+            .env("PGPASSWORD", BENCH_PASSWORD)
+            .env("PGSSLMODE", "require")
+            .env("PGCONNECT_TIMEOUT", "10")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &router.pooled_addr().port().to_string(),
+            ])
+            .args(["-U", BENCH_USER, "-n", "-j", "2", "-M", mode])
+            .args(["-c", &BENCH_CLIENTS.to_string()])
+            .args(["-t", &BENCH_TRANSACTIONS.to_string()])
+            .arg(BENCH_DATABASE)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run pgbench");
+        let output = wait_with_deadline(child, "pgbench", CLIENT_DEADLINE);
+        let (peak, samples) = sampler.stop();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && !stderr.contains("error"),
+            "pgbench -M {mode} failed ({}):\n{stdout}\n{stderr}",
+            output.status
+        );
+        let total = BENCH_CLIENTS * BENCH_TRANSACTIONS;
+        assert!(
+            stdout.contains(&format!(
+                "number of transactions actually processed: {total}/{total}"
+            )),
+            "-M {mode}:\n{stdout}"
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0 (0.000%)"),
+            "-M {mode}:\n{stdout}"
+        );
+        // Eight clients busy for the whole run fill the pool, and never more than the pool.
+        assert_eq!(
+            peak, BENCH_POOL_SIZE,
+            "-M {mode}: most backends of {BENCH_ROLE} seen at once ({samples} samples)"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. psycopg: many transactions, prepared statements, pipelines
+
+/// Runs `clients` psycopg clients at once (client numbers from `first`), each with `rounds`,
+/// and checks each one's report.
+fn psycopg_clients_share_the_pool(pool_size: u32, first: usize, clients: usize) {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(pool_size));
+    let rounds = 20;
+    let children: Vec<(usize, Child)> = (first..first + clients)
+        .map(|k| {
+            let negotiation = if k % 2 == 0 {
+                SslNegotiation::Postgres
+            } else {
+                SslNegotiation::Direct
+            };
+            let dsn = f.libpq(&router, negotiation).to_string();
+            let child = Command::new(python())
+                .arg("-c")
+                .arg(PSYCOPG_WORK)
+                .args([&dsn, &k.to_string(), &rounds.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run python");
+            (k, child)
+        })
+        .collect();
+    for (k, child) in children {
+        let output = wait_with_deadline(child, &format!("psycopg client {k}"), CLIENT_DEADLINE);
+        assert!(
+            output.status.success(),
+            "psycopg client {k} on a pool of {pool_size} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let expected = format!(
+            "c{k} autocommit {rounds}\n\
+             c{k} prepared {rounds}\n\
+             c{k} transactions {rounds} 22012\n\
+             c{k} pipeline True {}\n\
+             c{k} pipeline error 22012 {k}\n\
+             c{k} implicit transactions {rounds}\n",
+            rounds + 1
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            expected,
+            "client {k}"
+        );
+    }
+}
+
+#[test]
+fn psycopg_clients_sharing_a_pool_of_one_all_finish_with_their_own_results() {
+    psycopg_clients_share_the_pool(1, 1, 2);
+}
+
+#[test]
+fn psycopg_clients_sharing_a_pool_of_two_all_finish_with_their_own_results() {
+    psycopg_clients_share_the_pool(2, 3, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. tokio-postgres: every statement prepared, statements moving between backends
+
+/// `rounds` transactions of client `k`: a statement prepared once before the loop, executed in
+/// each transaction, plus statements tokio-postgres prepares and closes per query.
+async fn tp_transactions(client: &mut Client, k: i32, rounds: i32) {
+    let statement = client
+        .prepare(&format!("select $1::int4 * {k}, $2::text || '-{k}'"))
+        .await
+        .expect("prepare");
+    for i in 0..rounds {
+        let tx = client.transaction().await.expect("begin");
+        let row = tx
+            .query_one(&statement, &[&i, &i.to_string()])
+            .await
+            .expect("prepared statement in a later transaction");
+        assert_eq!(row.get::<_, i32>(0), i * k, "client {k} round {i}");
+        assert_eq!(
+            row.get::<_, &str>(1),
+            format!("{i}-{k}"),
+            "client {k} round {i}"
+        );
+        let row = tx
+            .query_one(&format!("select $1::int4 + {k}"), &[&i])
+            .await
+            .expect("statement prepared for one query");
+        assert_eq!(row.get::<_, i32>(0), i + k, "client {k} round {i}");
+        if i % 5 == 4 {
+            tx.rollback().await.expect("rollback");
+        } else {
+            tx.commit().await.expect("commit");
+        }
+        let row = client
+            .query_one(&statement, &[&-i, &"auto"])
+            .await
+            .expect("prepared statement outside a transaction");
+        assert_eq!(row.get::<_, i32>(0), -i * k, "client {k} round {i}");
+    }
+}
+
+#[test]
+fn tokio_postgres_statement_prepared_once_runs_on_another_backend() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2));
+    block_on(async {
+        let a = f.tp_connect(&router, TpNegotiation::Postgres).await;
+        let mut b = f.tp_connect(&router, TpNegotiation::Direct).await;
+        let statement = a
+            .prepare("select $1::int4 * 2 as doubled")
+            .await
+            .expect("prepare");
+        let pid = |row: tokio_postgres::Row| row.get::<_, i32>(0);
+        let first = pid(a
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .expect("pid"));
+        // b takes the one backend there is and keeps it in a transaction...
+        let tx = b.transaction().await.expect("begin");
+        let held = pid(tx
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .expect("pid"));
+        assert_eq!(
+            held, first,
+            "the pool hands out its idle backend before opening another"
+        );
+        // ...so a's statement runs on a second backend, where it was never prepared.
+        let row = a.query_one(&statement, &[&21i32]).await.expect("execute");
+        assert_eq!(row.get::<_, i32>(0), 42);
+        assert_eq!(row.columns()[0].name(), "doubled");
+        let second = pid(a
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .expect("pid"));
+        assert_ne!(second, first, "a ran on the backend b holds");
+        tx.commit().await.expect("commit");
+        // Then both go on at once over both backends.
+        let mut a = a;
+        futures_util::future::join(
+            tp_transactions(&mut a, 3, 30),
+            tp_transactions(&mut b, 4, 30),
+        )
+        .await;
+    });
+}
+
+#[test]
+fn tokio_postgres_clients_sharing_a_pool_of_one_keep_their_prepared_statements() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    block_on(async {
+        let mut a = f.tp_connect(&router, TpNegotiation::Postgres).await;
+        let mut b = f.tp_connect(&router, TpNegotiation::Direct).await;
+        futures_util::future::join(
+            tp_transactions(&mut a, 5, 40),
+            tp_transactions(&mut b, 6, 40),
+        )
+        .await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. psql
+
+/// psql 15 through the pooled port (SSLRequest, verify-full) running `script` from stdin,
+/// errors not stopping it: (stdout, stderr).
+fn psql_script(f: &Fixture, router: &TestRouter, script: &str) -> (String, String) {
+    // psql 15's libpq may predate sslnegotiation, so the conninfo is written without it.
+    let conninfo = Conninfo::new(router.pooled_addr())
+        .param("host", "localhost")
+        .param("hostaddr", "127.0.0.1")
+        .user(APP_USER)
+        .password(APP_PASSWORD)
+        .param("sslmode", "verify-full")
+        .param(
+            "sslrootcert",
+            f.certs.ca_path().to_str().expect("UTF-8 temp path"),
+        );
+    let mut child = psql_command()
+        .env_clear()
+        .args(["-v", "ON_ERROR_STOP=0", "-f", "-", "-d"])
+        .arg(conninfo.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    child
+        .stdin
+        .take()
+        .expect("psql stdin")
+        .write_all(script.as_bytes())
+        .expect("write the psql script");
+    let output = wait_with_deadline(child, "psql", CLIENT_DEADLINE);
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn psql_variables_multi_statement_queries_and_transactions() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    // `\;` puts both statements in one Query message.
+    let (stdout, stderr) = psql_script(
+        f,
+        &router,
+        "\\set answer 41\n\
+         select :answer + 1;\n\
+         select 'one' \\; select 'two';\n\
+         begin;\n\
+         select txid_current();\n\
+         select txid_current();\n\
+         select now() = statement_timestamp();\n\
+         commit;\n\
+         select now() = statement_timestamp();\n",
+    );
+    assert_eq!(stderr, "", "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 7, "{stdout}");
+    assert_eq!(lines[..3], ["42", "one", "two"], "{stdout}");
+    assert!(lines[3].parse::<u64>().is_ok(), "{stdout}");
+    assert_eq!(lines[3], lines[4], "one transaction, one backend: {stdout}");
+    // Inside the transaction now() is its start; outside, each statement starts its own.
+    assert_eq!(lines[5..], ["f", "t"], "{stdout}");
+
+    let (stdout, stderr) = psql_script(
+        f,
+        &router,
+        "begin;\n\
+         insert into pooled_items values ('psql', 1);\n\
+         select 1/0;\n\
+         \\echo :LAST_ERROR_SQLSTATE\n\
+         select 'ignored';\n\
+         \\echo :LAST_ERROR_SQLSTATE\n\
+         rollback;\n\
+         select count(*) from pooled_items where client = 'psql';\n",
+    );
+    assert_eq!(stdout, "22012\n25P02\n0\n", "{stderr}");
+    assert!(stderr.contains("division by zero"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "current transaction is aborted, commands ignored until end of transaction block"
+        ),
+        "{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The extended protocol byte by byte
+
+/// The first column of the rows in `replies`, after checking their tags are exactly `expected`.
+fn rows(replies: &[Reply], expected: &str, what: &str) -> Vec<String> {
+    assert_eq!(tags(replies), expected, "{what}: {:?}", errors(replies));
+    first_column(replies)
+}
+
+#[test]
+fn statement_parsed_in_one_transaction_is_described_and_bound_on_another_backend() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    let sql = "select $1::int4 + 1 as next, $2::text as label";
+    assert_eq!(RawConn::status(&a.simple("begin")), 'T');
+    a.send(&[parse("moving", sql, &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("Parse")), "1 Z");
+    let first = a.value("select pg_backend_pid()::text");
+    assert_eq!(RawConn::status(&a.simple("commit")), 'I');
+
+    // b takes the only backend and keeps it.
+    assert_eq!(RawConn::status(&b.simple("begin")), 'T');
+    assert_eq!(b.value("select pg_backend_pid()::text"), first);
+
+    a.send(&[describe(b'S', "moving"), sync()]);
+    let replies = a.until_ready("Describe");
+    assert_eq!(tags(&replies), "t T Z", "{:?}", errors(&replies));
+    assert_eq!(parameter_description(&replies[0].1), [INT4, TEXT]);
+    assert_eq!(
+        row_description(&replies[1].1),
+        [("next".to_owned(), INT4), ("label".to_owned(), TEXT)]
+    );
+    a.send(&[bind_execute("moving", &[Some("41"), Some("x")]), sync()]);
+    let replies = a.until_ready("Bind");
+    assert_eq!(tags(&replies), "2 D C Z", "{:?}", errors(&replies));
+    assert_eq!(
+        data_row(&replies[1].1),
+        [Some("42".to_owned()), Some("x".to_owned())]
+    );
+    // b still holds the first backend, so all of that ran on another one.
+    assert_ne!(a.value("select pg_backend_pid()::text"), first);
+    assert_eq!(RawConn::status(&b.simple("commit")), 'I');
+}
+
+#[test]
+fn parse_and_sync_without_execute_then_bind_after_another_client_used_the_backend() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::SslRequest, &[]);
+    a.send(&[parse("later", "select $1::int8 * 3", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("Parse")), "1 Z");
+    // b uses the same name for another statement on the same backend.
+    b.send(&[
+        parse("later", "select 'b later'", &[]),
+        bind_execute("later", &[]),
+        sync(),
+    ]);
+    assert_eq!(rows(&b.until_ready("b"), "1 2 D C Z", "b"), ["b later"]);
+    a.send(&[bind_execute("later", &[Some("14")]), sync()]);
+    assert_eq!(rows(&a.until_ready("a"), "2 D C Z", "a"), ["42"]);
+    b.send(&[bind_execute("later", &[]), sync()]);
+    assert_eq!(
+        rows(&b.until_ready("b again"), "2 D C Z", "b again"),
+        ["b later"]
+    );
+}
+
+#[test]
+fn unnamed_statement_survives_a_transaction_boundary() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    a.send(&[parse("", "select $1::text || ' from a'", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("Parse")), "1 Z");
+    // b replaces the backend's unnamed statement with its own.
+    b.send(&[parse("", "select 'b'", &[]), bind_execute("", &[]), sync()]);
+    assert_eq!(rows(&b.until_ready("b"), "1 2 D C Z", "b"), ["b"]);
+    a.send(&[bind_execute("", &[Some("bound later")]), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("a"), "2 D C Z", "a"),
+        ["bound later from a"]
+    );
+}
+
+#[test]
+fn reparse_of_a_name_in_use_is_42p05_and_the_connection_goes_on() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::SslRequest, &[]);
+    a.send(&[parse("s", "select 'first'", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("Parse")), "1 Z");
+    a.send(&[parse("s", "select 'second'", &[]), sync()]);
+    let replies = a.until_ready("re-Parse");
+    assert_eq!(tags(&replies), "E Z");
+    assert_eq!(error_codes(&replies), ["42P05"]);
+    assert_eq!(RawConn::status(&replies), 'I');
+    b.value("select 'b in between'");
+    // The statement under the name is still the first one.
+    a.send(&[bind_execute("s", &[]), sync()]);
+    assert_eq!(rows(&a.until_ready("Bind s"), "2 D C Z", "s"), ["first"]);
+    // Inside a transaction the error aborts it, as on a real server.
+    assert_eq!(RawConn::status(&a.simple("begin")), 'T');
+    a.send(&[parse("s", "select 'third'", &[]), sync()]);
+    let replies = a.until_ready("re-Parse in a transaction");
+    assert_eq!(error_codes(&replies), ["42P05"]);
+    assert_eq!(RawConn::status(&replies), 'E');
+    assert_eq!(RawConn::status(&a.simple("rollback")), 'I');
+    // After Close the name is free.
+    a.send(&[close(b'S', "s"), parse("s", "select 'second'", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("Close, Parse")), "3 1 Z");
+    b.value("select 'b in between'");
+    a.send(&[bind_execute("s", &[]), sync()]);
+    assert_eq!(rows(&a.until_ready("Bind s"), "2 D C Z", "s"), ["second"]);
+    // A failed Parse leaves no name behind.
+    a.send(&[parse("bad", "select from no_such_table", &[]), sync()]);
+    assert_eq!(error_codes(&a.until_ready("bad Parse")), ["42P01"]);
+    a.send(&[
+        parse("bad", "select 'fixed'", &[]),
+        bind_execute("bad", &[]),
+        sync(),
+    ]);
+    assert_eq!(
+        rows(&a.until_ready("Parse again"), "1 2 D C Z", "bad"),
+        ["fixed"]
+    );
+}
+
+#[test]
+fn unknown_statement_names_are_26000_for_bind_and_describe_and_close_completes() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::Direct, &[]);
+    a.send(&[bind_execute("nope", &[]), sync()]);
+    let replies = a.until_ready("Bind");
+    assert_eq!(tags(&replies), "E Z");
+    assert_eq!(error_codes(&replies), ["26000"]);
+    a.send(&[describe(b'S', "nope"), sync()]);
+    let replies = a.until_ready("Describe");
+    assert_eq!(tags(&replies), "E Z");
+    assert_eq!(error_codes(&replies), ["26000"]);
+    a.send(&[close(b'S', "nope"), close(b'P', "nope"), sync()]);
+    assert_eq!(tags(&a.until_ready("Close")), "3 3 Z");
+    assert_eq!(a.value("select 'still fine'"), "still fine");
+}
+
+#[test]
+fn flush_without_sync_keeps_the_backend_until_sync() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    a.send(&[parse("held", "select 'held'::text", &[]), flush()]);
+    let (tag, _) = a.next("ParseComplete after Flush");
+    assert_eq!(char::from(tag), '1');
+    // The backend is still a's: b's query waits.
+    b.send(&[query("select 'b'")]);
+    b.expect_silence(HELD_WINDOW, "b while a has flushed without Sync");
+    a.send(&[bind_execute("held", &[]), sync()]);
+    assert_eq!(rows(&a.until_ready("a"), "2 D C Z", "a"), ["held"]);
+    assert_eq!(rows(&b.until_ready("b"), "T D C Z", "b"), ["b"]);
+}
+
+#[test]
+fn pipeline_error_with_a_delayed_sync_skips_to_the_sync_and_holds_the_backend() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::SslRequest, &[]);
+    // A run-time error (random() keeps the planner from folding it into a Bind-time error).
+    a.send(&[
+        parse("", "select 10 / (random() * 0)::int", &[]),
+        bind_execute("", &[]),
+        parse("", "select 'skipped'", &[]),
+        bind_execute("", &[]),
+        flush(),
+    ]);
+    let replies: Vec<Reply> = (0..3).map(|_| a.next("pipeline before Sync")).collect();
+    assert_eq!(tags(&replies), "1 2 E");
+    assert_eq!(error_codes(&replies), ["22012"]);
+    a.expect_silence(HELD_WINDOW, "a: the rest of the pipeline is skipped");
+    b.send(&[query("select 'b'")]);
+    b.expect_silence(HELD_WINDOW, "b while a's pipeline waits for Sync");
+    a.send(&[sync()]);
+    let replies = a.until_ready("Sync");
+    assert_eq!(tags(&replies), "Z");
+    assert_eq!(RawConn::status(&replies), 'I');
+    assert_eq!(rows(&b.until_ready("b"), "T D C Z", "b"), ["b"]);
+    assert_eq!(a.value("select 'after'"), "after");
+}
+
+#[test]
+fn pipelined_deallocate_then_parse_of_the_same_name() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::Direct, &[]);
+    let mut b = f.raw(&router, Mode::SslRequest, &[]);
+    a.send(&[parse("d", "select 'old'", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("Parse")), "1 Z");
+    for (deallocate, value) in [("DEALLOCATE ALL", "new"), ("DEALLOCATE d", "newer")] {
+        b.value("select 'b in between'");
+        a.send(&[
+            query(deallocate),
+            parse("d", &format!("select '{value}'"), &[]),
+            bind_execute("d", &[]),
+            sync(),
+        ]);
+        let replies = a.until_ready_n(2, deallocate);
+        assert_eq!(
+            rows(&replies, "C Z 1 2 D C Z", deallocate),
+            [value],
+            "{deallocate}"
+        );
+    }
+    // b's statements are its own: a's DEALLOCATE ALL does not touch them.
+    b.send(&[parse("d", "select 'b kept'", &[]), sync()]);
+    assert_eq!(tags(&b.until_ready("b Parse")), "1 Z");
+    a.send(&[query("DEALLOCATE ALL"), sync()]);
+    assert_eq!(tags(&a.until_ready_n(2, "a DEALLOCATE ALL")), "C Z Z");
+    b.send(&[bind_execute("d", &[]), sync()]);
+    assert_eq!(rows(&b.until_ready("b Bind"), "2 D C Z", "b"), ["b kept"]);
+}
+
+#[test]
+fn parse_and_close_batches_keep_reply_order() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    a.send(&[
+        parse("x", "select 'x1'", &[]),
+        close(b'S', "x"),
+        parse("x", "select 'x2'", &[]),
+        close(b'S', "never"),
+        parse("y", "select 'y1'", &[]),
+        close(b'P', ""),
+        sync(),
+    ]);
+    assert_eq!(tags(&a.until_ready("batch")), "1 3 1 3 1 3 Z");
+    b.value("select 'b in between'");
+    a.send(&[
+        bind_execute("x", &[]),
+        close(b'S', "y"),
+        parse("y", "select 'y2'", &[]),
+        bind_execute("y", &[]),
+        sync(),
+    ]);
+    assert_eq!(
+        rows(
+            &a.until_ready("second batch"),
+            "2 D C 3 1 2 D C Z",
+            "second batch"
+        ),
+        ["x2", "y2"]
+    );
+}
+
+#[test]
+fn same_sql_under_different_names_in_two_clients() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    let sql = "select $1::text || ' via the shared text'";
+    a.send(&[parse("mine_a", sql, &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("a Parse")), "1 Z");
+    b.send(&[parse("mine_b", sql, &[]), sync()]);
+    assert_eq!(tags(&b.until_ready("b Parse")), "1 Z");
+    for round in 0..3 {
+        for (conn, name) in [(&mut a, "mine_a"), (&mut b, "mine_b")] {
+            conn.send(&[bind_execute(name, &[Some(name)]), sync()]);
+            assert_eq!(
+                rows(&conn.until_ready(name), "2 D C Z", name),
+                [format!("{name} via the shared text")],
+                "round {round}"
+            );
+            // Each client knows only its own name.
+            let other = if name == "mine_a" { "mine_b" } else { "mine_a" };
+            conn.send(&[bind_execute(other, &[Some("x")]), sync()]);
+            assert_eq!(error_codes(&conn.until_ready(other)), ["26000"], "{name}");
+        }
+    }
+    // a closing its name leaves b's statement working.
+    a.send(&[close(b'S', "mine_a"), sync()]);
+    assert_eq!(tags(&a.until_ready("Close")), "3 Z");
+    b.send(&[bind_execute("mine_b", &[Some("b")]), sync()]);
+    assert_eq!(
+        rows(&b.until_ready("b after a's Close"), "2 D C Z", "b"),
+        ["b via the shared text"]
+    );
+    a.send(&[bind_execute("mine_a", &[Some("a")]), sync()]);
+    assert_eq!(error_codes(&a.until_ready("a after Close")), ["26000"]);
+}
+
+#[test]
+fn same_statement_under_different_search_paths_reads_each_clients_schema() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut clients = [
+        (
+            f.raw(&router, Mode::SslRequest, &[("search_path", "s1")]),
+            "in s1",
+        ),
+        (
+            f.raw(&router, Mode::Direct, &[("search_path", "s2")]),
+            "in s2",
+        ),
+    ];
+    for (conn, _) in &mut clients {
+        conn.send(&[parse("q", "select v from t", &[]), sync()]);
+        assert_eq!(tags(&conn.until_ready("Parse")), "1 Z");
+    }
+    for round in 0..3 {
+        for (conn, expected) in &mut clients {
+            conn.send(&[bind_execute("q", &[]), sync()]);
+            assert_eq!(
+                rows(&conn.until_ready("Bind q"), "2 D C Z", expected),
+                [*expected],
+                "round {round}"
+            );
+            assert_eq!(conn.value("select v from t"), *expected, "round {round}");
+        }
+    }
+    assert_eq!(clients[0].0.value("show search_path"), "s1");
+    assert_eq!(clients[1].0.value("show search_path"), "s2");
+}
+
+#[test]
+fn statements_evicted_inside_a_pipeline_are_prepared_again() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.max_prepared_statements = Some(2);
+    let router = f.router(&settings);
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let names = ["e1", "e2", "e3", "e4"];
+    let mut batch: Vec<Vec<u8>> = names
+        .iter()
+        .map(|name| parse(name, &format!("select '{name}'"), &[]))
+        .collect();
+    batch.extend(names.iter().map(|name| bind_execute(name, &[])));
+    batch.push(sync());
+    a.send(&batch);
+    assert_eq!(
+        rows(
+            &a.until_ready("four statements, room for two"),
+            "1 1 1 1 2 D C 2 D C 2 D C 2 D C Z",
+            "pipeline"
+        ),
+        names
+    );
+    let order = ["e4", "e1", "e3", "e2", "e1"];
+    let mut batch: Vec<Vec<u8>> = order.iter().map(|name| bind_execute(name, &[])).collect();
+    batch.push(sync());
+    a.send(&batch);
+    assert_eq!(
+        rows(
+            &a.until_ready("again, in another order"),
+            "2 D C 2 D C 2 D C 2 D C 2 D C Z",
+            "again"
+        ),
+        order
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Startup parameters and SET follow each client
+
+#[test]
+fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
+    const CLIENTS: usize = 24;
+    const ROUNDS: usize = 8;
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2));
+    thread::scope(|s| {
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let router = &router;
+                s.spawn(move || {
+                    let mut timezone = if i < 12 {
+                        format!("Etc/GMT+{}", i + 1)
+                    } else {
+                        format!("Etc/GMT-{}", i - 11)
+                    };
+                    let mut app = format!("client-{i}");
+                    let mode = if i % 2 == 0 {
+                        Mode::SslRequest
+                    } else {
+                        Mode::Direct
+                    };
+                    let mut conn = f.raw(
+                        router,
+                        mode,
+                        &[("application_name", &app), ("TimeZone", &timezone)],
+                    );
+                    assert_eq!(conn.reported("TimeZone"), Some(timezone.as_str()), "{i}");
+                    assert_eq!(conn.reported("application_name"), Some(app.as_str()), "{i}");
+                    for round in 0..ROUNDS {
+                        let what = format!("client {i} round {round}");
+                        assert_eq!(RawConn::status(&conn.simple("begin")), 'T', "{what}");
+                        assert_eq!(conn.value("show TimeZone"), timezone, "{what}");
+                        assert_eq!(
+                            conn.value("select current_setting('application_name')"),
+                            app,
+                            "{what}"
+                        );
+                        assert_eq!(RawConn::status(&conn.simple("commit")), 'I', "{what}");
+                        assert_eq!(
+                            conn.value(
+                                "select current_setting('TimeZone') || ' ' || \
+                                 current_setting('application_name')"
+                            ),
+                            format!("{timezone} {app}"),
+                            "{what}"
+                        );
+                        if round == 3 && i % 2 == 0 {
+                            // SET outside a transaction: reported, and kept from now on.
+                            let replies = conn.simple("SET TimeZone = 'UTC'");
+                            let reported: Vec<_> = replies
+                                .iter()
+                                .filter(|(tag, _)| *tag == b'S')
+                                .map(|(_, body)| parameter_status(body))
+                                .collect();
+                            assert_eq!(
+                                reported,
+                                [("TimeZone".to_owned(), "UTC".to_owned())],
+                                "{what}"
+                            );
+                            timezone = "UTC".to_owned();
+                            app = format!("client-{i}-renamed");
+                            let errors = errors(&conn.simple(&format!(
+                                "SET application_name = {}",
+                                quote_literal(&app)
+                            )));
+                            assert!(errors.is_empty(), "{what}: {errors:?}");
+                        }
+                        if round == 5 && i % 2 == 1 {
+                            // SET inside a transaction that rolls back: gone with it.
+                            conn.simple("begin");
+                            conn.simple("SET TimeZone = 'Asia/Tokyo'");
+                            assert_eq!(conn.value("show TimeZone"), "Asia/Tokyo", "{what}");
+                            assert_eq!(RawConn::status(&conn.simple("rollback")), 'I');
+                        }
+                    }
+                })
+            })
+            .collect();
+        for (i, worker) in workers.into_iter().enumerate() {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(Box::new(format!("client {i}: {panic:?}")));
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A backend killed mid-transaction
+
+#[test]
+fn a_backend_killed_mid_transaction_fails_only_its_client() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let stop = AtomicBool::new(false);
+    let others_done = AtomicUsize::new(0);
+    thread::scope(|s| {
+        // Stops the other client however this thread leaves the scope (a failed assert too).
+        let _stop = StopOnDrop(&stop);
+        // Another client keeps running transactions on the other backend all along.
+        let other = s.spawn(|| {
+            let mut b = f.raw(&router, Mode::Direct, &[]);
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(RawConn::status(&b.simple("begin")), 'T');
+                assert_eq!(b.value("select 'b'"), "b");
+                assert_eq!(RawConn::status(&b.simple("commit")), 'I');
+                others_done.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert_eq!(RawConn::status(&a.simple("begin")), 'T');
+        let pid = a.value("select pg_backend_pid()::text");
+        assert_eq!(
+            f.pg.psql_admin(&format!("select pg_terminate_backend({pid})")),
+            "t"
+        );
+        f.pg.wait_for_value_within(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+            "0",
+            QUICK,
+        );
+        let before = others_done.load(Ordering::Relaxed);
+        // The error may come at once (as PostgreSQL itself sends it) or as the answer to the
+        // next query; either way before a ReadyForQuery, and the connection stays open.
+        a.send(&[query("select 'after the kill'")]);
+        let mut codes = Vec::new();
+        loop {
+            match a.next("after the kill") {
+                (b'E', body) => codes.push(parse_error(&body).code),
+                (b'Z', _) if !codes.is_empty() => break,
+                (b'Z', _) => panic!("the killed transaction went on without an error"),
+                _ => {}
+            }
+        }
+        assert!(
+            codes.iter().all(|c| c == "57P01" || c == "08006") && codes.len() == 1,
+            "{codes:?}"
+        );
+        // The next transaction works, on a new backend; stale replies of the query above (if
+        // the error came unasked) are skipped by their text.
+        a.send(&[query("select 'next ' || pg_backend_pid()")]);
+        let mut next = None;
+        loop {
+            match a.next("the next transaction") {
+                (b'E', body) => panic!("next transaction: {:?}", parse_error(&body)),
+                (b'D', body) => {
+                    let value = data_row(&body).remove(0).expect("not NULL");
+                    if let Some(rest) = value.strip_prefix("next ") {
+                        next = Some(rest.to_owned());
+                    }
+                }
+                (b'Z', _) if next.is_some() => break,
+                _ => {}
+            }
+        }
+        assert_ne!(next.as_deref(), Some(pid.as_str()));
+        assert_eq!(RawConn::status(&a.simple("begin")), 'T');
+        assert_eq!(a.value("select 'works'"), "works");
+        assert_eq!(RawConn::status(&a.simple("commit")), 'I');
+        // The other client went on meanwhile.
+        let deadline = Instant::now() + QUICK;
+        while others_done.load(Ordering::Relaxed) < before + 5 {
+            assert!(Instant::now() < deadline, "the other client stalled");
+            thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        other.join().expect("the other client saw no error");
+    });
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Cancel
+
+#[test]
+fn psycopg_cancel_stops_the_running_query_only_and_the_pid_is_the_routers() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2));
+    for negotiation in [SslNegotiation::Postgres, SslNegotiation::Direct] {
+        let dsn = f.libpq(&router, negotiation).to_string();
+        let out = run_python(
+            PSYCOPG_CANCEL,
+            &[&dsn, &f.admin_dsn().to_string(), APP_ROLE, "2"],
+        );
+        assert_eq!(
+            out,
+            "busy 57014 True works\n\
+             busy 57014 True works\n\
+             idle done works\n\
+             pid True 0\n",
+            "{negotiation:?}"
+        );
+    }
+}
+
+#[test]
+fn tokio_postgres_cancel_reaches_the_backend_from_either_worker() {
+    const ROUNDS: usize = 4;
+    const SLEEP: &str = "select pg_sleep(9.5)";
+    let f = fixture();
+    let mut settings = PoolSettings::new(2);
+    settings.workers = 2;
+    let router = f.router(&settings);
+    block_on(async {
+        let admin = f.tp_admin().await;
+        for round in 0..ROUNDS {
+            let negotiation = if round % 2 == 0 {
+                TpNegotiation::Postgres
+            } else {
+                TpNegotiation::Direct
+            };
+            let client = Arc::new(f.tp_connect(&router, negotiation).await);
+            let (pid, _) = cancel_key(&client).await;
+            let real = client
+                .query_one("select pg_backend_pid()", &[])
+                .await
+                .expect("pid")
+                .get::<_, i32>(0);
+            assert_ne!(pid, real, "round {round}: BackendKeyData names a backend");
+            let listed = admin
+                .query_one(
+                    "select count(*) from pg_stat_activity where pid = $1",
+                    &[&pid],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get::<_, i64>(0);
+            assert_eq!(
+                listed, 0,
+                "round {round}: BackendKeyData pid is a backend's"
+            );
+            let sleeper = tokio::spawn({
+                let client = client.clone();
+                async move {
+                    let start = Instant::now();
+                    (client.simple_query(SLEEP).await.map(drop), start.elapsed())
+                }
+            });
+            let deadline = Instant::now() + QUICK;
+            loop {
+                let active = admin
+                    .query_one(
+                        "select count(*) from pg_stat_activity \
+                         where usename = $1 and query = $2 and state = 'active'",
+                        &[&APP_ROLE, &SLEEP],
+                    )
+                    .await
+                    .expect("pg_stat_activity")
+                    .get::<_, i64>(0);
+                if active == 1 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "round {round}: never active");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client
+                .cancel_token()
+                .cancel_query(MakeRustls::new(f.certs.client_config()))
+                .await
+                .expect("send the cancel request");
+            let (result, elapsed) = sleeper.await.expect("query task");
+            let error = result.expect_err("the query is canceled");
+            assert_eq!(sqlstate(&error), &SqlState::QUERY_CANCELED, "round {round}");
+            assert!(elapsed < QUICK, "round {round}: took {elapsed:?}");
+            let row = client
+                .query_one("select 'works'", &[])
+                .await
+                .expect("after");
+            assert_eq!(row.get::<_, &str>(0), "works");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Timeouts and limits
+
+/// Reads the FATAL ErrorResponse that ends `conn` (before it, only NOTICEs), checks that the
+/// connection then closes, and returns it with the time it took.
+fn expect_fatal_close(conn: &mut RawConn, what: &str) -> (branchgate_e2e::raw::PgError, Duration) {
+    let start = Instant::now();
+    loop {
+        match conn.next(what) {
+            (b'E', body) => {
+                let error = parse_error(&body);
+                let elapsed = start.elapsed();
+                assert_eq!(error.severity, "FATAL", "{what}: {error:?}");
+                assert_eq!(error.code.len(), 5, "{what}: {error:?}");
+                assert_ne!(error.code, "XX000", "{what}: {error:?}");
+                assert_eq!(conn.next_or_end(), None, "{what}: closed after the FATAL");
+                return (error, elapsed);
+            }
+            (b'N', _) => {}
+            (tag, body) => panic!(
+                "{what}: expected FATAL, got {:?} {:?}",
+                char::from(tag),
+                String::from_utf8_lossy(&body)
+            ),
+        }
+    }
+}
+
+#[test]
+fn query_wait_timeout_ends_the_queued_client_with_pgbouncers_message() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.query_wait_timeout = Some(Duration::from_secs(1));
+    let router = f.router(&settings);
+    let mut holder = f.raw(&router, Mode::SslRequest, &[]);
+    let mut waiter = f.raw(&router, Mode::Direct, &[]);
+    assert_eq!(RawConn::status(&holder.simple("begin")), 'T');
+    waiter.send(&[query("select 'never'")]);
+    let (error, elapsed) = expect_fatal_close(&mut waiter, "queued client");
+    assert_eq!(error.message, "query_wait_timeout", "{error:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4),
+        "after {elapsed:?}"
+    );
+    // The holder's transaction is untouched.
+    assert_eq!(holder.value("select 'still mine'"), "still mine");
+    assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
+}
+
+#[test]
+fn a_client_queued_over_five_seconds_gets_a_notice_then_its_answer() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.query_wait_timeout = Some(Duration::from_secs(30));
+    let router = f.router(&settings);
+    let mut holder = f.raw(&router, Mode::SslRequest, &[]);
+    let mut waiter = f.raw(&router, Mode::Direct, &[]);
+    assert_eq!(RawConn::status(&holder.simple("begin")), 'T');
+    let start = Instant::now();
+    waiter.send(&[query("select 'served'")]);
+    let (tag, body) = waiter.next("the queued NOTICE");
+    let elapsed = start.elapsed();
+    assert_eq!(char::from(tag), 'N', "{:?}", String::from_utf8_lossy(&body));
+    let notice = parse_error(&body);
+    assert_eq!(notice.severity, "NOTICE", "{notice:?}");
+    assert!(notice.message.contains("queued"), "{notice:?}");
+    assert!(
+        elapsed >= QUEUED_NOTICE_AFTER - Duration::from_millis(100)
+            && elapsed < QUEUED_NOTICE_AFTER + QUICK,
+        "NOTICE after {elapsed:?}"
+    );
+    assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
+    assert_eq!(
+        rows(&waiter.until_ready("served"), "T D C Z", "waiter"),
+        ["served"]
+    );
+}
+
+#[test]
+fn idle_transaction_timeout_closes_the_client_and_frees_the_backend() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.idle_transaction_timeout = Some(Duration::from_secs(1));
+    let router = f.router(&settings);
+    let mut idle = f.raw(&router, Mode::SslRequest, &[]);
+    let mut next = f.raw(&router, Mode::Direct, &[]);
+    assert_eq!(RawConn::status(&idle.simple("begin")), 'T');
+    let errors_seen = errors(&idle.simple("insert into pooled_items values ('idle tx', 1)"));
+    assert!(errors_seen.is_empty(), "{errors_seen:?}");
+    let (error, elapsed) = expect_fatal_close(&mut idle, "idle in transaction");
+    assert!(
+        error.message.contains("idle transaction timeout"),
+        "{error:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4),
+        "after {elapsed:?}"
+    );
+    assert_eq!(next.value("select now() = statement_timestamp()"), "t");
+    assert_eq!(
+        next.value("select count(*) from pooled_items where client = 'idle tx'"),
+        "0"
+    );
+}
+
+#[test]
+fn client_idle_timeout_closes_an_idle_client_but_not_a_busy_one() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.client_idle_timeout = Some(Duration::from_secs(1));
+    let router = f.router(&settings);
+    let mut idle = f.raw(&router, Mode::SslRequest, &[]);
+    let mut busy = f.raw(&router, Mode::Direct, &[]);
+    assert_eq!(idle.value("select 'then idle'"), "then idle");
+    let start = Instant::now();
+    idle.expect_silence(
+        Duration::from_millis(700),
+        "idle client before client_idle_timeout",
+    );
+    // Every 200 ms a query: never idle for a second.
+    while start.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(busy.value("select 'busy'"), "busy");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let (error, elapsed) = expect_fatal_close(&mut idle, "idle client");
+    assert_eq!(error.message, "client_idle_timeout", "{error:?}");
+    assert!(
+        start.elapsed() + elapsed < Duration::from_secs(4),
+        "closed after {:?}",
+        start.elapsed() + elapsed
+    );
+    assert_eq!(busy.value("select 'still here'"), "still here");
+}
+
+#[test]
+fn max_client_connections_per_branch_refuses_the_next_login_with_53300() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.max_client_connections = Some(3);
+    let router = f.router(&settings);
+    let mut clients: Vec<RawConn> = (0..3)
+        .map(|_| f.raw(&router, Mode::SslRequest, &[]))
+        .collect();
+    let connect = || {
+        RawConn::try_connect(
+            router.pooled_addr(),
+            f.certs.client_config(),
+            Mode::Direct,
+            APP_USER,
+            APP_PASSWORD,
+            &[],
+        )
+    };
+    let error = connect().err().expect("a fourth client is refused");
+    assert_eq!(
+        (error.severity.as_str(), error.code.as_str()),
+        ("FATAL", "53300"),
+        "{error:?}"
+    );
+    for conn in &mut clients {
+        assert_eq!(conn.value("select 'admitted'"), "admitted");
+    }
+    clients.pop().expect("a client").terminate();
+    let deadline = Instant::now() + QUICK;
+    let mut again = loop {
+        match connect() {
+            Ok(conn) => break conn,
+            Err(error) => {
+                assert_eq!(error.code, "53300", "{error:?}");
+                assert!(Instant::now() < deadline, "the freed slot never came back");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    assert_eq!(again.value("select 'in'"), "in");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. A client leaving mid-transaction
+
+#[test]
+fn a_client_leaving_mid_transaction_does_not_hand_its_transaction_on() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut next = f.raw(&router, Mode::Direct, &[]);
+    for terminate in [false, true] {
+        let mut leaver = f.raw(&router, Mode::SslRequest, &[]);
+        assert_eq!(RawConn::status(&leaver.simple("begin")), 'T');
+        let inserted = errors(&leaver.simple("insert into pooled_items values ('left', 1)"));
+        assert!(inserted.is_empty(), "{inserted:?}");
+        let pid = leaver.value("select pg_backend_pid()::text");
+        if terminate {
+            leaver.terminate();
+        } else {
+            leaver.drop_abruptly();
+        }
+        assert_eq!(
+            next.value("select now() = statement_timestamp()"),
+            "t",
+            "terminate: {terminate}"
+        );
+        assert_eq!(
+            next.value("select count(*) from pooled_items where client = 'left'"),
+            "0",
+            "terminate: {terminate}"
+        );
+        assert_ne!(next.value("select pg_backend_pid()::text"), pid);
+        // The backend was closed, not returned.
+        f.pg.wait_for_value_within(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+            "0",
+            QUICK,
+        );
+    }
+}
