@@ -230,13 +230,24 @@ pub async fn connect(
 }
 
 /// Send a CancelRequest for `pid`/`secret` to the backend at `addr` (a fresh connection, as the
-/// protocol requires). The backend never answers; we close after writing.
+/// protocol requires), and wait until the server closes it: PostgreSQL answers nothing, and
+/// closes once it has signalled the backend, so then the cancel has been delivered.
 pub async fn cancel(addr: SocketAddr, pid: u32, secret: u32) -> io::Result<()> {
+    use monoio::io::AsyncReadRent;
     let mut stream = TcpStream::connect_addr(addr).await?;
     let mut buf = Vec::with_capacity(16);
     write::cancel_request(&mut buf, pid, secret);
-    let (result, _) = stream.write_all(buf).await;
-    result.map(|_| ())
+    let (result, buf) = stream.write_all(buf).await;
+    result?;
+    let mut buf = buf;
+    loop {
+        buf.clear();
+        let (result, back) = stream.read(buf).await;
+        buf = back;
+        if result? == 0 {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]

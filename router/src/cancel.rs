@@ -18,9 +18,11 @@
 //! connection per session for cancels.
 
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
@@ -49,28 +51,109 @@ pub struct CancelTarget {
     pub key: CancelKey,
 }
 
-/// One session's key. Kept small (every session has one): the backend's pid is the key's own
-/// (a direct session's client is told its backend's pid), its address is the upstream's.
+/// One session's key. Kept small (every session has one).
 #[derive(Debug)]
 struct Entry {
     secret: u32,
-    /// The backend's own secret (its BackendKeyData).
-    backend_secret: u32,
-    backend: Arc<Upstream>,
+    session: Session,
     /// Tells apart two sessions whose backends (on different servers) have the same pid.
     id: u64,
     /// A cancel for this session is on its way to the backend ([`CancelClaim`]).
     sending: bool,
 }
 
+/// Where a session's cancel goes.
+#[derive(Debug)]
+enum Session {
+    /// A direct session: its backend for life. The backend's pid is the key's own (the client
+    /// is told its backend's pid), its address the upstream's.
+    Direct {
+        backend: Arc<Upstream>,
+        /// The backend's own secret (its BackendKeyData).
+        backend_secret: u32,
+    },
+    /// A pooled client: the backend it holds at the moment, if any.
+    Pooled(Arc<PooledCancel>),
+}
+
 impl Entry {
-    fn target(&self, pid: u32) -> CancelTarget {
-        CancelTarget {
-            backend: self.backend.addr,
-            key: CancelKey {
-                pid,
-                secret: self.backend_secret,
-            },
+    fn target(&self, pid: u32) -> Option<CancelTarget> {
+        match &self.session {
+            Session::Direct {
+                backend,
+                backend_secret,
+            } => Some(CancelTarget {
+                backend: backend.addr,
+                key: CancelKey {
+                    pid,
+                    secret: *backend_secret,
+                },
+            }),
+            Session::Pooled(pooled) => pooled.lock().held,
+        }
+    }
+}
+
+/// Which backend a pooled client holds, for its cancels. A cancel on its way to that backend
+/// keeps the client from giving the backend back until it has been delivered, so it can never
+/// cancel the next client's query there.
+#[derive(Debug, Default)]
+pub struct PooledCancel(Mutex<PooledState>);
+
+#[derive(Debug, Default)]
+struct PooledState {
+    held: Option<CancelTarget>,
+    in_flight: bool,
+    waker: Option<Waker>,
+}
+
+impl PooledCancel {
+    fn lock(&self) -> MutexGuard<'_, PooledState> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The client holds the backend at `backend` (pid and secret its BackendKeyData).
+    pub fn hold(&self, backend: SocketAddr, pid: u32, secret: u32) {
+        self.lock().held = Some(CancelTarget {
+            backend,
+            key: CancelKey { pid, secret },
+        });
+    }
+
+    /// The client is giving its backend back: resolves once no cancel is on its way to it,
+    /// and from then on cancels find no backend. False if a cancel was still undelivered
+    /// after `wait` (the backend must then be closed, not lent again).
+    pub async fn release(&self, wait: Duration) -> bool {
+        let released = poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.in_flight {
+                state.waker = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                state.held = None;
+                Poll::Ready(())
+            }
+        });
+        let delivered = monoio::time::timeout(wait, released).await.is_ok();
+        self.lock().held = None;
+        delivered
+    }
+
+    /// A cancel goes to the held backend, if any.
+    fn claim(&self) -> Option<CancelTarget> {
+        let mut state = self.lock();
+        let held = state.held?;
+        state.in_flight = true;
+        Some(held)
+    }
+
+    fn delivered(&self) {
+        let mut state = self.lock();
+        state.in_flight = false;
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
         }
     }
 }
@@ -152,13 +235,32 @@ impl CancelIndex {
         backend: Arc<Upstream>,
         backend_secret: u32,
     ) -> Registration {
+        self.insert(
+            key,
+            Session::Direct {
+                backend,
+                backend_secret,
+            },
+        )
+    }
+
+    /// Makes `key` (router-issued) cancel the query of the pooled client behind `pooled`,
+    /// on whichever backend it holds then, until the registration is dropped.
+    pub fn register_pooled(
+        self: &Arc<Self>,
+        key: CancelKey,
+        pooled: Arc<PooledCancel>,
+    ) -> Registration {
+        self.insert(key, Session::Pooled(pooled))
+    }
+
+    fn insert(self: &Arc<Self>, key: CancelKey, session: Session) -> Registration {
         let mut shard = self.shard(key.pid);
         let id = shard.next_id;
         shard.next_id += 1;
         let entry = Entry {
             secret: key.secret,
-            backend_secret,
-            backend,
+            session,
             id,
             sending: false,
         };
@@ -184,7 +286,7 @@ impl CancelIndex {
     /// The session `key` belongs to, if any; the secret is compared in constant time.
     pub fn find(&self, key: CancelKey) -> Option<CancelTarget> {
         let mut shard = self.shard(key.pid);
-        Self::entry(&mut shard, key).map(|entry| entry.target(key.pid))
+        Self::entry(&mut shard, key).and_then(|entry| entry.target(key.pid))
     }
 
     fn entry(shard: &mut Shard, key: CancelKey) -> Option<&mut Entry> {
@@ -206,13 +308,21 @@ impl CancelIndex {
         if entry.sending {
             return Claim::AlreadySending;
         }
+        let (target, pooled) = match &entry.session {
+            Session::Direct { .. } => (entry.target(key.pid), None),
+            Session::Pooled(pooled) => (pooled.claim(), Some(pooled.clone())),
+        };
+        let Some(target) = target else {
+            return Claim::NoBackend;
+        };
         entry.sending = true;
         Claim::Sending(
-            entry.target(key.pid),
+            target,
             CancelClaim {
                 index: self.clone(),
                 pid: key.pid,
                 id: entry.id,
+                pooled,
             },
         )
     }
@@ -248,6 +358,8 @@ pub enum Claim {
     Unknown,
     /// The session's previous cancel is still on its way to the backend.
     AlreadySending,
+    /// A pooled client that holds no backend now: there is no query to cancel.
+    NoBackend,
     /// Send the cancel to this target; the claim ends when the [`CancelClaim`] is dropped.
     Sending(CancelTarget, CancelClaim),
 }
@@ -258,10 +370,15 @@ pub struct CancelClaim {
     index: Arc<CancelIndex>,
     pid: u32,
     id: u64,
+    /// A pooled client's: it may give its backend back once the cancel is delivered.
+    pooled: Option<Arc<PooledCancel>>,
 }
 
 impl Drop for CancelClaim {
     fn drop(&mut self) {
+        if let Some(pooled) = &self.pooled {
+            pooled.delivered();
+        }
         let mut shard = self.index.shard(self.pid);
         let entry = match shard.by_pid.get_mut(&self.pid) {
             Some(Slot::One(entry)) => Some(entry),
@@ -402,6 +519,10 @@ pub fn handle(worker: &Rc<Worker>, key: CancelKey, from: IpAddr) -> bool {
         Claim::Sending(target, claim) => (target, claim),
         Claim::AlreadySending => {
             tracing::debug!(source = %from, "cancel request while one is on its way: dropped");
+            return false;
+        }
+        Claim::NoBackend => {
+            tracing::debug!(source = %from, "cancel request for a pooled client between transactions");
             return false;
         }
         Claim::Unknown => {

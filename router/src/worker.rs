@@ -108,6 +108,8 @@ pub struct Worker {
     pub cancel_limiter: RefCell<crate::cancel::CancelLimiter>,
     /// I/O buffers lent to this worker's connections while they move bytes.
     pub buffers: crate::buf::BufPool,
+    /// This worker's backend pools (the pooled port).
+    pub pools: crate::pooled::pool::Pools,
 }
 
 /// Unregisters a session when the session ends.
@@ -184,6 +186,7 @@ impl Worker {
             drain_over: Broadcast::default(),
             cancel_limiter: RefCell::default(),
             buffers: crate::buf::BufPool::default(),
+            pools: crate::pooled::pool::Pools::default(),
         })
     }
 
@@ -318,6 +321,8 @@ impl Worker {
         monoio::spawn(self.clone().accept_loop(direct, Port::Direct));
         if let Some(pooled) = pooled {
             monoio::spawn(self.clone().accept_loop(pooled, Port::Pooled));
+            // Dropped with the runtime when the worker stops.
+            monoio::spawn(crate::pooled::maintain(self.clone()));
         }
         self.handle_mail(false).await;
 

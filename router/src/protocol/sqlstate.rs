@@ -9,6 +9,18 @@ use std::fmt;
 pub struct SqlState(&'static str);
 
 impl SqlState {
+    /// 00000 successful_completion (notices).
+    pub const SUCCESSFUL_COMPLETION: Self = Self::new("00000");
+    /// 25P03 idle_in_transaction_session_timeout.
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: Self = Self::new("25P03");
+    /// 57P05 idle_session_timeout.
+    pub const IDLE_SESSION_TIMEOUT: Self = Self::new("57P05");
+    /// 26000 invalid_sql_statement_name: no such prepared statement.
+    pub const INVALID_SQL_STATEMENT_NAME: Self = Self::new("26000");
+    /// 42P05 duplicate_prepared_statement.
+    pub const DUPLICATE_PREPARED_STATEMENT: Self = Self::new("42P05");
+    /// 54000 program_limit_exceeded.
+    pub const PROGRAM_LIMIT_EXCEEDED: Self = Self::new("54000");
     /// 08000 connection_exception.
     pub const CONNECTION_EXCEPTION: Self = Self::new("08000");
     /// 08006 connection_failure: the backend could not be reached or went away.

@@ -22,6 +22,10 @@ pub const CLOSE_COMPLETE: u8 = b'3';
 pub const COMMAND_COMPLETE: u8 = b'C';
 /// CopyBothResponse (B).
 pub const COPY_BOTH_RESPONSE: u8 = b'W';
+/// CopyData (B, and F).
+pub const COPY_DATA: u8 = b'd';
+/// CopyDone (B, and F).
+pub const COPY_DONE: u8 = b'c';
 /// CopyInResponse (B).
 pub const COPY_IN_RESPONSE: u8 = b'G';
 /// CopyOutResponse (B).

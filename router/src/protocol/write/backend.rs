@@ -37,6 +37,22 @@ pub fn error_response_full(
     });
 }
 
+/// NoticeResponse (B) with severity NOTICE.
+pub fn notice_response(buf: &mut Vec<u8>, code: SqlState, message: &str) {
+    frame(buf, backend::NOTICE_RESPONSE, |buf| {
+        for (field, value) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', code.as_str()),
+            (b'M', message),
+        ] {
+            buf.push(field);
+            put_cstr(buf, value);
+        }
+        buf.push(0);
+    });
+}
+
 fn authentication(buf: &mut Vec<u8>, code: u32, data: &[u8]) {
     frame(buf, backend::AUTHENTICATION, |buf| {
         put_u32(buf, code);

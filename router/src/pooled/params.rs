@@ -1,0 +1,329 @@
+//! Session parameters on the pooled port: what each client believes its session's parameters
+//! are, what each backend's are, and the `SET`s that make a backend match its client.
+//!
+//! A client's view starts from the parameters a backend of its pool reported at startup (its
+//! ParameterStatus set, shared by every client of the pool until one differs) with what the
+//! client's StartupMessage asked for on top, and follows every ParameterStatus the backend
+//! sends while the client holds it (its own `SET`s). Parameters PostgreSQL does not report
+//! (`search_path`, `statement_timeout` given at startup) are applied from the StartupMessage
+//! only: a `SET` of one of them inside a session is not seen by the router, as with PgBouncer.
+//!
+//! Values are compared as the server reports them; the `SET`s the router sends quote them as
+//! `E'...'` literals, which read the same whatever `standard_conforming_strings` says.
+
+use std::rc::Rc;
+
+use crate::protocol::reader::Reader;
+
+/// Reported parameters that no session can change: never `SET`, never compared.
+const READ_ONLY: &[&str] = &[
+    "in_hot_standby",
+    "integer_datetimes",
+    "is_superuser",
+    "server_encoding",
+    "server_version",
+    "session_authorization",
+];
+
+/// StartupMessage parameters that are not run-time parameters.
+const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
+
+/// Name/value pairs sorted by name (parameter names compare without case, as PostgreSQL's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Params(Vec<(Box<str>, Box<str>)>);
+
+fn cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let lower = |c: u8| c.to_ascii_lowercase();
+    a.bytes().map(lower).cmp(b.bytes().map(lower))
+}
+
+impl Params {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| cmp(n, name))
+    }
+
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.find(name).ok().map(|i| &*self.0[i].1)
+    }
+
+    /// Sets `name` to `value`.
+    pub fn set(&mut self, name: &str, value: &str) {
+        match self.find(name) {
+            Ok(i) => {
+                if *self.0[i].1 != *value {
+                    self.0[i].1 = value.into();
+                }
+            }
+            Err(i) => self.0.insert(i, (name.into(), value.into())),
+        }
+    }
+
+    /// Removes `name`.
+    pub fn remove(&mut self, name: &str) {
+        if let Ok(i) = self.find(name) {
+            self.0.remove(i);
+        }
+    }
+
+    /// The pairs, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (&**n, &**v))
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True if there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// True for a reported parameter a session may change.
+pub fn settable(name: &str) -> bool {
+    !READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
+
+/// What one client believes its session's parameters are.
+#[derive(Debug)]
+pub struct ClientParams {
+    /// The pool's startup set, shared.
+    base: Rc<Params>,
+    /// Reported parameters where the client differs from `base`.
+    changed: Params,
+    /// Parameters from the StartupMessage that the server does not report.
+    unreported: Params,
+}
+
+impl ClientParams {
+    /// The view of a client that asked for `startup` (its StartupMessage parameters) on a
+    /// pool whose backends start with `base`.
+    pub fn new<'a>(base: Rc<Params>, startup: impl Iterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut params = ClientParams {
+            base,
+            changed: Params::default(),
+            unreported: Params::default(),
+        };
+        for (name, value) in startup {
+            if NOT_SETTINGS.contains(&name) || name.starts_with("_pq_.") || !settable(name) {
+                continue;
+            }
+            if params.base.get(name).is_some() {
+                params.reported(name, value);
+            } else {
+                params.unreported.set(name, value);
+            }
+        }
+        params
+    }
+
+    /// The backend reported `name = value` while this client held it.
+    pub fn reported(&mut self, name: &str, value: &str) {
+        if self.base.get(name) == Some(value) {
+            self.changed.remove(name);
+        } else {
+            self.changed.set(name, value);
+        }
+    }
+
+    /// The value the client believes `name` has, for reported parameters.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.changed.get(name).or_else(|| self.base.get(name))
+    }
+
+    /// Every reported parameter the client knows, as it believes them (for its login).
+    pub fn reported_view(&self) -> impl Iterator<Item = (&str, &str)> {
+        let changed = self.changed.iter();
+        let base = self
+            .base
+            .iter()
+            .filter(|(name, _)| self.changed.get(name).is_none());
+        let mut all: Vec<(&str, &str)> = changed.chain(base).collect();
+        all.sort_by(|a, b| cmp(a.0, b.0));
+        all.into_iter()
+    }
+}
+
+/// What one backend's session parameters are.
+#[derive(Clone, Debug, Default)]
+pub struct BackendParams {
+    /// Everything it reported.
+    pub reported: Params,
+    /// Unreported parameters the router set on it for a client.
+    pub unreported: Params,
+}
+
+impl BackendParams {
+    /// Appends to `sql` the `SET`s (and `RESET`s) that give this backend `client`'s
+    /// parameters, and records them as applied. Returns false if it already had them.
+    pub fn sync_to(&mut self, client: &ClientParams, sql: &mut String) -> bool {
+        let start = sql.len();
+        for (name, value) in client.reported_view() {
+            if settable(name) && self.reported.get(name) != Some(value) {
+                push_set(sql, name, value);
+                // The backend's ParameterStatus will say the same; until then, assume it.
+                self.reported.set(name, value);
+            }
+        }
+        for (name, value) in client.unreported.iter() {
+            if self.unreported.get(name) != Some(value) {
+                push_set(sql, name, value);
+            }
+        }
+        let stale: Vec<Box<str>> = self
+            .unreported
+            .iter()
+            .filter(|(name, _)| client.unreported.get(name).is_none())
+            .map(|(name, _)| name.into())
+            .collect();
+        for name in stale {
+            sql.push_str("RESET ");
+            push_ident(sql, &name);
+            sql.push(';');
+            self.unreported.remove(&name);
+        }
+        for (name, value) in client.unreported.iter() {
+            self.unreported.set(name, value);
+        }
+        sql.len() > start
+    }
+}
+
+fn push_ident(sql: &mut String, name: &str) {
+    sql.push('"');
+    for c in name.chars() {
+        if c == '"' {
+            sql.push('"');
+        }
+        sql.push(c);
+    }
+    sql.push('"');
+}
+
+fn push_set(sql: &mut String, name: &str, value: &str) {
+    sql.push_str("SET ");
+    push_ident(sql, name);
+    sql.push_str(" TO E'");
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            sql.push('\\');
+        }
+        sql.push(c);
+    }
+    sql.push_str("';");
+}
+
+/// The parameters of an encoded StartupMessage (length, version, then name/value pairs).
+pub fn startup_params(packet: &[u8]) -> impl Iterator<Item = (&str, &str)> {
+    let mut r = Reader::new(packet.get(8..).unwrap_or_default());
+    std::iter::from_fn(move || {
+        let name = r.cstr_utf8().ok().filter(|n| !n.is_empty())?;
+        Some((name, r.cstr_utf8().ok()?))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Rc<Params> {
+        let mut p = Params::default();
+        for (n, v) in [
+            ("application_name", ""),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, MDY"),
+            ("server_version", "15.8"),
+            ("TimeZone", "Etc/UTC"),
+        ] {
+            p.set(n, v);
+        }
+        Rc::new(p)
+    }
+
+    #[test]
+    fn names_compare_without_case() {
+        let p = base();
+        assert_eq!(p.get("datestyle"), Some("ISO, MDY"));
+        assert_eq!(p.get("TIMEZONE"), Some("Etc/UTC"));
+    }
+
+    #[test]
+    fn a_client_starts_from_the_pool_and_its_startup() {
+        let client = ClientParams::new(
+            base(),
+            [
+                ("user", "app"),
+                ("database", "db"),
+                ("application_name", "psql"),
+                ("search_path", "s1"),
+                ("server_version", "99"),
+                ("_pq_.x", "y"),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(client.get("application_name"), Some("psql"));
+        assert_eq!(client.get("server_version"), Some("15.8"), "read-only");
+        assert_eq!(client.get("user"), None);
+        let view: Vec<_> = client.reported_view().collect();
+        assert_eq!(view.len(), 5);
+        assert_eq!(view[0], ("application_name", "psql"));
+        assert_eq!(client.unreported.get("search_path"), Some("s1"));
+    }
+
+    #[test]
+    fn a_backend_is_set_to_its_clients_values_and_back() {
+        let mut backend = BackendParams {
+            reported: (*base()).clone(),
+            unreported: Params::default(),
+        };
+        let mut a = ClientParams::new(
+            base(),
+            [("application_name", "a"), ("search_path", "s1")].into_iter(),
+        );
+        let b = ClientParams::new(base(), std::iter::empty());
+        let mut sql = String::new();
+        assert!(backend.sync_to(&a, &mut sql));
+        assert_eq!(
+            sql,
+            "SET \"application_name\" TO E'a';SET \"search_path\" TO E's1';"
+        );
+        sql.clear();
+        assert!(!backend.sync_to(&a, &mut sql), "nothing to do: {sql}");
+        a.reported("TimeZone", "Europe/Paris");
+        assert!(backend.sync_to(&a, &mut sql));
+        assert_eq!(sql, "SET \"TimeZone\" TO E'Europe/Paris';");
+        sql.clear();
+        assert!(backend.sync_to(&b, &mut sql));
+        assert_eq!(
+            sql,
+            "SET \"application_name\" TO E'';SET \"TimeZone\" TO E'Etc/UTC';RESET \"search_path\";"
+        );
+    }
+
+    #[test]
+    fn values_are_quoted() {
+        let mut sql = String::new();
+        push_set(&mut sql, "a\"b", "it's a \\ test");
+        assert_eq!(sql, "SET \"a\"\"b\" TO E'it\\'s a \\\\ test';");
+    }
+
+    #[test]
+    fn a_client_back_at_the_pools_value_shares_it_again() {
+        let mut a = ClientParams::new(base(), std::iter::empty());
+        a.reported("TimeZone", "UTC");
+        assert_eq!(a.changed.len(), 1);
+        a.reported("TimeZone", "Etc/UTC");
+        assert!(a.changed.is_empty());
+    }
+
+    #[test]
+    fn startup_packets_are_read() {
+        let mut packet = Vec::new();
+        crate::protocol::write::startup_message(&mut packet, [("user", "app"), ("database", "d")]);
+        let params: Vec<_> = startup_params(&packet).collect();
+        assert_eq!(params, [("user", "app"), ("database", "d")]);
+    }
+}

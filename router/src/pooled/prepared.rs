@@ -1,0 +1,846 @@
+//! Protocol-level prepared statements on the pooled port: a client's named statements work in
+//! every transaction, whichever backend it gets.
+//!
+//! The router keeps each client's names. A statement's name on the backends is derived from
+//! what it is: its query text and parameter types, with the `search_path` and role the client
+//! started with (so two schemas never share a plan): `bg_` and 32 hex digits of a SHA-256. A
+//! backend is given a statement (a Parse of the router's own, its ParseComplete swallowed) the
+//! first time one of its clients binds or describes it there; each backend keeps at most
+//! `max_prepared_statements`, least recently used closed first.
+//!
+//! PostgreSQL's answers, not another pooler's: a Parse of a name the client already uses is
+//! 42P05, a Bind or Describe of a name it does not have is 26000, a Close of an unknown name is
+//! CloseComplete; a failed Parse leaves no name behind; Close of a portal never touches a
+//! statement. The unnamed statement is kept too (the last one the client parsed), so a client
+//! that binds it in a later transaction, on another backend, still finds it.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use sha2::{Digest, Sha256};
+
+use crate::protocol::frame::HEADER_BYTES;
+use crate::protocol::frontend as fe;
+use crate::protocol::reader::Reader;
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::write::{self, Severity};
+
+use super::transaction::{Synthesized, Transaction};
+
+/// Longest statement or portal name accepted (PostgreSQL has no limit; clients use short ones).
+pub const MAX_NAME_BYTES: usize = 512;
+
+/// One statement as backends know it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// Its name on backends.
+    pub server_name: Box<str>,
+    /// The Parse message that prepares it on a backend (under `server_name`).
+    pub parse: Box<[u8]>,
+}
+
+/// A client's statements, by its own names.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    named: HashMap<Box<str>, Rc<Statement>>,
+    /// The last unnamed statement (its Parse, unchanged), if it was small enough to keep.
+    unnamed: Option<Rc<Statement>>,
+    /// What tells apart the same text under different sessions: `search_path` and role.
+    context: Box<[u8]>,
+}
+
+impl ClientStatements {
+    /// Statements of a client that started with `search_path` (if it gave one) as `role`.
+    pub fn new(role: &str, search_path: Option<&str>) -> Self {
+        let mut context = Vec::new();
+        context.extend_from_slice(role.as_bytes());
+        context.push(0);
+        context.extend_from_slice(search_path.unwrap_or("").as_bytes());
+        ClientStatements {
+            context: context.into_boxed_slice(),
+            ..ClientStatements::default()
+        }
+    }
+
+    /// Number of named statements.
+    pub fn len(&self) -> usize {
+        self.named.len()
+    }
+
+    /// True if the client has none.
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+
+    /// Forgets every named statement (DEALLOCATE ALL, DISCARD ALL).
+    pub fn clear(&mut self) {
+        self.named.clear();
+    }
+
+    /// Forgets `name`; true if the client had it.
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.named.remove(name).is_some()
+    }
+
+    /// Undoes a Parse that failed (or that the backend skipped after an error).
+    pub fn undo(&mut self, statement: &Rc<Statement>) {
+        self.named.retain(|_, s| !Rc::ptr_eq(s, statement));
+        if self
+            .unnamed
+            .as_ref()
+            .is_some_and(|s| Rc::ptr_eq(s, statement))
+        {
+            self.unnamed = None;
+        }
+    }
+}
+
+/// The statements prepared on one backend, least recently used first out.
+#[derive(Debug, Default)]
+pub struct BackendStatements {
+    used: HashMap<Box<str>, u64>,
+    tick: u64,
+}
+
+impl BackendStatements {
+    /// True if the backend has `name` (and marks it used).
+    fn touch(&mut self, name: &str) -> bool {
+        self.tick += 1;
+        match self.used.get_mut(name) {
+            Some(used) => {
+                *used = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `name` as prepared; returns the statement to close first if the backend is at
+    /// `max`.
+    fn insert(&mut self, name: &str, max: usize) -> Option<Box<str>> {
+        let evicted = if self.used.len() >= max {
+            let oldest = self
+                .used
+                .iter()
+                .min_by_key(|(_, &used)| used)
+                .map(|(name, _)| name.clone());
+            if let Some(oldest) = &oldest {
+                self.used.remove(oldest);
+            }
+            oldest
+        } else {
+            None
+        };
+        self.tick += 1;
+        self.used.insert(name.into(), self.tick);
+        evicted
+    }
+
+    /// Forgets `name` (its Parse failed).
+    pub fn remove(&mut self, name: &str) {
+        self.used.remove(name);
+    }
+
+    /// Forgets everything (the backend ran DEALLOCATE ALL or DISCARD ALL).
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    /// Statements prepared.
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    /// True if none are.
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+}
+
+/// A message the client sent that no PostgreSQL server would take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {0} message")]
+pub struct Malformed(&'static str);
+
+/// What to do with the client's unnamed statement in this transaction.
+#[derive(Debug, Default)]
+pub struct Transient {
+    /// The client parsed its unnamed statement on this backend in this transaction.
+    pub unnamed_here: bool,
+}
+
+/// Rewrites the client's extended-protocol messages that name statements for the backend it
+/// holds now, and answers for the router what it answers itself.
+pub struct Translator<'a> {
+    /// The transaction state machine.
+    pub tx: &'a mut Transaction,
+    /// The client's statements.
+    pub client: &'a mut ClientStatements,
+    /// The backend's statements.
+    pub backend: &'a mut BackendStatements,
+    /// `max_prepared_statements` (0: statements are passed through untouched).
+    pub max: usize,
+    /// This transaction's state.
+    pub transient: &'a mut Transient,
+    /// What the backend is sent.
+    pub out: &'a mut Vec<u8>,
+}
+
+fn server_name(context: &[u8], body_after_name: &[u8]) -> Box<str> {
+    let mut hash = Sha256::new();
+    hash.update((context.len() as u64).to_be_bytes());
+    hash.update(context);
+    hash.update(body_after_name);
+    let digest = hash.finalize();
+    let mut name = String::with_capacity(3 + 32);
+    name.push_str("bg_");
+    for byte in &digest[..16] {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    name.into_boxed_str()
+}
+
+/// A message `tag` with `name` in place of the name at the start of `rest`'s original.
+fn message_with_name(out: &mut Vec<u8>, tag: u8, before: &[u8], name: &str, after: &[u8]) {
+    let len = 4 + before.len() + name.len() + 1 + after.len();
+    out.push(tag);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    out.extend_from_slice(before);
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    out.extend_from_slice(after);
+}
+
+fn error(code: SqlState, message: &str) -> Box<[u8]> {
+    let mut out = Vec::new();
+    write::error_response(&mut out, Severity::Error, code, message);
+    out.into_boxed_slice()
+}
+
+impl Translator<'_> {
+    fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    /// Gives the backend `statement` if it does not have it (a Parse of the router's own,
+    /// after closing the least recently used one if it is full).
+    fn ensure(&mut self, statement: &Rc<Statement>) {
+        if self.backend.touch(&statement.server_name) {
+            return;
+        }
+        if let Some(evicted) = self.backend.insert(&statement.server_name, self.max) {
+            message_with_name(self.out, fe::CLOSE, b"S", &evicted, b"");
+            self.tx.router_close();
+        }
+        self.out.extend_from_slice(&statement.parse);
+        self.tx.router_parse(Some(statement.clone()));
+    }
+
+    /// A whole Parse message.
+    pub fn parse(&mut self, message: &[u8]) -> Result<(), Malformed> {
+        if self.tx.client_skipping() {
+            return Ok(());
+        }
+        let mut r = Reader::new(&message[HEADER_BYTES..]);
+        let name = r.cstr_utf8().map_err(|_| Malformed("Parse"))?;
+        let after_name = r.rest();
+        if name.is_empty() || !self.enabled() {
+            // The unnamed statement: as sent, and kept for a later transaction.
+            self.client.unnamed = Some(Rc::new(Statement {
+                server_name: "".into(),
+                parse: message.into(),
+            }));
+            self.transient.unnamed_here = true;
+            self.out.extend_from_slice(message);
+            self.tx.client_parse(None);
+            return Ok(());
+        }
+        if self.client.named.contains_key(name) {
+            self.tx.synthesize_error(error(
+                SqlState::DUPLICATE_PREPARED_STATEMENT,
+                &format!("prepared statement \"{name}\" already exists"),
+            ));
+            return Ok(());
+        }
+        let server_name = server_name(&self.client.context, after_name);
+        let mut parse = Vec::with_capacity(message.len() + server_name.len());
+        message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
+        let statement = Rc::new(Statement {
+            server_name,
+            parse: parse.into_boxed_slice(),
+        });
+        self.client.named.insert(name.into(), statement.clone());
+        if self.backend.touch(&statement.server_name) {
+            self.tx.synthesize_parse_complete(Some(statement.clone()));
+            // Counts as an extended-protocol message all the same.
+            self.tx.note_extended();
+            return Ok(());
+        }
+        if let Some(evicted) = self.backend.insert(&statement.server_name, self.max) {
+            message_with_name(self.out, fe::CLOSE, b"S", &evicted, b"");
+            self.tx.router_close();
+        }
+        self.out.extend_from_slice(&statement.parse);
+        self.tx.client_parse(Some(statement));
+        Ok(())
+    }
+
+    /// The start of a Parse too long to keep: an unnamed one goes through (it cannot be given
+    /// to another backend later), a named one is refused with 54000. Returns whether the
+    /// rest of the message goes to the backend.
+    pub fn long_parse(&mut self, piece: &[u8]) -> bool {
+        let unnamed = piece.get(HEADER_BYTES) == Some(&0);
+        if unnamed || !self.enabled() {
+            self.client.unnamed = None;
+            self.transient.unnamed_here = true;
+            self.out.extend_from_slice(piece);
+            self.tx.client_parse(None);
+            return true;
+        }
+        self.tx.synthesize_error(error(
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+            "a named prepared statement is too long for the pooled port: its Parse message must \
+             fit in 20 KiB (use the direct port, or an unnamed statement)",
+        ));
+        false
+    }
+
+    /// The statement a Bind or Describe names: the backend is given it first if needed.
+    /// `None` if the client does not have it (the router has answered 26000).
+    fn resolve(&mut self, name: &str) -> Option<Rc<Statement>> {
+        if name.is_empty() {
+            if !self.transient.unnamed_here {
+                if let Some(unnamed) = self.client.unnamed.clone() {
+                    self.out.extend_from_slice(&unnamed.parse);
+                    self.tx.router_parse(None);
+                    self.transient.unnamed_here = true;
+                }
+            }
+            return None;
+        }
+        match self.client.named.get(name).cloned() {
+            Some(statement) => {
+                self.ensure(&statement);
+                Some(statement)
+            }
+            None => {
+                self.tx.synthesize_error(error(
+                    SqlState::INVALID_SQL_STATEMENT_NAME,
+                    &format!("prepared statement \"{name}\" does not exist"),
+                ));
+                None
+            }
+        }
+    }
+
+    /// The start of a Bind message (at least its two names): the names are rewritten; the
+    /// rest of `piece` follows unchanged. Returns false if the Bind was answered by the
+    /// router (unknown statement): the rest of the message must be dropped.
+    pub fn bind(&mut self, piece: &[u8], total_len: usize) -> Result<bool, Malformed> {
+        if self.tx.client_skipping() {
+            return Ok(false);
+        }
+        let mut r = Reader::new(&piece[HEADER_BYTES..]);
+        let portal = r.cstr().map_err(|_| Malformed("Bind"))?;
+        let name = r.cstr_utf8().map_err(|_| Malformed("Bind"))?;
+        let rest = r.rest();
+        if !self.enabled() {
+            self.out.extend_from_slice(piece);
+            self.tx.client(fe::BIND, 0);
+            return Ok(true);
+        }
+        let statement = if name.is_empty() {
+            self.resolve(name);
+            None
+        } else {
+            match self.resolve(name) {
+                Some(statement) => Some(statement),
+                None => return Ok(false),
+            }
+        };
+        let new_name = statement.as_ref().map_or("", |s| &*s.server_name);
+        let len = total_len - name.len() + new_name.len() - 1;
+        self.out.push(fe::BIND);
+        self.out.extend_from_slice(&(len as u32).to_be_bytes());
+        self.out.extend_from_slice(portal);
+        self.out.push(0);
+        self.out.extend_from_slice(new_name.as_bytes());
+        self.out.push(0);
+        self.out.extend_from_slice(rest);
+        self.tx.client(fe::BIND, 0);
+        Ok(true)
+    }
+
+    /// A whole Describe message.
+    pub fn describe(&mut self, message: &[u8]) -> Result<(), Malformed> {
+        if self.tx.client_skipping() {
+            return Ok(());
+        }
+        let mut r = Reader::new(&message[HEADER_BYTES..]);
+        let kind = r.u8().map_err(|_| Malformed("Describe"))?;
+        let name = r.cstr_utf8().map_err(|_| Malformed("Describe"))?;
+        if kind != b'S' || !self.enabled() {
+            self.out.extend_from_slice(message);
+            self.tx.client(fe::DESCRIBE, kind);
+            return Ok(());
+        }
+        if name.is_empty() {
+            self.resolve(name);
+            self.out.extend_from_slice(message);
+            self.tx.client(fe::DESCRIBE, kind);
+            return Ok(());
+        }
+        if let Some(statement) = self.resolve(name) {
+            message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
+            self.tx.client(fe::DESCRIBE, kind);
+        }
+        Ok(())
+    }
+
+    /// A whole Close message.
+    pub fn close(&mut self, message: &[u8]) -> Result<(), Malformed> {
+        if self.tx.client_skipping() {
+            return Ok(());
+        }
+        let mut r = Reader::new(&message[HEADER_BYTES..]);
+        let kind = r.u8().map_err(|_| Malformed("Close"))?;
+        let name = r.cstr_utf8().map_err(|_| Malformed("Close"))?;
+        if kind != b'S' || name.is_empty() || !self.enabled() {
+            self.out.extend_from_slice(message);
+            self.tx.client(fe::CLOSE, kind);
+            return Ok(());
+        }
+        // The statement stays on the backends (other clients may use it); the client's name
+        // goes. PostgreSQL answers CloseComplete for a name that does not exist too.
+        self.client.remove(name);
+        self.tx.synthesize(Synthesized::CloseComplete);
+        self.tx.note_extended();
+        Ok(())
+    }
+
+    /// A whole (or the start of a long) simple Query: `DEALLOCATE` and `DISCARD ALL` clear the
+    /// client's names; `DEALLOCATE name` of a name only the router knows is answered by the
+    /// router. Returns false if the router answered it (the rest is dropped).
+    pub fn query(&mut self, piece: &[u8]) -> bool {
+        let text = &piece[HEADER_BYTES..];
+        match statement_kind(text) {
+            QueryKind::DeallocateAll | QueryKind::DiscardAll if self.enabled() => {
+                self.client.clear();
+                self.client.unnamed = None;
+                // The backend loses every statement it had, other clients' too: it will be
+                // given them again when they are used.
+                self.backend.clear();
+            }
+            QueryKind::Deallocate(name) if self.enabled() && self.client.remove(&name) => {
+                self.tx.synthesize_command("DEALLOCATE");
+                return false;
+            }
+            QueryKind::Prepare => {
+                self.tx.synthesize_error_ready(error(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "SQL-level PREPARE is not supported on the pooled port: use protocol-level \
+                     prepared statements (your driver's), or the direct port",
+                ));
+                return false;
+            }
+            _ => {}
+        }
+        self.out.extend_from_slice(piece);
+        self.tx.client(fe::QUERY, 0);
+        true
+    }
+}
+
+/// What a simple query is, as far as statement names go.
+#[derive(Debug, PartialEq, Eq)]
+enum QueryKind {
+    DeallocateAll,
+    Deallocate(String),
+    DiscardAll,
+    Prepare,
+    Other,
+}
+
+/// Reads the first words of a query (one statement: a `;` may end it).
+fn statement_kind(text: &[u8]) -> QueryKind {
+    let text = text.strip_suffix(&[0]).unwrap_or(text);
+    let Ok(text) = std::str::from_utf8(text) else {
+        return QueryKind::Other;
+    };
+    let text = text.trim().trim_end_matches(';').trim();
+    if text.contains(';') {
+        return QueryKind::Other;
+    }
+    let mut words = text.split_ascii_whitespace();
+    let first = words.next().unwrap_or("").to_ascii_lowercase();
+    match first.as_str() {
+        "deallocate" => {
+            let mut next = words.next();
+            if next.is_some_and(|w| w.eq_ignore_ascii_case("prepare")) {
+                next = words.next();
+            }
+            match (next, words.next()) {
+                (Some(w), None) if w.eq_ignore_ascii_case("all") => QueryKind::DeallocateAll,
+                (Some(name), None) => QueryKind::Deallocate(unquote(name)),
+                _ => QueryKind::Other,
+            }
+        }
+        "discard" => match (words.next(), words.next()) {
+            (Some(w), None) if w.eq_ignore_ascii_case("all") => QueryKind::DiscardAll,
+            _ => QueryKind::Other,
+        },
+        "prepare" => QueryKind::Prepare,
+        _ => QueryKind::Other,
+    }
+}
+
+/// An SQL identifier as PostgreSQL reads it: quoted as written, otherwise folded to lower case.
+fn unquote(name: &str) -> String {
+    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend as be;
+
+    fn parse_message(name: &str, sql: &str) -> Vec<u8> {
+        let mut m = Vec::new();
+        write::parse(&mut m, name, sql);
+        m
+    }
+
+    fn bind_message(portal: &str, name: &str) -> Vec<u8> {
+        let mut m = Vec::new();
+        write::bind(&mut m, portal, name);
+        m
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// The messages in `bytes`, as (tag, first name in the body).
+    fn messages(bytes: &[u8]) -> Vec<(char, String)> {
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize + 1;
+            let body = &rest[5..len];
+            let name_at = usize::from(matches!(rest[0], b'C' | b'D'));
+            let mut r = Reader::new(&body[name_at..]);
+            let first = if rest[0] == b'B' {
+                let _ = r.cstr();
+                r.cstr_utf8().unwrap_or("?").to_owned()
+            } else {
+                r.cstr_utf8().unwrap_or("?").to_owned()
+            };
+            out.push((char::from(rest[0]), first));
+            rest = &rest[len..];
+        }
+        out
+    }
+
+    struct Fixture {
+        tx: Transaction,
+        client: ClientStatements,
+        backend: BackendStatements,
+        transient: Transient,
+        out: Vec<u8>,
+        max: usize,
+    }
+
+    impl Fixture {
+        fn new(max: usize) -> Self {
+            Fixture {
+                tx: Transaction::default(),
+                client: ClientStatements::new("app", None),
+                backend: BackendStatements::default(),
+                transient: Transient::default(),
+                out: Vec::new(),
+                max,
+            }
+        }
+
+        fn t(&mut self) -> Translator<'_> {
+            Translator {
+                tx: &mut self.tx,
+                client: &mut self.client,
+                backend: &mut self.backend,
+                max: self.max,
+                transient: &mut self.transient,
+                out: &mut self.out,
+            }
+        }
+
+        fn sync(&mut self) {
+            self.tx.client(fe::SYNC, 0);
+        }
+
+        fn reply(&mut self, tags: &[u8]) -> Vec<u8> {
+            let mut to_client = Vec::new();
+            for &tag in tags {
+                let body: &[u8] = if tag == be::READY_FOR_QUERY {
+                    b"I"
+                } else {
+                    b""
+                };
+                let reply = self.tx.backend(tag, body).expect("in turn");
+                if reply == super::super::transaction::Reply::Forward {
+                    to_client.push(tag);
+                }
+                let mut synthesized = Vec::new();
+                self.tx.take_synthesized(&mut synthesized);
+                to_client.extend(messages(&synthesized).iter().map(|(t, _)| *t as u8));
+            }
+            for undo in self.tx.take_undo() {
+                undo.apply(&mut self.client, &mut self.backend);
+            }
+            to_client
+        }
+
+        /// A new transaction on `backend`.
+        fn on(&mut self, backend: BackendStatements) -> BackendStatements {
+            self.transient = Transient::default();
+            self.out.clear();
+            std::mem::replace(&mut self.backend, backend)
+        }
+    }
+
+    #[test]
+    fn a_statement_is_prepared_again_on_another_backend() {
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("s1", "select $1"))
+            .expect("well-formed");
+        f.sync();
+        let sent = messages(&f.out);
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].1.starts_with("bg_"), "{sent:?}");
+        assert_eq!(f.reply(b"1Z"), b"1Z");
+        // Next transaction, another backend: the Bind gets a Parse of the router's first.
+        let first = f.on(BackendStatements::default());
+        f.t()
+            .bind(&bind_message("", "s1"), bind_message("", "s1").len())
+            .expect("well-formed");
+        f.sync();
+        let sent = messages(&f.out);
+        assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PB");
+        assert_eq!(sent[0].1, sent[1].1);
+        assert_eq!(
+            f.reply(b"12Z"),
+            b"2Z",
+            "the router's ParseComplete swallowed"
+        );
+        // Back on the first backend: it has it, nothing is re-prepared.
+        f.on(first);
+        f.t()
+            .bind(&bind_message("", "s1"), bind_message("", "s1").len())
+            .expect("well-formed");
+        assert_eq!(messages(&f.out).len(), 1);
+    }
+
+    #[test]
+    fn same_text_same_server_name_other_search_path_other_name() {
+        let mut a = Fixture::new(10);
+        let mut b = Fixture::new(10);
+        let mut c = Fixture::new(10);
+        c.client = ClientStatements::new("app", Some("other"));
+        a.t()
+            .parse(&parse_message("x", "select 1"))
+            .expect("well-formed");
+        b.t()
+            .parse(&parse_message("y", "select 1"))
+            .expect("well-formed");
+        c.t()
+            .parse(&parse_message("x", "select 1"))
+            .expect("well-formed");
+        let (na, nb, nc) = (messages(&a.out), messages(&b.out), messages(&c.out));
+        assert_eq!(na[0].1, nb[0].1);
+        assert_ne!(na[0].1, nc[0].1);
+    }
+
+    #[test]
+    fn postgresql_answers_for_names() {
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("s1", "select 1"))
+            .expect("well-formed");
+        f.sync();
+        f.reply(b"1Z");
+        f.out.clear();
+        // Re-Parse of a name in use: 42P05, then everything to the Sync is ignored.
+        f.t()
+            .parse(&parse_message("s1", "select 2"))
+            .expect("well-formed");
+        f.t()
+            .bind(&bind_message("", "s1"), bind_message("", "s1").len())
+            .expect("well-formed");
+        assert_eq!(
+            f.tx.client(fe::EXECUTE, 0),
+            super::super::transaction::Send::Discard
+        );
+        f.sync();
+        assert!(
+            f.out.is_empty(),
+            "nothing reaches the backend: {:?}",
+            messages(&f.out)
+        );
+        let mut synthesized = Vec::new();
+        f.tx.take_synthesized(&mut synthesized);
+        assert!(String::from_utf8_lossy(&synthesized).contains("42P05"));
+        f.reply(b"Z");
+        // Bind of an unknown name: 26000.
+        f.out.clear();
+        assert!(!f
+            .t()
+            .bind(&bind_message("", "nope"), bind_message("", "nope").len())
+            .expect("well-formed"));
+        let mut synthesized = Vec::new();
+        f.tx.take_synthesized(&mut synthesized);
+        assert!(String::from_utf8_lossy(&synthesized).contains("26000"));
+        f.sync();
+        f.reply(b"Z");
+        // Close of an unknown name: CloseComplete, nothing sent.
+        f.out.clear();
+        f.t()
+            .close(&message(b'C', b"Snope\0"))
+            .expect("well-formed");
+        let mut synthesized = Vec::new();
+        f.tx.take_synthesized(&mut synthesized);
+        assert_eq!(synthesized, [b'3', 0, 0, 0, 4]);
+        assert!(f.out.is_empty());
+        // Close of a portal goes to the backend.
+        f.t().close(&message(b'C', b"Pp1\0")).expect("well-formed");
+        assert_eq!(messages(&f.out), [('C', "p1".to_owned())]);
+    }
+
+    #[test]
+    fn a_failed_parse_leaves_no_name() {
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("bad", "selec 1"))
+            .expect("well-formed");
+        f.sync();
+        assert_eq!(f.reply(b"EZ"), b"EZ");
+        assert!(f.client.is_empty());
+        assert!(f.backend.is_empty());
+        // The name can be used again.
+        f.out.clear();
+        f.t()
+            .parse(&parse_message("bad", "select 1"))
+            .expect("well-formed");
+        assert_eq!(messages(&f.out)[0].0, 'P');
+    }
+
+    #[test]
+    fn eviction_closes_the_least_recently_used() {
+        let mut f = Fixture::new(2);
+        for name in ["a", "b"] {
+            f.t()
+                .parse(&parse_message(name, &format!("select '{name}'")))
+                .expect("well-formed");
+        }
+        f.sync();
+        f.reply(b"11Z");
+        // Use a, then parse c: b goes.
+        f.out.clear();
+        f.t()
+            .bind(&bind_message("", "a"), bind_message("", "a").len())
+            .expect("well-formed");
+        f.t()
+            .parse(&parse_message("c", "select 'c'"))
+            .expect("well-formed");
+        f.sync();
+        let sent = messages(&f.out);
+        assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "BCP");
+        assert_eq!(f.reply(b"231Z"), b"21Z", "the router's CloseComplete");
+        assert_eq!(f.backend.len(), 2);
+    }
+
+    #[test]
+    fn the_unnamed_statement_survives_the_transaction() {
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("", "select $1"))
+            .expect("well-formed");
+        f.sync();
+        f.reply(b"1Z");
+        f.on(BackendStatements::default());
+        f.t()
+            .bind(&bind_message("", ""), bind_message("", "").len())
+            .expect("well-formed");
+        f.sync();
+        assert_eq!(
+            messages(&f.out).iter().map(|m| m.0).collect::<String>(),
+            "PB",
+            "parsed again on this backend"
+        );
+        assert_eq!(f.reply(b"12Z"), b"2Z");
+    }
+
+    #[test]
+    fn deallocate_and_discard() {
+        assert_eq!(
+            statement_kind(b"DEALLOCATE ALL\0"),
+            QueryKind::DeallocateAll
+        );
+        assert_eq!(
+            statement_kind(b"deallocate prepare all;\0"),
+            QueryKind::DeallocateAll
+        );
+        assert_eq!(
+            statement_kind(b"DEALLOCATE \"S1\"\0"),
+            QueryKind::Deallocate("S1".into())
+        );
+        assert_eq!(
+            statement_kind(b"DEALLOCATE S1\0"),
+            QueryKind::Deallocate("s1".into())
+        );
+        assert_eq!(statement_kind(b"discard all\0"), QueryKind::DiscardAll);
+        assert_eq!(statement_kind(b"select 1; discard all\0"), QueryKind::Other);
+        assert_eq!(
+            statement_kind(b"PREPARE p AS select 1\0"),
+            QueryKind::Prepare
+        );
+
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("s1", "select 1"))
+            .expect("well-formed");
+        f.sync();
+        f.reply(b"1Z");
+        f.out.clear();
+        // Pipelined: DEALLOCATE ALL, then a Parse of the same name.
+        assert!(f.t().query(&message(b'Q', b"DEALLOCATE ALL\0")));
+        f.t()
+            .parse(&parse_message("s1", "select 2"))
+            .expect("well-formed");
+        f.sync();
+        assert_eq!(
+            messages(&f.out).iter().map(|m| m.0).collect::<String>(),
+            "QP"
+        );
+        assert_eq!(f.reply(b"CZ1Z"), b"CZ1Z");
+        // DEALLOCATE of a name only the router knows: answered by the router.
+        f.out.clear();
+        assert!(!f.t().query(&message(b'Q', b"DEALLOCATE s1\0")));
+        assert!(f.out.is_empty());
+        let mut synthesized = Vec::new();
+        f.tx.take_synthesized(&mut synthesized);
+        assert_eq!(
+            messages(&synthesized)
+                .iter()
+                .map(|m| m.0)
+                .collect::<String>(),
+            "CZ"
+        );
+        assert!(f.client.is_empty());
+    }
+}

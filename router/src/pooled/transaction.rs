@@ -1,0 +1,862 @@
+//! The transaction state machine of a pooled client: what the backend it holds still owes it,
+//! and so when that backend can go back to the pool.
+//!
+//! Every message the backend is sent that has a reply puts what it waits for in a queue, in
+//! order; every reply the backend sends is matched against the head of that queue. The backend
+//! goes back to the pool when the queue is empty, the last ReadyForQuery said `I` (idle, no
+//! transaction), no COPY is in progress and no extended-protocol message is waiting for its
+//! Sync (a Flush without Sync keeps the backend: the unnamed statement and portal live on it).
+//!
+//! Some entries are the router's own:
+//! - replies to swallow: the ParseComplete of a statement the router prepared on a backend
+//!   that lacked it, the CloseComplete of one it evicted, everything answering the `SET`s that
+//!   give a backend the client's parameters;
+//! - replies the router gives itself ([`Synthesized`]), sent to the client when they reach the
+//!   head of the queue, so the client sees every reply in the order of its messages: the
+//!   ParseComplete of a statement the backend already has, the CloseComplete of a statement
+//!   Close (statements stay prepared on backends), and errors PostgreSQL would have raised
+//!   (42P05, 26000) for names only the router knows.
+//!
+//! Errors follow PostgreSQL: after an ErrorResponse to an extended-protocol message the
+//! backend ignores everything until the next Sync, so those entries are dropped (they will get
+//! no reply); after an error the router raised itself, the router ignores the client's
+//! messages until its Sync in the same way.
+//!
+//! Pure: fed message types (and the few bytes of a body it needs), it never touches a socket,
+//! so it is tested on byte fixtures.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use thiserror::Error;
+
+use super::prepared::{BackendStatements, ClientStatements, Statement};
+
+use crate::protocol::backend as be;
+use crate::protocol::frontend as fe;
+
+/// What happens to a backend message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The client gets it.
+    Forward,
+    /// It answers the router's own message: the client does not see it.
+    Swallow,
+}
+
+/// What happens to a client message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Send {
+    /// The backend gets it.
+    Forward,
+    /// Dropped: after an error the router raised, until the client's Sync.
+    Discard,
+}
+
+/// A reply the router gives the client itself, in its place in the order of replies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Synthesized {
+    /// ParseComplete.
+    ParseComplete,
+    /// CloseComplete.
+    CloseComplete,
+    /// A whole ErrorResponse message, as PostgreSQL would have sent it.
+    Error(Box<[u8]>),
+    /// A simple query the router answered: CommandComplete with this tag, then
+    /// ReadyForQuery.
+    Command(&'static str),
+    /// A simple query the router refused: this ErrorResponse, then ReadyForQuery.
+    ErrorReady(Box<[u8]>),
+}
+
+impl Synthesized {
+    /// Appends the message(s) to `out`; `status` is the transaction status a ReadyForQuery
+    /// reports.
+    pub fn write(&self, out: &mut Vec<u8>, status: u8) {
+        match self {
+            Synthesized::ParseComplete => out.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]),
+            Synthesized::CloseComplete => out.extend_from_slice(&[be::CLOSE_COMPLETE, 0, 0, 0, 4]),
+            Synthesized::Error(message) => out.extend_from_slice(message),
+            Synthesized::Command(tag) => {
+                out.push(be::COMMAND_COMPLETE);
+                out.extend_from_slice(&(4 + tag.len() as u32 + 1).to_be_bytes());
+                out.extend_from_slice(tag.as_bytes());
+                out.push(0);
+                out.extend_from_slice(&[be::READY_FOR_QUERY, 0, 0, 0, 5, status]);
+            }
+            Synthesized::ErrorReady(message) => {
+                out.extend_from_slice(message);
+                out.extend_from_slice(&[be::READY_FOR_QUERY, 0, 0, 0, 5, status]);
+            }
+        }
+    }
+}
+
+/// A statement Parse that did not happen after all (it failed, or the backend skipped it
+/// after an earlier error): what the router recorded for it is taken back.
+#[derive(Debug)]
+pub enum Undo {
+    /// The client's Parse, sent: its name goes, and the backend does not have it.
+    Prepared(Rc<Statement>),
+    /// The router's own Parse: the backend does not have it (the client keeps its name).
+    Reprepared(Rc<Statement>),
+    /// The client's Parse, answered by the router: its name goes.
+    Answered(Rc<Statement>),
+}
+
+impl Undo {
+    /// Takes it back.
+    pub fn apply(self, client: &mut ClientStatements, backend: &mut BackendStatements) {
+        match self {
+            Undo::Prepared(statement) => {
+                client.undo(&statement);
+                backend.remove(&statement.server_name);
+            }
+            Undo::Reprepared(statement) => backend.remove(&statement.server_name),
+            Undo::Answered(statement) => client.undo(&statement),
+        }
+    }
+}
+
+/// What one message sent to the backend waits for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Awaiting {
+    /// ParseComplete.
+    Parse {
+        swallow: bool,
+        statement: Option<Rc<Statement>>,
+    },
+    /// BindComplete.
+    Bind,
+    /// ParameterDescription, then RowDescription or NoData.
+    DescribeStatement,
+    /// RowDescription or NoData.
+    DescribePortal,
+    /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// CloseComplete.
+    Close { swallow: bool },
+    /// ReadyForQuery.
+    Sync,
+    /// A simple query or function call: everything up to its ReadyForQuery.
+    Query { swallow: bool },
+    /// The router's own reply (for a Parse it answered, the statement).
+    Synthesized(Synthesized, Option<Rc<Statement>>),
+}
+
+/// COPY in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Copy {
+    None,
+    /// CopyInResponse: the client sends the data.
+    In,
+    /// CopyOutResponse: the backend sends the data.
+    Out,
+    /// CopyBothResponse.
+    Both,
+}
+
+/// The backend sent a reply nothing it was sent asks for: the connection cannot be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[error("backend sent message type {tag:?} out of turn", tag = char::from(*tag))]
+pub struct OutOfTurn {
+    /// The message type byte.
+    pub tag: u8,
+}
+
+/// The state of the conversation between a client and the backend it holds.
+#[derive(Debug)]
+pub struct Transaction {
+    queue: VecDeque<Awaiting>,
+    /// The last ReadyForQuery's status: `I`, `T` or `E`.
+    status: u8,
+    copy: Copy,
+    /// An extended-protocol message went to the backend since the last Sync.
+    unsynced: bool,
+    /// The backend reported an error to an extended-protocol message and is ignoring
+    /// messages until the client's next Sync: they get no entries.
+    backend_skipping: bool,
+    /// The router raised an error itself: the client's messages until its Sync are dropped.
+    client_skipping: bool,
+    /// Parses that did not happen, to take back.
+    undo: Vec<Undo>,
+}
+
+impl Default for Transaction {
+    fn default() -> Self {
+        Transaction {
+            queue: VecDeque::new(),
+            status: b'I',
+            copy: Copy::None,
+            unsynced: false,
+            backend_skipping: false,
+            client_skipping: false,
+            undo: Vec::new(),
+        }
+    }
+}
+
+impl Transaction {
+    /// True when the backend can go back to the pool: nothing owed, no transaction open, no
+    /// COPY, no extended-protocol batch waiting for its Sync.
+    pub fn releasable(&self) -> bool {
+        self.queue.is_empty() && self.status == b'I' && self.copy == Copy::None && !self.unsynced
+    }
+
+    /// True while the backend is inside a transaction block (the last ReadyForQuery said `T`
+    /// or `E`), or a query or COPY is under way: a client leaving now takes the backend's
+    /// state with it, so the backend must be closed, not reused.
+    pub fn busy(&self) -> bool {
+        !self.releasable()
+    }
+
+    /// The last ReadyForQuery's transaction status.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// True while the client's messages are being dropped (until its Sync).
+    pub fn client_skipping(&self) -> bool {
+        self.client_skipping
+    }
+
+    /// The client sent a message of type `tag` (for Describe and Close, `kind` is the first
+    /// body byte, `S` or `P`). Says whether it goes to the backend.
+    pub fn client(&mut self, tag: u8, kind: u8) -> Send {
+        if self.client_skipping {
+            if tag != fe::SYNC {
+                return Send::Discard;
+            }
+            self.client_skipping = false;
+        }
+        let awaiting = match tag {
+            fe::QUERY | fe::FUNCTION_CALL => Some(Awaiting::Query { swallow: false }),
+            fe::PARSE => Some(Awaiting::Parse {
+                swallow: false,
+                statement: None,
+            }),
+            fe::BIND => Some(Awaiting::Bind),
+            fe::DESCRIBE if kind == b'S' => Some(Awaiting::DescribeStatement),
+            fe::DESCRIBE => Some(Awaiting::DescribePortal),
+            fe::EXECUTE => Some(Awaiting::Execute),
+            fe::CLOSE => Some(Awaiting::Close { swallow: false }),
+            fe::SYNC => Some(Awaiting::Sync),
+            // Flush, COPY data from the client: no reply of their own.
+            _ => None,
+        };
+        if matches!(
+            tag,
+            fe::PARSE | fe::BIND | fe::DESCRIBE | fe::EXECUTE | fe::CLOSE | fe::FLUSH
+        ) {
+            self.unsynced = true;
+        }
+        if tag == fe::SYNC {
+            self.unsynced = false;
+        }
+        if let Some(awaiting) = awaiting {
+            self.push(awaiting);
+        }
+        Send::Forward
+    }
+
+    /// The client's Parse went to the backend (of `statement`, a named one).
+    pub fn client_parse(&mut self, statement: Option<Rc<Statement>>) {
+        self.unsynced = true;
+        self.push(Awaiting::Parse {
+            swallow: false,
+            statement,
+        });
+    }
+
+    /// The router sent the backend a Parse of its own (a statement the client prepared on
+    /// another backend, or its unnamed one): its ParseComplete is swallowed.
+    pub fn router_parse(&mut self, statement: Option<Rc<Statement>>) {
+        self.unsynced = true;
+        self.push(Awaiting::Parse {
+            swallow: true,
+            statement,
+        });
+    }
+
+    /// The client sent an extended-protocol message the router answered itself: the
+    /// backend is held until the client's Sync all the same.
+    pub fn note_extended(&mut self) {
+        self.unsynced = true;
+    }
+
+    /// The router answers the client's Parse of `statement` itself (the backend has it).
+    pub fn synthesize_parse_complete(&mut self, statement: Option<Rc<Statement>>) {
+        self.push(Awaiting::Synthesized(Synthesized::ParseComplete, statement));
+    }
+
+    /// The router answers the client's simple query itself with CommandComplete `tag`.
+    pub fn synthesize_command(&mut self, tag: &'static str) {
+        self.push(Awaiting::Synthesized(Synthesized::Command(tag), None));
+    }
+
+    /// The router refuses the client's simple query with `error` (a whole ErrorResponse).
+    pub fn synthesize_error_ready(&mut self, error: Box<[u8]>) {
+        self.push(Awaiting::Synthesized(Synthesized::ErrorReady(error), None));
+    }
+
+    /// Parses to take back, found since the last call.
+    pub fn take_undo(&mut self) -> Vec<Undo> {
+        std::mem::take(&mut self.undo)
+    }
+
+    /// The router sent the backend a statement Close of its own (an eviction).
+    pub fn router_close(&mut self) {
+        self.unsynced = true;
+        self.push(Awaiting::Close { swallow: true });
+    }
+
+    /// The router sent the backend a simple query of its own (`SET`s): everything up to its
+    /// ReadyForQuery is swallowed.
+    pub fn router_query(&mut self) {
+        self.push(Awaiting::Query { swallow: true });
+    }
+
+    /// The router answers the client's last message itself, in turn.
+    pub fn synthesize(&mut self, reply: Synthesized) {
+        self.push(Awaiting::Synthesized(reply, None));
+    }
+
+    /// The router answers the client's last message with `error` (a whole ErrorResponse), in
+    /// turn, and then ignores the client's messages until its Sync, as PostgreSQL does after
+    /// an error in the extended protocol.
+    pub fn synthesize_error(&mut self, error: Box<[u8]>) {
+        self.push(Awaiting::Synthesized(Synthesized::Error(error), None));
+        self.client_skipping = true;
+    }
+
+    fn push(&mut self, awaiting: Awaiting) {
+        if self.backend_skipping {
+            match awaiting {
+                Awaiting::Sync => self.backend_skipping = false,
+                // The backend ignores it: no reply will come, and PostgreSQL would not have
+                // answered it either.
+                other => {
+                    self.dropped(other);
+                    return;
+                }
+            }
+        }
+        self.queue.push_back(awaiting);
+    }
+
+    /// True if the router owes the client replies of its own now (they reached the head of
+    /// the queue): take them with [`Transaction::take_synthesized`].
+    pub fn owes_synthesized(&self) -> bool {
+        matches!(self.queue.front(), Some(Awaiting::Synthesized(..)))
+    }
+
+    /// An entry that will get no reply: a Parse in it is taken back.
+    fn dropped(&mut self, awaiting: Awaiting) {
+        match awaiting {
+            Awaiting::Parse {
+                swallow: false,
+                statement: Some(statement),
+            } => self.undo.push(Undo::Prepared(statement)),
+            Awaiting::Parse {
+                swallow: true,
+                statement: Some(statement),
+            } => self.undo.push(Undo::Reprepared(statement)),
+            Awaiting::Synthesized(Synthesized::ParseComplete, Some(statement)) => {
+                self.undo.push(Undo::Answered(statement))
+            }
+            _ => {}
+        }
+    }
+
+    /// Appends to `out` the router's own replies that have reached the head of the queue.
+    pub fn take_synthesized(&mut self, out: &mut Vec<u8>) {
+        while let Some(Awaiting::Synthesized(reply, _)) = self.queue.front() {
+            reply.write(out, self.status);
+            self.queue.pop_front();
+        }
+    }
+
+    /// The backend sent a message of type `tag`; `body` is its body (only its first byte is
+    /// read, for ReadyForQuery). Says whether the client gets it. Replies the router owes
+    /// that reach the head of the queue are left for [`Transaction::take_synthesized`].
+    pub fn backend(&mut self, tag: u8, body: &[u8]) -> Result<Reply, OutOfTurn> {
+        let out_of_turn = OutOfTurn { tag };
+        let head = self.queue.front();
+        let swallowing_query = matches!(head, Some(Awaiting::Query { swallow: true }));
+        let reply = match tag {
+            be::READY_FOR_QUERY => {
+                let reply = match self.queue.pop_front() {
+                    Some(Awaiting::Sync) | Some(Awaiting::Query { swallow: false }) => {
+                        Reply::Forward
+                    }
+                    Some(Awaiting::Query { swallow: true }) => Reply::Swallow,
+                    _ => return Err(out_of_turn),
+                };
+                self.status = match body.first() {
+                    Some(&status @ (b'I' | b'T' | b'E')) => status,
+                    _ => return Err(out_of_turn),
+                };
+                self.copy = Copy::None;
+                reply
+            }
+            be::ERROR_RESPONSE => {
+                self.copy = Copy::None;
+                match head {
+                    // A simple query's error: its ReadyForQuery follows.
+                    Some(Awaiting::Query { swallow }) => {
+                        if *swallow {
+                            Reply::Swallow
+                        } else {
+                            Reply::Forward
+                        }
+                    }
+                    // An error at Sync (a deferred constraint at COMMIT): its ReadyForQuery
+                    // follows.
+                    Some(Awaiting::Sync) => Reply::Forward,
+                    // An extended-protocol error: the backend skips to the next Sync.
+                    Some(_) => {
+                        while !matches!(self.queue.front(), None | Some(Awaiting::Sync)) {
+                            if let Some(dropped) = self.queue.pop_front() {
+                                self.dropped(dropped);
+                            }
+                        }
+                        self.backend_skipping = self.queue.is_empty();
+                        Reply::Forward
+                    }
+                    // Not an answer to anything (a FATAL before the backend goes away).
+                    None => Reply::Forward,
+                }
+            }
+            // May come at any time.
+            be::NOTICE_RESPONSE | be::PARAMETER_STATUS | be::NOTIFICATION_RESPONSE => {
+                if swallowing_query {
+                    Reply::Swallow
+                } else {
+                    Reply::Forward
+                }
+            }
+            be::PARSE_COMPLETE => match self.queue.pop_front() {
+                Some(Awaiting::Parse { swallow: false, .. }) => Reply::Forward,
+                Some(Awaiting::Parse { swallow: true, .. }) => Reply::Swallow,
+                _ => return Err(out_of_turn),
+            },
+            be::BIND_COMPLETE => match self.queue.pop_front() {
+                Some(Awaiting::Bind) => Reply::Forward,
+                _ => return Err(out_of_turn),
+            },
+            be::CLOSE_COMPLETE => match self.queue.pop_front() {
+                Some(Awaiting::Close { swallow: false }) => Reply::Forward,
+                Some(Awaiting::Close { swallow: true }) => Reply::Swallow,
+                _ => return Err(out_of_turn),
+            },
+            be::PARAMETER_DESCRIPTION => match head {
+                Some(Awaiting::DescribeStatement) => Reply::Forward,
+                _ => return Err(out_of_turn),
+            },
+            be::ROW_DESCRIPTION | be::NO_DATA => match head {
+                Some(Awaiting::DescribeStatement | Awaiting::DescribePortal) => {
+                    self.queue.pop_front();
+                    Reply::Forward
+                }
+                // A simple query's result set (NoData never comes there).
+                Some(Awaiting::Query { swallow }) if tag == be::ROW_DESCRIPTION => {
+                    if *swallow {
+                        Reply::Swallow
+                    } else {
+                        Reply::Forward
+                    }
+                }
+                _ => return Err(out_of_turn),
+            },
+            be::DATA_ROW | be::COPY_DATA | be::COPY_DONE => match head {
+                Some(Awaiting::Execute | Awaiting::Query { swallow: false }) => {
+                    if tag == be::COPY_DONE {
+                        self.copy = Copy::None;
+                    }
+                    Reply::Forward
+                }
+                Some(Awaiting::Query { swallow: true }) => Reply::Swallow,
+                _ => return Err(out_of_turn),
+            },
+            be::COPY_IN_RESPONSE | be::COPY_OUT_RESPONSE | be::COPY_BOTH_RESPONSE => match head {
+                Some(Awaiting::Execute | Awaiting::Query { swallow: false }) => {
+                    self.copy = match tag {
+                        be::COPY_IN_RESPONSE => Copy::In,
+                        be::COPY_OUT_RESPONSE => Copy::Out,
+                        _ => Copy::Both,
+                    };
+                    Reply::Forward
+                }
+                _ => return Err(out_of_turn),
+            },
+            be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
+                self.copy = Copy::None;
+                match head {
+                    Some(Awaiting::Execute) => {
+                        self.queue.pop_front();
+                        Reply::Forward
+                    }
+                    Some(Awaiting::Query { swallow }) if tag != be::PORTAL_SUSPENDED => {
+                        if *swallow {
+                            Reply::Swallow
+                        } else {
+                            Reply::Forward
+                        }
+                    }
+                    _ => return Err(out_of_turn),
+                }
+            }
+            be::FUNCTION_CALL_RESPONSE => match head {
+                Some(Awaiting::Query { swallow: false }) => Reply::Forward,
+                _ => return Err(out_of_turn),
+            },
+            _ => return Err(out_of_turn),
+        };
+        Ok(reply)
+    }
+
+    /// True while the backend owes replies (or a COPY is under way).
+    pub fn awaiting_backend(&self) -> bool {
+        self.copy != Copy::None
+            || self
+                .queue
+                .iter()
+                .any(|awaiting| !matches!(awaiting, Awaiting::Synthesized(..)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds client message types (`D`/`C` with their kind after a colon is not needed: the
+    /// kind is the second char in `"DS"`, `"CP"`).
+    fn client(tx: &mut Transaction, messages: &[&str]) -> Vec<Send> {
+        messages
+            .iter()
+            .map(|m| {
+                let bytes = m.as_bytes();
+                tx.client(bytes[0], bytes.get(1).copied().unwrap_or(0))
+            })
+            .collect()
+    }
+
+    fn backend(tx: &mut Transaction, tag: u8) -> Reply {
+        tx.backend(tag, &[]).expect("in turn")
+    }
+
+    fn ready(tx: &mut Transaction, status: u8) -> Reply {
+        tx.backend(be::READY_FOR_QUERY, &[status]).expect("in turn")
+    }
+
+    #[test]
+    fn a_simple_query_releases_at_ready_for_query_idle() {
+        let mut tx = Transaction::default();
+        assert!(tx.releasable());
+        client(&mut tx, &["Q"]);
+        assert!(!tx.releasable());
+        for tag in [b'T', b'D', b'D', b'C'] {
+            assert_eq!(backend(&mut tx, tag), Reply::Forward);
+        }
+        assert!(!tx.releasable());
+        assert_eq!(ready(&mut tx, b'I'), Reply::Forward);
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn a_multi_statement_query_with_an_empty_part_is_one_query() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        for tag in [b'C', b'T', b'D', b'C', b'I', b'C'] {
+            assert_eq!(backend(&mut tx, tag), Reply::Forward);
+        }
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn an_explicit_transaction_holds_the_backend_until_it_ends() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        backend(&mut tx, b'C');
+        ready(&mut tx, b'T');
+        assert!(!tx.releasable(), "BEGIN");
+        client(&mut tx, &["Q"]);
+        backend(&mut tx, b'E');
+        ready(&mut tx, b'E');
+        assert!(!tx.releasable(), "failed transaction: held until ROLLBACK");
+        client(&mut tx, &["Q"]);
+        backend(&mut tx, b'C');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable(), "ROLLBACK");
+    }
+
+    #[test]
+    fn an_implicit_transaction_error_releases() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Forward);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn an_extended_batch_releases_at_its_sync() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["P", "B", "DP", "E", "S"]);
+        for tag in [b'1', b'2', b'T', b'D', b'C'] {
+            assert_eq!(backend(&mut tx, tag), Reply::Forward);
+            assert!(!tx.releasable());
+        }
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn pipelined_syncs_release_at_the_last_ready_for_query() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["B", "E", "S", "B", "E", "S"]);
+        for tag in [b'2', b'C'] {
+            backend(&mut tx, tag);
+        }
+        ready(&mut tx, b'I');
+        assert!(!tx.releasable(), "a second Sync is outstanding");
+        for tag in [b'2', b'C'] {
+            backend(&mut tx, tag);
+        }
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn flush_without_sync_holds_the_backend() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["P", "H"]);
+        backend(&mut tx, b'1');
+        assert!(
+            !tx.releasable(),
+            "the unnamed statement lives on this backend"
+        );
+        client(&mut tx, &["B", "E", "S"]);
+        for tag in [b'2', b'C'] {
+            backend(&mut tx, tag);
+        }
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn an_extended_error_skips_to_the_sync() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["P", "B", "E", "S"]);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Forward);
+        // Bind and Execute get no replies: the next is the Sync's.
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn a_pipeline_error_with_a_delayed_sync() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["P", "B"]);
+        backend(&mut tx, b'E');
+        // Sent after the error came back: the backend ignores them, so no replies.
+        client(&mut tx, &["E", "P", "B", "E"]);
+        assert!(!tx.releasable());
+        client(&mut tx, &["S"]);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+        // The next batch is tracked again.
+        client(&mut tx, &["P", "S"]);
+        backend(&mut tx, b'1');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn an_error_does_not_skip_past_its_batch() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["P", "S", "P", "S"]);
+        backend(&mut tx, b'E');
+        ready(&mut tx, b'I');
+        assert_eq!(
+            backend(&mut tx, b'1'),
+            Reply::Forward,
+            "the second batch runs"
+        );
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn copy_in_holds_the_backend_until_it_completes() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        backend(&mut tx, b'G');
+        assert!(!tx.releasable());
+        client(&mut tx, &["d", "d", "c"]);
+        backend(&mut tx, b'C');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn copy_in_failed_by_the_client() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        backend(&mut tx, b'G');
+        client(&mut tx, &["d", "f"]);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Forward);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn copy_in_failed_by_the_backend_before_copy_done() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        backend(&mut tx, b'G');
+        client(&mut tx, &["d"]);
+        backend(&mut tx, b'E');
+        ready(&mut tx, b'I');
+        // The client's CopyDone after the error is ignored by the backend.
+        client(&mut tx, &["c"]);
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn copy_out_in_the_extended_protocol() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["P", "B", "E", "S"]);
+        for tag in [b'1', b'2', b'H', b'd', b'd', b'c', b'C'] {
+            assert_eq!(backend(&mut tx, tag), Reply::Forward);
+        }
+        assert!(!tx.releasable());
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn the_routers_own_replies_are_swallowed() {
+        let mut tx = Transaction::default();
+        tx.router_query();
+        for tag in [b'S', b'C', b'S', b'C'] {
+            assert_eq!(backend(&mut tx, tag), Reply::Swallow);
+        }
+        assert_eq!(ready(&mut tx, b'I'), Reply::Swallow);
+        tx.router_parse(None);
+        client(&mut tx, &["B", "E", "S"]);
+        assert_eq!(backend(&mut tx, b'1'), Reply::Swallow);
+        assert_eq!(backend(&mut tx, b'2'), Reply::Forward);
+        tx.router_close();
+        assert_eq!(backend(&mut tx, b'C'), Reply::Forward);
+        ready(&mut tx, b'I');
+        assert_eq!(backend(&mut tx, b'3'), Reply::Swallow);
+        assert!(!tx.releasable(), "an unsynced router Close");
+    }
+
+    #[test]
+    fn synthesized_replies_come_in_turn() {
+        let mut tx = Transaction::default();
+        // Parse (already on the backend: answered by the router), Bind, Close S (answered by
+        // the router), Sync.
+        tx.client(b'P', 0);
+        // The router did not forward the Parse: replace its entry.
+        tx.queue.pop_back();
+        tx.synthesize(Synthesized::ParseComplete);
+        assert!(tx.owes_synthesized());
+        let mut out = Vec::new();
+        tx.take_synthesized(&mut out);
+        assert_eq!(out, [b'1', 0, 0, 0, 4]);
+        client(&mut tx, &["B"]);
+        tx.synthesize(Synthesized::CloseComplete);
+        client(&mut tx, &["S"]);
+        assert!(!tx.owes_synthesized(), "after the BindComplete");
+        backend(&mut tx, b'2');
+        assert!(tx.owes_synthesized());
+        out.clear();
+        tx.take_synthesized(&mut out);
+        assert_eq!(out, [b'3', 0, 0, 0, 4]);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn a_synthesized_error_skips_the_clients_messages_to_its_sync() {
+        let mut tx = Transaction::default();
+        tx.synthesize_error(b"E-fixture".to_vec().into_boxed_slice());
+        assert_eq!(
+            client(&mut tx, &["B", "E", "H"]),
+            [Send::Discard, Send::Discard, Send::Discard]
+        );
+        assert_eq!(client(&mut tx, &["S"]), [Send::Forward]);
+        let mut out = Vec::new();
+        tx.take_synthesized(&mut out);
+        assert_eq!(out, b"E-fixture");
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn a_backend_error_drops_synthesized_replies_of_its_batch() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["B"]);
+        tx.synthesize(Synthesized::CloseComplete);
+        client(&mut tx, &["S"]);
+        backend(&mut tx, b'E');
+        assert!(
+            !tx.owes_synthesized(),
+            "PostgreSQL would not have answered it"
+        );
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn describe_statement_and_portal() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["DS", "DP", "S"]);
+        assert_eq!(backend(&mut tx, b't'), Reply::Forward);
+        assert_eq!(backend(&mut tx, b'T'), Reply::Forward);
+        assert_eq!(backend(&mut tx, b'n'), Reply::Forward);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn replies_out_of_turn_are_refused() {
+        let mut tx = Transaction::default();
+        assert_eq!(
+            tx.backend(b'1', &[]),
+            Err(OutOfTurn { tag: b'1' }),
+            "nothing was parsed"
+        );
+        client(&mut tx, &["Q"]);
+        assert!(tx.backend(b'2', &[]).is_err());
+        let mut tx = Transaction::default();
+        client(&mut tx, &["S"]);
+        assert!(tx.backend(b'Z', b"X").is_err(), "bad status");
+        let mut tx = Transaction::default();
+        client(&mut tx, &["S"]);
+        assert!(tx.backend(b'D', &[]).is_err(), "a row for a Sync");
+    }
+
+    #[test]
+    fn notices_and_parameter_status_may_come_any_time() {
+        let mut tx = Transaction::default();
+        assert_eq!(backend(&mut tx, b'N'), Reply::Forward);
+        assert_eq!(backend(&mut tx, b'S'), Reply::Forward);
+        assert_eq!(backend(&mut tx, b'A'), Reply::Forward);
+        // A FATAL with nothing outstanding (the backend is going away).
+        assert_eq!(backend(&mut tx, b'E'), Reply::Forward);
+    }
+
+    #[test]
+    fn function_call() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["F"]);
+        assert_eq!(backend(&mut tx, b'V'), Reply::Forward);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+}
