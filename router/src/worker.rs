@@ -278,7 +278,7 @@ impl Worker {
                             stream,
                             peer,
                             admitted,
-                            crate::front_door::Port::Direct,
+                            port,
                         ));
                     }
                     None => {

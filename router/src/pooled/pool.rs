@@ -246,6 +246,12 @@ impl Pool {
     fn take_idle(&self, ctx: &Context<'_>) -> Option<Backend> {
         loop {
             let backend = self.idle.borrow_mut().pop()?;
+            tracing::trace!(
+                pid = backend.pid,
+                fit = self.fit(ctx, &backend),
+                alive = backend.looks_alive(),
+                "idle backend"
+            );
             if self.fit(ctx, &backend) && backend.looks_alive() {
                 return Some(backend);
             }
@@ -309,11 +315,11 @@ impl Pool {
         upstream.set_healthy(true);
         conn.read_buf.release(ctx.buffers);
         let mut reported = Params::default();
-        for (header, whole) in frame::Frames::new(&to_client, to_client.len()).flatten() {
+        for (header, body) in frame::Frames::new(&to_client, to_client.len()).flatten() {
             if header.tag != PARAMETER_STATUS {
                 continue;
             }
-            if let Ok(status) = ParameterStatus::parse(frame::body(whole, header)) {
+            if let Ok(status) = ParameterStatus::parse(body) {
                 reported.set(status.name, status.value);
             }
         }
@@ -345,6 +351,11 @@ impl Pool {
     /// A backend comes back after a transaction, idle: to the first client in line, or to the
     /// pool. One no longer fit is closed.
     pub fn release(&self, ctx: &Context<'_>, mut backend: Backend) {
+        tracing::trace!(
+            pid = backend.pid,
+            fit = self.fit(ctx, &backend),
+            "backend released"
+        );
         if !self.fit(ctx, &backend) {
             self.close(ctx, backend);
             return;
