@@ -3,7 +3,7 @@
 
     report.py --summary RESULT.json            # a few lines per target, for the terminal
     report.py --mode M --results DIR --out FILE --commit C --command CMD --versions V \
-              --sections latency,connect,... [--partial]
+              --sections latency,connect,...,pooled [--partial]
     report.py --criterion CRITERION_HOME [--criterion-command CMD]...   # JSON on stdout
 
 Every figure is computed from one run's JSON (the workloads' targets were interleaved in
@@ -28,11 +28,21 @@ ANALYSIS_MARKER = "<!-- analysis: everything below is written by hand and kept b
 
 # The targets every workload may have; the baseline first.
 PG, PGB, BG, BG_REQ = "pg", "pgbouncer", "branchgate", "branchgate-sslrequest"
+# The router's pooled port (the pooled workload).
+BG_POOLED = "branchgate-pooled"
 
 # Aims from the benchmark issue (benchmarks, not tests).
 AIM_ADDED_P50_VS_PGBOUNCER = 0.5
 AIM_CONNECT_RATE_VS_PGBOUNCER = 10.0
 AIM_IDLE_BYTES = 4096
+# Aims of the pooled port (issue 8), against PgBouncer in transaction mode with the same pool size.
+AIM_POOLED_THROUGHPUT_VS_PGBOUNCER = 1.5
+AIM_POOLED_CPU_PER_TXN_VS_PGBOUNCER = 0.5
+AIM_POOLED_ADDED_P50_VS_PGBOUNCER = 0.5
+AIM_POOLED_CONNECT_RATE_VS_PGBOUNCER = 10.0
+AIM_POOLED_CPU_PER_CONNECTION_VS_PGBOUNCER = 0.25
+AIM_POOLED_IDLE_BYTES = 2560
+POOLED_PROTOCOLS = ["simple", "extended", "prepared"]
 
 
 def load(path):
@@ -404,6 +414,237 @@ def section_preauth(ws):
     return text
 
 
+def templated(commands, subs):
+    """The distinct commands once each value that varies between runs is named ($N, ...)."""
+    seen = []
+    for command in commands:
+        for pattern, name in subs:
+            command = re.sub(pattern, name, command)
+        if command not in seen:
+            seen.append(command)
+    return "".join(cmd_block(c) for c in seen)
+
+
+def verdict(ok):
+    """met / missed, or `None` (nothing to compare) as not measured."""
+    return "not measured" if ok is None else ("met" if ok else "missed")
+
+
+def tails_ok(res, target=BG_POOLED, base=PGB):
+    """p99 and p99.9 at or below the base's; None when either is missing."""
+    if target not in res or base not in res:
+        return None
+    a, b = res[target]["latency_us"], res[base]["latency_us"]
+    return a["p99"] <= b["p99"] and a["p999"] <= b["p999"]
+
+
+def pooled_throughput_runs(results_dir):
+    """{protocol: [(clients, workload)]} of the pooled throughput runs, by client count."""
+    runs = {}
+    for name in os.listdir(results_dir):
+        m = re.fullmatch(r"pooled-(simple|extended|prepared)-(\d+)\.json", name)
+        if m:
+            w = workload(results_dir, name[:-len(".json")])
+            servers_path = os.path.join(results_dir, name[:-len(".json")] + ".servers")
+            servers = {}
+            if os.path.exists(servers_path):
+                with open(servers_path, encoding="utf-8") as f:
+                    servers = json.load(f)
+            runs.setdefault(m.group(1), []).append((int(m.group(2)), w, servers))
+    for protocol in runs:
+        runs[protocol].sort(key=lambda r: r[0])
+    return {p: runs[p] for p in POOLED_PROTOCOLS if p in runs}
+
+
+def section_pooled(results_dir):
+    path = os.path.join(results_dir, "pooled.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    pool = meta.get("pool_size")
+    pgb_version = meta.get("pgbouncer_version")
+    parts = []
+    head = (f"## 8. Pooled port (transaction pooling)\n\n`{BG_POOLED}` is the router's pooled port "
+            f"(`[listen] pooled`, direct SSL, `[pool] pool_size = {pool}`), `pgbouncer` is PgBouncer "
+            f"{pgb_version} in transaction mode (`default_pool_size = {pool}`), `pg` is PostgreSQL direct "
+            "(a backend per client). TLS and SCRAM-SHA-256 on every path. The router's pools are per "
+            f"worker until a branch's clients meet on one core, so it may hold up to {pool} server "
+            f"connections per core ({meta.get('cores')} here): the `server connections` column counts "
+            "what each pooler held right after each throughput run. Each query is a transaction of "
+            "its own (no BEGIN), so queries/s is transactions/s and CPU per query is CPU per "
+            "transaction.\n")
+    if not meta.get("branchgate_pooled"):
+        head += (f"\n**This run had no pooled port in branchgate** (its `check-config`: "
+                 f"{meta.get('branchgate_pooled_note') or 'rejected'}): PgBouncer and PostgreSQL only, so "
+                 "none of the aims below is measured.\n")
+    if not meta.get("pgbouncer_prepared"):
+        head += (f"\nPgBouncer {pgb_version} has no protocol-level prepared statements in transaction "
+                 "mode (`max_prepared_statements` came in 1.21): a client's Bind would reach a server "
+                 "connection that never saw its Parse, so the prepared runs have no PgBouncer figure.\n")
+    parts.append(head)
+
+    aims = ["| figure | aim | this run | verdict |", "|---|---|---|---|"]
+    tails = []  # (figure, ok)
+
+    # Throughput and CPU per transaction, per protocol.
+    runs = pooled_throughput_runs(results_dir)
+    rows = ["| protocol | clients | target | queries/s | vs PgBouncer | p50 | p99 | p99.9 | router CPU / query "
+            "| CPU vs PgBouncer | server connections |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cmds = []
+    errs = ""
+    for protocol, ws in runs.items():
+        thr, cpu = [], []
+        for n, (doc, res, command), servers in ws:
+            cmds.append(command)
+            pgb = res.get(PGB, {})
+            for t, r in res.items():
+                lat = r["latency_us"]
+                c = cpu_per_op(r)
+                rows.append(f"| {protocol} | {num(n)} | {t} | {num(r['rate_per_s'])} | "
+                            f"{ratio(r['rate_per_s'], pgb.get('rate_per_s'))} | {us(lat['p50'])} | "
+                            f"{us(lat['p99'])} | {us(lat['p999'])} | {us(c)} | "
+                            f"{ratio(c, cpu_per_op(pgb)) if pgb else '-'} | "
+                            f"{servers.get(t, '-') if t != PG else '-'} |")
+            errs += errors_note(res)
+            bg = res.get(BG_POOLED)
+            if bg and pgb:
+                thr.append((n, bg["rate_per_s"] / pgb["rate_per_s"] if pgb["rate_per_s"] else 0.0))
+                a, b = cpu_per_op(bg), cpu_per_op(pgb)
+                if a is not None and b:
+                    cpu.append((n, a / b))
+                tails.append((f"throughput, {protocol}, {n} clients", tails_ok(res)))
+        if thr:
+            ok = all(x >= AIM_POOLED_THROUGHPUT_VS_PGBOUNCER for _, x in thr)
+            aims.append(f"| throughput, {protocol} ({', '.join(str(n) for n, _ in thr)} clients) | at least "
+                        f"{AIM_POOLED_THROUGHPUT_VS_PGBOUNCER:g}x PgBouncer | "
+                        f"{' / '.join(f'{x:.2f}x' for _, x in thr)} | {verdict(ok)} |")
+        else:
+            alone = any(BG_POOLED in w[1] and PGB not in w[1] for _, w, _ in ws)
+            aims.append(f"| throughput, {protocol} | at least {AIM_POOLED_THROUGHPUT_VS_PGBOUNCER:g}x PgBouncer "
+                        f"| {'no PgBouncer figure' if alone else '-'} | not measured |")
+        if cpu:
+            ok = all(x <= AIM_POOLED_CPU_PER_TXN_VS_PGBOUNCER for _, x in cpu)
+            aims.append(f"| router CPU per transaction, {protocol} | at most "
+                        f"{AIM_POOLED_CPU_PER_TXN_VS_PGBOUNCER:g}x PgBouncer's | "
+                        f"{' / '.join(f'{x:.2f}x' for _, x in cpu)} | {verdict(ok)} |")
+        else:
+            aims.append(f"| router CPU per transaction, {protocol} | at most "
+                        f"{AIM_POOLED_CPU_PER_TXN_VS_PGBOUNCER:g}x PgBouncer's | - | not measured |")
+    if runs:
+        parts.append("### Throughput\n\nClosed loop, point selects on the 100k-row table of section 3, on "
+                     f"a pool of {pool}: `simple` sends the 1000 statements with their keys in the text "
+                     "(`points.sql`), `extended` parses `SELECT abalance FROM accounts WHERE aid = $1` "
+                     "(the unnamed statement) with each key bound, every query, `prepared` prepares it "
+                     "once per connection and then binds each key (`points-params.sql`, the same keys): "
+                     "pgbench's `-M` modes.\n"
+                     + templated(cmds, [(r"--connections \d+ ", "--connections $N "),
+                                        (r"--protocol \w+ ", "--protocol $PROTOCOL "),
+                                        (r"\$DIR/points(-params)?\.sql", "$QUERY_FILE")])
+                     + "\nFor each PROTOCOL (QUERY_FILE) and N above.\n\n"
+                     + "\n".join(rows) + "\n" + errs)
+
+    # Added latency.
+    lat = workload(results_dir, "pooled-latency")
+    if lat:
+        doc, res, command = lat
+        base = res.get(PG)
+        rows = ["| target | p50 | p90 | p99 | p99.9 | added p50 | added p99 | added p99.9 |",
+                "|---|---|---|---|---|---|---|---|"]
+        for t, r in res.items():
+            l = r["latency_us"]
+            added = ["-"] * 3
+            if base and t != PG:
+                added = [signed_us(l[p] - base["latency_us"][p]) for p in ("p50", "p99", "p999")]
+            rows.append(f"| {t} | {us(l['p50'])} | {us(l['p90'])} | {us(l['p99'])} | {us(l['p999'])} | "
+                        f"{' | '.join(added)} |")
+        text = ("### Added latency\n\nOne client per target, `SELECT 1` (simple protocol), open loop at "
+                f"{num(doc['settings'].get('rate'))} queries/s, as section 1. *Added* = target minus "
+                "PostgreSQL direct, same run.\n" + cmd_block(command) + "\n" + "\n".join(rows) + "\n")
+        this, ok = "-", None
+        if base and BG_POOLED in res and PGB in res:
+            a = res[BG_POOLED]["latency_us"]["p50"] - base["latency_us"]["p50"]
+            b = res[PGB]["latency_us"]["p50"] - base["latency_us"]["p50"]
+            if b > 0:
+                this, ok = f"{a / b:.2f} ({signed_us(a)} vs {signed_us(b)})", a <= AIM_POOLED_ADDED_P50_VS_PGBOUNCER * b
+            tails.append(("added latency, 1 client", tails_ok(res)))
+        aims.append(f"| added latency p50, 1 client | at most {AIM_POOLED_ADDED_P50_VS_PGBOUNCER:g} of "
+                    f"PgBouncer's | {this} | {verdict(ok)} |")
+        parts.append(text + errors_note(res))
+
+    # Connection setup.
+    con = workload(results_dir, "pooled-connect")
+    if con:
+        doc, res, command = con
+        pgb = res.get(PGB, {})
+        rows = ["| target | connections/s | vs PgBouncer | p50 | p99 | p99.9 | TLS p50 | auth p50 | "
+                "router CPU / connection | CPU vs PgBouncer |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for t, r in res.items():
+            l = r["latency_us"]
+            c = cpu_per_op(r)
+            rows.append(f"| {t} | {num(r['rate_per_s'])} | {ratio(r['rate_per_s'], pgb.get('rate_per_s'))} | "
+                        f"{us(l['p50'])} | {us(l['p99'])} | {us(l['p999'])} | {us(phase(r, 'tls'))} | "
+                        f"{us(phase(r, 'auth'))} | {us(c)} | {ratio(c, cpu_per_op(pgb)) if pgb else '-'} |")
+        text = (f"### Connection setup (TLS + SCRAM-SHA-256)\n\nAs section 2: as fast as possible with "
+                f"{doc['settings'].get('concurrency')} setups in flight per target, connect() to "
+                "ReadyForQuery, then Terminate; no backend is started for a pooled client.\n"
+                + cmd_block(command) + "\n" + "\n".join(rows) + "\n")
+        rate_this = rate_ok = cpu_this = cpu_ok = None
+        bg = res.get(BG_POOLED)
+        if bg and pgb and pgb.get("rate_per_s"):
+            x = bg["rate_per_s"] / pgb["rate_per_s"]
+            rate_this, rate_ok = f"{x:.2f}x ({num(bg['rate_per_s'])}/s vs {num(pgb['rate_per_s'])}/s)", \
+                x >= AIM_POOLED_CONNECT_RATE_VS_PGBOUNCER
+            a, b = cpu_per_op(bg), cpu_per_op(pgb)
+            if a is not None and b:
+                cpu_this, cpu_ok = f"{a / b:.2f}x ({us(a)} vs {us(b)})", a / b <= AIM_POOLED_CPU_PER_CONNECTION_VS_PGBOUNCER
+            tails.append(("connection setup", tails_ok(res)))
+        aims.append(f"| TLS + SCRAM connection rate | at least {AIM_POOLED_CONNECT_RATE_VS_PGBOUNCER:g}x "
+                    f"PgBouncer's | {rate_this or '-'} | {verdict(rate_ok)} |")
+        aims.append(f"| router CPU per new connection | at most "
+                    f"{AIM_POOLED_CPU_PER_CONNECTION_VS_PGBOUNCER:g}x PgBouncer's | {cpu_this or '-'} | "
+                    f"{verdict(cpu_ok)} |")
+        parts.append(text + errors_note(res))
+
+    # Idle pooled clients.
+    idle = workload(results_dir, "pooled-idle")
+    if idle:
+        doc, res, command = idle
+        rows = ["| target | clients open | RSS before | RSS after | per client |", "|---|---|---|---|---|"]
+        for t, r in res.items():
+            rows.append(f"| {t} | {num(r['count'])} of {num(r.get('connections_requested'))} | "
+                        f"{size(r.get('rss_bytes_before'))} | {size(r.get('rss_bytes_after'))} | "
+                        f"{size(r.get('bytes_per_connection'))} |")
+        open_files = meta.get("open_files")
+        text = ("### Idle pooled clients\n\nTLS clients logged in (SCRAM, ReadyForQuery) and held idle, "
+                "as section 4, on fresh processes; a pooled client holds no server connection, so the "
+                f"count is bounded by the open-file limit ({num(open_files)} descriptors per process here, "
+                "one per client in the router, in PgBouncer and in the load generator; the run asks for "
+                "the limit less 1,000).\n" + cmd_block(command) + "\n" + "\n".join(rows) + "\n")
+        this, ok = "-", None
+        bg = res.get(BG_POOLED)
+        if bg and bg.get("bytes_per_connection") is not None:
+            b = bg["bytes_per_connection"]
+            this = f"{size(b)} at {num(bg['count'])} clients"
+            if PGB in res and res[PGB].get("bytes_per_connection"):
+                this += f" (PgBouncer {size(res[PGB]['bytes_per_connection'])})"
+            ok = b <= AIM_POOLED_IDLE_BYTES and bg["count"] == bg.get("connections_requested")
+        aims.append(f"| idle pooled TLS clients | as many as the open-file limit allows, at most "
+                    f"{size(AIM_POOLED_IDLE_BYTES)} each | {this} | {verdict(ok)} |")
+        parts.append(text + errors_note(res))
+
+    measured = [(f, ok) for f, ok in tails if ok is not None]
+    if measured:
+        missed = [f for f, ok in measured if not ok]
+        aims.append(f"| tails: p99 and p99.9 | at or below PgBouncer's in each figure | "
+                    f"{len(measured) - len(missed)} of {len(measured)} figures"
+                    + (f" (above in: {'; '.join(missed)})" if missed else "") + f" | {verdict(not missed)} |")
+    else:
+        aims.append("| tails: p99 and p99.9 | at or below PgBouncer's in each figure | - | not measured |")
+    parts.insert(1, "### Aims\n\n" + "\n".join(aims) + "\n")
+    return "\n".join(parts)
+
+
 def criterion_summary(home, commands):
     """router_records from CRITERION_HOME after `--save-baseline before` and `--baseline before`."""
     benches = []
@@ -598,7 +839,7 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}"
 
 
-SECTION_ORDER = ["latency", "connect", "throughput", "idle", "cpu", "preauth", "compare"]
+SECTION_ORDER = ["latency", "connect", "throughput", "idle", "cpu", "preauth", "compare", "pooled"]
 
 
 def block(name, text):
@@ -635,6 +876,8 @@ def generate(args, wanted, now):
         texts["cpu"] = section_cpu(thr)
     if "preauth" in wanted and (ws := preauth_workloads(args.results, "preauth")):
         texts["preauth"] = section_preauth(ws)
+    if "pooled" in wanted and (text := section_pooled(args.results)):
+        texts["pooled"] = text
     if "compare" in wanted:
         text = section_compare(args.results, os.path.dirname(os.path.abspath(args.out)))
         if text:
@@ -687,8 +930,10 @@ def report(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     thr = sorted(int(m.group(1)) for name in os.listdir(args.results)
                  if (m := re.fullmatch(r"throughput-(\d+)\.json", name)))
+    pooled = pooled_throughput_runs(args.results) if "pooled" in wanted else {}
+    pooled_plots = ["pooled-latency", "pooled-connect"] + [f"pooled-{p}-{ws[-1][0]}" for p, ws in pooled.items()]
     plots = [plot_link(args.results, out_dir, n) for n in
-             ["latency", "connect", "connect-serial"] + [f"throughput-{n}" for n in thr]
+             ["latency", "connect", "connect-serial"] + [f"throughput-{n}" for n in thr] + pooled_plots
              if os.path.exists(os.path.join(args.results, n + ".svg")) and
              ("throughput" if n.startswith("throughput") else n.split("-")[0]) in wanted]
     head = f"""# Benchmarks
@@ -700,7 +945,8 @@ so at its top.
 
 Every path is TLS (`sslmode=verify-full`, ECDSA P-256 certificate, TLS 1.3) with SCRAM-SHA-256:
 `pg` is PostgreSQL itself, `pgbouncer` is PgBouncer in transaction mode in front of it, `branchgate`
-is the router's direct port (direct SSL; `branchgate-sslrequest` the same port by SSLRequest). In
+is the router's direct port (direct SSL; `branchgate-sslrequest` the same port by SSLRequest),
+`branchgate-pooled` its pooled port (section 8). In
 each workload the targets take turns in short slices of one clock, so noise on this shared
 machine hits them alike: read the ratios, not the absolute numbers, and never compare numbers
 across runs. The load generator (`branchgate-loadgen`), PostgreSQL and the router share the

@@ -131,10 +131,13 @@ pub struct QueryArgs {
     /// Closed loop: each connection sends its next query as soon as the last one is answered.
     #[arg(long)]
     pub closed: bool,
-    /// simple: Query each time; extended: prepared once per connection, then Bind/Execute/Sync.
+    /// simple: Query each time; extended: Parse (unnamed), Bind, Execute, Sync each time;
+    /// prepared: each distinct statement prepared once per connection, then Bind/Execute/Sync.
     #[arg(long, value_enum, default_value = "simple")]
     pub protocol: Protocol,
-    /// SQL statements, one per line, used round robin [default: SELECT 1].
+    /// SQL statements, one per line, used round robin [default: SELECT 1]. A tab ends the
+    /// SQL; each further tab-separated field is a text value for $1, $2, ... (extended and
+    /// prepared only).
     #[arg(long, value_name = "FILE")]
     pub query_file: Option<PathBuf>,
     /// Measure each target for this long.
@@ -298,6 +301,11 @@ mod tests {
         assert_eq!(args.common.branch_dist, BranchDist::Zipf(1.2));
         assert_eq!(args.duration, Duration::from_secs(2));
         assert_eq!(args.common.pid[0].value, "7");
+        let cli = parse("query --target a=x --closed --protocol prepared").expect("valid");
+        let ModeArgs::Query(args) = cli.mode else {
+            panic!("not query")
+        };
+        assert_eq!(args.protocol, Protocol::Prepared);
 
         let cli = parse("idle --target a=x --connections 10 --pid 42 --pid-file b=/run/x.pid")
             .expect("valid");

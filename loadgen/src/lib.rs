@@ -1,8 +1,8 @@
 //! branchgate-loadgen: measures branchgate against PgBouncer and PostgreSQL in one run.
 //!
-//! Its own PostgreSQL client (TCP, TLS by SSLRequest or direct SSL, SCRAM-SHA-256, simple and
-//! extended protocol) runs thread-per-core on monoio, so two cores drive tens of thousands of
-//! connections. Several targets take turns in short slices of one run, so their results are
+//! Its own PostgreSQL client (TCP, TLS by SSLRequest or direct SSL, SCRAM-SHA-256; simple,
+//! extended and prepared queries) runs thread-per-core on monoio, so two cores drive tens of
+//! thousands of connections. Several targets take turns in short slices of one run, so their results are
 //! ratios measured under the same noise.
 //!
 //! # Layout

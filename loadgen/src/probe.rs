@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::client::query::{Outcome, Protocol, Request};
+use crate::client::query::{Outcome, Protocol, Request, Statement};
 use crate::client::ClientError;
 use crate::modes::Local;
 use crate::runtime::{join_all, Counters};
@@ -58,14 +58,14 @@ fn on_branch(branch: &Option<String>) -> String {
 /// The check's connection maker and the statements it runs.
 struct Probe {
     local: Local,
-    queries: Option<(Vec<String>, Protocol)>,
+    queries: Option<(Vec<Statement>, Protocol)>,
 }
 
 /// Checks the targets in order and, for each, its branches (a few at once); the first failure,
 /// in that order, is the error. Runs inside a monoio runtime.
 pub async fn check(
     common: Arc<Common>,
-    queries: Option<(Vec<String>, Protocol)>,
+    queries: Option<(Vec<Statement>, Protocol)>,
 ) -> Result<(), ProbeError> {
     // Inside the runtime: Local starts a timer on it.
     let local =
@@ -118,13 +118,15 @@ async fn check_one(
         conn.terminate().await;
         return Ok(());
     };
-    for (k, sql) in queries.iter().enumerate() {
+    for (k, statement) in queries.iter().enumerate() {
+        let (sql, params) = (&statement.sql, &statement.params);
         let mut request = match protocol {
             Protocol::Simple => Request::simple(sql),
-            Protocol::Extended => {
+            Protocol::Extended => Request::extended(sql, params),
+            Protocol::Prepared => {
                 let name = format!("probe{k}");
                 conn.prepare(&name, sql).await.map_err(unreachable)?;
-                Request::prepared(&name)
+                Request::prepared(&name, params)
             }
         };
         let outcome = monoio::time::timeout(common.timeout, conn.run(&mut request))
@@ -135,7 +137,7 @@ async fn check_one(
             return Err(ProbeError::QueryFailed {
                 target: target.name.clone(),
                 branch: branch.clone(),
-                query: sql.clone(),
+                query: sql.to_owned(),
                 message,
             });
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cli::{Cli, ConnectArgs, IdleArgs, ModeArgs, QueryArgs};
-use crate::client::query::Protocol;
+use crate::client::query::{Protocol, Statement};
 use crate::modes::connect::{self, ConnectSettings, Limit, Pace};
 use crate::modes::idle::{self, IdleError, IdleSettings};
 use crate::modes::query::{self, QueryPace, QuerySettings};
@@ -185,7 +185,7 @@ fn run_connect(args: ConnectArgs) -> Result<(Arc<Common>, Report), Error> {
 
 fn run_query(args: QueryArgs) -> Result<(Arc<Common>, Report), Error> {
     let common = Arc::new(Common::from_args(args.common)?);
-    let queries = load_queries(args.query_file.as_deref())?;
+    let queries = load_queries(args.query_file.as_deref(), args.protocol)?;
     let pace = match args.rate {
         Some(rate) => QueryPace::Rate(rate),
         None => QueryPace::Closed,
@@ -316,7 +316,7 @@ fn secs(d: Duration) -> String {
 fn prepare(
     common: &Arc<Common>,
     connections: usize,
-    queries: Option<(&[String], Protocol)>,
+    queries: Option<(&[Statement], Protocol)>,
 ) -> Result<(), Error> {
     let wanted = connections as u64 + sys::SPARE_DESCRIPTORS;
     match sys::raise_nofile(wanted) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::cli::{CommonArgs, PidSpec};
+use crate::client::query::{Protocol, Statement, MAX_PARAMS};
 use crate::client::Stage;
 use crate::dist::BranchPicker;
 use crate::source::{self, Spread};
@@ -46,6 +47,26 @@ pub enum UsageError {
     /// The query file has no statement.
     #[error("query file {0} has no statements")]
     EmptyQueryFile(String),
+    /// A query-file line has parameter values (after a tab) but the simple protocol has no
+    /// way to send them.
+    #[error(
+        "query file {path}, line {line}: parameter values (after a tab) need \
+         --protocol extended or prepared"
+    )]
+    ParamsNeedExtended {
+        /// The file.
+        path: String,
+        /// The line, from 1.
+        line: usize,
+    },
+    /// A query-file line has more parameter values than the protocol can count.
+    #[error("query file {path}, line {line}: more than {MAX_PARAMS} parameter values")]
+    TooManyParams {
+        /// The file.
+        path: String,
+        /// The line, from 1.
+        line: usize,
+    },
     /// `--pid NAME=...` names no target.
     #[error("--pid/--pid-file names unknown target '{0}'")]
     UnknownPidTarget(String),
@@ -215,22 +236,40 @@ impl PlotFile {
 
 /// The statements of `--query-file` (one per line; blank lines and `--` comments skipped), or
 /// the default query.
-pub fn load_queries(path: Option<&Path>) -> Result<Vec<String>, UsageError> {
+pub fn load_queries(path: Option<&Path>, protocol: Protocol) -> Result<Vec<Statement>, UsageError> {
     let Some(path) = path else {
-        return Ok(vec![DEFAULT_QUERY.to_owned()]);
+        return Ok(vec![Statement::plain(DEFAULT_QUERY)]);
     };
+    let shown = || path.display().to_string();
     let text = fs::read_to_string(path).map_err(|source| UsageError::QueryFile {
-        path: path.display().to_string(),
+        path: shown(),
         source,
     })?;
-    let queries: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with("--"))
-        .map(str::to_owned)
-        .collect();
+    let mut queries = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        // Only the start is trimmed: a tab at the end is an empty last parameter value.
+        let line = line.trim_start();
+        if line.trim_end().is_empty() || line.starts_with("--") {
+            continue;
+        }
+        let statement = Statement::from_line(line);
+        let line = n + 1;
+        if statement.params.len() > MAX_PARAMS {
+            return Err(UsageError::TooManyParams {
+                path: shown(),
+                line,
+            });
+        }
+        if !statement.params.is_empty() && protocol == Protocol::Simple {
+            return Err(UsageError::ParamsNeedExtended {
+                path: shown(),
+                line,
+            });
+        }
+        queries.push(statement);
+    }
     if queries.is_empty() {
-        return Err(UsageError::EmptyQueryFile(path.display().to_string()));
+        return Err(UsageError::EmptyQueryFile(shown()));
     }
     Ok(queries)
 }
@@ -401,22 +440,49 @@ mod tests {
 
     #[test]
     fn query_files() {
-        assert_eq!(load_queries(None).expect("default"), [DEFAULT_QUERY]);
+        let simple = Protocol::Simple;
+        assert_eq!(
+            load_queries(None, simple).expect("default"),
+            [Statement::plain(DEFAULT_QUERY)]
+        );
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("q.sql");
         fs::write(&path, "SELECT 1\n\n-- comment\n  SELECT 2  \n").expect("write");
         assert_eq!(
-            load_queries(Some(&path)).expect("read"),
-            ["SELECT 1", "SELECT 2"]
+            load_queries(Some(&path), simple).expect("read"),
+            [Statement::plain("SELECT 1"), Statement::plain("SELECT 2")]
         );
         fs::write(&path, "\n-- nothing\n").expect("write");
         assert!(matches!(
-            load_queries(Some(&path)),
+            load_queries(Some(&path), simple),
             Err(UsageError::EmptyQueryFile(_))
         ));
         assert!(matches!(
-            load_queries(Some(&dir.path().join("missing"))),
+            load_queries(Some(&dir.path().join("missing")), simple),
             Err(UsageError::QueryFile { .. })
+        ));
+    }
+
+    #[test]
+    fn query_file_parameters() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("q.sql");
+        fs::write(&path, "SELECT 1\nSELECT $1, $2\t4\t\n").expect("write");
+        for protocol in [Protocol::Extended, Protocol::Prepared] {
+            let got = load_queries(Some(&path), protocol).expect("read");
+            assert_eq!(got[1].sql, "SELECT $1, $2");
+            assert_eq!(got[1].params, ["4", ""]);
+        }
+        let error = load_queries(Some(&path), Protocol::Simple).expect_err("simple");
+        assert!(
+            matches!(error, UsageError::ParamsNeedExtended { line: 2, .. }),
+            "{error}"
+        );
+        let many = format!("SELECT 1{}\n", "\t1".repeat(MAX_PARAMS + 1));
+        fs::write(&path, many).expect("write");
+        assert!(matches!(
+            load_queries(Some(&path), Protocol::Prepared),
+            Err(UsageError::TooManyParams { line: 1, .. })
         ));
     }
 

@@ -254,6 +254,51 @@ fn every_mode_reports_json() {
         assert!(result.get("phases").is_none());
     }
 
+    // Prepared: one parameterised statement (one Parse per connection), values bound per query.
+    let queries = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(
+        queries.path(),
+        "SELECT $1::int + 1\t1\nSELECT $1::int + 1\t2\nSELECT 3\n",
+    )
+    .expect("write queries");
+    let query_file = queries.path().to_str().expect("UTF-8 path");
+    let mut args = vec![
+        "query",
+        "--closed",
+        "--connections",
+        "2",
+        "--protocol",
+        "prepared",
+        "--query-file",
+        query_file,
+        "--duration",
+        "300ms",
+        "--warmup",
+        "0s",
+    ];
+    args.extend_from_slice(&common);
+    let report = json(&args);
+    assert_eq!(report["settings"]["protocol"], "prepared");
+    assert_eq!(report["settings"]["queries"], 3);
+    for result in report["results"].as_array().expect("results") {
+        assert!(result["count"].as_u64().is_some_and(|c| c > 10), "{result}");
+        assert_eq!(result["errors"], 0);
+    }
+    // Parameters need the extended or prepared protocol.
+    let (code, line) = failure(&[
+        "query",
+        "--closed",
+        "--query-file",
+        query_file,
+        "--target",
+        &plain,
+    ]);
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.contains("line 1") && line.contains("prepared"),
+        "{line}"
+    );
+
     let mut args = vec![
         "query",
         "--rate",

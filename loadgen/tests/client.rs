@@ -34,7 +34,8 @@ async fn open(
     connect(options, cache).await
 }
 
-/// SELECT 1 by the simple and by the extended protocol, then an error the connection survives.
+/// SELECT 1 by the simple, extended and prepared protocols (with and without parameters),
+/// then an error the connection survives.
 async fn queries_work(conn: &mut Conn) {
     let mut simple = Request::simple("SELECT 1");
     assert_eq!(
@@ -42,13 +43,34 @@ async fn queries_work(conn: &mut Conn) {
         Outcome::Done { rows: 1 }
     );
     conn.prepare("s1", "SELECT 1").await.expect("prepare");
-    let mut prepared = Request::prepared("s1");
+    let mut prepared = Request::prepared("s1", &[]);
     for _ in 0..3 {
         assert_eq!(
             conn.run(&mut prepared).await.expect("execute"),
             Outcome::Done { rows: 1 }
         );
     }
+    let mut extended =
+        Request::extended("SELECT g FROM generate_series(1, $1::int) g", &["3".into()]);
+    for _ in 0..2 {
+        assert_eq!(
+            conn.run(&mut extended).await.expect("extended"),
+            Outcome::Done { rows: 3 }
+        );
+    }
+    conn.prepare("s3", "SELECT $1::int / $2::int")
+        .await
+        .expect("prepare with parameters");
+    let mut divide = Request::prepared("s3", &["6".into(), "3".into()]);
+    assert_eq!(
+        conn.run(&mut divide).await.expect("bind parameters"),
+        Outcome::Done { rows: 1 }
+    );
+    let mut by_zero = Request::prepared("s3", &["6".into(), "0".into()]);
+    assert_eq!(
+        conn.run(&mut by_zero).await.expect("error reply"),
+        Outcome::Failed("22012: division by zero".into())
+    );
     let mut bad = Request::simple("SELECT 1/0");
     assert_eq!(
         conn.run(&mut bad).await.expect("error reply"),

@@ -4,7 +4,7 @@
 //! - [`tls`]: rustls client configuration and TLS over owned-buffer I/O.
 //! - [`startup`]: SSLRequest or direct SSL, StartupMessage, SCRAM-SHA-256, up to ReadyForQuery,
 //!   with the time of each phase.
-//! - [`query`]: simple and extended (prepared) queries.
+//! - [`query`]: simple, extended and prepared queries.
 //! - [`stage`]: connections held part of the way through setup (before authentication).
 //!
 //! Frames are read into one reused buffer per connection. Results are not kept: rows and other

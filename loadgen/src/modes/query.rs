@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{millis, progress_line, Local, MeasureError, Measured};
-use crate::client::query::{Outcome, Protocol, Request};
+use crate::client::query::{distinct_sql, Outcome, Protocol, Request, Statement};
 use crate::client::{ClientError, Conn};
 use crate::plan::{latency, Pacer, Plan, Step};
 use crate::progress::Progress;
@@ -46,10 +46,10 @@ pub struct QuerySettings {
     pub connections: usize,
     /// Open or closed loop.
     pub pace: QueryPace,
-    /// Simple or extended protocol.
+    /// Simple, extended or prepared.
     pub protocol: Protocol,
     /// Statements, used round robin by each connection.
-    pub queries: Vec<String>,
+    pub queries: Vec<Statement>,
     /// Measured time per target.
     pub duration: Duration,
     /// Unrecorded time per target first.
@@ -71,7 +71,7 @@ struct Shared {
     base: Instant,
 }
 
-/// The prepared statement name of query `k`.
+/// The prepared statement name of the `k`th distinct SQL text.
 fn statement_name(k: usize) -> String {
     format!("lg{k}")
 }
@@ -189,12 +189,14 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<Vec<Target
     Ok(Local::finish(local))
 }
 
-/// Opens one connection and prepares the statements (extended protocol).
+/// Opens one connection and prepares the statements (prepared protocol: each distinct SQL
+/// text once).
 async fn open(shared: &Shared, local: &Local, target: usize) -> Option<Conn> {
     let result = async {
         let (mut conn, _) = local.connect(target).await?;
-        if shared.settings.protocol == Protocol::Extended {
-            for (k, sql) in shared.settings.queries.iter().enumerate() {
+        if shared.settings.protocol == Protocol::Prepared {
+            let (texts, _) = distinct_sql(&shared.settings.queries);
+            for (k, sql) in texts.into_iter().enumerate() {
                 let name = statement_name(k);
                 let prepare = conn.prepare(&name, sql);
                 monoio::time::timeout(shared.common.timeout, prepare)
@@ -227,15 +229,21 @@ async fn drive(
     mut conn: Conn,
 ) {
     let settings = &shared.settings;
+    let queries = &settings.queries;
     let mut requests: Vec<Request> = match settings.protocol {
-        Protocol::Simple => settings
-            .queries
+        Protocol::Simple => queries.iter().map(|q| Request::simple(&q.sql)).collect(),
+        Protocol::Extended => queries
             .iter()
-            .map(|q| Request::simple(q))
+            .map(|q| Request::extended(&q.sql, &q.params))
             .collect(),
-        Protocol::Extended => (0..settings.queries.len())
-            .map(|k| Request::prepared(&statement_name(k)))
-            .collect(),
+        Protocol::Prepared => {
+            let (_, text_of) = distinct_sql(queries);
+            queries
+                .iter()
+                .zip(text_of)
+                .map(|(q, k)| Request::prepared(&statement_name(k), &q.params))
+                .collect()
+        }
     };
     let mut next = ordinal % requests.len();
     let open = shared.opened[target].load(Ordering::Relaxed).max(1) as f64;
