@@ -326,6 +326,24 @@ async fn serve(worker: &Rc<Worker>, client: &mut Client) -> End {
         if client.plain.data().first() == Some(&fe::TERMINATE) {
             return End::ClientClosed;
         }
+        // Messages the router answers itself need no backend (a driver closing a statement
+        // between transactions: Close, Sync).
+        let mut answer = Vec::new();
+        let max_prepared = settings.max_prepared_statements as usize;
+        let answered = prepared::answer_idle(
+            &mut client.plain,
+            &mut client.statements,
+            max_prepared,
+            &mut answer,
+        );
+        if !answer.is_empty() {
+            if let Err(end) = send_plain(worker, client, &answer).await {
+                return end;
+            }
+        }
+        if answered {
+            continue;
+        }
         // A transaction begins: a backend for it.
         let pool = client.pool.clone();
         let catalog = worker.shared.catalog.load_full();
@@ -807,10 +825,7 @@ fn client_messages(
             transient: &mut *transient,
             out: &mut *out,
         };
-        let pass_rest = if translator.tx.client_skipping() && tag != fe::SYNC {
-            // After an error the router raised: dropped until the client's Sync.
-            false
-        } else {
+        let pass_rest = {
             match tag {
                 fe::TERMINATE => {
                     plain.consume(len);

@@ -19,7 +19,9 @@ use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 
-use crate::protocol::frame::HEADER_BYTES;
+use crate::buf::ReadBuf;
+use crate::protocol::backend as be;
+use crate::protocol::frame::{self, HEADER_BYTES};
 use crate::protocol::frontend as fe;
 use crate::protocol::reader::Reader;
 use crate::protocol::sqlstate::SqlState;
@@ -217,9 +219,22 @@ fn error(code: SqlState, message: &str) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
+/// What the router has a backend run in place of a message it refuses: it fails at once
+/// (a syntax error), creates nothing, and puts the backend in the state PostgreSQL would be in
+/// after the refusal (an aborted transaction block, the skip to the next Sync).
+pub const REFUSAL_SQL: &str = "branchgate refused the statement";
+/// The name the refusing Parse is sent under (never created: the Parse fails).
+const REFUSAL_NAME: &str = "bg_refused";
+
 impl Translator<'_> {
     fn enabled(&self) -> bool {
         self.max > 0
+    }
+
+    /// Answers the client's extended-protocol message with `error`, as PostgreSQL would have.
+    fn refuse(&mut self, error: Box<[u8]>) {
+        write::parse(self.out, REFUSAL_NAME, REFUSAL_SQL);
+        self.tx.refuse(error, false);
     }
 
     /// Gives the backend `statement` if it does not have it (a Parse of the router's own,
@@ -238,9 +253,6 @@ impl Translator<'_> {
 
     /// A whole Parse message.
     pub fn parse(&mut self, message: &[u8]) -> Result<(), Malformed> {
-        if self.tx.client_skipping() {
-            return Ok(());
-        }
         let mut r = Reader::new(&message[HEADER_BYTES..]);
         let name = r.cstr_utf8().map_err(|_| Malformed("Parse"))?;
         let after_name = r.rest();
@@ -256,7 +268,7 @@ impl Translator<'_> {
             return Ok(());
         }
         if self.client.named.contains_key(name) {
-            self.tx.synthesize_error(error(
+            self.refuse(error(
                 SqlState::DUPLICATE_PREPARED_STATEMENT,
                 &format!("prepared statement \"{name}\" already exists"),
             ));
@@ -297,7 +309,7 @@ impl Translator<'_> {
             self.tx.client_parse(None);
             return true;
         }
-        self.tx.synthesize_error(error(
+        self.refuse(error(
             SqlState::PROGRAM_LIMIT_EXCEEDED,
             "a named prepared statement is too long for the pooled port: its Parse message must \
              fit in 20 KiB (use the direct port, or an unnamed statement)",
@@ -324,7 +336,7 @@ impl Translator<'_> {
                 Some(statement)
             }
             None => {
-                self.tx.synthesize_error(error(
+                self.refuse(error(
                     SqlState::INVALID_SQL_STATEMENT_NAME,
                     &format!("prepared statement \"{name}\" does not exist"),
                 ));
@@ -337,9 +349,6 @@ impl Translator<'_> {
     /// rest of `piece` follows unchanged. Returns false if the Bind was answered by the
     /// router (unknown statement): the rest of the message must be dropped.
     pub fn bind(&mut self, piece: &[u8], total_len: usize) -> Result<bool, Malformed> {
-        if self.tx.client_skipping() {
-            return Ok(false);
-        }
         let mut r = Reader::new(&piece[HEADER_BYTES..]);
         let portal = r.cstr().map_err(|_| Malformed("Bind"))?;
         let name = r.cstr_utf8().map_err(|_| Malformed("Bind"))?;
@@ -373,9 +382,6 @@ impl Translator<'_> {
 
     /// A whole Describe message.
     pub fn describe(&mut self, message: &[u8]) -> Result<(), Malformed> {
-        if self.tx.client_skipping() {
-            return Ok(());
-        }
         let mut r = Reader::new(&message[HEADER_BYTES..]);
         let kind = r.u8().map_err(|_| Malformed("Describe"))?;
         let name = r.cstr_utf8().map_err(|_| Malformed("Describe"))?;
@@ -399,9 +405,6 @@ impl Translator<'_> {
 
     /// A whole Close message.
     pub fn close(&mut self, message: &[u8]) -> Result<(), Malformed> {
-        if self.tx.client_skipping() {
-            return Ok(());
-        }
         let mut r = Reader::new(&message[HEADER_BYTES..]);
         let kind = r.u8().map_err(|_| Malformed("Close"))?;
         let name = r.cstr_utf8().map_err(|_| Malformed("Close"))?;
@@ -436,11 +439,15 @@ impl Translator<'_> {
                 return false;
             }
             QueryKind::Prepare => {
-                self.tx.synthesize_error_ready(error(
-                    SqlState::FEATURE_NOT_SUPPORTED,
-                    "SQL-level PREPARE is not supported on the pooled port: use protocol-level \
-                     prepared statements (your driver's), or the direct port",
-                ));
+                write::query(self.out, REFUSAL_SQL);
+                self.tx.refuse(
+                    error(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        "SQL-level PREPARE is not supported on the pooled port: use \
+                         protocol-level prepared statements (your driver's), or the direct port",
+                    ),
+                    true,
+                );
                 return false;
             }
             _ => {}
@@ -448,6 +455,57 @@ impl Translator<'_> {
         self.out.extend_from_slice(piece);
         self.tx.client(fe::QUERY, 0);
         true
+    }
+}
+
+/// Answers, for a client that holds no backend (so is outside any transaction), the messages
+/// at the front of `plain` that need none: statement Closes and Flushes up to a Sync, answered
+/// with CloseComplete and ReadyForQuery `I` in `out`, as a server would. Stops at the first
+/// other message, leaving it and the rest where they are; true if nothing is left.
+pub fn answer_idle(
+    plain: &mut ReadBuf,
+    statements: &mut ClientStatements,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> bool {
+    if max == 0 {
+        return plain.is_empty();
+    }
+    loop {
+        // A batch is answered only once its Sync is here: until then nothing is consumed.
+        let mut at = 0;
+        let mut closes = Vec::new();
+        let synced = loop {
+            let Ok(Some(header)) = frame::check(&plain.data()[at..], plain.capacity()) else {
+                break false;
+            };
+            let body = &plain.data()[at + HEADER_BYTES..at + header.len];
+            match header.tag {
+                fe::FLUSH => {}
+                fe::SYNC => {
+                    at += header.len;
+                    break true;
+                }
+                fe::CLOSE if body.first() == Some(&b'S') && body.len() > 2 => {
+                    let mut r = Reader::new(&body[1..]);
+                    match r.cstr_utf8() {
+                        Ok(name) if r.is_empty() => closes.push(Box::<str>::from(name)),
+                        _ => break false,
+                    }
+                }
+                _ => break false,
+            }
+            at += header.len;
+        };
+        if !synced {
+            return plain.is_empty();
+        }
+        for name in closes {
+            statements.remove(&name);
+            out.extend_from_slice(&[be::CLOSE_COMPLETE, 0, 0, 0, 4]);
+        }
+        out.extend_from_slice(&[be::READY_FOR_QUERY, 0, 0, 0, 5, b'I']);
+        plain.consume(at);
     }
 }
 
@@ -505,7 +563,6 @@ fn unquote(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::backend as be;
 
     fn parse_message(name: &str, sql: &str) -> Vec<u8> {
         let mut m = Vec::new();
@@ -675,37 +732,37 @@ mod tests {
         f.sync();
         f.reply(b"1Z");
         f.out.clear();
-        // Re-Parse of a name in use: 42P05, then everything to the Sync is ignored.
+        // Re-Parse of a name in use: a Parse that fails goes in its place, and the client
+        // gets 42P05 in place of its error; the backend skips to the Sync.
         f.t()
             .parse(&parse_message("s1", "select 2"))
             .expect("well-formed");
+        assert_eq!(messages(&f.out), [('P', REFUSAL_NAME.to_owned())]);
         f.t()
             .bind(&bind_message("", "s1"), bind_message("", "s1").len())
             .expect("well-formed");
+        f.tx.client(fe::EXECUTE, 0);
+        f.sync();
+        let mut to_client = Vec::new();
         assert_eq!(
-            f.tx.client(fe::EXECUTE, 0),
-            super::super::transaction::Send::Discard
+            f.tx.backend(be::ERROR_RESPONSE, b""),
+            Ok(super::super::transaction::Reply::Swallow)
         );
-        f.sync();
-        assert!(
-            f.out.is_empty(),
-            "nothing reaches the backend: {:?}",
-            messages(&f.out)
-        );
-        let mut synthesized = Vec::new();
-        f.tx.take_synthesized(&mut synthesized);
-        assert!(String::from_utf8_lossy(&synthesized).contains("42P05"));
-        f.reply(b"Z");
-        // Bind of an unknown name: 26000.
+        f.tx.take_synthesized(&mut to_client);
+        assert!(String::from_utf8_lossy(&to_client).contains("42P05"));
+        assert_eq!(f.reply(b"Z"), b"Z");
+        assert_eq!(f.client.len(), 1, "the first statement keeps its name");
+        // Bind of an unknown name: 26000 in place of the refusal's error.
         f.out.clear();
-        assert!(!f
-            .t()
+        f.t()
             .bind(&bind_message("", "nope"), bind_message("", "nope").len())
-            .expect("well-formed"));
-        let mut synthesized = Vec::new();
-        f.tx.take_synthesized(&mut synthesized);
-        assert!(String::from_utf8_lossy(&synthesized).contains("26000"));
+            .expect("well-formed");
+        assert_eq!(messages(&f.out), [('P', REFUSAL_NAME.to_owned())]);
         f.sync();
+        f.tx.backend(be::ERROR_RESPONSE, b"").expect("in turn");
+        let mut to_client = Vec::new();
+        f.tx.take_synthesized(&mut to_client);
+        assert!(String::from_utf8_lossy(&to_client).contains("26000"));
         f.reply(b"Z");
         // Close of an unknown name: CloseComplete, nothing sent.
         f.out.clear();
@@ -783,6 +840,42 @@ mod tests {
             "parsed again on this backend"
         );
         assert_eq!(f.reply(b"12Z"), b"2Z");
+    }
+
+    #[test]
+    fn closes_between_transactions_are_answered_without_a_backend() {
+        let mut statements = ClientStatements::new("app", None);
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("s1", "select 1"))
+            .expect("well-formed");
+        statements.named = std::mem::take(&mut f.client.named);
+        let mut plain = ReadBuf::new(256);
+        let mut bytes = message(b'C', b"Ss1\0");
+        bytes.extend_from_slice(&message(b'H', b""));
+        bytes.extend_from_slice(&message(b'S', b""));
+        bytes.extend_from_slice(&message(b'C', b"Sother\0"));
+        plain.spare_mut()[..bytes.len()].copy_from_slice(&bytes);
+        plain.commit(bytes.len());
+        let mut out = Vec::new();
+        assert!(
+            !answer_idle(&mut plain, &mut statements, 10, &mut out),
+            "a Close without its Sync stays"
+        );
+        assert_eq!(out, [b'3', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
+        assert!(statements.is_empty());
+        assert_eq!(plain.data(), message(b'C', b"Sother\0"));
+        // A batch with anything else goes to a backend, whole.
+        let mut plain = ReadBuf::new(256);
+        let mut bytes = message(b'C', b"Ss1\0");
+        bytes.extend_from_slice(&bind_message("", "s1"));
+        bytes.extend_from_slice(&message(b'S', b""));
+        plain.spare_mut()[..bytes.len()].copy_from_slice(&bytes);
+        plain.commit(bytes.len());
+        out.clear();
+        assert!(!answer_idle(&mut plain, &mut statements, 10, &mut out));
+        assert!(out.is_empty());
+        assert_eq!(plain.len(), bytes.len());
     }
 
     #[test]

@@ -14,13 +14,16 @@
 //! - replies the router gives itself ([`Synthesized`]), sent to the client when they reach the
 //!   head of the queue, so the client sees every reply in the order of its messages: the
 //!   ParseComplete of a statement the backend already has, the CloseComplete of a statement
-//!   Close (statements stay prepared on backends), and errors PostgreSQL would have raised
-//!   (42P05, 26000) for names only the router knows.
+//!   Close (statements stay prepared on backends), the answer to a `DEALLOCATE` of a name only
+//!   the router knows;
+//! - errors PostgreSQL would raise for names only the router knows (42P05, 26000): the router
+//!   sends the backend a statement that fails in its place and gives the client its own
+//!   error in place of the backend's, so the backend's state (an aborted transaction, the
+//!   skip to the next Sync) is exactly what PostgreSQL's would be.
 //!
 //! Errors follow PostgreSQL: after an ErrorResponse to an extended-protocol message the
 //! backend ignores everything until the next Sync, so those entries are dropped (they will get
-//! no reply); after an error the router raised itself, the router ignores the client's
-//! messages until its Sync in the same way.
+//! no reply).
 //!
 //! Pure: fed message types (and the few bytes of a body it needs), it never touches a socket,
 //! so it is tested on byte fixtures.
@@ -60,13 +63,9 @@ pub enum Synthesized {
     ParseComplete,
     /// CloseComplete.
     CloseComplete,
-    /// A whole ErrorResponse message, as PostgreSQL would have sent it.
-    Error(Box<[u8]>),
     /// A simple query the router answered: CommandComplete with this tag, then
     /// ReadyForQuery.
     Command(&'static str),
-    /// A simple query the router refused: this ErrorResponse, then ReadyForQuery.
-    ErrorReady(Box<[u8]>),
 }
 
 impl Synthesized {
@@ -76,16 +75,11 @@ impl Synthesized {
         match self {
             Synthesized::ParseComplete => out.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]),
             Synthesized::CloseComplete => out.extend_from_slice(&[be::CLOSE_COMPLETE, 0, 0, 0, 4]),
-            Synthesized::Error(message) => out.extend_from_slice(message),
             Synthesized::Command(tag) => {
                 out.push(be::COMMAND_COMPLETE);
                 out.extend_from_slice(&(4 + tag.len() as u32 + 1).to_be_bytes());
                 out.extend_from_slice(tag.as_bytes());
                 out.push(0);
-                out.extend_from_slice(&[be::READY_FOR_QUERY, 0, 0, 0, 5, status]);
-            }
-            Synthesized::ErrorReady(message) => {
-                out.extend_from_slice(message);
                 out.extend_from_slice(&[be::READY_FOR_QUERY, 0, 0, 0, 5, status]);
             }
         }
@@ -142,6 +136,10 @@ enum Awaiting {
     Query { swallow: bool },
     /// The router's own reply (for a Parse it answered, the statement).
     Synthesized(Synthesized, Option<Rc<Statement>>),
+    /// A statement the router sent to fail in place of the client's message: the client gets
+    /// `error` in place of the backend's. `simple`: a simple query (its ReadyForQuery
+    /// follows).
+    Refused { error: Box<[u8]>, simple: bool },
 }
 
 /// COPY in progress.
@@ -176,10 +174,10 @@ pub struct Transaction {
     /// The backend reported an error to an extended-protocol message and is ignoring
     /// messages until the client's next Sync: they get no entries.
     backend_skipping: bool,
-    /// The router raised an error itself: the client's messages until its Sync are dropped.
-    client_skipping: bool,
     /// Parses that did not happen, to take back.
     undo: Vec<Undo>,
+    /// The router's error for the client, in place of the backend's just received.
+    substitute: Vec<u8>,
 }
 
 impl Default for Transaction {
@@ -190,7 +188,7 @@ impl Default for Transaction {
             copy: Copy::None,
             unsynced: false,
             backend_skipping: false,
-            client_skipping: false,
+            substitute: Vec::new(),
             undo: Vec::new(),
         }
     }
@@ -215,20 +213,9 @@ impl Transaction {
         self.status
     }
 
-    /// True while the client's messages are being dropped (until its Sync).
-    pub fn client_skipping(&self) -> bool {
-        self.client_skipping
-    }
-
     /// The client sent a message of type `tag` (for Describe and Close, `kind` is the first
     /// body byte, `S` or `P`). Says whether it goes to the backend.
     pub fn client(&mut self, tag: u8, kind: u8) -> Send {
-        if self.client_skipping {
-            if tag != fe::SYNC {
-                return Send::Discard;
-            }
-            self.client_skipping = false;
-        }
         let awaiting = match tag {
             fe::QUERY | fe::FUNCTION_CALL => Some(Awaiting::Query { swallow: false }),
             fe::PARSE => Some(Awaiting::Parse {
@@ -294,9 +281,14 @@ impl Transaction {
         self.push(Awaiting::Synthesized(Synthesized::Command(tag), None));
     }
 
-    /// The router refuses the client's simple query with `error` (a whole ErrorResponse).
-    pub fn synthesize_error_ready(&mut self, error: Box<[u8]>) {
-        self.push(Awaiting::Synthesized(Synthesized::ErrorReady(error), None));
+    /// The router sent the backend a statement that fails (the [`REFUSAL`] Parse, or Query
+    /// when `simple`) in place of the client's message: the client gets `error` (a whole
+    /// ErrorResponse) in place of the backend's.
+    pub fn refuse(&mut self, error: Box<[u8]>, simple: bool) {
+        if !simple {
+            self.unsynced = true;
+        }
+        self.push(Awaiting::Refused { error, simple });
     }
 
     /// Parses to take back, found since the last call.
@@ -319,14 +311,6 @@ impl Transaction {
     /// The router answers the client's last message itself, in turn.
     pub fn synthesize(&mut self, reply: Synthesized) {
         self.push(Awaiting::Synthesized(reply, None));
-    }
-
-    /// The router answers the client's last message with `error` (a whole ErrorResponse), in
-    /// turn, and then ignores the client's messages until its Sync, as PostgreSQL does after
-    /// an error in the extended protocol.
-    pub fn synthesize_error(&mut self, error: Box<[u8]>) {
-        self.push(Awaiting::Synthesized(Synthesized::Error(error), None));
-        self.client_skipping = true;
     }
 
     fn push(&mut self, awaiting: Awaiting) {
@@ -370,6 +354,7 @@ impl Transaction {
 
     /// Appends to `out` the router's own replies that have reached the head of the queue.
     pub fn take_synthesized(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.substitute);
         while let Some(Awaiting::Synthesized(reply, _)) = self.queue.front() {
             reply.write(out, self.status);
             self.queue.pop_front();
@@ -401,6 +386,19 @@ impl Transaction {
             }
             be::ERROR_RESPONSE => {
                 self.copy = Copy::None;
+                if let Some(Awaiting::Refused { simple, .. }) = head {
+                    let simple = *simple;
+                    if let Some(Awaiting::Refused { error, .. }) = self.queue.pop_front() {
+                        self.substitute.extend_from_slice(&error);
+                    }
+                    if simple {
+                        // Its ReadyForQuery follows.
+                        self.queue.push_front(Awaiting::Query { swallow: false });
+                    } else {
+                        self.skip_to_sync();
+                    }
+                    return Ok(Reply::Swallow);
+                }
                 match head {
                     // A simple query's error: its ReadyForQuery follows.
                     Some(Awaiting::Query { swallow }) => {
@@ -415,12 +413,7 @@ impl Transaction {
                     Some(Awaiting::Sync) => Reply::Forward,
                     // An extended-protocol error: the backend skips to the next Sync.
                     Some(_) => {
-                        while !matches!(self.queue.front(), None | Some(Awaiting::Sync)) {
-                            if let Some(dropped) = self.queue.pop_front() {
-                                self.dropped(dropped);
-                            }
-                        }
-                        self.backend_skipping = self.queue.is_empty();
+                        self.skip_to_sync();
                         Reply::Forward
                     }
                     // Not an answer to anything (a FATAL before the backend goes away).
@@ -513,6 +506,16 @@ impl Transaction {
             _ => return Err(out_of_turn),
         };
         Ok(reply)
+    }
+
+    /// After an extended-protocol error: the backend skips to the next Sync.
+    fn skip_to_sync(&mut self) {
+        while !matches!(self.queue.front(), None | Some(Awaiting::Sync)) {
+            if let Some(dropped) = self.queue.pop_front() {
+                self.dropped(dropped);
+            }
+        }
+        self.backend_skipping = self.queue.is_empty();
     }
 
     /// True while the backend owes replies (or a COPY is under way).
@@ -782,18 +785,34 @@ mod tests {
     }
 
     #[test]
-    fn a_synthesized_error_skips_the_clients_messages_to_its_sync() {
+    fn a_refusal_replaces_the_backends_error_and_skips_to_the_sync() {
         let mut tx = Transaction::default();
-        tx.synthesize_error(b"E-fixture".to_vec().into_boxed_slice());
-        assert_eq!(
-            client(&mut tx, &["B", "E", "H"]),
-            [Send::Discard, Send::Discard, Send::Discard]
-        );
-        assert_eq!(client(&mut tx, &["S"]), [Send::Forward]);
+        client(&mut tx, &["B"]);
+        tx.refuse(b"E-fixture".to_vec().into_boxed_slice(), false);
+        // Sent on, ignored by the backend after the error.
+        client(&mut tx, &["B", "E", "S"]);
+        assert_eq!(backend(&mut tx, b'2'), Reply::Forward);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Swallow);
         let mut out = Vec::new();
         tx.take_synthesized(&mut out);
         assert_eq!(out, b"E-fixture");
-        ready(&mut tx, b'I');
+        assert_eq!(
+            tx.backend(b'Z', b"E"),
+            Ok(Reply::Forward),
+            "in a transaction block"
+        );
+        assert_eq!(tx.status(), b'E');
+    }
+
+    #[test]
+    fn a_refused_simple_query_gets_the_backends_ready_for_query() {
+        let mut tx = Transaction::default();
+        tx.refuse(b"E-fixture".to_vec().into_boxed_slice(), true);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Swallow);
+        let mut out = Vec::new();
+        tx.take_synthesized(&mut out);
+        assert_eq!(out, b"E-fixture");
+        assert_eq!(ready(&mut tx, b'I'), Reply::Forward);
         assert!(tx.releasable());
     }
 
