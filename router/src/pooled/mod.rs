@@ -333,6 +333,7 @@ async fn serve(worker: &Rc<Worker>, client: &mut Client) -> End {
         let answered = prepared::answer_idle(
             &mut client.plain,
             &mut client.statements,
+            &client.pool.known_good,
             max_prepared,
             &mut answer,
         );
@@ -511,6 +512,7 @@ async fn transaction(
     });
     let settings = client.pool.settings();
     let max_prepared = settings.max_prepared_statements as usize;
+    let pool = client.pool.clone();
     let owed_waker: Cell<Option<std::task::Waker>> = Cell::new(None);
     // A record is on its way to the client: the transaction cannot stop there.
     let writing = Cell::new(false);
@@ -653,6 +655,9 @@ async fn transaction(
                             &mut backend_params.borrow_mut(),
                             &mut to_client,
                         );
+                        for statement in state.tx.take_accepted() {
+                            pool.known_good.add(&statement);
+                        }
                         for undo in state.tx.take_undo() {
                             undo.apply(
                                 &mut statements.borrow_mut(),
@@ -809,6 +814,7 @@ fn client_messages(
             Some(Piece::Start { tag, len }) => (tag, len, false),
         };
         let message = &data[..len];
+        tracing::trace!(tag = %char::from(tag), len, whole, "client message");
         let total = if whole {
             len
         } else {
@@ -897,6 +903,7 @@ fn backend_messages(
             Some(Piece::Whole { tag, len }) => {
                 let body = &data[5..len];
                 let reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
+                tracing::trace!(tag = %char::from(tag), ?reply, "backend message");
                 if tag == be::PARAMETER_STATUS {
                     if let Ok(status) = ParameterStatus::parse(body) {
                         backend.reported.set(status.name, status.value);

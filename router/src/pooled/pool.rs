@@ -169,6 +169,8 @@ pub struct Pool {
     waiters: RefCell<VecDeque<Rc<Waiter>>>,
     /// What its backends report at startup, once one has connected.
     base: RefCell<Option<Rc<Params>>>,
+    /// Statements its backends have accepted.
+    pub known_good: super::prepared::KnownGood,
 }
 
 impl Pool {
@@ -522,6 +524,7 @@ impl Pools {
             open: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
             base: RefCell::new(None),
+            known_good: Default::default(),
         });
         self.pools.borrow_mut().insert(key.clone(), pool.clone());
         pool

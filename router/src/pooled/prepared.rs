@@ -64,6 +64,18 @@ impl ClientStatements {
         }
     }
 
+    /// The statement a Parse with `after_name` (its body past the name) prepares for this
+    /// client.
+    fn statement(&self, after_name: &[u8]) -> Rc<Statement> {
+        let server_name = server_name(&self.context, after_name);
+        let mut parse = Vec::with_capacity(HEADER_BYTES + server_name.len() + 1 + after_name.len());
+        message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
+        Rc::new(Statement {
+            server_name,
+            parse: parse.into_boxed_slice(),
+        })
+    }
+
     /// Number of named statements.
     pub fn len(&self) -> usize {
         self.named.len()
@@ -274,13 +286,7 @@ impl Translator<'_> {
             ));
             return Ok(());
         }
-        let server_name = server_name(&self.client.context, after_name);
-        let mut parse = Vec::with_capacity(message.len() + server_name.len());
-        message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
-        let statement = Rc::new(Statement {
-            server_name,
-            parse: parse.into_boxed_slice(),
-        });
+        let statement = self.client.statement(after_name);
         self.client.named.insert(name.into(), statement.clone());
         if self.backend.touch(&statement.server_name) {
             self.tx.synthesize_parse_complete(Some(statement.clone()));
@@ -458,13 +464,41 @@ impl Translator<'_> {
     }
 }
 
-/// Answers, for a client that holds no backend (so is outside any transaction), the messages
-/// at the front of `plain` that need none: statement Closes and Flushes up to a Sync, answered
-/// with CloseComplete and ReadyForQuery `I` in `out`, as a server would. Stops at the first
-/// other message, leaving it and the rest where they are; true if nothing is left.
+/// Statements a pool's backends have accepted (their server names): a client's Parse of one
+/// of them between transactions is answered without a backend, since it is known to parse.
+/// Bounded: when full it starts over.
+#[derive(Debug, Default)]
+pub struct KnownGood(std::cell::RefCell<std::collections::HashSet<Box<str>>>);
+
+/// Server names a pool remembers as accepted.
+const MAX_KNOWN_GOOD: usize = 10_000;
+
+impl KnownGood {
+    /// A backend accepted `statement`.
+    pub fn add(&self, statement: &Statement) {
+        let mut set = self.0.borrow_mut();
+        if set.len() >= MAX_KNOWN_GOOD {
+            set.clear();
+        }
+        set.insert(statement.server_name.clone());
+    }
+
+    fn contains(&self, server_name: &str) -> bool {
+        self.0.borrow().contains(server_name)
+    }
+}
+
+/// Answers, for a client that holds no backend (so is outside any transaction), the batches at
+/// the front of `plain` that need none: statement Closes, Flushes, and Parses of statements the
+/// pool's backends have accepted before (`known`), up to a Sync; answered with CloseComplete,
+/// ParseComplete and ReadyForQuery `I` in `out`, as a server would. Stops at a batch with any
+/// other message, leaving it and the rest where they are; true if nothing is left. (Drivers
+/// prepare statements with a Parse and a Sync of their own, some of them blocking: pgbench
+/// waits for it with every other client stopped, so it must not wait for a backend.)
 pub fn answer_idle(
     plain: &mut ReadBuf,
     statements: &mut ClientStatements,
+    known: &KnownGood,
     max: usize,
     out: &mut Vec<u8>,
 ) -> bool {
@@ -475,6 +509,7 @@ pub fn answer_idle(
         // A batch is answered only once its Sync is here: until then nothing is consumed.
         let mut at = 0;
         let mut closes = Vec::new();
+        let mut parses: Vec<(Box<str>, Rc<Statement>)> = Vec::new();
         let synced = loop {
             let Ok(Some(header)) = frame::check(&plain.data()[at..], plain.capacity()) else {
                 break false;
@@ -486,12 +521,28 @@ pub fn answer_idle(
                     at += header.len;
                     break true;
                 }
-                fe::CLOSE if body.first() == Some(&b'S') && body.len() > 2 => {
+                fe::CLOSE if body.first() == Some(&b'S') && body.len() > 2 && parses.is_empty() => {
                     let mut r = Reader::new(&body[1..]);
                     match r.cstr_utf8() {
                         Ok(name) if r.is_empty() => closes.push(Box::<str>::from(name)),
                         _ => break false,
                     }
+                }
+                fe::PARSE => {
+                    let mut r = Reader::new(body);
+                    let Ok(name) = r.cstr_utf8() else {
+                        break false;
+                    };
+                    let taken = statements.named.contains_key(name)
+                        || parses.iter().any(|(n, _)| **n == *name);
+                    if name.is_empty() || taken {
+                        break false;
+                    }
+                    let statement = statements.statement(r.rest());
+                    if !known.contains(&statement.server_name) {
+                        break false;
+                    }
+                    parses.push((name.into(), statement));
                 }
                 _ => break false,
             }
@@ -503,6 +554,10 @@ pub fn answer_idle(
         for name in closes {
             statements.remove(&name);
             out.extend_from_slice(&[be::CLOSE_COMPLETE, 0, 0, 0, 4]);
+        }
+        for (name, statement) in parses {
+            statements.named.insert(name, statement);
+            out.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
         }
         out.extend_from_slice(&[be::READY_FOR_QUERY, 0, 0, 0, 5, b'I']);
         plain.consume(at);
@@ -873,7 +928,13 @@ mod tests {
         plain.spare_mut()[..bytes.len()].copy_from_slice(&bytes);
         plain.commit(bytes.len());
         out.clear();
-        assert!(!answer_idle(&mut plain, &mut statements, 10, &mut out));
+        assert!(!answer_idle(
+            &mut plain,
+            &mut statements,
+            &known,
+            10,
+            &mut out
+        ));
         assert!(out.is_empty());
         assert_eq!(plain.len(), bytes.len());
     }

@@ -178,6 +178,8 @@ pub struct Transaction {
     undo: Vec<Undo>,
     /// The router's error for the client, in place of the backend's just received.
     substitute: Vec<u8>,
+    /// Named statements the backend accepted (ParseComplete), since the last call.
+    accepted: Vec<Rc<Statement>>,
 }
 
 impl Default for Transaction {
@@ -189,6 +191,7 @@ impl Default for Transaction {
             unsynced: false,
             backend_skipping: false,
             substitute: Vec::new(),
+            accepted: Vec::new(),
             undo: Vec::new(),
         }
     }
@@ -289,6 +292,11 @@ impl Transaction {
             self.unsynced = true;
         }
         self.push(Awaiting::Refused { error, simple });
+    }
+
+    /// Named statements the backend accepted since the last call.
+    pub fn take_accepted(&mut self) -> Vec<Rc<Statement>> {
+        std::mem::take(&mut self.accepted)
     }
 
     /// Parses to take back, found since the last call.
@@ -429,8 +437,16 @@ impl Transaction {
                 }
             }
             be::PARSE_COMPLETE => match self.queue.pop_front() {
-                Some(Awaiting::Parse { swallow: false, .. }) => Reply::Forward,
-                Some(Awaiting::Parse { swallow: true, .. }) => Reply::Swallow,
+                Some(Awaiting::Parse { swallow, statement }) => {
+                    if let Some(statement) = statement {
+                        self.accepted.push(statement);
+                    }
+                    if swallow {
+                        Reply::Swallow
+                    } else {
+                        Reply::Forward
+                    }
+                }
                 _ => return Err(out_of_turn),
             },
             be::BIND_COMPLETE => match self.queue.pop_front() {
