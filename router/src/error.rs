@@ -50,6 +50,9 @@ pub enum SessionError {
     /// `limits.max_client_connections` reached.
     #[error("too many client connections")]
     TooManyConnections,
+    /// The branch has `[pool] max_client_connections` pooled clients already.
+    #[error("branch {0:?} has max_client_connections pooled clients")]
+    BranchFull(Box<str>),
     /// No replica of the branch is healthy.
     #[error("no healthy replica for branch {0:?}")]
     NoHealthyReplica(Box<str>),
@@ -154,6 +157,11 @@ impl SessionError {
                 SqlState::TOO_MANY_CONNECTIONS,
                 "sorry, too many clients already".into(),
             ),
+            // PgBouncer's words for its own per-database limit.
+            BranchFull(_) => (
+                SqlState::TOO_MANY_CONNECTIONS,
+                "no more connections allowed (max_client_connections)".into(),
+            ),
             NoHealthyReplica(branch) => (
                 SqlState::CONNECTION_FAILURE,
                 format!("no healthy replica available for branch \"{branch}\"").into(),
@@ -237,6 +245,7 @@ mod tests {
             (SessionError::InvalidSaslMechanism, "08P01"),
             (SessionError::ExpectedSaslResponse(b'X'), "08P01"),
             (SessionError::TooManyConnections, "53300"),
+            (SessionError::BranchFull("b".into()), "53300"),
             (SessionError::NoHealthyReplica("b".into()), "08006"),
             (SessionError::StartupTimeout, "08P01"),
             (SessionError::Terminated(KillReason::Shutdown), "57P01"),

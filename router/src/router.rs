@@ -172,6 +172,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         sessions: AtomicU32::new(0),
         mock_secret,
         cancels: Default::default(),
+        branch_clients: Default::default(),
         config,
     });
 

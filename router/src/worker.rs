@@ -55,6 +55,8 @@ pub struct Shared {
     pub cancels: Arc<crate::cancel::CancelIndex>,
     /// Key for the fake verifiers of unknown roles and branches (from `auth.mock_secret_file`).
     pub mock_secret: crate::auth::mock_secret::MockSecret,
+    /// Pooled clients per branch, on all workers (`[pool] max_client_connections`).
+    pub branch_clients: Arc<crate::pooled::BranchClients>,
 }
 
 /// What the worker knows about one live session (for password resets and shutdown).
@@ -389,6 +391,7 @@ pub(crate) mod tests {
             sessions: AtomicU32::new(0),
             cancels: Default::default(),
             mock_secret: [7; 32],
+            branch_clients: Default::default(),
         })
     }
 

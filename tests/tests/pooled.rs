@@ -1091,18 +1091,31 @@ fn a_backend_killed_mid_transaction_fails_only_its_client() {
         // next query; either way before a ReadyForQuery, and the connection stays open.
         a.send(&[query("select 'after the kill'")]);
         let mut codes = Vec::new();
-        loop {
+        let status = loop {
             match a.next("after the kill") {
                 (b'E', body) => codes.push(parse_error(&body).code),
-                (b'Z', _) if !codes.is_empty() => break,
+                (b'Z', body) if !codes.is_empty() => break body.first().copied(),
                 (b'Z', _) => panic!("the killed transaction went on without an error"),
                 _ => {}
             }
-        }
+        };
         assert!(
             codes.iter().all(|c| c == "57P01" || c == "08006") && codes.len() == 1,
             "{codes:?}"
         );
+        // The transaction block is gone with its backend, as after any error in it: the
+        // client must roll back (a COMMIT now cannot report success for work that was lost).
+        assert_eq!(status, Some(b'E'), "aborted transaction block");
+        let replies = a.simple("select 'still aborted'");
+        assert_eq!(error_codes(&replies), ["25P02"]);
+        assert_eq!(RawConn::status(&replies), 'E');
+        let replies = a.simple("commit");
+        assert_eq!(
+            tags(&replies),
+            "C Z",
+            "COMMIT of an aborted block: ROLLBACK"
+        );
+        assert_eq!(RawConn::status(&replies), 'I');
         // The next transaction works, on a new backend; stale replies of the query above (if
         // the error came unasked) are skipped by their text.
         a.send(&[query("select 'next ' || pg_backend_pid()")]);

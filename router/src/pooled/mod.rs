@@ -57,11 +57,66 @@ pub const QUEUED_NOTICE_AFTER: Duration = Duration::from_secs(5);
 
 /// The notice's text.
 pub const QUEUED_NOTICE: &str =
-    "waiting for a server connection: the pool is full (query_wait_timeout applies)";
+    "client queued: waiting for a server connection, the pool is full (query_wait_timeout applies)";
 
 /// How long a release waits for a cancel on its way to the backend to be delivered (so it
 /// cannot reach the backend's next client); past it the backend is closed instead.
 const CANCEL_DELIVERY_WAIT: Duration = Duration::from_secs(5);
+
+/// Pooled clients per branch, on all workers: `[pool] max_client_connections` holds
+/// router-wide.
+#[derive(Debug, Default)]
+pub struct BranchClients(std::sync::Mutex<std::collections::HashMap<Box<str>, u32>>);
+
+/// A pooled client's place among its branch's; given back when dropped.
+#[derive(Debug)]
+pub struct BranchSlot {
+    clients: Arc<BranchClients>,
+    branch: Box<str>,
+}
+
+impl BranchClients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Box<str>, u32>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A place for one more client of `branch`, or `None` when it has `max` already.
+    pub fn enter(
+        self: &Arc<Self>,
+        branch: &str,
+        max: Option<std::num::NonZeroU32>,
+    ) -> Option<BranchSlot> {
+        let mut counts = self.lock();
+        let count = counts.entry(branch.into()).or_insert(0);
+        if max.is_some_and(|max| *count >= max.get()) {
+            return None;
+        }
+        *count += 1;
+        Some(BranchSlot {
+            clients: self.clone(),
+            branch: branch.into(),
+        })
+    }
+
+    /// Pooled clients of `branch` now.
+    pub fn count(&self, branch: &str) -> u32 {
+        self.lock().get(branch).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for BranchSlot {
+    fn drop(&mut self) {
+        let mut counts = self.clients.lock();
+        if let Some(count) = counts.get_mut(&self.branch) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.branch);
+            }
+        }
+    }
+}
 
 /// A pooled client that has logged in.
 struct Client {
@@ -76,12 +131,15 @@ struct Client {
     messages: MessageStream,
     params: ClientParams,
     statements: ClientStatements,
+    /// Its backend went away in a transaction block: the next transaction starts aborted.
+    aborted: Option<Aborted>,
     pool: Rc<Pool>,
     handle: Rc<SessionHandle>,
     /// Which backend a cancel for this client reaches now.
     cancel: Arc<PooledCancel>,
     _cancel_registration: Registration,
     _slot: SessionSlot,
+    _branch_slot: BranchSlot,
 }
 
 /// Serve one pooled client from its first byte. Every failure is logged once.
@@ -143,6 +201,19 @@ async fn start(
         database: database.into(),
     };
     let settings = worker.shared.config.pool.for_branch(&branch.pool);
+    let Some(branch_slot) = worker
+        .shared
+        .branch_clients
+        .enter(&branch.id, settings.max_client_connections)
+    else {
+        Box::pin(front_door::refuse(
+            conn,
+            peer,
+            SessionError::BranchFull(branch.id.clone()),
+        ))
+        .await;
+        return None;
+    };
     let pool = worker.pools.get(&key, settings);
     pool.set_credentials(client_key, verifier.clone());
     // The first client of a pool: its backends' startup parameters are learned from one.
@@ -234,11 +305,13 @@ async fn start(
         messages: MessageStream::default(),
         params,
         statements,
+        aborted: None,
         pool,
         handle,
         cancel,
         _cancel_registration: registration,
         _slot: slot,
+        _branch_slot: branch_slot,
     };
     // Bytes the client sent past its login (normally none).
     if !plain.is_empty() {
@@ -289,6 +362,8 @@ enum End {
     Killed(KillReason),
     /// Its backend failed and the client was told (the error was sent already).
     BackendFailed,
+    /// Its backend went away mid-transaction; the client goes on.
+    Lost(Lost),
 }
 
 /// Logs each backend failure (one per client while a backend is down).
@@ -361,6 +436,20 @@ async fn serve(worker: &Rc<Worker>, client: &mut Client) -> End {
         match outcome {
             Ok(()) if delivered => pool.release(&ctx, backend),
             Ok(()) => pool.discard(&ctx, backend),
+            Err(Broken {
+                end: End::Lost(lost),
+                ..
+            }) => {
+                pool.discard(&ctx, backend);
+                if !lost.now.is_empty() {
+                    if let Err(end) = send_plain(worker, client, &lost.now).await {
+                        return end;
+                    }
+                }
+                if lost.in_block {
+                    client.aborted = Some(Aborted { error: lost.error });
+                }
+            }
             Err(Broken { end, reusable }) => {
                 if reusable && delivered {
                     pool.release(&ctx, backend);
@@ -497,7 +586,23 @@ async fn transaction(
     let mut to_backend: Vec<u8> = Vec::new();
     // The client's parameters on this backend.
     let mut sql = String::new();
-    if backend.params.sync_to(&client.params, &mut sql) {
+    // After a lost backend: the transaction block it had, aborted, on this one.
+    let mut refuse_first = None;
+    if let Some(aborted) = client.aborted.take() {
+        match aborted.error {
+            Some(error) => {
+                sql.push_str("BEGIN;");
+                refuse_first = Some(error);
+            }
+            None => {
+                sql.push_str("BEGIN;");
+                sql.push_str(prepared::REFUSAL_SQL);
+                sql.push(';');
+            }
+        }
+    }
+    backend.params.sync_to(&client.params, &mut sql);
+    if !sql.is_empty() {
         tx.router_query();
         write::query(&mut to_backend, &sql);
     }
@@ -518,6 +623,8 @@ async fn transaction(
     let writing = Cell::new(false);
     // A read from the backend is under way: stopping there could lose what it read.
     let reading = Cell::new(false);
+    // An ErrorResponse the backend sent unasked (its FATAL, as it goes away).
+    let unsolicited: RefCell<Option<Vec<u8>>> = RefCell::new(None);
     let Client {
         rd,
         wr,
@@ -551,6 +658,7 @@ async fn transaction(
                     backend: &mut backend_statements.borrow_mut(),
                     max_prepared,
                     transient,
+                    refuse_first: &mut refuse_first,
                 };
                 client_messages(plain, messages, side, &mut to_backend)
             };
@@ -654,6 +762,7 @@ async fn transaction(
                             &mut params.borrow_mut(),
                             &mut backend_params.borrow_mut(),
                             &mut to_client,
+                            &mut unsolicited.borrow_mut(),
                         );
                         for statement in state.tx.take_accepted() {
                             pool.known_good.add(&statement);
@@ -667,7 +776,7 @@ async fn transaction(
                         done
                     };
                     if let Err(error) = done {
-                        break Step::BackendFailed(error);
+                        break Step::BackendProtocol(error);
                     }
                 }
                 None => state.borrow_mut().tx.take_synthesized(&mut to_client),
@@ -708,17 +817,111 @@ async fn transaction(
         Step::Fatal(code, message) => End::Fatal(code, message),
         Step::Protocol(what) => End::Protocol(what),
         Step::Killed(reason) => End::Killed(reason),
+        Step::BackendProtocol(error) => {
+            tracing::warn!(%error, "backend broke the protocol: closing it and its client");
+            End::Fatal(SqlState::CONNECTION_FAILURE, LOST_BACKEND)
+        }
         Step::BackendFailed(error) => {
             if let Some(suppressed) = BACKEND_FAILED.allow() {
                 tracing::warn!(%error, suppressed, "backend failed during a transaction");
             }
+            let tx = &state.borrow().tx;
+            let writing_now = writing.get();
             return Err(Broken {
-                end: End::Fatal(SqlState::CONNECTION_FAILURE, LOST_BACKEND),
+                end: lost(tx, unsolicited.take(), writing_now),
                 reusable: false,
             });
         }
     };
     Err(Broken { end, reusable })
+}
+
+/// What a client whose backend went away mid-transaction gets: the error and ReadyForQuery its
+/// outstanding request is owed, and, if a transaction block was open, an aborted transaction
+/// the router re-creates on its next backend (so its COMMIT cannot succeed there: it must roll
+/// back, as after any error). A client owed more than one answer, or in a COPY, is closed.
+fn lost(tx: &Transaction, unsolicited: Option<Vec<u8>>, writing: bool) -> End {
+    let in_block = tx.status() != b'I';
+    let owed = tx.owed_ready();
+    if writing || tx.in_copy() || owed > 1 || (owed == 0 && !in_block) {
+        return End::Fatal(SqlState::CONNECTION_FAILURE, LOST_BACKEND);
+    }
+    let error = unsolicited.unwrap_or_else(|| {
+        let mut error = Vec::new();
+        write::error_response(
+            &mut error,
+            Severity::Error,
+            SqlState::CONNECTION_FAILURE,
+            LOST_BACKEND,
+        );
+        error
+    });
+    if owed == 1 {
+        // The answer now: the error (unless the backend's reached the client already), then
+        // ReadyForQuery.
+        let mut now = Vec::new();
+        if !tx.errored() {
+            now.extend_from_slice(&error);
+        }
+        write::ready_for_query(&mut now, if in_block { b'E' } else { b'I' });
+        return End::Lost(Lost {
+            now,
+            in_block,
+            error: None,
+        });
+    }
+    // Idle in a transaction block: the error answers the client's next message.
+    End::Lost(Lost {
+        now: Vec::new(),
+        in_block,
+        error: Some(error.into_boxed_slice()),
+    })
+}
+
+/// A backend lost under a client that goes on.
+#[derive(Debug)]
+struct Lost {
+    /// What the client is sent at once.
+    now: Vec<u8>,
+    /// A transaction block was open: it is re-created, aborted, on the next backend.
+    in_block: bool,
+    /// The error the client's next message gets (it was idle when the backend went).
+    error: Option<Box<[u8]>>,
+}
+
+/// The first messages of a client's next transaction after it lost its backend in a
+/// transaction block: the backend is put in an aborted transaction block, and the client's
+/// first message is refused with the error it is owed, if any.
+#[derive(Debug, Default)]
+struct Aborted {
+    error: Option<Box<[u8]>>,
+}
+
+/// An ErrorResponse the backend sent unasked (its FATAL before it goes away), as an ERROR:
+/// the client's connection goes on.
+fn as_error(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len());
+    out.push(be::ERROR_RESPONSE);
+    out.extend_from_slice(&[0; 4]);
+    let mut r =
+        crate::protocol::reader::Reader::new(message.get(HEADER_BYTES..).unwrap_or_default());
+    while let Ok(field) = r.u8() {
+        if field == 0 {
+            break;
+        }
+        let Ok(value) = r.cstr() else { break };
+        out.push(field);
+        if matches!(field, b'S' | b'V') && matches!(value, b"FATAL" | b"PANIC") {
+            out.extend_from_slice(b"ERROR");
+        } else {
+            out.extend_from_slice(value);
+        }
+        out.push(0);
+    }
+    out.push(0);
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out
 }
 
 /// What a client whose backend failed mid-transaction is told (PgBouncer's words, which
@@ -754,6 +957,7 @@ enum Step {
     Fatal(SqlState, &'static str),
     Killed(KillReason),
     BackendFailed(String),
+    BackendProtocol(String),
 }
 
 /// The client's view of one transaction's messages: what the router keeps across them.
@@ -763,6 +967,8 @@ struct ClientSide<'a> {
     backend: &'a mut BackendStatements,
     max_prepared: usize,
     transient: &'a mut Transient,
+    /// The error the client's first message gets in place of its answer.
+    refuse_first: &'a mut Option<Box<[u8]>>,
 }
 
 /// Bytes of a Bind the router needs before rewriting it: the header and both names.
@@ -783,6 +989,7 @@ fn client_messages(
         backend,
         max_prepared,
         transient,
+        refuse_first,
     } = side;
     let protocol = |e: prepared::Malformed| Step::Protocol(e.to_string());
     loop {
@@ -823,6 +1030,18 @@ fn client_messages(
                 .unwrap_or(usize::MAX)
                 .saturating_add(1)
         };
+        if let Some(error) = refuse_first.take() {
+            let simple = tag == fe::QUERY;
+            prepared::refuse(tx, out, error, simple);
+            if simple || !matches!(tag, fe::SYNC | fe::FLUSH) {
+                // In its place: the rest of it is dropped.
+                if !whole {
+                    stream.started(false);
+                }
+                plain.consume(len);
+                continue;
+            }
+        }
         let mut translator = Translator {
             tx: &mut *tx,
             client: &mut *statements,
@@ -881,6 +1100,7 @@ fn backend_messages(
     client: &mut ClientParams,
     backend: &mut params::BackendParams,
     out: &mut Vec<u8>,
+    unsolicited: &mut Option<Vec<u8>>,
 ) -> Result<(), String> {
     loop {
         let capacity = buf.capacity();
@@ -902,6 +1122,13 @@ fn backend_messages(
             None => return Ok(()),
             Some(Piece::Whole { tag, len }) => {
                 let body = &data[5..len];
+                if tag == be::ERROR_RESPONSE && !tx.awaiting_backend() {
+                    // Not an answer: the backend is going away. The client gets it when the
+                    // router tells it the backend is lost.
+                    *unsolicited = Some(as_error(&data[..len]));
+                    buf.consume(len);
+                    continue;
+                }
                 let reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
                 tracing::trace!(tag = %char::from(tag), ?reply, "backend message");
                 if tag == be::PARAMETER_STATUS {
@@ -947,6 +1174,8 @@ async fn finish(worker: &Worker, mut client: Client, peer: SocketAddr, end: End)
         End::ClientClosed => tracing::debug!(%peer, "pooled client closed"),
         End::ClientFailed(error) => tracing::debug!(%peer, %error, "pooled client failed"),
         End::BackendFailed => tracing::debug!(%peer, "pooled client's backend refused it"),
+        // Handled where it happens: the client goes on.
+        End::Lost(_) => {}
         End::Protocol(what) => {
             tracing::info!(%peer, %what, "pooled client broke the protocol");
             write::error_response(

@@ -238,6 +238,17 @@ pub const REFUSAL_SQL: &str = "branchgate refused the statement";
 /// The name the refusing Parse is sent under (never created: the Parse fails).
 const REFUSAL_NAME: &str = "bg_refused";
 
+/// Has the backend fail in place of the client's message (a simple query if `simple`), and the
+/// client get `error` in place of the backend's error.
+pub fn refuse(tx: &mut Transaction, out: &mut Vec<u8>, error: Box<[u8]>, simple: bool) {
+    if simple {
+        write::query(out, REFUSAL_SQL);
+    } else {
+        write::parse(out, REFUSAL_NAME, REFUSAL_SQL);
+    }
+    tx.refuse(error, simple);
+}
+
 impl Translator<'_> {
     fn enabled(&self) -> bool {
         self.max > 0
@@ -245,8 +256,7 @@ impl Translator<'_> {
 
     /// Answers the client's extended-protocol message with `error`, as PostgreSQL would have.
     fn refuse(&mut self, error: Box<[u8]>) {
-        write::parse(self.out, REFUSAL_NAME, REFUSAL_SQL);
-        self.tx.refuse(error, false);
+        refuse(self.tx, self.out, error, false);
     }
 
     /// Gives the backend `statement` if it does not have it (a Parse of the router's own,
@@ -445,8 +455,9 @@ impl Translator<'_> {
                 return false;
             }
             QueryKind::Prepare => {
-                write::query(self.out, REFUSAL_SQL);
-                self.tx.refuse(
+                refuse(
+                    self.tx,
+                    self.out,
                     error(
                         SqlState::FEATURE_NOT_SUPPORTED,
                         "SQL-level PREPARE is not supported on the pooled port: use \
@@ -913,8 +924,9 @@ mod tests {
         plain.spare_mut()[..bytes.len()].copy_from_slice(&bytes);
         plain.commit(bytes.len());
         let mut out = Vec::new();
+        let known = KnownGood::default();
         assert!(
-            !answer_idle(&mut plain, &mut statements, 10, &mut out),
+            !answer_idle(&mut plain, &mut statements, &known, 10, &mut out),
             "a Close without its Sync stays"
         );
         assert_eq!(out, [b'3', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
@@ -937,6 +949,35 @@ mod tests {
         ));
         assert!(out.is_empty());
         assert_eq!(plain.len(), bytes.len());
+    }
+
+    #[test]
+    fn parses_of_accepted_statements_are_answered_without_a_backend() {
+        let known = KnownGood::default();
+        let mut statements = ClientStatements::new("app", None);
+        let mut batch = parse_message("p1", "select 1");
+        batch.extend_from_slice(&message(b'S', b""));
+        let fill = |bytes: &[u8]| {
+            let mut plain = ReadBuf::new(256);
+            plain.spare_mut()[..bytes.len()].copy_from_slice(bytes);
+            plain.commit(bytes.len());
+            plain
+        };
+        let mut out = Vec::new();
+        // Not known to parse yet: a backend must see it.
+        let mut plain = fill(&batch);
+        assert!(!answer_idle(&mut plain, &mut statements, &known, 10, &mut out));
+        assert!(out.is_empty() && statements.is_empty());
+        known.add(&statements.statement(&parse_message("x", "select 1")[7..]));
+        let mut plain = fill(&batch);
+        assert!(answer_idle(&mut plain, &mut statements, &known, 10, &mut out));
+        assert_eq!(out, [b'1', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
+        assert_eq!(statements.len(), 1);
+        // The same name again is 42P05: for a backend to answer.
+        out.clear();
+        let mut plain = fill(&batch);
+        assert!(!answer_idle(&mut plain, &mut statements, &known, 10, &mut out));
+        assert!(out.is_empty());
     }
 
     #[test]

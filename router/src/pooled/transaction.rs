@@ -180,6 +180,8 @@ pub struct Transaction {
     substitute: Vec<u8>,
     /// Named statements the backend accepted (ParseComplete), since the last call.
     accepted: Vec<Rc<Statement>>,
+    /// An ErrorResponse reached the client since the last ReadyForQuery.
+    errored: bool,
 }
 
 impl Default for Transaction {
@@ -192,6 +194,7 @@ impl Default for Transaction {
             backend_skipping: false,
             substitute: Vec::new(),
             accepted: Vec::new(),
+            errored: false,
             undo: Vec::new(),
         }
     }
@@ -385,6 +388,7 @@ impl Transaction {
                     Some(Awaiting::Query { swallow: true }) => Reply::Swallow,
                     _ => return Err(out_of_turn),
                 };
+                self.errored = false;
                 self.status = match body.first() {
                     Some(&status @ (b'I' | b'T' | b'E')) => status,
                     _ => return Err(out_of_turn),
@@ -394,6 +398,7 @@ impl Transaction {
             }
             be::ERROR_RESPONSE => {
                 self.copy = Copy::None;
+                self.errored = true;
                 if let Some(Awaiting::Refused { simple, .. }) = head {
                     let simple = *simple;
                     if let Some(Awaiting::Refused { error, .. }) = self.queue.pop_front() {
@@ -532,6 +537,24 @@ impl Transaction {
             }
         }
         self.backend_skipping = self.queue.is_empty();
+    }
+
+    /// ReadyForQuery messages the backend owes (one per Sync and per simple query sent).
+    pub fn owed_ready(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|a| matches!(a, Awaiting::Sync | Awaiting::Query { .. }))
+            .count()
+    }
+
+    /// True while a COPY is under way.
+    pub fn in_copy(&self) -> bool {
+        self.copy != Copy::None
+    }
+
+    /// True if an ErrorResponse reached the client since the last ReadyForQuery.
+    pub fn errored(&self) -> bool {
+        self.errored
     }
 
     /// True while the backend owes replies (or a COPY is under way).
