@@ -345,6 +345,8 @@ impl Worker {
             );
             self.wait_idle(Instant::now() + KILL_GRACE).await;
         }
+        // The pools' idle backends end with a Terminate, not a dropped socket.
+        crate::pooled::close_pools(&self).await;
         tracing::info!(worker = self.id, "worker stopped");
     }
 }

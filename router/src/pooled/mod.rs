@@ -152,19 +152,24 @@ pub async fn session(
     accepted: Instant,
 ) {
     let _live = live;
-    let started = Box::pin(start(worker.clone(), tcp, peer, slot, accepted)).await;
-    if let Some(mut client) = started {
-        let _registration = worker.register(client.handle.clone());
-        tracing::debug!(
-            %peer,
-            branch = %client.pool.key.branch,
-            role = %client.pool.key.role,
-            database = %client.pool.key.database,
-            "pooled client logged in"
-        );
-        let end = Box::pin(serve(&worker, &mut client)).await;
-        finish(&worker, client, peer, end).await;
-    }
+    // Each step boxed, and bound before it is awaited (a temporary would keep its room in
+    // this task for the whole await): an idle client's task holds the client and a pointer.
+    let starting = Box::pin(start(worker.clone(), tcp, peer, slot, accepted));
+    let Some(mut client) = starting.await else {
+        return;
+    };
+    let _registration = worker.register(client.handle.clone());
+    tracing::debug!(
+        %peer,
+        branch = %client.pool.key.branch,
+        role = %client.pool.key.role,
+        database = %client.pool.key.database,
+        "pooled client logged in"
+    );
+    let serving = Box::pin(serve(&worker, &mut client));
+    let end = serving.await;
+    let finishing = Box::pin(finish(&worker, client, peer, end));
+    finishing.await;
 }
 
 /// Logs in: the front door, a place, the pool, the answer.
@@ -372,94 +377,111 @@ static BACKEND_FAILED: LogThrottle = LogThrottle::new();
 /// The client's life after login: transactions, each on a backend from the pool.
 async fn serve(worker: &Rc<Worker>, client: &mut Client) -> End {
     loop {
+        // Each boxed: while idle, the task holds the wait's state only.
+        let waiting = Box::pin(next_batch(worker, client));
+        if let Err(end) = waiting.await {
+            return end;
+        }
+        let running = Box::pin(run_transaction(worker, client));
+        if let Some(end) = running.await {
+            return end;
+        }
+    }
+}
+
+/// Waits, holding no backend and no buffer, until the client sends messages that need a
+/// backend; answers those that need none on the way.
+async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(), End> {
+    loop {
         let settings = client.pool.settings();
         // Idle: nothing held but the socket (and a partial message, if the client sent one).
         client.cipher.detach(&worker.buffers);
         client.plain.detach(&worker.buffers);
         if !has_message(&client.plain) {
             let idle_deadline = settings.client_idle_timeout.map(|t| Instant::now() + t);
-            let waited = monoio::select! {
-                readable = readable(&client.rd) => readable.map_err(|e| End::ClientFailed(e.to_string())),
-                reason = client.handle.kill.wait() => Err(End::Killed(reason)),
-                () = sleep_until(idle_deadline) => Err(End::Fatal(
+            monoio::select! {
+                readable = readable(&client.rd) => readable.map_err(|e| End::ClientFailed(e.to_string()))?,
+                reason = client.handle.kill.wait() => return Err(End::Killed(reason)),
+                () = sleep_until(idle_deadline) => return Err(End::Fatal(
                     SqlState::IDLE_SESSION_TIMEOUT,
                     "client_idle_timeout",
                 )),
-            };
-            if let Err(end) = waited {
-                return end;
             }
-            match read_client(worker, client).await {
-                Ok(true) => {}
-                Ok(false) => return End::ClientClosed,
-                Err(end) => return end,
+            if !read_client(worker, client).await? {
+                return Err(End::ClientClosed);
             }
             if !has_message(&client.plain) {
                 continue;
             }
         }
         if client.plain.data().first() == Some(&fe::TERMINATE) {
-            return End::ClientClosed;
+            return Err(End::ClientClosed);
         }
-        // Messages the router answers itself need no backend (a driver closing a statement
-        // between transactions: Close, Sync).
+        // Messages the router answers itself need no backend (a driver closing or preparing
+        // a statement between transactions, with its Sync).
         let mut answer = Vec::new();
-        let max_prepared = settings.max_prepared_statements as usize;
         let answered = prepared::answer_idle(
             &mut client.plain,
             &mut client.statements,
             &client.pool.known_good,
-            max_prepared,
+            settings.max_prepared_statements as usize,
             &mut answer,
         );
         if !answer.is_empty() {
-            if let Err(end) = send_plain(worker, client, &answer).await {
-                return end;
-            }
+            send_plain(worker, client, &answer).await?;
         }
-        if answered {
-            continue;
-        }
-        // A transaction begins: a backend for it.
-        let pool = client.pool.clone();
-        let catalog = worker.shared.catalog.load_full();
-        let Some(branch) = catalog.branch(&pool.key.branch).cloned() else {
-            return End::Killed(KillReason::PasswordReset);
-        };
-        let ctx = context(worker, &branch.primary, &catalog);
-        let mut backend = match acquire(worker, client, &pool, &ctx, settings).await {
-            Ok(backend) => backend,
-            Err(end) => return end,
-        };
-        let outcome = transaction(worker, client, &mut backend).await;
-        let delivered = client.cancel.release(CANCEL_DELIVERY_WAIT).await;
-        match outcome {
-            Ok(()) if delivered => pool.release(&ctx, backend),
-            Ok(()) => pool.discard(&ctx, backend),
-            Err(Broken {
-                end: End::Lost(lost),
-                ..
-            }) => {
-                pool.discard(&ctx, backend);
-                if !lost.now.is_empty() {
-                    if let Err(end) = send_plain(worker, client, &lost.now).await {
-                        return end;
-                    }
-                }
-                if lost.in_block {
-                    client.aborted = Some(Aborted { error: lost.error });
-                }
-            }
-            Err(Broken { end, reusable }) => {
-                if reusable && delivered {
-                    pool.release(&ctx, backend);
-                } else {
-                    pool.discard(&ctx, backend);
-                }
-                return end;
-            }
+        if !answered {
+            return Ok(());
         }
     }
+}
+
+/// One transaction: a backend from the pool, the messages both ways until it is over, the
+/// backend back. `Some` when the client's life ends.
+async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End> {
+    let settings = client.pool.settings();
+    let pool = client.pool.clone();
+    let catalog = worker.shared.catalog.load_full();
+    let Some(branch) = catalog.branch(&pool.key.branch).cloned() else {
+        return Some(End::Killed(KillReason::PasswordReset));
+    };
+    let ctx = context(worker, &branch.primary, &catalog);
+    // Both boxed: an idle client's task keeps no room for them.
+    let acquiring = Box::pin(acquire(worker, client, &pool, &ctx, settings));
+    let mut backend = match acquiring.await {
+        Ok(backend) => backend,
+        Err(end) => return Some(end),
+    };
+    let transacting = Box::pin(transaction(worker, client, &mut backend));
+    let outcome = transacting.await;
+    let delivered = client.cancel.release(CANCEL_DELIVERY_WAIT).await;
+    match outcome {
+        Ok(()) if delivered => pool.release(&ctx, backend),
+        Ok(()) => pool.discard(&ctx, backend),
+        Err(Broken {
+            end: End::Lost(lost),
+            ..
+        }) => {
+            pool.discard(&ctx, backend);
+            if !lost.now.is_empty() {
+                if let Err(end) = send_plain(worker, client, &lost.now).await {
+                    return Some(end);
+                }
+            }
+            if lost.in_block {
+                client.aborted = Some(Aborted { error: lost.error });
+            }
+        }
+        Err(Broken { end, reusable }) => {
+            if reusable && delivered {
+                pool.release(&ctx, backend);
+            } else {
+                pool.discard(&ctx, backend);
+            }
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// True if `plain` holds at least a message header (a message has begun).
@@ -1232,6 +1254,21 @@ pub async fn maintain(worker: Rc<Worker>) {
     }
 }
 
+/// Closes the idle backends of every pool of a stopping worker, each with a Terminate.
+pub async fn close_pools(worker: &Worker) {
+    let idle = worker.pools.take_idle_all();
+    if idle.is_empty() {
+        return;
+    }
+    let closing: Vec<_> = idle
+        .into_iter()
+        .map(|backend| monoio::spawn(pool::say_goodbye(backend)))
+        .collect();
+    for done in closing {
+        done.await;
+    }
+}
+
 /// One round of [`maintain`].
 pub async fn maintain_once(worker: &Rc<Worker>) {
     let catalog = worker.shared.catalog.load_full();
@@ -1266,4 +1303,105 @@ pub async fn maintain_once(worker: &Rc<Worker>) {
         }
     }
     worker.pools.forget_unused(&catalog);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::ErrorFields;
+
+    fn fields(message: &[u8]) -> (String, String, String) {
+        let fields = ErrorFields::parse(&message[HEADER_BYTES..]).expect("an ErrorResponse");
+        (
+            fields.severity.to_owned(),
+            fields.code.to_owned(),
+            fields.message.to_owned(),
+        )
+    }
+
+    #[test]
+    fn a_fatal_sent_unasked_reaches_the_client_as_an_error() {
+        let mut fatal = Vec::new();
+        write::error_response(
+            &mut fatal,
+            Severity::Fatal,
+            SqlState::ADMIN_SHUTDOWN,
+            "terminating connection due to administrator command",
+        );
+        let error = as_error(&fatal);
+        assert_eq!(
+            fields(&error),
+            (
+                "ERROR".to_owned(),
+                "57P01".to_owned(),
+                "terminating connection due to administrator command".to_owned()
+            )
+        );
+        assert_eq!(error.len(), fatal.len(), "FATAL and ERROR are as long");
+    }
+
+    #[test]
+    fn a_lost_backend_owes_the_client_what_it_waits_for() {
+        // Idle in a transaction block: the error waits for the client's next message.
+        let mut tx = Transaction::default();
+        tx.client(fe::QUERY, 0);
+        tx.backend(be::COMMAND_COMPLETE, b"").expect("in turn");
+        tx.backend(be::READY_FOR_QUERY, b"T").expect("in turn");
+        match lost(&tx, None, false) {
+            End::Lost(Lost {
+                now,
+                in_block: true,
+                error: Some(error),
+            }) => {
+                assert!(now.is_empty());
+                assert_eq!(fields(&error).1, "08006");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A query under way in the block: its error (the backend's, already sent) and a
+        // ReadyForQuery saying the block failed.
+        tx.client(fe::QUERY, 0);
+        tx.backend(be::ERROR_RESPONSE, b"").expect("in turn");
+        match lost(&tx, None, false) {
+            End::Lost(Lost {
+                now,
+                in_block: true,
+                error: None,
+            }) => assert_eq!(now, [b'Z', 0, 0, 0, 5, b'E']),
+            other => panic!("{other:?}"),
+        }
+        // Two answers owed (a pipeline): the client is closed.
+        let mut tx = Transaction::default();
+        for tag in [fe::SYNC, fe::SYNC] {
+            tx.client(tag, 0);
+        }
+        assert!(matches!(lost(&tx, None, false), End::Fatal(..)));
+        // A query outside a block: the error, then ReadyForQuery idle.
+        let mut tx = Transaction::default();
+        tx.client(fe::QUERY, 0);
+        match lost(&tx, None, false) {
+            End::Lost(Lost {
+                now,
+                in_block: false,
+                ..
+            }) => {
+                assert_eq!(now[0], b'E');
+                assert!(now.ends_with(&[b'Z', 0, 0, 0, 5, b'I']));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn branch_limits_count_across_workers_and_come_back() {
+        let clients = Arc::new(BranchClients::default());
+        let max = std::num::NonZeroU32::new(2);
+        let a = clients.enter("b1", max).expect("first");
+        let _b = clients.enter("b1", max).expect("second");
+        assert!(clients.enter("b1", max).is_none());
+        assert!(clients.enter("b2", max).is_some(), "another branch");
+        drop(a);
+        assert!(clients.enter("b1", max).is_some());
+        assert!(clients.enter("b1", None).is_some(), "no limit");
+    }
 }

@@ -402,14 +402,24 @@ impl Pool {
         let mut closed = 0;
         let stale: Vec<Backend> = {
             let mut idle = self.idle.borrow_mut();
-            let (keep, stale): (Vec<Backend>, Vec<Backend>) =
-                std::mem::take(&mut *idle).into_iter().partition(|b| {
-                    settings
-                        .server_idle_timeout
-                        .is_none_or(|t| b.idle_since.elapsed() < t)
-                        && self.fit(ctx, b)
-                });
-            *idle = keep;
+            let backends = std::mem::take(&mut *idle);
+            let unfit = backends.iter().filter(|b| !self.fit(ctx, b)).count() as u32;
+            // Idle too long: closed, but not below min_pool_size.
+            let mut closable = (self.open.get() - unfit).saturating_sub(settings.min_pool_size);
+            let mut stale = Vec::new();
+            for backend in backends {
+                let expired = settings
+                    .server_idle_timeout
+                    .is_some_and(|t| backend.idle_since.elapsed() >= t);
+                if !self.fit(ctx, &backend) {
+                    stale.push(backend);
+                } else if expired && closable > 0 {
+                    closable -= 1;
+                    stale.push(backend);
+                } else {
+                    idle.push(backend);
+                }
+            }
             stale
         };
         for backend in stale {
@@ -463,13 +473,16 @@ impl Drop for LeaveLine<'_> {
 
 /// Sends Terminate and closes, in the background.
 pub fn terminate(backend: Backend) {
-    monoio::spawn(async move {
-        use monoio::io::AsyncWriteRentExt;
-        let mut stream = backend.wr;
-        let mut buf = Vec::with_capacity(frame::HEADER_BYTES);
-        crate::protocol::write::terminate(&mut buf);
-        let _ = monoio::time::timeout(Duration::from_secs(1), stream.write_all(buf)).await;
-    });
+    monoio::spawn(say_goodbye(backend));
+}
+
+/// Sends Terminate (giving up after a second) and closes.
+pub async fn say_goodbye(backend: Backend) {
+    use monoio::io::AsyncWriteRentExt;
+    let mut stream = backend.wr;
+    let mut buf = Vec::with_capacity(frame::HEADER_BYTES);
+    crate::protocol::write::terminate(&mut buf);
+    let _ = monoio::time::timeout(Duration::from_secs(1), stream.write_all(buf)).await;
 }
 
 /// What a pool needs from its worker for one operation.
@@ -528,6 +541,17 @@ impl Pools {
         });
         self.pools.borrow_mut().insert(key.clone(), pool.clone());
         pool
+    }
+
+    /// Takes every idle backend out of every pool (the worker is stopping).
+    pub fn take_idle_all(&self) -> Vec<Backend> {
+        let mut all = Vec::new();
+        for pool in self.pools.borrow().values() {
+            let idle = std::mem::take(&mut *pool.idle.borrow_mut());
+            pool.open.set(pool.open.get() - idle.len() as u32);
+            all.extend(idle);
+        }
+        all
     }
 
     /// Every pool.

@@ -966,17 +966,35 @@ mod tests {
         let mut out = Vec::new();
         // Not known to parse yet: a backend must see it.
         let mut plain = fill(&batch);
-        assert!(!answer_idle(&mut plain, &mut statements, &known, 10, &mut out));
+        assert!(!answer_idle(
+            &mut plain,
+            &mut statements,
+            &known,
+            10,
+            &mut out
+        ));
         assert!(out.is_empty() && statements.is_empty());
         known.add(&statements.statement(&parse_message("x", "select 1")[7..]));
         let mut plain = fill(&batch);
-        assert!(answer_idle(&mut plain, &mut statements, &known, 10, &mut out));
+        assert!(answer_idle(
+            &mut plain,
+            &mut statements,
+            &known,
+            10,
+            &mut out
+        ));
         assert_eq!(out, [b'1', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
         assert_eq!(statements.len(), 1);
         // The same name again is 42P05: for a backend to answer.
         out.clear();
         let mut plain = fill(&batch);
-        assert!(!answer_idle(&mut plain, &mut statements, &known, 10, &mut out));
+        assert!(!answer_idle(
+            &mut plain,
+            &mut statements,
+            &known,
+            10,
+            &mut out
+        ));
         assert!(out.is_empty());
     }
 
