@@ -63,23 +63,73 @@ pub const QUEUED_NOTICE: &str =
 /// cannot reach the backend's next client); past it the backend is closed instead.
 const CANCEL_DELIVERY_WAIT: Duration = Duration::from_secs(5);
 
-/// Pooled clients per branch, on all workers: `[pool] max_client_connections` holds
-/// router-wide.
+/// Per branch, on all workers: its pooled clients (so `[pool] max_client_connections` holds
+/// router-wide), its transactions holding a backend, and whether it is paused
+/// (`branchgate pause`). The map is locked when a client logs in or leaves and by the control
+/// socket; a transaction only touches its branch's atomics.
 #[derive(Debug, Default)]
-pub struct BranchClients(std::sync::Mutex<std::collections::HashMap<Box<str>, u32>>);
+pub struct BranchClients(std::sync::Mutex<std::collections::HashMap<Box<str>, Arc<BranchEntry>>>);
+
+/// One branch's counts.
+#[derive(Debug, Default)]
+pub struct BranchEntry {
+    clients: std::sync::atomic::AtomicU32,
+    active: std::sync::atomic::AtomicU32,
+    paused: std::sync::atomic::AtomicBool,
+}
+
+impl BranchEntry {
+    /// True while `branchgate pause` holds new transactions back.
+    pub fn paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Transactions of the branch holding a backend now.
+    pub fn active(&self) -> u32 {
+        self.active.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
 
 /// A pooled client's place among its branch's; given back when dropped.
 #[derive(Debug)]
 pub struct BranchSlot {
     clients: Arc<BranchClients>,
     branch: Box<str>,
+    entry: Arc<BranchEntry>,
+}
+
+/// A transaction holding a backend, counted for `branchgate pause`.
+#[derive(Debug)]
+struct ActiveTransaction(Arc<BranchEntry>);
+
+impl Drop for ActiveTransaction {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl BranchSlot {
+    fn transaction(&self) -> ActiveTransaction {
+        self.entry
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ActiveTransaction(self.entry.clone())
+    }
 }
 
 impl BranchClients {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Box<str>, u32>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Box<str>, Arc<BranchEntry>>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn entry(&self, branch: &str) -> Arc<BranchEntry> {
+        self.lock().entry(branch.into()).or_default().clone()
     }
 
     /// A place for one more client of `branch`, or `None` when it has `max` already.
@@ -88,31 +138,61 @@ impl BranchClients {
         branch: &str,
         max: Option<std::num::NonZeroU32>,
     ) -> Option<BranchSlot> {
-        let mut counts = self.lock();
-        let count = counts.entry(branch.into()).or_insert(0);
-        if max.is_some_and(|max| *count >= max.get()) {
-            return None;
-        }
-        *count += 1;
+        let entry = self.entry(branch);
+        entry
+            .clients
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| match max {
+                    Some(max) if n >= max.get() => None,
+                    _ => Some(n + 1),
+                },
+            )
+            .ok()?;
         Some(BranchSlot {
             clients: self.clone(),
             branch: branch.into(),
+            entry,
         })
     }
 
     /// Pooled clients of `branch` now.
     pub fn count(&self, branch: &str) -> u32 {
-        self.lock().get(branch).copied().unwrap_or(0)
+        self.lock()
+            .get(branch)
+            .map_or(0, |e| e.clients.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Holds back new transactions of `branch`'s pooled clients (running ones finish).
+    pub fn pause(&self, branch: &str) -> Arc<BranchEntry> {
+        let entry = self.entry(branch);
+        entry
+            .paused
+            .store(true, std::sync::atomic::Ordering::Release);
+        entry
+    }
+
+    /// Lets them go again. False if the branch was not paused.
+    pub fn resume(&self, branch: &str) -> bool {
+        self.entry(branch)
+            .paused
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 }
 
 impl Drop for BranchSlot {
     fn drop(&mut self) {
-        let mut counts = self.clients.lock();
-        if let Some(count) = counts.get_mut(&self.branch) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.branch);
+        use std::sync::atomic::Ordering;
+        if self.entry.clients.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last client left: forget the branch unless it is paused (checked again
+            // under the lock: another client may have come in meanwhile).
+            let mut entries = self.clients.lock();
+            let idle = |e: &BranchEntry| {
+                e.clients.load(Ordering::Acquire) == 0 && !e.paused() && e.active() == 0
+            };
+            if entries.get(&self.branch).is_some_and(|e| idle(e)) {
+                entries.remove(&self.branch);
             }
         }
     }
@@ -139,7 +219,7 @@ struct Client {
     cancel: Arc<PooledCancel>,
     _cancel_registration: Registration,
     _slot: SessionSlot,
-    _branch_slot: BranchSlot,
+    branch: BranchSlot,
 }
 
 /// Serve one pooled client from its first byte. Every failure is logged once.
@@ -316,7 +396,7 @@ async fn start(
         cancel,
         _cancel_registration: registration,
         _slot: slot,
-        _branch_slot: branch_slot,
+        branch: branch_slot,
     };
     // Bytes the client sent past its login (normally none).
     if !plain.is_empty() {
@@ -441,20 +521,31 @@ async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(), End> {
 async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End> {
     let settings = client.pool.settings();
     let pool = client.pool.clone();
-    let catalog = worker.shared.catalog.load_full();
-    let Some(branch) = catalog.branch(&pool.key.branch).cloned() else {
+    if worker
+        .shared
+        .catalog
+        .load()
+        .branch(&pool.key.branch)
+        .is_none()
+    {
         return Some(End::Killed(KillReason::PasswordReset));
-    };
-    let ctx = context(worker, &branch.primary, &catalog);
+    }
     // Both boxed: an idle client's task keeps no room for them.
-    let acquiring = Box::pin(acquire(worker, client, &pool, &ctx, settings));
+    let acquiring = Box::pin(acquire(worker, client, &pool, settings));
     let mut backend = match acquiring.await {
         Ok(backend) => backend,
         Err(end) => return Some(end),
     };
+    let active = client.branch.transaction();
     let transacting = Box::pin(transaction(worker, client, &mut backend));
     let outcome = transacting.await;
     let delivered = client.cancel.release(CANCEL_DELIVERY_WAIT).await;
+    drop(active);
+    let catalog = worker.shared.catalog.load_full();
+    let primary = catalog
+        .branch(&pool.key.branch)
+        .map_or(backend.addr, |branch| branch.primary);
+    let ctx = context(worker, &primary, &catalog);
     match outcome {
         Ok(()) if delivered => pool.release(&ctx, backend),
         Ok(()) => pool.discard(&ctx, backend),
@@ -528,12 +619,49 @@ async fn acquire(
     worker: &Rc<Worker>,
     client: &mut Client,
     pool: &Pool,
-    ctx: &Context<'_>,
     settings: crate::config::PoolSettings,
 ) -> Result<Backend, End> {
     let deadline = Instant::now() + settings.query_wait_timeout;
     let notice_at = Instant::now() + QUEUED_NOTICE_AFTER;
-    let acquiring = pool.acquire(ctx, deadline);
+    let entry = client.branch.entry.clone();
+    let acquiring = async {
+        loop {
+            // `branchgate pause`: new transactions wait until `resume` (or their deadline).
+            while entry.paused() {
+                if Instant::now() >= deadline {
+                    return Err(AcquireError::WaitTimeout);
+                }
+                monoio::time::sleep(PAUSE_POLL).await;
+            }
+            // The primary as the catalog names it now (a failover may have changed it).
+            let catalog = worker.shared.catalog.load_full();
+            let Some(branch) = catalog.branch(&pool.key.branch) else {
+                return Err(AcquireError::NoCredentials);
+            };
+            let ctx = context(worker, &branch.primary, &catalog);
+            match pool.acquire(&ctx, deadline).await {
+                Err(AcquireError::Connect { error, .. })
+                    if unavailable(&error) && Instant::now() + FAILOVER_RETRY < deadline =>
+                {
+                    // Failover buffering: the client has sent nothing anywhere yet, so it
+                    // can wait for the primary to come back, or for the catalog to name a
+                    // new one, and nothing runs twice.
+                    if let Some(suppressed) = BUFFERING.allow() {
+                        tracing::warn!(
+                            branch = %pool.key.branch,
+                            primary = %branch.primary,
+                            %error,
+                            suppressed,
+                            "primary unreachable: new transactions wait for it (query_wait_timeout)"
+                        );
+                    }
+                    drop(catalog);
+                    monoio::time::sleep(FAILOVER_RETRY).await;
+                }
+                other => return other,
+            }
+        }
+    };
     let mut acquiring = std::pin::pin!(acquiring);
     let mut noticed = false;
     let acquired = loop {
@@ -583,6 +711,27 @@ async fn acquire(
             SqlState::CONNECTION_FAILURE,
             "could not connect to the branch's server",
         )),
+    }
+}
+
+/// How often a transaction held back by `branchgate pause` looks whether it may go.
+const PAUSE_POLL: Duration = Duration::from_millis(10);
+/// How long a transaction waits before trying an unreachable primary again.
+const FAILOVER_RETRY: Duration = Duration::from_millis(250);
+/// Logs transactions held back by an unreachable primary.
+static BUFFERING: LogThrottle = LogThrottle::new();
+
+/// True for failures that mean the server is not there now (down, restarting, being promoted),
+/// not that it refused this client.
+fn unavailable(error: &crate::backend::BackendError) -> bool {
+    use crate::backend::BackendError;
+    match error {
+        BackendError::Connect(_)
+        | BackendError::Timeout
+        | BackendError::Closed
+        | BackendError::Io(_) => true,
+        BackendError::Rejected(code) => code.server_unavailable(),
+        _ => false,
     }
 }
 
