@@ -563,8 +563,9 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let listener = bind(path).expect("bind");
         let server = ControlServer::start(listener, move |request: Request| {
+            let line = request.line();
             let _ = tx.send(request);
-            Reply::new(Status::Ok, request.line())
+            Reply::new(Status::Ok, line)
         })
         .expect("start");
         (server, rx)
@@ -643,7 +644,7 @@ mod tests {
 
         let timeout = Duration::from_secs(10);
         for request in [Request::Reload { force: true }, Request::Check] {
-            let reply = super::request(&path, request, timeout).expect("answer");
+            let reply = super::request(&path, request.clone(), timeout).expect("answer");
             assert_eq!(reply, Reply::new(Status::Ok, request.line()));
             assert_eq!(handled.recv().expect("handled"), request);
         }
