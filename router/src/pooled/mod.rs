@@ -487,7 +487,9 @@ async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(), End> {
                     "client_idle_timeout",
                 )),
             }
-            if !read_client(worker, client).await? {
+            // Boxed, as what it sends below: the wait above is what an idle client holds.
+            let reading = Box::pin(read_client(worker, client));
+            if !reading.await? {
                 return Err(End::ClientClosed);
             }
             if !has_message(&client.plain) {
@@ -508,7 +510,8 @@ async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(), End> {
             &mut answer,
         );
         if !answer.is_empty() {
-            send_plain(worker, client, &answer).await?;
+            let sending = Box::pin(send_plain(worker, client, &answer));
+            sending.await?;
         }
         if !answered {
             return Ok(());
