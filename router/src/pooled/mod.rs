@@ -551,12 +551,12 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
     let ctx = context(worker, &primary, &catalog);
     match outcome {
         Ok(()) if delivered => pool.release(&ctx, backend),
-        Ok(()) => pool.discard(&ctx, backend),
+        Ok(()) => pool.discard(backend),
         Err(Broken {
             end: End::Lost(lost),
             ..
         }) => {
-            pool.discard(&ctx, backend);
+            pool.discard(backend);
             if !lost.now.is_empty() {
                 if let Err(end) = send_plain(worker, client, &lost.now).await {
                     return Some(end);
@@ -570,7 +570,7 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
             if reusable && delivered {
                 pool.release(&ctx, backend);
             } else {
-                pool.discard(&ctx, backend);
+                pool.discard(backend);
             }
             return Some(end);
         }
@@ -641,6 +641,8 @@ async fn acquire(
             let Some(branch) = catalog.branch(&pool.key.branch) else {
                 return Err(AcquireError::NoCredentials);
             };
+            // A reload may have changed the branch's pool settings.
+            pool.set_settings(worker.shared.config.pool.for_branch(&branch.pool));
             let ctx = context(worker, &branch.primary, &catalog);
             match pool.acquire(&ctx, deadline).await {
                 Err(AcquireError::Connect { error, .. })
@@ -795,6 +797,7 @@ async fn transaction(
     let owed_waker: Cell<Option<std::task::Waker>> = Cell::new(None);
     // A record is on its way to the client: the transaction cannot stop there.
     let writing = Cell::new(false);
+    let write_done: Cell<Option<std::task::Waker>> = Cell::new(None);
     // A read from the backend is under way: stopping there could lose what it read.
     let reading = Cell::new(false);
     // An ErrorResponse the backend sent unasked (its FATAL, as it goes away).
@@ -821,7 +824,32 @@ async fn transaction(
     let (backend_rd, backend_wr) = (&mut backend.rd, &mut backend.wr);
 
     let client_to_backend = async {
+        let mut forwarded = false;
         loop {
+            // The client's next messages begin a new transaction: the backend goes back first
+            // (the client may well get it again), so clients in line, `server_lifetime` and
+            // password resets are served at every transaction boundary, even for a client
+            // that sends its next transaction the moment the last one ends.
+            if forwarded
+                && !plain.is_empty()
+                && !messages.inside()
+                && state.borrow().tx.releasable()
+            {
+                // The last ReadyForQuery may still be on its way to the client.
+                std::future::poll_fn(|cx| {
+                    if writing.get() {
+                        write_done.set(Some(cx.waker().clone()));
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(())
+                    }
+                })
+                .await;
+                if state.borrow().tx.releasable() {
+                    return Step::Released;
+                }
+            }
+            forwarded = true;
             // Whole messages at hand go to the backend.
             let step = {
                 let mut state = state.borrow_mut();
@@ -965,6 +993,9 @@ async fn transaction(
                 writing.set(true);
                 let written = write_all_vec(wr, &mut sealed).await;
                 writing.set(false);
+                if let Some(waker) = write_done.take() {
+                    waker.wake();
+                }
                 if let Err(error) = written {
                     break Step::ClientFailed(error.to_string());
                 }
@@ -1303,14 +1334,24 @@ fn backend_messages(
                     buf.consume(len);
                     continue;
                 }
+                let resetting = tx.resetting();
                 let reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
-                tracing::trace!(tag = %char::from(tag), ?reply, "backend message");
                 if tag == be::PARAMETER_STATUS {
                     if let Ok(status) = ParameterStatus::parse(body) {
                         backend.reported.set(status.name, status.value);
-                        // Swallowed: the answer to the router's SET for this client, in the
-                        // server's spelling of the client's value.
-                        client.reported(status.name, status.value);
+                        // Swallowed but for a reset: the answer to the router's SET for this
+                        // client, in the server's spelling of the client's value.
+                        if !resetting {
+                            client.reported(status.name, status.value);
+                        }
+                    }
+                }
+                if tag == be::READY_FOR_QUERY && tx.take_reset_done() {
+                    // The backend went back to the pool's defaults; the client, as on a real
+                    // server, to its own (applied on its next backend, or this one next time).
+                    backend.unreported = params::Params::default();
+                    for (name, value) in client.reset_to_startup() {
+                        write::parameter_status(out, &name, &value);
                     }
                 }
                 if reply == Reply::Forward {
