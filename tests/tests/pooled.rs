@@ -967,8 +967,8 @@ fn statements_evicted_inside_a_pipeline_are_prepared_again() {
 
 #[test]
 fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
-    const CLIENTS: usize = 24;
-    const ROUNDS: usize = 8;
+    const CLIENTS: usize = 100;
+    const ROUNDS: usize = 6;
     let f = fixture();
     let router = f.router(&PoolSettings::new(2));
     thread::scope(|s| {
@@ -976,10 +976,12 @@ fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
             .map(|i| {
                 let router = &router;
                 s.spawn(move || {
-                    let mut timezone = if i < 12 {
-                        format!("Etc/GMT+{}", i + 1)
+                    // 24 zones, so neighbours differ; the application names all do.
+                    let zone = i % 24;
+                    let mut timezone = if zone < 12 {
+                        format!("Etc/GMT+{}", zone + 1)
                     } else {
-                        format!("Etc/GMT-{}", i - 11)
+                        format!("Etc/GMT-{}", zone - 11)
                     };
                     let mut app = format!("client-{i}");
                     let mode = if i % 2 == 0 {

@@ -762,22 +762,26 @@ async fn transaction(
     let mut to_backend: Vec<u8> = Vec::new();
     // The client's parameters on this backend.
     let mut sql = String::new();
-    // After a lost backend: the transaction block it had, aborted, on this one.
+    // A DDL changed a statement's result type under this backend: its statements are dropped
+    // and prepared again as they are used (the client saw the error once).
+    if backend.statements.take_stale() {
+        sql.push_str("DEALLOCATE ALL;");
+        backend.statements.clear();
+    }
+    backend.params.sync_to(&client.params, &mut sql);
+    // After a lost backend: the transaction block it had, aborted, on this one (last: the
+    // failing statement ends the query).
     let mut refuse_first = None;
     if let Some(aborted) = client.aborted.take() {
+        sql.push_str("BEGIN;");
         match aborted.error {
-            Some(error) => {
-                sql.push_str("BEGIN;");
-                refuse_first = Some(error);
-            }
+            Some(error) => refuse_first = Some(error),
             None => {
-                sql.push_str("BEGIN;");
                 sql.push_str(prepared::REFUSAL_SQL);
                 sql.push(';');
             }
         }
     }
-    backend.params.sync_to(&client.params, &mut sql);
     if !sql.is_empty() {
         tx.router_query();
         write::query(&mut to_backend, &sql);
@@ -927,6 +931,7 @@ async fn transaction(
     };
     let backend_to_client = async {
         let mut from_backend = ReadBuf::detached();
+        let mut stale_plans = false;
         let mut backend_stream = MessageStream::default();
         let mut to_client: Vec<u8> = Vec::new();
         let mut sealed: Vec<u8> = Vec::new();
@@ -965,7 +970,11 @@ async fn transaction(
                             &mut backend_params.borrow_mut(),
                             &mut to_client,
                             &mut unsolicited.borrow_mut(),
+                            &mut stale_plans,
                         );
+                        if stale_plans {
+                            backend_statements.borrow_mut().mark_stale();
+                        }
                         for statement in state.tx.take_accepted() {
                             pool.known_good.add(&statement);
                         }
@@ -1306,6 +1315,7 @@ fn backend_messages(
     backend: &mut params::BackendParams,
     out: &mut Vec<u8>,
     unsolicited: &mut Option<Vec<u8>>,
+    stale_plans: &mut bool,
 ) -> Result<(), String> {
     loop {
         let capacity = buf.capacity();
@@ -1333,6 +1343,9 @@ fn backend_messages(
                     *unsolicited = Some(as_error(&data[..len]));
                     buf.consume(len);
                     continue;
+                }
+                if tag == be::ERROR_RESPONSE && stale_plan(body) {
+                    *stale_plans = true;
                 }
                 let resetting = tx.resetting();
                 let reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
@@ -1379,6 +1392,14 @@ fn backend_messages(
             }
         }
     }
+}
+
+/// True for PostgreSQL's error for a prepared statement whose result type a DDL changed: the
+/// statement stays broken on that backend until it is prepared again.
+fn stale_plan(body: &[u8]) -> bool {
+    crate::protocol::backend::ErrorFields::parse(body).is_ok_and(|fields| {
+        fields.code == "0A000" && fields.message == "cached plan must not change result type"
+    })
 }
 
 /// Says goodbye as fits how the client's life ended: a FATAL error where the router ends it,

@@ -114,9 +114,22 @@ impl ClientStatements {
 pub struct BackendStatements {
     used: HashMap<Box<str>, u64>,
     tick: u64,
+    /// A plan went stale (0A000 "cached plan must not change result type").
+    stale: bool,
 }
 
 impl BackendStatements {
+    /// Its statements must be dropped before the next transaction (a DDL changed one's
+    /// result type).
+    pub fn mark_stale(&mut self) {
+        self.stale = true;
+    }
+
+    /// True once after [`BackendStatements::mark_stale`].
+    pub fn take_stale(&mut self) -> bool {
+        std::mem::take(&mut self.stale)
+    }
+
     /// True if the backend has `name` (and marks it used).
     fn touch(&mut self, name: &str) -> bool {
         self.tick += 1;
