@@ -804,8 +804,8 @@ async fn transaction(
     let write_done: Cell<Option<std::task::Waker>> = Cell::new(None);
     // A read from the backend is under way: stopping there could lose what it read.
     let reading = Cell::new(false);
-    // An ErrorResponse the backend sent unasked (its FATAL, as it goes away).
-    let unsolicited: RefCell<Option<Vec<u8>>> = RefCell::new(None);
+    // What the backend's messages told about it.
+    let found = RefCell::new(Findings::default());
     let Client {
         rd,
         wr,
@@ -931,7 +931,6 @@ async fn transaction(
     };
     let backend_to_client = async {
         let mut from_backend = ReadBuf::detached();
-        let mut stale_plans = false;
         let mut backend_stream = MessageStream::default();
         let mut to_client: Vec<u8> = Vec::new();
         let mut sealed: Vec<u8> = Vec::new();
@@ -969,10 +968,9 @@ async fn transaction(
                             &mut params.borrow_mut(),
                             &mut backend_params.borrow_mut(),
                             &mut to_client,
-                            &mut unsolicited.borrow_mut(),
-                            &mut stale_plans,
+                            &mut found.borrow_mut(),
                         );
-                        if stale_plans {
+                        if std::mem::take(&mut found.borrow_mut().stale_plans) {
                             backend_statements.borrow_mut().mark_stale();
                         }
                         for statement in state.tx.take_accepted() {
@@ -1042,7 +1040,7 @@ async fn transaction(
             let tx = &state.borrow().tx;
             let writing_now = writing.get();
             return Err(Broken {
-                end: lost(tx, unsolicited.take(), writing_now),
+                end: lost(tx, found.borrow_mut().unsolicited.take(), writing_now),
                 reusable: false,
             });
         }
@@ -1314,8 +1312,7 @@ fn backend_messages(
     client: &mut ClientParams,
     backend: &mut params::BackendParams,
     out: &mut Vec<u8>,
-    unsolicited: &mut Option<Vec<u8>>,
-    stale_plans: &mut bool,
+    found: &mut Findings,
 ) -> Result<(), String> {
     loop {
         let capacity = buf.capacity();
@@ -1340,12 +1337,12 @@ fn backend_messages(
                 if tag == be::ERROR_RESPONSE && !tx.awaiting_backend() {
                     // Not an answer: the backend is going away. The client gets it when the
                     // router tells it the backend is lost.
-                    *unsolicited = Some(as_error(&data[..len]));
+                    found.unsolicited = Some(as_error(&data[..len]));
                     buf.consume(len);
                     continue;
                 }
                 if tag == be::ERROR_RESPONSE && stale_plan(body) {
-                    *stale_plans = true;
+                    found.stale_plans = true;
                 }
                 let resetting = tx.resetting();
                 let reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
@@ -1392,6 +1389,15 @@ fn backend_messages(
             }
         }
     }
+}
+
+/// What a backend's messages told the router about the backend.
+#[derive(Debug, Default)]
+struct Findings {
+    /// An ErrorResponse it sent unasked (its FATAL as it goes away), as an ERROR.
+    unsolicited: Option<Vec<u8>>,
+    /// One of its statements' plans went stale.
+    stale_plans: bool,
 }
 
 /// True for PostgreSQL's error for a prepared statement whose result type a DDL changed: the
