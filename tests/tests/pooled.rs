@@ -971,10 +971,12 @@ fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
     const ROUNDS: usize = 6;
     let f = fixture();
     let router = f.router(&PoolSettings::new(2));
+    let logins = Turns::new(4);
     thread::scope(|s| {
         let workers: Vec<_> = (0..CLIENTS)
             .map(|i| {
                 let router = &router;
+                let logins = &logins;
                 s.spawn(move || {
                     // 24 zones, so neighbours differ; the application names all do.
                     let zone = i % 24;
@@ -989,11 +991,17 @@ fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
                     } else {
                         Mode::Direct
                     };
-                    let mut conn = f.raw(
-                        router,
-                        mode,
-                        &[("application_name", &app), ("TimeZone", &timezone)],
-                    );
+                    // Logins take turns, four at a time: SCRAM costs the (debug) router and
+                    // each client real CPU, and a hundred at once on two cores could pass
+                    // timeouts.startup; the transactions are what run all at once.
+                    let mut conn = {
+                        let _turn = logins.enter();
+                        f.raw(
+                            router,
+                            mode,
+                            &[("application_name", &app), ("TimeZone", &timezone)],
+                        )
+                    };
                     assert_eq!(conn.reported("TimeZone"), Some(timezone.as_str()), "{i}");
                     assert_eq!(conn.reported("application_name"), Some(app.as_str()), "{i}");
                     for round in 0..ROUNDS {
@@ -1052,6 +1060,40 @@ fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
             }
         }
     });
+}
+
+/// At most `n` threads at a time inside [`Turns::enter`].
+struct Turns {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// A turn, given back when dropped.
+struct Turn<'a>(&'a Turns);
+
+impl Turns {
+    fn new(n: usize) -> Turns {
+        Turns {
+            free: std::sync::Mutex::new(n),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn enter(&self) -> Turn<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Turn(self)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
