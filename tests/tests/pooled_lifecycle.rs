@@ -34,9 +34,9 @@ use tokio_postgres::error::SqlState;
 
 const BRANCH: &str = "b1";
 /// One role per test that watches its backends, plus `app` for the others.
-const ROLES: [&str; 13] = [
+const ROLES: [&str; 14] = [
     "app", "warm", "idler", "aged", "rst", "grow", "shrink", "canc", "quiet", "copier", "piper",
-    "drain", "big",
+    "drain", "big", "ddl",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a FATAL).
@@ -76,7 +76,9 @@ fn fixture() -> &'static Fixture {
         pg.psql_admin(
             "CREATE TABLE lc_copy (client text NOT NULL, n int NOT NULL, v text); \
              GRANT ALL ON lc_copy TO copier; \
-             CREATE TABLE lc_drain (v text NOT NULL); GRANT ALL ON lc_drain TO drain",
+             CREATE TABLE lc_drain (v text NOT NULL); GRANT ALL ON lc_drain TO drain; \
+             CREATE TABLE lc_ddl (a int); INSERT INTO lc_ddl VALUES (1); \
+             GRANT ALL ON lc_ddl TO ddl",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1151,4 +1153,34 @@ fn long_queries_and_megabyte_values_stream_through_the_pooled_port() {
     });
     // The one backend went back clean: the byte-level client shares it.
     assert_eq!(a.value("select 'still in step'"), "still in step");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A DDL under a prepared statement
+
+#[test]
+fn a_statement_whose_result_type_a_ddl_changed_is_prepared_again() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "ddl");
+    let mut conn = f.raw(&router, "ddl", Mode::Direct);
+    conn.send(&[parse("all_of", "select * from lc_ddl", &[]), sync()]);
+    assert_eq!(tags(&conn.until_ready("Parse")), "1 Z");
+    conn.send(&[bind_execute("all_of", &[]), sync()]);
+    assert_eq!(first_column(&conn.until_ready("first run")), ["1"]);
+    // The table gains a column: the backend's plan for the statement is stale.
+    f.pg.psql_admin("ALTER TABLE lc_ddl ADD COLUMN b int DEFAULT 2");
+    conn.send(&[bind_execute("all_of", &[]), sync()]);
+    let replies = conn.until_ready("after the DDL");
+    assert_eq!(
+        error_codes(&replies),
+        ["0A000"],
+        "PostgreSQL's own error, once"
+    );
+    // The router dropped the backend's statements: the next run prepares it again and sees
+    // both columns (a real server would keep failing until the client prepared it again).
+    conn.send(&[bind_execute("all_of", &[]), sync()]);
+    let replies = conn.until_ready("prepared again");
+    assert_eq!(tags(&replies), "2 D C Z", "{:?}", errors(&replies));
+    let row = branchgate_e2e::raw::data_row(&replies[1].1);
+    assert_eq!(row, [Some("1".to_owned()), Some("2".to_owned())]);
 }
