@@ -628,7 +628,8 @@ pub fn statements(text: &str) -> Vec<&str> {
         }
         let byte = bytes[i];
         if start.is_none() {
-            if byte.is_ascii_whitespace() || byte == b';' {
+            // PostgreSQL's spaces: the ASCII ones and vertical tab.
+            if byte.is_ascii_whitespace() || byte == 0x0b || byte == b';' {
                 i += 1;
                 continue;
             }
@@ -637,7 +638,7 @@ pub fn statements(text: &str) -> Vec<&str> {
         match byte {
             b';' => {
                 if let Some(s) = start.take() {
-                    out.push(text[s..i].trim_end());
+                    out.push(trim_spaces(&text[s..i]));
                 }
                 i += 1;
             }
@@ -690,12 +691,14 @@ pub fn statements(text: &str) -> Vec<&str> {
         }
     }
     if let Some(s) = start {
-        let rest = text[s..].trim_end();
-        if !rest.is_empty() {
-            out.push(rest);
-        }
+        out.push(trim_spaces(&text[s..]));
     }
     out
+}
+
+/// `text` without the spaces (PostgreSQL's) at its end.
+fn trim_spaces(text: &str) -> &str {
+    text.trim_end_matches(|c: char| c.is_ascii_whitespace() || c == '\u{b}')
 }
 
 /// What a simple query does that the router must know of.
@@ -1142,6 +1145,8 @@ mod tests {
             ]
         );
         assert_eq!(statements("  "), Vec::<&str>::new());
+        // Found by the fuzzer: a vertical tab is a space to PostgreSQL, not a statement.
+        assert_eq!(statements("\u{b}\t;select 1\u{b}"), ["select 1"]);
     }
 
     #[test]
