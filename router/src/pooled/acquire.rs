@@ -93,7 +93,7 @@ pub(super) async fn acquire(
                     SqlState::SUCCESSFUL_COMPLETION,
                     QUEUED_NOTICE,
                 );
-                send_plain(worker, client, &notice).await?;
+                send_plain(client, &notice).await?;
             }
         }
     };
@@ -114,7 +114,7 @@ pub(super) async fn acquire(
                 ))
             } else {
                 // The backend's own ErrorResponse (its FATAL), then the end.
-                let _ = send_plain(worker, client, &to_client).await;
+                let _ = send_plain(client, &to_client).await;
                 Err(End::BackendFailed)
             }
         }

@@ -499,7 +499,7 @@ fn backend_messages(
     loop {
         let capacity = buf.capacity();
         let piece = stream
-            .next(buf.data(), capacity, 5, |tag| {
+            .next(buf.data(), capacity, HEADER_BYTES, |tag| {
                 matches!(
                     tag,
                     be::READY_FOR_QUERY | be::ERROR_RESPONSE | be::PARAMETER_STATUS
@@ -515,7 +515,7 @@ fn backend_messages(
         match piece {
             None => return Ok(()),
             Some(Piece::Whole { tag, len }) => {
-                let body = &data[5..len];
+                let body = &data[HEADER_BYTES..len];
                 if tag == be::ERROR_RESPONSE && !tx.awaiting_backend() {
                     // Not an answer: the backend is going away. The client gets it when the
                     // router tells it the backend is lost.

@@ -53,7 +53,7 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
             &mut answer,
         );
         if !answer.is_empty() {
-            let sending = Box::pin(send_plain(worker, client, &answer));
+            let sending = Box::pin(send_plain(client, &answer));
             sending.await?;
         }
         if !answered {

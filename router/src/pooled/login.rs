@@ -108,7 +108,20 @@ pub(super) async fn start(
                     return None;
                 }
             }
-            pool.base()?
+            // Set by the backend just opened (or by whichever opened the one lent).
+            match pool.base() {
+                Some(base) => base,
+                None => {
+                    tracing::warn!(%peer, "pooled login: the pool's parameters are unknown");
+                    front_door::refuse(
+                        conn,
+                        peer,
+                        SessionError::Backend(crate::backend::BackendError::Timeout),
+                    )
+                    .await;
+                    return None;
+                }
+            }
         }
     };
     let params = ClientParams::new(base, startup_params(&backend_startup));

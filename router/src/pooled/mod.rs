@@ -228,7 +228,7 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
         }) => {
             pool.discard(backend);
             if !lost.now.is_empty() {
-                if let Err(end) = send_plain(worker, client, &lost.now).await {
+                if let Err(end) = send_plain(client, &lost.now).await {
                     return Some(end);
                 }
             }
@@ -264,8 +264,7 @@ async fn readable(half: &TcpOwnedReadHalf) -> std::io::Result<()> {
 }
 
 /// Seals `plain` and sends it to the client.
-async fn send_plain(worker: &Worker, client: &mut Client, plain: &[u8]) -> Result<(), End> {
-    let _ = worker;
+async fn send_plain(client: &mut Client, plain: &[u8]) -> Result<(), End> {
     let mut sealed = Vec::with_capacity(plain.len() + 64);
     tls::seal_into(&mut client.records, plain, &mut sealed)
         .map_err(|e| End::ClientFailed(e.to_string()))?;

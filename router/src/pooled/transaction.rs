@@ -295,9 +295,9 @@ impl Transaction {
         self.push(Awaiting::Synthesized(Synthesized::Command(tag), None));
     }
 
-    /// The router sent the backend a statement that fails (the [`REFUSAL`] Parse, or Query
-    /// when `simple`) in place of the client's message: the client gets `error` (a whole
-    /// ErrorResponse) in place of the backend's.
+    /// The router sent the backend a statement that fails (a Parse of
+    /// [`super::prepared::REFUSAL_SQL`], or a Query when `simple`) in place of the client's
+    /// message: the client gets `error` (a whole ErrorResponse) in place of the backend's.
     pub fn refuse(&mut self, error: Box<[u8]>, simple: bool) {
         if !simple {
             self.unsynced = true;
