@@ -112,9 +112,10 @@ impl ReadBuf {
         self.end = 0;
     }
 
-    /// Free space after the data, moving the data to the front first if that makes room.
+    /// Free space after the data, moving the data to the front first if bytes before it were
+    /// consumed (so the free space is all there is).
     pub fn spare_mut(&mut self) -> &mut [u8] {
-        if self.start > 0 && self.end == self.data.len() {
+        if self.start > 0 {
             self.data.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
@@ -197,24 +198,40 @@ pub const MAX_POOLED_BUFFERS: usize = 64;
 
 /// A worker-local pool of I/O buffers. Connections hold buffers only while bytes are moving:
 /// an idle session waits for readiness without one, which keeps idle connections small.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BufPool {
     free: RefCell<Vec<Box<[u8]>>>,
+    size: usize,
+}
+
+impl Default for BufPool {
+    /// A pool of [`POOL_BUFFER_BYTES`] buffers.
+    fn default() -> Self {
+        BufPool::sized(POOL_BUFFER_BYTES)
+    }
 }
 
 impl BufPool {
-    /// A buffer of [`POOL_BUFFER_BYTES`], reused if one is free.
+    /// A pool of `size`-byte buffers.
+    pub fn sized(size: usize) -> Self {
+        BufPool {
+            free: RefCell::default(),
+            size,
+        }
+    }
+
+    /// A buffer of the pool's size, reused if one is free.
     pub fn take(&self) -> Box<[u8]> {
         self.free
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| vec![0; POOL_BUFFER_BYTES].into_boxed_slice())
+            .unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
     }
 
     /// Hand a buffer back (zeroed and freed if the pool is full or it has another size).
     pub fn give(&self, mut buf: Box<[u8]>) {
         let mut free = self.free.borrow_mut();
-        if buf.len() == POOL_BUFFER_BYTES && free.len() < MAX_POOLED_BUFFERS {
+        if buf.len() == self.size && free.len() < MAX_POOLED_BUFFERS {
             free.push(buf);
         } else {
             wipe(&mut buf);

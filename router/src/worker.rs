@@ -112,6 +112,10 @@ pub struct Worker {
     pub buffers: crate::buf::BufPool,
     /// This worker's backend pools (the pooled port).
     pub pools: crate::pooled::pool::Pools,
+    /// Buffers for a pooled client's opened bytes: room for the largest message it keeps
+    /// whole (a pool buffer) plus a whole record, so a record always fits beside a partial
+    /// message.
+    pub message_buffers: crate::buf::BufPool,
 }
 
 /// Unregisters a session when the session ends.
@@ -189,6 +193,9 @@ impl Worker {
             cancel_limiter: RefCell::default(),
             buffers: crate::buf::BufPool::default(),
             pools: crate::pooled::pool::Pools::default(),
+            message_buffers: crate::buf::BufPool::sized(
+                crate::buf::POOL_BUFFER_BYTES + crate::tls::MAX_PLAINTEXT,
+            ),
         })
     }
 

@@ -41,6 +41,14 @@ impl TestRouter {
         branches: &[BranchSpec],
         edit: impl FnOnce(String) -> String,
     ) -> TestRouter {
+        // BRANCHGATE_TEST_LOG=branchgate=debug shows the router's log (as BRANCHGATE_LOG does
+        // for the binary), for a test being debugged.
+        if let Ok(filter) = std::env::var("BRANCHGATE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::Builder::new()
             .prefix("bg-router-")
             .tempdir()

@@ -1184,3 +1184,30 @@ fn a_statement_whose_result_type_a_ddl_changed_is_prepared_again() {
     let row = branchgate_e2e::raw::data_row(&replies[1].1);
     assert_eq!(row, [Some("1".to_owned()), Some("2".to_owned())]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Long pipelines
+
+#[test]
+fn a_pipeline_longer_than_the_routers_reply_bound_completes() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "piper");
+    let mut conn = f.raw(&router, "piper", Mode::Direct);
+    // Three thousand Parses and one Sync, in one write: more replies owed than the router lets
+    // pile up, each too small for PostgreSQL to flush before the Sync it has not seen yet.
+    const PARSES: usize = 3000;
+    let mut batch: Vec<Vec<u8>> = (0..PARSES)
+        .map(|i| parse(&format!("many_{i}"), &format!("select {i}"), &[]))
+        .collect();
+    batch.push(sync());
+    conn.send(&batch);
+    let replies = conn.until_ready("a long pipeline");
+    assert_eq!(replies.len(), PARSES + 1, "{:?}", errors(&replies));
+    assert!(replies[..PARSES].iter().all(|(tag, _)| *tag == b'1'));
+    // The names are the client's: the last one runs.
+    conn.send(&[bind_execute(&format!("many_{}", PARSES - 1), &[]), sync()]);
+    assert_eq!(
+        first_column(&conn.until_ready("the last statement")),
+        [(PARSES - 1).to_string()]
+    );
+}

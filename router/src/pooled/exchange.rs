@@ -76,6 +76,8 @@ pub(super) async fn transaction(
     // A record is on its way to the client: the transaction cannot stop there.
     let writing = Cell::new(false);
     let write_done: Cell<Option<std::task::Waker>> = Cell::new(None);
+    // Woken when replies owed went out (the client direction waits on it when too many are).
+    let progress: Cell<Option<std::task::Waker>> = Cell::new(None);
     // A read from the backend is under way: stopping there could lose what it read.
     let reading = Cell::new(false);
     // What the backend's messages told about it.
@@ -98,6 +100,7 @@ pub(super) async fn transaction(
     let params = RefCell::new(params);
     let backend_params = RefCell::new(&mut backend.params);
     let buffers = &worker.buffers;
+    let message_buffers = &worker.message_buffers;
     let settings_idle_tx = settings.idle_transaction_timeout;
     let (backend_rd, backend_wr) = (&mut backend.rd, &mut backend.wr);
 
@@ -128,6 +131,15 @@ pub(super) async fn transaction(
                 }
             }
             forwarded = true;
+            // Records read before but not opened then (no room beside a partial message).
+            if !cipher.is_empty() {
+                plain.attach(message_buffers);
+                match tls::open_into(&mut records.borrow_mut(), cipher, plain) {
+                    Ok(true) => {}
+                    Ok(false) => return Step::ClientGone,
+                    Err(error) => return Step::ClientFailed(error.to_string()),
+                }
+            }
             // Whole messages at hand go to the backend.
             let step = {
                 let mut state = state.borrow_mut();
@@ -172,8 +184,34 @@ pub(super) async fn transaction(
                 }
                 state.client_at_rest = at_rest;
             }
-            plain.detach(buffers);
+            plain.detach(message_buffers);
             cipher.detach(buffers);
+            // Backpressure: while this many replies are owed (a slow query ahead of a long
+            // pipeline, or a client that does not read its replies), the client's next
+            // messages wait in its socket, as they would in front of a busy PostgreSQL
+            // backend; what the router answers itself cannot pile up either. The backend is
+            // sent a Flush first: without one, PostgreSQL keeps small replies in its output
+            // buffer until the Sync the client has not been let to send.
+            if state.borrow().tx.pending() >= MAX_PENDING_REPLIES {
+                let mut flush = Vec::with_capacity(HEADER_BYTES);
+                flush.extend_from_slice(&[fe::FLUSH, 0, 0, 0, 4]);
+                if let Err(error) = write_all_vec(backend_wr, &mut flush).await {
+                    return Step::BackendFailed(error.to_string());
+                }
+            }
+            std::future::poll_fn(|cx| {
+                if state.borrow().tx.pending() < MAX_PENDING_REPLIES {
+                    std::task::Poll::Ready(())
+                } else {
+                    progress.set(Some(cx.waker().clone()));
+                    std::task::Poll::Pending
+                }
+            })
+            .await;
+            // A whole record is here already: open it before reading more.
+            if matches!(records.borrow().record_len(cipher.data()), Ok(Some(_))) {
+                continue;
+            }
             let idle_tx = match settings_idle_tx {
                 Some(limit) if state.borrow().tx.status() != b'I' => Some(Instant::now() + limit),
                 _ => None,
@@ -190,7 +228,7 @@ pub(super) async fn transaction(
             }
             state.borrow_mut().client_at_rest = false;
             cipher.attach(buffers);
-            plain.attach(buffers);
+            plain.attach(message_buffers);
             match cipher.fill_from(rd).await {
                 Ok(0) => return Step::ClientGone,
                 Ok(_) => {}
@@ -263,6 +301,10 @@ pub(super) async fn transaction(
                     }
                 }
                 None => state.borrow_mut().tx.take_synthesized(&mut to_client),
+            }
+            // Replies came: a client direction held back by too many owed may go on.
+            if let Some(waker) = progress.take() {
+                waker.wake();
             }
             if !to_client.is_empty() {
                 if let Err(error) =
@@ -365,6 +407,9 @@ struct ClientSide<'a> {
     refuse_first: &'a mut Option<Box<[u8]>>,
 }
 
+/// Replies a transaction may owe before the client's next messages wait in its socket.
+const MAX_PENDING_REPLIES: usize = 1024;
+
 /// Bytes of a Bind the router needs before rewriting it: the header and both names.
 const BIND_PREFIX: usize = HEADER_BYTES + 2 * (prepared::MAX_NAME_BYTES + 1);
 
@@ -387,7 +432,9 @@ fn client_messages(
     } = side;
     let protocol = |e: prepared::Malformed| Step::Protocol(e.to_string());
     loop {
-        let capacity = plain.capacity();
+        // The largest message kept whole: a pool buffer (the rest of `plain` is room for a
+        // record beside it).
+        let capacity = crate::buf::POOL_BUFFER_BYTES;
         let prefix = if plain.data().first() == Some(&fe::BIND) {
             BIND_PREFIX
         } else {

@@ -17,9 +17,19 @@ use super::{readable, send_plain, sleep_until, Client, End};
 pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(), End> {
     loop {
         let settings = client.pool.settings();
+        // Records read before but not opened then (no room beside what the last transaction
+        // left).
+        if !client.cipher.is_empty() {
+            client.plain.attach(&worker.message_buffers);
+            match tls::open_into(&mut client.records, &mut client.cipher, &mut client.plain) {
+                Ok(true) => {}
+                Ok(false) => return Err(End::ClientClosed),
+                Err(error) => return Err(End::ClientFailed(error.to_string())),
+            }
+        }
         // Idle: nothing held but the socket (and a partial message, if the client sent one).
         client.cipher.detach(&worker.buffers);
-        client.plain.detach(&worker.buffers);
+        client.plain.detach(&worker.message_buffers);
         if !has_message(&client.plain) {
             let idle_deadline = settings.client_idle_timeout.map(|t| Instant::now() + t);
             monoio::select! {
@@ -70,7 +80,7 @@ fn has_message(plain: &ReadBuf) -> bool {
 /// Reads what the client sent and opens it. `Ok(false)`: the client closed.
 async fn read_client(worker: &Worker, client: &mut Client) -> Result<bool, End> {
     client.cipher.attach(&worker.buffers);
-    client.plain.attach(&worker.buffers);
+    client.plain.attach(&worker.message_buffers);
     let n = client
         .cipher
         .fill_from(&mut client.rd)

@@ -185,7 +185,7 @@ pub(super) async fn start(
     };
     // Bytes the client sent past its login (normally none).
     if !plain.is_empty() {
-        client.plain.attach(&worker.buffers);
+        client.plain.attach(&worker.message_buffers);
         client.plain.spare_mut()[..plain.len()].copy_from_slice(&plain);
         client.plain.commit(plain.len());
     }

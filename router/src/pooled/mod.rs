@@ -306,7 +306,7 @@ async fn finish(worker: &Worker, mut client: Client, peer: SocketAddr, end: End)
     client.cipher.clear();
     client.plain.clear();
     client.cipher.detach(&worker.buffers);
-    client.plain.detach(&worker.buffers);
+    client.plain.detach(&worker.message_buffers);
     if matches!(end, End::ClientFailed(_)) {
         return;
     }

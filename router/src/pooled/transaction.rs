@@ -589,6 +589,11 @@ impl Transaction {
         std::mem::take(&mut self.reset_done)
     }
 
+    /// Replies owed (the backend's and the router's own).
+    pub fn pending(&self) -> usize {
+        self.queue.len()
+    }
+
     /// ReadyForQuery messages the backend owes (one per Sync and per simple query sent).
     pub fn owed_ready(&self) -> usize {
         self.queue
