@@ -346,11 +346,12 @@ mod tests {
         b.commit(6);
         b.consume(4);
         assert_eq!(b.data(), b"ef");
-        // Room at the end is 2 bytes; not full, so no compaction yet.
-        assert_eq!(b.spare_mut().len(), 2);
+        // Bytes were consumed: compaction moves "ef" to the front, so all the room is free
+        // space (a whole record fits beside a partial message).
+        assert_eq!(b.spare_mut().len(), 6);
+        assert_eq!(b.data(), b"ef");
         b.spare_mut()[..2].copy_from_slice(b"gh");
         b.commit(2);
-        // Full at the end: compaction moves "efgh" to the front.
         assert_eq!(b.spare_mut().len(), 4);
         assert_eq!(b.data(), b"efgh");
         b.consume(4);
