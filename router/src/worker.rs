@@ -194,7 +194,7 @@ impl Worker {
             buffers: crate::buf::BufPool::default(),
             pools: crate::pooled::pool::Pools::default(),
             message_buffers: crate::buf::BufPool::sized(
-                crate::buf::POOL_BUFFER_BYTES + crate::tls::MAX_PLAINTEXT,
+                crate::buf::POOL_BUFFER_BYTES + crate::tls::record::MAX_RECORD_LEN,
             ),
         })
     }

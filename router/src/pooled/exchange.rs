@@ -208,9 +208,12 @@ pub(super) async fn transaction(
                 }
             })
             .await;
-            // A whole record is here already: open it before reading more.
-            if matches!(records.borrow().record_len(cipher.data()), Ok(Some(_))) {
-                continue;
+            // A whole record is here already: open it before reading more. (It always fits:
+            // `plain` has room for a record beside the largest message kept whole.)
+            if let Ok(Some(len)) = records.borrow().record_len(cipher.data()) {
+                if plain.is_empty() || plain.spare_mut().len() >= len {
+                    continue;
+                }
             }
             let idle_tx = match settings_idle_tx {
                 Some(limit) if state.borrow().tx.status() != b'I' => Some(Instant::now() + limit),
