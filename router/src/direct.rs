@@ -124,18 +124,13 @@ async fn start(
     // Bytes the backend sent past its ReadyForQuery (normally none) follow ours.
     out.extend_from_slice(read_buf.data());
     read_buf.release(&worker.buffers);
-    if let Err(error) = conn.flush().await {
-        tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
-        conn.drop_silently();
-        return None;
-    }
     let Parts {
         tcp,
         records,
         handshake,
         cipher,
         mut plain,
-    } = conn.into_parts()?;
+    } = front_door::hand_over(conn, peer).await?;
     // Messages the client pipelined after authenticating go to the backend first.
     if let Err(error) = write_all_vec(&mut stream, &mut plain).await {
         tracing::warn!(%peer, %error, "backend connection failed");

@@ -147,6 +147,18 @@ pub async fn enter(
     Some(Entered { conn, auth, slot })
 }
 
+/// Sends the client what its login is answered with (queued in [`ClientConn::out`], up to its
+/// ReadyForQuery), then hands the connection over to what serves it. `None` if the client
+/// left meanwhile (logged).
+pub async fn hand_over(mut conn: ClientConn<'_>, peer: SocketAddr) -> Option<Parts> {
+    if let Err(error) = conn.flush().await {
+        tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
+        conn.drop_silently();
+        return None;
+    }
+    conn.into_parts()
+}
+
 /// What the front door let in.
 #[derive(Debug)]
 pub enum Admission {

@@ -144,18 +144,13 @@ pub(super) async fn start(
     }
     write::backend_key_data(out, key.pid, key.secret);
     write::ready_for_query(out, b'I');
-    if let Err(error) = conn.flush().await {
-        tracing::debug!(%peer, %error, "client gone before ReadyForQuery");
-        conn.drop_silently();
-        return None;
-    }
     let Parts {
         tcp,
         records,
         handshake,
         cipher,
         plain,
-    } = conn.into_parts()?;
+    } = front_door::hand_over(conn, peer).await?;
     let (rd, wr) = tcp.into_split();
     let handle = Rc::new(SessionHandle {
         backend_addr: branch.primary,

@@ -594,8 +594,15 @@ pub fn answer_idle(
 /// identifiers, dollar quotes and comments, each from its first word (comments and spaces
 /// before it skipped); empty statements left out.
 pub fn statements(text: &str) -> Vec<&str> {
-    let bytes = text.as_bytes();
     let mut out = Vec::new();
+    for_each_statement(text, |statement| out.push(statement));
+    out
+}
+
+/// As [`statements`], each handed to `f` in turn, without allocating (every simple query on
+/// the pooled port goes through it).
+fn for_each_statement<'a>(text: &'a str, mut f: impl FnMut(&'a str)) {
+    let bytes = text.as_bytes();
     let mut i = 0;
     let mut start: Option<usize> = None;
     let skip_comment = |i: usize| -> Option<usize> {
@@ -638,7 +645,7 @@ pub fn statements(text: &str) -> Vec<&str> {
         match byte {
             b';' => {
                 if let Some(s) = start.take() {
-                    out.push(trim_spaces(&text[s..i]));
+                    f(trim_spaces(&text[s..i]));
                 }
                 i += 1;
             }
@@ -691,9 +698,8 @@ pub fn statements(text: &str) -> Vec<&str> {
         }
     }
     if let Some(s) = start {
-        out.push(trim_spaces(&text[s..]));
+        f(trim_spaces(&text[s..]));
     }
-    out
 }
 
 /// `text` without the spaces (PostgreSQL's) at its end.
@@ -720,33 +726,38 @@ fn query_facts(text: &[u8]) -> QueryFacts {
     let Ok(text) = std::str::from_utf8(text) else {
         return QueryFacts::default();
     };
-    let statements = statements(text);
     let mut facts = QueryFacts::default();
-    for statement in &statements {
+    let mut count = 0;
+    // `DEALLOCATE name` counts only as the whole query.
+    let mut deallocate = None;
+    for_each_statement(text, |statement| {
+        count += 1;
         let mut words = statement.split_ascii_whitespace();
-        let first = words.next().unwrap_or("").to_ascii_lowercase();
+        let first = words.next().unwrap_or("");
         let second = words.next();
-        let all = |w: Option<&str>| w.is_some_and(|w| w.eq_ignore_ascii_case("all"));
-        match first.as_str() {
-            "prepare" => facts.prepare = true,
-            "deallocate" => {
-                let mut name = second;
-                if name.is_some_and(|w| w.eq_ignore_ascii_case("prepare")) {
-                    name = words.next();
-                }
-                if all(name) {
-                    facts.clears_statements = true;
-                } else if let (Some(name), None, 1) = (name, words.next(), statements.len()) {
-                    facts.deallocate = Some(unquote(name));
-                }
+        let is =
+            |w: Option<&str>, keyword: &str| w.is_some_and(|w| w.eq_ignore_ascii_case(keyword));
+        if first.eq_ignore_ascii_case("prepare") {
+            facts.prepare = true;
+        } else if first.eq_ignore_ascii_case("deallocate") {
+            let mut name = second;
+            if is(name, "prepare") {
+                name = words.next();
             }
-            "discard" if all(second) => {
+            if is(name, "all") {
                 facts.clears_statements = true;
-                facts.resets_parameters = true;
+            } else if let (Some(name), None) = (name, words.next()) {
+                deallocate = Some(name);
             }
-            "reset" if all(second) => facts.resets_parameters = true,
-            _ => {}
+        } else if first.eq_ignore_ascii_case("discard") && is(second, "all") {
+            facts.clears_statements = true;
+            facts.resets_parameters = true;
+        } else if first.eq_ignore_ascii_case("reset") && is(second, "all") {
+            facts.resets_parameters = true;
         }
+    });
+    if count == 1 {
+        facts.deallocate = deallocate.map(unquote);
     }
     facts
 }
