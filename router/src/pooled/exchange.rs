@@ -33,7 +33,7 @@ pub(super) async fn transaction(
     backend: &mut Backend,
 ) -> Result<(), Broken> {
     let mut tx = Transaction::default();
-    let mut to_backend: Vec<u8> = Vec::new();
+    let mut to_backend: Vec<u8> = Vec::with_capacity(FIRST_CAPACITY);
     // The client's parameters on this backend.
     let mut sql = String::new();
     // A DDL changed a statement's result type under this backend: its statements are dropped
@@ -72,7 +72,9 @@ pub(super) async fn transaction(
     let settings = client.pool.settings();
     let max_prepared = settings.max_prepared_statements as usize;
     let pool = client.pool.clone();
-    let owed_waker: Cell<Option<std::task::Waker>> = Cell::new(None);
+    // The backend direction's wait for the client direction: replies of the router's own to
+    // send, or messages forwarded, or the client at rest.
+    let backend_waiting: Cell<Option<std::task::Waker>> = Cell::new(None);
     // A record is on its way to the client: the transaction cannot stop there.
     let writing = Cell::new(false);
     let write_done: Cell<Option<std::task::Waker>> = Cell::new(None);
@@ -83,6 +85,7 @@ pub(super) async fn transaction(
     // What the backend's messages told about it.
     let found = RefCell::new(Findings::default());
     let Client {
+        readiness,
         rd,
         wr,
         records,
@@ -162,10 +165,11 @@ pub(super) async fn transaction(
                 let mut state = state.borrow_mut();
                 if state.tx.owes_synthesized() {
                     state.owed = true;
-                    if let Some(waker) = owed_waker.take() {
-                        waker.wake();
-                    }
                 }
+            }
+            // The backend direction may have been waiting for this.
+            if let Some(waker) = backend_waiting.take() {
+                waker.wake();
             }
             if !to_backend.is_empty() {
                 if let Err(error) = write_all_vec(backend_wr, &mut to_backend).await {
@@ -183,6 +187,11 @@ pub(super) async fn transaction(
                     return Step::Released;
                 }
                 state.client_at_rest = at_rest;
+            }
+            if at_rest {
+                if let Some(waker) = backend_waiting.take() {
+                    waker.wake();
+                }
             }
             plain.detach(message_buffers);
             cipher.detach(buffers);
@@ -220,7 +229,7 @@ pub(super) async fn transaction(
                 _ => None,
             };
             let waited = monoio::select! {
-                readable = readable(rd) => readable.map_err(|e| Step::ClientFailed(e.to_string())),
+                readable = readiness.wait(rd) => readable.map_err(|e| Step::ClientFailed(e.to_string())),
                 () = sleep_until(idle_tx) => Err(Step::Fatal(
                     SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                     "idle transaction timeout",
@@ -247,20 +256,51 @@ pub(super) async fn transaction(
     let backend_to_client = async {
         let mut from_backend = ReadBuf::detached();
         let mut backend_stream = MessageStream::default();
-        let mut to_client: Vec<u8> = Vec::new();
-        let mut sealed: Vec<u8> = Vec::new();
+        let mut to_client: Vec<u8> = Vec::with_capacity(FIRST_CAPACITY);
+        let mut sealed: Vec<u8> = Vec::with_capacity(FIRST_CAPACITY);
         let result = loop {
+            // Nothing owed and no block open: the transaction is over once the client
+            // direction is at rest. The backend has nothing to say until it is given more, so
+            // it is not watched meanwhile (a poll started here would only be cancelled); the
+            // client direction wakes this one when it moves on.
+            std::future::poll_fn(|cx| {
+                let state = state.borrow();
+                if state.tx.releasable()
+                    && !state.client_at_rest
+                    && !state.owed
+                    && !backend_stream.inside()
+                {
+                    backend_waiting.set(Some(cx.waker().clone()));
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            {
+                let state = state.borrow();
+                if state.client_at_rest && state.tx.releasable() && !backend_stream.inside() {
+                    break Step::Released;
+                }
+            }
             let owed = std::future::poll_fn(|cx| {
                 if std::mem::take(&mut state.borrow_mut().owed) {
                     std::task::Poll::Ready(())
                 } else {
-                    owed_waker.set(Some(cx.waker().clone()));
+                    backend_waiting.set(Some(cx.waker().clone()));
                     std::task::Poll::Pending
                 }
             });
-            let readable = monoio::select! {
-                readable = readable(backend_rd) => Some(readable),
-                () = owed => None,
+            // The backend answers next: its bytes are read as they come, with no readiness
+            // wait first (the buffer is lent to the kernel only until the answer, which nothing
+            // the router owes can overtake). Otherwise the router's own replies may be next.
+            let readable = if state.borrow().tx.backend_next() {
+                Some(Ok(()))
+            } else {
+                monoio::select! {
+                    readable = readable(backend_rd) => Some(readable),
+                    () = owed => None,
+                }
             };
             match readable {
                 Some(Err(error)) => break Step::BackendFailed(error.to_string()),
@@ -327,10 +367,6 @@ pub(super) async fn transaction(
                 }
             }
             from_backend.detach(buffers);
-            let state = state.borrow();
-            if state.client_at_rest && state.tx.releasable() && !backend_stream.inside() {
-                break Step::Released;
-            }
         };
         from_backend.release(buffers);
         result
@@ -409,6 +445,10 @@ struct ClientSide<'a> {
     /// The error the client's first message gets in place of its answer.
     refuse_first: &'a mut Option<Box<[u8]>>,
 }
+
+/// Room each of a transaction's outgoing byte vectors starts with: a point query, its reply,
+/// or a sealed record of either fits without the vector growing.
+const FIRST_CAPACITY: usize = 512;
 
 /// Replies a transaction may owe before the client's next messages wait in its socket.
 const MAX_PENDING_REPLIES: usize = 1024;
@@ -580,7 +620,7 @@ fn backend_messages(
                 let reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
                 if tag == be::PARAMETER_STATUS {
                     if let Ok(status) = ParameterStatus::parse(body) {
-                        backend.reported.set(status.name, status.value);
+                        backend.reported(status.name, status.value);
                         // Swallowed but for a reset: the answer to the router's SET for this
                         // client, in the server's spelling of the client's value.
                         if !resetting {
@@ -591,7 +631,7 @@ fn backend_messages(
                 if tag == be::READY_FOR_QUERY && tx.take_reset_done() {
                     // The backend went back to the pool's defaults; the client, as on a real
                     // server, to its own (applied on its next backend, or this one next time).
-                    backend.unreported = params::Params::default();
+                    backend.reset();
                     for (name, value) in client.reset_to_startup() {
                         write::parameter_status(out, &name, &value);
                     }

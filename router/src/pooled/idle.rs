@@ -10,7 +10,7 @@ use crate::tls;
 use crate::worker::Worker;
 
 use super::prepared;
-use super::{readable, send_plain, sleep_until, Client, End};
+use super::{send_plain, sleep_until, Client, End};
 
 /// Waits, holding no backend and no buffer, until the client sends messages that need a
 /// backend; answers those that need none on the way.
@@ -33,7 +33,7 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
         if !has_message(&client.plain) {
             let idle_deadline = settings.client_idle_timeout.map(|t| Instant::now() + t);
             monoio::select! {
-                readable = readable(&client.rd) => readable.map_err(|e| End::ClientFailed(e.to_string()))?,
+                readable = client.readiness.wait(&client.rd) => readable.map_err(|e| End::ClientFailed(e.to_string()))?,
                 reason = client.handle.kill.wait() => return Err(End::Killed(reason)),
                 () = sleep_until(idle_deadline) => return Err(End::Fatal(
                     SqlState::IDLE_SESSION_TIMEOUT,

@@ -22,7 +22,7 @@ use super::params::{startup_params, ClientParams};
 use super::pool::{AcquireError, PoolKey};
 use super::prepared::ClientStatements;
 use super::stream::MessageStream;
-use super::{context, Client};
+use super::{context, Client, Readiness};
 
 /// Logs in: the front door, a place, the pool, the answer.
 pub(super) async fn start(
@@ -162,6 +162,7 @@ pub(super) async fn start(
         kill: Signal::default(),
     });
     let mut client = Client {
+        readiness: Readiness::default(),
         rd,
         wr,
         records,

@@ -48,7 +48,9 @@ pub mod prepared;
 pub mod stream;
 pub mod transaction;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +88,8 @@ const CANCEL_DELIVERY_WAIT: Duration = Duration::from_secs(5);
 
 /// A pooled client that has logged in.
 struct Client {
+    /// The wait for the client's next bytes, kept across the end of a transaction.
+    readiness: Readiness,
     rd: TcpOwnedReadHalf,
     wr: TcpOwnedWriteHalf,
     records: Box<RecordLayer>,
@@ -261,6 +265,36 @@ async fn readable(half: &TcpOwnedReadHalf) -> std::io::Result<()> {
     // cell, its operations keep no reference into it, and both halves live on this thread.
     let stream: &TcpStream = unsafe { &*half.0.get() };
     stream.readable(false).await
+}
+
+/// A client socket's readiness, waited for across the end of a transaction: the poll the
+/// kernel has for it stays in place when a wait is dropped, and the next wait takes it up.
+///
+/// A transaction's client direction waits for the client's next bytes while the backend
+/// answers; the backend's ReadyForQuery ends the transaction and drops that wait, and the
+/// client goes back to waiting for its next bytes between transactions. With a poll per wait,
+/// every transaction would cancel one poll and start another; with this, a client costs one
+/// poll per arrival of its bytes.
+#[derive(Default)]
+struct Readiness(Option<Pin<Box<dyn Future<Output = std::io::Result<()>>>>>);
+
+impl Readiness {
+    /// Waits until the socket behind `half` is readable, without lending a buffer to the
+    /// kernel. Dropped before it is, it leaves its poll for the next wait.
+    async fn wait(&mut self, half: &TcpOwnedReadHalf) -> std::io::Result<()> {
+        let poll = self.0.get_or_insert_with(|| {
+            let cell = half.0.clone();
+            Box::pin(async move {
+                // SAFETY: as in `readable`; this clone of the cell keeps the stream alive for
+                // as long as the poll.
+                let stream: &TcpStream = unsafe { &*cell.get() };
+                stream.readable(false).await
+            })
+        });
+        let ready = poll.as_mut().await;
+        self.0 = None;
+        ready
+    }
 }
 
 /// Seals `plain` and sends it to the client.

@@ -180,15 +180,54 @@ impl ClientParams {
 #[derive(Clone, Debug, Default)]
 pub struct BackendParams {
     /// Everything it reported.
-    pub reported: Params,
+    reported: Params,
     /// Unreported parameters the router set on it for a client.
-    pub unreported: Params,
+    unreported: Params,
+    /// The client view it was last given, while nothing it reported since can have changed
+    /// it: a client with the same view needs nothing (most clients of a pool have the same
+    /// view, so most transactions skip the comparison).
+    given: Option<View>,
+}
+
+/// A client's view of its parameters, as the backend was given it.
+#[derive(Clone, Debug)]
+struct View {
+    base: Rc<Params>,
+    changed: Params,
+    unreported: Params,
 }
 
 impl BackendParams {
+    /// A backend that reported `reported` at startup.
+    pub fn new(reported: Params) -> Self {
+        BackendParams {
+            reported,
+            ..BackendParams::default()
+        }
+    }
+
+    /// The backend reported `name = value` (ParameterStatus).
+    pub fn reported(&mut self, name: &str, value: &str) {
+        self.reported.set(name, value);
+        self.given = None;
+    }
+
+    /// The backend's session went back to its defaults (DISCARD ALL, RESET ALL).
+    pub fn reset(&mut self) {
+        self.unreported = Params::default();
+        self.given = None;
+    }
+
     /// Appends to `sql` the `SET`s (and `RESET`s) that give this backend `client`'s
     /// parameters, and records them as applied. Returns false if it already had them.
     pub fn sync_to(&mut self, client: &ClientParams, sql: &mut String) -> bool {
+        if self.given.as_ref().is_some_and(|given| {
+            Rc::ptr_eq(&given.base, &client.base)
+                && given.changed == client.changed
+                && given.unreported == client.unreported
+        }) {
+            return false;
+        }
         let start = sql.len();
         for (name, value) in client.reported_view() {
             if settable(name) && self.reported.get(name) != Some(value) {
@@ -217,6 +256,11 @@ impl BackendParams {
         for (name, value) in client.unreported.iter() {
             self.unreported.set(name, value);
         }
+        self.given = Some(View {
+            base: client.base.clone(),
+            changed: client.changed.clone(),
+            unreported: client.unreported.clone(),
+        });
         sql.len() > start
     }
 }
@@ -304,10 +348,7 @@ mod tests {
 
     #[test]
     fn a_backend_is_set_to_its_clients_values_and_back() {
-        let mut backend = BackendParams {
-            reported: (*base()).clone(),
-            unreported: Params::default(),
-        };
+        let mut backend = BackendParams::new((*base()).clone());
         let mut a = ClientParams::new(
             base(),
             [("application_name", "a"), ("search_path", "s1")].into_iter(),
@@ -330,6 +371,34 @@ mod tests {
             sql,
             "SET \"application_name\" TO E'';SET \"TimeZone\" TO E'Etc/UTC';RESET \"search_path\";"
         );
+    }
+
+    #[test]
+    fn a_backend_given_a_view_is_compared_again_once_it_reports_a_change() {
+        let pool = base();
+        let mut backend = BackendParams::new((*pool).clone());
+        let a = ClientParams::new(pool.clone(), [("TimeZone", "Etc/GMT+5")].into_iter());
+        let b = ClientParams::new(pool.clone(), [("TimeZone", "Etc/GMT+5")].into_iter());
+        let mut sql = String::new();
+        assert!(backend.sync_to(&a, &mut sql));
+        backend.reported("TimeZone", "Etc/GMT+5");
+        sql.clear();
+        assert!(!backend.sync_to(&a, &mut sql), "compared: nothing to do");
+        assert!(
+            !backend.sync_to(&b, &mut sql),
+            "the same view: nothing to do"
+        );
+        // The backend's value changed under the view it was given (a SET the client view
+        // does not follow): the next client is compared, not trusted.
+        backend.reported("TimeZone", "UTC");
+        assert!(backend.sync_to(&b, &mut sql));
+        assert_eq!(sql, "SET \"TimeZone\" TO E'Etc/GMT+5';");
+        sql.clear();
+        backend.reset();
+        let c = ClientParams::new(pool, [("search_path", "s1")].into_iter());
+        assert!(backend.sync_to(&c, &mut sql));
+        assert!(sql.starts_with("SET \"TimeZone\" TO E'Etc/UTC';"), "{sql}");
+        assert!(sql.ends_with("SET \"search_path\" TO E's1';"), "{sql}");
     }
 
     #[test]

@@ -342,10 +342,7 @@ impl Pool {
             addr: conn.addr,
             pid: conn.pid,
             secret: conn.secret,
-            params: BackendParams {
-                reported,
-                unreported: Params::default(),
-            },
+            params: BackendParams::new(reported),
             statements: Default::default(),
             verifier: credentials.verifier,
             created: now,

@@ -612,6 +612,12 @@ impl Transaction {
         self.errored
     }
 
+    /// True if the next reply owed is the backend's: nothing the router owes can go out
+    /// before the backend sends something.
+    pub fn backend_next(&self) -> bool {
+        matches!(self.queue.front(), Some(awaiting) if !matches!(awaiting, Awaiting::Synthesized(..)))
+    }
+
     /// True while the backend owes replies (or a COPY is under way).
     pub fn awaiting_backend(&self) -> bool {
         self.copy != Copy::None
