@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use branchgate_e2e::pg::quote_literal;
 use branchgate_e2e::raw::{
-    bind_execute, close, data_row, describe, error_codes, errors, first_column, flush,
+    bind_execute, close, data_row, describe, error_codes, errors, execute, first_column, flush,
     parameter_description, parameter_status, parse, parse_error, query, row_description, sync,
     tags, Mode, RawConn, Reply,
 };
@@ -759,6 +759,34 @@ fn flush_without_sync_keeps_the_backend_until_sync() {
     a.send(&[bind_execute("held", &[]), sync()]);
     assert_eq!(rows(&a.until_ready("a"), "2 D C Z", "a"), ["held"]);
     assert_eq!(rows(&b.until_ready("b"), "T D C Z", "b"), ["b"]);
+}
+
+#[test]
+fn a_client_stopped_halfway_through_its_next_message_holds_no_backend() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    // A whole query with the start of the next one behind it in the same write (a Query, which
+    // the router reads whole, then an Execute, which it would otherwise pass on as it comes),
+    // and the next one before the answer (the first transaction is still running).
+    for next in [query("select 'next'"), execute("", 0)] {
+        let half = &next[..next.len() - 2];
+        a.send(&[query("select pg_sleep(0.2)"), half.to_vec()]);
+        assert_eq!(tags(&a.until_ready("a's whole query")), "T D C Z");
+        // The backend went back with a's transaction: b gets it while a's bytes wait.
+        assert_eq!(b.value("select 'b meanwhile'"), "b meanwhile");
+        a.send(&[next[next.len() - 2..].to_vec()]);
+        if next[0] == b'E' {
+            // An Execute of no portal, then a Sync: PostgreSQL's own answer.
+            a.send(&[sync()]);
+            let replies = a.until_ready("a's Execute");
+            assert_eq!(error_codes(&replies), ["34000"], "{}", tags(&replies));
+        } else {
+            assert_eq!(rows(&a.until_ready("a's next"), "T D C Z", "a"), ["next"]);
+        }
+    }
+    assert_eq!(a.value("select 'a after'"), "a after");
 }
 
 #[test]

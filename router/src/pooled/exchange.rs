@@ -21,7 +21,7 @@ use super::lost::{as_error, lost, LOST_BACKEND};
 use super::params::{self, ClientParams};
 use super::pool::Backend;
 use super::prepared::{self, BackendStatements, ClientStatements, Transient, Translator};
-use super::stream::{MessageStream, Piece};
+use super::stream::{BadLength, MessageStream, Piece};
 use super::transaction::{Reply, Send, Transaction};
 use super::{readable, sleep_until, Client, End, BACKEND_FAILED};
 
@@ -179,8 +179,9 @@ pub(super) async fn transaction(
             if terminated {
                 return Step::ClientGone;
             }
-            // At rest: nothing half read, nothing half written.
-            let at_rest = !messages.inside() && plain.is_empty();
+            // At rest: nothing half forwarded, nothing half written (what the client sent of
+            // its next message waits in `plain` for the next transaction).
+            let at_rest = !messages.inside();
             {
                 let mut state = state.borrow_mut();
                 if at_rest && state.tx.releasable() && !writing.get() {
@@ -456,6 +457,23 @@ const MAX_PENDING_REPLIES: usize = 1024;
 /// Bytes of a Bind the router needs before rewriting it: the header and both names.
 const BIND_PREFIX: usize = HEADER_BYTES + 2 * (prepared::MAX_NAME_BYTES + 1);
 
+/// The next piece of the client's messages in `data`. Every message that fits a pool buffer
+/// is kept whole (the rest of `plain` is room for a record beside it), so a client's message
+/// reaches a backend all at once, never half: a client that stops in the middle of one holds
+/// no backend. Longer ones are passed on in pieces once their first bytes (a Bind's names)
+/// are here.
+pub(super) fn client_piece(
+    stream: &mut MessageStream,
+    data: &[u8],
+) -> Result<Option<Piece>, BadLength> {
+    let prefix = if data.first() == Some(&fe::BIND) {
+        BIND_PREFIX
+    } else {
+        HEADER_BYTES + 1
+    };
+    stream.next(data, crate::buf::POOL_BUFFER_BYTES, prefix, |_| true)
+}
+
 /// Moves the client's whole messages (and pieces of long ones) from `plain` to `out`, as the
 /// state machine says, statement names rewritten for the backend. Returns true if the client
 /// sent Terminate.
@@ -475,22 +493,8 @@ fn client_messages(
     } = side;
     let protocol = |e: prepared::Malformed| Step::Protocol(e.to_string());
     loop {
-        // The largest message kept whole: a pool buffer (the rest of `plain` is room for a
-        // record beside it).
-        let capacity = crate::buf::POOL_BUFFER_BYTES;
-        let prefix = if plain.data().first() == Some(&fe::BIND) {
-            BIND_PREFIX
-        } else {
-            HEADER_BYTES + 1
-        };
-        let piece = stream
-            .next(plain.data(), capacity, prefix, |tag| {
-                matches!(
-                    tag,
-                    fe::DESCRIBE | fe::CLOSE | fe::PARSE | fe::BIND | fe::QUERY
-                )
-            })
-            .map_err(|e| Step::Protocol(e.to_string()))?;
+        let piece =
+            client_piece(stream, plain.data()).map_err(|e| Step::Protocol(e.to_string()))?;
         let data = plain.data();
         let (tag, len, whole) = match piece {
             None => return Ok(false),

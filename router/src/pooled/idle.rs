@@ -9,7 +9,9 @@ use crate::protocol::sqlstate::SqlState;
 use crate::tls;
 use crate::worker::Worker;
 
+use super::exchange::client_piece;
 use super::prepared;
+use super::stream::MessageStream;
 use super::{send_plain, sleep_until, Client, End};
 
 /// Waits, holding no backend and no buffer, until the client sends messages that need a
@@ -30,7 +32,7 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
         // Idle: nothing held but the socket (and a partial message, if the client sent one).
         client.cipher.detach(&worker.buffers);
         client.plain.detach(&worker.message_buffers);
-        if !has_message(&client.plain) {
+        if !ready(&client.plain) {
             let idle_deadline = settings.client_idle_timeout.map(|t| Instant::now() + t);
             monoio::select! {
                 readable = client.readiness.wait(&client.rd) => readable.map_err(|e| End::ClientFailed(e.to_string()))?,
@@ -45,7 +47,7 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
             if !reading.await? {
                 return Err(End::ClientClosed);
             }
-            if !has_message(&client.plain) {
+            if !ready(&client.plain) {
                 continue;
             }
         }
@@ -72,9 +74,14 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
     }
 }
 
-/// True if `plain` holds at least a message header (a message has begun).
-fn has_message(plain: &ReadBuf) -> bool {
-    plain.len() >= crate::protocol::frame::HEADER_BYTES
+/// True if `plain` holds what a transaction can start with: a whole message, or the first
+/// bytes of one too long to wait for whole (or one that breaks the protocol, for the
+/// transaction to refuse). A client that has sent part of a message holds no backend.
+fn ready(plain: &ReadBuf) -> bool {
+    !matches!(
+        client_piece(&mut MessageStream::default(), plain.data()),
+        Ok(None)
+    )
 }
 
 /// Reads what the client sent and opens it. `Ok(false)`: the client closed.
