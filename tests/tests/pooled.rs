@@ -1434,6 +1434,21 @@ fn idle_transaction_timeout_closes_the_client_and_frees_the_backend() {
         next.value("select count(*) from pooled_items where client = 'idle tx'"),
         "0"
     );
+    // Outside a transaction, a client stopped halfway through a query too long to be read
+    // whole (so its start is on the backend already) is held to the same bound.
+    let mut halfway = f.raw(&router, Mode::SslRequest, &[]);
+    let long = query(&format!("select '{}'", "x".repeat(64 * 1024)));
+    halfway.send(&[long[..long.len() / 2].to_vec()]);
+    let (error, elapsed) = expect_fatal_close(&mut halfway, "halfway through a long query");
+    assert!(
+        error.message.contains("idle transaction timeout"),
+        "{error:?}"
+    );
+    assert!(elapsed >= Duration::from_millis(900), "after {elapsed:?}");
+    assert_eq!(
+        next.value("select 'the backend is back'"),
+        "the backend is back"
+    );
 }
 
 #[test]

@@ -225,8 +225,12 @@ pub(super) async fn transaction(
                     continue;
                 }
             }
+            // Idle in a transaction, or stopped halfway through a message too long to wait
+            // for whole (part of it is on the backend, which it holds as a transaction would).
             let idle_tx = match settings_idle_tx {
-                Some(limit) if state.borrow().tx.status() != b'I' => Some(Instant::now() + limit),
+                Some(limit) if state.borrow().tx.status() != b'I' || messages.inside() => {
+                    Some(Instant::now() + limit)
+                }
                 _ => None,
             };
             let waited = monoio::select! {
