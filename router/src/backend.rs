@@ -118,6 +118,7 @@ pub async fn connect(
     to_client: &mut Vec<u8>,
     mut buf: ReadBuf,
 ) -> Result<(BackendConn, u8), BackendError> {
+    let started = monoio::time::Instant::now();
     let mut stream = TcpStream::connect_addr(addr)
         .await
         .map_err(BackendError::Connect)?;
@@ -209,6 +210,7 @@ pub async fn connect(
                 let status = body.first().copied().unwrap_or(b'I');
                 buf.consume(header.len);
                 let key = key.ok_or(BackendError::Protocol("no BackendKeyData"))?;
+                crate::probes::backend_connected(key.pid, addr.port(), started);
                 return Ok((
                     BackendConn {
                         stream,

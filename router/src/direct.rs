@@ -25,6 +25,7 @@ use crate::buf::{write_all_vec, ReadBuf};
 use crate::cancel;
 use crate::error::{KillReason, SessionError};
 use crate::front_door::{self, Authenticated, Entered, Parts};
+use crate::probes::ProbePort;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write::{self, Severity};
 use crate::relay::{self, ClientFailure, End, Sockets, CLOSE_WRITE_TIMEOUT};
@@ -310,6 +311,7 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
         "session established"
     );
     let _registration = worker.register(handle.clone());
+    let logged_in = Instant::now();
     let end = relay::run(
         &mut session.sockets,
         &mut session.records,
@@ -318,6 +320,7 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
         &worker.buffers,
     )
     .await;
+    crate::probes::session_end(ProbePort::Direct, handle.backend_key.pid, logged_in);
     session.cipher = Vec::new();
     let records = &mut session.records;
     // What the client still gets: a FATAL error if the router ends the session, then

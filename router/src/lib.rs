@@ -42,6 +42,7 @@ pub mod error;
 pub mod front_door;
 pub mod mailbox;
 pub mod pooled;
+pub mod probes;
 pub mod protocol;
 pub mod relay;
 pub mod role;

@@ -147,6 +147,11 @@ impl RouterProcess {
         panic!("branchgate run found no free ports in {BIND_ATTEMPTS} attempts");
     }
 
+    /// The router's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The direct port's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

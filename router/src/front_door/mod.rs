@@ -31,12 +31,14 @@ pub mod routing;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use monoio::net::TcpStream;
 use monoio::time::{timeout_at, Instant};
 
 use crate::error::SessionError;
+use crate::probes::ProbePort;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write::{self, Severity};
 use crate::throttle::LogThrottle;
@@ -71,6 +73,13 @@ pub fn serve(
     port: Port,
 ) -> impl Future<Output = ()> {
     let accepted = Instant::now();
+    crate::probes::accepted(
+        match port {
+            Port::Direct => ProbePort::Direct,
+            Port::Pooled => ProbePort::Pooled,
+        },
+        tcp.as_raw_fd(),
+    );
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }
@@ -186,14 +195,17 @@ pub async fn admit(
             Ok(negotiated) => negotiated?,
             Err(_) => return Err(SessionError::HandshakeTimeout),
         };
-        if let Negotiated::Cancel(key) = negotiated {
-            return Ok(Admission::Cancel(key));
-        }
+        let direct_ssl = match negotiated {
+            Negotiated::Cancel(key) => return Ok(Admission::Cancel(key)),
+            Negotiated::Tls { direct } => direct,
+        };
+        crate::probes::tls_done(direct_ssl, accepted);
         let routed = match routing::read_startup(worker, conn).await? {
             Startup::Cancel(key) => return Ok(Admission::Cancel(key)),
             Startup::Session(routed) => routed,
         };
         let authenticated = auth::authenticate(worker, conn, routed).await?;
+        crate::probes::authenticated(&authenticated.branch.id, &authenticated.role, accepted);
         Ok(Admission::Authenticated(Box::new(authenticated)))
     };
     monoio::select! {

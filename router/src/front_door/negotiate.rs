@@ -22,7 +22,10 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 #[derive(Debug)]
 pub enum Negotiated {
     /// TLS is up; the StartupMessage comes next, over it.
-    Tls,
+    Tls {
+        /// Direct SSL (the ClientHello came first), not an SSLRequest.
+        direct: bool,
+    },
     /// A plaintext CancelRequest: nothing follows.
     Cancel(CancelKey),
 }
@@ -44,7 +47,7 @@ pub async fn negotiate(
                 // PostgreSQL 17 closes direct-SSL connections that did not negotiate ALPN.
                 return Err(TlsError::NoAlpn.into());
             }
-            return Ok(Negotiated::Tls);
+            return Ok(Negotiated::Tls { direct: true });
         }
         let len = loop {
             match startup::check_startup(conn.raw().data())? {
@@ -69,7 +72,7 @@ pub async fn negotiate(
                 if pipelined {
                     return Err(SessionError::DataAfterSslRequest);
                 }
-                return Ok(Negotiated::Tls);
+                return Ok(Negotiated::Tls { direct: false });
             }
             StartupPacket::GssEncRequest if !answered_gss => {
                 answered_gss = true;

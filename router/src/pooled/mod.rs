@@ -62,6 +62,7 @@ use monoio::time::Instant;
 use crate::buf::{write_all_vec, ReadBuf};
 use crate::cancel::{PooledCancel, Registration};
 use crate::error::KillReason;
+use crate::probes::{self, ProbePort};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::write::{self, Severity};
 use crate::throttle::LogThrottle;
@@ -136,8 +137,10 @@ pub async fn session(
         database = %client.pool.key.database,
         "pooled client logged in"
     );
+    let logged_in = Instant::now();
     let serving = Box::pin(serve(&worker, &mut client));
     let end = serving.await;
+    probes::session_end(ProbePort::Pooled, client.handle.backend_key.pid, logged_in);
     let finishing = Box::pin(finish(&worker, client, peer, end));
     finishing.await;
 }
@@ -214,10 +217,14 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
         Err(end) => return Some(end),
     };
     let active = client.branch.transaction();
+    let client_pid = client.handle.backend_key.pid;
+    let began = Instant::now();
+    probes::transaction_begin(client_pid, backend.pid);
     let transacting = Box::pin(transaction(worker, client, &mut backend));
     let outcome = transacting.await;
     let delivered = client.cancel.release(CANCEL_DELIVERY_WAIT).await;
     drop(active);
+    probes::transaction_end(client_pid, backend.pid, began);
     let catalog = worker.shared.catalog.load_full();
     let primary = catalog
         .branch(&pool.key.branch)
