@@ -13,6 +13,8 @@
 //! [listen]
 //! direct = "127.0.0.1:5432"
 //! pooled = "127.0.0.1:6432"      # optional: the pooled (transaction mode) port
+//! admin = "127.0.0.1:9930"       # optional: /metrics and /healthz over HTTP
+//! admin_public = false           # true: admin may be a non-loopback address
 //! [timeouts]                     # all optional
 //! startup = "10s"
 //! handshake = "5s"
@@ -155,6 +157,9 @@ pub struct Listen {
     pub direct: SocketAddr,
     /// The transaction-mode (pooled) port, if the router has one.
     pub pooled: Option<SocketAddr>,
+    /// `/metrics` and `/healthz` over HTTP, if configured: a loopback address unless
+    /// `admin_public = true` says otherwise.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Timeouts, all non-zero except `drain`.
@@ -261,6 +266,20 @@ impl Config {
             }
             pooled => pooled.map(Spanned::into_inner),
         };
+        let admin = match raw.listen.admin {
+            // Metrics name every branch: off the machine only when asked for.
+            Some(admin)
+                if !admin.get_ref().ip().is_loopback() && raw.listen.admin_public != Some(true) =>
+            {
+                return Err(invalid((
+                    admin.span(),
+                    "[listen] admin is not a loopback address: set admin_public = true to serve \
+                     /metrics beyond this machine"
+                        .into(),
+                )))
+            }
+            admin => admin.map(Spanned::into_inner),
+        };
         let pool = raw.pool.settings().map_err(&invalid)?;
 
         let t = raw.timeouts;
@@ -324,6 +343,7 @@ impl Config {
             listen: Listen {
                 direct: raw.listen.direct,
                 pooled,
+                admin,
             },
             pool,
             timeouts,
@@ -552,6 +572,27 @@ socket = "/run/branchgate/control.sock"
         );
         let e = error("catalog = 'c'\n[tls]\n[listen]\ndirect = '127.0.0.1:1'\n");
         assert!(e.starts_with("router.toml:2: [tls] needs both"), "{e}");
+    }
+
+    #[test]
+    fn the_admin_endpoint_is_optional_and_loopback_unless_made_public() {
+        assert_eq!(parse(MINIMAL).expect("no admin").listen.admin, None);
+        let text = MINIMAL.replace("[listen]\n", "[listen]\nadmin = \"127.0.0.1:9930\"\n");
+        assert_eq!(
+            parse(&text).expect("loopback admin").listen.admin,
+            Some("127.0.0.1:9930".parse().expect("addr"))
+        );
+        let text = MINIMAL.replace("[listen]\n", "[listen]\nadmin = \"0.0.0.0:9930\"\n");
+        assert!(
+            error(&text).contains("[listen] admin is not a loopback address"),
+            "{}",
+            error(&text)
+        );
+        let text = MINIMAL.replace(
+            "[listen]\n",
+            "[listen]\nadmin = \"0.0.0.0:9930\"\nadmin_public = true\n",
+        );
+        assert!(parse(&text).is_ok());
     }
 
     #[test]

@@ -60,7 +60,11 @@ pub async fn session(
     let _live = live;
     let starting = Box::pin(start(worker.clone(), tcp, peer, slot, accepted));
     if let Some(mut session) = starting.await {
+        let stats = &worker.stats;
+        stats.logins[0].inc();
+        stats.login_time[0].observe(accepted.elapsed());
         relay(&worker, &mut session, peer).await;
+        stats.sessions_ended[0].inc();
     }
 }
 

@@ -41,6 +41,7 @@ pub mod direct;
 pub mod error;
 pub mod front_door;
 pub mod mailbox;
+pub mod metrics;
 pub mod pooled;
 pub mod probes;
 pub mod protocol;

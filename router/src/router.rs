@@ -5,6 +5,7 @@
 //! workers), then starts the pinned worker threads and the helper threads (replica health
 //! probes, catalog file watch, control socket). Reloads are in `router/reload.rs`.
 
+use crate::metrics::admin::AdminServer;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -61,6 +62,8 @@ pub enum StartError {
     #[error(transparent)]
     ControlSocketInUse(ControlError),
     /// A worker thread could not start its runtime.
+    #[error(transparent)]
+    Admin(#[from] crate::metrics::admin::AdminError),
     #[error("worker {worker}: {source}")]
     Worker {
         /// Worker index.
@@ -83,6 +86,8 @@ pub struct Router {
     reloader: Arc<Reloader>,
     /// `None` when the socket could not be created (logged): the router runs without it.
     control: Option<ControlServer>,
+    /// `/metrics` and `/healthz`, if `[listen] admin` is set.
+    admin: Option<AdminServer>,
 }
 
 /// Descriptors a session holds: the client's socket and its backend's.
@@ -147,6 +152,11 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         }
         None => ((0..workers).map(|_| None).collect(), None),
     };
+    let admin_listener = config
+        .listen
+        .admin
+        .map(crate::metrics::admin::bind)
+        .transpose()?;
     let control_listener = match control::bind(&config.admin.socket) {
         Ok(listener) => Some(listener),
         Err(error @ ControlError::InUse { .. }) => {
@@ -173,6 +183,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         mock_secret,
         cancels: Default::default(),
         branch_clients: Default::default(),
+        stats: (0..workers).map(|_| Arc::default()).collect(),
         config,
     });
 
@@ -223,7 +234,17 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         stopping,
         reloader,
         control,
+        admin: None,
     };
+    if let Some(listener) = admin_listener {
+        match AdminServer::start(listener, router.shared.clone(), router.stopping.clone()) {
+            Ok(admin) => {
+                tracing::info!(addr = %admin.addr(), "admin endpoint: /metrics and /healthz");
+                router.admin = Some(admin);
+            }
+            Err(error) => tracing::error!(%error, "running without the admin endpoint"),
+        }
+    }
     router.helpers.push(router.spawn_health_probes());
     router.helpers.push(router.spawn_catalog_watch());
     Ok(router)
@@ -430,6 +451,11 @@ impl Router {
         self.shared.config.catalog_path.clone()
     }
 
+    /// The admin endpoint's address (`/metrics`, `/healthz`), if it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::addr)
+    }
+
     /// The control socket the router answers on, if it could create one.
     pub fn control_socket(&self) -> Option<&Path> {
         self.control.as_ref().map(ControlServer::path)
@@ -493,6 +519,10 @@ impl Router {
         }
         for handle in self.workers {
             let _ = handle.join();
+        }
+        // Last: /healthz said 503 for the whole drain.
+        if let Some(admin) = self.admin {
+            admin.stop();
         }
         tracing::info!("stopped");
     }

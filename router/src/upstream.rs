@@ -162,6 +162,18 @@ impl Upstreams {
             .unwrap_or_else(|| Arc::new(Upstream::new(addr)))
     }
 
+    /// Each known address: its connections now and whether it is healthy (for `/metrics`).
+    pub fn snapshot(&self) -> Vec<(SocketAddr, u32, bool)> {
+        let mut all: Vec<_> = self
+            .map
+            .load()
+            .values()
+            .map(|u| (u.addr, u.active(), u.is_healthy()))
+            .collect();
+        all.sort_by_key(|(addr, ..)| *addr);
+        all
+    }
+
     /// Count a connection to `upstream`.
     pub fn hold(upstream: Arc<Upstream>) -> ActiveGuard {
         upstream.active.fetch_add(1, Ordering::Relaxed);

@@ -57,6 +57,8 @@ pub struct Shared {
     pub mock_secret: crate::auth::mock_secret::MockSecret,
     /// Pooled clients per branch, on all workers (`[pool] max_client_connections`).
     pub branch_clients: Arc<crate::pooled::BranchClients>,
+    /// Each worker's counts (`/metrics`), indexed by worker id.
+    pub stats: Vec<Arc<crate::metrics::WorkerStats>>,
 }
 
 /// What the worker knows about one live session (for password resets and shutdown).
@@ -96,6 +98,8 @@ pub struct Worker {
     pub id: usize,
     /// Shared state.
     pub shared: Arc<Shared>,
+    /// This worker's counts (`/metrics`): `shared.stats[id]`.
+    pub stats: Arc<crate::metrics::WorkerStats>,
     sessions: RefCell<HashMap<u64, Rc<SessionHandle>>>,
     next_session: Cell<u64>,
     /// Connection tasks (starting or established): the drain waits for them.
@@ -181,8 +185,10 @@ static STARTUP_BUDGET_FULL: LogThrottle = LogThrottle::new();
 impl Worker {
     /// A worker with no sessions.
     pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Self> {
+        let stats = shared.stats.get(id).cloned().unwrap_or_default();
         Rc::new(Self {
             id,
+            stats,
             shared,
             sessions: RefCell::new(HashMap::new()),
             next_session: Cell::new(0),
@@ -401,6 +407,7 @@ pub(crate) mod tests {
             cancels: Default::default(),
             mock_secret: [7; 32],
             branch_clients: Default::default(),
+            stats: (0..workers).map(|_| Arc::default()).collect(),
         })
     }
 

@@ -1,11 +1,13 @@
 //! The router seen from outside, with no restart: its USDT probes, attached by bpftrace to the
-//! running `branchgate run` while real clients log in on both ports.
+//! running `branchgate run` while real clients log in on both ports; and `/metrics` and
+//! `/healthz` on `[listen] admin`, scraped while clients work.
 //!
 //! bpftrace needs root (it loads BPF programs); `scripts/setup` installs it. Run as another
-//! user, the test says why it did nothing and passes.
+//! user, the probe test says why it did nothing and passes.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use branchgate_e2e::binary::{branchgate_bin, wait_for, RouterProcess};
 use branchgate_e2e::catalog::catalog_toml;
 use branchgate_e2e::raw::{Mode, RawConn};
-use branchgate_e2e::{BranchSpec, Certs, PgServer};
+use branchgate_e2e::{BranchSpec, Certs, PgServer, TestRouter};
 
 /// How long bpftrace may take to attach, and an event to show in its output.
 const TRACE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -186,4 +188,178 @@ fn bpftrace_sees_every_probe_of_a_direct_and_a_pooled_client() {
     let _ = wait_for("bpftrace to exit", TRACE_TIMEOUT, || {
         trace.try_wait().ok().flatten()
     });
+}
+
+/// `METHOD path` on `addr` over HTTP/1.1: (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
+    stream
+        .set_read_timeout(Some(TRACE_TIMEOUT))
+        .expect("read timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end: {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {head:?}"));
+    (status, body.to_owned())
+}
+
+/// The sum of the samples of `name` whose labels include each of `labels` (`key="value"`).
+fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    let mut found = false;
+    let sum = text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|l| rest.contains(l)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .inspect(|_| found = true)
+        .sum();
+    assert!(found, "no {name} {labels:?} in:\n{text}");
+    sum
+}
+
+#[test]
+fn metrics_follow_clients_on_both_ports_and_healthz_turns_503_for_the_drain() {
+    let pg = PgServer::start_primary();
+    let certs = Certs::generate();
+    let password = "pscale_pw_metrics";
+    pg.create_role("counted", password);
+    let verifier = pg.role_verifier("counted");
+    let branches = [BranchSpec::new("metered", pg.addr()).role("counted", &verifier)];
+    let mut router = TestRouter::start_with_config(&certs, &branches, |text| {
+        text.replace(
+            "pooled = \"127.0.0.1:0\"\n",
+            "pooled = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n",
+        )
+    });
+    let admin = router
+        .router()
+        .admin_addr()
+        .expect("the admin endpoint runs");
+    assert_eq!(http(admin, "GET", "/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(http(admin, "GET", "/nowhere").0, 404);
+    assert_eq!(http(admin, "POST", "/metrics").0, 405);
+    let (status, before) = http(admin, "GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        before.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
+    let pooled_port = ["port=\"pooled\""];
+    let direct_port = ["port=\"direct\""];
+
+    let mut pooled = RawConn::connect(
+        router.pooled_addr(),
+        certs.client_config(),
+        Mode::SslRequest,
+        "counted.metered",
+        password,
+        &[],
+    );
+    const QUERIES: usize = 7;
+    for i in 0..QUERIES {
+        assert_eq!(pooled.value(&format!("select {i}")), i.to_string());
+    }
+    let mut direct = RawConn::connect(
+        router.direct_addr(),
+        certs.client_config(),
+        Mode::Direct,
+        "counted.metered",
+        password,
+        &[],
+    );
+    assert_eq!(direct.value("select 'direct'"), "direct");
+    let (_, during) = http(admin, "GET", "/metrics");
+    let moved =
+        |name: &str, labels: &[&str]| sample(&during, name, labels) - sample(&before, name, labels);
+    assert_eq!(
+        moved("branchgate_connections_accepted_total", &pooled_port),
+        1.0
+    );
+    assert_eq!(
+        moved("branchgate_connections_accepted_total", &direct_port),
+        1.0
+    );
+    assert_eq!(moved("branchgate_logins_total", &pooled_port), 1.0);
+    assert_eq!(
+        sample(&during, "branchgate_client_connections", &pooled_port),
+        1.0
+    );
+    assert_eq!(
+        sample(&during, "branchgate_client_connections", &direct_port),
+        1.0
+    );
+    assert_eq!(moved("branchgate_login_seconds_count", &direct_port), 1.0);
+    assert_eq!(
+        moved("branchgate_pooled_queries_total", &[]),
+        QUERIES as f64
+    );
+    assert_eq!(
+        moved("branchgate_pooled_transactions_total", &[]),
+        QUERIES as f64
+    );
+    assert_eq!(
+        moved("branchgate_pooled_transaction_seconds_count", &[]),
+        QUERIES as f64
+    );
+    assert!(sample(&during, "branchgate_pooled_transaction_seconds_sum", &[]) > 0.0);
+    assert_eq!(
+        moved("branchgate_pool_wait_seconds_count", &[]),
+        QUERIES as f64
+    );
+    assert_eq!(sample(&during, "branchgate_pool_waiting_clients", &[]), 0.0);
+    assert_eq!(
+        sample(&during, "branchgate_backend_connections", &direct_port),
+        1.0
+    );
+    assert!(sample(&during, "branchgate_backend_connections", &pooled_port) >= 1.0);
+    let branch = ["branch=\"metered\""];
+    assert_eq!(
+        sample(&during, "branchgate_branch_pooled_clients", &branch),
+        1.0
+    );
+    assert_eq!(sample(&during, "branchgate_branch_paused", &branch), 0.0);
+    let backend = format!("backend=\"{}\"", pg.addr());
+    assert!(sample(&during, "branchgate_upstream_connections", &[&backend]) >= 2.0);
+    assert_eq!(
+        sample(&during, "branchgate_upstream_healthy", &[&backend]),
+        1.0
+    );
+
+    pooled.terminate();
+    // The pooled client is gone once the router has seen its Terminate.
+    wait_for("the pooled client to be counted out", TRACE_TIMEOUT, || {
+        let (_, now) = http(admin, "GET", "/metrics");
+        (sample(&now, "branchgate_client_connections", &pooled_port) == 0.0).then_some(())
+    });
+    // The drain: the direct session is still open, /healthz says the router is stopping.
+    let stopping = router.shutdown_in_background();
+    wait_for(
+        "/healthz to answer 503 during the drain",
+        TRACE_TIMEOUT,
+        || (http(admin, "GET", "/healthz") == (503, "stopping\n".to_owned())).then_some(()),
+    );
+    drop(direct);
+    stopping.join().expect("shutdown");
+    assert!(
+        TcpStream::connect(admin).is_err(),
+        "the admin endpoint closes with the router"
+    );
 }

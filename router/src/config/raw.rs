@@ -51,6 +51,8 @@ pub(super) struct RawTls {
 pub(super) struct RawListen {
     pub(super) direct: SocketAddr,
     pub(super) pooled: Option<Spanned<SocketAddr>>,
+    pub(super) admin: Option<Spanned<SocketAddr>>,
+    pub(super) admin_public: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

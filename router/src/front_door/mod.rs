@@ -73,13 +73,12 @@ pub fn serve(
     port: Port,
 ) -> impl Future<Output = ()> {
     let accepted = Instant::now();
-    crate::probes::accepted(
-        match port {
-            Port::Direct => ProbePort::Direct,
-            Port::Pooled => ProbePort::Pooled,
-        },
-        tcp.as_raw_fd(),
-    );
+    let probe_port = match port {
+        Port::Direct => ProbePort::Direct,
+        Port::Pooled => ProbePort::Pooled,
+    };
+    crate::probes::accepted(probe_port, tcp.as_raw_fd());
+    worker.stats.accepted[crate::metrics::port_index(probe_port)].inc();
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }

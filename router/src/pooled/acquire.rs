@@ -30,6 +30,7 @@ pub(super) async fn acquire(
     pool: &Pool,
     settings: crate::config::PoolSettings,
 ) -> Result<Backend, End> {
+    let _waiting = worker.stats.wait();
     let deadline = Instant::now() + settings.query_wait_timeout;
     let notice_at = Instant::now() + QUEUED_NOTICE_AFTER;
     let entry = client.branch.entry.clone();

@@ -30,6 +30,19 @@ impl BranchEntry {
     }
 }
 
+/// One branch's counts at one moment ([`BranchClients::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchFigures {
+    /// The branch id.
+    pub branch: Box<str>,
+    /// Its pooled clients, on all workers.
+    pub clients: u32,
+    /// Its transactions holding a backend.
+    pub active: u32,
+    /// `branchgate pause` holds its new transactions.
+    pub paused: bool,
+}
+
 /// A pooled client's place among its branch's; given back when dropped.
 #[derive(Debug)]
 pub struct BranchSlot {
@@ -95,6 +108,23 @@ impl BranchClients {
             branch: branch.into(),
             entry,
         })
+    }
+
+    /// Every branch with pooled clients (or paused), with its counts, by branch id.
+    pub fn snapshot(&self) -> Vec<BranchFigures> {
+        use std::sync::atomic::Ordering;
+        let mut all: Vec<BranchFigures> = self
+            .lock()
+            .iter()
+            .map(|(branch, e)| BranchFigures {
+                branch: branch.clone(),
+                clients: e.clients.load(Ordering::Acquire),
+                active: e.active(),
+                paused: e.paused(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.branch.cmp(&b.branch));
+        all
     }
 
     /// Pooled clients of `branch` now.

@@ -105,6 +105,7 @@ pub(super) async fn transaction(
     let buffers = &worker.buffers;
     let message_buffers = &worker.message_buffers;
     let settings_idle_tx = settings.idle_transaction_timeout;
+    let queries = Cell::new(0);
     let (backend_rd, backend_wr) = (&mut backend.rd, &mut backend.wr);
 
     let client_to_backend = async {
@@ -154,6 +155,7 @@ pub(super) async fn transaction(
                     max_prepared,
                     transient,
                     refuse_first: &mut refuse_first,
+                    queries: &queries,
                 };
                 client_messages(plain, messages, side, &mut to_backend)
             };
@@ -381,6 +383,7 @@ pub(super) async fn transaction(
         step = backend_to_client => step,
         reason = handle.kill.wait() => Step::Killed(reason),
     };
+    worker.stats.queries.add(queries.get());
     let reusable = !state.borrow().tx.busy() && !writing.get() && !reading.get();
     let end = match step {
         Step::Released => return Ok(()),
@@ -449,6 +452,8 @@ struct ClientSide<'a> {
     transient: &'a mut Transient,
     /// The error the client's first message gets in place of its answer.
     refuse_first: &'a mut Option<Box<[u8]>>,
+    /// Simple queries and Executes the client sent (`/metrics`).
+    queries: &'a Cell<u64>,
 }
 
 /// Room each of a transaction's outgoing byte vectors starts with: a point query, its reply,
@@ -494,6 +499,7 @@ fn client_messages(
         max_prepared,
         transient,
         refuse_first,
+        queries,
     } = side;
     let protocol = |e: prepared::Malformed| Step::Protocol(e.to_string());
     loop {
@@ -514,6 +520,9 @@ fn client_messages(
         };
         let message = &data[..len];
         tracing::trace!(tag = %char::from(tag), len, whole, "client message");
+        if matches!(tag, fe::QUERY | fe::EXECUTE) {
+            queries.set(queries.get() + 1);
+        }
         let total = if whole {
             len
         } else {

@@ -80,7 +80,7 @@ use prepared::ClientStatements;
 use stream::MessageStream;
 
 pub use acquire::{QUEUED_NOTICE, QUEUED_NOTICE_AFTER};
-pub use branches::{BranchClients, BranchEntry, BranchSlot};
+pub use branches::{BranchClients, BranchEntry, BranchFigures, BranchSlot};
 pub use maintenance::{close_pools, maintain, maintain_once, MAINTENANCE_INTERVAL};
 
 /// How long a release waits for a cancel on its way to the backend to be delivered (so it
@@ -130,6 +130,9 @@ pub async fn session(
         return;
     };
     let _registration = worker.register(client.handle.clone());
+    let stats = &worker.stats;
+    stats.logins[1].inc();
+    stats.login_time[1].observe(accepted.elapsed());
     tracing::debug!(
         %peer,
         branch = %client.pool.key.branch,
@@ -141,6 +144,7 @@ pub async fn session(
     let serving = Box::pin(serve(&worker, &mut client));
     let end = serving.await;
     probes::session_end(ProbePort::Pooled, client.handle.backend_key.pid, logged_in);
+    stats.sessions_ended[1].inc();
     let finishing = Box::pin(finish(&worker, client, peer, end));
     finishing.await;
 }
@@ -156,6 +160,7 @@ fn context<'a>(
         upstreams: &worker.shared.upstreams,
         buffers: &worker.buffers,
         catalog,
+        stats: &worker.stats,
     }
 }
 
@@ -225,6 +230,8 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
     let delivered = client.cancel.release(CANCEL_DELIVERY_WAIT).await;
     drop(active);
     probes::transaction_end(client_pid, backend.pid, began);
+    worker.stats.transactions.inc();
+    worker.stats.transaction_time.observe(began.elapsed());
     let catalog = worker.shared.catalog.load_full();
     let primary = catalog
         .branch(&pool.key.branch)

@@ -69,6 +69,7 @@ pub struct Backend {
     pub idle_since: Instant,
     /// Counts it among its upstream's connections.
     _upstream: ActiveGuard,
+    _counted: crate::metrics::OpenBackend,
 }
 
 impl Backend {
@@ -348,6 +349,7 @@ impl Pool {
             created: now,
             idle_since: now,
             _upstream: guard,
+            _counted: crate::metrics::OpenBackend::new(ctx.stats),
         })
     }
 
@@ -497,6 +499,8 @@ pub struct Context<'a> {
     pub buffers: &'a BufPool,
     /// The catalog in force.
     pub catalog: &'a crate::catalog::Catalog,
+    /// The worker's counts.
+    pub stats: &'a std::sync::Arc<crate::metrics::WorkerStats>,
 }
 
 impl Context<'_> {

@@ -1,0 +1,257 @@
+//! A scrape: every worker's counts, each branch's and each backend address's, encoded as
+//! OpenMetrics text by the Prometheus client.
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use crate::worker::Shared;
+
+use super::{Counter, Histogram, PerPort, WorkerStats};
+
+/// The router's metrics, read at each scrape.
+pub struct RouterCollector {
+    shared: Arc<Shared>,
+}
+
+impl RouterCollector {
+    /// Reads `shared`'s counts at each scrape.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        RouterCollector { shared }
+    }
+}
+
+impl fmt::Debug for RouterCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RouterCollector")
+    }
+}
+
+const PORTS: [&str; 2] = ["direct", "pooled"];
+
+/// One metric family written from `values`: (labels, value) pairs.
+fn family(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    values: impl IntoIterator<Item = (Vec<(&'static str, String)>, u64)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in values {
+        let mut one = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => one.encode_counter::<NoLabelSet, _, u64>(&value, None)?,
+            _ => one.encode_gauge(&value)?,
+        }
+    }
+    Ok(())
+}
+
+/// One histogram family: (labels, histogram) pairs.
+fn histograms<'h>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (Vec<(&'static str, String)>, &'h Histogram)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, histogram) in values {
+        let (sum, count, buckets) = histogram.snapshot();
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+fn worker_label(id: usize) -> Vec<(&'static str, String)> {
+    vec![("worker", id.to_string())]
+}
+
+fn per_port<'s>(
+    stats: &'s [Arc<WorkerStats>],
+    field: impl Fn(&'s WorkerStats) -> &'s PerPort<Counter> + 's,
+) -> impl Iterator<Item = (Vec<(&'static str, String)>, u64)> + 's {
+    stats.iter().enumerate().flat_map(move |(id, s)| {
+        let counters = field(s);
+        PORTS.iter().zip(counters).map(move |(port, counter)| {
+            (
+                vec![("worker", id.to_string()), ("port", (*port).to_owned())],
+                counter.get(),
+            )
+        })
+    })
+}
+
+impl Collector for RouterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let stats = &self.shared.stats;
+        let e = &mut encoder;
+        family(
+            e,
+            "branchgate_connections_accepted",
+            "Connections accepted",
+            MetricType::Counter,
+            per_port(stats, |s| &s.accepted),
+        )?;
+        family(
+            e,
+            "branchgate_logins",
+            "Clients that logged in",
+            MetricType::Counter,
+            per_port(stats, |s| &s.logins),
+        )?;
+        family(
+            e,
+            "branchgate_client_connections",
+            "Logged-in clients now",
+            MetricType::Gauge,
+            stats.iter().enumerate().flat_map(|(id, s)| {
+                PORTS.iter().enumerate().map(move |(i, port)| {
+                    (
+                        vec![("worker", id.to_string()), ("port", (*port).to_owned())],
+                        s.logins[i].get().saturating_sub(s.sessions_ended[i].get()),
+                    )
+                })
+            }),
+        )?;
+        histograms(
+            e,
+            "branchgate_login_seconds",
+            "From accept to the login answered (TLS, startup, SCRAM, and on the direct port the \
+             backend's connect)",
+            stats.iter().enumerate().flat_map(|(id, s)| {
+                PORTS.iter().zip(&s.login_time).map(move |(port, h)| {
+                    (
+                        vec![("worker", id.to_string()), ("port", (*port).to_owned())],
+                        h,
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "branchgate_backend_connections",
+            "Backend connections now: one per direct session, and the pools' on the pooled port",
+            MetricType::Gauge,
+            stats.iter().enumerate().flat_map(|(id, s)| {
+                let direct = s.logins[0].get().saturating_sub(s.sessions_ended[0].get());
+                let pooled = s
+                    .pool_backends_opened
+                    .get()
+                    .saturating_sub(s.pool_backends_closed.get());
+                [("direct", direct), ("pooled", pooled)]
+                    .into_iter()
+                    .map(move |(port, n)| {
+                        (
+                            vec![("worker", id.to_string()), ("port", port.to_owned())],
+                            n,
+                        )
+                    })
+            }),
+        )?;
+        family(
+            e,
+            "branchgate_pooled_transactions",
+            "Pooled transactions (a backend lent, then given back or closed)",
+            MetricType::Counter,
+            stats
+                .iter()
+                .enumerate()
+                .map(|(id, s)| (worker_label(id), s.transactions.get())),
+        )?;
+        family(
+            e,
+            "branchgate_pooled_queries",
+            "Simple queries and Executes sent by pooled clients",
+            MetricType::Counter,
+            stats
+                .iter()
+                .enumerate()
+                .map(|(id, s)| (worker_label(id), s.queries.get())),
+        )?;
+        histograms(
+            e,
+            "branchgate_pooled_transaction_seconds",
+            "How long a pooled transaction held its backend",
+            stats
+                .iter()
+                .enumerate()
+                .map(|(id, s)| (worker_label(id), &s.transaction_time)),
+        )?;
+        family(
+            e,
+            "branchgate_pool_waiting_clients",
+            "Pooled clients waiting for a backend now (the wait queue)",
+            MetricType::Gauge,
+            stats.iter().enumerate().map(|(id, s)| {
+                (
+                    worker_label(id),
+                    s.waits_started.get().saturating_sub(s.waits_ended.get()),
+                )
+            }),
+        )?;
+        histograms(
+            e,
+            "branchgate_pool_wait_seconds",
+            "How long pooled clients waited for a backend",
+            stats
+                .iter()
+                .enumerate()
+                .map(|(id, s)| (worker_label(id), &s.wait_time)),
+        )?;
+        let branches = self.shared.branch_clients.snapshot();
+        let branch = |id: &str| vec![("branch", id.to_owned())];
+        family(
+            e,
+            "branchgate_branch_pooled_clients",
+            "Pooled clients of each branch now, on all workers",
+            MetricType::Gauge,
+            branches
+                .iter()
+                .map(|b| (branch(&b.branch), u64::from(b.clients))),
+        )?;
+        family(
+            e,
+            "branchgate_branch_active_transactions",
+            "Pooled transactions of each branch holding a backend now",
+            MetricType::Gauge,
+            branches
+                .iter()
+                .map(|b| (branch(&b.branch), u64::from(b.active))),
+        )?;
+        family(
+            e,
+            "branchgate_branch_paused",
+            "1 while `branchgate pause` holds the branch's new transactions",
+            MetricType::Gauge,
+            branches
+                .iter()
+                .map(|b| (branch(&b.branch), u64::from(b.paused))),
+        )?;
+        let upstreams = self.shared.upstreams.snapshot();
+        family(
+            e,
+            "branchgate_upstream_connections",
+            "Connections to each backend address now (both ports, all workers)",
+            MetricType::Gauge,
+            upstreams
+                .iter()
+                .map(|(addr, active, _)| (vec![("backend", addr.to_string())], u64::from(*active))),
+        )?;
+        family(
+            e,
+            "branchgate_upstream_healthy",
+            "1 while the backend address answers the health probe",
+            MetricType::Gauge,
+            upstreams.iter().map(|(addr, _, healthy)| {
+                (vec![("backend", addr.to_string())], u64::from(*healthy))
+            }),
+        )?;
+        Ok(())
+    }
+}
