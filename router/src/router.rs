@@ -19,6 +19,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
 use crate::control::{self, ControlError, ControlServer, Reply, Request, Status};
 use crate::mailbox::Mailbox;
+use crate::steering::{Steering, SteeringError};
 use crate::tls::TlsError;
 use crate::upstream::Upstreams;
 use crate::worker::{Shared, Worker};
@@ -60,6 +61,9 @@ pub enum StartError {
     /// started with one configuration.
     #[error(transparent)]
     ControlSocketInUse(ControlError),
+    /// `steering = "ebpf"` was asked for and the program could not be loaded.
+    #[error("steering = \"ebpf\": {0}")]
+    Steering(#[from] SteeringError),
     /// A worker thread could not start its runtime.
     #[error("worker {worker}: {source}")]
     Worker {
@@ -140,12 +144,12 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         workers.saturating_mul(ports),
     );
     let (direct, direct_addr) = bind_reuseport(config.listen.direct, workers)?;
-    let (pooled, pooled_addr): (Vec<Option<TcpListener>>, _) = match config.listen.pooled {
+    let (pooled, pooled_addr) = match config.listen.pooled {
         Some(addr) => {
             let (listeners, local) = bind_reuseport(addr, workers)?;
-            (listeners.into_iter().map(Some).collect(), Some(local))
+            (Some(listeners), Some(local))
         }
-        None => ((0..workers).map(|_| None).collect(), None),
+        None => (None, None),
     };
     let control_listener = match control::bind(&config.admin.socket) {
         Ok(listener) => Some(listener),
@@ -161,6 +165,18 @@ pub fn start(config: Config) -> Result<Router, StartError> {
             None
         }
     };
+    // After the control socket: a second router started with this configuration stops there,
+    // before it attaches its program to the first one's reuseport groups.
+    let steering = Steering::start(
+        config.steering,
+        &crate::steering::ebpf::pin_name(direct_addr),
+        &direct,
+        pooled.as_deref(),
+    )?;
+    let pooled: Vec<Option<TcpListener>> = match pooled {
+        Some(listeners) => listeners.into_iter().map(Some).collect(),
+        None => (0..workers).map(|_| None).collect(),
+    };
 
     let upstreams = Upstreams::default();
     upstreams.sync(&catalog);
@@ -173,6 +189,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         mock_secret,
         cancels: Default::default(),
         branch_clients: Default::default(),
+        steering,
         config,
     });
 
@@ -208,6 +225,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         %direct_addr,
         pooled_addr = pooled_addr.map(tracing::field::display),
         workers,
+        steering = ?shared.steering.mode(),
         "branchgate accepting"
     );
 
@@ -425,6 +443,11 @@ impl Router {
         self.pooled_addr
     }
 
+    /// Which worker accepts new connections: the eBPF program's maps, per-worker accept counts.
+    pub fn steering(&self) -> &Steering {
+        &self.shared.steering
+    }
+
     /// Path of the catalog file in use.
     pub fn catalog_path(&self) -> PathBuf {
         self.shared.config.catalog_path.clone()
@@ -494,6 +517,7 @@ impl Router {
         for handle in self.workers {
             let _ = handle.join();
         }
+        self.shared.steering.unpin();
         tracing::info!("stopped");
     }
 
