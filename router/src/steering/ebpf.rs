@@ -425,6 +425,8 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
             _ => Err(error),
         };
     }
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-    Ok(i64::from(stat.f_type as i64) == BPF_FS_MAGIC)
+    // `f_type`'s integer type differs between architectures (i64 on x86_64).
+    #[allow(clippy::unnecessary_cast)]
+    let f_type = stat.f_type as i64;
+    Ok(f_type == BPF_FS_MAGIC)
 }
