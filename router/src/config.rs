@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! workers = 2                    # optional; default = number of cores
+//! steering = "ebpf"              # optional: "ebpf" (default), "userspace" or "off"
 //! catalog = "catalog.toml"       # required; relative to this file's directory
 //! [tls]
 //! cert = "server.crt"            # PEM certificate chain
@@ -94,6 +95,8 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "branchgate.sock";
 pub struct Config {
     /// Worker threads (one runtime per core).
     pub workers: NonZeroUsize,
+    /// Which worker accepts a new connection ([`crate::steering`]).
+    pub steering: SteeringConfig,
     /// The branch catalog file, resolved against the config file's directory.
     pub catalog_path: PathBuf,
     /// Certificate and key files (read by the TLS module, not here).
@@ -113,6 +116,21 @@ pub struct Config {
     /// The pooled port's pools, unless a branch overrides them
     /// ([`PoolSettings::for_branch`]).
     pub pool: PoolSettings,
+}
+
+/// `steering`: who chooses the worker of a new connection ([`crate::steering`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteeringConfig {
+    /// The `sk_reuseport` program. `required` when written out: then start-up fails if it
+    /// cannot be loaded; the default falls back to [`SteeringConfig::Userspace`], and says so.
+    Ebpf {
+        /// `steering = "ebpf"` was written.
+        required: bool,
+    },
+    /// No program; workers hand connections over (to come).
+    Userspace,
+    /// No program: the kernel's SO_REUSEPORT hash.
+    Off,
 }
 
 /// Authentication settings.
@@ -318,8 +336,16 @@ impl Config {
             _ => base_dir.to_owned(),
         };
 
+        let steering = match raw.steering {
+            None => SteeringConfig::Ebpf { required: false },
+            Some(raw::RawSteering::Ebpf) => SteeringConfig::Ebpf { required: true },
+            Some(raw::RawSteering::Userspace) => SteeringConfig::Userspace,
+            Some(raw::RawSteering::Off) => SteeringConfig::Off,
+        };
+
         Ok(Config {
             workers,
+            steering,
             auth: Auth {
                 mock_secret_file: catalog_dir.join(
                     raw.auth
@@ -442,6 +468,24 @@ direct = "127.0.0.1:5432"
         assert_eq!(
             config.admin.socket,
             Path::new("/etc/branchgate/branchgate.sock")
+        );
+        assert_eq!(config.steering, SteeringConfig::Ebpf { required: false });
+    }
+
+    #[test]
+    fn steering_modes() {
+        for (written, expected) in [
+            ("ebpf", SteeringConfig::Ebpf { required: true }),
+            ("userspace", SteeringConfig::Userspace),
+            ("off", SteeringConfig::Off),
+        ] {
+            let config = parse(&format!("steering = \"{written}\"\n{MINIMAL}")).expect(written);
+            assert_eq!(config.steering, expected, "{written}");
+        }
+        let e = error(&format!("steering = \"kernel\"\n{MINIMAL}"));
+        assert!(
+            e.contains("router.toml:1:") && e.contains("userspace"),
+            "{e}"
         );
     }
 

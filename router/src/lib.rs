@@ -29,6 +29,7 @@
 //! - [`router`]: starting, reloading and stopping the whole router ([`start`], [`Router`]).
 //! - [`control`]: the control socket (`reload`, `check`) and its one-line protocol.
 //! - [`throttle`]: rate-limited logging for warnings that repeat per connection.
+//! - [`steering`]: which worker accepts a new connection: the eBPF `sk_reuseport` program.
 
 pub mod auth;
 pub mod backend;
@@ -50,6 +51,7 @@ pub mod role;
 pub mod route;
 pub mod router;
 pub mod signal;
+pub mod steering;
 pub mod throttle;
 pub mod tls;
 pub mod upstream;

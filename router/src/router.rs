@@ -20,6 +20,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
 use crate::control::{self, ControlError, ControlServer, Reply, Request, Status};
 use crate::mailbox::Mailbox;
+use crate::steering::{Steering, SteeringError};
 use crate::tls::TlsError;
 use crate::upstream::Upstreams;
 use crate::worker::{Shared, Worker};
@@ -61,6 +62,9 @@ pub enum StartError {
     /// started with one configuration.
     #[error(transparent)]
     ControlSocketInUse(ControlError),
+    /// `steering = "ebpf"` was asked for and the program could not be loaded.
+    #[error("steering = \"ebpf\": {0}")]
+    Steering(#[from] SteeringError),
     /// A worker thread could not start its runtime.
     #[error(transparent)]
     Admin(#[from] crate::metrics::admin::AdminError),
@@ -145,12 +149,12 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         workers.saturating_mul(ports),
     );
     let (direct, direct_addr) = bind_reuseport(config.listen.direct, workers)?;
-    let (pooled, pooled_addr): (Vec<Option<TcpListener>>, _) = match config.listen.pooled {
+    let (pooled, pooled_addr) = match config.listen.pooled {
         Some(addr) => {
             let (listeners, local) = bind_reuseport(addr, workers)?;
-            (listeners.into_iter().map(Some).collect(), Some(local))
+            (Some(listeners), Some(local))
         }
-        None => ((0..workers).map(|_| None).collect(), None),
+        None => (None, None),
     };
     let admin_listener = config
         .listen
@@ -171,6 +175,18 @@ pub fn start(config: Config) -> Result<Router, StartError> {
             None
         }
     };
+    // After the control socket: a second router started with this configuration stops there,
+    // before it attaches its program to the first one's reuseport groups.
+    let steering = Steering::start(
+        config.steering,
+        &crate::steering::ebpf::pin_name(direct_addr),
+        &direct,
+        pooled.as_deref(),
+    )?;
+    let pooled: Vec<Option<TcpListener>> = match pooled {
+        Some(listeners) => listeners.into_iter().map(Some).collect(),
+        None => (0..workers).map(|_| None).collect(),
+    };
 
     let upstreams = Upstreams::default();
     upstreams.sync(&catalog);
@@ -184,6 +200,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         cancels: Default::default(),
         branch_clients: Default::default(),
         stats: (0..workers).map(|_| Arc::default()).collect(),
+        steering,
         config,
     });
 
@@ -219,6 +236,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         %direct_addr,
         pooled_addr = pooled_addr.map(tracing::field::display),
         workers,
+        steering = ?shared.steering.mode(),
         "branchgate accepting"
     );
 
@@ -446,6 +464,11 @@ impl Router {
         self.pooled_addr
     }
 
+    /// Which worker accepts new connections: the eBPF program's maps, per-worker accept counts.
+    pub fn steering(&self) -> &Steering {
+        &self.shared.steering
+    }
+
     /// Path of the catalog file in use.
     pub fn catalog_path(&self) -> PathBuf {
         self.shared.config.catalog_path.clone()
@@ -524,6 +547,7 @@ impl Router {
         if let Some(admin) = self.admin {
             admin.stop();
         }
+        self.shared.steering.unpin();
         tracing::info!("stopped");
     }
 

@@ -59,6 +59,8 @@ pub struct Shared {
     pub branch_clients: Arc<crate::pooled::BranchClients>,
     /// Each worker's counts (`/metrics`), indexed by worker id.
     pub stats: Vec<Arc<crate::metrics::WorkerStats>>,
+    /// Which worker accepts new connections: the eBPF program's maps, accept counts.
+    pub steering: crate::steering::Steering,
 }
 
 /// What the worker knows about one live session (for password resets and shutdown).
@@ -142,6 +144,7 @@ pub struct LiveGuard(Rc<Worker>);
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.0.live.set(self.0.live.get() - 1);
+        self.0.publish_load();
     }
 }
 
@@ -181,6 +184,8 @@ impl Shared {
 
 /// Logs the connections closed at accept because the startup budget was full.
 static STARTUP_BUDGET_FULL: LogThrottle = LogThrottle::new();
+/// Logs failed load updates to the steering program.
+static LOAD_NOT_PUBLISHED: LogThrottle = LogThrottle::new();
 
 impl Worker {
     /// A worker with no sessions.
@@ -215,7 +220,29 @@ impl Worker {
         }
         self.starting.set(starting + 1);
         self.live.set(self.live.get() + 1);
+        self.publish_load();
         Some((LiveGuard(self.clone()), StartupSlot(self.clone())))
+    }
+
+    /// Tells the steering program this worker's load: its live connections (one map update
+    /// system call with eBPF steering, nothing otherwise).
+    fn publish_load(&self) {
+        let live = u32::try_from(self.live.get()).unwrap_or(u32::MAX);
+        let id = u32::try_from(self.id).unwrap_or(u32::MAX);
+        if let Err(error) = self.shared.steering.set_load(id, live) {
+            if let Some(suppressed) = LOAD_NOT_PUBLISHED.allow() {
+                tracing::warn!(worker = self.id, %error, suppressed, "could not publish load");
+            }
+        }
+    }
+
+    /// [`Worker::admit`] a connection this worker accepted, counted for
+    /// [`crate::steering::Steering::accepted`] after its load is published (so a test that sees
+    /// the count sees the load).
+    fn admit_counted(self: &Rc<Self>) -> Option<(LiveGuard, StartupSlot)> {
+        let admitted = self.admit();
+        self.shared.steering.count_accept(self.id);
+        admitted
     }
 
     /// Connections of this worker that have not authenticated yet.
@@ -286,7 +313,7 @@ impl Worker {
                 _ = self.stop_accepting.wait() => break,
             };
             match accepted {
-                Ok((stream, peer)) => match self.admit() {
+                Ok((stream, peer)) => match self.admit_counted() {
                     Some(admitted) => {
                         monoio::spawn(crate::front_door::serve(
                             self.clone(),
@@ -408,6 +435,7 @@ pub(crate) mod tests {
             mock_secret: [7; 32],
             branch_clients: Default::default(),
             stats: (0..workers).map(|_| Arc::default()).collect(),
+            steering: crate::steering::Steering::off(workers),
         })
     }
 

@@ -22,6 +22,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) workers: Option<NonZeroUsize>,
+    pub(super) steering: Option<RawSteering>,
     pub(super) catalog: PathBuf,
     pub(super) tls: Spanned<RawTls>,
     pub(super) listen: RawListen,
@@ -89,4 +90,13 @@ pub(super) struct RawReload {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) socket: Option<PathBuf>,
+}
+
+/// `steering = "ebpf" | "userspace" | "off"`.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum RawSteering {
+    Ebpf,
+    Userspace,
+    Off,
 }

@@ -136,7 +136,10 @@ pub async fn enter(
     // The ways out are boxed too: a connection that leaves needs their state once, and the
     // future of one that stays (a direct session's start) has no room for them.
     let auth = match admitted {
-        Ok(Admission::Authenticated(auth)) => auth,
+        Ok(Admission::Authenticated(auth)) => {
+            remember(worker, peer, &auth);
+            auth
+        }
         Ok(Admission::Cancel(key)) => {
             crate::cancel::handle(worker, key, peer.ip());
             Box::pin(conn.close()).await;
@@ -154,6 +157,22 @@ pub async fn enter(
     };
     Some(Entered { conn, auth, slot })
 }
+
+/// Tells the steering program that `peer`'s connections belong with `auth`'s branch (one map
+/// update system call: [`crate::steering`]). Once the client has authenticated, so that only
+/// clients with a password for the branch cost one.
+fn remember(worker: &Worker, peer: SocketAddr, auth: &Authenticated) {
+    let steering = &worker.shared.steering;
+    let slot = crate::steering::branch_slot(&auth.branch.id);
+    if let Err(error) = steering.remember(peer.ip(), slot) {
+        if let Some(suppressed) = STEERING_FAILED.allow() {
+            tracing::warn!(%peer, %error, suppressed, "could not remember the client's branch");
+        }
+    }
+}
+
+/// Failed [`remember`]s (a map update failing fails for everyone).
+static STEERING_FAILED: LogThrottle = LogThrottle::new();
 
 /// Sends the client what its login is answered with (queued in [`ClientConn::out`], up to its
 /// ReadyForQuery), then hands the connection over to what serves it. `None` if the client

@@ -1,0 +1,400 @@
+//! eBPF steering (`steering = "ebpf"`): the `sk_reuseport` program loads and attaches, and new
+//! connections land on the worker its maps say. Needs root (or CAP_BPF and CAP_NET_ADMIN), as
+//! CI has; the accept counts per worker (`Steering::accepted`) show where each connection went.
+//!
+//! Plain TCP connections are enough to see the choice (it is made at the SYN); one test logs in
+//! through the front door to see a startup packet's branch remembered.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use branchgate::steering::{branch_slot, ebpf::pin_name, ebpf::PIN_ROOT, Counters, SteeringMode};
+use branchgate_e2e::raw;
+use branchgate_e2e::raw as session;
+use branchgate_e2e::{BranchSpec, Certs, PgServer, TestRouter};
+use socket2::{Domain, Socket, Type};
+
+/// How long a connection may take to be accepted.
+const ACCEPT_WAIT: Duration = Duration::from_secs(5);
+
+const ROLE: &str = "app";
+const PASSWORD: &str = "pscale_pw_steering";
+
+/// A router with `steering = "ebpf"` written out (start-up fails if the program does not load)
+/// and two workers, listening on `ip`.
+fn ebpf_router(certs: &Certs, branches: &[BranchSpec], ip: &str) -> TestRouter {
+    let router = TestRouter::start_with_config(certs, branches, |text| {
+        format!(
+            "steering = \"ebpf\"\n{}",
+            text.replace("127.0.0.1:0", &format!("{ip}:0"))
+        )
+    });
+    assert_eq!(router.router().steering().mode(), SteeringMode::Ebpf);
+    router
+}
+
+/// A branch whose primary nobody listens on: steering happens before any backend is asked.
+fn branch(id: &str) -> BranchSpec {
+    BranchSpec::new(id, "127.0.0.1:1".parse().expect("address"))
+}
+
+/// A TCP connection to `to` from `from` (any port).
+fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(from, 0).into())
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    socket
+        .connect(&to.into())
+        .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
+    socket.into()
+}
+
+/// Accepts per worker.
+fn accepted(router: &TestRouter) -> [u64; 2] {
+    let steering = router.router().steering();
+    [steering.accepted(0), steering.accepted(1)]
+}
+
+fn counters(router: &TestRouter) -> Counters {
+    router
+        .router()
+        .steering()
+        .counters()
+        .expect("the program is loaded")
+        .expect("counters readable")
+}
+
+/// Connects from `from` to `to` and returns the worker that accepted the connection (kept
+/// open, so that it counts in that worker's load).
+fn landing(router: &TestRouter, from: IpAddr, to: SocketAddr) -> (usize, TcpStream) {
+    let before = accepted(router);
+    let stream = connect_from(from, to);
+    let deadline = Instant::now() + ACCEPT_WAIT;
+    loop {
+        let now = accepted(router);
+        let moved: Vec<usize> = (0..2).filter(|&w| now[w] != before[w]).collect();
+        match moved[..] {
+            [worker] if now[worker] == before[worker] + 1 => return (worker, stream),
+            [] if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => panic!("connection from {from} to {to}: accepts went {before:?} -> {now:?}"),
+        }
+    }
+}
+
+fn set_owner(router: &TestRouter, branch: &str, worker: u32) {
+    router
+        .router()
+        .steering()
+        .set_owner(branch_slot(branch), worker)
+        .expect("set owner");
+}
+
+fn pin_dir(router: &TestRouter) -> PathBuf {
+    Path::new(PIN_ROOT).join(pin_name(router.direct_addr()))
+}
+
+#[test]
+fn remembered_client_lands_on_its_branch_owner_on_both_ports() {
+    let certs = Certs::generate();
+    let router = ebpf_router(&certs, &[branch("b1")], "127.0.0.1");
+    let steering = router.router().steering();
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    steering
+        .remember(client, branch_slot("b1"))
+        .expect("remember");
+    let before = counters(&router);
+    let mut open = Vec::new();
+    for owner in [1, 0, 1] {
+        set_owner(&router, "b1", owner);
+        for port in [router.direct_addr(), router.pooled_addr()] {
+            for _ in 0..3 {
+                let (worker, stream) = landing(&router, client, port);
+                assert_eq!(worker, owner as usize, "owner {owner}, port {port}");
+                open.push(stream);
+            }
+        }
+    }
+    let after = counters(&router);
+    assert_eq!(after.hit - before.hit, 18, "{before:?} -> {after:?}");
+    assert_eq!(after.miss, before.miss, "{before:?} -> {after:?}");
+    assert_eq!(after.empty_slot + after.select_error, 0, "{after:?}");
+}
+
+#[test]
+fn unknown_clients_go_to_the_least_loaded_worker() {
+    let certs = Certs::generate();
+    let router = ebpf_router(&certs, &[branch("b1")], "127.0.0.1");
+    let before = counters(&router);
+    // Each connection held open adds to its worker's load, so the next unknown client goes to
+    // the other worker: they alternate.
+    let mut open = Vec::new();
+    let mut landed = Vec::new();
+    for last_octet in 3..9 {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet));
+        let (worker, stream) = landing(&router, from, router.direct_addr());
+        landed.push(worker);
+        open.push(stream);
+    }
+    for pair in landed.chunks(2) {
+        assert_ne!(
+            pair[0], pair[1],
+            "loads were equal, then one was lower: {landed:?}"
+        );
+    }
+    // A load set by hand stands until that worker's own load changes: worker 0 looks busy, so
+    // every unknown client goes to worker 1 (whose load grows, still below).
+    router
+        .router()
+        .steering()
+        .set_load(0, 1_000)
+        .expect("set load");
+    for last_octet in 9..13 {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet));
+        let (worker, stream) = landing(&router, from, router.direct_addr());
+        assert_eq!(worker, 1, "worker 0 has load 1000");
+        open.push(stream);
+    }
+    let after = counters(&router);
+    assert_eq!(after.miss - before.miss, 10, "{before:?} -> {after:?}");
+    assert_eq!(after.hit, before.hit, "{before:?} -> {after:?}");
+}
+
+#[test]
+fn ipv6_client_lands_on_its_branch_owner() {
+    let certs = Certs::generate();
+    let router = ebpf_router(&certs, &[branch("b6")], "[::1]");
+    let client = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    router
+        .router()
+        .steering()
+        .remember(client, branch_slot("b6"))
+        .expect("remember");
+    let before = counters(&router);
+    let mut open = Vec::new();
+    for owner in [1, 0] {
+        set_owner(&router, "b6", owner);
+        for _ in 0..3 {
+            let (worker, stream) = landing(&router, client, router.direct_addr());
+            assert_eq!(worker, owner as usize, "owner {owner}");
+            open.push(stream);
+        }
+    }
+    let after = counters(&router);
+    assert_eq!(after.hit - before.hit, 6, "{before:?} -> {after:?}");
+}
+
+#[test]
+fn login_remembers_the_branch_and_the_next_connection_follows_it() {
+    let pg = PgServer::start_primary();
+    pg.create_role(ROLE, PASSWORD);
+    let certs = Certs::generate();
+    let branches = [BranchSpec::new("b1", pg.addr()).role(ROLE, &pg.role_verifier(ROLE))];
+    let router = ebpf_router(&certs, &branches, "127.0.0.1");
+    // 127.0.0.2 is unknown: the first login lands by load, and remembers b1 for it.
+    let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let login = |router: &TestRouter| {
+        let (worker, mut stream) = landing(router, client, router.direct_addr());
+        stream
+            .set_read_timeout(Some(raw::IO_TIMEOUT))
+            .expect("timeout");
+        raw::ssl_request_on(&mut stream);
+        let mut tls = raw::tls_handshake(certs.client_config(), stream).expect("TLS");
+        session::start_sasl(&mut tls, &format!("{ROLE}.b1"));
+        session::login(&mut tls, PASSWORD).expect("login");
+        assert_eq!(session::query_one(&mut tls, "SELECT 41 + 1"), "42");
+        worker
+    };
+    let first = login(&router);
+    let before = counters(&router);
+    assert_eq!(before.hit, 0, "{before:?}");
+    // b1's slot got a default owner when it was remembered; move it to the other worker.
+    let other = 1 - first as u32;
+    set_owner(&router, "b1", other);
+    for _ in 0..3 {
+        assert_eq!(login(&router), other as usize);
+    }
+    let after = counters(&router);
+    assert_eq!(after.hit - before.hit, 3, "{before:?} -> {after:?}");
+}
+
+#[test]
+fn maps_are_pinned_for_bpftool_and_removed_at_shutdown() {
+    let certs = Certs::generate();
+    let mut router = ebpf_router(&certs, &[branch("b1")], "127.0.0.1");
+    let dir = pin_dir(&router);
+    let steering = router.router().steering();
+    assert_eq!(
+        steering.ebpf().and_then(|e| e.pinned()),
+        Some(dir.as_path())
+    );
+    steering
+        .remember(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), branch_slot("b1"))
+        .expect("remember");
+    let (_, _open) = landing(
+        &router,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        router.direct_addr(),
+    );
+
+    // clients: the key is 127.0.0.1 as an IPv4-mapped address, the value b1's slot.
+    let clients = bpftool_dump(&dir.join("clients"));
+    let slot = branch_slot("b1").to_le_bytes();
+    let key = "\"0x00\",\"0x00\",\"0xff\",\"0xff\",\"0x7f\",\"0x00\",\"0x00\",\"0x01\"";
+    let value = format!("\"{:#04x}\",\"{:#04x}\"", slot[0], slot[1]);
+    assert!(
+        clients.contains(key) && clients.contains(&value),
+        "{clients}"
+    );
+    // counters: per-CPU, one entry per counter.
+    let counts = bpftool_dump(&dir.join("counters"));
+    assert!(counts.contains("\"values\""), "{counts}");
+    for map in ["owners", "load", "sockets_direct", "sockets_pooled"] {
+        assert!(dir.join(map).exists(), "{map} pinned");
+    }
+
+    router.shutdown_in_background().join().expect("shutdown");
+    assert!(!dir.exists(), "{} removed at shutdown", dir.display());
+}
+
+/// `bpftool -j map dump pinned PATH`, compact JSON.
+fn bpftool_dump(path: &Path) -> String {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .expect("bpftool (installed by scripts/setup)");
+    assert!(
+        out.status.success(),
+        "bpftool map dump pinned {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+#[test]
+fn an_owner_without_a_listener_falls_back_to_the_kernel_hash() {
+    let certs = Certs::generate();
+    let router = ebpf_router(&certs, &[branch("b1")], "127.0.0.1");
+    let slot = branch_slot("b1");
+    router
+        .router()
+        .steering()
+        .remember(IpAddr::V4(Ipv4Addr::LOCALHOST), slot)
+        .expect("remember");
+    // Worker 5 of 2: its socket-array slot is empty. The router's API refuses such an owner,
+    // so it is written straight into the pinned map, as an operator with bpftool could.
+    let owners = pin_dir(&router).join("owners");
+    let mut update = Command::new("bpftool");
+    update
+        .args(["map", "update", "pinned"])
+        .arg(&owners)
+        .arg("key");
+    update.args(slot.to_le_bytes().map(|b| b.to_string()));
+    update.args(["value", "5", "0", "0", "0", "1", "0", "0", "0"]);
+    let out = update.output().expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = counters(&router);
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        // Accepted all the same, by one of the two workers.
+        let (_, stream) = landing(
+            &router,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            router.direct_addr(),
+        );
+        open.push(stream);
+    }
+    let after = counters(&router);
+    assert_eq!(after.hit - before.hit, 4, "{before:?} -> {after:?}");
+    assert_eq!(
+        after.empty_slot - before.empty_slot,
+        4,
+        "{before:?} -> {after:?}"
+    );
+}
+
+/// Starts a router from a thread whose effective capabilities lack what loading BPF needs
+/// (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_PERFMON): capabilities are per thread, and the
+/// program is loaded on the thread that starts the router.
+fn start_unprivileged(certs: &Certs, steering: &str) -> Result<TestRouter, String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                drop_bpf_capabilities();
+                std::panic::catch_unwind(|| {
+                    TestRouter::start_with_config(certs, &[branch("b1")], |text| {
+                        format!("{steering}\n{text}")
+                    })
+                })
+                .map_err(|panic| {
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .unwrap_or_else(|| "start panicked".to_owned())
+                })
+            })
+            .join()
+            .expect("start thread")
+    })
+}
+
+fn drop_bpf_capabilities() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const DROPPED: [u32; 4] = [12, 21, 38, 39]; // NET_ADMIN, SYS_ADMIN, PERFMON, BPF
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset on this thread with a version-3 header and two data words.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+            0
+        );
+        for cap in DROPPED {
+            data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+        }
+        assert_eq!(
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+            0,
+            "capset: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn without_privileges_the_default_falls_back_and_ebpf_written_out_fails() {
+    let certs = Certs::generate();
+    let router = start_unprivileged(&certs, "").expect("the default starts anyway");
+    assert_eq!(router.router().steering().mode(), SteeringMode::Userspace);
+    assert!(router.router().steering().counters().is_none());
+    let error = match start_unprivileged(&certs, "steering = \"ebpf\"") {
+        Ok(_) => panic!("steering = \"ebpf\" started without the program"),
+        Err(error) => error,
+    };
+    assert!(error.contains("steering = \"ebpf\""), "{error}");
+    let off = start_unprivileged(&certs, "steering = \"off\"").expect("off starts");
+    assert_eq!(off.router().steering().mode(), SteeringMode::Off);
+}
