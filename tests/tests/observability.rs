@@ -342,6 +342,14 @@ fn metrics_follow_clients_on_both_ports_and_healthz_turns_503_for_the_drain() {
         sample(&during, "branchgate_upstream_healthy", &[&backend]),
         1.0
     );
+    // As root the eBPF program steers (the default): it chose the worker of both connections.
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let outcome = |o: &str| format!("outcome=\"{o}\"");
+        let chosen = moved("branchgate_steering_choices_total", &[&outcome("hit")])
+            + moved("branchgate_steering_choices_total", &[&outcome("miss")]);
+        assert_eq!(chosen, 2.0, "{during}");
+    }
 
     pooled.terminate();
     // The pooled client is gone once the router has seen its Terminate.

@@ -233,6 +233,26 @@ impl Collector for RouterCollector {
                 .iter()
                 .map(|b| (branch(&b.branch), u64::from(b.paused))),
         )?;
+        match self.shared.steering.counters() {
+            Some(Ok(counters)) => family(
+                e,
+                "branchgate_steering_choices",
+                "New connections by what the eBPF steering program did (its per-CPU counters, \
+                 summed): hit (a remembered client, to its branch's owner), miss (to the \
+                 least-loaded worker), empty_slot and select_error (the kernel's hash chose)",
+                MetricType::Counter,
+                [
+                    ("hit", counters.hit),
+                    ("miss", counters.miss),
+                    ("empty_slot", counters.empty_slot),
+                    ("select_error", counters.select_error),
+                ]
+                .into_iter()
+                .map(|(outcome, n)| (vec![("outcome", outcome.to_owned())], n)),
+            )?,
+            Some(Err(error)) => tracing::debug!(%error, "cannot read the steering counters"),
+            None => {}
+        }
         let upstreams = self.shared.upstreams.snapshot();
         family(
             e,
