@@ -17,7 +17,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ebpf = manifest_dir.join("..").join("ebpf");
     let program = ebpf.join("program");
     let common = ebpf.join("common");
-    println!("cargo:rerun-if-changed={}", common.display());
+    // The program's sources and both crates' manifests: a change to any rebuilds the object
+    // (aya-build itself names no files to watch).
+    for watched in [
+        common.clone(),
+        program.join("src"),
+        program.join("Cargo.toml"),
+        program.join("Cargo.lock"),
+    ] {
+        println!("cargo:rerun-if-changed={}", watched.display());
+    }
     let program_dir = program
         .to_str()
         .ok_or("the path of ebpf/program is not UTF-8")?;
