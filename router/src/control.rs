@@ -73,6 +73,9 @@ pub enum Request {
     Pause(Box<str>),
     /// Let them go again.
     Resume(Box<str>),
+    /// Another router (`branchgate run --takeover`) has joined the listeners and accepts new
+    /// connections: stop accepting, drain, exit, and leave the pinned maps to it.
+    Takeover,
 }
 
 /// True for a branch id as the catalog allows them (the only argument a request takes).
@@ -92,6 +95,7 @@ impl Request {
             Request::Check => "check".into(),
             Request::Pause(branch) => format!("pause {branch}"),
             Request::Resume(branch) => format!("resume {branch}"),
+            Request::Takeover => "takeover".into(),
         }
     }
 
@@ -104,6 +108,7 @@ impl Request {
                 Request::Reload { force: false },
                 Request::Reload { force: true },
                 Request::Check,
+                Request::Takeover,
             ]
             .into_iter()
             .find(|request| request.line() == line),
@@ -458,7 +463,10 @@ fn serve_one<H: FnMut(Request) -> Reply>(mut stream: UnixStream, handler: &mut H
             Some(request) => handler(request),
             None => Reply::new(
                 Status::Error,
-                format_args!("unknown request {line:?}: expected reload, reload force or check"),
+                format_args!(
+                    "unknown request {line:?}: expected reload, reload force, check, \
+                     pause BRANCH, resume BRANCH or takeover"
+                ),
             ),
         },
         // A client that connects and leaves (a starting router checking the socket is live).
@@ -589,6 +597,7 @@ mod tests {
             Request::Reload { force: false },
             Request::Reload { force: true },
             Request::Check,
+            Request::Takeover,
         ] {
             assert_eq!(Request::parse(&request.line()), Some(request));
         }

@@ -57,4 +57,4 @@ pub mod tls;
 pub mod upstream;
 pub mod worker;
 
-pub use router::{start, Router, StartError};
+pub use router::{start, start_with, Router, StartError, StartOptions};

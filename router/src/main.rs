@@ -31,6 +31,11 @@ enum Command {
         /// Router configuration file (TOML).
         #[arg(long, short)]
         config: PathBuf,
+        /// Take over from the router running with this configuration: join its listeners,
+        /// accept the new connections, then have it stop accepting, drain and exit (a restart
+        /// that refuses no connection).
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a configuration file, its catalog and TLS files, without starting; warn about
     /// a catalog with no branches or roles, or one the running router would refuse to reload.
@@ -92,9 +97,10 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), String> {
     match command {
-        Command::Run { config } => {
+        Command::Run { config, takeover } => {
             let config = branchgate::config::Config::load(&config).map_err(|e| e.to_string())?;
-            let router = branchgate::start(config).map_err(|e| e.to_string())?;
+            let options = branchgate::StartOptions { takeover };
+            let router = branchgate::start_with(config, options).map_err(|e| e.to_string())?;
             router.run_until_signalled().map_err(|e| e.to_string())
         }
         Command::CheckConfig { config } => {

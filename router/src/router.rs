@@ -92,7 +92,36 @@ pub struct Router {
     control: Option<ControlServer>,
     /// `/metrics` and `/healthz`, if `[listen] admin` is set.
     admin: Option<AdminServer>,
+    /// How a `takeover` request stops [`Router::run_until_signalled`].
+    stop_hook: Arc<StopHook>,
 }
+
+/// Ends [`Router::run_until_signalled`]'s wait for a signal from another thread (the control
+/// socket's `takeover`); empty when the router is not run that way.
+#[derive(Debug, Default)]
+pub struct StopHook(std::sync::Mutex<Option<signal_hook::iterator::Handle>>);
+
+impl StopHook {
+    fn set(&self, handle: signal_hook::iterator::Handle) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+
+    fn take(&self) -> Option<signal_hook::iterator::Handle> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// How a router starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// `branchgate run --takeover`: another router runs with this configuration; join its
+    /// listeners, take the new connections (the steering program's socket arrays), then ask it
+    /// over the control socket to stop accepting, drain and exit.
+    pub takeover: bool,
+}
+
+/// How long a takeover waits for the old router's answer, and then for its control socket.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// Descriptors a session holds: the client's socket and its backend's.
 const FDS_PER_SESSION: u64 = 2;
@@ -137,6 +166,11 @@ fn raise_open_file_limit(max_clients: u32, listeners: usize) {
 
 /// Start the router described by `config`: returns once every worker is accepting.
 pub fn start(config: Config) -> Result<Router, StartError> {
+    start_with(config, StartOptions::default())
+}
+
+/// [`start`], with `options` (`branchgate run --takeover`).
+pub fn start_with(config: Config, options: StartOptions) -> Result<Router, StartError> {
     // Stamped before reading, as every reload does (see `reload::Reloader`).
     let loaded = reload::stamp(&config.catalog_path);
     let catalog = Catalog::load(&config.catalog_path)?;
@@ -161,8 +195,14 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         .admin
         .map(crate::metrics::admin::bind)
         .transpose()?;
+    // A takeover finds the old router on the socket: it binds it once the old one has let go.
+    let mut taking_over = false;
     let control_listener = match control::bind(&config.admin.socket) {
         Ok(listener) => Some(listener),
+        Err(ControlError::InUse { .. }) if options.takeover => {
+            taking_over = true;
+            None
+        }
         Err(error @ ControlError::InUse { .. }) => {
             return Err(StartError::ControlSocketInUse(error))
         }
@@ -242,7 +282,9 @@ pub fn start(config: Config) -> Result<Router, StartError> {
 
     let stopping = Arc::new(AtomicBool::new(false));
     let reloader = Arc::new(Reloader::new(shared.clone(), loaded));
-    let control = control_listener.and_then(|listener| serve_control(listener, &reloader, &shared));
+    let stop_hook = Arc::new(StopHook::default());
+    let control = control_listener
+        .and_then(|listener| serve_control(listener, &reloader, &shared, &stop_hook));
     let mut router = Router {
         shared,
         direct_addr,
@@ -253,7 +295,13 @@ pub fn start(config: Config) -> Result<Router, StartError> {
         reloader,
         control,
         admin: None,
+        stop_hook,
     };
+    if taking_over {
+        router.take_over();
+    } else if options.takeover {
+        tracing::info!("--takeover: no router answers on the control socket, nothing to take over");
+    }
     if let Some(listener) = admin_listener {
         match AdminServer::start(listener, router.shared.clone(), router.stopping.clone()) {
             Ok(admin) => {
@@ -307,9 +355,11 @@ fn serve_control(
     listener: control::ControlListener,
     reloader: &Arc<Reloader>,
     shared: &Arc<Shared>,
+    stop_hook: &Arc<StopHook>,
 ) -> Option<ControlServer> {
     let reloader = reloader.clone();
     let shared = shared.clone();
+    let stop_hook = stop_hook.clone();
     let not_loaded = |error: ReloadError| match error {
         ReloadError::Refused(refusal) => Reply::new(Status::Refused, refusal),
         ReloadError::Catalog(error) => Reply::new(Status::Error, error),
@@ -324,6 +374,19 @@ fn serve_control(
             Err(error) => not_loaded(error),
         },
         Request::Pause(branch) => pause(&shared, &branch),
+        Request::Takeover => {
+            let Some(stop) = stop_hook.take() else {
+                return Reply::new(
+                    Status::Error,
+                    "this router cannot be taken over: it is not run by `branchgate run`",
+                );
+            };
+            // The new router pinned its maps where ours were: they are its now.
+            shared.steering.disown_pins();
+            tracing::info!("taken over by a new router: stopping accepting, draining, exiting");
+            stop.close();
+            Reply::new(Status::Ok, "stopping: the new router accepts now")
+        }
         Request::Resume(branch) => {
             if shared.catalog.load().branch(&branch).is_none() {
                 return Reply::new(
@@ -551,10 +614,38 @@ impl Router {
         tracing::info!("stopped");
     }
 
-    /// Run until SIGTERM or SIGINT (then shut down gracefully); SIGHUP reloads the catalog.
+    /// This router accepts (its listeners are in the reuseport groups, its program chooses among
+    /// them): the old one is asked to stop accepting, then its control socket is taken.
+    fn take_over(&mut self) {
+        let path = self.shared.config.admin.socket.clone();
+        match control::request(&path, Request::Takeover, TAKEOVER_WAIT) {
+            Ok(reply) => tracing::info!(old = %reply.text, "took over from the running router"),
+            Err(error) => tracing::warn!(%error, "the old router did not answer the takeover"),
+        }
+        let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
+        let listener = loop {
+            match control::bind(&path) {
+                Ok(listener) => break Some(listener),
+                Err(ControlError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "running without a control socket after the takeover");
+                    break None;
+                }
+            }
+        };
+        self.control = listener.and_then(|listener| {
+            serve_control(listener, &self.reloader, &self.shared, &self.stop_hook)
+        });
+    }
+
+    /// Run until SIGTERM or SIGINT (then shut down gracefully), or until a new router takes
+    /// this one over (`takeover` on the control socket); SIGHUP reloads the catalog.
     pub fn run_until_signalled(self) -> std::io::Result<()> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
+        self.stop_hook.set(signals.handle());
         for signal in signals.forever() {
             match signal {
                 SIGHUP => {

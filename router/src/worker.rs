@@ -6,13 +6,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use monoio::net::TcpListener;
+use monoio::net::{TcpListener, TcpStream};
 use rustls::ServerConfig;
 
 use crate::auth::verifier::ScramVerifier;
@@ -32,6 +33,9 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// Pause after a failed accept (e.g. EMFILE) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// How often a listener's queue is looked at beside its accept in flight (see
+/// `Worker::sweep_accept_queue`).
+const ACCEPT_SWEEP: Duration = Duration::from_millis(100);
 
 /// io_uring submission queue entries per worker.
 pub const URING_ENTRIES: u32 = 1024;
@@ -307,44 +311,106 @@ impl Worker {
 
     /// Accepts `port`'s connections into the startup budget until shutdown.
     async fn accept_loop(self: Rc<Self>, listener: TcpListener, port: Port) {
+        // SAFETY: the listener's descriptor is open for this borrow (the listener is right here).
+        let listening = unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+        // Awaited before this returns: the socket closes only once both let go of it.
+        let sweeper = match listening.try_clone_to_owned() {
+            Ok(fd) => Some(monoio::spawn(self.clone().sweep_accept_queue(fd, port))),
+            Err(error) => {
+                tracing::warn!(worker = self.id, %error, "no accept sweep (dup failed)");
+                None
+            }
+        };
         loop {
             let accepted = monoio::select! {
                 accepted = listener.accept() => accepted,
                 _ = self.stop_accepting.wait() => break,
             };
             match accepted {
-                Ok((stream, peer)) => match self.admit_counted() {
-                    Some(admitted) => {
-                        monoio::spawn(crate::front_door::serve(
-                            self.clone(),
-                            stream,
-                            peer,
-                            admitted,
-                            port,
-                        ));
-                    }
-                    None => {
-                        drop(stream);
-                        if let Some(suppressed) = STARTUP_BUDGET_FULL.allow() {
-                            tracing::warn!(
-                                worker = self.id,
-                                ?port,
-                                %peer,
-                                limit = self.shared.config.limits.max_startup_connections.get(),
-                                suppressed,
-                                "connection closed at accept: too many connections still in \
-                                 TLS, startup or authentication (limits.max_startup_connections)"
-                            );
-                        }
-                    }
-                },
+                Ok((stream, peer)) => self.start_connection(stream, peer, port),
                 Err(error) => {
                     tracing::warn!(worker = self.id, ?port, %error, "accept failed");
                     monoio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                 }
             }
         }
+        if let Some(sweeper) = sweeper {
+            sweeper.await;
+        }
         tracing::debug!(worker = self.id, ?port, "stopped accepting");
+    }
+
+    /// Connections the kernel moved onto this listener's queue from another router's closing
+    /// listener (a takeover: SO_REUSEPORT migration) may come without waking the accept in
+    /// flight; every [`ACCEPT_SWEEP`] the queue is emptied with non-blocking accepts (the
+    /// listener is non-blocking), beside it. `fd` is a duplicate of the accept loop's listener:
+    /// both end with `stop_accepting`, when the socket closes (a takeover needs it closed then).
+    async fn sweep_accept_queue(self: Rc<Self>, listening: std::os::fd::OwnedFd, port: Port) {
+        let fd = listening.as_raw_fd();
+        loop {
+            monoio::select! {
+                () = monoio::time::sleep(ACCEPT_SWEEP) => {}
+                _ = self.stop_accepting.wait() => { return },
+            }
+            loop {
+                // SAFETY: accept4(2) on `listening`, open for as long as this task; the
+                // descriptor it returns is new and owned by the stream made from it below.
+                let conn = unsafe {
+                    libc::accept4(
+                        fd,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                    )
+                };
+                if conn < 0 {
+                    // EAGAIN: the queue is empty (or the listener failed: its loop says so).
+                    break;
+                }
+                // SAFETY: `conn` is a connected socket nothing else owns.
+                let std_stream =
+                    unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(conn) };
+                let Ok(peer) = std_stream.peer_addr() else {
+                    continue;
+                };
+                match TcpStream::from_std(std_stream) {
+                    Ok(stream) => {
+                        tracing::debug!(worker = self.id, ?port, %peer, "accepted off the queue");
+                        self.start_connection(stream, peer, port);
+                    }
+                    Err(error) => tracing::warn!(worker = self.id, %error, "accept sweep failed"),
+                }
+            }
+        }
+    }
+
+    /// An accepted connection: into the startup budget and served, or closed if it is full.
+    fn start_connection(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr, port: Port) {
+        match self.admit_counted() {
+            Some(admitted) => {
+                monoio::spawn(crate::front_door::serve(
+                    self.clone(),
+                    stream,
+                    peer,
+                    admitted,
+                    port,
+                ));
+            }
+            None => {
+                drop(stream);
+                if let Some(suppressed) = STARTUP_BUDGET_FULL.allow() {
+                    tracing::warn!(
+                        worker = self.id,
+                        ?port,
+                        %peer,
+                        limit = self.shared.config.limits.max_startup_connections.get(),
+                        suppressed,
+                        "connection closed at accept: too many connections still in TLS, \
+                         startup or authentication (limits.max_startup_connections)"
+                    );
+                }
+            }
+        }
     }
 
     async fn wait_idle(&self, deadline: Instant) -> bool {
@@ -360,15 +426,24 @@ impl Worker {
     /// Run the worker until a Shutdown message: accept on the direct port (and the pooled one,
     /// if given), serve, then drain.
     pub async fn run(self: Rc<Self>, direct: TcpListener, pooled: Option<TcpListener>) {
-        monoio::spawn(self.clone().accept_loop(direct, Port::Direct));
+        let mut accepting = vec![monoio::spawn(
+            self.clone().accept_loop(direct, Port::Direct),
+        )];
         if let Some(pooled) = pooled {
-            monoio::spawn(self.clone().accept_loop(pooled, Port::Pooled));
+            accepting.push(monoio::spawn(
+                self.clone().accept_loop(pooled, Port::Pooled),
+            ));
             // Dropped with the runtime when the worker stops.
             monoio::spawn(crate::pooled::maintain(self.clone()));
         }
         self.handle_mail(false).await;
 
         self.stop_accepting.fire();
+        // The listeners closed (a task left behind when the runtime stops would keep its socket
+        // open, and a takeover waits for the old listeners to close).
+        for accept_loop in accepting {
+            accept_loop.await;
+        }
         // Dropped with the runtime when this returns.
         monoio::spawn({
             let worker = self.clone();

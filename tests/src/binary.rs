@@ -102,49 +102,91 @@ impl RouterProcess {
             );
             let config = dir.join("router.toml");
             fs::write(&config, text).expect("write router.toml");
-            let log = dir.join("branchgate.log");
-            let log_file = fs::File::create(&log).expect("create log");
-            let mut command = Command::new(branchgate_bin());
-            command
-                .arg("run")
-                .arg("--config")
-                .arg(&config)
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file);
-            // SAFETY: only prctl(2), async-signal-safe, runs between fork and exec. The router
-            // dies with the test thread that started it, even if the test process is killed.
-            unsafe {
-                command.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+            let (mut process, up) =
+                RouterProcess::run(&config, dir.join("branchgate.log"), &[], addr, pooled_addr);
+            if up {
+                return process;
             }
-            let mut process = RouterProcess {
-                child: command.spawn().expect("spawn branchgate run"),
-                log,
-                config,
-                addr,
-                pooled_addr,
-            };
-            // The control socket is bound before the workers start, so once they accept, a
-            // `branchgate reload` finds it.
-            let up = wait_for("branchgate run to accept or exit", START_TIMEOUT, || {
-                if let Some(status) = process.child.try_wait().expect("try_wait") {
-                    return Some(Err(status));
-                }
-                process.log().contains(ACCEPTING).then_some(Ok(()))
-            });
-            match up {
-                Ok(()) => return process,
-                Err(_) if process.log().contains("cannot listen") => continue,
-                Err(status) => panic!("branchgate run exited ({status}):\n{}", process.log()),
+            if process.log().contains("cannot listen") {
+                continue;
             }
+            let status = process.child.wait().expect("wait");
+            panic!("branchgate run exited ({status}):\n{}", process.log())
         }
         panic!("branchgate run found no free ports in {BIND_ATTEMPTS} attempts");
+    }
+
+    /// `branchgate run --takeover` with this router's configuration: a new router that joins
+    /// its listeners and has it stop accepting, drain and exit. Returns once the new one
+    /// accepts; its log is `branchgate-<n>.log` beside the first's.
+    pub fn take_over(&self) -> RouterProcess {
+        let log = self.log.with_file_name(format!(
+            "branchgate-{}.log",
+            std::process::id() ^ self.child.id()
+        ));
+        let (mut process, up) = RouterProcess::run(
+            &self.config,
+            log,
+            &["--takeover"],
+            self.addr,
+            self.pooled_addr,
+        );
+        if !up {
+            let status = process.child.wait().expect("wait");
+            panic!(
+                "branchgate run --takeover exited ({status}):\n{}",
+                process.log()
+            )
+        }
+        process
+    }
+
+    /// Starts `branchgate run --config config args`, logging to `log`; with false if it exited
+    /// before accepting.
+    fn run(
+        config: &Path,
+        log: PathBuf,
+        args: &[&str],
+        addr: SocketAddr,
+        pooled_addr: SocketAddr,
+    ) -> (RouterProcess, bool) {
+        let log_file = fs::File::create(&log).expect("create log");
+        let mut command = Command::new(branchgate_bin());
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        // SAFETY: only prctl(2), async-signal-safe, runs between fork and exec. The router
+        // dies with the test thread that started it, even if the test process is killed.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut process = RouterProcess {
+            child: command.spawn().expect("spawn branchgate run"),
+            log,
+            config: config.to_owned(),
+            addr,
+            pooled_addr,
+        };
+        // The control socket is bound before the workers start, so once they accept, a
+        // `branchgate reload` finds it.
+        let up = wait_for("branchgate run to accept or exit", START_TIMEOUT, || {
+            if let Ok(Some(_)) = process.child.try_wait() {
+                return Some(false);
+            }
+            process.log().contains(ACCEPTING).then_some(true)
+        });
+        (process, up)
     }
 
     /// The router's process id.

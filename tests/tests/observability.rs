@@ -181,13 +181,10 @@ fn bpftrace_sees_every_probe_of_a_direct_and_a_pooled_client() {
     expect_line(&rx, &mut seen, "session_end", |w| {
         w[0] == "0" && w[1] == direct_backend
     });
-    // SAFETY: kill(2) on the child bpftrace; it prints nothing more that matters.
-    unsafe {
-        libc::kill(trace.id() as libc::pid_t, libc::SIGINT);
-    }
-    let _ = wait_for("bpftrace to exit", TRACE_TIMEOUT, || {
-        trace.try_wait().ok().flatten()
-    });
+    // Everything was seen: bpftrace has nothing more to say (detaching can be slow on a busy
+    // machine, so it is not waited for).
+    let _ = trace.kill();
+    let _ = trace.wait();
 }
 
 /// `METHOD path` on `addr` over HTTP/1.1: (status, body).

@@ -61,13 +61,13 @@ static LOAD: Array<u32> = Array::with_max_entries(MAX_WORKERS, 0);
 static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
 
 /// The direct port's reuseport group.
-#[sk_reuseport]
+#[sk_reuseport(migrate)]
 pub fn steer_direct(ctx: SkReuseportContext) -> u32 {
     steer(&ctx, &SOCKETS_DIRECT)
 }
 
 /// The pooled port's reuseport group.
-#[sk_reuseport]
+#[sk_reuseport(migrate)]
 pub fn steer_pooled(ctx: SkReuseportContext) -> u32 {
     steer(&ctx, &SOCKETS_POOLED)
 }

@@ -58,13 +58,20 @@ pub enum AdminError {
 }
 
 /// Binds `addr` for [`AdminServer::start`] (at start-up, with the router's other listeners).
+/// SO_REUSEPORT, as the client ports: a router taking over (`branchgate run --takeover`) binds
+/// it while the old one still serves its drain.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, AdminError> {
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|source| AdminError::Bind { addr, source })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| AdminError::Bind { addr, source })?;
-    Ok(listener)
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bound = || -> std::io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(64)?;
+        Ok(socket.into())
+    };
+    bound().map_err(|source| AdminError::Bind { addr, source })
 }
 
 impl AdminServer {

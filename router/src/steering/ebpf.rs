@@ -175,7 +175,7 @@ impl EbpfSteering {
             .override_global(WORKERS_GLOBAL, &workers, true)
             .load(OBJECT)?;
         // Removes the directory again if start-up fails past this point.
-        let pins = Pins(pin_dir(name));
+        let pins = Pins::new(pin_dir(name));
         let mut sockets = Vec::with_capacity(2);
         let ports =
             std::iter::once((&DIRECT, direct)).chain(pooled.map(|pooled| (&POOLED, pooled)));
@@ -288,14 +288,28 @@ impl EbpfSteering {
     pub fn unpin(&self) {
         self.pins.remove();
     }
+
+    /// The pin directory is another router's now (it took this one over and pinned its own
+    /// maps there): never remove it.
+    pub fn disown_pins(&self) {
+        self.pins.1.store(true, Ordering::Release);
+    }
 }
 
-/// The pin directory, removed when dropped (or by [`EbpfSteering::unpin`]).
+/// The pin directory, removed when dropped (or by [`EbpfSteering::unpin`]) unless another
+/// router took it over ([`EbpfSteering::disown_pins`]).
 #[derive(Debug)]
-struct Pins(Option<PathBuf>);
+struct Pins(Option<PathBuf>, std::sync::atomic::AtomicBool);
 
 impl Pins {
+    fn new(dir: Option<PathBuf>) -> Self {
+        Pins(dir, std::sync::atomic::AtomicBool::new(false))
+    }
+
     fn remove(&self) {
+        if self.1.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(dir) = &self.0 {
             if let Err(error) = remove_pins(dir) {
                 tracing::warn!(dir = %dir.display(), %error, "could not remove pinned maps");

@@ -150,6 +150,13 @@ impl Steering {
         }
     }
 
+    /// Leaves the pinned maps' directory to the router that takes this one over.
+    pub fn disown_pins(&self) {
+        if let Some(ebpf) = &self.ebpf {
+            ebpf.disown_pins();
+        }
+    }
+
     /// Count a connection `worker` accepted.
     pub fn count_accept(&self, worker: usize) {
         if let Some(count) = self.accepted.get(worker) {
