@@ -7,6 +7,7 @@
 //! ```toml
 //! workers = 2                    # optional; default = number of cores
 //! steering = "ebpf"              # optional: "ebpf" (default), "userspace" or "off"
+//! pin_workers = true             # optional: each worker thread on a core of its own
 //! catalog = "catalog.toml"       # required; relative to this file's directory
 //! [tls]
 //! cert = "server.crt"            # PEM certificate chain
@@ -97,6 +98,10 @@ pub struct Config {
     pub workers: NonZeroUsize,
     /// Which worker accepts a new connection ([`crate::steering`]).
     pub steering: SteeringConfig,
+    /// Pin each worker thread to a core of its own (the default). Off, the kernel's scheduler
+    /// places them: on a machine whose cores PostgreSQL or the clients share, a worker is then
+    /// not held to a core another process keeps busy (BENCHMARKS.md, "Tails").
+    pub pin_workers: bool,
     /// The branch catalog file, resolved against the config file's directory.
     pub catalog_path: PathBuf,
     /// Certificate and key files (read by the TLS module, not here).
@@ -346,6 +351,7 @@ impl Config {
         Ok(Config {
             workers,
             steering,
+            pin_workers: raw.pin_workers.unwrap_or(true),
             auth: Auth {
                 mock_secret_file: catalog_dir.join(
                     raw.auth
@@ -616,6 +622,13 @@ socket = "/run/branchgate/control.sock"
         );
         let e = error("catalog = 'c'\n[tls]\n[listen]\ndirect = '127.0.0.1:1'\n");
         assert!(e.starts_with("router.toml:2: [tls] needs both"), "{e}");
+    }
+
+    #[test]
+    fn workers_are_pinned_unless_told_not_to_be() {
+        assert!(parse(MINIMAL).expect("default").pin_workers);
+        let config = parse(&format!("pin_workers = false\n{MINIMAL}")).expect("unpinned");
+        assert!(!config.pin_workers);
     }
 
     #[test]

@@ -244,7 +244,11 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         config,
     });
 
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cores = if shared.config.pin_workers {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(workers);
     let per_worker = direct.into_iter().zip(pooled);

@@ -23,6 +23,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 pub(super) struct RawConfig {
     pub(super) workers: Option<NonZeroUsize>,
     pub(super) steering: Option<RawSteering>,
+    pub(super) pin_workers: Option<bool>,
     pub(super) catalog: PathBuf,
     pub(super) tls: Spanned<RawTls>,
     pub(super) listen: RawListen,
