@@ -241,6 +241,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         branch_clients: Default::default(),
         stats: (0..workers).map(|_| Arc::default()).collect(),
         steering,
+        inboxes: (0..workers).map(|_| Default::default()).collect(),
         config,
     });
 
@@ -596,6 +597,10 @@ impl Router {
             control.stop();
         }
         self.stopping.store(true, Ordering::Relaxed);
+        // No hand-off once the workers stop: each serves (and drains) what it has.
+        for inbox in &self.shared.inboxes {
+            inbox.close();
+        }
         for mailbox in &self.shared.mailboxes {
             mailbox.request_shutdown();
         }

@@ -1,0 +1,289 @@
+//! The hand-off: an authenticated client moved to the worker that owns its branch.
+//!
+//! The kernel (SO_REUSEPORT's hash, or the eBPF program for a client it does not know yet)
+//! chooses the worker that accepts a connection before anyone knows its branch. So that a
+//! branch's clients meet on one worker, and share its pools there (`pool_size` backends per
+//! branch, not per worker), the front door hands an authenticated client over to the branch's
+//! owner ([`crate::steering::Steering::owner`]) when that is another worker and steering is not
+//! `"off"` ([`hand_off`], called by [`crate::front_door::enter`]).
+//!
+//! What moves ([`Handoff`]): the socket (a descriptor out of the accepting worker's runtime),
+//! the TLS state (the [`crate::tls::RecordLayer`] with its keys and sequence numbers, and the
+//! bytes read but not yet opened or used, copied out of the worker's buffers), the
+//! [`Authenticated`] client, its session slot, its port, peer address and accept time. It
+//! travels in the owner's [`Inbox`], a bounded crossbeam channel, whose [`AtomicWaker`] wakes
+//! the owner's runtime (monoio's `sync` feature unparks its io_uring driver through its
+//! eventfd: no polling), as the [`crate::mailbox`] does. The owner's [`receive`] task rebuilds
+//! the connection in its runtime and goes on where the accepting worker stopped:
+//! [`crate::direct::after_front_door`] or [`crate::pooled::login::after_front_door`]. The client
+//! notices nothing: the same TLS session, the same bytes.
+//!
+//! The per-worker counts move with the client: the accepting worker's
+//! [`crate::worker::LiveGuard`] and startup slot are given up there, the owner takes a live
+//! guard of its own ([`Worker::adopt`]); the session slot is router-wide and travels.
+//!
+//! # When a client stays
+//! Never refused for want of a hand-off: if the owner's inbox is full ([`INBOX_CAPACITY`]) or
+//! the owner is stopping, or the socket cannot be taken out of the runtime, the accepting
+//! worker serves the client itself (logged, throttled). While the router shuts down nothing is
+//! handed off.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use monoio::time::Instant;
+
+use crate::front_door::conn::Moving;
+use crate::front_door::{Authenticated, ClientConn, Entered, Port};
+use crate::throttle::LogThrottle;
+use crate::worker::{SessionSlot, Worker};
+
+/// Hand-offs waiting for one worker. Past it, clients stay where they were accepted.
+pub const INBOX_CAPACITY: usize = 1024;
+
+/// An authenticated client on its way to the worker that owns its branch.
+#[derive(Debug)]
+pub struct Handoff {
+    from: usize,
+    port: Port,
+    peer: SocketAddr,
+    accepted: Instant,
+    conn: Moving,
+    auth: Box<Authenticated>,
+    slot: SessionSlot,
+}
+
+impl Handoff {
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// When the accepting worker accepted the connection.
+    pub fn accepted(&self) -> Instant {
+        self.accepted
+    }
+
+    /// The connection in `worker`'s runtime, as [`crate::front_door::enter`] gives it: what
+    /// follows the front door takes it from here. `None` if the socket could not be taken in
+    /// (logged; the connection is closed).
+    pub fn arrive(self, worker: &Worker) -> Option<Entered<'_>> {
+        let Handoff {
+            from,
+            peer,
+            conn,
+            auth,
+            slot,
+            ..
+        } = self;
+        match ClientConn::from_moving(conn, &worker.buffers) {
+            Ok(conn) => Some(Entered { conn, auth, slot }),
+            Err(error) => {
+                if let Some(suppressed) = LOST.allow() {
+                    tracing::warn!(
+                        %peer,
+                        from,
+                        to = worker.id,
+                        %error,
+                        suppressed,
+                        "handed-off connection lost"
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// One worker's incoming hand-offs. Any thread sends; the worker's [`receive`] task takes.
+#[derive(Debug)]
+pub struct Inbox {
+    sender: Sender<Box<Handoff>>,
+    receiver: Receiver<Box<Handoff>>,
+    waker: AtomicWaker,
+    /// False once the worker stops: nothing more is sent to it.
+    open: AtomicBool,
+}
+
+impl Default for Inbox {
+    fn default() -> Self {
+        let (sender, receiver) = crossbeam_channel::bounded(INBOX_CAPACITY);
+        Self {
+            sender,
+            receiver,
+            waker: AtomicWaker::new(),
+            open: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Inbox {
+    /// No more hand-offs to this worker (it stops).
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    /// True until [`Inbox::close`].
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Queues `handoff` and wakes the worker; gives it back if the inbox is full or closed.
+    fn send(&self, handoff: Box<Handoff>) -> Result<(), Box<Handoff>> {
+        if !self.is_open() {
+            return Err(handoff);
+        }
+        match self.sender.try_send(handoff) {
+            Ok(()) => {
+                self.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(handoff) | TrySendError::Disconnected(handoff)) => Err(handoff),
+        }
+    }
+
+    /// The next hand-off. Cancel-safe: one is taken only when it is returned.
+    async fn recv(&self) -> Box<Handoff> {
+        std::future::poll_fn(|cx| {
+            if let Ok(handoff) = self.receiver.try_recv() {
+                return Poll::Ready(handoff);
+            }
+            self.waker.register(cx.waker());
+            // A sender may have sent between the first look and the register.
+            match self.receiver.try_recv() {
+                Ok(handoff) => Poll::Ready(handoff),
+                Err(_) => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+/// Hand-offs given up on because the owner was full or stopping (the client stays).
+static OWNER_UNAVAILABLE: LogThrottle = LogThrottle::new();
+/// Sockets that could not leave or enter a runtime.
+static LOST: LogThrottle = LogThrottle::new();
+
+/// Hands `entered` over to the worker that owns its branch, if that is another worker and
+/// steering hands off. `Some` when the client stays here (the owner is this worker, or could
+/// not take it: logged); `None` when it left, or was lost on the way back (logged).
+///
+/// Synchronous: a hand-off is a `dup`, a few copies and a channel send.
+pub fn hand_off<'w>(
+    worker: &'w Worker,
+    entered: Entered<'w>,
+    peer: SocketAddr,
+    port: Port,
+    accepted: Instant,
+) -> Option<Entered<'w>> {
+    let shared = &worker.shared;
+    if !shared.steering.hands_off() {
+        return Some(entered);
+    }
+    let slot = crate::steering::branch_slot(&entered.auth.branch.id);
+    let owner = shared.steering.owner(slot) as usize;
+    let (Some(inbox), Some(own)) = (shared.inboxes.get(owner), shared.inboxes.get(worker.id))
+    else {
+        return Some(entered);
+    };
+    // This worker stops: the router shuts down, and nothing moves any more.
+    if owner == worker.id || !own.is_open() {
+        return Some(entered);
+    }
+    if !inbox.is_open() || inbox.sender.is_full() {
+        unavailable(worker.id, owner, peer);
+        return Some(entered);
+    }
+    let Entered { conn, auth, slot } = entered;
+    let conn = match conn.into_moving() {
+        Ok(moving) => moving,
+        Err((conn, error)) => {
+            if let Some(suppressed) = LOST.allow() {
+                tracing::warn!(%peer, %error, suppressed, "hand-off failed, serving here");
+            }
+            return Some(Entered {
+                conn: *conn,
+                auth,
+                slot,
+            });
+        }
+    };
+    let handoff = Box::new(Handoff {
+        from: worker.id,
+        port,
+        peer,
+        accepted,
+        conn,
+        auth,
+        slot,
+    });
+    match inbox.send(handoff) {
+        Ok(()) => {
+            worker.stats.handoffs_out.inc();
+            crate::probes::handoff(
+                u32::try_from(worker.id).unwrap_or(u32::MAX),
+                u32::try_from(owner).unwrap_or(u32::MAX),
+            );
+            tracing::debug!(%peer, from = worker.id, to = owner, "handed off to the branch's owner");
+            None
+        }
+        // Full or closed since the look above: serve it here after all.
+        Err(handoff) => {
+            unavailable(worker.id, owner, peer);
+            (*handoff).arrive(worker)
+        }
+    }
+}
+
+#[cold]
+fn unavailable(from: usize, owner: usize, peer: SocketAddr) {
+    if let Some(suppressed) = OWNER_UNAVAILABLE.allow() {
+        tracing::warn!(
+            %peer,
+            from,
+            owner,
+            suppressed,
+            "branch owner's hand-off queue full or worker stopping: serving the client on the \
+             worker that accepted it"
+        );
+    }
+}
+
+/// The owner's side: takes each hand-off from this worker's inbox, in this worker's budget of
+/// live connections, and starts what follows its front door. Runs for the worker's life (also
+/// through the drain: a client handed over then is served, and drained, like any other).
+pub async fn receive(worker: Rc<Worker>) {
+    let shared = worker.shared.clone();
+    let Some(inbox) = shared.inboxes.get(worker.id) else {
+        return;
+    };
+    loop {
+        let handoff = inbox.recv().await;
+        worker.stats.handoffs_in.inc();
+        let live = worker.adopt();
+        match handoff.port {
+            Port::Direct => {
+                monoio::spawn(crate::direct::handed_over(worker.clone(), live, handoff));
+            }
+            Port::Pooled => {
+                monoio::spawn(crate::pooled::handed_over(worker.clone(), live, handoff));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn a_handoff_can_cross_threads() {
+        assert_send::<Box<Handoff>>();
+    }
+}
