@@ -99,19 +99,27 @@ impl Handoff {
     }
 }
 
-/// One worker's incoming hand-offs. Any thread sends; the worker's [`receive`] task takes.
+/// One worker's incoming hand-offs (`T`: a [`Handoff`], boxed). Any thread sends; the
+/// worker's [`receive`] task takes.
 #[derive(Debug)]
-pub struct Inbox {
-    sender: Sender<Box<Handoff>>,
-    receiver: Receiver<Box<Handoff>>,
+pub struct Inbox<T = Box<Handoff>> {
+    sender: Sender<T>,
+    receiver: Receiver<T>,
     waker: AtomicWaker,
     /// False once the worker stops: nothing more is sent to it.
     open: AtomicBool,
 }
 
-impl Default for Inbox {
+impl<T> Default for Inbox<T> {
     fn default() -> Self {
-        let (sender, receiver) = crossbeam_channel::bounded(INBOX_CAPACITY);
+        Self::with_capacity(INBOX_CAPACITY)
+    }
+}
+
+impl<T> Inbox<T> {
+    /// An open inbox with room for `capacity` hand-offs.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let (sender, receiver) = crossbeam_channel::bounded(capacity);
         Self {
             sender,
             receiver,
@@ -119,9 +127,7 @@ impl Default for Inbox {
             open: AtomicBool::new(true),
         }
     }
-}
 
-impl Inbox {
     /// No more hand-offs to this worker (it stops).
     pub fn close(&self) {
         self.open.store(false, Ordering::Release);
@@ -132,34 +138,46 @@ impl Inbox {
         self.open.load(Ordering::Acquire)
     }
 
-    /// Queues `handoff` and wakes the worker; gives it back if the inbox is full or closed.
-    fn send(&self, handoff: Box<Handoff>) -> Result<(), Box<Handoff>> {
+    /// True when a send would find no room.
+    fn is_full(&self) -> bool {
+        self.sender.is_full()
+    }
+
+    /// Queues `item` and wakes the worker; gives it back if the inbox is full or closed.
+    fn send(&self, item: T) -> Result<(), T> {
         if !self.is_open() {
-            return Err(handoff);
+            return Err(item);
         }
-        match self.sender.try_send(handoff) {
+        match self.sender.try_send(item) {
             Ok(()) => {
                 self.waker.wake();
                 Ok(())
             }
-            Err(TrySendError::Full(handoff) | TrySendError::Disconnected(handoff)) => Err(handoff),
+            Err(TrySendError::Full(item) | TrySendError::Disconnected(item)) => Err(item),
         }
     }
 
     /// The next hand-off. Cancel-safe: one is taken only when it is returned.
-    async fn recv(&self) -> Box<Handoff> {
+    async fn recv(&self) -> T {
         std::future::poll_fn(|cx| {
-            if let Ok(handoff) = self.receiver.try_recv() {
-                return Poll::Ready(handoff);
+            if let Ok(item) = self.receiver.try_recv() {
+                return Poll::Ready(item);
             }
             self.waker.register(cx.waker());
             // A sender may have sent between the first look and the register.
             match self.receiver.try_recv() {
-                Ok(handoff) => Poll::Ready(handoff),
+                Ok(item) => Poll::Ready(item),
                 Err(_) => Poll::Pending,
             }
         })
         .await
+    }
+
+    /// Drops what is still queued (closing handed-off sockets nobody took), and says how many.
+    /// For when every worker has stopped: a queued [`Handoff`] holds the router's shared state
+    /// (its session slot), which holds the inbox.
+    pub fn discard_all(&self) -> usize {
+        self.receiver.try_iter().count()
     }
 }
 
@@ -194,7 +212,7 @@ pub fn hand_off<'w>(
     if owner == worker.id || !own.is_open() {
         return Some(entered);
     }
-    if !inbox.is_open() || inbox.sender.is_full() {
+    if !inbox.is_open() || inbox.is_full() {
         unavailable(worker.id, owner, peer);
         return Some(entered);
     }
@@ -278,6 +296,8 @@ pub async fn receive(worker: Rc<Worker>) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn assert_send<T: Send>() {}
@@ -285,5 +305,49 @@ mod tests {
     #[test]
     fn a_handoff_can_cross_threads() {
         assert_send::<Box<Handoff>>();
+    }
+
+    #[test]
+    fn a_full_or_closed_inbox_gives_the_hand_off_back() {
+        let inbox = Inbox::with_capacity(2);
+        assert_eq!((inbox.send(1), inbox.send(2)), (Ok(()), Ok(())));
+        assert!(inbox.is_full());
+        assert_eq!(inbox.send(3), Err(3));
+        assert_eq!(inbox.discard_all(), 2);
+        assert!(!inbox.is_full());
+        inbox.close();
+        assert!(!inbox.is_open());
+        assert_eq!(inbox.send(4), Err(4));
+        assert_eq!(inbox.discard_all(), 0);
+    }
+
+    /// The receiving runtime sleeps in io_uring (or epoll) with nothing else to do: a send
+    /// from another thread must wake it (monoio's `sync` feature: its driver's eventfd).
+    #[test]
+    fn a_send_from_another_thread_wakes_the_receiving_runtime() {
+        let inbox = std::sync::Arc::new(Inbox::with_capacity(4));
+        let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        let sender = std::thread::spawn({
+            let inbox = inbox.clone();
+            move || {
+                for n in 0..3 {
+                    std::thread::sleep(Duration::from_millis(30));
+                    inbox.send(n).expect("room");
+                }
+            }
+        });
+        let received = runtime.block_on(async {
+            let mut received = Vec::new();
+            for _ in 0..3 {
+                let next = monoio::time::timeout(Duration::from_secs(5), inbox.recv()).await;
+                received.push(next.expect("woken within 5 s"));
+            }
+            received
+        });
+        sender.join().expect("sender thread");
+        assert_eq!(received, [0, 1, 2]);
     }
 }

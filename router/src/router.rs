@@ -611,6 +611,12 @@ impl Router {
         for handle in self.workers {
             let _ = handle.join();
         }
+        // Hand-offs sent as the workers stopped, which nobody took: their sockets close here
+        // (no worker thread is left to send more).
+        let dropped: usize = self.shared.inboxes.iter().map(|i| i.discard_all()).sum();
+        if dropped > 0 {
+            tracing::info!(connections = dropped, "closed hand-offs no worker took");
+        }
         // Last: /healthz said 503 for the whole drain.
         if let Some(admin) = self.admin {
             admin.stop();

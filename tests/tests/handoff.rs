@@ -13,6 +13,8 @@ use std::sync::{mpsc, Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use branchgate::auth::{ClientCredentials, ScramClient};
+use branchgate_e2e::raw::{self, Tls, MODES};
 use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, wait_active, MakeRustls};
 use branchgate_e2e::tools::{psql_command, psql_output};
 use branchgate_e2e::{
@@ -509,6 +511,77 @@ fn psql_through_a_handed_off_direct_session() {
         }
     }
     panic!("{MAX_TRIES} psql sessions and none handed off");
+}
+
+/// Logs in by hand with a Query pipelined behind the last SCRAM message (in the same TLS
+/// record), so that the front door has read bytes it does not use: they must move with the
+/// connection. Returns the Query's answer.
+fn login_with_a_pipelined_query(tls: &mut Tls, sql: &str) -> String {
+    raw::start_sasl(tls, USER);
+    let (mut scram, first) = ScramClient::new(ClientCredentials::Password(PASSWORD.to_owned()));
+    tls.write_all(&raw::sasl_initial_response(raw::SCRAM_SHA_256, &first))
+        .expect("send SASLInitialResponse");
+    let server_first = raw::expect_auth(tls, raw::AUTH_SASL_CONTINUE, "server-first-message")
+        .unwrap_or_else(|e| panic!("server-first-message: {e:?}"));
+    let client_final = scram
+        .handle_server_first(&server_first)
+        .expect("valid server-first-message");
+    let mut both = raw::message(b'p', &client_final);
+    both.extend_from_slice(&raw::query(sql));
+    tls.write_all(&both).expect("send SASLResponse and Query");
+    raw::expect_auth(tls, raw::AUTH_SASL_FINAL, "server-final-message")
+        .unwrap_or_else(|e| panic!("server-final-message: {e:?}"));
+    raw::expect_auth(tls, raw::AUTH_OK, "AuthenticationOk")
+        .unwrap_or_else(|e| panic!("AuthenticationOk: {e:?}"));
+    let mut readies = 0;
+    let mut value = None;
+    while readies < 2 {
+        match raw::next_message(tls, sql) {
+            (b'Z', _) => readies += 1,
+            (b'E', body) => panic!("{sql}: {:?}", raw::parse_error(&body)),
+            (b'D', body) => {
+                let len = i32::from_be_bytes(body[2..6].try_into().expect("4 bytes"));
+                let len = usize::try_from(len).expect("not NULL");
+                value = Some(String::from_utf8(body[6..6 + len].to_vec()).expect("UTF-8"));
+            }
+            _ => {}
+        }
+    }
+    value.unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// Both ports, both TLS modes: a client whose first query came pipelined with its login is
+/// handed off with it, and its TLS session goes on after the move, TLS 1.3 key updates (each
+/// asking for the router's) included.
+#[test]
+fn pipelined_bytes_and_key_updates_survive_the_hand_off() {
+    let f = fixture();
+    let router = f.router("userspace");
+    for addr in [router.direct_addr(), router.pooled_addr()] {
+        for mode in MODES {
+            let mut moved = None;
+            for _ in 0..MAX_TRIES {
+                let (before, _) = handoffs(&router);
+                let mut tls = raw::connect_tls(addr, f.certs.client_config(), mode);
+                let answer = login_with_a_pipelined_query(&mut tls, "SELECT 'pipelined'");
+                assert_eq!(answer, "pipelined", "{addr} {mode:?}");
+                let (after, _) = handoffs(&router);
+                if after > before {
+                    moved = Some(tls);
+                    break;
+                }
+            }
+            let mut tls =
+                moved.unwrap_or_else(|| panic!("{MAX_TRIES} logins on {addr} and none handed off"));
+            for round in 0..3 {
+                tls.conn.refresh_traffic_keys().expect("client key update");
+                let sql = format!("SELECT {round} + 1");
+                assert_eq!(raw::query_one(&mut tls, &sql), (round + 1).to_string());
+                let big = raw::query_one(&mut tls, "SELECT repeat('k', 40000)");
+                assert_eq!(big.len(), 40_000, "{addr} {mode:?} round {round}");
+            }
+        }
+    }
 }
 
 #[test]
