@@ -15,7 +15,7 @@
 //! the owner's runtime (monoio's `sync` feature unparks its io_uring driver through its
 //! eventfd: no polling), as the [`crate::mailbox`] does. The owner's [`receive`] task rebuilds
 //! the connection in its runtime and goes on where the accepting worker stopped:
-//! [`crate::direct::after_front_door`] or [`crate::pooled::login::after_front_door`]. The client
+//! [`crate::direct::after_front_door`] or `pooled::login::after_front_door`. The client
 //! notices nothing: the same TLS session, the same bytes.
 //!
 //! The per-worker counts move with the client: the accepting worker's

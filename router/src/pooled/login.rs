@@ -1,8 +1,8 @@
 //! A pooled client's login, after the front door: its place among its branch's clients, its
 //! pool (and the parameters its backends report, from a first backend if it has none), and the
-//! answer with a router-issued cancel key. [`start`] runs the front door first; a client handed
-//! over from another worker ([`crate::handoff`]) comes in through [`resume`]; both go on in
-//! [`after_front_door`].
+//! answer with a router-issued cancel key. `start` runs the front door first; a client handed
+//! over from another worker ([`crate::handoff`]) comes in through `resume`; both go on in
+//! `after_front_door`.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
