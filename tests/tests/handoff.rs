@@ -584,6 +584,61 @@ fn pipelined_bytes_and_key_updates_survive_the_hand_off() {
     }
 }
 
+/// A shutdown drains handed-off clients like any other (they are registered on the worker that
+/// serves them): at the end of the drain, each gets FATAL 57P01, on either port, mid-query.
+#[test]
+fn the_drain_ends_handed_off_sessions_with_57p01() {
+    let f = fixture();
+    let mut router = f.router("userspace");
+    block_on(async {
+        let mut sleepers = Vec::new();
+        for addr in [router.direct_addr(), router.pooled_addr()] {
+            let client = handed_off(&router, || f.tp_connect(addr, TpNegotiation::Postgres)).await;
+            let sql = format!("SELECT pg_sleep(32), {}", addr.port());
+            sleepers.push(tokio::spawn(async move {
+                let error = client
+                    .simple_query(&sql)
+                    .await
+                    .expect_err("the drain ends the query");
+                (error, client)
+            }));
+        }
+        // The sleeps run on their backends before the shutdown starts.
+        let admin = f.tp_admin().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let running: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 \
+                     AND query LIKE 'SELECT pg_sleep(32), %' AND state = 'active'",
+                    &[&ROLE],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            if running == 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sleeps never ran ({running})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let shutdown = router.shutdown_in_background();
+        for sleeper in sleepers {
+            let (error, _client) = tokio::time::timeout(Duration::from_secs(10), sleeper)
+                .await
+                .expect("the drain (1 s) ends the session")
+                .expect("query task");
+            assert_eq!(sqlstate(&error), &SqlState::ADMIN_SHUTDOWN, "{error:?}");
+        }
+        tokio::task::spawn_blocking(move || shutdown.join().expect("shutdown thread"))
+            .await
+            .expect("join");
+    });
+}
+
 #[test]
 fn with_steering_off_nothing_is_handed_off() {
     let f = fixture();
