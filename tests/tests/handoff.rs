@@ -77,9 +77,18 @@ impl Fixture {
         let mut settings = PoolSettings::new(POOL_SIZE);
         settings.workers = 2;
         TestRouter::start_with_config(&self.certs, &[branch], |text| {
-            let text = settings.apply(text).replace(
-                "pooled = \"127.0.0.1:0\"\n",
-                "pooled = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n",
+            // A startup timeout for a busy machine: SCRAM in a debug build is slow, and the
+            // load tests log many clients in at once.
+            let text = settings
+                .apply(text)
+                .replace(
+                    "pooled = \"127.0.0.1:0\"\n",
+                    "pooled = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n",
+                )
+                .replace("startup = \"3s\"\n", "startup = \"20s\"\n");
+            assert!(
+                text.contains("startup = \"20s\""),
+                "router_toml changed: {text}"
             );
             format!("steering = \"{steering}\"\n{text}")
         })
