@@ -3,7 +3,9 @@
 //!
 //! 1. The front door ([`crate::front_door`]): TLS, the StartupMessage, SCRAM with the client.
 //! 2. A place among `limits.max_client_connections` authenticated sessions
-//!    ([`front_door::enter`] takes both steps).
+//!    ([`front_door::enter`] takes both steps), and the hand-off to the worker that owns the
+//!    branch when that is another one ([`crate::handoff`]: there [`handed_over`] goes on).
+//!    What follows is [`after_front_door`], on whichever worker serves the client.
 //! 3. A backend connection (primary, or the least-loaded healthy replica) authenticated with the
 //!    client's ClientKey, within `timeouts.connect`.
 //! 4. The relay both ways ([`crate::relay`]) until either side closes.
@@ -24,7 +26,8 @@ use crate::backend::{self, BackendConn, BackendError};
 use crate::buf::{write_all_vec, ReadBuf};
 use crate::cancel;
 use crate::error::{KillReason, SessionError};
-use crate::front_door::{self, Authenticated, Entered, Parts};
+use crate::front_door::{self, Authenticated, Entered, Parts, Port};
+use crate::handoff::Handoff;
 use crate::probes::ProbePort;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write::{self, Severity};
@@ -35,7 +38,7 @@ use crate::upstream::{self, ActiveGuard, Upstreams};
 use crate::worker::{LiveGuard, SessionHandle, SessionSlot, Signal, StartupSlot, Worker};
 
 /// An established session: the client authenticated, its backend connected, both told.
-struct Session {
+pub struct Session {
     sockets: Sockets,
     records: Box<RecordLayer>,
     /// Ciphertext past the client's last whole record (normally none).
@@ -59,16 +62,39 @@ pub async fn session(
 ) {
     let _live = live;
     let starting = Box::pin(start(worker.clone(), tcp, peer, slot, accepted));
-    if let Some(mut session) = starting.await {
-        let stats = &worker.stats;
-        stats.logins[0].inc();
-        stats.login_time[0].observe(accepted.elapsed());
-        relay(&worker, &mut session, peer).await;
-        stats.sessions_ended[0].inc();
+    if let Some(session) = starting.await {
+        established(&worker, session, peer, accepted).await;
     }
 }
 
-/// Steps 1 to 3. `None` if the connection ended (a cancel request, or a refusal, logged).
+/// The task of a direct-port client handed over by the worker that accepted it
+/// ([`crate::handoff`]): what follows its front door (boxed, as in [`session`]), then the relay.
+pub async fn handed_over(worker: Rc<Worker>, live: LiveGuard, handoff: Box<Handoff>) {
+    let _live = live;
+    let (peer, accepted) = (handoff.peer(), handoff.accepted());
+    let starting = Box::pin(resume(worker.clone(), handoff));
+    if let Some(session) = starting.await {
+        established(&worker, session, peer, accepted).await;
+    }
+}
+
+/// Step 4, counted.
+async fn established(
+    worker: &Rc<Worker>,
+    mut session: Session,
+    peer: SocketAddr,
+    accepted: Instant,
+) {
+    let stats = &worker.stats;
+    stats.logins[0].inc();
+    stats.login_time[0].observe(accepted.elapsed());
+    relay(worker, &mut session, peer).await;
+    stats.sessions_ended[0].inc();
+}
+
+/// Steps 1 to 3: the front door, then [`after_front_door`] here unless the client was handed
+/// over to its branch's owner. `None` if the connection ended here (a cancel request, a
+/// refusal, logged, or a hand-off).
 async fn start(
     worker: Rc<Worker>,
     tcp: TcpStream,
@@ -77,11 +103,32 @@ async fn start(
     accepted: Instant,
 ) -> Option<Session> {
     let worker = &worker;
+    let entered =
+        front_door::enter(worker, tcp, peer, startup_slot, accepted, Port::Direct).await?;
+    after_front_door(worker, entered, peer).await
+}
+
+/// Steps 2 and 3 on the worker a client was handed over to.
+async fn resume(worker: Rc<Worker>, handoff: Box<Handoff>) -> Option<Session> {
+    let worker = &worker;
+    let peer = handoff.peer();
+    let entered = (*handoff).arrive(worker)?;
+    after_front_door(worker, entered, peer).await
+}
+
+/// What follows the front door, on the worker that serves the client (the one that accepted
+/// it, or its branch's owner after a hand-off): step 3, the backend connection, and the
+/// client's login answered. `None` if the connection ended (a refusal, logged).
+pub async fn after_front_door(
+    worker: &Rc<Worker>,
+    entered: Entered<'_>,
+    peer: SocketAddr,
+) -> Option<Session> {
     let Entered {
         mut conn,
         auth,
         slot,
-    } = front_door::enter(worker, tcp, peer, startup_slot, accepted).await?;
+    } = entered;
     let connecting = monoio::select! {
         connected = Box::pin(connect_backend(worker, &auth)) => connected,
         _ = worker.drain_over() => Err((SessionError::Terminated(KillReason::Shutdown), Vec::new())),

@@ -30,6 +30,7 @@
 //! - [`control`]: the control socket (`reload`, `check`) and its one-line protocol.
 //! - [`throttle`]: rate-limited logging for warnings that repeat per connection.
 //! - [`steering`]: which worker accepts a new connection: the eBPF `sk_reuseport` program.
+//! - [`handoff`]: an authenticated client moved to the worker that owns its branch.
 
 pub mod auth;
 pub mod backend;
@@ -41,6 +42,7 @@ pub mod control;
 pub mod direct;
 pub mod error;
 pub mod front_door;
+pub mod handoff;
 pub mod mailbox;
 pub mod metrics;
 pub mod pooled;

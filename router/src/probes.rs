@@ -16,9 +16,7 @@
 //! | `transaction_begin` | client pid (the router-issued one), backend pid |
 //! | `transaction_end` | client pid, backend pid, µs the backend was held |
 //! | `session_end` | port, client pid, µs since login |
-//!
-//! The hand-off of a connection to the worker that owns its branch gets its probe with the
-//! hand-off itself.
+//! | `handoff` | from worker, to worker (an authenticated client sent to its branch's owner) |
 
 use monoio::time::Instant;
 use probe::probe_lazy;
@@ -97,4 +95,11 @@ pub fn session_end(port: ProbePort, client_pid: u32, logged_in: Instant) {
         client_pid,
         micros(logged_in)
     );
+}
+
+/// An authenticated client was handed over from worker `from` to worker `to`, the owner of its
+/// branch ([`crate::handoff`]).
+#[inline]
+pub fn handoff(from: u32, to: u32) {
+    probe_lazy!(branchgate, handoff, from, to);
 }

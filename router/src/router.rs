@@ -241,6 +241,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         branch_clients: Default::default(),
         stats: (0..workers).map(|_| Arc::default()).collect(),
         steering,
+        inboxes: (0..workers).map(|_| Default::default()).collect(),
         config,
     });
 
@@ -600,6 +601,10 @@ impl Router {
             control.stop();
         }
         self.stopping.store(true, Ordering::Relaxed);
+        // No hand-off once the workers stop: each serves (and drains) what it has.
+        for inbox in &self.shared.inboxes {
+            inbox.close();
+        }
         for mailbox in &self.shared.mailboxes {
             mailbox.request_shutdown();
         }
@@ -609,6 +614,12 @@ impl Router {
         }
         for handle in self.workers {
             let _ = handle.join();
+        }
+        // Hand-offs sent as the workers stopped, which nobody took: their sockets close here
+        // (no worker thread is left to send more).
+        let dropped: usize = self.shared.inboxes.iter().map(|i| i.discard_all()).sum();
+        if dropped > 0 {
+            tracing::info!(connections = dropped, "closed hand-offs no worker took");
         }
         // Last: /healthz said 503 for the whole drain.
         if let Some(admin) = self.admin {

@@ -65,6 +65,8 @@ pub struct Shared {
     pub stats: Vec<Arc<crate::metrics::WorkerStats>>,
     /// Which worker accepts new connections: the eBPF program's maps, accept counts.
     pub steering: crate::steering::Steering,
+    /// One hand-off inbox per worker, indexed by worker id ([`crate::handoff`]).
+    pub inboxes: Vec<crate::handoff::Inbox>,
 }
 
 /// What the worker knows about one live session (for password resets and shutdown).
@@ -226,6 +228,15 @@ impl Worker {
         self.live.set(self.live.get() + 1);
         self.publish_load();
         Some((LiveGuard(self.clone()), StartupSlot(self.clone())))
+    }
+
+    /// Counts a connection handed over from another worker ([`crate::handoff`]) among this
+    /// worker's live ones. Not against `limits.max_startup_connections`: the client has
+    /// authenticated, and holds a session slot.
+    pub fn adopt(self: &Rc<Self>) -> LiveGuard {
+        self.live.set(self.live.get() + 1);
+        self.publish_load();
+        LiveGuard(self.clone())
     }
 
     /// Tells the steering program this worker's load: its live connections (one map update
@@ -436,7 +447,13 @@ impl Worker {
             // Dropped with the runtime when the worker stops.
             monoio::spawn(crate::pooled::maintain(self.clone()));
         }
+        // Dropped with the runtime when the worker stops.
+        monoio::spawn(crate::handoff::receive(self.clone()));
         self.handle_mail(false).await;
+        // The router closes every inbox before it asks for shutdown; this one again in case.
+        if let Some(inbox) = self.shared.inboxes.get(self.id) {
+            inbox.close();
+        }
 
         self.stop_accepting.fire();
         // The listeners closed (a task left behind when the runtime stops would keep its socket
@@ -511,6 +528,7 @@ pub(crate) mod tests {
             branch_clients: Default::default(),
             stats: (0..workers).map(|_| Arc::default()).collect(),
             steering: crate::steering::Steering::off(workers),
+            inboxes: (0..workers).map(|_| Default::default()).collect(),
         })
     }
 

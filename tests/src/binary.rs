@@ -79,7 +79,17 @@ impl RouterProcess {
     /// starts `branchgate run` on free ports (retried when another process takes one),
     /// and returns once it accepts clients and answers on its control socket.
     pub fn spawn(dir: &Path, certs: &Certs) -> RouterProcess {
-        let template = router_toml(certs, "catalog.toml");
+        RouterProcess::spawn_with(dir, certs, |text| text)
+    }
+
+    /// As [`RouterProcess::spawn`], with router.toml rewritten by `edit` first (e.g. a
+    /// `steering` line put at its top).
+    pub fn spawn_with(
+        dir: &Path,
+        certs: &Certs,
+        edit: impl FnOnce(String) -> String,
+    ) -> RouterProcess {
+        let template = edit(router_toml(certs, "catalog.toml"));
         for _ in 0..BIND_ATTEMPTS {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let pooled_addr = loop {

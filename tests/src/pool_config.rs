@@ -18,8 +18,9 @@ const WORKERS_LINE: &str = "workers = 2\n";
 
 /// `[pool]` settings for a test router; `None` leaves the router's default.
 ///
-/// Pools are per worker until a branch lives on one worker (issue 8), so tests that count
-/// backends run one worker: then `pool_size` is the branch's whole budget.
+/// Tests that count backends run one worker, so that `pool_size` is the branch's whole budget
+/// whatever the steering (with `steering = "off"` pools are per worker; otherwise a branch's
+/// clients are handed to its owner and share one pool: tests/tests/handoff.rs).
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
     /// Worker threads of the router.

@@ -1,5 +1,5 @@
-//! The router seen from outside, with no restart: its USDT probes, attached by bpftrace to the
-//! running `branchgate run` while real clients log in on both ports; and `/metrics` and
+//! The router seen from outside, with no restart: its USDT probes (the hand-off's included),
+//! attached by bpftrace to the running `branchgate run` while real clients log in on both ports; and `/metrics` and
 //! `/healthz` on `[listen] admin`, scraped while clients work.
 //!
 //! bpftrace needs root (it loads BPF programs); `scripts/setup` installs it. Run as another
@@ -37,6 +37,7 @@ usdt:{bin}:branchgate:transaction_begin {{ printf(\"transaction_begin %d %d\\n\"
 usdt:{bin}:branchgate:transaction_end {{
     printf(\"transaction_end %d %d %d\\n\", arg0, arg1, arg2); }}
 usdt:{bin}:branchgate:session_end {{ printf(\"session_end %d %d %d\\n\", arg0, arg1, arg2); }}
+usdt:{bin}:branchgate:handoff {{ printf(\"handoff %d %d\\n\", arg0, arg1); }}
 "
     );
     let mut child = Command::new("bpftrace")
@@ -115,7 +116,11 @@ fn bpftrace_sees_every_probe_of_a_direct_and_a_pooled_client() {
         catalog_toml(&[BranchSpec::new("traced", pg.addr()).role("tracer", &verifier)]),
     )
     .expect("write catalog");
-    let router = RouterProcess::spawn(dir.path(), &certs);
+    // Userspace steering: the kernel's hash spreads clients over both workers, and those on
+    // the worker that does not own the branch are handed off (the `handoff` probe).
+    let router = RouterProcess::spawn_with(dir.path(), &certs, |text| {
+        format!("steering = \"userspace\"\n{text}")
+    });
     let (mut trace, rx) = bpftrace(router.pid());
     let mut seen = Vec::new();
     expect_line(&rx, &mut seen, "ready", |_| true);
@@ -180,6 +185,22 @@ fn bpftrace_sees_every_probe_of_a_direct_and_a_pooled_client() {
     });
     expect_line(&rx, &mut seen, "session_end", |w| {
         w[0] == "0" && w[1] == direct_backend
+    });
+    // Each login has an even chance of landing on the worker that does not own the branch:
+    // among this many, one is handed off (from one worker to the other) but for 2^-24.
+    for _ in 0..24 {
+        RawConn::connect(
+            router.pooled_addr(),
+            certs.client_config(),
+            Mode::SslRequest,
+            "tracer.traced",
+            password,
+            &[],
+        )
+        .terminate();
+    }
+    expect_line(&rx, &mut seen, "handoff", |w| {
+        (w[0] == "0" && w[1] == "1") || (w[0] == "1" && w[1] == "0")
     });
     // Everything was seen: bpftrace has nothing more to say (detaching can be slow on a busy
     // machine, so it is not waited for).

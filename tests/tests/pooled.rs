@@ -6,8 +6,9 @@
 //! mid-transaction.
 //!
 //! One PostgreSQL server per binary; every test starts its own router with the `[pool]` settings
-//! it checks, so pools are never shared between tests. Routers run one worker (pools are per
-//! worker until a branch lives on one worker), except where a test covers both workers.
+//! it checks, so pools are never shared between tests. Routers run one worker (so that
+//! `pool_size` is the branch's whole budget whatever the steering), except where a test covers
+//! both workers; tests/tests/handoff.rs has a branch's clients meet on its owning worker.
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use branchgate::steering::{branch_slot, ebpf::pin_name, ebpf::PIN_ROOT, Counters, SteeringMode};
+use branchgate::steering::{
+    branch_slot, default_owner, ebpf::pin_name, ebpf::PIN_ROOT, Counters, SteeringMode,
+};
 use branchgate_e2e::raw;
 use branchgate_e2e::raw as session;
 use branchgate_e2e::{BranchSpec, Certs, PgServer, TestRouter};
@@ -210,9 +212,16 @@ fn login_remembers_the_branch_and_the_next_connection_follows_it() {
     let first = login(&router);
     let before = counters(&router);
     assert_eq!(before.hit, 0, "{before:?}");
-    // b1's slot got a default owner when it was remembered; move it to the other worker.
+    // b1's slot got a default owner when it was remembered (the owner the hand-off uses too);
+    // move it to the other worker.
+    let steering = router.router().steering();
+    assert_eq!(
+        steering.owner(branch_slot("b1")),
+        default_owner(branch_slot("b1"), 2)
+    );
     let other = 1 - first as u32;
     set_owner(&router, "b1", other);
+    assert_eq!(steering.owner(branch_slot("b1")), other);
     for _ in 0..3 {
         assert_eq!(login(&router), other as usize);
     }

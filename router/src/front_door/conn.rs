@@ -5,10 +5,12 @@
 //! buffers are borrowed from the worker's pool only once the socket is readable, and given back
 //! as soon as they are empty; the output buffers are freed after each flush.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use monoio::io::AsyncWriteRent;
 use monoio::net::TcpStream;
+use zeroize::Zeroizing;
 
 use crate::buf::{read_into, write_all_vec, BufPool, ReadBuf};
 use crate::error::SessionError;
@@ -55,6 +57,47 @@ pub struct Parts {
     pub cipher: Vec<u8>,
     /// Opened data not consumed yet: messages the client pipelined (normally none).
     pub plain: Vec<u8>,
+}
+
+/// An authenticated connection on its way to another worker ([`crate::handoff`]): everything a
+/// [`ClientConn`] held, owned, with its socket out of the runtime that accepted it.
+pub struct Moving {
+    /// The socket, registered with no runtime.
+    tcp: std::net::TcpStream,
+    records: Box<RecordLayer>,
+    handshake: Handshake,
+    /// Ciphertext read past the last opened record.
+    cipher: Vec<u8>,
+    /// Opened bytes not consumed yet (wiped when dropped: it is the client's plaintext).
+    plain: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Moving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Moving")
+            .field("fd", &self.tcp.as_raw_fd())
+            .field("cipher", &self.cipher.len())
+            .field("plain", &self.plain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a connection could not move between workers.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    /// TLS is not up, or bytes are still waiting to be sent: the connection is not at a point
+    /// where another worker can take it.
+    #[error("the connection is not settled (no TLS, or unsent bytes)")]
+    Unsettled,
+    /// The socket could not be taken out of its runtime (no descriptor left for the copy).
+    #[error("cannot take the socket out of its runtime: {0}")]
+    Detach(std::io::Error),
+    /// The socket could not be registered with the new worker's runtime.
+    #[error("cannot register the socket with the worker's runtime: {0}")]
+    Attach(std::io::Error),
+    /// Buffered bytes larger than the new worker's buffers (which are the same size: a bug).
+    #[error("buffered bytes larger than a buffer")]
+    TooLong,
 }
 
 impl<'w> ClientConn<'w> {
@@ -293,12 +336,87 @@ impl<'w> ClientConn<'w> {
         })
     }
 
+    /// Takes the connection out of this worker's runtime for another worker: the socket, the
+    /// TLS state (keys and sequence numbers both ways) and the bytes read but not used, copied
+    /// out of this worker's buffers. The connection must be settled: TLS up, nothing left to
+    /// send. On failure it is given back untouched (boxed: that is the rare way).
+    ///
+    /// The socket leaves as a duplicate of its descriptor; monoio then closes the original
+    /// (the socket lives on in the duplicate). monoio's own `into_raw_fd` would panic if an
+    /// operation still held the descriptor; none does here: every read and write of a
+    /// [`ClientConn`] is awaited to its end, and the only operations ever dropped in flight
+    /// (at a timeout or the drain's end) end the connection instead of letting it get here.
+    pub fn into_moving(self) -> Result<Moving, (Box<Self>, MoveError)> {
+        if self.records.is_none() || !self.out.is_empty() || !self.tls_out.is_empty() {
+            return Err((Box::new(self), MoveError::Unsettled));
+        }
+        // SAFETY: the descriptor belongs to `self.tcp`, which is alive (and keeps it open)
+        // for the whole borrow.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(self.tcp.as_raw_fd()) };
+        let owned = match borrowed.try_clone_to_owned() {
+            Ok(owned) => owned,
+            Err(error) => return Err((Box::new(self), MoveError::Detach(error))),
+        };
+        let mut this = self;
+        let cipher = this.raw.data().to_vec();
+        let plain = Zeroizing::new(this.plain.data().to_vec());
+        this.release_buffers();
+        let Some(records) = this.records.take() else {
+            return Err((Box::new(this), MoveError::Unsettled));
+        };
+        let ClientConn { tcp, handshake, .. } = this;
+        drop(tcp);
+        Ok(Moving {
+            tcp: std::net::TcpStream::from(owned),
+            records,
+            handshake,
+            cipher,
+            plain,
+        })
+    }
+
+    /// A connection [`ClientConn::into_moving`] took out of another worker's runtime, in this
+    /// worker's (`pool` is its buffers): it goes on where it stopped. On failure the socket is
+    /// closed.
+    pub fn from_moving(moving: Moving, pool: &'w BufPool) -> Result<Self, MoveError> {
+        let Moving {
+            tcp,
+            records,
+            handshake,
+            cipher,
+            plain,
+        } = moving;
+        let tcp = TcpStream::from_std(tcp).map_err(MoveError::Attach)?;
+        let mut conn = ClientConn::new(tcp, pool);
+        conn.records = Some(records);
+        conn.handshake = handshake;
+        refill(&mut conn.raw, pool, &cipher)?;
+        refill(&mut conn.plain, pool, &plain)?;
+        Ok(conn)
+    }
+
     fn release_buffers(&mut self) {
         self.raw.clear();
         self.plain.clear();
         self.raw.detach(self.pool);
         self.plain.detach(self.pool);
     }
+}
+
+/// Puts `bytes` into an empty, detached `buf`, borrowing a buffer from `pool` only if there are
+/// any.
+fn refill(buf: &mut ReadBuf, pool: &BufPool, bytes: &[u8]) -> Result<(), MoveError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    buf.attach(pool);
+    let spare = buf.spare_mut();
+    let Some(room) = spare.get_mut(..bytes.len()) else {
+        return Err(MoveError::TooLong);
+    };
+    room.copy_from_slice(bytes);
+    buf.commit(bytes.len());
+    Ok(())
 }
 
 /// Frees an output buffer's allocation when it is more than a small one.

@@ -18,7 +18,8 @@
 //! or branch exists.
 //!
 //! [`enter`] then gives an authenticated client its place among `limits.max_client_connections`
-//! (on either port), or refuses it.
+//! (on either port), or refuses it, and hands it over to the worker that owns its branch when
+//! that is another one ([`crate::handoff`]).
 //!
 //! # Layout
 //! - [`conn`]: the client's socket at the front door, its TLS state and lazily held buffers.
@@ -119,15 +120,24 @@ pub struct Entered<'w> {
 }
 
 /// Takes a connection that has spoken through the front door ([`admit`], boxed: its state is
-/// needed only until then), then gives up its startup slot for a session slot. `None` when the
-/// connection ended: a CancelRequest (passed on to [`crate::cancel::handle`]), or a refusal
-/// (logged, the client told as PostgreSQL would tell it: see [`refuse`]). Not cancel-safe.
+/// needed only until then), then gives up its startup slot for a session slot, then, if its
+/// branch is owned by another worker, hands it over there ([`crate::handoff`]). `None` when the
+/// connection ended here: a CancelRequest (passed on to [`crate::cancel::handle`]), a refusal
+/// (logged, the client told as PostgreSQL would tell it: see [`refuse`]), or a hand-off (what
+/// follows the front door then runs on the owner). Not cancel-safe.
+///
+/// The hand-off comes only now, once the client has authenticated, by choice over "right after
+/// the startup packet" (which names the branch already): only a client that has proved its
+/// password can make the router move a connection between workers, so the cost of what comes
+/// before authentication (which anyone can make the router pay) stays flat, and a branch's
+/// owner spends nothing on its clients' TLS handshakes and SCRAM.
 pub async fn enter(
     worker: &Rc<Worker>,
     tcp: TcpStream,
     peer: SocketAddr,
     startup_slot: StartupSlot,
     accepted: Instant,
+    port: Port,
 ) -> Option<Entered<'_>> {
     let mut conn = ClientConn::new(tcp, &worker.buffers);
     // Boxed: the front door's state is the largest a connection goes through, and it is
@@ -155,12 +165,13 @@ pub async fn enter(
         Box::pin(refuse(conn, peer, SessionError::TooManyConnections)).await;
         return None;
     };
-    Some(Entered { conn, auth, slot })
+    crate::handoff::hand_off(worker, Entered { conn, auth, slot }, peer, port, accepted)
 }
 
 /// Tells the steering program that `peer`'s connections belong with `auth`'s branch (one map
 /// update system call: [`crate::steering`]). Once the client has authenticated, so that only
-/// clients with a password for the branch cost one.
+/// clients with a password for the branch cost one; the hand-off follows at the same point
+/// for the same reason ([`enter`]).
 fn remember(worker: &Worker, peer: SocketAddr, auth: &Authenticated) {
     let steering = &worker.shared.steering;
     let slot = crate::steering::branch_slot(&auth.branch.id);

@@ -204,6 +204,26 @@ impl Collector for RouterCollector {
                 .enumerate()
                 .map(|(id, s)| (worker_label(id), &s.wait_time)),
         )?;
+        family(
+            e,
+            "branchgate_handoffs",
+            "Authenticated clients handed over between workers, to the worker that owns their \
+             branch: out (this worker gave one) and in (this worker took one)",
+            MetricType::Counter,
+            stats.iter().enumerate().flat_map(|(id, s)| {
+                [("out", s.handoffs_out.get()), ("in", s.handoffs_in.get())]
+                    .into_iter()
+                    .map(move |(direction, n)| {
+                        (
+                            vec![
+                                ("worker", id.to_string()),
+                                ("direction", direction.to_owned()),
+                            ],
+                            n,
+                        )
+                    })
+            }),
+        )?;
         let branches = self.shared.branch_clients.snapshot();
         let branch = |id: &str| vec![("branch", id.to_owned())];
         family(

@@ -117,6 +117,11 @@ pub struct WorkerStats {
     pub waits_ended: Counter,
     /// How long pooled clients waited for a backend.
     pub wait_time: Histogram,
+    /// Authenticated clients this worker handed over to the worker that owns their branch
+    /// ([`crate::handoff`]).
+    pub handoffs_out: Counter,
+    /// Authenticated clients this worker took over from another worker.
+    pub handoffs_in: Counter,
 }
 
 impl WorkerStats {

@@ -1,6 +1,8 @@
 //! A pooled client's login, after the front door: its place among its branch's clients, its
 //! pool (and the parameters its backends report, from a first backend if it has none), and the
-//! answer with a router-issued cancel key.
+//! answer with a router-issued cancel key. `start` runs the front door first; a client handed
+//! over from another worker ([`crate::handoff`]) comes in through `resume`; both go on in
+//! `after_front_door`.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -13,7 +15,8 @@ use monoio::time::Instant;
 use crate::buf::ReadBuf;
 use crate::cancel::PooledCancel;
 use crate::error::SessionError;
-use crate::front_door::{self, Authenticated, Parts};
+use crate::front_door::{self, Authenticated, Entered, Parts, Port};
+use crate::handoff::Handoff;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write;
 use crate::worker::{SessionHandle, Signal, StartupSlot, Worker};
@@ -24,7 +27,9 @@ use super::prepared::ClientStatements;
 use super::stream::MessageStream;
 use super::{context, Client, Readiness};
 
-/// Logs in: the front door, a place, the pool, the answer.
+/// Logs in: the front door, then [`after_front_door`] here unless the client was handed over
+/// to its branch's owner ([`crate::handoff`]: there [`resume`] goes on). `None` if the
+/// connection ended here (a cancel request, a refusal, logged, or a hand-off).
 pub(super) async fn start(
     worker: Rc<Worker>,
     tcp: TcpStream,
@@ -33,11 +38,32 @@ pub(super) async fn start(
     accepted: Instant,
 ) -> Option<Client> {
     let worker = &worker;
-    let front_door::Entered {
+    let entered =
+        front_door::enter(worker, tcp, peer, startup_slot, accepted, Port::Pooled).await?;
+    after_front_door(worker, entered, peer).await
+}
+
+/// [`after_front_door`] on the worker a client was handed over to.
+pub(super) async fn resume(worker: Rc<Worker>, handoff: Box<Handoff>) -> Option<Client> {
+    let worker = &worker;
+    let peer = handoff.peer();
+    let entered = (*handoff).arrive(worker)?;
+    after_front_door(worker, entered, peer).await
+}
+
+/// What follows the front door, on the worker that serves the client (the one that accepted
+/// it, or its branch's owner after a hand-off): a place among its branch's clients, its pool
+/// (this worker's), the answer. `None` if the connection ended (a refusal, logged).
+pub(super) async fn after_front_door(
+    worker: &Rc<Worker>,
+    entered: Entered<'_>,
+    peer: SocketAddr,
+) -> Option<Client> {
+    let Entered {
         mut conn,
         auth,
         slot,
-    } = front_door::enter(worker, tcp, peer, startup_slot, accepted).await?;
+    } = entered;
     let Authenticated {
         branch,
         role,

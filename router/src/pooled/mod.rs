@@ -2,8 +2,10 @@
 //! its pool for each transaction and gives it back when the transaction ends.
 //!
 //! 1. The front door ([`crate::front_door`]): TLS, the StartupMessage, SCRAM with the client.
-//! 2. A place among `limits.max_client_connections`, and the pool of its (branch, role,
-//!    database); the client's login is answered from what the pool's backends reported at
+//! 2. A place among `limits.max_client_connections`; the hand-off to the worker that owns the
+//!    branch when that is another one ([`crate::handoff`]: there [`handed_over`] goes on), so
+//!    that a branch's clients share one pool; and the pool of its (branch, role,
+//!    database) on the worker that serves it; the client's login is answered from what the pool's backends reported at
 //!    startup (one backend is opened first if the pool has never had one), with a
 //!    router-issued cancel key.
 //! 3. Then, for ever: wait for the client's next message holding no backend and no buffer;
@@ -62,6 +64,7 @@ use monoio::time::Instant;
 use crate::buf::{write_all_vec, ReadBuf};
 use crate::cancel::{PooledCancel, Registration};
 use crate::error::KillReason;
+use crate::handoff::Handoff;
 use crate::probes::{self, ProbePort};
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::write::{self, Severity};
@@ -126,9 +129,26 @@ pub async fn session(
     // Each step boxed, and bound before it is awaited (a temporary would keep its room in
     // this task for the whole await): an idle client's task holds the client and a pointer.
     let starting = Box::pin(start(worker.clone(), tcp, peer, slot, accepted));
-    let Some(mut client) = starting.await else {
+    let Some(client) = starting.await else {
         return;
     };
+    life(&worker, client, peer, accepted).await;
+}
+
+/// Serve a pooled client handed over by the worker that accepted it ([`crate::handoff`]): the
+/// rest of its login here, then its life as in [`session`].
+pub async fn handed_over(worker: Rc<Worker>, live: LiveGuard, handoff: Box<Handoff>) {
+    let _live = live;
+    let (peer, accepted) = (handoff.peer(), handoff.accepted());
+    let starting = Box::pin(login::resume(worker.clone(), handoff));
+    let Some(client) = starting.await else {
+        return;
+    };
+    life(&worker, client, peer, accepted).await;
+}
+
+/// A logged-in client's life: registered, its transactions, its goodbye.
+async fn life(worker: &Rc<Worker>, mut client: Client, peer: SocketAddr, accepted: Instant) {
     let _registration = worker.register(client.handle.clone());
     let stats = &worker.stats;
     stats.logins[1].inc();
@@ -141,11 +161,11 @@ pub async fn session(
         "pooled client logged in"
     );
     let logged_in = Instant::now();
-    let serving = Box::pin(serve(&worker, &mut client));
+    let serving = Box::pin(serve(worker, &mut client));
     let end = serving.await;
     probes::session_end(ProbePort::Pooled, client.handle.backend_key.pid, logged_in);
     stats.sessions_ended[1].inc();
-    let finishing = Box::pin(finish(&worker, client, peer, end));
+    let finishing = Box::pin(finish(worker, client, peer, end));
     finishing.await;
 }
 

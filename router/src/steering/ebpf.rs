@@ -253,6 +253,13 @@ impl EbpfSteering {
         Ok(())
     }
 
+    /// The worker this router wrote into `owners` for `slot`, if it wrote one (its own copy:
+    /// no system call).
+    pub fn owner(&self, slot: u32) -> Option<u32> {
+        let owner = self.owner_of.get(slot as usize)?.load(Ordering::Relaxed);
+        (owner != u32::MAX).then_some(owner)
+    }
+
     /// See [`super::Steering::set_load`].
     pub fn set_load(&self, worker: u32, load: u32) -> Result<(), SteeringError> {
         if worker >= self.workers {

@@ -4,8 +4,10 @@
 //! of each new connection. With `steering = "ebpf"` (the default) an `sk_reuseport` program
 //! ([`ebpf`], source in ebpf/program) chooses instead: a client address the router has seen
 //! name a branch goes to the worker that owns the branch's slot, any other to the least-loaded
-//! worker. With `"userspace"` no program is loaded (the hand-off between workers is to come);
-//! with `"off"` the kernel's hash decides.
+//! worker. With `"userspace"` no program is loaded and the kernel's hash decides; with either,
+//! a client that authenticated on a worker that does not own its branch is handed over to the
+//! owner ([`crate::handoff`]), so a branch's clients meet on one worker. With `"off"` the
+//! kernel's hash decides and each worker serves what it accepted.
 //!
 //! # Branch slots
 //! The program cannot hash strings at SYN time, so user space gives it a number per branch: the
@@ -37,9 +39,10 @@ pub use ebpf::{Counters, EbpfSteering, SteeringError};
 pub enum SteeringMode {
     /// The `sk_reuseport` program chooses.
     Ebpf,
-    /// No program; the kernel's hash chooses, workers hand off (to come).
+    /// No program; the kernel's hash chooses, workers hand clients off to their branch's owner.
     Userspace,
-    /// No program; the kernel's hash chooses.
+    /// No program; the kernel's hash chooses, and no hand-off: each worker serves what it
+    /// accepted.
     Off,
 }
 
@@ -128,6 +131,25 @@ impl Steering {
             Some(ebpf) => ebpf.set_owner(slot, worker),
             None => Ok(()),
         }
+    }
+
+    /// The worker that owns branch slot `slot`: with the program, what the router wrote into
+    /// its `owners` map (the router keeps its own copy of it: no system call); for a slot it
+    /// wrote nothing for, and in the other modes, [`default_owner`]. With `"off"` nobody acts
+    /// on it (see [`Steering::hands_off`]).
+    pub fn owner(&self, slot: u32) -> u32 {
+        let workers = u32::try_from(self.accepted.len()).unwrap_or(u32::MAX);
+        self.ebpf
+            .as_ref()
+            .and_then(|ebpf| ebpf.owner(slot))
+            .unwrap_or_else(|| default_owner(slot, workers))
+    }
+
+    /// True when an authenticated client on a worker other than its branch's owner is handed
+    /// over to the owner ([`crate::handoff`]): every mode but `"off"`, with more than one
+    /// worker.
+    pub fn hands_off(&self) -> bool {
+        self.mode != SteeringMode::Off && self.accepted.len() > 1
     }
 
     /// Tell the program that `worker` has `load` connections.
@@ -224,6 +246,25 @@ mod tests {
                 "slot {slot}: {before} -> {after}"
             );
         }
+    }
+
+    #[test]
+    fn owners_without_the_program_are_the_default_and_off_hands_nothing_off() {
+        let steering = Steering::off(3);
+        for slot in [0, 7, BRANCH_SLOTS - 1] {
+            assert_eq!(steering.owner(slot), default_owner(slot, 3));
+        }
+        assert!(!steering.hands_off());
+        let userspace = Steering {
+            mode: SteeringMode::Userspace,
+            ..Steering::off(2)
+        };
+        assert!(userspace.hands_off());
+        let alone = Steering {
+            mode: SteeringMode::Userspace,
+            ..Steering::off(1)
+        };
+        assert!(!alone.hands_off());
     }
 
     #[test]
