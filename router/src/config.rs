@@ -132,7 +132,7 @@ pub enum SteeringConfig {
         /// `steering = "ebpf"` was written.
         required: bool,
     },
-    /// No program; workers hand connections over (to come).
+    /// No program: the kernel's hash, then a hand-off to the branch's owner ([`crate::handoff`]).
     Userspace,
     /// No program: the kernel's SO_REUSEPORT hash.
     Off,
