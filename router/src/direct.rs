@@ -35,7 +35,7 @@ use crate::relay::{self, ClientFailure, End, Sockets, CLOSE_WRITE_TIMEOUT};
 use crate::throttle::LogThrottle;
 use crate::tls::{self, RecordLayer};
 use crate::upstream::{self, ActiveGuard, Upstreams};
-use crate::worker::{LiveGuard, SessionHandle, SessionSlot, Signal, StartupSlot, Worker};
+use crate::worker::{LiveGuard, Quiet, SessionHandle, SessionSlot, Signal, StartupSlot, Worker};
 
 /// An established session: the client authenticated, its backend connected, both told.
 pub struct Session {
@@ -208,6 +208,7 @@ pub async fn after_front_door(
         sni: handshake.sni,
         verifier,
         kill: Signal::default(),
+        quiet: Quiet::default(),
     });
     let (client_rd, client_wr) = tcp.into_split();
     let (backend_rd, backend_wr) = stream.into_split();

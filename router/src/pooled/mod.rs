@@ -117,22 +117,27 @@ struct Client {
 }
 
 /// Serve one pooled client from its first byte. Every failure is logged once.
-pub async fn session(
+pub fn session(
     worker: Rc<Worker>,
     tcp: TcpStream,
     peer: SocketAddr,
     live: LiveGuard,
     slot: StartupSlot,
     accepted: Instant,
-) {
-    let _live = live;
+) -> impl std::future::Future<Output = ()> {
     // Each step boxed, and bound before it is awaited (a temporary would keep its room in
     // this task for the whole await): an idle client's task holds the client and a pointer.
+    // The login is boxed before the task's future is made: what only the login needs (the
+    // socket, the startup slot) is then never part of the task, which keeps the arguments of
+    // an `async fn` for its whole life.
     let starting = Box::pin(start(worker.clone(), tcp, peer, slot, accepted));
-    let Some(client) = starting.await else {
-        return;
-    };
-    life(&worker, client, peer, accepted).await;
+    async move {
+        let _live = live;
+        let Some(client) = starting.await else {
+            return;
+        };
+        life(&worker, client, peer, accepted).await;
+    }
 }
 
 /// Serve a pooled client handed over by the worker that accepted it ([`crate::handoff`]): the
