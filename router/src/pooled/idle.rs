@@ -56,6 +56,7 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
                 }
                 client.handle.quiet.end();
                 client.records.shed_keys();
+                tracing::trace!("quiet pooled client shed its TLS keys");
             }
             // Boxed, as what it sends below: the wait above is what an idle client holds.
             let reading = Box::pin(read_client(worker, client));
