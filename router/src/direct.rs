@@ -365,15 +365,15 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
     let _registration = worker.register(handle.clone());
     let logged_in = Instant::now();
     // The login's expanded TLS keys go (about 1.2 KiB): a session that logs in and waits
-    // holds none, and its first record rebuilds them (about a microsecond each). A session
-    // that goes quiet later keeps them: the relay's two directions have no quiet round.
+    // holds none, and its first record rebuilds them (about a microsecond each). Later, the
+    // relay sheds them once the client has been quiet for a second or more.
     session.records.shed_keys();
     let end = relay::run(
         &mut session.sockets,
         &mut session.records,
         &session.cipher,
-        &session.handle.kill,
-        &worker.buffers,
+        &session.handle,
+        worker,
     )
     .await;
     crate::probes::session_end(ProbePort::Direct, handle.backend_key.pid, logged_in);

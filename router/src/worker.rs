@@ -93,10 +93,14 @@ pub struct SessionHandle {
     pub quiet: Quiet,
 }
 
+/// How often a worker looks for sessions that went quiet ([`Quiet`]).
+pub const QUIET_ROUND: Duration = Duration::from_secs(1);
+
 /// How long a session has waited for its client, in the worker's quiet rounds (one a second,
-/// [`Worker::quiet_round`]): a pooled client idle since before the previous round is woken
-/// (through its kill signal's waker, which its idle wait keeps registered) to shed its
-/// expanded TLS keys. Costs the idle wait two stores, and no timer.
+/// [`Worker::quiet_round`]): a session (a pooled client between transactions, a direct
+/// session's relay waiting for its client) waiting since before the previous round is woken
+/// (through its kill signal's waker, which its wait keeps registered beside) to shed its
+/// expanded TLS keys. Costs each wait two stores, and no timer.
 #[derive(Debug, Default)]
 pub struct Quiet(Cell<u32>);
 
@@ -346,6 +350,14 @@ impl Worker {
         self.quiet_rounds.get()
     }
 
+    /// A quiet round every [`QUIET_ROUND`], for ever.
+    async fn quiet_loop(self: Rc<Self>) {
+        loop {
+            monoio::time::sleep(QUIET_ROUND).await;
+            self.quiet_round();
+        }
+    }
+
     /// One quiet round (once a second): wakes the sessions whose wait for their client began
     /// [`Quiet::ROUNDS`] rounds ago or more, once each wait. Returns how many were woken.
     pub fn quiet_round(&self) -> usize {
@@ -516,6 +528,8 @@ impl Worker {
         let mut accepting = vec![monoio::spawn(
             self.clone().accept_loop(direct, Port::Direct),
         )];
+        // Dropped with the runtime when the worker stops.
+        monoio::spawn(self.clone().quiet_loop());
         if let Some(pooled) = pooled {
             accepting.push(monoio::spawn(
                 self.clone().accept_loop(pooled, Port::Pooled),

@@ -24,7 +24,6 @@ static PREWARM_FAILED: LogThrottle = LogThrottle::new();
 pub async fn maintain(worker: Rc<Worker>) {
     loop {
         monoio::time::sleep(MAINTENANCE_INTERVAL).await;
-        worker.quiet_round();
         maintain_once(&worker).await;
     }
 }
