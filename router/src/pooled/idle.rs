@@ -153,11 +153,18 @@ mod tests {
     }
 
     /// What an idle pooled client holds (BENCHMARKS.md, "Idle pooled clients"), so it cannot
-    /// grow unnoticed: its task (the client, with monoio's 48-byte task header: in mimalloc's
-    /// 640-byte class), the serving loop's box and the boxed wait, and the client's parts.
+    /// grow unnoticed: its task (with monoio's 48-byte task header), its life's box (the
+    /// client), the serving loop's box and the boxed wait, and the client's parts.
     #[test]
     fn an_idle_client_stays_small() {
-        assert!(task_of(session) + 48 <= 640, "task {}", task_of(session));
+        assert!(task_of(session) + 48 <= 160, "task {}", task_of(session));
+        fn life_of<'a, F: Future>(
+            _: impl FnOnce(&'a Rc<Worker>, Client, SocketAddr, Instant) -> F,
+        ) -> usize {
+            size_of::<F>()
+        }
+        // The client's life, boxed: in mimalloc's 512-byte class.
+        assert!(life_of(life) <= 512, "life {}", life_of(life));
         let (wait, wait_align) = future_of(|w, c| next_batch(w, c));
         assert!(wait <= 384, "the idle wait is {wait} bytes");
         // No timer in place: monoio's `Sleep` is 768 bytes, aligned to 128.
