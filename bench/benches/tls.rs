@@ -99,6 +99,17 @@ fn router_records(c: &mut Criterion) {
                 b.iter(|| seal.seal(&mut records.server).expect("seal").len())
             });
 
+            // A connection's first record after it went quiet: both keys were shed
+            // (`RecordLayer::shed_keys`), the sending one is rebuilt, then the record sealed.
+            if len == 64 {
+                group.bench_function(BenchmarkId::new("seal_after_shed", &id), |b| {
+                    b.iter(|| {
+                        records.server.shed_keys();
+                        seal.seal(&mut records.server).expect("seal").len()
+                    })
+                });
+            }
+
             let plain = vec![0x5a; len];
             let per_batch = (OPEN_BATCH_BYTES / len).max(1) as u64;
             let mut batch = Vec::with_capacity(OPEN_BATCH_BYTES + 64 * 1024);

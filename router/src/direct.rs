@@ -35,7 +35,7 @@ use crate::relay::{self, ClientFailure, End, Sockets, CLOSE_WRITE_TIMEOUT};
 use crate::throttle::LogThrottle;
 use crate::tls::{self, RecordLayer};
 use crate::upstream::{self, ActiveGuard, Upstreams};
-use crate::worker::{LiveGuard, SessionHandle, SessionSlot, Signal, StartupSlot, Worker};
+use crate::worker::{LiveGuard, Quiet, SessionHandle, SessionSlot, Signal, StartupSlot, Worker};
 
 /// An established session: the client authenticated, its backend connected, both told.
 pub struct Session {
@@ -208,6 +208,7 @@ pub async fn after_front_door(
         sni: handshake.sni,
         verifier,
         kill: Signal::default(),
+        quiet: Quiet::default(),
     });
     let (client_rd, client_wr) = tcp.into_split();
     let (backend_rd, backend_wr) = stream.into_split();
@@ -363,12 +364,16 @@ async fn relay(worker: &Rc<Worker>, session: &mut Session, peer: SocketAddr) {
     );
     let _registration = worker.register(handle.clone());
     let logged_in = Instant::now();
+    // The login's expanded TLS keys go (about 1.2 KiB): a session that logs in and waits
+    // holds none, and its first record rebuilds them (about a microsecond each). Later, the
+    // relay sheds them once the client has been quiet for a second or more.
+    session.records.shed_keys();
     let end = relay::run(
         &mut session.sockets,
         &mut session.records,
         &session.cipher,
-        &session.handle.kill,
-        &worker.buffers,
+        &session.handle,
+        worker,
     )
     .await;
     crate::probes::session_end(ProbePort::Direct, handle.backend_key.pid, logged_in);

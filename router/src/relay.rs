@@ -30,7 +30,7 @@ use monoio::net::TcpStream;
 use crate::buf::{read_into, wipe, write_from, BufPool};
 use crate::error::KillReason;
 use crate::tls::{Opened, RecordError, RecordLayer, MAX_PLAINTEXT};
-use crate::worker::Signal;
+use crate::worker::{SessionHandle, Worker};
 
 /// How long the last bytes (a FATAL error, close_notify) may take to reach a peer that has
 /// stopped reading, before the connection is dropped.
@@ -315,13 +315,16 @@ pub struct Sockets {
 
 /// Relays until one side ends or `kill` fires. `cipher` is ciphertext the client sent past its
 /// last whole record during startup (normally none).
+/// While the relay waits for the client, `handle.quiet` counts: quiet for a second or more,
+/// the expanded TLS keys are shed, and the next record rebuilds its direction's.
 pub async fn run(
     sockets: &mut Sockets,
     records: &mut RecordLayer,
     cipher: &[u8],
-    kill: &Signal<KillReason>,
-    pool: &BufPool,
+    handle: &SessionHandle,
+    worker: &Worker,
 ) -> End {
+    let (kill, quiet, pool) = (&handle.kill, &handle.quiet, &worker.buffers);
     let Sockets {
         client_rd,
         client_wr,
@@ -338,7 +341,10 @@ pub async fn run(
         loop {
             if !up.holds_partial_record() {
                 up.release(pool);
-                if let Err(e) = readable(client_rd).await {
+                quiet.begin(worker.quiet_rounds());
+                let readable = readable(client_rd).await;
+                quiet.end();
+                if let Err(e) = readable {
                     return End::ClientError(e.into());
                 }
             }
@@ -394,10 +400,22 @@ pub async fn run(
             }
         }
     };
-    monoio::select! {
-        end = client_to_backend => end,
-        end = backend_to_client => end,
-        reason = kill.wait() => End::Killed { reason, clean: !writing_to_client.get() },
+    let mut client_to_backend = std::pin::pin!(client_to_backend);
+    let mut backend_to_client = std::pin::pin!(backend_to_client);
+    loop {
+        monoio::select! {
+            end = &mut client_to_backend => return end,
+            end = &mut backend_to_client => return end,
+            reason = kill.wait() => return End::Killed { reason, clean: !writing_to_client.get() },
+            () = quiet.due() => {}
+        }
+        // The client has been quiet for a second or more (a query of the backend's may still
+        // run: its answer rebuilds the sending key).
+        quiet.end();
+        if let Ok(mut records) = records.try_borrow_mut() {
+            records.shed_keys();
+            tracing::trace!("quiet session shed its TLS keys");
+        }
     }
 }
 

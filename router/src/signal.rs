@@ -34,6 +34,14 @@ impl<T: Copy> Signal<T> {
         }
     }
 
+    /// Wakes the waiter without firing, to look at what else it waits for (its poll
+    /// registers again).
+    pub fn nudge(&self) {
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
     /// Wait until fired. Cancel-safe.
     pub async fn wait(&self) -> T {
         poll_fn(|cx| match self.value.get() {

@@ -12,7 +12,7 @@ use crate::worker::Worker;
 use super::exchange::client_piece;
 use super::prepared;
 use super::stream::MessageStream;
-use super::{send_plain, sleep_until, Client, End};
+use super::{send_plain, Client, End};
 
 /// Waits, holding no backend and no buffer, until the client sends messages that need a
 /// backend; answers those that need none on the way.
@@ -34,13 +34,29 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
         client.plain.detach(&worker.message_buffers);
         if !ready(&client.plain) {
             let idle_deadline = settings.client_idle_timeout.map(|t| Instant::now() + t);
-            monoio::select! {
-                readable = client.readiness.wait(&client.rd) => readable.map_err(|e| End::ClientFailed(e.to_string()))?,
-                reason = client.handle.kill.wait() => return Err(End::Killed(reason)),
-                () = sleep_until(idle_deadline) => return Err(End::Fatal(
-                    SqlState::IDLE_SESSION_TIMEOUT,
-                    "client_idle_timeout",
-                )),
+            // Quiet for a second or more: the expanded TLS keys go (about 1.2 KiB), and the
+            // next record rebuilds them.
+            client.handle.quiet.begin(worker.quiet_rounds());
+            loop {
+                let quiet = monoio::select! {
+                    readable = client.readiness.wait(&client.rd) => {
+                        client.handle.quiet.end();
+                        readable.map_err(|e| End::ClientFailed(e.to_string()))?;
+                        false
+                    },
+                    reason = client.handle.kill.wait() => return Err(End::Killed(reason)),
+                    () = idle_timeout(idle_deadline) => return Err(End::Fatal(
+                        SqlState::IDLE_SESSION_TIMEOUT,
+                        "client_idle_timeout",
+                    )),
+                    () = client.handle.quiet.due() => true,
+                };
+                if !quiet {
+                    break;
+                }
+                client.handle.quiet.end();
+                client.records.shed_keys();
+                tracing::trace!("quiet pooled client shed its TLS keys");
             }
             // Boxed, as what it sends below: the wait above is what an idle client holds.
             let reading = Box::pin(read_client(worker, client));
@@ -84,6 +100,16 @@ fn ready(plain: &ReadBuf) -> bool {
     )
 }
 
+/// Completes at `deadline`, if there is one. The timer is boxed: monoio's `Sleep` is 768 bytes
+/// (aligned to 128), which every idle client's wait would otherwise hold, with or without a
+/// `client_idle_timeout`.
+async fn idle_timeout(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => Box::pin(monoio::time::sleep_until(deadline)).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads what the client sent and opens it. `Ok(false)`: the client closed.
 async fn read_client(worker: &Worker, client: &mut Client) -> Result<bool, End> {
     client.cipher.attach(&worker.buffers);
@@ -99,5 +125,54 @@ async fn read_client(worker: &Worker, client: &mut Client) -> Result<bool, End> 
     match tls::open_into(&mut client.records, &mut client.cipher, &mut client.plain) {
         Ok(open) => Ok(open),
         Err(error) => Err(End::ClientFailed(error.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::mem::{align_of, size_of};
+    use std::net::SocketAddr;
+
+    use monoio::net::TcpStream;
+    use monoio::time::Instant;
+
+    use super::super::*;
+    use crate::worker::{LiveGuard, StartupSlot};
+
+    fn future_of<'a, F: Future>(
+        _: impl FnOnce(&'a Rc<Worker>, &'a mut Client) -> F,
+    ) -> (usize, usize) {
+        (size_of::<F>(), align_of::<F>())
+    }
+
+    fn task_of<F: Future>(
+        _: impl FnOnce(Rc<Worker>, TcpStream, SocketAddr, LiveGuard, StartupSlot, Instant) -> F,
+    ) -> usize {
+        size_of::<F>()
+    }
+
+    /// What an idle pooled client holds (BENCHMARKS.md, "Idle pooled clients"), so it cannot
+    /// grow unnoticed: its task (with monoio's 48-byte task header), its life's box (the
+    /// client), the serving loop's box and the boxed wait, and the client's parts.
+    #[test]
+    fn an_idle_client_stays_small() {
+        assert!(task_of(session) + 48 <= 160, "task {}", task_of(session));
+        fn life_of<'a, F: Future>(
+            _: impl FnOnce(&'a Rc<Worker>, Client, SocketAddr, Instant) -> F,
+        ) -> usize {
+            size_of::<F>()
+        }
+        // The client's life, boxed: in mimalloc's 512-byte class.
+        assert!(life_of(life) <= 512, "life {}", life_of(life));
+        let (wait, wait_align) = future_of(|w, c| next_batch(w, c));
+        assert!(wait <= 384, "the idle wait is {wait} bytes");
+        // No timer in place: monoio's `Sleep` is 768 bytes, aligned to 128.
+        assert!(wait_align <= 16, "the idle wait is aligned to {wait_align}");
+        assert!(future_of(serve).0 <= 48);
+        assert!(size_of::<Client>() <= 384, "Client {}", size_of::<Client>());
+        assert!(size_of::<ClientParams>() <= 80);
+        assert!(size_of::<ClientStatements>() <= 72);
+        assert!(size_of::<crate::worker::SessionHandle>() <= 136);
     }
 }

@@ -19,7 +19,7 @@ use crate::front_door::{self, Authenticated, Entered, Parts, Port};
 use crate::handoff::Handoff;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write;
-use crate::worker::{SessionHandle, Signal, StartupSlot, Worker};
+use crate::worker::{Quiet, SessionHandle, Signal, StartupSlot, Worker};
 
 use super::params::{startup_params, ClientParams};
 use super::pool::{AcquireError, PoolKey};
@@ -186,6 +186,7 @@ pub(super) async fn after_front_door(
         sni: handshake.sni,
         verifier,
         kill: Signal::default(),
+        quiet: Quiet::default(),
     });
     let mut client = Client {
         readiness: Readiness::default(),
@@ -216,6 +217,10 @@ pub(super) async fn after_front_door(
         client.cipher.spare_mut()[..cipher.len()].copy_from_slice(&cipher);
         client.cipher.commit(cipher.len());
     }
+    // The expanded TLS keys go until the client's first transaction rebuilds them (about a
+    // microsecond each): a pooled client that logs in and waits holds none, and the memory goes
+    // straight to the next login's. Later waits shed them once quiet (`Quiet`).
+    client.records.shed_keys();
     Some(client)
 }
 

@@ -122,6 +122,14 @@ impl ClientParams {
                 params.unreported.set(name, value);
             }
         }
+        // Kept for the client's life: no spare room (a Vec grows to 4 pairs, 128 bytes, at once).
+        for set in [
+            &mut params.changed,
+            &mut params.unreported,
+            &mut params.startup,
+        ] {
+            set.0.shrink_to_fit();
+        }
         params
     }
 

@@ -356,8 +356,11 @@ impl RecordLayer {
             KEY_UPDATE_REQUESTED => self.owed.key_update = true,
             other => return Err(RecordError::KeyUpdateRequest(other)),
         }
-        let secrets = self.secrets.as_mut().ok_or(RecordError::KeyDerivation)?;
-        self.rx = secrets.client.update(self.algorithm)?;
+        self.rx = self
+            .source
+            .traffic_secrets()?
+            .client
+            .update(self.algorithm)?;
         Ok(())
     }
 }

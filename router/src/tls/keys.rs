@@ -1,9 +1,13 @@
 //! Record protection keys: one direction's AEAD key, nonce base and sequence number, and the
 //! TLS 1.3 application traffic secrets key updates are derived from (RFC 8446 7.1 to 7.3).
 //!
-//! Everything secret here is wiped when dropped: the traffic secrets and nonce bases by
-//! `zeroize`, the AEAD keys by aws-lc, whose contexts are allocated with `OPENSSL_malloc` and
-//! cleansed by `OPENSSL_free` when aws-lc-rs frees them.
+//! Everything secret here is wiped when dropped: the traffic secrets, AEAD keys and nonce bases
+//! by `zeroize`, the expanded AEAD keys by aws-lc, whose contexts are allocated with
+//! `OPENSSL_malloc` and cleansed by `OPENSSL_free` when aws-lc-rs frees them.
+//!
+//! An expanded AES-GCM key (aws-lc's context: the key schedule and GHASH tables) is about 0.6
+//! KiB, 20 times the key; an idle connection sheds it ([`Keys::shed`]) and the next record
+//! rebuilds it from its [`KeySource`].
 
 use aws_lc_rs::aead::{self, LessSafeKey, UnboundKey, NONCE_LEN};
 use aws_lc_rs::hkdf;
@@ -17,7 +21,9 @@ const MAX_KEY_LEN: usize = 32;
 
 /// One direction's AEAD key, nonce base and sequence number.
 pub(crate) struct Keys {
-    pub(crate) key: LessSafeKey,
+    /// The key as aws-lc expanded it; `None` once shed, until the next record rebuilds it
+    /// from the connection's [`KeySource`].
+    expanded: Option<LessSafeKey>,
     pub(crate) iv: [u8; NONCE_LEN],
     pub(crate) seq: u64,
 }
@@ -28,28 +34,71 @@ impl Drop for Keys {
     }
 }
 
-impl Keys {
-    /// The keys rustls extracted for one direction, and the AEAD they are for.
-    pub(crate) fn extracted(
-        seq: u64,
-        secrets: &ConnectionTrafficSecrets,
-    ) -> Result<(Keys, &'static aead::Algorithm), RecordError> {
-        let (algorithm, key, iv) = split_extracted(secrets)?;
-        Ok((Keys::from_parts(algorithm, key, iv, seq)?, algorithm))
-    }
+/// Which way a [`Keys`] protects records, as the server sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// What the client sends (its keys: the client traffic secret's).
+    Receive,
+    /// What the server sends.
+    Send,
+}
 
+impl Keys {
     pub(crate) fn from_parts(
         algorithm: &'static aead::Algorithm,
         key: &[u8],
         iv: [u8; NONCE_LEN],
         seq: u64,
     ) -> Result<Keys, RecordError> {
-        let key = UnboundKey::new(algorithm, key).map_err(|_| RecordError::UnsupportedCipher)?;
         Ok(Keys {
-            key: LessSafeKey::new(key),
+            expanded: Some(expand(algorithm, key)?),
             iv,
             seq,
         })
+    }
+
+    /// The expanded key, rebuilt from `source` (the connection's, for `direction`) if it was
+    /// shed.
+    #[inline]
+    pub(crate) fn key(
+        &mut self,
+        algorithm: &'static aead::Algorithm,
+        source: &KeySource,
+        direction: Direction,
+    ) -> Result<&LessSafeKey, RecordError> {
+        match self.expanded {
+            Some(ref key) => Ok(key),
+            None => self.rebuild(algorithm, source, direction),
+        }
+    }
+
+    #[cold]
+    fn rebuild(
+        &mut self,
+        algorithm: &'static aead::Algorithm,
+        source: &KeySource,
+        direction: Direction,
+    ) -> Result<&LessSafeKey, RecordError> {
+        let mut raw = [0u8; MAX_KEY_LEN];
+        let key = raw
+            .get_mut(..algorithm.key_len())
+            .ok_or(RecordError::UnsupportedCipher)?;
+        let expanded = source
+            .key(direction, key)
+            .and_then(|()| expand(algorithm, key));
+        raw.zeroize();
+        Ok(self.expanded.insert(expanded?))
+    }
+
+    /// Frees the expanded key (aws-lc wipes it); the next record rebuilds it.
+    pub(crate) fn shed(&mut self) {
+        self.expanded = None;
+    }
+
+    /// True while the expanded key is held.
+    #[cfg(test)]
+    pub(crate) fn expanded(&self) -> bool {
+        self.expanded.is_some()
     }
 
     /// The per-record nonce of RFC 8446 5.3 (and of rustls's TLS 1.2 sealing): the base XOR the
@@ -60,6 +109,75 @@ impl Keys {
             *n ^= s;
         }
         nonce
+    }
+}
+
+fn expand(algorithm: &'static aead::Algorithm, key: &[u8]) -> Result<LessSafeKey, RecordError> {
+    let key = UnboundKey::new(algorithm, key).map_err(|_| RecordError::UnsupportedCipher)?;
+    Ok(LessSafeKey::new(key))
+}
+
+/// Where a connection's keys are rebuilt from once shed ([`Keys::shed`]): TLS 1.3's traffic
+/// secrets (the current generation's key is derived again; key updates are derived from them
+/// too), TLS 1.2's keys themselves.
+pub(crate) enum KeySource {
+    /// The client's and the server's current application traffic secrets.
+    Tls13(TrafficSecrets),
+    /// The receiving and the sending key (the first `algorithm.key_len()` bytes of each).
+    Tls12 {
+        receive: [u8; MAX_KEY_LEN],
+        send: [u8; MAX_KEY_LEN],
+    },
+}
+
+impl Drop for KeySource {
+    fn drop(&mut self) {
+        if let KeySource::Tls12 { receive, send } = self {
+            receive.zeroize();
+            send.zeroize();
+        }
+    }
+}
+
+impl KeySource {
+    /// TLS 1.2's keys, as rustls extracted them.
+    pub(crate) fn tls12(receive: &[u8], send: &[u8]) -> Result<KeySource, RecordError> {
+        let copy = |key: &[u8]| {
+            let mut out = [0u8; MAX_KEY_LEN];
+            out.get_mut(..key.len())
+                .ok_or(RecordError::UnsupportedCipher)?
+                .copy_from_slice(key);
+            Ok(out)
+        };
+        Ok(KeySource::Tls12 {
+            receive: copy(receive)?,
+            send: copy(send)?,
+        })
+    }
+
+    /// Writes `direction`'s current key into `out` (as long as the AEAD's key).
+    fn key(&self, direction: Direction, out: &mut [u8]) -> Result<(), RecordError> {
+        match (self, direction) {
+            (KeySource::Tls13(secrets), Direction::Receive) => {
+                secrets.client.expand_label(b"key", out)
+            }
+            (KeySource::Tls13(secrets), Direction::Send) => {
+                secrets.server.expand_label(b"key", out)
+            }
+            (KeySource::Tls12 { receive: key, .. }, Direction::Receive)
+            | (KeySource::Tls12 { send: key, .. }, Direction::Send) => {
+                out.copy_from_slice(key.get(..out.len()).ok_or(RecordError::UnsupportedCipher)?);
+                Ok(())
+            }
+        }
+    }
+
+    /// TLS 1.3's traffic secrets (TLS 1.2 has none: a key update cannot be derived).
+    pub(crate) fn traffic_secrets(&mut self) -> Result<&mut TrafficSecrets, RecordError> {
+        match self {
+            KeySource::Tls13(secrets) => Ok(secrets),
+            KeySource::Tls12 { .. } => Err(RecordError::KeyDerivation),
+        }
     }
 }
 
@@ -86,7 +204,8 @@ pub(crate) fn split_extracted(
 /// key update (RFC 8446 7.1 and 7.2).
 pub struct TrafficSecret {
     secret: [u8; TrafficSecret::MAX_LEN],
-    len: usize,
+    /// 32 or 48.
+    len: u8,
 }
 
 impl Drop for TrafficSecret {
@@ -109,7 +228,7 @@ impl TrafficSecret {
         copy[..secret.len()].copy_from_slice(secret);
         Some(TrafficSecret {
             secret: copy,
-            len: secret.len(),
+            len: secret.len() as u8,
         })
     }
 
@@ -121,12 +240,13 @@ impl TrafficSecret {
                 self.0
             }
         }
-        let algorithm = if self.len == Self::MAX_LEN {
+        let len = usize::from(self.len);
+        let algorithm = if len == Self::MAX_LEN {
             hkdf::HKDF_SHA384
         } else {
             hkdf::HKDF_SHA256
         };
-        let prk = hkdf::Prk::new_less_safe(algorithm, &self.secret[..self.len]);
+        let prk = hkdf::Prk::new_less_safe(algorithm, &self.secret[..len]);
         // struct { uint16 length; opaque label<7..255> = "tls13 " + label; opaque context<0..255> }
         let length = (out.len() as u16).to_be_bytes();
         let label_len = [(b"tls13 ".len() + label.len()) as u8];
@@ -177,7 +297,7 @@ impl TrafficSecret {
         algorithm: &'static aead::Algorithm,
     ) -> Result<Keys, RecordError> {
         let mut next = [0u8; Self::MAX_LEN];
-        let expanded = self.expand_label(b"traffic upd", &mut next[..self.len]);
+        let expanded = self.expand_label(b"traffic upd", &mut next[..usize::from(self.len)]);
         if expanded.is_ok() {
             self.secret.copy_from_slice(&next);
         }

@@ -22,7 +22,7 @@ use aws_lc_rs::aead::{self, Aad, Nonce, NONCE_LEN};
 use rustls::{AlertDescription, ExtractedSecrets, ProtocolVersion, SupportedCipherSuite};
 
 use super::inbound::Inbound;
-use super::keys::Keys;
+use super::keys::{split_extracted, Direction, KeySource, Keys};
 pub use super::keys::{TrafficSecret, TrafficSecrets};
 
 /// Bytes of a record header: content type, legacy version, length.
@@ -272,8 +272,8 @@ pub struct RecordLayer {
     tx_limit: u64,
     /// The AEAD of both directions.
     pub(super) algorithm: &'static aead::Algorithm,
-    /// TLS 1.3 only: where key updates are derived from.
-    pub(super) secrets: Option<Box<TrafficSecrets>>,
+    /// Where shed keys are rebuilt from; TLS 1.3: where key updates are derived from.
+    pub(super) source: Box<KeySource>,
     /// What the peer has sent so far that later records are checked against.
     pub(super) inbound: Inbound,
     /// Records owed to the peer before our next one.
@@ -318,12 +318,18 @@ impl RecordLayer {
             ProtocolVersion::TLSv1_2 => Version::Tls12,
             _ => return Err(RecordError::UnsupportedCipher),
         };
-        let (rx, algorithm) = Keys::extracted(keys.rx.0, &keys.rx.1)?;
-        let (tx, tx_algorithm) = Keys::extracted(keys.tx.0, &keys.tx.1)?;
+        let (algorithm, rx_key, rx_iv) = split_extracted(&keys.rx.1)?;
+        let (tx_algorithm, tx_key, tx_iv) = split_extracted(&keys.tx.1)?;
         if algorithm != tx_algorithm {
             return Err(RecordError::UnsupportedCipher);
         }
-        Self::from_keys(version, suite, algorithm, rx, tx, secrets)
+        let rx = Keys::from_parts(algorithm, rx_key, rx_iv, keys.rx.0)?;
+        let tx = Keys::from_parts(algorithm, tx_key, tx_iv, keys.tx.0)?;
+        let source = match version {
+            Version::Tls13 => KeySource::Tls13(secrets.ok_or(RecordError::KeyDerivation)?),
+            Version::Tls12 => KeySource::tls12(rx_key, tx_key)?,
+        };
+        Self::from_keys(version, suite, algorithm, rx, tx, source)
     }
 
     /// A TLS 1.3 record layer whose keys are derived from `secrets` (generation as given), at
@@ -335,7 +341,14 @@ impl RecordLayer {
     ) -> Result<RecordLayer, RecordError> {
         let rx = secrets.client.keys(algorithm)?;
         let tx = secrets.server.keys(algorithm)?;
-        Self::from_keys(Version::Tls13, suite, algorithm, rx, tx, Some(secrets))
+        Self::from_keys(
+            Version::Tls13,
+            suite,
+            algorithm,
+            rx,
+            tx,
+            KeySource::Tls13(secrets),
+        )
     }
 
     fn from_keys(
@@ -344,15 +357,11 @@ impl RecordLayer {
         algorithm: &'static aead::Algorithm,
         rx: Keys,
         tx: Keys,
-        secrets: Option<TrafficSecrets>,
+        source: KeySource,
     ) -> Result<RecordLayer, RecordError> {
         let confidentiality_limit = match suite {
             SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
             SupportedCipherSuite::Tls12(suite) => suite.common.confidentiality_limit,
-        };
-        let secrets = match version {
-            Version::Tls13 => Some(Box::new(secrets.ok_or(RecordError::KeyDerivation)?)),
-            Version::Tls12 => None,
         };
         // Compared by id: aws-lc-rs's algorithms are constants, with no one address.
         let chacha = *algorithm == aead::CHACHA20_POLY1305;
@@ -363,11 +372,25 @@ impl RecordLayer {
             tx,
             tx_limit: confidentiality_limit.min(SEQ_SOFT_LIMIT),
             algorithm,
-            secrets,
+            source: Box::new(source),
             inbound: Inbound::default(),
             owed: Owed::default(),
             closure_sent: false,
         })
+    }
+
+    /// Frees both directions' expanded AEAD keys (aws-lc's contexts, about 0.6 KiB each for
+    /// AES-GCM), for a connection that has gone quiet: the next record opened or sealed
+    /// rebuilds its direction's from the key kept beside it (about a microsecond).
+    pub fn shed_keys(&mut self) {
+        self.rx.shed();
+        self.tx.shed();
+    }
+
+    /// True while both directions' expanded keys are held (not shed, or rebuilt since).
+    #[cfg(test)]
+    pub(crate) fn keys_expanded(&self) -> (bool, bool) {
+        (self.rx.expanded(), self.tx.expanded())
     }
 
     /// The negotiated protocol version.
@@ -440,7 +463,7 @@ impl RecordLayer {
         let nonce = Nonce::assume_unique_for_key(self.rx.xor_nonce());
         let plain = self
             .rx
-            .key
+            .key(self.algorithm, &self.source, Direction::Receive)?
             .open_in_place(nonce, Aad::from(aad), body)
             .map_err(|_| RecordError::Decrypt)?;
         if plain.len() > MAX_PLAINTEXT + 1 {
@@ -494,7 +517,7 @@ impl RecordLayer {
             plain_len,
         ));
         self.rx
-            .key
+            .key(self.algorithm, &self.source, Direction::Receive)?
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
                 aad,
@@ -622,8 +645,11 @@ impl RecordLayer {
         let at = self.seal_header_len();
         buf[at..at + KEY_UPDATE_LEN].copy_from_slice(&[HANDSHAKE_KEY_UPDATE, 0, 0, 1, request]);
         let len = self.seal_record(buf, CONTENT_HANDSHAKE, KEY_UPDATE_LEN, SEQ_HARD_LIMIT)?;
-        let secrets = self.secrets.as_mut().ok_or(RecordError::KeyDerivation)?;
-        self.tx = secrets.server.update(self.algorithm)?;
+        self.tx = self
+            .source
+            .traffic_secrets()?
+            .server
+            .update(self.algorithm)?;
         (self.owed.key_update, self.owed.refresh) = (false, false);
         Ok(len)
     }
@@ -755,7 +781,7 @@ impl RecordLayer {
         let (plain, tag_space) = rest[plain.start..].split_at_mut(plain.len());
         let tag = self
             .tx
-            .key
+            .key(self.algorithm, &self.source, Direction::Send)?
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), plain)
             .map_err(|_| RecordError::Exhausted)?;
         tag_space.copy_from_slice(tag.as_ref());
