@@ -54,6 +54,11 @@ pub struct CommonArgs {
     /// How each connection picks its branch: uniform, or zipf:S (skewed towards the first).
     #[arg(long, value_name = "uniform|zipf:S", default_value = "uniform")]
     pub branch_dist: BranchDist,
+    /// A client mix of application servers: the first N source addresses each talk to one
+    /// branch (address i to branch i modulo the branch count); the others pick a branch per
+    /// connection (--branch-dist). Needs --source-ips and --branches.
+    #[arg(long, value_name = "N")]
+    pub branch_by_source: Option<usize>,
     /// Worker threads, each with its own io_uring runtime [default: number of CPUs].
     #[arg(long, value_name = "N")]
     pub threads: Option<NonZeroUsize>,

@@ -84,6 +84,19 @@ pub enum UsageError {
         /// Its address.
         addr: SocketAddr,
     },
+    /// `--branch-by-source N` without N source addresses, or without branches.
+    #[error(
+        "--branch-by-source {wanted} needs at least {wanted} --source-ips (there are {sources}) \
+         and --branches (there are {branches})"
+    )]
+    BranchBySource {
+        /// N.
+        wanted: usize,
+        /// Source addresses given.
+        sources: usize,
+        /// Branches given.
+        branches: usize,
+    },
     /// `idle --stage hello|tls` with a target that does not use TLS.
     #[error("target '{target}': --stage {stage} needs TLS (sslmode=require or verify-full)")]
     StageNeedsTls {
@@ -115,6 +128,8 @@ pub struct Common {
     pub source_ips: Vec<IpAddr>,
     /// Whether `--source-ips` was given (then idle mode keeps it as it is).
     pub source_ips_given: bool,
+    /// `--branch-by-source`: how many of the first source addresses keep to one branch each.
+    pub branch_by_source: usize,
     /// Limit per connection setup and per query.
     pub timeout: Duration,
     /// JSON output.
@@ -159,6 +174,17 @@ impl Common {
                 });
             }
         }
+        let branch_by_source = match args.branch_by_source {
+            None | Some(0) => 0,
+            Some(n) if source_ips.len() < n || args.branches.is_empty() => {
+                return Err(UsageError::BranchBySource {
+                    wanted: n,
+                    sources: source_ips.len(),
+                    branches: args.branches.len(),
+                })
+            }
+            Some(n) => n,
+        };
         let plot = args.plot.map(PlotFile::create).transpose()?;
         Ok(Common {
             targets,
@@ -166,6 +192,7 @@ impl Common {
             threads,
             source_ips,
             source_ips_given,
+            branch_by_source,
             timeout: args.timeout,
             json: args.json,
             plot,
@@ -191,11 +218,28 @@ impl Common {
         self.branches.pick(rng)
     }
 
+    /// The branch of the `n`-th connection: its source address's own under
+    /// `--branch-by-source`, else one picked at random.
+    pub fn branch_for(&self, n: usize, rng: &mut impl Rng) -> Option<&str> {
+        match self.source_index(n) {
+            Some(i) if i < self.branch_by_source => {
+                let branches = self.branches.branches();
+                branches.get(i % branches.len().max(1)).map(String::as_str)
+            }
+            _ => self.pick_branch(rng),
+        }
+    }
+
     /// The source address of the `n`-th connection, if there are source addresses.
     pub fn source_ip(&self, n: usize) -> Option<IpAddr> {
+        self.source_index(n).map(|i| self.source_ips[i])
+    }
+
+    /// The index in `source_ips` of the `n`-th connection's address.
+    fn source_index(&self, n: usize) -> Option<usize> {
         match self.source_ips.len() {
             0 => None,
-            len => Some(self.source_ips[n % len]),
+            len => Some(n % len),
         }
     }
 
@@ -382,6 +426,36 @@ mod tests {
         for (args, message) in messages {
             let error = common(args).expect_err(args);
             assert_eq!(error.to_string(), message);
+        }
+    }
+
+    #[test]
+    fn application_servers_keep_to_their_branch() {
+        let c = common(
+            "--target a=postgres://{branch}@127.0.0.1 --branches b1,b2,b3 \
+             --source-ips 127.0.0.2-127.0.0.6 --branch-by-source 4",
+        )
+        .expect("valid");
+        let mut rng = rand::thread_rng();
+        for round in 0..3 {
+            for (i, branch) in ["b1", "b2", "b3", "b1"].into_iter().enumerate() {
+                assert_eq!(c.branch_for(round * 5 + i, &mut rng), Some(branch), "{i}");
+            }
+        }
+        // The fifth address picks any branch.
+        let picked: std::collections::HashSet<_> = (0..200)
+            .filter_map(|round| c.branch_for(round * 5 + 4, &mut rng))
+            .collect();
+        assert_eq!(picked.len(), 3, "{picked:?}");
+        for args in [
+            "--target a=postgres://u@127.0.0.1 --branches b1 --source-ips 127.0.0.2 --branch-by-source 2",
+            "--target a=postgres://u@127.0.0.1 --source-ips 127.0.0.2-127.0.0.3 --branch-by-source 2",
+        ] {
+            let error = common(args).expect_err(args);
+            assert!(
+                error.to_string().starts_with("--branch-by-source 2 needs"),
+                "{error}"
+            );
         }
     }
 

@@ -55,6 +55,9 @@ pub struct Handoff {
     conn: Moving,
     auth: Box<Authenticated>,
     slot: SessionSlot,
+    /// When the accepting worker began the hand-off: the owner observes the time to
+    /// [`Handoff::arrive`] (`branchgate_handoff_seconds`).
+    began: std::time::Instant,
 }
 
 impl Handoff {
@@ -78,10 +81,14 @@ impl Handoff {
             conn,
             auth,
             slot,
+            began,
             ..
         } = self;
         match ClientConn::from_moving(conn, &worker.buffers) {
-            Ok(conn) => Some(Entered { conn, auth, slot }),
+            Ok(conn) => {
+                worker.stats.handoff_time.observe(began.elapsed());
+                Some(Entered { conn, auth, slot })
+            }
             Err(error) => {
                 if let Some(suppressed) = LOST.allow() {
                     tracing::warn!(
@@ -216,6 +223,7 @@ pub fn hand_off<'w>(
         unavailable(worker.id, owner, peer);
         return Some(entered);
     }
+    let began = std::time::Instant::now();
     let Entered { conn, auth, slot } = entered;
     let conn = match conn.into_moving() {
         Ok(moving) => moving,
@@ -238,6 +246,7 @@ pub fn hand_off<'w>(
         conn,
         auth,
         slot,
+        began,
     });
     match inbox.send(handoff) {
         Ok(()) => {

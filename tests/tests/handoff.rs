@@ -172,13 +172,24 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     body.to_owned()
 }
 
-/// Hand-offs (out, in) on all workers, from `/metrics`.
-fn handoffs(router: &TestRouter) -> (u64, u64) {
+/// The router's `/metrics` page.
+fn scrape(router: &TestRouter) -> String {
     let admin = router
         .router()
         .admin_addr()
         .expect("the admin endpoint runs");
-    let text = http_get(admin, "/metrics");
+    http_get(admin, "/metrics")
+}
+
+/// The value of one sample line of the text exposition.
+fn sample_value(line: &str) -> f64 {
+    let (_, value) = line.rsplit_once(' ').expect("a sample has a value");
+    value.parse().expect("a number")
+}
+
+/// Hand-offs (out, in) on all workers, from `/metrics`.
+fn handoffs(router: &TestRouter) -> (u64, u64) {
+    let text = scrape(router);
     let sum = |direction: &str| -> u64 {
         let label = format!("direction=\"{direction}\"");
         let lines: Vec<u64> = text
@@ -334,6 +345,20 @@ fn a_branchs_pooled_clients_share_one_pool_of_pool_size_backends_on_its_owner() 
         out < CLIENTS as u64,
         "{out} of {CLIENTS} clients handed off: some must have landed on the owner"
     );
+    // Each one taken over was timed, from leaving the accepting worker to arriving.
+    let text = scrape(&router);
+    let timed: u64 = text
+        .lines()
+        .filter(|line| line.starts_with("branchgate_handoff_seconds_count{"))
+        .map(|line| sample_value(line) as u64)
+        .sum();
+    assert_eq!(timed, into, "{text}");
+    let seconds: f64 = text
+        .lines()
+        .filter(|line| line.starts_with("branchgate_handoff_seconds_sum{"))
+        .map(sample_value)
+        .sum();
+    assert!(seconds > 0.0 && seconds < into as f64, "{into} hand-offs took {seconds} s");
 }
 
 /// Connects with `connect` until a connection is handed off; returns it (the others are

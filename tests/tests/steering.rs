@@ -188,6 +188,28 @@ fn ipv6_client_lands_on_its_branch_owner() {
     assert_eq!(after.hit - before.hit, 6, "{before:?} -> {after:?}");
 }
 
+/// Logs in as `ROLE.b1` from `from` to `to` through the front door and runs a query; returns
+/// the worker that accepted the connection and the address the client connected from (the
+/// router's `getpeername` of it).
+fn login_from(
+    router: &TestRouter,
+    certs: &Certs,
+    from: IpAddr,
+    to: SocketAddr,
+) -> (usize, SocketAddr) {
+    let (worker, mut stream) = landing(router, from, to);
+    let peer = stream.local_addr().expect("local address");
+    stream
+        .set_read_timeout(Some(raw::IO_TIMEOUT))
+        .expect("timeout");
+    raw::ssl_request_on(&mut stream);
+    let mut tls = raw::tls_handshake(certs.client_config(), stream).expect("TLS");
+    session::start_sasl(&mut tls, &format!("{ROLE}.b1"));
+    session::login(&mut tls, PASSWORD).expect("login");
+    assert_eq!(session::query_one(&mut tls, "SELECT 41 + 1"), "42");
+    (worker, peer)
+}
+
 #[test]
 fn login_remembers_the_branch_and_the_next_connection_follows_it() {
     let pg = PgServer::start_primary();
@@ -197,18 +219,7 @@ fn login_remembers_the_branch_and_the_next_connection_follows_it() {
     let router = ebpf_router(&certs, &branches, "127.0.0.1");
     // 127.0.0.2 is unknown: the first login lands by load, and remembers b1 for it.
     let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-    let login = |router: &TestRouter| {
-        let (worker, mut stream) = landing(router, client, router.direct_addr());
-        stream
-            .set_read_timeout(Some(raw::IO_TIMEOUT))
-            .expect("timeout");
-        raw::ssl_request_on(&mut stream);
-        let mut tls = raw::tls_handshake(certs.client_config(), stream).expect("TLS");
-        session::start_sasl(&mut tls, &format!("{ROLE}.b1"));
-        session::login(&mut tls, PASSWORD).expect("login");
-        assert_eq!(session::query_one(&mut tls, "SELECT 41 + 1"), "42");
-        worker
-    };
+    let login = |router: &TestRouter| login_from(router, &certs, client, router.direct_addr()).0;
     let first = login(&router);
     let before = counters(&router);
     assert_eq!(before.hit, 0, "{before:?}");
@@ -227,6 +238,54 @@ fn login_remembers_the_branch_and_the_next_connection_follows_it() {
     }
     let after = counters(&router);
     assert_eq!(after.hit - before.hit, 3, "{before:?} -> {after:?}");
+}
+
+/// The key user space files a client under is the address `accept` (`getpeername`) gave for
+/// its socket; the program looks up the address it reads from the SYN's IP header. A hit for
+/// the next connection from the same address, and a miss for another address, show the two
+/// agree: IPv4, IPv6, and IPv4 clients of a dual-stack `[::]` listener (which `accept` reports
+/// as `::ffff:a.b.c.d`, and whose SYNs carry an IPv4 header).
+#[test]
+fn the_address_the_program_reads_is_the_one_getpeername_gives() {
+    let pg = PgServer::start_primary();
+    pg.create_role(ROLE, PASSWORD);
+    let certs = Certs::generate();
+    let branches = [BranchSpec::new("b1", pg.addr()).role(ROLE, &pg.role_verifier(ROLE))];
+    let v4 = |last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+    // (listen on, where clients connect, the client, an address never filed: IPv6 loopback
+    // has only ::1)
+    let cases: [(&str, Option<IpAddr>, IpAddr, Option<IpAddr>); 3] = [
+        ("127.0.0.1", None, v4(2), Some(v4(3))),
+        ("[::1]", None, IpAddr::V6(Ipv6Addr::LOCALHOST), None),
+        ("[::]", Some(v4(1)), v4(5), Some(v4(6))),
+    ];
+    for (listen, connect_to, client, other) in cases {
+        let router = ebpf_router(&certs, &branches, listen);
+        let to = |addr: SocketAddr| connect_to.map_or(addr, |ip| SocketAddr::new(ip, addr.port()));
+        let (first, peer) = login_from(&router, &certs, client, to(router.direct_addr()));
+        assert_eq!(peer.ip(), client, "{listen}");
+        let owner = 1 - first as u32;
+        set_owner(&router, "b1", owner);
+        let before = counters(&router);
+        let (worker, _open) = landing(&router, client, to(router.pooled_addr()));
+        let after = counters(&router);
+        assert_eq!(
+            (after.hit - before.hit, after.miss - before.miss),
+            (1, 0),
+            "{listen}: the program did not find the address login filed for {peer}"
+        );
+        assert_eq!(worker, owner as usize, "{listen}");
+        if let Some(other) = other {
+            let before = counters(&router);
+            let (_, _other) = landing(&router, other, to(router.direct_addr()));
+            let after = counters(&router);
+            assert_eq!(
+                (after.hit - before.hit, after.miss - before.miss),
+                (0, 1),
+                "{listen}: {other} was never filed"
+            );
+        }
+    }
 }
 
 #[test]

@@ -95,7 +95,9 @@ impl Local {
     /// Opens a connection to target `index` (branch and source address chosen here), giving up
     /// after `--timeout`.
     pub async fn connect(&self, index: usize) -> Result<(Conn, Timings), ClientError> {
-        let branch = self.common.pick_branch(&mut rand::thread_rng());
+        let branch = self
+            .common
+            .branch_for(self.next_source(), &mut rand::thread_rng());
         self.connect_to(index, branch).await
     }
 
@@ -126,7 +128,9 @@ impl Local {
         index: usize,
         stage: Stage,
     ) -> Result<(Held, Instant), ClientError> {
-        let branch = self.common.pick_branch(&mut rand::thread_rng());
+        let branch = self
+            .common
+            .branch_for(self.next_source(), &mut rand::thread_rng());
         let (target, user, source) = self.destination(index, branch);
         let options = ConnectOptions {
             target,
@@ -148,11 +152,17 @@ impl Local {
     ) -> (&Target, Cow<'_, str>, Option<IpAddr>) {
         let common = &self.common;
         let target = &common.targets[index];
-        let n = self.connections.get();
-        self.connections.set(n + 1);
-        // Threads interleave so together they walk the addresses in order.
-        let source = common.source_ip(n * common.threads + self.thread);
+        let n = self.next_source();
+        self.connections.set(self.connections.get() + 1);
+        let source = common.source_ip(n);
         (target, target.user(branch), source)
+    }
+
+    /// The connection number that picks the next connection's source address (and under
+    /// `--branch-by-source` its branch). Threads interleave so together they walk the
+    /// addresses in order.
+    fn next_source(&self) -> usize {
+        self.connections.get() * self.common.threads + self.thread
     }
 
     /// Records a failure for target `index`.

@@ -224,6 +224,16 @@ impl Collector for RouterCollector {
                     })
             }),
         )?;
+        histograms(
+            e,
+            "branchgate_handoff_seconds",
+            "Hand-offs a worker took over: from the accepting worker taking the socket out of its \
+             runtime to the connection registered in the owner's, queue and wake-up included",
+            stats
+                .iter()
+                .enumerate()
+                .map(|(id, s)| (worker_label(id), &s.handoff_time)),
+        )?;
         let branches = self.shared.branch_clients.snapshot();
         let branch = |id: &str| vec![("branch", id.to_owned())];
         family(

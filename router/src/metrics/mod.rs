@@ -122,6 +122,10 @@ pub struct WorkerStats {
     pub handoffs_out: Counter,
     /// Authenticated clients this worker took over from another worker.
     pub handoffs_in: Counter,
+    /// Hand-offs this worker took over: from the accepting worker's start (taking the socket
+    /// out of its runtime) to the connection registered in this one, the queue and the wake-up
+    /// between them included.
+    pub handoff_time: Histogram,
 }
 
 impl WorkerStats {
