@@ -829,6 +829,140 @@ def section_compare(results_dir, out_dir):
     return "\n".join(parts)
 
 
+def criterion_new(home, commands):
+    """Every benchmark's latest estimates in CRITERION_HOME (no baseline), as JSON."""
+    benches = []
+    for root, dirs, files in os.walk(home):
+        if os.path.basename(root) != "new" or "estimates.json" not in files:
+            continue
+        with open(os.path.join(root, "benchmark.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        with open(os.path.join(root, "estimates.json"), encoding="utf-8") as f:
+            estimates = json.load(f)
+
+        def est(key):
+            e = estimates[key]
+            return {"point": e["point_estimate"], "lower": e["confidence_interval"]["lower_bound"],
+                    "upper": e["confidence_interval"]["upper_bound"]}
+
+        benches.append({"id": meta.get("full_id") or meta.get("title"), "throughput": meta.get("throughput"),
+                        "mean_ns": est("mean"), "median_ns": est("median")})
+    benches.sort(key=lambda b: b["id"] or "")
+    return {"benchmarks": benches, "commands": [" ".join(c.split()) for c in commands]}
+
+
+def steering_metrics(path):
+    """{mode: {key: after - before}} from a .metrics file of the steering workload."""
+    seen = {}
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            mode, phase, doc = line.split(" ", 2)
+            seen.setdefault(mode, {})[phase] = json.loads(doc)
+    return {mode: {k: v["after"][k] - v["before"][k] for k in v["after"]}
+            for mode, v in seen.items() if "before" in v and "after" in v}
+
+
+def handoff_us(m):
+    return m["handoff_seconds_sum"] / m["handoff_seconds_count"] * 1e6 if m.get("handoff_seconds_count") else None
+
+
+def share(part, whole):
+    return f"{part / whole * 100:.1f}%" if whole else "-"
+
+
+def section_steering(results_dir):
+    path = os.path.join(results_dir, "steering.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    modes = meta["modes"]
+    name = lambda mode: f"steer-{mode}"
+    parts = [f"""## 9. Steering: a branch's clients on its owning worker
+
+Three routers on the same PostgreSQL, one per `steering` mode ({", ".join(f"`{m}`" for m in modes)};
+`ebpf` only as root), each with {meta["branches"]} branches of `pool_size = {meta["pool_size"]}` on
+its pooled port and {meta["workers"]} workers. The client mix comes from
+{meta["app_servers"] + meta["shared_clients"]} loopback source addresses: {meta["app_servers"]}
+application servers that each talk to one branch (two per branch), and {meta["shared_clients"]}
+shared clients that pick any branch per connection (`branchgate-loadgen --branch-by-source`). The
+eBPF program steers a client by the branch its address last logged in to, else by load; the
+front door hands an authenticated client to its branch's owner when it landed elsewhere
+(`userspace` and `ebpf`); `off` serves each client where the kernel's hash put it, with a pool per
+worker. Hits and misses are the program's own counters, hand-offs and their time (from leaving
+the accepting worker to registered on the owner, queue and wake-up included) the routers'
+`/metrics`, read before and after each run.
+"""]
+    w = workload(results_dir, "steering-connect")
+    if w:
+        doc, res, command = w
+        metrics = steering_metrics(os.path.join(results_dir, "steering-connect.metrics"))
+        off = res.get(name("off"), {})
+        rows = ["| mode | connections/s | vs off | login p50 | p99 | router CPU / connection | program hits | "
+                "misses | hit rate | handed off | mean hand-off |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for mode in modes:
+            r = res.get(name(mode))
+            if not r:
+                continue
+            m = metrics.get(mode, {})
+            lat = r["latency_us"]
+            choices = m.get("hit", 0) + m.get("miss", 0)
+            rows.append(f"| {mode} | {num(r['rate_per_s'])} | {ratio(r['rate_per_s'], off.get('rate_per_s'))} | "
+                        f"{us(lat['p50'])} | {us(lat['p99'])} | {us(cpu_per_op(r))} | "
+                        f"{num(m.get('hit')) if mode == 'ebpf' else '-'} | "
+                        f"{num(m.get('miss')) if mode == 'ebpf' else '-'} | "
+                        f"{share(m.get('hit', 0), choices) if mode == 'ebpf' else '-'} | "
+                        f"{num(m.get('handoffs_out'))} of {num(m.get('logins'))} "
+                        f"({share(m.get('handoffs_out', 0), m.get('logins', 0))}) | {us(handoff_us(m))} |")
+        parts.append("### Connection storms\n\n" + "\n".join(rows) + "\n" + errors_note(res) + cmd_block(command))
+    w = workload(results_dir, "steering-pooled")
+    if w:
+        doc, res, command = w
+        metrics = steering_metrics(os.path.join(results_dir, "steering-pooled.metrics"))
+        servers = {}
+        servers_path = os.path.join(results_dir, "steering-pooled.servers")
+        if os.path.exists(servers_path):
+            with open(servers_path, encoding="utf-8") as f:
+                servers = json.load(f)
+        off = res.get(name("off"), {})
+        rows = [f"| mode | queries/s | vs off | p50 | p99 | router CPU / query | server connections per branch "
+                f"(min-max, pool_size {meta['pool_size']}) | in all | handed off |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for mode in modes:
+            r = res.get(name(mode))
+            if not r:
+                continue
+            lat = r["latency_us"]
+            per_branch = list(servers.get(mode, {}).values())
+            spread = f"{min(per_branch)}-{max(per_branch)}" if per_branch else "-"
+            m = metrics.get(mode, {})
+            rows.append(f"| {mode} | {num(r['rate_per_s'])} | {ratio(r['rate_per_s'], off.get('rate_per_s'))} | "
+                        f"{us(lat['p50'])} | {us(lat['p99'])} | {us(cpu_per_op(r))} | {spread} | "
+                        f"{sum(per_branch) if per_branch else '-'} | "
+                        f"{num(m.get('handoffs_out'))} of {num(m.get('logins'))} |")
+        parts.append(f"### Pooled point selects ({meta['pooled_clients']} clients, extended protocol)\n\n"
+                     "Server connections are counted in `pg_stat_activity` right after the run (the pools "
+                     "keep them).\n\n" + "\n".join(rows) + "\n" + errors_note(res) + cmd_block(command))
+    path = os.path.join(results_dir, "steering-handoff.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            crit = json.load(f)
+        rows = ["| benchmark | mean | 95% interval | median |", "|---|---|---|---|"]
+        for b in crit["benchmarks"]:
+            mean, median = b["mean_ns"], b["median_ns"]
+            rows.append(f"| `{b['id']}` | {ns(mean['point'])} | {ns(mean['lower'])} – {ns(mean['upper'])} | "
+                        f"{ns(median['point'])} |")
+        parts.append("### The hand-off alone (criterion)\n\nTwo threads with a monoio runtime each, as two "
+                     "workers: a round trip moves a real TLS connection (the router's `into_moving`, "
+                     "`Inbox`, `from_moving`) to the other worker and back, so it is two hand-offs; "
+                     "`inbox_wake` sends a bare value through the two inboxes (the cross-thread wake-up "
+                     "alone).\n\n" + "\n".join(rows) + "\n" +
+                     cmd_block("\n".join(crit["commands"])))
+    return "\n".join(parts)
+
+
 def machine():
     cpu = "unknown CPU"
     try:
@@ -842,7 +976,7 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}"
 
 
-SECTION_ORDER = ["latency", "connect", "throughput", "idle", "cpu", "preauth", "compare", "pooled"]
+SECTION_ORDER = ["latency", "connect", "throughput", "idle", "cpu", "preauth", "compare", "pooled", "steering"]
 
 
 def block(name, text):
@@ -881,6 +1015,8 @@ def generate(args, wanted, now):
         texts["preauth"] = section_preauth(ws)
     if "pooled" in wanted and (text := section_pooled(args.results)):
         texts["pooled"] = text
+    if "steering" in wanted and (text := section_steering(args.results)):
+        texts["steering"] = text
     if "compare" in wanted:
         text = section_compare(args.results, os.path.dirname(os.path.abspath(args.out)))
         if text:
@@ -979,10 +1115,15 @@ def main():
     p.add_argument("--partial", action="store_true",
                    help="replace or insert only these sections in an existing report")
     p.add_argument("--criterion", metavar="CRITERION_HOME", help="print router_records before/after as JSON")
-    p.add_argument("--criterion-command", action="append", default=[], help="recorded with --criterion")
+    p.add_argument("--criterion-command", action="append", default=[],
+                   help="recorded with --criterion or --criterion-new")
+    p.add_argument("--criterion-new", metavar="CRITERION_HOME",
+                   help="print every benchmark's latest estimates as JSON")
     args = p.parse_args()
     if args.criterion:
         print(json.dumps(criterion_summary(args.criterion, args.criterion_command), indent=2))
+    elif args.criterion_new:
+        print(json.dumps(criterion_new(args.criterion_new, args.criterion_command), indent=2))
     elif args.summary:
         summary(args.summary)
     elif args.results and args.out:
