@@ -23,11 +23,13 @@
 //!
 //! # Layout
 //! - [`conn`]: the client's socket at the front door, its TLS state and lazily held buffers.
+//! - [`proxy_header`]: the PROXY protocol v2 header, parsed from bytes.
 //! - [`negotiate`]: step 1. - [`routing`]: step 2. - [`auth`]: step 3.
 
 pub mod auth;
 pub mod conn;
 pub mod negotiate;
+pub mod proxy_header;
 pub mod routing;
 
 use std::future::Future;
