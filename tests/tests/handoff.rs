@@ -358,7 +358,10 @@ fn a_branchs_pooled_clients_share_one_pool_of_pool_size_backends_on_its_owner() 
         .filter(|line| line.starts_with("branchgate_handoff_seconds_sum{"))
         .map(sample_value)
         .sum();
-    assert!(seconds > 0.0 && seconds < into as f64, "{into} hand-offs took {seconds} s");
+    assert!(
+        seconds > 0.0 && seconds < into as f64,
+        "{into} hand-offs took {seconds} s"
+    );
 }
 
 /// Connects with `connect` until a connection is handed off; returns it (the others are
