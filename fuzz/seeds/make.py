@@ -237,6 +237,21 @@ def tls_differential_seeds():
     return seeds
 
 
+PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2(version_command, family, body):
+    return PROXY_V2 + bytes([version_command, family]) + u16(len(body)) + body
+
+
+PROXY_V4_BODY = bytes([203, 0, 113, 7, 10, 0, 0, 1]) + u16(5555) + u16(5432)
+PROXY_V6_BODY = (
+    bytes.fromhex("20010db8000000000000000000000007")
+    + bytes.fromhex("20010db8000000000000000000000001")
+    + u16(40000)
+    + u16(6432)
+)
+
 SEEDS = {
     "startup": {
         "startup": startup_packet(
@@ -317,6 +332,13 @@ SEEDS = {
         }.items()
     },
     "tls_differential": tls_differential_seeds(),
+    # What HAProxy's send-proxy-v2 writes, then the client's first bytes (an SSLRequest).
+    "proxy_header": {
+        "ipv4": proxy_v2(0x21, 0x11, PROXY_V4_BODY) + startup_packet(0x04D2162F),
+        "ipv6": proxy_v2(0x21, 0x21, PROXY_V6_BODY),
+        "local": proxy_v2(0x20, 0x00, b""),
+        "tlvs": proxy_v2(0x21, 0x11, PROXY_V4_BODY + b"\xea\x00\x05\x01vpce" + b"\x05\x00\x03abc"),
+    },
 }
 
 for target, seeds in SEEDS.items():

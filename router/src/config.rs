@@ -17,6 +17,7 @@
 //! pooled = "127.0.0.1:6432"      # optional: the pooled (transaction mode) port
 //! admin = "127.0.0.1:9930"       # optional: /metrics and /healthz over HTTP
 //! admin_public = false           # true: admin may be a non-loopback address
+//! proxy_from = ["10.0.0.5", "10.0.1.0/24"]  # optional: balancers that send PROXY v2 headers
 //! [timeouts]                     # all optional
 //! startup = "10s"
 //! handshake = "5s"
@@ -56,10 +57,12 @@ use std::time::Duration;
 use toml::Spanned;
 
 pub mod pool;
+pub mod proxy_from;
 mod raw;
 mod toml_error;
 
 pub use pool::{PoolOverrides, PoolSettings};
+pub use proxy_from::ProxyFrom;
 pub use toml_error::TomlError;
 
 use raw::{HumanDuration, RawConfig, RawTls};
@@ -173,8 +176,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// Listening addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Listening addresses, and who may speak for clients on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     /// The session-mode (direct) port.
     pub direct: SocketAddr,
@@ -183,6 +186,9 @@ pub struct Listen {
     /// `/metrics` and `/healthz` over HTTP, if configured: a loopback address unless
     /// `admin_public = true` says otherwise.
     pub admin: Option<SocketAddr>,
+    /// The load balancers whose connections, on both client ports, must begin with a PROXY
+    /// protocol v2 header naming the client ([`crate::front_door::proxy_header`]); empty: none.
+    pub proxy_from: ProxyFrom,
 }
 
 /// Timeouts, all non-zero except `drain`.
@@ -303,6 +309,7 @@ impl Config {
             }
             admin => admin.map(Spanned::into_inner),
         };
+        let proxy_from = ProxyFrom::parse(raw.listen.proxy_from).map_err(&invalid)?;
         let pool = raw.pool.settings().map_err(&invalid)?;
 
         let t = raw.timeouts;
@@ -376,6 +383,7 @@ impl Config {
                 direct: raw.listen.direct,
                 pooled,
                 admin,
+                proxy_from,
             },
             pool,
             timeouts,
@@ -673,6 +681,38 @@ socket = "/run/branchgate/control.sock"
         let text = MINIMAL.replace("[listen]\n", "[listen]\npooled = \"localhost:6432\"\n");
         assert!(
             error(&text).starts_with("router.toml:7:10: invalid socket address"),
+            "{}",
+            error(&text)
+        );
+    }
+
+    #[test]
+    fn proxy_from_lists_balancers_and_names_bad_entries_by_line() {
+        assert!(parse(MINIMAL)
+            .expect("default")
+            .listen
+            .proxy_from
+            .is_empty());
+        let text = MINIMAL.replace(
+            "[listen]\n",
+            "[listen]\nproxy_from = [\"10.0.0.5\", \"10.0.1.0/24\", \"::1\"]\n",
+        );
+        let from = parse(&text).expect("proxy_from").listen.proxy_from;
+        assert!(from.contains("10.0.1.9".parse().expect("addr")));
+        assert!(from.contains("::1".parse().expect("addr")));
+        assert!(!from.contains("10.0.0.6".parse().expect("addr")));
+        let text = MINIMAL.replace(
+            "[listen]\n",
+            "[listen]\nproxy_from = [\n  \"10.0.0.5\",\n  \"10.0.1.5/24\",\n]\n",
+        );
+        assert_eq!(
+            error(&text),
+            "router.toml:9: [listen] proxy_from: \"10.0.1.5/24\" has bits set past its prefix \
+             length: write 10.0.1.0/24 for the network, or the address alone"
+        );
+        let text = MINIMAL.replace("[listen]\n", "[listen]\nproxy_from = \"10.0.0.5\"\n");
+        assert!(
+            error(&text).starts_with("router.toml:7:14: invalid type"),
             "{}",
             error(&text)
         );

@@ -13,8 +13,9 @@
 //! - [`route`]: user name parsing (`role.branch[|replica]`) and backend selection.
 //! - [`tls`]: rustls configuration and handshake, and in-place record protection after it.
 //! - [`backend`]: connecting and authenticating to a PostgreSQL backend.
-//! - [`front_door`]: every port's way in: the first byte, TLS, the StartupMessage, SCRAM, until
-//!   authenticated; then a direct session or a pooled client takes over.
+//! - [`front_door`]: every port's way in: the first byte (a balancer's PROXY header), TLS, the
+//!   StartupMessage, SCRAM, until authenticated; then a direct session or a pooled client takes
+//!   over.
 //! - [`direct`]: a direct session (session-mode port): its own backend, relayed.
 //! - [`pooled`]: a pooled client (transaction-mode port): a backend borrowed per transaction.
 //! - [`relay`]: an established session's bytes, both ways, driven by readiness.

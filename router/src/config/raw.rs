@@ -55,6 +55,7 @@ pub(super) struct RawListen {
     pub(super) pooled: Option<Spanned<SocketAddr>>,
     pub(super) admin: Option<Spanned<SocketAddr>>,
     pub(super) admin_public: Option<bool>,
+    pub(super) proxy_from: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]

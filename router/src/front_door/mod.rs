@@ -2,7 +2,9 @@
 //! port shares it; what comes after takes over an authenticated client: a direct session
 //! ([`crate::direct`], the direct port) or a pooled client ([`crate::pooled`], the pooled port).
 //!
-//! [`serve`] takes an accepted connection, waits for its first byte and starts the task of its
+//! [`serve`] takes an accepted connection, waits for its first byte, reads the PROXY protocol
+//! header that a load balancer listed in `[listen] proxy_from` must send ([`balancer`]: from
+//! then on the connection's peer is the client the header names), and starts the task of its
 //! port's session, which passes through the front door with [`enter`]:
 //!
 //! 1. [`negotiate`]: direct SSL (first byte 0x16), SSLRequest, GSSENCRequest (answered `N`),
@@ -23,11 +25,15 @@
 //!
 //! # Layout
 //! - [`conn`]: the client's socket at the front door, its TLS state and lazily held buffers.
+//! - [`proxy_header`]: the PROXY protocol v2 header, parsed from bytes.
+//! - [`balancer`]: a listed balancer's connection: its header read, the client's address.
 //! - [`negotiate`]: step 1. - [`routing`]: step 2. - [`auth`]: step 3.
 
 pub mod auth;
+pub mod balancer;
 pub mod conn;
 pub mod negotiate;
+pub mod proxy_header;
 pub mod routing;
 
 use std::future::Future;
@@ -61,25 +67,38 @@ pub enum Port {
     Pooled,
 }
 
+impl Port {
+    /// The port as probes and per-port metrics ([`crate::metrics::PerPort`]) name it.
+    pub fn probe(self) -> ProbePort {
+        match self {
+            Port::Direct => ProbePort::Direct,
+            Port::Pooled => ProbePort::Pooled,
+        }
+    }
+
+    /// The port's slot in a [`crate::metrics::PerPort`].
+    pub fn index(self) -> usize {
+        crate::metrics::port_index(self.probe())
+    }
+}
+
 /// Serve one accepted connection until it ends. Every failure is logged once.
 ///
 /// Until the client's first byte the connection is a small task of its own that holds nothing
 /// but the socket (a silent socket must cost little); then the task of its port's session
-/// takes over, which has no room for that wait.
+/// takes over, which has no room for that wait. A connection from a balancer listed in
+/// `[listen] proxy_from` reads its PROXY header in this task too ([`balancer::client_of`]), so
+/// the session starts with the client's address as its `peer`.
 pub fn serve(
     worker: Rc<Worker>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     (live, slot): (LiveGuard, StartupSlot),
     port: Port,
 ) -> impl Future<Output = ()> {
     let accepted = Instant::now();
-    let probe_port = match port {
-        Port::Direct => ProbePort::Direct,
-        Port::Pooled => ProbePort::Pooled,
-    };
-    crate::probes::accepted(probe_port, tcp.as_raw_fd());
-    worker.stats.accepted[crate::metrics::port_index(probe_port)].inc();
+    crate::probes::accepted(port.probe(), tcp.as_raw_fd());
+    worker.stats.accepted[port.index()].inc();
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, %error, "set_nodelay failed");
     }
@@ -93,6 +112,14 @@ pub fn serve(
             tracing::debug!(%peer, "connection closed: nothing sent before the handshake timeout");
             return;
         }
+        let peer = if worker.shared.config.listen.proxy_from.contains(peer.ip()) {
+            match balancer::client_of(&worker, &mut tcp, peer, deadline, port).await {
+                Some(client) => client,
+                None => return,
+            }
+        } else {
+            peer
+        };
         match port {
             Port::Direct => {
                 monoio::spawn(crate::direct::session(

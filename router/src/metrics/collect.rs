@@ -100,6 +100,15 @@ impl Collector for RouterCollector {
         )?;
         family(
             e,
+            "branchgate_proxy_headers_refused",
+            "Connections from a balancer in [listen] proxy_from closed for want of a valid PROXY \
+             protocol v2 header (malformed, cut short, or not complete within the handshake \
+             timeout)",
+            MetricType::Counter,
+            per_port(stats, |s| &s.proxy_headers_refused),
+        )?;
+        family(
+            e,
             "branchgate_logins",
             "Clients that logged in",
             MetricType::Counter,

@@ -95,6 +95,9 @@ pub fn port_index(port: ProbePort) -> usize {
 pub struct WorkerStats {
     /// Connections accepted.
     pub accepted: PerPort<Counter>,
+    /// Connections from a balancer in `[listen] proxy_from` closed for want of a valid PROXY
+    /// header ([`crate::front_door::balancer`]).
+    pub proxy_headers_refused: PerPort<Counter>,
     /// Clients that logged in, and logged-in clients whose session ended.
     pub logins: PerPort<Counter>,
     /// See `logins`.
