@@ -151,7 +151,8 @@ impl<T> Inbox<T> {
     }
 
     /// Queues `item` and wakes the worker; gives it back if the inbox is full or closed.
-    fn send(&self, item: T) -> Result<(), T> {
+    /// Public for the hand-off bench (`bench/benches/handoff.rs`), which drives inboxes itself.
+    pub fn send(&self, item: T) -> Result<(), T> {
         if !self.is_open() {
             return Err(item);
         }
@@ -164,8 +165,9 @@ impl<T> Inbox<T> {
         }
     }
 
-    /// The next hand-off. Cancel-safe: one is taken only when it is returned.
-    async fn recv(&self) -> T {
+    /// The next hand-off. Cancel-safe: one is taken only when it is returned. Public for the
+    /// hand-off bench, as [`Inbox::send`].
+    pub async fn recv(&self) -> T {
         std::future::poll_fn(|cx| {
             if let Ok(item) = self.receiver.try_recv() {
                 return Poll::Ready(item);
