@@ -8,6 +8,7 @@
 //! workers = 2                    # optional; default = number of cores
 //! steering = "ebpf"              # optional: "ebpf" (default), "userspace" or "off"
 //! pin_workers = true             # optional: each worker thread on a core of its own
+//! rebalance = "30s"              # optional: move branches between workers by load this often
 //! catalog = "catalog.toml"       # required; relative to this file's directory
 //! [tls]
 //! cert = "server.crt"            # PEM certificate chain
@@ -105,6 +106,9 @@ pub struct Config {
     /// places them: on a machine whose cores PostgreSQL or the clients share, a worker is then
     /// not held to a core another process keeps busy (BENCHMARKS.md, "Tails").
     pub pin_workers: bool,
+    /// How often branch ownership follows the load ([`crate::steering::Steering::rebalance`]);
+    /// `None` (the default): never, each branch stays on its consistent-hash owner.
+    pub rebalance: Option<Duration>,
     /// The branch catalog file, resolved against the config file's directory.
     pub catalog_path: PathBuf,
     /// Certificate and key files (read by the TLS module, not here).
@@ -355,10 +359,25 @@ impl Config {
             Some(raw::RawSteering::Off) => SteeringConfig::Off,
         };
 
+        let rebalance = match raw.rebalance {
+            None => None,
+            Some(every) if every.get_ref().0 < MIN_REBALANCE_INTERVAL => {
+                return Err(invalid((
+                    every.span(),
+                    format!(
+                        "rebalance must be at least {} (leave it out for never)",
+                        humantime::format_duration(MIN_REBALANCE_INTERVAL)
+                    ),
+                )))
+            }
+            Some(every) => Some(every.into_inner().0),
+        };
+
         Ok(Config {
             workers,
             steering,
             pin_workers: raw.pin_workers.unwrap_or(true),
+            rebalance,
             auth: Auth {
                 mock_secret_file: catalog_dir.join(
                     raw.auth
@@ -400,6 +419,10 @@ impl Config {
         })
     }
 }
+
+/// The shortest `rebalance` interval: a move needs sessions to turn over before the next one
+/// can be judged.
+pub const MIN_REBALANCE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Takes an optional duration, rejecting zero (it would fail or spin every connection).
 fn non_zero(
@@ -635,6 +658,16 @@ socket = "/run/branchgate/control.sock"
     #[test]
     fn workers_are_pinned_unless_told_not_to_be() {
         assert!(parse(MINIMAL).expect("default").pin_workers);
+        assert_eq!(parse(MINIMAL).expect("default").rebalance, None);
+        let every = parse(&format!("rebalance = \"30s\"\n{MINIMAL}")).expect("rebalance");
+        assert_eq!(every.rebalance, Some(Duration::from_secs(30)));
+        let error = parse(&format!("rebalance = \"10ms\"\n{MINIMAL}")).expect_err("too often");
+        assert!(
+            error
+                .to_string()
+                .contains("rebalance must be at least 100ms"),
+            "{error}"
+        );
         let config = parse(&format!("pin_workers = false\n{MINIMAL}")).expect("unpinned");
         assert!(!config.pin_workers);
     }

@@ -318,6 +318,13 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
     }
     router.helpers.push(router.spawn_health_probes());
     router.helpers.push(router.spawn_catalog_watch());
+    if let Some(every) = router.shared.config.rebalance {
+        if router.shared.steering.hands_off() {
+            router.helpers.push(router.spawn_rebalancer(every));
+        } else {
+            tracing::info!("rebalance is set, but this steering mode hands nothing off: ignored");
+        }
+    }
     Ok(router)
 }
 
@@ -573,6 +580,27 @@ impl Router {
             while !stopping.load(Ordering::Relaxed) {
                 shared.upstreams.probe_all(&stopping);
                 std::thread::park_timeout(interval);
+            }
+        })
+    }
+
+    /// Every `rebalance`, moves at most one branch slot to a lighter worker
+    /// ([`crate::steering::Steering::rebalance`]).
+    fn spawn_rebalancer(&self, every: Duration) -> JoinHandle<()> {
+        let shared = self.shared.clone();
+        let stopping = self.stopping.clone();
+        std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                std::thread::park_timeout(every);
+                if let Some(moved) = shared.steering.rebalance() {
+                    tracing::info!(
+                        slot = moved.slot,
+                        sessions = moved.sessions,
+                        from = moved.from,
+                        to = moved.to,
+                        "rebalance: branch slot moved to a lighter worker (new sessions go there)"
+                    );
+                }
             }
         })
     }

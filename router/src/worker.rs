@@ -224,13 +224,35 @@ impl Drop for StartupSlot {
     }
 }
 
-/// A place among the router's authenticated sessions (`limits.max_client_connections`).
+/// A place among the router's authenticated sessions (`limits.max_client_connections`), and
+/// the session counted for its branch's steering slot once it is known
+/// ([`SessionSlot::count_for`]; [`NO_BRANCH_SLOT`] before). Twelve bytes in every pooled
+/// client's life, so the slot is a number, not a guard of its own.
 #[derive(Debug)]
-pub struct SessionSlot(Arc<Shared>);
+pub struct SessionSlot(Arc<Shared>, u32);
+
+/// [`SessionSlot`]'s branch slot before it is known.
+const NO_BRANCH_SLOT: u32 = u32::MAX;
+
+impl SessionSlot {
+    /// Counts this session for `branch_id`'s slot
+    /// ([`crate::steering::Steering::session_started`]), which the rebalancing weighs, for as
+    /// long as the session holds its place.
+    pub fn count_for(&mut self, branch_id: &str) {
+        if self.1 != NO_BRANCH_SLOT {
+            self.0.steering.session_ended(self.1);
+        }
+        self.1 = crate::steering::branch_slot(branch_id);
+        self.0.steering.session_started(self.1);
+    }
+}
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+        if self.1 != NO_BRANCH_SLOT {
+            self.0.steering.session_ended(self.1);
+        }
     }
 }
 
@@ -243,7 +265,7 @@ impl Shared {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| SessionSlot(self.clone()))
+            .map(|_| SessionSlot(self.clone(), NO_BRANCH_SLOT))
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`spawn`]: starting servers that die with the test process.
 //! - [`router`]: `TestRouter`, the router started in-process.
 //! - [`binary`]: the `branchgate` binary's commands, and `branchgate run` as a child process.
+//! - [`metrics`]: the admin endpoint's `/metrics` over HTTP, and the samples in it.
 //! - [`pool_config`]: [`PoolSettings`], the pooled listener and `[pool]` table of router.toml.
 //! - [`raw`]: hand-built protocol messages over raw sockets and sync rustls, for bad input and
 //!   for extended-protocol sequences no client library produces on demand.
@@ -23,6 +24,7 @@ pub mod binary;
 pub mod catalog;
 pub mod certs;
 pub mod clients;
+pub mod metrics;
 pub mod pg;
 pub mod pool_config;
 pub mod raw;

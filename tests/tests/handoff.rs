@@ -6,14 +6,15 @@
 //!
 //! One PostgreSQL server per binary; every test starts its own router.
 
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use branchgate::auth::{ClientCredentials, ScramClient};
+use branchgate_e2e::metrics;
 use branchgate_e2e::raw::{self, Tls, MODES};
 use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, wait_active, MakeRustls};
 use branchgate_e2e::tools::{psql_command, psql_output};
@@ -42,8 +43,6 @@ const TRANSACTIONS: usize = 40;
 /// Connections tried before a test gives up on getting one handed off (each has an even
 /// chance: 2^-40 of failing for no reason).
 const MAX_TRIES: usize = 40;
-/// How long a scrape may take.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Fixture {
     certs: Certs,
@@ -150,41 +149,14 @@ impl Fixture {
     }
 }
 
-/// `GET path` on the admin endpoint: the body.
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
-    stream
-        .set_read_timeout(Some(HTTP_TIMEOUT))
-        .expect("read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end: {response:?}"));
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
-}
-
 /// The router's `/metrics` page.
 fn scrape(router: &TestRouter) -> String {
-    let admin = router
-        .router()
-        .admin_addr()
-        .expect("the admin endpoint runs");
-    http_get(admin, "/metrics")
-}
-
-/// The value of one sample line of the text exposition.
-fn sample_value(line: &str) -> f64 {
-    let (_, value) = line.rsplit_once(' ').expect("a sample has a value");
-    value.parse().expect("a number")
+    metrics::scrape(
+        router
+            .router()
+            .admin_addr()
+            .expect("the admin endpoint runs"),
+    )
 }
 
 /// Hand-offs (out, in) on all workers, from `/metrics`.
@@ -347,17 +319,9 @@ fn a_branchs_pooled_clients_share_one_pool_of_pool_size_backends_on_its_owner() 
     );
     // Each one taken over was timed, from leaving the accepting worker to arriving.
     let text = scrape(&router);
-    let timed: u64 = text
-        .lines()
-        .filter(|line| line.starts_with("branchgate_handoff_seconds_count{"))
-        .map(|line| sample_value(line) as u64)
-        .sum();
+    let timed = metrics::sample(&text, "branchgate_handoff_seconds_count", &[]) as u64;
     assert_eq!(timed, into, "{text}");
-    let seconds: f64 = text
-        .lines()
-        .filter(|line| line.starts_with("branchgate_handoff_seconds_sum{"))
-        .map(sample_value)
-        .sum();
+    let seconds = metrics::sample(&text, "branchgate_handoff_seconds_sum", &[]);
     assert!(
         seconds > 0.0 && seconds < into as f64,
         "{into} hand-offs took {seconds} s"

@@ -6,8 +6,8 @@
 //! user, the probe test says why it did nothing and passes.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use branchgate_e2e::binary::{branchgate_bin, wait_for, RouterProcess};
 use branchgate_e2e::catalog::catalog_toml;
+use branchgate_e2e::metrics::{http, sample};
 use branchgate_e2e::raw::{Mode, RawConn};
 use branchgate_e2e::{BranchSpec, Certs, PgServer, TestRouter};
 
@@ -206,51 +207,6 @@ fn bpftrace_sees_every_probe_of_a_direct_and_a_pooled_client() {
     // machine, so it is not waited for).
     let _ = trace.kill();
     let _ = trace.wait();
-}
-
-/// `METHOD path` on `addr` over HTTP/1.1: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
-    stream
-        .set_read_timeout(Some(TRACE_TIMEOUT))
-        .expect("read timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end: {response:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status: {head:?}"));
-    (status, body.to_owned())
-}
-
-/// The sum of the samples of `name` whose labels include each of `labels` (`key="value"`).
-fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
-    let mut found = false;
-    let sum = text
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name && labels.iter().all(|l| rest.contains(l)))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .inspect(|_| found = true)
-        .sum();
-    assert!(found, "no {name} {labels:?} in:\n{text}");
-    sum
 }
 
 #[test]

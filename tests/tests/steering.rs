@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use branchgate::steering::{
     branch_slot, default_owner, ebpf::pin_name, ebpf::PIN_ROOT, Counters, SteeringMode,
+    REBALANCE_MIN_GAP,
 };
+use branchgate_e2e::metrics;
 use branchgate_e2e::raw;
 use branchgate_e2e::raw as session;
 use branchgate_e2e::{BranchSpec, Certs, PgServer, TestRouter};
@@ -465,4 +467,100 @@ fn without_privileges_the_default_falls_back_and_ebpf_written_out_fails() {
     assert!(error.contains("steering = \"ebpf\""), "{error}");
     let off = start_unprivileged(&certs, "steering = \"off\"").expect("off starts");
     assert_eq!(off.router().steering().mode(), SteeringMode::Off);
+}
+
+/// `rebalance`: the sessions of branches a worker owns outweigh the other worker's by enough,
+/// so one branch slot moves to the other worker; new sessions of that branch follow it, the
+/// open ones stay, and the counts per slot follow sessions through the hand-off and their end.
+/// Userspace steering (no program needed): ownership is the router's own table.
+///
+/// The sessions open in an order that keeps the gap between the workers under
+/// [`REBALANCE_MIN_GAP`] until the last one, so the rebalancer (every 100 ms) has exactly one
+/// move to make, whenever it looks: c's 10 on worker 1, then a's 12 and b's 14 on worker 0
+/// (26 against 10); a's 12 is the closest to half the gap and moves (14 against 22).
+#[test]
+fn rebalancing_moves_a_branch_to_the_lighter_worker() {
+    assert_eq!(
+        REBALANCE_MIN_GAP, 16,
+        "the session counts below are made for it"
+    );
+    let pg = PgServer::start_primary();
+    let roles = ["ra", "rb", "rc"];
+    for role in roles {
+        pg.create_role(role, PASSWORD);
+    }
+    let certs = Certs::generate();
+    // a and b owned by worker 0 by default, c by worker 1.
+    let on = |owner: u32| {
+        (0..)
+            .map(|n| format!("r{n}"))
+            .filter(move |id| default_owner(branch_slot(id), 2) == owner)
+    };
+    let mut zero = on(0);
+    let ids = [
+        zero.next().expect("a"),
+        zero.next().expect("b"),
+        on(1).next().expect("c"),
+    ];
+    let branches: Vec<BranchSpec> = ids
+        .iter()
+        .zip(roles)
+        .map(|(id, role)| BranchSpec::new(id, pg.addr()).role(role, &pg.role_verifier(role)))
+        .collect();
+    let router = TestRouter::start_with_config(&certs, &branches, |text| {
+        format!(
+            "steering = \"userspace\"\nrebalance = \"100ms\"\n{}",
+            text.replace(
+                "pooled = \"127.0.0.1:0\"\n",
+                "pooled = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n"
+            )
+        )
+    });
+    let steering = router.router().steering();
+    let admin = router.router().admin_addr().expect("admin endpoint");
+    let on_worker = |worker: usize| {
+        let text = metrics::scrape(admin);
+        let labels = [format!("worker=\"{worker}\""), "port=\"pooled\"".to_owned()];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        metrics::sample(&text, "branchgate_client_connections", &labels) as usize
+    };
+    let login = |branch: usize| {
+        let mut tls = raw::connect_tls(
+            router.pooled_addr(),
+            certs.client_config(),
+            raw::Mode::Direct,
+        );
+        session::start_sasl(&mut tls, &format!("{}.{}", roles[branch], ids[branch]));
+        session::login(&mut tls, PASSWORD).expect("login");
+        assert_eq!(session::query_one(&mut tls, "SELECT 1"), "1");
+        tls
+    };
+    let (a, b, c) = (0, 1, 2);
+    let mut open: Vec<_> = (0..10).map(|_| login(c)).collect();
+    open.extend((0..12).map(|_| login(a)));
+    open.extend((0..14).map(|_| login(b)));
+    let slots = ids.each_ref().map(|id| branch_slot(id));
+    assert_eq!(slots.map(|slot| steering.sessions(slot)), [12, 14, 10]);
+    branchgate_e2e::binary::wait_for("a rebalance", Duration::from_secs(10), || {
+        (steering.moves() > 0).then_some(())
+    });
+    assert_eq!(slots.map(|slot| steering.owner(slot)), [1, 0, 1]);
+    assert_eq!(steering.moves(), 1);
+    // The open sessions stayed where they were: a's and b's on worker 0, c's on worker 1.
+    assert_eq!((on_worker(0), on_worker(1)), (26, 10));
+    // New sessions of a go to its new owner, and work.
+    open.push(login(a));
+    assert_eq!((on_worker(0), on_worker(1)), (26, 11));
+    assert_eq!(steering.sessions(slots[a]), 13);
+    // Sessions that end are counted out, wherever they ran.
+    drop(open);
+    branchgate_e2e::binary::wait_for("sessions counted out", Duration::from_secs(10), || {
+        (slots
+            .iter()
+            .map(|&slot| steering.sessions(slot))
+            .sum::<u32>()
+            == 0)
+            .then_some(())
+    });
+    assert_eq!(steering.moves(), 1, "nothing to move once idle");
 }

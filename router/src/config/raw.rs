@@ -24,6 +24,7 @@ pub(super) struct RawConfig {
     pub(super) workers: Option<NonZeroUsize>,
     pub(super) steering: Option<RawSteering>,
     pub(super) pin_workers: Option<bool>,
+    pub(super) rebalance: Option<Spanned<HumanDuration>>,
     pub(super) catalog: PathBuf,
     pub(super) tls: Spanned<RawTls>,
     pub(super) listen: RawListen,

@@ -188,10 +188,11 @@ pub async fn enter(
         }
     };
     drop(startup_slot);
-    let Some(slot) = worker.shared.session_slot() else {
+    let Some(mut slot) = worker.shared.session_slot() else {
         Box::pin(refuse(conn, peer, SessionError::TooManyConnections)).await;
         return None;
     };
+    slot.count_for(&auth.branch.id);
     crate::handoff::hand_off(worker, Entered { conn, auth, slot }, peer, port, accepted)
 }
 

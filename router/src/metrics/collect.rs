@@ -292,6 +292,13 @@ impl Collector for RouterCollector {
             Some(Err(error)) => tracing::debug!(%error, "cannot read the steering counters"),
             None => {}
         }
+        family(
+            e,
+            "branchgate_steering_moves",
+            "Branch slots moved to a lighter worker by `rebalance`",
+            MetricType::Counter,
+            std::iter::once((Vec::new(), self.shared.steering.moves())),
+        )?;
         let upstreams = self.shared.upstreams.snapshot();
         family(
             e,

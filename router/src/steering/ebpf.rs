@@ -15,7 +15,7 @@ use std::fs;
 use std::io;
 use std::net::{IpAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, ReusePortSockArray};
@@ -124,9 +124,6 @@ pub struct EbpfSteering {
     owners: Mutex<Array<MapData, Owner>>,
     load: Mutex<Array<MapData, u32>>,
     counters: PerCpuArray<MapData, u64>,
-    /// What `owners` holds, so that [`EbpfSteering::remember`] sets an owner only once:
-    /// `u32::MAX` for none.
-    owner_of: Box<[AtomicU32]>,
     workers: u32,
     /// The pin directory, when the maps are pinned.
     pins: Pins,
@@ -203,23 +200,14 @@ impl EbpfSteering {
             owners: Mutex::new(owners),
             load: Mutex::new(load),
             counters,
-            owner_of: (0..BRANCH_SLOTS)
-                .map(|_| AtomicU32::new(u32::MAX))
-                .collect(),
             workers,
             pins,
         })
     }
 
-    /// See [`super::Steering::remember`].
+    /// Files `client` under branch slot `slot` (see [`super::Steering::remember`], which
+    /// gives the slot an owner first).
     pub fn remember(&self, client: IpAddr, slot: u32) -> Result<(), SteeringError> {
-        let owner = self
-            .owner_of
-            .get(slot as usize)
-            .ok_or(SteeringError::NoSlot(slot))?;
-        if owner.load(Ordering::Relaxed) == u32::MAX {
-            self.set_owner(slot, super::default_owner(slot, self.workers))?;
-        }
         let key = match client {
             IpAddr::V4(v4) => ClientKey::v4(v4.octets()),
             // A v4 client on a dual-stack listener arrives as an IPv4 packet: key it as IPv4.
@@ -233,31 +221,22 @@ impl EbpfSteering {
             .map_err(map_error(CLIENTS))
     }
 
-    /// See [`super::Steering::set_owner`].
+    /// Writes `worker` as the owner of `slot` into the `owners` map (see
+    /// [`super::Steering::set_owner`], which keeps the router's own copy).
     pub fn set_owner(&self, slot: u32, worker: u32) -> Result<(), SteeringError> {
         if worker >= self.workers {
             return Err(SteeringError::NoWorker(worker));
         }
-        let owner = self
-            .owner_of
-            .get(slot as usize)
-            .ok_or(SteeringError::NoSlot(slot))?;
+        if slot >= BRANCH_SLOTS {
+            return Err(SteeringError::NoSlot(slot));
+        }
         let value = Owner {
             worker,
             flags: OWNER_SET,
         };
         lock(&self.owners)
             .set(slot, value, 0)
-            .map_err(map_error(OWNERS))?;
-        owner.store(worker, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// The worker this router wrote into `owners` for `slot`, if it wrote one (its own copy:
-    /// no system call).
-    pub fn owner(&self, slot: u32) -> Option<u32> {
-        let owner = self.owner_of.get(slot as usize)?.load(Ordering::Relaxed);
-        (owner != u32::MAX).then_some(owner)
+            .map_err(map_error(OWNERS))
     }
 
     /// See [`super::Steering::set_load`].

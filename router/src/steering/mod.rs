@@ -17,6 +17,18 @@
 //! share an owner. A slot without an owner set by [`Steering::set_owner`] gets one the first time
 //! a client of it is remembered: a jump consistent hash of the slot over the workers.
 //!
+//! # Following the load
+//! Every mode keeps a count of authenticated sessions per branch slot
+//! ([`Steering::session_started`]),
+//! wherever they run. With `rebalance` set in router.toml (and a mode that hands off), a
+//! control thread looks at them every so often ([`Steering::rebalance`]): when the sessions of
+//! the slots one worker owns outweigh another's by enough, one slot moves to the lighter worker,
+//! through the owner table alone (and the program's `owners` map, so both agree). Sessions
+//! already open stay where they are; new ones follow the new owner. The decision counts each
+//! slot's sessions on its owner, as they will be once sessions have turned over, so one move is
+//! not repeated while the old sessions drain. A moved branch has two pools for a while (the
+//! old owner's until its clients leave), which is why this is not on by default.
+//!
 //! # Cost
 //! [`Steering::remember`] is one map update system call per authenticated client (the front door
 //! calls it once the client has proved it may use the branch), plus one more the first time a
@@ -26,7 +38,7 @@
 pub mod ebpf;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub use branchgate_ebpf_common::{BRANCH_SLOTS, MAX_WORKERS};
 
@@ -58,7 +70,35 @@ pub struct Steering {
     ebpf: Option<EbpfSteering>,
     mode: SteeringMode,
     accepted: Box<[WorkerCount]>,
+    /// Branch slot -> the owner set for it (`u32::MAX`: none, [`default_owner`] applies); the
+    /// program's `owners` map holds the same.
+    owners: Box<[AtomicU32]>,
+    /// Branch slot -> authenticated sessions of its branches now, on any worker.
+    sessions: Box<[AtomicU32]>,
+    /// Slots [`Steering::rebalance`] moved.
+    moves: AtomicU64,
 }
+
+/// A slot table of `u32`s, all `value`.
+fn slot_table(value: u32) -> Box<[AtomicU32]> {
+    (0..BRANCH_SLOTS).map(|_| AtomicU32::new(value)).collect()
+}
+
+/// A branch slot to move to a lighter worker ([`Steering::rebalance`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// The slot.
+    pub slot: u32,
+    /// Its sessions now.
+    pub sessions: u32,
+    /// The worker that owned it.
+    pub from: u32,
+    /// The worker that owns it now.
+    pub to: u32,
+}
+
+/// Sessions a heavier worker must have over a lighter one before a slot moves, at the least.
+pub const REBALANCE_MIN_GAP: u64 = 16;
 
 /// The listening sockets of one port, one per worker (index = worker).
 pub type PortListeners<'a> = &'a [std::net::TcpListener];
@@ -94,6 +134,9 @@ impl Steering {
             ebpf,
             mode,
             accepted: (0..workers).map(|_| WorkerCount::default()).collect(),
+            owners: slot_table(u32::MAX),
+            sessions: slot_table(0),
+            moves: AtomicU64::new(0),
         })
     }
 
@@ -103,7 +146,14 @@ impl Steering {
             ebpf: None,
             mode: SteeringMode::Off,
             accepted: (0..workers).map(|_| WorkerCount::default()).collect(),
+            owners: slot_table(u32::MAX),
+            sessions: slot_table(0),
+            moves: AtomicU64::new(0),
         }
+    }
+
+    fn workers(&self) -> u32 {
+        u32::try_from(self.accepted.len()).unwrap_or(u32::MAX)
     }
 
     /// The steering that runs.
@@ -119,30 +169,103 @@ impl Steering {
     /// Remember that `client` uses the branch in `slot`: its next connections go to the slot's
     /// owner. Gives the slot an owner if it has none. Nothing without the program.
     pub fn remember(&self, client: IpAddr, slot: u32) -> Result<(), SteeringError> {
-        match &self.ebpf {
-            Some(ebpf) => ebpf.remember(client, slot),
-            None => Ok(()),
+        let Some(ebpf) = &self.ebpf else {
+            return Ok(());
+        };
+        let owner = self
+            .owners
+            .get(slot as usize)
+            .ok_or(SteeringError::NoSlot(slot))?;
+        if owner.load(Ordering::Relaxed) == u32::MAX {
+            self.set_owner(slot, default_owner(slot, self.workers()))?;
         }
+        ebpf.remember(client, slot)
     }
 
-    /// Make `worker` the owner of branch slot `slot`.
+    /// Make `worker` the owner of branch slot `slot`: in the router's table and, with the
+    /// program, in its `owners` map (first: a failed map write changes nothing).
     pub fn set_owner(&self, slot: u32, worker: u32) -> Result<(), SteeringError> {
-        match &self.ebpf {
-            Some(ebpf) => ebpf.set_owner(slot, worker),
-            None => Ok(()),
+        if worker >= self.workers() {
+            return Err(SteeringError::NoWorker(worker));
+        }
+        let owner = self
+            .owners
+            .get(slot as usize)
+            .ok_or(SteeringError::NoSlot(slot))?;
+        if let Some(ebpf) = &self.ebpf {
+            ebpf.set_owner(slot, worker)?;
+        }
+        owner.store(worker, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The worker that owns branch slot `slot`: the one set for it ([`Steering::set_owner`],
+    /// the router's own table: no system call), else [`default_owner`]. With `"off"` nobody
+    /// acts on it (see [`Steering::hands_off`]).
+    pub fn owner(&self, slot: u32) -> u32 {
+        self.owners
+            .get(slot as usize)
+            .map(|owner| owner.load(Ordering::Relaxed))
+            .filter(|&owner| owner != u32::MAX)
+            .unwrap_or_else(|| default_owner(slot, self.workers()))
+    }
+
+    /// Counts an authenticated session of a branch in `slot`, until
+    /// [`Steering::session_ended`] (the session's [`crate::worker::SessionSlot`] keeps the
+    /// pair).
+    pub fn session_started(&self, slot: u32) {
+        if let Some(count) = self.sessions.get(slot as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// The worker that owns branch slot `slot`: with the program, what the router wrote into
-    /// its `owners` map (the router keeps its own copy of it: no system call); for a slot it
-    /// wrote nothing for, and in the other modes, [`default_owner`]. With `"off"` nobody acts
-    /// on it (see [`Steering::hands_off`]).
-    pub fn owner(&self, slot: u32) -> u32 {
-        let workers = u32::try_from(self.accepted.len()).unwrap_or(u32::MAX);
-        self.ebpf
-            .as_ref()
-            .and_then(|ebpf| ebpf.owner(slot))
-            .unwrap_or_else(|| default_owner(slot, workers))
+    /// A session [`Steering::session_started`] counted has ended.
+    pub fn session_ended(&self, slot: u32) {
+        if let Some(count) = self.sessions.get(slot as usize) {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Slots [`Steering::rebalance`] has moved.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Relaxed)
+    }
+
+    /// Sessions of the branches in `slot` now.
+    pub fn sessions(&self, slot: u32) -> u32 {
+        self.sessions
+            .get(slot as usize)
+            .map_or(0, |count| count.load(Ordering::Relaxed))
+    }
+
+    /// Moves one branch slot from the most loaded worker to the least loaded one when that
+    /// evens them out by enough (see the module's "Following the load"); `None` when nothing
+    /// moved (balanced, a mode that does not hand off, or the owner could not be written:
+    /// logged).
+    pub fn rebalance(&self) -> Option<Move> {
+        if !self.hands_off() {
+            return None;
+        }
+        let slots = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, count)| {
+                let sessions = count.load(Ordering::Relaxed);
+                let slot = u32::try_from(slot).ok()?;
+                (sessions > 0).then(|| (slot, self.owner(slot), sessions))
+            });
+        let planned = plan_move(slots, self.workers())?;
+        match self.set_owner(planned.slot, planned.to) {
+            Ok(()) => {
+                self.moves.fetch_add(1, Ordering::Relaxed);
+                Some(planned)
+            }
+            Err(error) => {
+                tracing::warn!(%error, ?planned, "could not move a branch slot");
+                None
+            }
+        }
     }
 
     /// True when an authenticated client on a worker other than its branch's owner is handed
@@ -192,6 +315,43 @@ impl Steering {
             .get(worker)
             .map_or(0, |count| count.0.load(Ordering::Relaxed))
     }
+}
+
+/// The move that best evens out the workers' sessions, counting each slot's `(slot, owner,
+/// sessions)` on its owner: from the heaviest worker to the lightest, the slot whose sessions
+/// come closest to half the gap (so the heaviest comes out lighter than it was, and the
+/// lightest no heavier than the heaviest was). Only when the gap is at least
+/// [`REBALANCE_MIN_GAP`] sessions and a fifth of the heaviest's: small or proportionally small
+/// differences are not worth two pools for a branch.
+pub fn plan_move(slots: impl Iterator<Item = (u32, u32, u32)>, workers: u32) -> Option<Move> {
+    let workers_len = usize::try_from(workers).ok()?;
+    if workers_len < 2 {
+        return None;
+    }
+    let slots: Vec<(u32, u32, u32)> = slots.collect();
+    let mut loads = vec![0u64; workers_len];
+    for &(_, owner, sessions) in &slots {
+        if let Some(load) = loads.get_mut(owner as usize) {
+            *load += u64::from(sessions);
+        }
+    }
+    let (heavy, &most) = loads.iter().enumerate().max_by_key(|&(_, load)| *load)?;
+    let (light, &least) = loads.iter().enumerate().min_by_key(|&(_, load)| *load)?;
+    let gap = most - least;
+    if gap < REBALANCE_MIN_GAP.max(most / 5) {
+        return None;
+    }
+    let (heavy, light) = (u32::try_from(heavy).ok()?, u32::try_from(light).ok()?);
+    slots
+        .iter()
+        .filter(|&&(_, owner, sessions)| owner == heavy && u64::from(sessions) < gap)
+        .min_by_key(|&&(slot, _, sessions)| (u64::from(sessions).abs_diff(gap / 2), slot))
+        .map(|&(slot, _, sessions)| Move {
+            slot,
+            sessions,
+            from: heavy,
+            to: light,
+        })
 }
 
 /// The branch slot of `branch_id`: 32-bit FNV-1a of its bytes, modulo [`BRANCH_SLOTS`].
@@ -265,6 +425,66 @@ mod tests {
             ..Steering::off(1)
         };
         assert!(!alone.hands_off());
+    }
+
+    #[test]
+    fn a_move_evens_out_the_heaviest_and_lightest_workers() {
+        // Worker 0 owns slots with 40, 30 and 6 sessions, worker 1 one with 10: the gap is 66,
+        // and the slot closest to 33 (the 30) moves.
+        let slots = [(1, 0, 40), (2, 0, 30), (3, 0, 6), (4, 1, 10)];
+        assert_eq!(
+            plan_move(slots.into_iter(), 2),
+            Some(Move {
+                slot: 2,
+                sessions: 30,
+                from: 0,
+                to: 1
+            })
+        );
+        // Once moved, the projection is 46 against 40: not worth another.
+        let moved = [(1, 0, 40), (2, 1, 30), (3, 0, 6), (4, 1, 10)];
+        assert_eq!(plan_move(moved.into_iter(), 2), None);
+        // One slot holding everything: moving it would not make anything better.
+        assert_eq!(plan_move([(9, 0, 500)].into_iter(), 2), None);
+        // A small gap, or a single worker: nothing.
+        assert_eq!(plan_move([(1, 0, 10), (2, 0, 5)].into_iter(), 2), None);
+        assert_eq!(plan_move([(1, 0, 100), (2, 0, 50)].into_iter(), 1), None);
+        // Three workers: from the heaviest to the idle one (50 and 40 are as close to 45:
+        // the lower slot).
+        let three = [(1, 0, 50), (2, 0, 40), (3, 1, 45)];
+        assert_eq!(
+            plan_move(three.into_iter(), 3).map(|m| (m.slot, m.from, m.to)),
+            Some((1, 0, 2))
+        );
+    }
+
+    #[test]
+    fn sessions_count_per_slot_and_rebalancing_writes_the_owner() {
+        let steering = Steering {
+            mode: SteeringMode::Userspace,
+            ..Steering::off(2)
+        };
+        // Slots owned by worker 0 by default.
+        let zero: Vec<u32> = (0..BRANCH_SLOTS)
+            .filter(|&s| default_owner(s, 2) == 0)
+            .take(2)
+            .collect();
+        let (big, small) = (zero[0], zero[1]);
+        (0..40).for_each(|_| steering.session_started(big));
+        (0..25).for_each(|_| steering.session_started(small));
+        assert_eq!((steering.sessions(big), steering.sessions(small)), (40, 25));
+        // 65 against 0: 25 is closer to half of it than 40.
+        let moved = steering.rebalance().expect("65 against 0");
+        assert_eq!((moved.slot, moved.from, moved.to), (small, 0, 1));
+        assert_eq!(steering.owner(small), 1);
+        assert_eq!(steering.owner(big), 0);
+        assert_eq!(steering.rebalance(), None, "40 against 25");
+        (0..25).for_each(|_| steering.session_ended(small));
+        assert_eq!(steering.sessions(small), 0);
+        // With "off" nothing moves.
+        let off = Steering::off(2);
+        (0..70).for_each(|_| off.session_started(big));
+        assert_eq!(off.rebalance(), None);
     }
 
     #[test]
