@@ -33,8 +33,13 @@ use crate::auth::verifier::{ScramVerifier, VerifierShape};
 use crate::config::pool::RawPool;
 use crate::config::{PoolOverrides, TomlError};
 
+mod build;
 mod edit;
+pub mod etcd;
 pub mod guard;
+pub mod source;
+
+use build::{Builder, RoleProblem};
 
 pub use edit::{lock_for_edit, set_role_verifier, EditLock};
 pub use guard::{Refusal, Removal, Verdict};
@@ -135,6 +140,15 @@ pub enum CatalogError {
         /// What went wrong.
         reason: &'static str,
     },
+    /// A catalog in etcd whose keys do not make a valid catalog (a role of a branch it lacks,
+    /// a key outside the layout, a verifier that does not parse); `key` names the etcd key.
+    #[error("{key}: {message}")]
+    Etcd {
+        /// The etcd key (with the prefix) holding the offending value.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// [`set_role_verifier`] was asked for a branch the file does not have.
     #[error("{}: no branch with id {branch:?}", path.display())]
     UnknownBranch {
@@ -163,82 +177,34 @@ impl Catalog {
             CatalogError::from(TomlError::invalid(text, file_name, span, message))
         };
 
-        let mut branches = Vec::with_capacity(raw.branch.len());
-        let mut by_id = HashMap::with_capacity(raw.branch.len());
+        let mut builder = Builder::default();
         for raw_branch in raw.branch {
             let id_span = raw_branch.id.span();
-            let id: Box<str> = raw_branch.id.into_inner().into();
-            if !is_branch_id(&id) {
-                return Err(invalid(
-                    id_span,
-                    format!("branch id {id:?} must be 1 to 63 characters of a-z, 0-9, _ and -"),
-                ));
-            }
-            if by_id.contains_key(&id) {
-                return Err(invalid(id_span, format!("duplicate branch id {id:?}")));
-            }
-
-            let mut replicas = Vec::with_capacity(raw_branch.replicas.len());
+            let id = raw_branch.id.into_inner();
+            let mut draft = builder
+                .branch(&id, raw_branch.primary)
+                .map_err(|message| invalid(id_span, message))?;
             for replica in raw_branch.replicas {
-                let addr = *replica.get_ref();
-                if addr == raw_branch.primary || replicas.contains(&addr) {
-                    let message = format!("branch {id:?}: replica {addr} is listed twice");
-                    return Err(invalid(replica.span(), message));
-                }
-                replicas.push(addr);
+                draft
+                    .replica(*replica.get_ref())
+                    .map_err(|message| invalid(replica.span(), message))?;
             }
-
-            let mut roles = HashMap::with_capacity(raw_branch.roles.len());
             for (name, verifier) in raw_branch.roles {
-                if let Some(why) = role_name_problem(name.get_ref()) {
-                    let message = format!("branch {id:?}: role {:?} {why}", name.get_ref());
-                    return Err(invalid(name.span(), message));
-                }
-                let parsed = verifier.get_ref().parse::<ScramVerifier>().map_err(|e| {
-                    let message = format!(
-                        "branch {id:?}: role {:?}: invalid SCRAM verifier ({e}); expected \
-                         SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>",
-                        name.get_ref()
-                    );
-                    invalid(verifier.span(), message)
-                })?;
-                roles.insert(name.into_inner().into(), Arc::new(parsed));
+                draft.role(name.get_ref(), verifier.get_ref()).map_err(
+                    |problem| match problem {
+                        RoleProblem::Name(message) => invalid(name.span(), message),
+                        RoleProblem::Verifier(message) => invalid(verifier.span(), message),
+                    },
+                )?;
             }
-
             let pool = raw_branch
                 .pool
                 .branch_overrides(&format!("branch {id:?}: [branch.pool]"))
                 .map_err(|(span, message)| invalid(span, message))?;
-
-            by_id.insert(id.clone(), branches.len());
-            branches.push(Branch {
-                id,
-                primary: raw_branch.primary,
-                replicas: replicas.into(),
-                pool,
-                roles,
-                mock_shape: VerifierShape::DEFAULT,
-            });
+            draft.pool(pool);
+            builder.add(draft);
         }
-        let mock_shape = VerifierShape::most_common(
-            branches
-                .iter()
-                .flat_map(|branch| branch.roles.values().map(|v| &**v)),
-        )
-        .unwrap_or(VerifierShape::DEFAULT);
-        let branches = branches
-            .into_iter()
-            .map(|mut branch| {
-                branch.mock_shape = VerifierShape::most_common(branch.roles.values().map(|v| &**v))
-                    .unwrap_or(mock_shape);
-                Arc::new(branch)
-            })
-            .collect();
-        Ok(Catalog {
-            branches,
-            by_id,
-            mock_shape,
-        })
+        Ok(builder.finish())
     }
 
     /// The shape a fake verifier for a branch the catalog does not have must take: that of

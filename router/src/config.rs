@@ -9,7 +9,8 @@
 //! steering = "ebpf"              # optional: "ebpf" (default), "userspace" or "off"
 //! pin_workers = true             # optional: each worker thread on a core of its own
 //! rebalance = "30s"              # optional: move branches between workers by load this often
-//! catalog = "catalog.toml"       # required; relative to this file's directory
+//! catalog = "catalog.toml"       # required; relative to this file's directory, or
+//!                                # "etcd://host:2379,host:2379/prefix" (crate::catalog::etcd)
 //! [tls]
 //! cert = "server.crt"            # PEM certificate chain
 //! key = "server.key"             # PEM private key
@@ -66,6 +67,8 @@ pub use pool::{PoolOverrides, PoolSettings};
 pub use proxy_from::ProxyFrom;
 pub use toml_error::TomlError;
 
+use crate::catalog::etcd::EtcdUrl;
+
 use raw::{HumanDuration, RawConfig, RawTls};
 
 /// Default time from accept until TLS is up (the first byte, then the handshake).
@@ -109,8 +112,8 @@ pub struct Config {
     /// How often branch ownership follows the load ([`crate::steering::Steering::rebalance`]);
     /// `None` (the default): never, each branch stays on its consistent-hash owner.
     pub rebalance: Option<Duration>,
-    /// The branch catalog file, resolved against the config file's directory.
-    pub catalog_path: PathBuf,
+    /// Where the branch catalog comes from: a file (the default) or etcd.
+    pub catalog: CatalogSource,
     /// Certificate and key files (read by the TLS module, not here).
     pub tls: TlsFiles,
     /// Listening addresses.
@@ -128,6 +131,35 @@ pub struct Config {
     /// The pooled port's pools, unless a branch overrides them
     /// ([`PoolSettings::for_branch`]).
     pub pool: PoolSettings,
+}
+
+/// `catalog`: where the branch catalog comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogSource {
+    /// A TOML file, resolved against the config file's directory; reloaded on SIGHUP, on
+    /// `branchgate reload` and when it changes.
+    File(PathBuf),
+    /// Keys under a prefix in etcd, followed with a watch ([`crate::catalog::etcd`]): one
+    /// catalog for a fleet of routers.
+    Etcd(EtcdUrl),
+}
+
+impl CatalogSource {
+    /// The catalog file, if the catalog is one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            CatalogSource::File(path) => Some(path),
+            CatalogSource::Etcd(_) => None,
+        }
+    }
+
+    /// What the catalog is called in messages: the file's path, or the etcd URL.
+    pub fn describe(&self) -> String {
+        match self {
+            CatalogSource::File(path) => path.display().to_string(),
+            CatalogSource::Etcd(url) => url.to_string(),
+        }
+    }
 }
 
 /// `steering`: who chooses the worker of a new connection ([`crate::steering`]).
@@ -346,8 +378,19 @@ impl Config {
                 )))
             }
         };
-        let catalog_path = base_dir.join(raw.catalog);
-        let catalog_dir = match catalog_path.parent() {
+        let catalog_span = raw.catalog.span();
+        let catalog_text = raw.catalog.into_inner();
+        let catalog = if EtcdUrl::is_etcd(&catalog_text) {
+            let url = catalog_text
+                .parse::<EtcdUrl>()
+                .map_err(|e| invalid((catalog_span, format!("catalog: {e}"))))?;
+            CatalogSource::Etcd(url)
+        } else {
+            CatalogSource::File(base_dir.join(catalog_text))
+        };
+        // The fake-SCRAM secret defaults to the catalog file's directory, or to this file's
+        // when the catalog is in etcd.
+        let catalog_dir = match catalog.file().and_then(Path::parent) {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
             _ => base_dir.to_owned(),
         };
@@ -396,7 +439,7 @@ impl Config {
                         .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
                 ),
             },
-            catalog_path,
+            catalog,
             tls,
             listen: Listen {
                 direct: raw.listen.direct,
@@ -468,8 +511,8 @@ direct = "127.0.0.1:5432"
     fn minimal_file_gets_defaults_and_resolved_paths() {
         let config = parse(MINIMAL).expect("minimal config parses");
         assert_eq!(
-            config.catalog_path,
-            Path::new("/etc/branchgate/catalog.toml")
+            config.catalog,
+            CatalogSource::File("/etc/branchgate/catalog.toml".into())
         );
         assert_eq!(config.tls.cert, Path::new("/etc/branchgate/server.crt"));
         assert_eq!(config.tls.key, Path::new("/etc/branchgate/server.key"));
@@ -556,8 +599,8 @@ socket = "/run/branchgate/control.sock"
         let config = parse(text).expect("full config parses");
         assert_eq!(config.workers.get(), 3);
         assert_eq!(
-            config.catalog_path,
-            Path::new("/etc/branchgate/cat/catalog.toml")
+            config.catalog.file(),
+            Some(Path::new("/etc/branchgate/cat/catalog.toml"))
         );
         assert_eq!(config.listen.direct, "[::1]:15432".parse().expect("addr"));
         assert_eq!(config.timeouts.startup, Duration::from_millis(1500));
@@ -653,6 +696,41 @@ socket = "/run/branchgate/control.sock"
         );
         let e = error("catalog = 'c'\n[tls]\n[listen]\ndirect = '127.0.0.1:1'\n");
         assert!(e.starts_with("router.toml:2: [tls] needs both"), "{e}");
+    }
+
+    #[test]
+    fn the_catalog_may_live_in_etcd() {
+        let text = MINIMAL.replace(
+            "catalog = \"catalog.toml\"",
+            "catalog = \"etcd://127.0.0.1:2379,[::1]:2379/fleet/branchgate/\"",
+        );
+        let config = parse(&text).expect("etcd catalog");
+        let CatalogSource::Etcd(url) = &config.catalog else {
+            panic!("expected an etcd catalog, got {:?}", config.catalog);
+        };
+        assert_eq!(url.prefix(), "/fleet/branchgate");
+        assert_eq!(url.endpoints().len(), 2);
+        assert_eq!(config.catalog.file(), None);
+        assert_eq!(
+            config.catalog.describe(),
+            "etcd://127.0.0.1:2379,[::1]:2379/fleet/branchgate"
+        );
+        // No catalog directory: the fake-SCRAM secret sits beside router.toml.
+        assert_eq!(
+            config.auth.mock_secret_file,
+            Path::new("/etc/branchgate/branchgate-mock.secret")
+        );
+
+        let e = error(&MINIMAL.replace("\"catalog.toml\"", "\"etcd://127.0.0.1:2379\""));
+        assert!(
+            e.starts_with("router.toml:2: catalog: etcd URL names no key prefix"),
+            "{e}"
+        );
+        let e = error(&MINIMAL.replace("\"catalog.toml\"", "\"etcd://h:port/p\""));
+        assert_eq!(
+            e,
+            "router.toml:2: catalog: etcd endpoint \"h:port\" has an invalid port"
+        );
     }
 
     #[test]
@@ -820,7 +898,10 @@ socket = "/run/branchgate/control.sock"
         let path = dir.path().join("router.toml");
         std::fs::write(&path, MINIMAL).expect("write config");
         let config = Config::load(&path).expect("load");
-        assert_eq!(config.catalog_path, dir.path().join("catalog.toml"));
+        assert_eq!(
+            config.catalog.file(),
+            Some(dir.path().join("catalog.toml").as_path())
+        );
         match Config::load(&dir.path().join("missing.toml")) {
             Err(ConfigError::Io { path, .. }) => assert!(path.ends_with("missing.toml")),
             other => panic!("expected Io, got {other:?}"),

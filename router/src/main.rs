@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use branchgate::catalog::etcd::store::{block_on, Store};
 use branchgate::catalog::Catalog;
-use branchgate::config::Config;
+use branchgate::config::{CatalogSource, Config};
 use branchgate::control::{self, ControlError, Request, Status};
 
 use clap::{Parser, Subcommand};
@@ -75,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         action: branchgate::role::RoleCommand,
     },
+    /// Move a TOML catalog into and out of an etcd catalog.
+    Catalog {
+        #[command(subcommand)]
+        action: branchgate::catalog::etcd::command::CatalogCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,7 +111,7 @@ fn run(command: Command) -> Result<(), String> {
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config).map_err(|e| e.to_string())?;
-            let catalog = Catalog::load(&config.catalog_path).map_err(|e| e.to_string())?;
+            let catalog = load_catalog(&config)?;
             branchgate::tls::server_config(&config.tls.cert, &config.tls.key)
                 .map_err(|e| e.to_string())?;
             let pooled = match config.listen.pooled {
@@ -142,6 +148,27 @@ fn run(command: Command) -> Result<(), String> {
         Command::Pause { config, branch } => ask(&config, Request::Pause(branch.into())),
         Command::Resume { config, branch } => ask(&config, Request::Resume(branch.into())),
         Command::Role { action } => branchgate::role::run(action).map_err(|e| e.to_string()),
+        Command::Catalog { action } => {
+            branchgate::catalog::etcd::command::run(action).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The catalog the configuration names: its file, or the keys in etcd (read once).
+fn load_catalog(config: &Config) -> Result<Catalog, String> {
+    match &config.catalog {
+        CatalogSource::File(path) => Catalog::load(path).map_err(|e| e.to_string()),
+        CatalogSource::Etcd(url) => {
+            let snapshot = block_on(async {
+                let mut store = Store::connect(url).await?;
+                store.read().await
+            })
+            .and_then(|read| read)
+            .map_err(|e| e.to_string())?;
+            snapshot
+                .catalog(&branchgate::catalog::etcd::Layout::new(url.prefix()))
+                .map_err(|e| format!("the catalog in etcd is not valid: {e}"))
+        }
     }
 }
 
@@ -162,7 +189,7 @@ fn ask(config: &std::path::Path, request: Request) -> Result<(), String> {
 /// `check-config`'s warnings (stderr; they do not fail the check): a catalog nobody could log
 /// in with, and what a router running with this configuration would say to reloading it.
 fn warn_about_catalog(config: &Config, catalog: &Catalog) {
-    let path = config.catalog_path.display();
+    let path = config.catalog.describe();
     if catalog.branches().len() == 0 {
         eprintln!(
             "branchgate: warning: {path} has no branches: every client would be refused (3D000)"

@@ -9,19 +9,27 @@
 //! command returns gets in (the router's file watch alone would leave it up to a second on the
 //! old verifier, while no password works). After a reset the router closes the role's open
 //! sessions.
+//!
+//! With the catalog in etcd the order is the same, under a lock on the role in etcd (so two
+//! operators' commands cannot interleave their server and catalog writes), and the catalog
+//! write is one transaction guarded by the revision of the role's key read under the lock
+//! (`role/etcd.rs`).
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::password::generate_password;
 use crate::auth::verifier::ScramVerifier;
-use crate::catalog::{self, Catalog, MAX_NAME_BYTES};
-use crate::config::Config;
+use crate::catalog::{self, Branch, Catalog, MAX_NAME_BYTES};
+use crate::config::{CatalogSource, Config};
 use crate::control::{self, ControlError, Request, Status};
 
 mod admin;
 mod error;
+mod etcd;
 #[cfg(test)]
 mod fake;
 
@@ -89,22 +97,37 @@ pub fn run(command: RoleCommand) -> Result<(), RoleError> {
         Err(std::env::VarError::NotUnicode(_)) => return Err(RoleError::AdminPasswordNotUtf8),
     };
     let config = Config::load(&args.config)?;
-    let password = apply_with_config(&config, &args, mode, admin_password.as_deref())?;
-    let router = confirm_with_router(&config.admin.socket, ROUTER_CONFIRM_TIMEOUT);
+    let Applied {
+        password,
+        etcd_revision,
+    } = apply_with_config(&config, &args, mode, admin_password.as_deref())?;
     let done = match mode {
         Mode::Create => "created",
         Mode::Reset => "has a new password",
     };
-    let router_note = match &router {
-        Ok(RouterState::Loaded) => "the running router has it in force".to_owned(),
-        Ok(RouterState::NotRunning) => format!(
-            "no router answers on {}: a router loads the catalog when it starts",
-            config.admin.socket.display()
+    let (router, catalog_note, router_note) = match etcd_revision {
+        // The routers follow etcd's watch; waiting for each one's acknowledgement comes with
+        // the node registry.
+        Some(revision) => (
+            Ok(RouterState::Loaded),
+            format!("written to etcd at revision {revision}"),
+            "routers following etcd apply it as they see it".to_owned(),
         ),
-        Err(_) => "but the running router did not load it (see below)".to_owned(),
+        None => {
+            let router = confirm_with_router(&config.admin.socket, ROUTER_CONFIRM_TIMEOUT);
+            let note = match &router {
+                Ok(RouterState::Loaded) => "the running router has it in force".to_owned(),
+                Ok(RouterState::NotRunning) => format!(
+                    "no router answers on {}: a router loads the catalog when it starts",
+                    config.admin.socket.display()
+                ),
+                Err(_) => "but the running router did not load it (see below)".to_owned(),
+            };
+            (router, "catalog updated".to_owned(), note)
+        }
     };
     eprintln!(
-        "branchgate: role {:?} on branch {:?} {done}; catalog updated; {router_note}",
+        "branchgate: role {:?} on branch {:?} {done}; {catalog_note}; {router_note}",
         args.role, args.branch
     );
     let mut stdout = std::io::stdout().lock();
@@ -158,7 +181,16 @@ pub fn apply(
     admin_password: Option<&str>,
 ) -> Result<String, RoleError> {
     let config = Config::load(&args.config)?;
-    apply_with_config(&config, args, mode, admin_password)
+    apply_with_config(&config, args, mode, admin_password).map(|applied| applied.password)
+}
+
+/// What [`apply_with_config`] did.
+#[derive(Debug)]
+struct Applied {
+    /// The new password.
+    password: String,
+    /// The etcd revision that has the new verifier, for a catalog in etcd.
+    etcd_revision: Option<i64>,
 }
 
 /// [`apply`] with `args.config` already loaded.
@@ -167,46 +199,93 @@ fn apply_with_config(
     args: &RoleArgs,
     mode: Mode,
     admin_password: Option<&str>,
-) -> Result<String, RoleError> {
+) -> Result<Applied, RoleError> {
     if let Some(reason) = role_name_problem(&args.role) {
         return Err(RoleError::InvalidRoleName {
             role: args.role.clone(),
             reason,
         });
     }
+    match &config.catalog {
+        CatalogSource::File(path) => {
+            let password = apply_to_file(path, args, mode, admin_password)?;
+            Ok(Applied {
+                password,
+                etcd_revision: None,
+            })
+        }
+        CatalogSource::Etcd(url) => etcd::apply(url, args, mode, admin_password),
+    }
+}
+
+/// The file catalog's way: under the file's edit lock, the server, then the file.
+fn apply_to_file(
+    path: &Path,
+    args: &RoleArgs,
+    mode: Mode,
+    admin_password: Option<&str>,
+) -> Result<String, RoleError> {
     // One role command at a time per catalog, from reading it to writing it back, so the
     // server's password and the file's verifier always end up from the same command.
-    let _lock = catalog::lock_for_edit(&config.catalog_path)?;
-    let catalog = Catalog::load(&config.catalog_path)?;
+    let _lock = catalog::lock_for_edit(path)?;
+    let catalog = Catalog::load(path)?;
+    let branch = branch_for(&catalog, &path.display().to_string(), args, mode)?;
+    let (password, verifier) = set_on_server(branch.primary, args, mode, admin_password)?;
+    catalog::set_role_verifier(path, &args.branch, &args.role, &verifier).map_err(|source| {
+        RoleError::CatalogNotUpdated {
+            primary: branch.primary,
+            source,
+        }
+    })?;
+    Ok(password)
+}
+
+/// The branch `args` names in `catalog` (called `catalog_name` in errors), if `mode` applies
+/// to its role: `create` for a role it lacks, `reset` for one it has.
+fn branch_for<'c>(
+    catalog: &'c Catalog,
+    catalog_name: &str,
+    args: &RoleArgs,
+    mode: Mode,
+) -> Result<&'c Arc<Branch>, RoleError> {
     let branch = catalog
         .branch(&args.branch)
         .ok_or_else(|| RoleError::UnknownBranch {
-            catalog: config.catalog_path.clone(),
+            catalog: catalog_name.to_owned(),
             branch: args.branch.clone(),
         })?;
     let names = || (args.branch.clone(), args.role.clone());
     match (mode, branch.role(&args.role).is_some()) {
         (Mode::Create, true) => {
             let (branch, role) = names();
-            return Err(RoleError::RoleExists { branch, role });
+            Err(RoleError::RoleExists { branch, role })
         }
         (Mode::Reset, false) => {
             let (branch, role) = names();
-            return Err(RoleError::UnknownRole { branch, role });
+            Err(RoleError::UnknownRole { branch, role })
         }
-        _ => {}
+        _ => Ok(branch),
     }
+}
 
+/// Gives the role a new generated password on the branch primary (`CREATE ROLE`, or `ALTER
+/// ROLE` for a reset or a role the server has already). Returns the password and its verifier.
+fn set_on_server(
+    primary: SocketAddr,
+    args: &RoleArgs,
+    mode: Mode,
+    admin_password: Option<&str>,
+) -> Result<(String, ScramVerifier), RoleError> {
     let password = generate_password();
     let verifier = ScramVerifier::generate(&password);
     let verifier_text = verifier.to_string();
-    let mut conn = AdminConn::connect(branch.primary, &args.admin_user, admin_password)?;
+    let mut conn = AdminConn::connect(primary, &args.admin_user, admin_password)?;
     match mode {
         Mode::Create => match conn.execute(&create_role_sql(&args.role, &verifier_text)) {
             Err(RoleError::Server { code, .. }) if code == DUPLICATE_OBJECT => {
                 tracing::warn!(
                     role = %args.role,
-                    primary = %branch.primary,
+                    %primary,
                     "the role already exists on the server; replacing its password"
                 );
                 conn.execute(&alter_role_sql(&args.role, &verifier_text, true))?;
@@ -215,15 +294,19 @@ fn apply_with_config(
         },
         Mode::Reset => conn.execute(&alter_role_sql(&args.role, &verifier_text, false))?,
     }
-    drop(conn);
+    Ok((password, verifier))
+}
 
-    catalog::set_role_verifier(&config.catalog_path, &args.branch, &args.role, &verifier).map_err(
-        |source| RoleError::CatalogNotUpdated {
-            primary: branch.primary,
-            source,
-        },
-    )?;
-    Ok(password)
+/// Sets `role`'s verifier on `primary` to `verifier` as it is (`ALTER ROLE`): gives the server
+/// back what the catalog says after a write to the catalog lost a race.
+fn restore_on_server(
+    primary: SocketAddr,
+    args: &RoleArgs,
+    verifier: &str,
+    admin_password: Option<&str>,
+) -> Result<(), RoleError> {
+    let mut conn = AdminConn::connect(primary, &args.admin_user, admin_password)?;
+    conn.execute(&alter_role_sql(&args.role, verifier, false))
 }
 
 /// `CREATE ROLE "<role>" LOGIN PASSWORD '<verifier>'`.

@@ -3,7 +3,8 @@
 //! [`start`] binds one SO_REUSEPORT listener per worker and port (direct, and pooled when
 //! configured) and the control socket on the calling thread (so a bad address fails synchronously and port 0 resolves to one port shared by all
 //! workers), then starts the pinned worker threads and the helper threads (replica health
-//! probes, catalog file watch, control socket). Reloads are in `router/reload.rs`.
+//! probes, catalog file watch or etcd follower, control socket). Reloads are in
+//! `router/reload.rs`.
 
 use crate::metrics::admin::AdminServer;
 use std::net::{SocketAddr, TcpListener};
@@ -16,8 +17,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::catalog::etcd::{Follower, Latest, Layout};
+use crate::catalog::source::SourceState;
 use crate::catalog::{Catalog, CatalogError};
-use crate::config::Config;
+use crate::config::{CatalogSource, Config};
 use crate::control::{self, ControlError, ControlServer, Reply, Request, Status};
 use crate::mailbox::Mailbox;
 use crate::steering::{Steering, SteeringError};
@@ -28,7 +31,7 @@ use crate::worker::{Shared, Worker};
 mod reload;
 
 pub use reload::{ReloadError, Reloaded};
-use reload::{Reloader, Trigger, Watch};
+use reload::{Reloader, Source, Stamp, Trigger, Watch};
 
 /// Listen backlog per worker socket.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -41,9 +44,13 @@ const CATALOG_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The catalog file is missing or invalid.
+    /// The catalog file is missing or invalid, or the catalog in etcd is invalid.
     #[error("catalog: {0}")]
     Catalog(#[from] CatalogError),
+    /// The etcd follower's thread (or its runtime) could not start, or ended before it read
+    /// the catalog.
+    #[error("catalog: cannot follow etcd: {0}")]
+    Etcd(std::io::Error),
     /// Certificate or key unusable.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
@@ -94,6 +101,8 @@ pub struct Router {
     admin: Option<AdminServer>,
     /// How a `takeover` request stops [`Router::run_until_signalled`].
     stop_hook: Arc<StopHook>,
+    /// The etcd control-plane thread, when the catalog is in etcd.
+    follower: Option<Follower>,
 }
 
 /// Ends [`Router::run_until_signalled`]'s wait for a signal from another thread (the control
@@ -171,11 +180,26 @@ pub fn start(config: Config) -> Result<Router, StartError> {
 
 /// [`start`], with `options` (`branchgate run --takeover`).
 pub fn start_with(config: Config, options: StartOptions) -> Result<Router, StartError> {
-    // Stamped before reading, as every reload does (see `reload::Reloader`).
-    let loaded = reload::stamp(&config.catalog_path);
-    let catalog = Catalog::load(&config.catalog_path)?;
     let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
     let mock_secret = crate::auth::mock_secret::load_or_create(&config.auth.mock_secret_file)?;
+    // Last of the checks that need nothing running: waiting for etcd may take a while.
+    let Loaded {
+        catalog,
+        stamp: loaded,
+        source,
+        state: catalog_source,
+        mut follower,
+    } = match &config.catalog {
+        CatalogSource::File(path) => Loaded {
+            // Stamped before reading, as every reload does (see `reload::Reloader`).
+            stamp: reload::stamp(path),
+            catalog: Catalog::load(path)?,
+            source: Source::File(path.clone()),
+            state: Arc::new(SourceState::file()),
+            follower: None,
+        },
+        CatalogSource::Etcd(url) => load_from_etcd(url)?,
+    };
     let workers = config.workers.get();
     let ports = 1 + usize::from(config.listen.pooled.is_some());
     raise_open_file_limit(
@@ -232,6 +256,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
     upstreams.sync(&catalog);
     let shared = Arc::new(Shared {
         catalog: ArcSwap::from_pointee(catalog),
+        catalog_source,
         tls,
         mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
         upstreams,
@@ -286,7 +311,14 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
     );
 
     let stopping = Arc::new(AtomicBool::new(false));
-    let reloader = Arc::new(Reloader::new(shared.clone(), loaded));
+    let reloader = Arc::new(Reloader::new(shared.clone(), source, loaded));
+    if let Some(follower) = &mut follower {
+        let reloader = reloader.clone();
+        follower.follow(Box::new(move || {
+            // Logged by the reload (applied, refused or invalid); the follower goes on.
+            let _ = reloader.reload(Trigger::Etcd, false);
+        }));
+    }
     let stop_hook = Arc::new(StopHook::default());
     let control = control_listener
         .and_then(|listener| serve_control(listener, &reloader, &shared, &stop_hook));
@@ -301,6 +333,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         control,
         admin: None,
         stop_hook,
+        follower,
     };
     if taking_over {
         router.take_over();
@@ -317,7 +350,10 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         }
     }
     router.helpers.push(router.spawn_health_probes());
-    router.helpers.push(router.spawn_catalog_watch());
+    if let CatalogSource::File(path) = &router.shared.config.catalog {
+        let watch = router.spawn_catalog_watch(path.clone());
+        router.helpers.push(watch);
+    }
     if let Some(every) = router.shared.config.rebalance {
         if router.shared.steering.hands_off() {
             router.helpers.push(router.spawn_rebalancer(every));
@@ -326,6 +362,45 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         }
     }
     Ok(router)
+}
+
+/// The catalog a router starts with, and where its reloads read the next one.
+struct Loaded {
+    catalog: Catalog,
+    /// The file's stamp when it was read (`None` for etcd).
+    stamp: Option<Stamp>,
+    source: Source,
+    state: Arc<SourceState>,
+    follower: Option<Follower>,
+}
+
+/// Starts the etcd follower and waits until it has read the catalog: for as long as etcd is
+/// unreachable (a router without a catalog cannot serve anyone; the follower logs each retry).
+fn load_from_etcd(url: &crate::catalog::etcd::EtcdUrl) -> Result<Loaded, StartError> {
+    let latest = Arc::new(Latest::new(Layout::new(url.prefix())));
+    let state = Arc::new(SourceState::etcd());
+    let follower =
+        Follower::start(url.clone(), latest.clone(), state.clone()).map_err(StartError::Etcd)?;
+    if !follower.wait_first() {
+        return Err(StartError::Etcd(std::io::Error::other(
+            "the etcd thread ended before it read the catalog",
+        )));
+    }
+    let (catalog, revision) = match latest.catalog() {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            follower.stop();
+            return Err(error.into());
+        }
+    };
+    state.set_revision(revision);
+    Ok(Loaded {
+        catalog,
+        stamp: None,
+        source: Source::Etcd(latest),
+        state,
+        follower: Some(follower),
+    })
 }
 
 /// How long `branchgate pause` waits for the branch's running transactions to finish before it
@@ -544,9 +619,15 @@ impl Router {
         &self.shared.steering
     }
 
-    /// Path of the catalog file in use.
-    pub fn catalog_path(&self) -> PathBuf {
-        self.shared.config.catalog_path.clone()
+    /// Where the catalog comes from: its file, or its etcd URL.
+    pub fn catalog_source(&self) -> &CatalogSource {
+        &self.shared.config.catalog
+    }
+
+    /// Whether the catalog's source answers, and (etcd) the revision in force: what `/metrics`
+    /// says as `branchgate_catalog_source_up` and `branchgate_catalog_revision`.
+    pub fn catalog_state(&self) -> &SourceState {
+        &self.shared.catalog_source
     }
 
     /// The admin endpoint's address (`/metrics`, `/healthz`), if it runs.
@@ -605,9 +686,8 @@ impl Router {
         })
     }
 
-    fn spawn_catalog_watch(&self) -> JoinHandle<()> {
+    fn spawn_catalog_watch(&self, path: PathBuf) -> JoinHandle<()> {
         let reloader = self.reloader.clone();
-        let path = self.shared.config.catalog_path.clone();
         let stopping = self.stopping.clone();
         std::thread::spawn(move || {
             let mut watch = Watch::new(reload::stamp(&path));
@@ -627,6 +707,10 @@ impl Router {
         // First, so that no reload starts while the router stops; removes the socket file.
         if let Some(control) = self.control {
             control.stop();
+        }
+        // Before the workers stop, for the same reason.
+        if let Some(follower) = self.follower {
+            follower.stop();
         }
         self.stopping.store(true, Ordering::Relaxed);
         // No hand-off once the workers stop: each serves (and drains) what it has.

@@ -49,6 +49,8 @@ pub struct Shared {
     pub config: Config,
     /// The catalog in force; replaced whole on reload.
     pub catalog: ArcSwap<Catalog>,
+    /// Where the catalog comes from, whether it answers, and (etcd) the revision in force.
+    pub catalog_source: Arc<crate::catalog::source::SourceState>,
     /// TLS server configuration.
     pub tls: Arc<ServerConfig>,
     /// One mailbox per worker, indexed by worker id.
@@ -631,6 +633,7 @@ pub(crate) mod tests {
         Arc::new(Shared {
             config,
             catalog: ArcSwap::from_pointee(catalog),
+            catalog_source: Arc::new(crate::catalog::source::SourceState::file()),
             tls,
             mailboxes: (0..workers).map(|_| Mailbox::new()).collect(),
             upstreams: Upstreams::default(),

@@ -25,7 +25,8 @@ pub(super) struct RawConfig {
     pub(super) steering: Option<RawSteering>,
     pub(super) pin_workers: Option<bool>,
     pub(super) rebalance: Option<Spanned<HumanDuration>>,
-    pub(super) catalog: PathBuf,
+    /// A file path, or an `etcd://` URL.
+    pub(super) catalog: Spanned<String>,
     pub(super) tls: Spanned<RawTls>,
     pub(super) listen: RawListen,
     #[serde(default)]

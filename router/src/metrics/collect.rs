@@ -318,6 +318,25 @@ impl Collector for RouterCollector {
                 (vec![("backend", addr.to_string())], u64::from(*healthy))
             }),
         )?;
+        let source = &self.shared.catalog_source;
+        let source_label = || vec![("source", source.kind().to_owned())];
+        family(
+            e,
+            "branchgate_catalog_source_up",
+            "1 while the catalog's source answers (etcd: the watch runs or the last read \
+             succeeded; a file: always); at 0 the router serves with the catalog it has",
+            MetricType::Gauge,
+            [(source_label(), u64::from(source.is_up()))],
+        )?;
+        if let Some(revision) = source.revision() {
+            family(
+                e,
+                "branchgate_catalog_revision",
+                "The etcd revision the catalog in force was built from",
+                MetricType::Gauge,
+                [(source_label(), u64::try_from(revision).unwrap_or(0))],
+            )?;
+        }
         Ok(())
     }
 }

@@ -2,9 +2,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use crate::auth::scram::ScramError;
+use crate::catalog::etcd::EtcdError;
 use crate::catalog::CatalogError;
 use crate::config::ConfigError;
 
@@ -18,11 +18,15 @@ pub enum RoleError {
     /// The catalog could not be read or is invalid (nothing was changed anywhere).
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    /// Reading the catalog in etcd, or taking the role's lock there, failed (nothing was
+    /// changed anywhere).
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
     /// The catalog has no branch with this id.
-    #[error("{}: no branch with id {branch:?}", catalog.display())]
+    #[error("{catalog}: no branch with id {branch:?}")]
     UnknownBranch {
-        /// The catalog file.
-        catalog: PathBuf,
+        /// The catalog file, or the etcd URL.
+        catalog: String,
         /// The requested branch id.
         branch: String,
     },
@@ -145,6 +149,40 @@ pub enum RoleError {
         primary: SocketAddr,
         /// Why the catalog edit failed.
         source: CatalogError,
+    },
+    /// The role was changed on the server, but writing it to etcd failed: the routers still
+    /// have the old state. Running the same command again repairs it.
+    #[error(
+        "the role was changed on {primary} but the catalog in etcd was not updated: {source}; \
+         fix that and run the same command again"
+    )]
+    EtcdNotUpdated {
+        /// The branch primary that already has the new password.
+        primary: SocketAddr,
+        /// Why the etcd write failed.
+        source: EtcdError,
+    },
+    /// The role's key in etcd changed while the command ran (a writer that does not take the
+    /// role's lock: an import, etcdctl), so the guarded write did not happen and the other
+    /// change stands. `restored`: the server was given back the verifier the catalog has.
+    #[error(
+        "role {role:?} on branch {branch:?} was changed in etcd by someone else while this \
+         command ran, so its new password was not written (the other change stands, no update \
+         is lost); {}",
+        if *restored {
+            "the server was given back the catalog's password: run the command again for a new one"
+        } else {
+            "the server has this command's password, which the catalog does not: run \
+             `branchgate role reset` again"
+        }
+    )]
+    EtcdConflict {
+        /// The branch id.
+        branch: String,
+        /// The role name.
+        role: String,
+        /// Whether the server has the catalog's verifier again.
+        restored: bool,
     },
     /// The role was changed on the server and in the catalog, but the running router answered
     /// that it did not load the catalog (the reload guard refused it, the file is invalid) or

@@ -1,14 +1,18 @@
 //! Catalog reloads. Every path (SIGHUP, the file watch, the control socket,
-//! [`Router::reload_catalog`](super::Router::reload_catalog)) goes through one [`Reloader`],
-//! one reload at a time, and through the reload [`guard`](crate::catalog::guard): a file that
-//! parses but would remove every branch, every role, or more than `[reload]
+//! [`Router::reload_catalog`](super::Router::reload_catalog), the etcd watch) goes through one
+//! [`Reloader`], one reload at a time, and through the reload [`guard`](crate::catalog::guard):
+//! a catalog that is valid but would remove every branch, every role, or more than `[reload]
 //! max_removed_percent` of either is refused unless forced, and the catalog in force stays.
+//!
+//! A reload reads the catalog from its source: the file, or the newest keys the etcd follower
+//! has seen ([`Latest`]); either way the same build, guard and swap follow.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use crate::catalog::etcd::Latest;
 use crate::catalog::{guard, Catalog, CatalogError, Refusal, Verdict};
 use crate::worker::Shared;
 
@@ -32,6 +36,8 @@ pub(super) enum Trigger {
     ControlSocket,
     /// [`Router::reload_catalog`](super::Router::reload_catalog), from the embedding program.
     Api,
+    /// The etcd follower saw the catalog's keys change (or read them all again).
+    Etcd,
 }
 
 impl Trigger {
@@ -41,6 +47,7 @@ impl Trigger {
             Trigger::FileWatch => "file watch",
             Trigger::ControlSocket => "control socket",
             Trigger::Api => "API",
+            Trigger::Etcd => "etcd watch",
         }
     }
 }
@@ -102,20 +109,44 @@ impl fmt::Display for Reloaded {
     }
 }
 
+/// Where a reload reads the catalog from.
+#[derive(Debug)]
+pub(super) enum Source {
+    /// The catalog file.
+    File(PathBuf),
+    /// The newest keys the etcd follower has seen.
+    Etcd(Arc<Latest>),
+}
+
+impl Source {
+    /// The catalog the source holds now, with its etcd revision.
+    fn load(&self) -> Result<(Catalog, Option<i64>), CatalogError> {
+        match self {
+            Source::File(path) => Ok((Catalog::load(path)?, None)),
+            Source::Etcd(latest) => {
+                let (catalog, revision) = latest.catalog()?;
+                Ok((catalog, Some(revision)))
+            }
+        }
+    }
+}
+
 /// Reloads the catalog of a running router, one reload at a time.
 #[derive(Debug)]
 pub(super) struct Reloader {
     shared: Arc<Shared>,
+    source: Source,
     /// Held for a whole reload; the stamp of the catalog file when it was last read (by the
     /// last reload, refused or not, or by the start), so the file watch reads a file once.
     last_read: Mutex<Option<Stamp>>,
 }
 
 impl Reloader {
-    /// `loaded` is the stamp of the file the catalog in force came from.
-    pub(super) fn new(shared: Arc<Shared>, loaded: Option<Stamp>) -> Reloader {
+    /// `loaded` is the stamp of the file the catalog in force came from (`None` for etcd).
+    pub(super) fn new(shared: Arc<Shared>, source: Source, loaded: Option<Stamp>) -> Reloader {
         Reloader {
             shared,
+            source,
             last_read: Mutex::new(loaded),
         }
     }
@@ -153,7 +184,7 @@ impl Reloader {
     /// Runs the guard on the catalog file against the catalog in force, applying nothing.
     pub(super) fn check(&self) -> Result<Reloaded, ReloadError> {
         let _serialised = self.lock();
-        let newer = Catalog::load(&self.shared.config.catalog_path)?;
+        let (newer, _) = self.source.load()?;
         let in_force = self.shared.catalog.load();
         let verdict = guard::check(&in_force, &newer, &self.shared.config.reload, false)?;
         Ok(summary(&in_force, &newer, verdict))
@@ -167,7 +198,9 @@ impl Reloader {
     ) -> Result<Reloaded, ReloadError> {
         let trigger_name = trigger.name();
         // Stamped before reading: a change after the stamp is seen (and read) again later.
-        *last_read = stamp(&self.shared.config.catalog_path);
+        if let Source::File(path) = &self.source {
+            *last_read = stamp(path);
+        }
         let outcome = self.apply(force);
         match &outcome {
             Ok(reloaded) => {
@@ -180,6 +213,7 @@ impl Reloader {
                 }
                 tracing::info!(
                     trigger = trigger_name,
+                    revision = self.shared.catalog_source.revision(),
                     branches = reloaded.branches,
                     roles = reloaded.roles,
                     changed_roles = reloaded.changed_roles,
@@ -204,12 +238,15 @@ impl Reloader {
 
     fn apply(&self, force: bool) -> Result<Reloaded, ReloadError> {
         let shared = &self.shared;
-        let newer = Catalog::load(&shared.config.catalog_path)?;
+        let (newer, revision) = self.source.load()?;
         let in_force = shared.catalog.load();
         let verdict = guard::check(&in_force, &newer, &shared.config.reload, force)?;
         let reloaded = summary(&in_force, &newer, verdict);
         shared.upstreams.sync(&newer);
         shared.catalog.store(Arc::new(newer));
+        if let Some(revision) = revision {
+            shared.catalog_source.set_revision(revision);
+        }
         if reloaded.changed_roles > 0 {
             // Each worker closes its sessions whose verifier is no longer in force.
             for mailbox in &shared.mailboxes {
