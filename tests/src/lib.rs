@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`pg`]: [`PgServer`], a PostgreSQL 15 primary or streaming replica in a temp dir.
+//! - [`etcd`]: [`EtcdServer`], a real etcd member on free ports in a temp dir, and `etcdctl`.
 //! - [`certs`]: [`Certs`], a throwaway CA and a `localhost`/`127.0.0.1` server certificate.
 //! - [`clients`]: libpq connection strings and queries through psycopg.
 //! - [`catalog`]: the router's catalog and configuration files as text.
@@ -24,6 +25,7 @@ pub mod binary;
 pub mod catalog;
 pub mod certs;
 pub mod clients;
+pub mod etcd;
 pub mod metrics;
 pub mod pg;
 pub mod pool_config;
@@ -38,6 +40,7 @@ pub mod tp_session;
 pub use catalog::BranchSpec;
 pub use certs::Certs;
 pub use clients::{psycopg_query, ClientError, Conninfo, SslNegotiation};
+pub use etcd::EtcdServer;
 pub use pg::{PgServer, ADMIN_PASSWORD, ADMIN_USER};
 pub use pool_config::PoolSettings;
 pub use router::TestRouter;
