@@ -379,9 +379,9 @@ struct Loaded {
 fn load_from_etcd(url: &crate::catalog::etcd::EtcdUrl) -> Result<Loaded, StartError> {
     let latest = Arc::new(Latest::new(Layout::new(url.prefix())));
     let state = Arc::new(SourceState::etcd());
-    let follower =
+    let (follower, first) =
         Follower::start(url.clone(), latest.clone(), state.clone()).map_err(StartError::Etcd)?;
-    if !follower.wait_first() {
+    if !first.wait() {
         return Err(StartError::Etcd(std::io::Error::other(
             "the etcd thread ended before it read the catalog",
         )));

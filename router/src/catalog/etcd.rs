@@ -19,7 +19,7 @@ pub mod layout;
 pub mod store;
 pub mod url;
 
-pub use follow::{Follower, Latest};
+pub use follow::{FirstRead, Follower, Latest};
 pub use layout::{CatalogKey, Entry, Layout, Snapshot};
 pub use store::{EtcdError, Store};
 pub use url::{Endpoint, EtcdUrl, EtcdUrlError};

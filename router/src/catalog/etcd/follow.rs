@@ -107,13 +107,25 @@ impl Latest {
 }
 
 /// The control-plane thread. [`Follower::start`] spawns it and it reads the catalog;
-/// [`Follower::wait_first`] waits for that; [`Follower::follow`] gives it the router's reload,
+/// [`FirstRead::wait`] waits for that; [`Follower::follow`] gives it the router's reload,
 /// and it watches; [`Follower::stop`] ends it.
 pub struct Follower {
     thread: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
-    first: mpsc::Receiver<()>,
     on_change: Option<oneshot::Sender<OnChange>>,
+}
+
+/// The follower's first read of the catalog, to wait for (kept apart from [`Follower`], which
+/// a running router holds and must be shareable between threads).
+#[derive(Debug)]
+pub struct FirstRead(mpsc::Receiver<()>);
+
+impl FirstRead {
+    /// Blocks until the first read of the catalog succeeded (retrying while etcd is
+    /// unreachable, for as long as it takes). `false` if the thread ended first.
+    pub fn wait(self) -> bool {
+        self.0.recv().is_ok()
+    }
 }
 
 impl std::fmt::Debug for Follower {
@@ -140,7 +152,7 @@ impl Follower {
         url: EtcdUrl,
         latest: Arc<Latest>,
         state: Arc<SourceState>,
-    ) -> std::io::Result<Follower> {
+    ) -> std::io::Result<(Follower, FirstRead)> {
         let (stop, stop_rx) = watch::channel(false);
         let (first_tx, first) = mpsc::channel();
         let (on_change, on_change_rx) = oneshot::channel();
@@ -158,18 +170,12 @@ impl Follower {
                 };
                 runtime.block_on(run.run(first_tx, on_change_rx));
             })?;
-        Ok(Follower {
+        let follower = Follower {
             thread: Some(thread),
             stop,
-            first,
             on_change: Some(on_change),
-        })
-    }
-
-    /// Blocks until the first read of the catalog succeeded (retrying while etcd is
-    /// unreachable, for as long as it takes). `false` if the thread ended first.
-    pub fn wait_first(&self) -> bool {
-        self.first.recv().is_ok()
+        };
+        Ok((follower, FirstRead(first)))
     }
 
     /// From now on, each change read from etcd calls `on_change` (after updating
