@@ -18,6 +18,10 @@
 //! [`Catalog::removed_by`] how much of the catalog in force it would remove (the reload
 //! [`guard`] refuses a new catalog that removes too much). The `role` command edits the file in
 //! place with [`set_role_verifier`].
+//!
+//! The same catalog may instead live in etcd ([`etcd`]): its keys go through the same checks
+//! (`build`, shared by [`Catalog::parse`] and [`etcd::Snapshot::catalog`]), so a file and etcd
+//! accept and refuse exactly the same catalogs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -9,7 +9,9 @@
 //! - [`auth`]: SCRAM-SHA-256 verifiers, the server side, and the client side that reuses a ClientKey.
 //! - [`config`]: the router's own TOML configuration (parse, don't validate).
 //! - [`catalog`]: the branch catalog (branches, addresses, role verifiers), reloadable, and the
-//!   guard against reloads that would remove too much of it.
+//!   guard against reloads that would remove too much of it; from a file or from etcd
+//!   (`catalog::etcd`: its key layout, the control-plane thread that follows it,
+//!   `branchgate catalog import|export`).
 //! - [`route`]: user name parsing (`role.branch[|replica]`) and backend selection.
 //! - [`tls`]: rustls configuration and handshake, and in-place record protection after it.
 //! - [`backend`]: connecting and authenticating to a PostgreSQL backend.
@@ -26,7 +28,7 @@
 //! - [`upstream`]: backend addresses: outstanding connections, health probes, replica choice.
 //! - [`buf`]: reused per-connection buffers for monoio's owned-buffer I/O.
 //! - [`error`]: router errors and their single mapping to ErrorResponse.
-//! - [`role`]: the `branchgate role create|reset` command.
+//! - [`role`]: the `branchgate role create|reset` command (file or etcd catalog).
 //! - [`router`]: starting, reloading and stopping the whole router ([`start`], [`Router`]).
 //! - [`control`]: the control socket (`reload`, `check`) and its one-line protocol.
 //! - [`throttle`]: rate-limited logging for warnings that repeat per connection.

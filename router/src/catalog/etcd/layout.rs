@@ -189,8 +189,10 @@ impl Snapshot {
             draft.pool(pool);
             builder.add(draft);
         }
-        if let Some((branch, orphans)) = roles.into_iter().next() {
-            let (role, _, key) = orphans[0];
+        let orphan = roles
+            .into_iter()
+            .find_map(|(branch, orphans)| Some((branch, *orphans.first()?)));
+        if let Some((branch, (role, _, key))) = orphan {
             return Err(invalid(
                 key,
                 format!(
