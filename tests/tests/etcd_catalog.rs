@@ -379,7 +379,7 @@ fn the_guard_refuses_an_etcd_change_that_removes_every_branch() {
         .collect();
     import(&config, &branches, false);
     let router = spawn_router(dir.path(), &url);
-    let held = open_session(&router, "guard1.b1", password);
+    let mut held = open_session(&router, "guard1.b1", password);
 
     etcd.etcdctl_ok(&["del", "--prefix", "/guard/catalog/"]);
     let line = router.wait_for_log(
@@ -400,16 +400,24 @@ fn the_guard_refuses_an_etcd_change_that_removes_every_branch() {
         Ok("guard1")
     );
 
-    // Put back: applied (nothing was removed from what is in force).
+    // The operator means it: `reload --force` applies the newest state the router has seen.
+    let (ok, stdout, stderr) = run(&["reload", "--config", utf8(&config), "--force"]);
+    assert!(ok, "reload --force failed: {stderr}");
+    assert!(
+        stdout.starts_with("reloaded: 0 branches, 0 roles, 2 roles changed or removed; forced"),
+        "{stdout}"
+    );
+    let error = held.ended_by_server();
+    assert_db_error(&error, &SqlState::ADMIN_SHUTDOWN, PASSWORD_RESET_MESSAGE);
+    assert!(login(&router, "guard1.b1", password).is_err(), "b1 is gone");
+
+    // Put back: applied through the watch.
     import(&config, &branches, false);
     router.wait_for_log(
         &["catalog reloaded", "trigger=\"etcd watch\""],
         EVENT_TIMEOUT,
     );
-    assert_eq!(
-        login(&router, "guard1.b1", password).as_deref(),
-        Ok("guard1")
-    );
+    wait_for_login(&router, "guard1.b1", password);
 }
 
 #[test]
