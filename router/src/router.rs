@@ -366,11 +366,15 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
 
 /// The catalog a router starts with, and where its reloads read the next one.
 struct Loaded {
+    /// The catalog to start with.
     catalog: Catalog,
     /// The file's stamp when it was read (`None` for etcd).
     stamp: Option<Stamp>,
+    /// Where reloads read the catalog.
     source: Source,
+    /// What `/metrics` says about the source.
     state: Arc<SourceState>,
+    /// The etcd control-plane thread, for an etcd catalog.
     follower: Option<Follower>,
 }
 

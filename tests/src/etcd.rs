@@ -34,9 +34,13 @@ const BIND_ATTEMPTS: usize = 5;
 
 /// One etcd member listening on `127.0.0.1`. Dropping it kills it and removes its data.
 pub struct EtcdServer {
+    /// Data directory and log, owned by the server user.
     dir: TempDir,
+    /// Clients' port (gRPC and `/health`).
     client_port: u16,
+    /// The (single) member's peer port.
     peer_port: u16,
+    /// The running server; `None` while stopped.
     child: Option<Child>,
 }
 

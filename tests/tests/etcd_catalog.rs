@@ -207,7 +207,9 @@ const REVISION: &str = "branchgate_catalog_revision{source=\"etcd\"}";
 /// in an open transaction): a `role` command's `ALTER ROLE` waits behind it, deterministically
 /// overlapping with whatever the test does meanwhile.
 struct RoleRowLock {
+    /// The psql process holding the transaction open.
     psql: Child,
+    /// Its input: the transaction ends when `ROLLBACK` is written (or it closes).
     stdin: Option<ChildStdin>,
 }
 

@@ -16,17 +16,24 @@ use crate::config::PoolOverrides;
 /// Branches checked so far, in the order added.
 #[derive(Default)]
 pub(crate) struct Builder {
+    /// In the order added (a file's order; etcd's key order).
     branches: Vec<Branch>,
+    /// Branch id -> index into `branches`: duplicates are refused.
     by_id: HashMap<Box<str>, usize>,
 }
 
 /// One branch being built: its id and primary are checked, replicas, roles and pool settings are
 /// added, then [`Builder::add`] takes it.
 pub(crate) struct BranchDraft {
+    /// The checked branch id.
     id: Box<str>,
+    /// The primary's address.
     primary: SocketAddr,
+    /// Replicas added so far, none twice, none the primary.
     replicas: Vec<SocketAddr>,
+    /// Roles added so far, each with its parsed verifier.
     roles: HashMap<Box<str>, Arc<ScramVerifier>>,
+    /// `[branch.pool]`, checked by its parser.
     pool: PoolOverrides,
 }
 

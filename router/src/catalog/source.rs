@@ -7,8 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 /// scrape (`branchgate_catalog_source_up`, `branchgate_catalog_revision`).
 #[derive(Debug)]
 pub struct SourceState {
+    /// etcd (`true`) or a file.
     etcd: bool,
+    /// Whether the source answered last time.
     up: AtomicBool,
+    /// The etcd revision of the catalog in force; 0 before one is (or for a file).
     revision: AtomicI64,
 }
 

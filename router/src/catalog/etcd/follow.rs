@@ -44,7 +44,9 @@ pub type OnChange = Box<dyn Fn() + Send>;
 /// `branchgate reload --force`, builds from here again).
 #[derive(Debug)]
 pub struct Latest {
+    /// The keys' layout, for building the catalog and naming keys in errors.
     layout: Layout,
+    /// The keys and their revision; replaced by a full read, updated by watch events.
     snapshot: Mutex<Snapshot>,
 }
 
@@ -110,8 +112,11 @@ impl Latest {
 /// [`FirstRead::wait`] waits for that; [`Follower::follow`] gives it the router's reload,
 /// and it watches; [`Follower::stop`] ends it.
 pub struct Follower {
+    /// The thread, until [`Follower::stop`] joins it.
     thread: Option<JoinHandle<()>>,
+    /// `true` asks the thread to end (it is waiting on etcd or on a pause meanwhile).
     stop: watch::Sender<bool>,
+    /// Where [`Follower::follow`] sends the router's reload, once.
     on_change: Option<oneshot::Sender<OnChange>>,
 }
 
@@ -206,9 +211,13 @@ impl Drop for Follower {
 
 /// The thread's state.
 struct Run {
+    /// The catalog's URL.
     url: EtcdUrl,
+    /// Where the keys read go.
     latest: Arc<Latest>,
+    /// What `/metrics` says about etcd.
     state: Arc<SourceState>,
+    /// Set when the router stops.
     stop: watch::Receiver<bool>,
 }
 

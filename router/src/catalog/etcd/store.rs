@@ -119,6 +119,7 @@ impl RoleGuard {
 #[derive(Debug)]
 #[must_use = "a lock is released with Store::unlock"]
 pub struct RoleLock {
+    /// The lease the lock key lives on; revoking it deletes the key.
     lease: i64,
 }
 
@@ -137,8 +138,11 @@ pub struct Imported {
 
 /// A connection to the etcd cluster of one catalog URL.
 pub struct Store {
+    /// The etcd client (cheap to clone: one balanced channel).
     client: Client,
+    /// The keys under the URL's prefix.
     layout: Layout,
+    /// The URL's endpoints, for messages.
     endpoints: String,
 }
 

@@ -16,7 +16,9 @@ pub const DEFAULT_PORT: u16 = 2379;
 /// and a port, and a prefix of one or more `/`-separated segments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdUrl {
+    /// The members, in the order written; at least one.
     endpoints: Vec<Endpoint>,
+    /// `/seg/seg`: a leading `/`, no trailing one.
     prefix: String,
 }
 
