@@ -11,8 +11,8 @@
 //! One PostgreSQL primary, one set of certificates and one etcd serve the whole binary (each
 //! test under its own prefix); the test that stops etcd has its own.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
@@ -22,6 +22,7 @@ use branchgate_e2e::binary::{
     branchgate, branchgate_bin, wait_for, RouterProcess, ADMIN_PASSWORD_ENV,
 };
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
+use branchgate_e2e::metrics;
 use branchgate_e2e::tokio_tls::assert_db_error;
 use branchgate_e2e::tools::psql_command;
 use branchgate_e2e::tp_session::Session;
@@ -175,23 +176,10 @@ fn scrape(router: &RouterProcess) -> String {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|addr| addr.parse().ok())
         .unwrap_or_else(|| panic!("no admin address in {line:?}"));
-    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    response
+    metrics::scrape(addr)
 }
 
-/// The value of the sample whose line starts with `series` (name and labels).
+/// The value of the sample whose line starts with `series` (name and labels), if any.
 fn sample(metrics: &str, series: &str) -> Option<i64> {
     metrics
         .lines()
