@@ -46,6 +46,10 @@
 //! idle_transaction_timeout = "0s"
 //! server_idle_timeout = "600s"
 //! server_lifetime = "3600s"
+//! [node]                         # optional; used when the catalog is in etcd (crate::fleet)
+//! id = "edge-1"                  # default: generated once, kept in `node-id` beside this file
+//! peer = "10.0.0.11:7432"        # optional: where other nodes reach this one
+//! lease_ttl = "10s"              # how long a dead node still counts as live; at least 2s
 //! ```
 //!
 //! The catalog may override `[pool]` per branch (`[branch.pool]`, see [`crate::catalog`]).
@@ -68,6 +72,8 @@ pub use proxy_from::ProxyFrom;
 pub use toml_error::TomlError;
 
 use crate::catalog::etcd::EtcdUrl;
+use crate::fleet::registry::{DEFAULT_LEASE_TTL, MIN_LEASE_TTL};
+use crate::fleet::NodeId;
 
 use raw::{HumanDuration, RawConfig, RawTls};
 
@@ -97,6 +103,8 @@ pub const DEFAULT_MAX_REMOVED_PERCENT: u8 = 50;
 pub const DEFAULT_MOCK_SECRET_FILE: &str = "branchgate-mock.secret";
 /// Default file name of the control socket, in the configuration file's directory.
 pub const DEFAULT_CONTROL_SOCKET: &str = "branchgate.sock";
+/// File name of a generated node id, in the configuration file's directory.
+pub const NODE_ID_FILE: &str = "node-id";
 
 /// The router configuration. Every field is checked and every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +139,31 @@ pub struct Config {
     /// The pooled port's pools, unless a branch overrides them
     /// ([`PoolSettings::for_branch`]).
     pub pool: PoolSettings,
+    /// This router as a node of a fleet (when the catalog is in etcd).
+    pub node: NodeConfig,
+}
+
+/// `[node]`: this router's identity in the fleet that shares an etcd catalog
+/// ([`crate::fleet`]). Unused with a catalog file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Where the node id comes from.
+    pub id: NodeIdSource,
+    /// The address other nodes use for node-to-node traffic, recorded in the registry.
+    pub peer: Option<SocketAddr>,
+    /// The time to live of the node's lease in etcd: how long a node that died without a word
+    /// still counts as live ([`crate::fleet::registry`]).
+    pub lease_ttl: Duration,
+}
+
+/// Where a node's id comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeIdSource {
+    /// `[node] id`.
+    Configured(NodeId),
+    /// A file (`node-id` beside router.toml): read, or generated and written on first start,
+    /// so that the id survives restarts.
+    File(PathBuf),
 }
 
 /// `catalog`: where the branch catalog comes from.
@@ -416,7 +449,36 @@ impl Config {
             Some(every) => Some(every.into_inner().0),
         };
 
+        let node = NodeConfig {
+            id: match raw.node.id {
+                Some(id) => {
+                    let span = id.span();
+                    let id = id
+                        .into_inner()
+                        .parse::<NodeId>()
+                        .map_err(|e| invalid((span, format!("[node] {e}"))))?;
+                    NodeIdSource::Configured(id)
+                }
+                None => NodeIdSource::File(base_dir.join(NODE_ID_FILE)),
+            },
+            peer: raw.node.peer,
+            lease_ttl: match raw.node.lease_ttl {
+                None => DEFAULT_LEASE_TTL,
+                Some(ttl) if ttl.get_ref().0 < MIN_LEASE_TTL => {
+                    return Err(invalid((
+                        ttl.span(),
+                        format!(
+                            "[node] lease_ttl must be at least {} (etcd grants no shorter lease)",
+                            humantime::format_duration(MIN_LEASE_TTL)
+                        ),
+                    )))
+                }
+                Some(ttl) => ttl.into_inner().0,
+            },
+        };
+
         Ok(Config {
+            node,
             workers,
             steering,
             pin_workers: raw.pin_workers.unwrap_or(true),
@@ -731,6 +793,36 @@ socket = "/run/branchgate/control.sock"
             e,
             "router.toml:2: catalog: etcd endpoint \"h:port\" has an invalid port"
         );
+    }
+
+    #[test]
+    fn the_node_id_is_configured_or_kept_in_a_file() {
+        let config = parse(MINIMAL).expect("default");
+        assert_eq!(
+            config.node,
+            NodeConfig {
+                id: NodeIdSource::File("/etc/branchgate/node-id".into()),
+                peer: None,
+                lease_ttl: Duration::from_secs(10),
+            }
+        );
+        let text = format!(
+            "{MINIMAL}[node]\nid = \"edge-1\"\npeer = \"10.0.0.1:7432\"\nlease_ttl = \"3s\"\n"
+        );
+        let node = parse(&text).expect("[node]").node;
+        assert_eq!(
+            node.id,
+            NodeIdSource::Configured("edge-1".parse().expect("id"))
+        );
+        assert_eq!(node.peer, Some("10.0.0.1:7432".parse().expect("addr")));
+        assert_eq!(node.lease_ttl, Duration::from_secs(3));
+        let e = error(&format!("{MINIMAL}[node]\nid = \"a/b\"\n"));
+        assert!(
+            e.starts_with("router.toml:9: [node] node id \"a/b\" is not valid"),
+            "{e}"
+        );
+        let e = error(&format!("{MINIMAL}[node]\nlease_ttl = \"1s\"\n"));
+        assert!(e.contains("[node] lease_ttl must be at least 2s"), "{e}");
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub enum Request {
     /// Another router (`branchgate run --takeover`) has joined the listeners and accepts new
     /// connections: stop accepting, drain, exit, and leave the pinned maps to it.
     Takeover,
+    /// The fleet's live nodes as this router sees them (`branchgate nodes`).
+    Nodes,
 }
 
 /// True for a branch id as the catalog allows them (the only argument a request takes).
@@ -96,6 +98,7 @@ impl Request {
             Request::Pause(branch) => format!("pause {branch}"),
             Request::Resume(branch) => format!("resume {branch}"),
             Request::Takeover => "takeover".into(),
+            Request::Nodes => "nodes".into(),
         }
     }
 
@@ -109,6 +112,7 @@ impl Request {
                 Request::Reload { force: true },
                 Request::Check,
                 Request::Takeover,
+                Request::Nodes,
             ]
             .into_iter()
             .find(|request| request.line() == line),
@@ -598,6 +602,7 @@ mod tests {
             Request::Reload { force: true },
             Request::Check,
             Request::Takeover,
+            Request::Nodes,
         ] {
             assert_eq!(Request::parse(&request.line()), Some(request));
         }

@@ -28,6 +28,8 @@
 //! - [`upstream`]: backend addresses: outstanding connections, health probes, replica choice.
 //! - [`buf`]: reused per-connection buffers for monoio's owned-buffer I/O.
 //! - [`error`]: router errors and their single mapping to ErrorResponse.
+//! - [`fleet`]: routers sharing an etcd catalog as nodes: the registry on leases, the live set,
+//!   acknowledgements of catalog revisions, per-branch limits split among the nodes.
 //! - [`role`]: the `branchgate role create|reset` command (file or etcd catalog).
 //! - [`router`]: starting, reloading and stopping the whole router ([`start`], [`Router`]).
 //! - [`control`]: the control socket (`reload`, `check`) and its one-line protocol.
@@ -44,6 +46,7 @@ pub mod config;
 pub mod control;
 pub mod direct;
 pub mod error;
+pub mod fleet;
 pub mod front_door;
 pub mod handoff;
 pub mod mailbox;

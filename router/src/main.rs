@@ -71,6 +71,12 @@ enum Command {
         /// The branch id.
         branch: String,
     },
+    /// Show the fleet's live nodes as the running router sees them (etcd catalog).
+    Nodes {
+        /// Router configuration file (TOML): names the router's control socket.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Manage roles of a branch.
     Role {
         #[command(subcommand)]
@@ -147,6 +153,7 @@ fn run(command: Command) -> Result<(), String> {
         }
         Command::Pause { config, branch } => ask(&config, Request::Pause(branch.into())),
         Command::Resume { config, branch } => ask(&config, Request::Resume(branch.into())),
+        Command::Nodes { config } => ask(&config, Request::Nodes),
         Command::Role { action } => branchgate::role::run(action).map_err(|e| e.to_string()),
         Command::Catalog { action } => {
             branchgate::catalog::etcd::command::run(action).map_err(|e| e.to_string())

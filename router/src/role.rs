@@ -68,6 +68,10 @@ pub struct RoleArgs {
     /// needed, comes from BRANCHGATE_ADMIN_PASSWORD.
     #[arg(long, default_value = "postgres")]
     pub admin_user: String,
+    /// With the catalog in etcd: how long to wait for every live router to acknowledge the
+    /// change (`0s`: do not wait). Routers that did not are named, and the command fails.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
 }
 
 /// What [`apply`] does.
@@ -99,20 +103,41 @@ pub fn run(command: RoleCommand) -> Result<(), RoleError> {
     let config = Config::load(&args.config)?;
     let Applied {
         password,
-        etcd_revision,
+        etcd_write,
     } = apply_with_config(&config, &args, mode, admin_password.as_deref())?;
     let done = match mode {
         Mode::Create => "created",
         Mode::Reset => "has a new password",
     };
-    let (router, catalog_note, router_note) = match etcd_revision {
-        // The routers follow etcd's watch; waiting for each one's acknowledgement comes with
-        // the node registry.
-        Some(revision) => (
-            Ok(RouterState::Loaded),
-            format!("written to etcd at revision {revision}"),
-            "routers following etcd apply it as they see it".to_owned(),
-        ),
+    let (router, catalog_note, router_note) = match etcd_write {
+        Some(EtcdWrite { revision, acks }) => {
+            let note = match &acks {
+                None => "not waiting for the routers (--wait 0s): they apply it as they see it"
+                    .to_owned(),
+                Some(Ok(report)) if report.complete() => format!(
+                    "every live router has it in force ({} {})",
+                    report.applied.len(),
+                    if report.applied.len() == 1 {
+                        "node"
+                    } else {
+                        "nodes"
+                    }
+                ),
+                Some(_) => "but not every live router applied it (see below)".to_owned(),
+            };
+            let router = match acks {
+                Some(Ok(report)) if !report.complete() => {
+                    Err(RoleError::NodesNotUpdated { report })
+                }
+                Some(Err(source)) => Err(RoleError::AcksUnknown { source }),
+                _ => Ok(RouterState::Loaded),
+            };
+            (
+                router,
+                format!("written to etcd at revision {revision}"),
+                note,
+            )
+        }
         None => {
             let router = confirm_with_router(&config.admin.socket, ROUTER_CONFIRM_TIMEOUT);
             let note = match &router {
@@ -189,8 +214,17 @@ pub fn apply(
 struct Applied {
     /// The new password.
     password: String,
-    /// The etcd revision that has the new verifier, for a catalog in etcd.
-    etcd_revision: Option<i64>,
+    /// For a catalog in etcd: the write, and what the routers answered.
+    etcd_write: Option<EtcdWrite>,
+}
+
+/// A role written to etcd.
+#[derive(Debug)]
+struct EtcdWrite {
+    /// The revision that has the new verifier.
+    revision: i64,
+    /// The live routers' acknowledgements of it (`None` with `--wait 0s`).
+    acks: Option<Result<crate::fleet::acks::AckReport, crate::catalog::etcd::EtcdError>>,
 }
 
 /// [`apply`] with `args.config` already loaded.
@@ -211,7 +245,7 @@ fn apply_with_config(
             let password = apply_to_file(path, args, mode, admin_password)?;
             Ok(Applied {
                 password,
-                etcd_revision: None,
+                etcd_write: None,
             })
         }
         CatalogSource::Etcd(url) => etcd::apply(url, args, mode, admin_password),
@@ -384,6 +418,7 @@ mod tests {
             branch: "b1".into(),
             role: "app".into(),
             admin_user: "postgres".into(),
+            wait: Duration::from_secs(10),
         };
         (dir, args)
     }

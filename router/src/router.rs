@@ -17,11 +17,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::catalog::etcd::follow::FirstReadError;
 use crate::catalog::etcd::{Follower, Latest, Layout};
 use crate::catalog::source::SourceState;
 use crate::catalog::{Catalog, CatalogError};
-use crate::config::{CatalogSource, Config};
+use crate::config::{CatalogSource, Config, NodeConfig, NodeIdSource};
 use crate::control::{self, ControlError, ControlServer, Reply, Request, Status};
+use crate::fleet::registry::NodeSetup;
+use crate::fleet::{Ack, Fleet, NodeRecord};
 use crate::mailbox::Mailbox;
 use crate::steering::{Steering, SteeringError};
 use crate::tls::TlsError;
@@ -51,6 +54,12 @@ pub enum StartError {
     /// the catalog.
     #[error("catalog: cannot follow etcd: {0}")]
     Etcd(std::io::Error),
+    /// The node id file (`[node]`, beside router.toml) cannot be read or created.
+    #[error("node id: {0}")]
+    NodeId(#[from] crate::fleet::node::NodeIdFileError),
+    /// The node could not register in etcd: another live router has its id.
+    #[error("fleet: {0}")]
+    Registry(#[from] crate::fleet::registry::RegistryError),
     /// Certificate or key unusable.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
@@ -189,6 +198,7 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         source,
         state: catalog_source,
         mut follower,
+        fleet,
     } = match &config.catalog {
         CatalogSource::File(path) => Loaded {
             // Stamped before reading, as every reload does (see `reload::Reloader`).
@@ -197,8 +207,9 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
             source: Source::File(path.clone()),
             state: Arc::new(SourceState::file()),
             follower: None,
+            fleet: Arc::new(Fleet::single()),
         },
-        CatalogSource::Etcd(url) => load_from_etcd(url)?,
+        CatalogSource::Etcd(url) => load_from_etcd(url, &config.node)?,
     };
     let workers = config.workers.get();
     let ports = 1 + usize::from(config.listen.pooled.is_some());
@@ -267,8 +278,16 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         stats: (0..workers).map(|_| Arc::default()).collect(),
         steering,
         inboxes: (0..workers).map(|_| Default::default()).collect(),
+        fleet,
         config,
     });
+    if let Some(revision) = shared.catalog_source.revision() {
+        // The catalog this node starts with: a `role` command waiting for it is answered.
+        shared.fleet.acknowledge(Ack {
+            revision,
+            refused: None,
+        });
+    }
 
     let cores = if shared.config.pin_workers {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -376,19 +395,42 @@ struct Loaded {
     state: Arc<SourceState>,
     /// The etcd control-plane thread, for an etcd catalog.
     follower: Option<Follower>,
+    /// The fleet this router is a node of (of one, for a catalog file).
+    fleet: Arc<Fleet>,
 }
 
-/// Starts the etcd follower and waits until it has read the catalog: for as long as etcd is
-/// unreachable (a router without a catalog cannot serve anyone; the follower logs each retry).
-fn load_from_etcd(url: &crate::catalog::etcd::EtcdUrl) -> Result<Loaded, StartError> {
+/// Registers this router as a node of the fleet ([`crate::fleet`]), starts the etcd follower
+/// and waits until it has read the catalog: for as long as etcd is unreachable (a router
+/// without a catalog cannot serve anyone; the follower logs each retry).
+fn load_from_etcd(
+    url: &crate::catalog::etcd::EtcdUrl,
+    node: &NodeConfig,
+) -> Result<Loaded, StartError> {
+    let id = match &node.id {
+        NodeIdSource::Configured(id) => id.clone(),
+        NodeIdSource::File(path) => crate::fleet::node::load_or_create_id(path)?,
+    };
+    tracing::info!(node = %id, peer = node.peer.map(tracing::field::display), "fleet node");
+    let fleet = Arc::new(Fleet::node(id.clone()));
+    let setup = NodeSetup {
+        record: NodeRecord::new(id, node.peer),
+        ttl: node.lease_ttl,
+        fleet: fleet.clone(),
+    };
     let latest = Arc::new(Latest::new(Layout::new(url.prefix())));
     let state = Arc::new(SourceState::etcd());
     let (follower, first) =
-        Follower::start(url.clone(), latest.clone(), state.clone()).map_err(StartError::Etcd)?;
-    if !first.wait() {
-        return Err(StartError::Etcd(std::io::Error::other(
-            "the etcd thread ended before it read the catalog",
-        )));
+        Follower::start(url.clone(), latest.clone(), state.clone(), Some(setup))
+            .map_err(StartError::Etcd)?;
+    match first.wait() {
+        Ok(()) => {}
+        Err(FirstReadError::Registry(error)) => {
+            follower.stop();
+            return Err(error.into());
+        }
+        Err(error @ FirstReadError::Ended) => {
+            return Err(StartError::Etcd(std::io::Error::other(error.to_string())))
+        }
     }
     let (catalog, revision) = match latest.catalog() {
         Ok(loaded) => loaded,
@@ -404,6 +446,7 @@ fn load_from_etcd(url: &crate::catalog::etcd::EtcdUrl) -> Result<Loaded, StartEr
         source: Source::Etcd(latest),
         state,
         follower: Some(follower),
+        fleet,
     })
 }
 
@@ -441,6 +484,34 @@ fn pause(shared: &Shared, branch: &str) -> Reply {
     }
 }
 
+/// `nodes`: one line naming the live nodes (this one marked), or saying there is no fleet.
+fn describe_fleet(fleet: &Fleet) -> String {
+    let Some(own) = fleet.id() else {
+        return "not a fleet node: the catalog is a file (1 node)".into();
+    };
+    let nodes = fleet.nodes();
+    let list: Vec<String> = nodes
+        .nodes
+        .iter()
+        .map(|node| {
+            let mut text = node.id.to_string();
+            if node.id == *own {
+                text.push_str(" (this node)");
+            }
+            if let Some(peer) = node.peer {
+                text.push_str(&format!(" peer {peer}"));
+            }
+            text
+        })
+        .collect();
+    format!(
+        "{} live nodes, limits divided by {}: {}",
+        nodes.nodes.len(),
+        fleet.count(),
+        list.join(", ")
+    )
+}
+
 /// Starts answering on the control socket; `None` (logged) if its thread cannot start.
 fn serve_control(
     listener: control::ControlListener,
@@ -465,6 +536,7 @@ fn serve_control(
             Err(error) => not_loaded(error),
         },
         Request::Pause(branch) => pause(&shared, &branch),
+        Request::Nodes => Reply::new(Status::Ok, describe_fleet(&shared.fleet)),
         Request::Takeover => {
             let Some(stop) = stop_hook.take() else {
                 return Reply::new(

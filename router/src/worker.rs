@@ -71,6 +71,9 @@ pub struct Shared {
     pub steering: crate::steering::Steering,
     /// One hand-off inbox per worker, indexed by worker id ([`crate::handoff`]).
     pub inboxes: Vec<crate::handoff::Inbox>,
+    /// The fleet this router is a node of (a fleet of one with a catalog file): the live node
+    /// count divides the per-branch limits.
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 /// What the worker knows about one live session (for password resets and shutdown).
@@ -259,6 +262,15 @@ impl Drop for SessionSlot {
 }
 
 impl Shared {
+    /// A branch's pool settings as this node enforces them: `[pool]`, the branch's overrides,
+    /// and the limits divided among the fleet's live nodes ([`crate::fleet::split`]).
+    pub fn pool_settings(
+        &self,
+        overrides: &crate::config::PoolOverrides,
+    ) -> crate::config::PoolSettings {
+        self.fleet.pool_settings(&self.config.pool, overrides)
+    }
+
     /// A session slot, or `None` when `limits.max_client_connections` sessions are open.
     pub fn session_slot(self: &Arc<Self>) -> Option<SessionSlot> {
         let max = self.config.limits.max_client_connections.get();
@@ -644,6 +656,7 @@ pub(crate) mod tests {
             stats: (0..workers).map(|_| Arc::default()).collect(),
             steering: crate::steering::Steering::off(workers),
             inboxes: (0..workers).map(|_| Default::default()).collect(),
+            fleet: Arc::new(crate::fleet::Fleet::single()),
         })
     }
 

@@ -345,6 +345,7 @@ fn password_reset_closes_the_roles_sessions_only() {
         branch: "b1".into(),
         role: "web2".into(),
         admin_user: ADMIN_USER.into(),
+        wait: Duration::from_secs(10),
     };
     let new_password = role::apply(&args, Mode::Reset, Some(ADMIN_PASSWORD)).expect("role reset");
     assert_ne!(new_password, old_password);

@@ -41,6 +41,16 @@ pub(super) struct RawConfig {
     pub(super) admin: RawAdmin,
     #[serde(default)]
     pub(super) pool: super::pool::RawPool,
+    #[serde(default)]
+    pub(super) node: RawNode,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNode {
+    pub(super) id: Option<Spanned<String>>,
+    pub(super) peer: Option<SocketAddr>,
+    pub(super) lease_ttl: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Deserialize)]

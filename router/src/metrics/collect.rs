@@ -318,6 +318,44 @@ impl Collector for RouterCollector {
                 (vec![("backend", addr.to_string())], u64::from(*healthy))
             }),
         )?;
+        // What each branch's pools and pooled clients are held to on this node: its settings
+        // divided among the fleet's live nodes (crate::fleet::split).
+        let catalog = self.shared.catalog.load();
+        let limits: Vec<_> = catalog
+            .branches()
+            .map(|b| (b.id.to_string(), self.shared.pool_settings(&b.pool)))
+            .collect();
+        family(
+            e,
+            "branchgate_branch_pool_size",
+            "The pool_size each branch's pools have on this node: the branch's (or [pool]'s) \
+             divided among the fleet's live nodes, rounded up",
+            MetricType::Gauge,
+            limits
+                .iter()
+                .map(|(id, s)| (vec![("branch", id.clone())], u64::from(s.pool_size.get()))),
+        )?;
+        family(
+            e,
+            "branchgate_branch_max_client_connections",
+            "The pooled clients each branch may have on this node ([pool] \
+             max_client_connections divided among the fleet's live nodes); only branches that \
+             have a limit",
+            MetricType::Gauge,
+            limits.iter().filter_map(|(id, s)| {
+                let max = s.max_client_connections?;
+                Some((vec![("branch", id.clone())], u64::from(max.get())))
+            }),
+        )?;
+        let fleet = &self.shared.fleet;
+        family(
+            e,
+            "branchgate_fleet_nodes",
+            "Live nodes of the fleet this router sees in the etcd registry (itself included); \
+             1 with a catalog file. Per-branch limits are divided by it",
+            MetricType::Gauge,
+            [(Vec::new(), u64::from(fleet.count().get()))],
+        )?;
         let source = &self.shared.catalog_source;
         let source_label = || vec![("source", source.kind().to_owned())];
         family(

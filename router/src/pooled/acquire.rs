@@ -49,7 +49,7 @@ pub(super) async fn acquire(
                 return Err(AcquireError::NoCredentials);
             };
             // A reload may have changed the branch's pool settings.
-            pool.set_settings(worker.shared.config.pool.for_branch(&branch.pool));
+            pool.set_settings(worker.shared.pool_settings(&branch.pool));
             let ctx = context(worker, &branch.primary, &catalog);
             match pool.acquire(&ctx, deadline).await {
                 Err(AcquireError::Connect { error, .. })

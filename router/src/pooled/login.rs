@@ -83,7 +83,7 @@ pub(super) async fn after_front_door(
         role: role.clone(),
         database: database.into(),
     };
-    let settings = worker.shared.config.pool.for_branch(&branch.pool);
+    let settings = worker.shared.pool_settings(&branch.pool);
     let Some(branch_slot) = worker
         .shared
         .branch_clients

@@ -50,7 +50,7 @@ pub async fn maintain_once(worker: &Rc<Worker>) {
         let Some(branch) = catalog.branch(&pool.key.branch) else {
             continue;
         };
-        pool.set_settings(worker.shared.config.pool.for_branch(&branch.pool));
+        pool.set_settings(worker.shared.pool_settings(&branch.pool));
         let ctx = context(worker, &branch.primary, &catalog);
         let closed = pool.sweep(&ctx);
         if closed > 0 {

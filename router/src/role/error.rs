@@ -7,6 +7,32 @@ use crate::auth::scram::ScramError;
 use crate::catalog::etcd::EtcdError;
 use crate::catalog::CatalogError;
 use crate::config::ConfigError;
+use crate::fleet::acks::AckReport;
+
+/// [`RoleError::NodesNotUpdated`]'s text: which routers refused it, which did not answer.
+fn nodes_not_updated(report: &AckReport) -> String {
+    let mut parts = Vec::new();
+    for (node, why) in &report.refused {
+        parts.push(format!("router {node} refused the catalog ({why})"));
+    }
+    if !report.missing.is_empty() {
+        parts.push(format!(
+            "{} did not acknowledge it in time: {}",
+            if report.missing.len() == 1 {
+                "router"
+            } else {
+                "routers"
+            },
+            report.missing.join(", ")
+        ));
+    }
+    format!(
+        "the role was changed on the server and in etcd, but not every live router applied it: \
+         {}; until they do, they do not accept the new password (a refusal is lifted with \
+         `branchgate reload --force` on that router)",
+        parts.join("; ")
+    )
+}
 
 /// Why a `branchgate role` command failed. The Display text is meant for an operator reading
 /// `branchgate: <error>`; it never contains a password.
@@ -195,6 +221,24 @@ pub enum RoleError {
     RouterNotUpdated {
         /// What the router answered, or why it could not be asked.
         reason: String,
+    },
+    /// The role was changed on the server and in etcd, but not every router live at the time
+    /// applied it within `--wait`: some refused the catalog (their reload guard), some did
+    /// not answer. Those keep the previous verifier until they apply a later catalog.
+    #[error("{}", nodes_not_updated(report))]
+    NodesNotUpdated {
+        /// What each live router answered.
+        report: AckReport,
+    },
+    /// The role was changed on the server and in etcd, but the routers' acknowledgements could
+    /// not be read (etcd failed meanwhile): whether they applied it is unknown.
+    #[error(
+        "the role was changed on the server and in etcd, but whether the routers applied it is \
+         unknown: {source}"
+    )]
+    AcksUnknown {
+        /// Why the acknowledgements could not be read.
+        source: EtcdError,
     },
     /// The new password could not be written to stdout; server and catalog were already changed.
     #[error(

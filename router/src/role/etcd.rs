@@ -11,10 +11,16 @@
 //!    and changed the role meanwhile makes it fail, and its change stands; the server is then
 //!    given back the catalog's verifier, so server and catalog agree again.
 //! 5. Release the lock (its lease; if the command dies, the lease expires).
+//! 6. Wait (at most `--wait`) until every router live at that moment acknowledges the write's
+//!    revision (`crate::fleet::acks`): the command returns once the routers that are up have
+//!    the new verifier in force, or names those that refused it or did not answer.
 
-use super::{branch_for, restore_on_server, set_on_server, Applied, Mode, RoleArgs, RoleError};
+use super::{
+    branch_for, restore_on_server, set_on_server, Applied, EtcdWrite, Mode, RoleArgs, RoleError,
+};
 use crate::catalog::etcd::store::{block_on, RoleGuard};
 use crate::catalog::etcd::{EtcdError, EtcdUrl, Store};
+use crate::fleet::acks::wait_for_acks;
 
 /// Creates or resets the role in the catalog at `url` (see the module's steps).
 pub(super) fn apply(
@@ -28,7 +34,13 @@ pub(super) fn apply(
         let lock = store.lock_role(&args.branch, &args.role).await?;
         let outcome = locked(&mut store, url, args, mode, admin_password).await;
         store.unlock(lock).await;
-        outcome
+        let mut applied = outcome?;
+        if let Some(write) = &mut applied.etcd_write {
+            if !args.wait.is_zero() {
+                write.acks = Some(wait_for_acks(&mut store, write.revision, args.wait).await);
+            }
+        }
+        Ok(applied)
     })?
 }
 
@@ -59,7 +71,10 @@ async fn locked(
     match written {
         Ok(revision) => Ok(Applied {
             password,
-            etcd_revision: Some(revision),
+            etcd_write: Some(EtcdWrite {
+                revision,
+                acks: None,
+            }),
         }),
         Err(EtcdError::Conflict { .. }) => {
             let restored = restore(store, args, primary, admin_password).await;

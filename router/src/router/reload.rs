@@ -14,6 +14,7 @@ use std::time::SystemTime;
 
 use crate::catalog::etcd::Latest;
 use crate::catalog::{guard, Catalog, CatalogError, Refusal, Verdict};
+use crate::fleet::Ack;
 use crate::worker::Shared;
 
 /// What the file watch compares: modification time and size of the catalog file.
@@ -119,13 +120,13 @@ pub(super) enum Source {
 }
 
 impl Source {
-    /// The catalog the source holds now, with its etcd revision.
-    fn load(&self) -> Result<(Catalog, Option<i64>), CatalogError> {
+    /// The etcd revision the source is at (`None` for a file), and the catalog it holds now.
+    fn load(&self) -> (Option<i64>, Result<Catalog, CatalogError>) {
         match self {
-            Source::File(path) => Ok((Catalog::load(path)?, None)),
+            Source::File(path) => (None, Catalog::load(path)),
             Source::Etcd(latest) => {
-                let (catalog, revision) = latest.catalog()?;
-                Ok((catalog, Some(revision)))
+                let (revision, catalog) = latest.build();
+                (Some(revision), catalog)
             }
         }
     }
@@ -184,7 +185,7 @@ impl Reloader {
     /// Runs the guard on the catalog file against the catalog in force, applying nothing.
     pub(super) fn check(&self) -> Result<Reloaded, ReloadError> {
         let _serialised = self.lock();
-        let (newer, _) = self.source.load()?;
+        let newer = self.source.load().1?;
         let in_force = self.shared.catalog.load();
         let verdict = guard::check(&in_force, &newer, &self.shared.config.reload, false)?;
         Ok(summary(&in_force, &newer, verdict))
@@ -201,7 +202,13 @@ impl Reloader {
         if let Source::File(path) = &self.source {
             *last_read = stamp(path);
         }
-        let outcome = self.apply(force);
+        let (revision, outcome) = self.apply(force);
+        if let Some(revision) = revision {
+            // Applied or not, the node has dealt with this revision: a `role` command waiting
+            // for it learns which (crate::fleet::acks).
+            let refused = outcome.as_ref().err().map(ToString::to_string);
+            self.shared.fleet.acknowledge(Ack { revision, refused });
+        }
         match &outcome {
             Ok(reloaded) => {
                 if let Some(refusal) = reloaded.forced {
@@ -236,9 +243,21 @@ impl Reloader {
         outcome
     }
 
-    fn apply(&self, force: bool) -> Result<Reloaded, ReloadError> {
+    /// Loads the catalog and applies it if the guard (or `force`) lets it through; with the
+    /// etcd revision it was loaded at.
+    fn apply(&self, force: bool) -> (Option<i64>, Result<Reloaded, ReloadError>) {
+        let (revision, newer) = self.source.load();
+        (revision, self.apply_loaded(newer, revision, force))
+    }
+
+    fn apply_loaded(
+        &self,
+        newer: Result<Catalog, CatalogError>,
+        revision: Option<i64>,
+        force: bool,
+    ) -> Result<Reloaded, ReloadError> {
         let shared = &self.shared;
-        let (newer, revision) = self.source.load()?;
+        let newer = newer?;
         let in_force = shared.catalog.load();
         let verdict = guard::check(&in_force, &newer, &shared.config.reload, force)?;
         let reloaded = summary(&in_force, &newer, verdict);

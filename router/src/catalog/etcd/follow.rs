@@ -30,6 +30,7 @@ use super::store::{EtcdError, Store};
 use super::url::EtcdUrl;
 use crate::catalog::source::SourceState;
 use crate::catalog::{Catalog, CatalogError};
+use crate::fleet::registry::{NodeSetup, Registry, RegistryError};
 
 /// First pause after a failed read.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -70,6 +71,13 @@ impl Latest {
     pub fn catalog(&self) -> Result<(Catalog, i64), CatalogError> {
         let snapshot = self.lock();
         Ok((snapshot.catalog(&self.layout)?, snapshot.revision))
+    }
+
+    /// The revision of the latest keys, and the catalog they make (or why they make none):
+    /// what a node acknowledges, applied or refused.
+    pub fn build(&self) -> (i64, Result<Catalog, CatalogError>) {
+        let snapshot = self.lock();
+        (snapshot.revision, snapshot.catalog(&self.layout))
     }
 
     /// The revision of the latest keys.
@@ -120,16 +128,32 @@ pub struct Follower {
     on_change: Option<oneshot::Sender<OnChange>>,
 }
 
-/// The follower's first read of the catalog, to wait for (kept apart from [`Follower`], which
-/// a running router holds and must be shareable between threads).
+/// The follower's first read of the catalog (and the node's registration before it), to wait
+/// for (kept apart from [`Follower`], which a running router holds and must be shareable
+/// between threads).
 #[derive(Debug)]
-pub struct FirstRead(mpsc::Receiver<()>);
+pub struct FirstRead(mpsc::Receiver<Result<(), RegistryError>>);
+
+/// Why the follower did not read the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum FirstReadError {
+    /// The thread ended first (the router is stopping).
+    #[error("the etcd thread ended before it read the catalog")]
+    Ended,
+    /// The node could not register (another live router has its id).
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
 
 impl FirstRead {
-    /// Blocks until the first read of the catalog succeeded (retrying while etcd is
-    /// unreachable, for as long as it takes). `false` if the thread ended first.
-    pub fn wait(self) -> bool {
-        self.0.recv().is_ok()
+    /// Blocks until the node registered (if it is one) and the first read of the catalog
+    /// succeeded, retrying while etcd is unreachable, for as long as it takes.
+    pub fn wait(self) -> Result<(), FirstReadError> {
+        match self.0.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(FirstReadError::Ended),
+        }
     }
 }
 
@@ -152,11 +176,13 @@ enum WatchEnd {
 }
 
 impl Follower {
-    /// Spawns the thread, which starts reading the catalog at `url` into `latest`.
+    /// Spawns the thread, which registers `node` (if any; then keeps it registered) and starts
+    /// reading the catalog at `url` into `latest`.
     pub fn start(
         url: EtcdUrl,
         latest: Arc<Latest>,
         state: Arc<SourceState>,
+        node: Option<NodeSetup>,
     ) -> std::io::Result<(Follower, FirstRead)> {
         let (stop, stop_rx) = watch::channel(false);
         let (first_tx, first) = mpsc::channel();
@@ -172,6 +198,7 @@ impl Follower {
                     latest,
                     state,
                     stop: stop_rx,
+                    node,
                 };
                 runtime.block_on(run.run(first_tx, on_change_rx));
             })?;
@@ -219,20 +246,88 @@ struct Run {
     state: Arc<SourceState>,
     /// Set when the router stops.
     stop: watch::Receiver<bool>,
+    /// What the node registers, when the router is a fleet's node.
+    node: Option<NodeSetup>,
 }
 
+/// Where the first read's outcome goes.
+type FirstSender = mpsc::Sender<Result<(), RegistryError>>;
+
 impl Run {
-    async fn run(mut self, first: mpsc::Sender<()>, on_change: oneshot::Receiver<OnChange>) {
+    /// Registers the node (if any), then runs the registry beside the catalog's follower.
+    async fn run(mut self, first: FirstSender, on_change: oneshot::Receiver<OnChange>) {
         let Some(mut store) = self.connect().await else {
             return;
         };
+        let registry = match self.node.take() {
+            None => None,
+            Some(setup) => {
+                let layout = Layout::new(self.url.prefix());
+                let mut registry = Registry::new(setup, layout);
+                if !self.register(&mut registry, &mut store, &first).await {
+                    return;
+                }
+                Some(registry)
+            }
+        };
+        match registry {
+            None => self.follow(store, first, on_change).await,
+            Some(registry) => {
+                let stop = self.stop.clone();
+                let registry_store = store.clone();
+                tokio::join!(
+                    registry.run(registry_store, stop),
+                    self.follow(store, first, on_change)
+                );
+            }
+        }
+    }
+
+    /// Registers the node, retrying while etcd is unreachable; `false` if it cannot (its id is
+    /// taken: sent to the router's start, which fails) or the router stopped meanwhile.
+    async fn register(
+        &mut self,
+        registry: &mut Registry,
+        store: &mut Store,
+        first: &FirstSender,
+    ) -> bool {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match registry.register(store).await {
+                Ok(()) => return true,
+                Err(RegistryError::Etcd(error)) => {
+                    tracing::warn!(
+                        %error,
+                        retry_in = ?backoff,
+                        "cannot register this node in etcd: this router accepts no client until \
+                         it has; retrying"
+                    );
+                    if !self.pause(&mut backoff).await {
+                        return false;
+                    }
+                }
+                Err(error) => {
+                    let _ = first.send(Err(error));
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The catalog's first read, then its watch, until stopped.
+    async fn follow(
+        &mut self,
+        mut store: Store,
+        first: FirstSender,
+        on_change: oneshot::Receiver<OnChange>,
+    ) {
         let Some(snapshot) = self.first_read(&mut store).await else {
             return;
         };
         let mut revision = snapshot.revision;
         self.latest.replace(snapshot);
         self.state.set_up(true);
-        let _ = first.send(());
+        let _ = first.send(Ok(()));
         let on_change = tokio::select! {
             _ = stopped(&mut self.stop) => return,
             on_change = on_change => match on_change {
@@ -416,7 +511,7 @@ fn request_error(url: &EtcdUrl, source: etcd_client::Error) -> EtcdError {
 }
 
 /// Resolves once the router asks the thread to stop (or is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     while !*stop.borrow_and_update() {
         if stop.changed().await.is_err() {
             return;

@@ -5,6 +5,8 @@
 //! <prefix>/catalog/branches/<id>             TOML: primary, replicas, [pool]
 //! <prefix>/catalog/roles/<branch>/<role>     the role's SCRAM verifier, as in pg_authid
 //! <prefix>/locks/roles/<branch>/<role>       held (with a lease) by a running `branchgate role`
+//! <prefix>/nodes/<node id>                   a live router's entry, on its lease (crate::fleet)
+//! <prefix>/acks/<node id>                    the catalog revision that router applied, on its lease
 //! ```
 //!
 //! A role is a key of its own rather than a line of its branch's document, so that a password
@@ -52,6 +54,8 @@ const CATALOG: &str = "/catalog/";
 const BRANCHES: &str = "branches/";
 const ROLES: &str = "roles/";
 const ROLE_LOCKS: &str = "/locks/roles/";
+const NODES: &str = "/nodes/";
+const ACKS: &str = "/acks/";
 
 impl Layout {
     /// The layout under `prefix` (as [`super::EtcdUrl::prefix`] gives it).
@@ -79,6 +83,31 @@ impl Layout {
     /// `<prefix>/locks/roles/<branch>/<role>`: held by the `role` command changing that role.
     pub fn role_lock_key(&self, branch: &str, role: &str) -> String {
         format!("{}{ROLE_LOCKS}{branch}/{role}", self.prefix)
+    }
+
+    /// `<prefix>/`: everything branchgate keeps under the prefix.
+    pub fn root(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
+    /// `<prefix>/nodes/`: the live routers' entries ([`crate::fleet`]).
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}{NODES}", self.prefix)
+    }
+
+    /// `<prefix>/nodes/<id>`.
+    pub fn node_key(&self, id: &str) -> String {
+        format!("{}{NODES}{id}", self.prefix)
+    }
+
+    /// `<prefix>/acks/`: the catalog revisions the routers applied.
+    pub fn acks_prefix(&self) -> String {
+        format!("{}{ACKS}", self.prefix)
+    }
+
+    /// `<prefix>/acks/<id>`.
+    pub fn ack_key(&self, id: &str) -> String {
+        format!("{}{ACKS}{id}", self.prefix)
     }
 
     /// What a full key under `<prefix>/catalog/` holds; `None` for a key outside the layout.

@@ -14,8 +14,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 
 use super::layout::{Entry, Layout, Snapshot};
@@ -136,7 +136,8 @@ pub struct Imported {
     pub revision: i64,
 }
 
-/// A connection to the etcd cluster of one catalog URL.
+/// A connection to the etcd cluster of one catalog URL (a clone shares the connection).
+#[derive(Clone)]
 pub struct Store {
     /// The etcd client (cheap to clone: one balanced channel).
     client: Client,
@@ -201,8 +202,23 @@ impl Store {
         &self.layout
     }
 
+    /// The etcd client, for requests this module does not wrap (the node registry's leases
+    /// and watches); send them through [`Store::timed`].
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The error of a stream (a watch, a lease keep-alive) that failed, labelled like a
+    /// request's.
+    pub fn stream_error(&self, source: etcd_client::Error) -> EtcdError {
+        EtcdError::Request {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
+    }
+
     /// `request` with the deadline, its errors labelled with the endpoints.
-    async fn timed<T>(
+    pub async fn timed<T>(
         &self,
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, EtcdError> {
@@ -244,6 +260,29 @@ impl Store {
             })
             .collect();
         Ok(Snapshot { revision, entries })
+    }
+
+    /// Every key under `prefix` (values and leases), with the store's revision.
+    pub async fn read_prefix(&mut self, prefix: &str) -> Result<(i64, Vec<KeyValue>), EtcdError> {
+        let mut kv = self.client.kv_client();
+        let mut response = self
+            .timed(kv.get(prefix, Some(GetOptions::new().with_prefix())))
+            .await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok((revision, response.take_kvs()))
+    }
+
+    /// A watch on every key under `prefix`, from `revision` on (inclusive).
+    pub async fn watch_prefix(
+        &mut self,
+        prefix: &str,
+        revision: i64,
+    ) -> Result<WatchStream, EtcdError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
+        let mut watch = self.client.watch_client();
+        self.timed(watch.watch(prefix, Some(options))).await
     }
 
     /// A watch on `<prefix>/catalog/` from `revision` on (inclusive).
