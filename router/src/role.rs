@@ -13,7 +13,8 @@
 //! With the catalog in etcd the order is the same, under a lock on the role in etcd (so two
 //! operators' commands cannot interleave their server and catalog writes), and the catalog
 //! write is one transaction guarded by the revision of the role's key read under the lock
-//! (`role/etcd.rs`).
+//! (`role/etcd.rs`); the command then waits until every live router has acknowledged that
+//! revision ([`crate::fleet::acks`]), bounded by `--wait`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -86,10 +87,11 @@ pub enum Mode {
 /// Runs a role subcommand: the password goes to stdout as `password: ...` then `user: ...`,
 /// everything else to stderr.
 ///
-/// Returns once the running router has the new verifier in force, or when no router runs. If
-/// a router answers but does not load the catalog, the password is still printed (server and
-/// catalog have it, and this is its only copy) and the command fails with
-/// [`RoleError::RouterNotUpdated`].
+/// Returns once the running router has the new verifier in force, or when no router runs
+/// (with etcd: once every live router acknowledged it, or `--wait` passed). If a router
+/// answers but does not load the catalog, the password is still printed (server and catalog
+/// have it, and this is its only copy) and the command fails with
+/// [`RoleError::RouterNotUpdated`] (with etcd, [`RoleError::NodesNotUpdated`]).
 pub fn run(command: RoleCommand) -> Result<(), RoleError> {
     let (args, mode) = match command {
         RoleCommand::Create(args) => (args, Mode::Create),

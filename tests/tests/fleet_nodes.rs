@@ -329,7 +329,7 @@ fn a_node_id_survives_a_restart_and_a_taken_id_is_refused() {
     );
     assert_eq!(
         registered(prefix),
-        [id.clone()],
+        std::slice::from_ref(&id),
         "the first keeps its entry"
     );
 

@@ -15,7 +15,7 @@
 //! addresses, and a watch names exactly what changed. Role names may contain `/` (the branch id
 //! cannot, so the first `/` after `roles/` ends it). Everything a router reads is under
 //! `<prefix>/catalog/`, read with one range request and followed with one watch; other
-//! subtrees (locks now, a node registry later) churn without waking the catalog's watchers.
+//! subtrees (locks, the node registry, acknowledgements) churn without waking the catalog's watchers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
