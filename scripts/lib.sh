@@ -56,9 +56,13 @@ pg_stop_all() {
 }
 
 # A local CA and an ECDSA P-256 server certificate for localhost and 127.0.0.1 (ECDSA: an
-# RSA-2048 signature would cost about 1 ms per handshake). Writes ca.crt, server.crt, server.key.
-make_certs() { # dir
+# RSA-2048 signature would cost about 1 ms per handshake), and for any further subjectAltName
+# entries given (`IP:10.0.0.5`, `DNS:db.example`). Writes ca.crt, server.crt, server.key.
+make_certs() { # dir [subjectAltName entry...]
     local tls=$1
+    shift
+    local san="DNS:localhost,IP:127.0.0.1" entry
+    for entry in "$@"; do san="$san,$entry"; done
     mkdir -p "$tls"
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
         -subj "/CN=branchgate local CA" -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null ||
@@ -66,7 +70,7 @@ make_certs() { # dir
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
         -subj "/CN=localhost" -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null ||
         die "openssl: server key"
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > "$tls/ext"
+    printf 'subjectAltName=%s\nbasicConstraints=CA:FALSE\n' "$san" > "$tls/ext"
     openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
         -CAcreateserial -days 30 -extfile "$tls/ext" -out "$tls/server.crt" 2>/dev/null ||
         die "openssl: server certificate"
