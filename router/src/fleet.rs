@@ -29,6 +29,7 @@ pub mod acks;
 pub mod node;
 pub mod registry;
 pub mod split;
+pub mod wire;
 
 pub use node::{Ack, NodeId, NodeRecord};
 
