@@ -526,10 +526,13 @@ pub fn handle(worker: &Rc<Worker>, key: CancelKey, from: IpAddr) -> bool {
             return false;
         }
         Claim::Unknown => {
+            // Charged before the forward: a guess costs the same whatever the fleet's size.
             limiter.miss(from, now);
             if let Some(suppressed) = UNKNOWN_KEYS.allow() {
                 tracing::info!(source = %from, suppressed, "cancel request with an unknown key");
             }
+            // Perhaps another node's session (crate::fleet::peer); never waited for.
+            worker.shared.fleet.forward(key);
             return false;
         }
     };
