@@ -16,6 +16,11 @@
 //! has at most one cancel on its way to its backend at a time (a second one while the first is
 //! still being delivered would cancel the same query), so the router opens at most one backend
 //! connection per session for cancels.
+//!
+//! In a fleet (catalog in etcd, `[node] secret_file`), a key that matches nothing here, once
+//! charged to its source, is handed to the peer thread ([`crate::fleet::peer`]), which forwards
+//! it to the node(s) that may own it; the receiving node claims it in its own index just as
+//! here. The worker never waits for that.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -526,10 +531,13 @@ pub fn handle(worker: &Rc<Worker>, key: CancelKey, from: IpAddr) -> bool {
             return false;
         }
         Claim::Unknown => {
+            // Charged before the forward: a guess costs the same whatever the fleet's size.
             limiter.miss(from, now);
             if let Some(suppressed) = UNKNOWN_KEYS.allow() {
                 tracing::info!(source = %from, suppressed, "cancel request with an unknown key");
             }
+            // Perhaps another node's session (crate::fleet::peer); never waited for.
+            worker.shared.fleet.forward(key);
             return false;
         }
     };

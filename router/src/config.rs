@@ -48,7 +48,8 @@
 //! server_lifetime = "3600s"
 //! [node]                         # optional; used when the catalog is in etcd (crate::fleet)
 //! id = "edge-1"                  # default: generated once, kept in `node-id` beside this file
-//! peer = "10.0.0.11:7432"        # optional: where other nodes reach this one
+//! peer = "10.0.0.11:7432"        # optional: where this node listens for other nodes' cancels
+//! secret_file = "peer.secret"    # the fleet's shared secret (32+ bytes): forwards cancels
 //! lease_ttl = "10s"              # how long a dead node still counts as live; at least 2s
 //! ```
 //!
@@ -149,8 +150,12 @@ pub struct Config {
 pub struct NodeConfig {
     /// Where the node id comes from.
     pub id: NodeIdSource,
-    /// The address other nodes use for node-to-node traffic, recorded in the registry.
+    /// The address other nodes use for node-to-node traffic (forwarded cancels): this node
+    /// listens there, and records it in the registry.
     pub peer: Option<SocketAddr>,
+    /// The fleet's shared secret for forwarded cancels ([`crate::fleet::wire`]), resolved
+    /// against the config file's directory. Without it cancels are not forwarded.
+    pub secret_file: Option<PathBuf>,
     /// The time to live of the node's lease in etcd: how long a node that died without a word
     /// still counts as live ([`crate::fleet::registry`]).
     pub lease_ttl: Duration,
@@ -462,6 +467,7 @@ impl Config {
                 None => NodeIdSource::File(base_dir.join(NODE_ID_FILE)),
             },
             peer: raw.node.peer,
+            secret_file: raw.node.secret_file.map(|path| base_dir.join(path)),
             lease_ttl: match raw.node.lease_ttl {
                 None => DEFAULT_LEASE_TTL,
                 Some(ttl) if ttl.get_ref().0 < MIN_LEASE_TTL => {
@@ -803,6 +809,7 @@ socket = "/run/branchgate/control.sock"
             NodeConfig {
                 id: NodeIdSource::File("/etc/branchgate/node-id".into()),
                 peer: None,
+                secret_file: None,
                 lease_ttl: Duration::from_secs(10),
             }
         );

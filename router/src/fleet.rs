@@ -6,6 +6,9 @@
 //!   watch on every node's entry (the live set), and the acknowledgements it writes.
 //! - [`split`]: per-branch limits divided by the live node count.
 //! - [`acks`]: what `branchgate role` waits for: every live node's acknowledgement.
+//! - [`wire`]: the node-to-node cancel message, its MAC and replay window, and the node tag in
+//!   the pooled port's cancel keys.
+//! - [`peer`]: the thread that forwards cancels to other nodes and receives theirs.
 //!
 //! ```text
 //! <prefix>/nodes/<id>    JSON NodeRecord (id, peer, version, started_at), on the node's lease
@@ -18,7 +21,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -27,8 +30,10 @@ use crate::config::{PoolOverrides, PoolSettings};
 
 pub mod acks;
 pub mod node;
+pub mod peer;
 pub mod registry;
 pub mod split;
+pub mod wire;
 
 pub use node::{Ack, NodeId, NodeRecord};
 
@@ -53,6 +58,13 @@ pub struct Fleet {
     count: AtomicU32,
     /// The newest acknowledgement to write; the registry writes each one it sees.
     acks: watch::Sender<Option<Ack>>,
+    /// This node's tag in the pooled port's cancel keys ([`wire::node_tag`]).
+    tag: u16,
+    /// Where the workers hand keys that matched nothing to the peer thread ([`peer`]); unset
+    /// while cancels are not forwarded (no etcd catalog, or no `[node] secret_file`).
+    forwarder: OnceLock<tokio::sync::mpsc::Sender<crate::protocol::startup::CancelKey>>,
+    /// The node-to-node channel's counts (`/metrics`).
+    pub peer_stats: peer::PeerStats,
 }
 
 impl Fleet {
@@ -67,7 +79,13 @@ impl Fleet {
     }
 
     fn with_id(id: Option<NodeId>) -> Fleet {
+        // A router that is no fleet's node forwards nothing: any tag keeps its pooled pids
+        // above real pids.
+        let tag = id.as_ref().map_or(1, |id| wire::node_tag(id.as_str()));
         Fleet {
+            tag,
+            forwarder: OnceLock::new(),
+            peer_stats: peer::PeerStats::default(),
             id,
             live: ArcSwap::from_pointee(NodeSet::default()),
             count: AtomicU32::new(1),
@@ -78,6 +96,35 @@ impl Fleet {
     /// This node's id, if it is a fleet's node.
     pub fn id(&self) -> Option<&NodeId> {
         self.id.as_ref()
+    }
+
+    /// This node's tag, for the pid of the pooled port's cancel keys ([`wire::tagged_pid`]).
+    pub fn tag(&self) -> u16 {
+        self.tag
+    }
+
+    /// True once cancels that match nothing here go to the other nodes.
+    pub fn forwards_cancels(&self) -> bool {
+        self.forwarder.get().is_some()
+    }
+
+    /// A CancelRequest's `key` matched no session here: the peer thread sends it to the nodes
+    /// that may own it ([`peer`]). Never waits: a full queue drops the key (counted). Nothing
+    /// happens when cancels are not forwarded.
+    pub fn forward(&self, key: crate::protocol::startup::CancelKey) {
+        if let Some(forwarder) = self.forwarder.get() {
+            if forwarder.try_send(key).is_err() {
+                self.peer_stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The peer thread takes the keys sent to `forwarder` (once; a second is ignored).
+    pub(crate) fn set_forwarder(
+        &self,
+        forwarder: tokio::sync::mpsc::Sender<crate::protocol::startup::CancelKey>,
+    ) {
+        let _ = self.forwarder.set(forwarder);
     }
 
     /// The live nodes as last seen (empty for a router that is no fleet's node).

@@ -29,7 +29,8 @@
 //! - [`buf`]: reused per-connection buffers for monoio's owned-buffer I/O.
 //! - [`error`]: router errors and their single mapping to ErrorResponse.
 //! - [`fleet`]: routers sharing an etcd catalog as nodes: the registry on leases, the live set,
-//!   acknowledgements of catalog revisions, per-branch limits split among the nodes.
+//!   acknowledgements of catalog revisions, per-branch limits split among the nodes, cancels
+//!   forwarded between nodes.
 //! - [`role`]: the `branchgate role create|reset` command (file or etcd catalog).
 //! - [`router`]: starting, reloading and stopping the whole router ([`start`], [`Router`]).
 //! - [`control`]: the control socket (`reload`, `check`) and its one-line protocol.

@@ -60,6 +60,12 @@ pub enum StartError {
     /// The node could not register in etcd: another live router has its id.
     #[error("fleet: {0}")]
     Registry(#[from] crate::fleet::registry::RegistryError),
+    /// `[node] secret_file` cannot be read or is too short.
+    #[error("[node] secret_file: {0}")]
+    PeerSecret(#[from] crate::fleet::wire::SecretError),
+    /// The cancel-forwarding thread could not start.
+    #[error(transparent)]
+    Peer(#[from] crate::fleet::peer::PeerError),
     /// Certificate or key unusable.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
@@ -191,6 +197,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
 pub fn start_with(config: Config, options: StartOptions) -> Result<Router, StartError> {
     let tls = crate::tls::server_config(&config.tls.cert, &config.tls.key)?;
     let mock_secret = crate::auth::mock_secret::load_or_create(&config.auth.mock_secret_file)?;
+    let peering = peering(&config)?;
     // Last of the checks that need nothing running: waiting for etcd may take a while.
     let Loaded {
         catalog,
@@ -209,7 +216,11 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
             follower: None,
             fleet: Arc::new(Fleet::single()),
         },
-        CatalogSource::Etcd(url) => load_from_etcd(url, &config.node)?,
+        CatalogSource::Etcd(url) => load_from_etcd(
+            url,
+            &config.node,
+            peering.as_ref().and_then(|p| p.peer_addr()),
+        )?,
     };
     let workers = config.workers.get();
     let ports = 1 + usize::from(config.listen.pooled.is_some());
@@ -369,6 +380,16 @@ pub fn start_with(config: Config, options: StartOptions) -> Result<Router, Start
         }
     }
     router.helpers.push(router.spawn_health_probes());
+    if let Some(Peering { secret, listener }) = peering {
+        let thread = crate::fleet::peer::start(
+            router.shared.clone(),
+            secret,
+            listener,
+            router.stopping.clone(),
+        )?;
+        tracing::info!("cancels that match no session here are forwarded to the other nodes");
+        router.helpers.push(thread);
+    }
     if let CatalogSource::File(path) = &router.shared.config.catalog {
         let watch = router.spawn_catalog_watch(path.clone());
         router.helpers.push(watch);
@@ -399,21 +420,67 @@ struct Loaded {
     fleet: Arc<Fleet>,
 }
 
+/// What forwarding cancels between nodes needs before the router starts: the fleet's secret
+/// and, with `[node] peer`, the listener there (bound now, so a bad address fails the start and
+/// port 0 resolves before the node registers its address).
+struct Peering {
+    /// `[node] secret_file`'s secret.
+    secret: crate::fleet::wire::PeerSecret,
+    /// Bound to `[node] peer`, if set.
+    listener: Option<TcpListener>,
+}
+
+impl Peering {
+    /// The address the listener has (the configured one, its port resolved).
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+/// The [`Peering`] of `config`: only with an etcd catalog (a fleet) and a secret file; a
+/// `[node] peer` without a secret forwards nothing and says so (an unauthenticated channel is
+/// never opened).
+fn peering(config: &Config) -> Result<Option<Peering>, StartError> {
+    if !matches!(config.catalog, CatalogSource::Etcd(_)) {
+        return Ok(None);
+    }
+    let Some(path) = &config.node.secret_file else {
+        if config.node.peer.is_some() {
+            tracing::warn!(
+                "[node] peer is set but [node] secret_file is not: cancels are not forwarded \
+                 between nodes (the channel needs the fleet's shared secret)"
+            );
+        }
+        return Ok(None);
+    };
+    let secret = crate::fleet::wire::PeerSecret::load(path)?;
+    let listener = match config.node.peer {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })?)
+        }
+        None => None,
+    };
+    Ok(Some(Peering { secret, listener }))
+}
+
 /// Registers this router as a node of the fleet ([`crate::fleet`]), starts the etcd follower
 /// and waits until it has read the catalog: for as long as etcd is unreachable (a router
 /// without a catalog cannot serve anyone; the follower logs each retry).
 fn load_from_etcd(
     url: &crate::catalog::etcd::EtcdUrl,
     node: &NodeConfig,
+    bound_peer: Option<SocketAddr>,
 ) -> Result<Loaded, StartError> {
     let id = match &node.id {
         NodeIdSource::Configured(id) => id.clone(),
         NodeIdSource::File(path) => crate::fleet::node::load_or_create_id(path)?,
     };
-    tracing::info!(node = %id, peer = node.peer.map(tracing::field::display), "fleet node");
+    // The peer listener's own address when it is bound (its port resolved), else as configured.
+    let peer = bound_peer.or(node.peer);
+    tracing::info!(node = %id, peer = peer.map(tracing::field::display), "fleet node");
     let fleet = Arc::new(Fleet::node(id.clone()));
     let setup = NodeSetup {
-        record: NodeRecord::new(id, node.peer),
+        record: NodeRecord::new(id, peer),
         ttl: node.lease_ttl,
         fleet: fleet.clone(),
     };

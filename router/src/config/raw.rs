@@ -50,6 +50,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawNode {
     pub(super) id: Option<Spanned<String>>,
     pub(super) peer: Option<SocketAddr>,
+    pub(super) secret_file: Option<PathBuf>,
     pub(super) lease_ttl: Option<Spanned<HumanDuration>>,
 }
 

@@ -356,6 +356,54 @@ impl Collector for RouterCollector {
             MetricType::Gauge,
             [(Vec::new(), u64::from(fleet.count().get()))],
         )?;
+        // Cancels across nodes (crate::fleet::peer): zero on a router that does not forward.
+        let peer = &fleet.peer_stats;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        family(
+            e,
+            "branchgate_fleet_cancels_sent",
+            "Cancels that matched no session here, forwarded to another node (one per node)",
+            MetricType::Counter,
+            [(Vec::new(), load(&peer.sent))],
+        )?;
+        family(
+            e,
+            "branchgate_fleet_cancels_send_failed",
+            "Forwarded cancels that could not be delivered to a node (refused, timed out)",
+            MetricType::Counter,
+            [(Vec::new(), load(&peer.send_failed))],
+        )?;
+        family(
+            e,
+            "branchgate_fleet_cancels_dropped",
+            "Cancels not forwarded because too many forwards were under way",
+            MetricType::Counter,
+            [(Vec::new(), load(&peer.dropped))],
+        )?;
+        family(
+            e,
+            "branchgate_fleet_cancels_received",
+            "Forwarded cancels received from other nodes with a valid MAC, timestamp and nonce",
+            MetricType::Counter,
+            [(Vec::new(), load(&peer.received))],
+        )?;
+        family(
+            e,
+            "branchgate_fleet_cancels_matched",
+            "Forwarded cancels whose key matched a session here (its cancel went to the backend)",
+            MetricType::Counter,
+            [(Vec::new(), load(&peer.matched))],
+        )?;
+        family(
+            e,
+            "branchgate_fleet_cancels_rejected",
+            "Messages on the peer port refused, by reason (malformed, bad_mac, stale, replay)",
+            MetricType::Counter,
+            crate::fleet::peer::PeerStats::REJECT_REASONS
+                .iter()
+                .zip(&peer.rejected)
+                .map(|(reason, count)| (vec![("reason", (*reason).to_owned())], load(count))),
+        )?;
         let source = &self.shared.catalog_source;
         let source_label = || vec![("source", source.kind().to_owned())];
         family(

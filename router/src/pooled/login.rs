@@ -157,7 +157,7 @@ pub(super) async fn after_front_door(
         .last();
     let statements = ClientStatements::new(&role, search_path);
     let key = CancelKey {
-        pid: router_pid(),
+        pid: crate::fleet::wire::tagged_pid(worker.shared.fleet.tag(), rand::random()),
         secret: rand::random(),
     };
     let cancel = Arc::new(PooledCancel::default());
@@ -222,10 +222,4 @@ pub(super) async fn after_front_door(
     // straight to the next login's. Later waits shed them once quiet (`Quiet`).
     client.records.shed_keys();
     Some(client)
-}
-
-/// A process id for a pooled client's cancel key: above Linux's largest pid (2^22), so it is
-/// never mistaken for a real backend's.
-fn router_pid() -> u32 {
-    rand::random::<u32>() % (i32::MAX as u32 - (1 << 22)) + (1 << 22)
 }
