@@ -11,6 +11,14 @@ inside the client namespace for the balancer or from the host for the nodes them
           every node takes the new password, refuses the old one and has closed the sessions
   load    sessions looping `select 1` through the balancer until told which node was killed;
           then checks that only that node's sessions saw errors and that they reconnected
+  cancel-latency
+          (scripts/cluster bench) the time from a cancel sent through the balancer to the
+          query's 57014, when the cancel reaches the session's own node and when it reaches
+          the next node (forwarded): three sessions a round, queries seen running in
+          pg_stat_activity first
+  cancel  sessions through the balancer each run `pg_sleep`, and libpq cancels each through the
+          balancer too (a new connection, which the balancer gives to any node): every query
+          must end with 57014, whichever node took the CancelRequest (cancels across nodes)
 
 Every check polls with a deadline; nothing waits a fixed time to synchronise.
 """
@@ -295,11 +303,124 @@ def load(args):
         fail("load: " + "; ".join(problems))
 
 
+def cancel(args):
+    # Sessions until every node serves at least one on each port: a cancel through the balancer
+    # then often reaches another node than its session's, which must forward it.
+    expected = set(args.nodes.split(","))
+    for port in args.ports.split(","):
+        sessions = []
+        deadline = time.monotonic() + args.deadline
+        while {node for node, _ in sessions} != expected or len(sessions) < args.count:
+            if time.monotonic() > deadline:
+                fail(f"cancel: port {port}: sessions only on {sorted({n for n, _ in sessions})}")
+            conn = connect(args, args.host, port, args.password)
+            sessions.append((conn.execute(WHICH_NODE).fetchone()[0], conn))
+        outcomes = {}
+
+        def sleeper(i, conn):
+            try:
+                conn.execute("select pg_sleep(60)")
+                outcomes[i] = "finished"
+            except psycopg.errors.QueryCanceled:
+                outcomes[i] = "57014"
+            except psycopg.Error as e:
+                outcomes[i] = f"{sqlstate(e)} {e}"
+
+        threads = [threading.Thread(target=sleeper, args=(i, conn), daemon=True)
+                   for i, (_, conn) in enumerate(sessions)]
+        for t in threads:
+            t.start()
+        # The balancer hands out connections in turn: the sessions took one each, so one more
+        # connection now puts every session's CancelRequest on the node after its own (with
+        # round robin), and each cancel has to be forwarded.
+        with connect(args, args.host, port, args.password) as extra:
+            extra.execute("select 1").fetchone()
+        # Each query must be running before its cancel is sent (pg_stat_activity on the node
+        # is out of reach from here: the balancer's next connection could be anywhere), so the
+        # cancel is repeated until the query ends, at most once per 200 ms, bounded by the
+        # deadline: a cancel that lands before the query starts cancels nothing, as in
+        # PostgreSQL.
+        sent = [0] * len(sessions)
+        for i, (node, conn) in enumerate(sessions):
+            while threads[i].is_alive() and time.monotonic() < deadline:
+                conn.cancel_safe(timeout=CONNECT_TIMEOUT_S)
+                sent[i] += 1
+                threads[i].join(0.2)
+            threads[i].join(max(0.0, deadline - time.monotonic()))
+        for i, (node, conn) in enumerate(sessions):
+            outcome = outcomes.get(i, "still running at the deadline")
+            if outcome != "57014":
+                fail(f"cancel: port {port}: the query of a session on {node}: {outcome}")
+            conn.close()
+        nodes = " ".join(sorted({n for n, _ in sessions}))
+        print(f"cancel: port {port}: {len(sessions)} queries on {nodes} canceled through the "
+              f"balancer ({sum(sent)} CancelRequests)")
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+def cancel_latency(args):
+    admin = psycopg.connect(host=args.pg_host, port=args.pg_port, user="postgres",
+                            password=args.admin_password, dbname="postgres", autocommit=True)
+    sql = "select pg_sleep(60)"
+    running = ("select count(*) from pg_stat_activity where state = 'active' and query = %s")
+    samples = {"local": [], "forwarded": []}
+    for round_ in range(args.rounds):
+        # A forwarded cancel is an unknown key on the node that takes it, which costs this
+        # source one of its guesses there (2 come back a second): a pause between rounds keeps
+        # this measurement under the limit it would otherwise trip.
+        if round_:
+            time.sleep(1.5)
+        for kind in ("local", "forwarded"):
+            # Round robin: three sessions, one per node, in the balancer's turn order.
+            sessions = [connect(args, args.host, args.port, args.password) for _ in range(3)]
+            ended = {}
+
+            def sleeper(i, conn):
+                try:
+                    conn.execute(sql)
+                except psycopg.errors.QueryCanceled:
+                    ended[i] = time.perf_counter()
+                except psycopg.Error as e:
+                    ended[i] = e
+
+            threads = [threading.Thread(target=sleeper, args=(i, c), daemon=True)
+                       for i, c in enumerate(sessions)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + args.deadline
+            while admin.execute(running, (sql,)).fetchone()[0] < 3:
+                if time.monotonic() > deadline:
+                    fail("cancel-latency: the queries did not start")
+                time.sleep(0.01)
+            if kind == "forwarded":
+                # One more connection: each CancelRequest then lands on the next node.
+                with connect(args, args.host, args.port, args.password) as extra:
+                    extra.execute("select 1").fetchone()
+            for i, conn in enumerate(sessions):
+                sent = time.perf_counter()
+                conn.cancel_safe(timeout=CONNECT_TIMEOUT_S)
+                threads[i].join(args.deadline)
+                result = ended.get(i)
+                if not isinstance(result, float):
+                    fail(f"cancel-latency: {kind}: the query did not end with 57014: {result}")
+                samples[kind].append((result - sent) * 1000)
+            for conn in sessions:
+                conn.close()
+    out = {kind: {"count": len(v), "p50_ms": round(percentile(v, 50), 2),
+                  "p99_ms": round(percentile(v, 99), 2), "mean_ms": round(sum(v) / len(v), 2)}
+           for kind, v in samples.items()}
+    print(json.dumps(out))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("spread", "reset", "load"):
+    for name in ("spread", "reset", "load", "cancel", "cancel-latency"):
         p = sub.add_parser(name)
         p.add_argument("--user", required=True)
         p.add_argument("--password", required=True)
@@ -314,6 +435,16 @@ def main():
             p.add_argument("--expect-auth-failure", action="store_true")
         if name == "reset":
             p.add_argument("command", nargs=argparse.REMAINDER)
+        if name == "cancel":
+            p.add_argument("--host", required=True)
+            p.add_argument("--count", type=int, default=6)
+        if name == "cancel-latency":
+            p.add_argument("--host", required=True)
+            p.add_argument("--port", default="5432")
+            p.add_argument("--rounds", type=int, default=20)
+            p.add_argument("--pg-host", required=True)
+            p.add_argument("--pg-port", required=True)
+            p.add_argument("--admin-password", required=True)
         if name == "load":
             p.add_argument("--host", required=True)
             p.add_argument("--workers", type=int, default=6)
@@ -326,6 +457,10 @@ def main():
         reset(args)
     elif args.cmd == "spread":
         spread(args)
+    elif args.cmd == "cancel":
+        cancel(args)
+    elif args.cmd == "cancel-latency":
+        cancel_latency(args)
     else:
         load(args)
 
