@@ -252,6 +252,35 @@ impl Drop for EtcdServer {
     }
 }
 
+/// What the etcd and fleet tests share in one test binary: a PostgreSQL primary, certificates
+/// and an etcd member, started on first use ([`fleet_fixture`]).
+pub struct FleetFixture {
+    /// The branches' primary.
+    pub pg: crate::PgServer,
+    /// The routers' certificates.
+    pub certs: crate::Certs,
+    /// The catalog's etcd.
+    pub etcd: EtcdServer,
+}
+
+impl FleetFixture {
+    /// Creates `role` on the primary and returns its SCRAM verifier.
+    pub fn server_role(&self, role: &str, password: &str) -> String {
+        self.pg.create_role(role, password);
+        self.pg.role_verifier(role)
+    }
+}
+
+/// This test binary's [`FleetFixture`].
+pub fn fleet_fixture() -> &'static FleetFixture {
+    static FIXTURE: std::sync::OnceLock<FleetFixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| FleetFixture {
+        pg: crate::PgServer::start_primary(),
+        certs: crate::Certs::generate(),
+        etcd: EtcdServer::start(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,20 +15,19 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use branchgate_e2e::binary::{
     branchgate, branchgate_bin, wait_for, RouterProcess, ADMIN_PASSWORD_ENV,
 };
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
+use branchgate_e2e::etcd::{fleet_fixture, FleetFixture};
 use branchgate_e2e::metrics;
 use branchgate_e2e::tokio_tls::assert_db_error;
 use branchgate_e2e::tools::psql_command;
 use branchgate_e2e::tp_session::Session;
 use branchgate_e2e::{
-    psycopg_query, BranchSpec, Certs, Conninfo, EtcdServer, PgServer, SslNegotiation,
-    ADMIN_PASSWORD, ADMIN_USER,
+    psycopg_query, BranchSpec, Conninfo, EtcdServer, SslNegotiation, ADMIN_PASSWORD, ADMIN_USER,
 };
 use tempfile::TempDir;
 use tokio_postgres::error::SqlState;
@@ -40,26 +39,13 @@ const PASSWORD_RESET_MESSAGE: &str = "terminating connection because the role's 
 // ---------------------------------------------------------------------------------------------
 // Shared fixture and helpers
 
-struct Fixture {
-    pg: PgServer,
-    certs: Certs,
-    etcd: EtcdServer,
-}
-
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| Fixture {
-        pg: PgServer::start_primary(),
-        certs: Certs::generate(),
-        etcd: EtcdServer::start(),
-    })
+fn fixture() -> &'static FleetFixture {
+    fleet_fixture()
 }
 
 /// Creates `role` on the fixture server and returns its SCRAM verifier.
 fn server_role(role: &str, password: &str) -> String {
-    let pg = &fixture().pg;
-    pg.create_role(role, password);
-    pg.role_verifier(role)
+    fixture().server_role(role, password)
 }
 
 /// A directory with router.toml naming the catalog at `url` (and an admin endpoint).

@@ -10,18 +10,18 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use branchgate_e2e::binary::{branchgate, wait_for, RouterProcess};
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
+use branchgate_e2e::etcd::{fleet_fixture, FleetFixture};
 use branchgate_e2e::metrics;
 use branchgate_e2e::raw::{
     self, cancel_request, login_keyed, next_message, parse_error, query, query_one, start_sasl,
     Mode, Tls,
 };
-use branchgate_e2e::{BranchSpec, Certs, EtcdServer, PgServer};
+use branchgate_e2e::BranchSpec;
 use tempfile::TempDir;
 
 /// How long a change may take to reach a node (a lease to expire, a watch to fire, a forward).
@@ -31,19 +31,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 const ROLE: &str = "fc1";
 const PASSWORD: &str = "pscale_pw_fleet_cancel_1";
 
-struct Fixture {
-    pg: PgServer,
-    certs: Certs,
-    etcd: EtcdServer,
-}
-
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| Fixture {
-        pg: PgServer::start_primary(),
-        certs: Certs::generate(),
-        etcd: EtcdServer::start(),
-    })
+fn fixture() -> &'static FleetFixture {
+    fleet_fixture()
 }
 
 /// router.toml's text: the catalog at `url`, `/metrics` on a free port, `[node]` with id `id`,

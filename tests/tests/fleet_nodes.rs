@@ -13,16 +13,14 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use branchgate_e2e::binary::{branchgate, branchgate_bin, wait_for, RouterProcess};
 use branchgate_e2e::catalog::{catalog_toml, router_toml, toml_string};
+use branchgate_e2e::etcd::{fleet_fixture, FleetFixture};
 use branchgate_e2e::metrics;
 use branchgate_e2e::tp_session::Session;
-use branchgate_e2e::{
-    psycopg_query, BranchSpec, Certs, Conninfo, EtcdServer, PgServer, SslNegotiation,
-};
+use branchgate_e2e::{psycopg_query, BranchSpec, Conninfo, SslNegotiation};
 use tempfile::TempDir;
 use tokio_postgres::error::SqlState;
 
@@ -31,26 +29,13 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 /// `[node] lease_ttl` in these tests: the shortest etcd grants.
 const LEASE_TTL: &str = "2s";
 
-struct Fixture {
-    pg: PgServer,
-    certs: Certs,
-    etcd: EtcdServer,
-}
-
-fn fixture() -> &'static Fixture {
-    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| Fixture {
-        pg: PgServer::start_primary(),
-        certs: Certs::generate(),
-        etcd: EtcdServer::start(),
-    })
+fn fixture() -> &'static FleetFixture {
+    fleet_fixture()
 }
 
 /// Creates `role` on the fixture server and returns its SCRAM verifier.
 fn server_role(role: &str, password: &str) -> String {
-    let pg = &fixture().pg;
-    pg.create_role(role, password);
-    pg.role_verifier(role)
+    fixture().server_role(role, password)
 }
 
 /// router.toml's text: the catalog at `url`, `/metrics` on a free port, `[node]` with a short
