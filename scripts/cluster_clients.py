@@ -124,7 +124,27 @@ def reset(args):
     returned = time.monotonic() - started
     print(f"reset: the command returned after {returned:.2f}s")
 
-    # What must hold on every node, each polled until it holds (or the deadline).
+    # The command returns once every live node has acknowledged applying the change: from
+    # then on every node takes the new password and refuses the old one, at the first try.
+    for node in nodes:
+        for port in ports:
+            try:
+                with connect(args, node, port, new_password) as conn:
+                    conn.execute("select 1").fetchone()
+            except psycopg.Error as e:
+                fail(f"right after the reset returned, {node}:{port} refused the new password: "
+                     f"{sqlstate(e)} {e}")
+            try:
+                with connect(args, node, port, args.password):
+                    pass
+                fail(f"right after the reset returned, {node}:{port} still took the old password")
+            except psycopg.Error as e:
+                if not auth_refused(e):
+                    fail(f"{node}:{port}: the old password failed otherwise: {sqlstate(e)} {e}")
+    print(f"reset: at once on every node and port: the new password works, the old is refused")
+
+    # The sessions are closed as each node applies the change; each polled until it is (or
+    # the deadline), as are the checks above once more.
     pending = {}
     for node in nodes:
         for port in ports:
