@@ -231,6 +231,23 @@ impl RouterProcess {
         })
     }
 
+    /// The address logged as `name=ADDR` on the first log line with every one of `parts`
+    /// (waiting for it up to `timeout`).
+    pub fn logged_addr(&self, parts: &[&str], name: &str, timeout: Duration) -> SocketAddr {
+        let line = self.wait_for_log(parts, timeout);
+        let key = format!("{name}=");
+        line.split(key.as_str())
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    }
+
+    /// Its `/metrics` page, from the admin endpoint whose address it logged.
+    pub fn metrics(&self, timeout: Duration) -> String {
+        crate::metrics::scrape(self.logged_addr(&["admin endpoint"], "addr", timeout))
+    }
+
     /// The log lines that contain every one of `parts`.
     pub fn log_lines(&self, parts: &[&str]) -> Vec<String> {
         self.log()

@@ -60,3 +60,12 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
     assert!(found, "no {name} {labels:?} in:\n{text}");
     sum
 }
+
+/// The value of the first sample whose line starts with `series` (its name and labels as
+/// written, e.g. `branchgate_fleet_nodes ` or `name{label="v"}`), if there is one.
+pub fn series(text: &str, series: &str) -> Option<i64> {
+    text.lines()
+        .find(|line| line.starts_with(series))
+        .and_then(|line| line.rsplit_once(' '))
+        .and_then(|(_, value)| value.parse().ok())
+}

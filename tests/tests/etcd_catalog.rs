@@ -155,23 +155,12 @@ fn open_session(router: &RouterProcess, user: &str, password: &str) -> Session {
 
 /// The router's `/metrics` page (its admin address is in its log).
 fn scrape(router: &RouterProcess) -> String {
-    let line = router.wait_for_log(&["admin endpoint"], EVENT_TIMEOUT);
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no admin address in {line:?}"));
-    metrics::scrape(addr)
+    router.metrics(EVENT_TIMEOUT)
 }
 
 /// The value of the sample whose line starts with `series` (name and labels), if any.
-fn sample(metrics: &str, series: &str) -> Option<i64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit_once(' '))
-        .and_then(|(_, value)| value.parse().ok())
+fn sample(text: &str, series: &str) -> Option<i64> {
+    metrics::series(text, series)
 }
 
 const SOURCE_UP: &str = "branchgate_catalog_source_up{source=\"etcd\"}";

@@ -65,30 +65,9 @@ fn spawn_node(dir: &Path, url: &str, id: &str) -> RouterProcess {
     RouterProcess::spawn_with(dir, &fixture().certs, |text| router_config(url, id, text))
 }
 
-/// The value after `name=` in the first log line of `router` that has all of `parts`.
-fn log_field(router: &RouterProcess, parts: &[&str], name: &str) -> SocketAddr {
-    let line = router.wait_for_log(parts, EVENT_TIMEOUT);
-    let key = format!("{name}=");
-    line.split(key.as_str())
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-}
-
-/// The node's `/metrics` page.
-fn scrape(router: &RouterProcess) -> String {
-    metrics::scrape(log_field(router, &["admin endpoint"], "addr"))
-}
-
-/// The value of the sample whose line starts with `series`, or 0.
+/// The value of the node's sample whose line starts with `series`, or 0.
 fn sample(router: &RouterProcess, series: &str) -> i64 {
-    scrape(router)
-        .lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit_once(' '))
-        .and_then(|(_, value)| value.parse().ok())
-        .unwrap_or(0)
+    metrics::series(&router.metrics(EVENT_TIMEOUT), series).unwrap_or(0)
 }
 
 fn wait_for_nodes(router: &RouterProcess, n: i64) {
@@ -199,7 +178,7 @@ fn a_cancel_sent_to_another_node_reaches_the_session_and_a_dead_nodes_key_return
     let b = spawn_node(dir_b.path(), &url, "cancel-b");
     wait_for_nodes(&a, 2);
     wait_for_nodes(&b, 2);
-    let a_peer = log_field(&a, &["fleet node"], "peer");
+    let a_peer = a.logged_addr(&["fleet node"], "peer", EVENT_TIMEOUT);
     assert_ne!(a_peer.port(), 0, "the bound port is registered");
 
     // Direct port: the key is the backend's pid. A wrong secret at B reaches A (B forwards

@@ -10,7 +10,6 @@
 //!
 //! Leases live 2 s here (`[node] lease_ttl`), so a killed node leaves quickly.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -144,23 +143,12 @@ fn pooled_session(
 
 /// The router's `/metrics` page (its admin address is in its log).
 fn scrape(router: &RouterProcess) -> String {
-    let line = router.wait_for_log(&["admin endpoint"], EVENT_TIMEOUT);
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no admin address in {line:?}"));
-    metrics::scrape(addr)
+    router.metrics(EVENT_TIMEOUT)
 }
 
 /// The value of the sample whose line starts with `series` (name and labels), if any.
-fn sample(metrics: &str, series: &str) -> Option<i64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit_once(' '))
-        .and_then(|(_, value)| value.parse().ok())
+fn sample(text: &str, series: &str) -> Option<i64> {
+    metrics::series(text, series)
 }
 
 const FLEET_NODES: &str = "branchgate_fleet_nodes ";

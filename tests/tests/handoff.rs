@@ -8,13 +8,13 @@
 
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use branchgate::auth::{ClientCredentials, ScramClient};
 use branchgate_e2e::metrics;
+use branchgate_e2e::pg::BackendSampler;
 use branchgate_e2e::raw::{self, Tls, MODES};
 use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, wait_active, MakeRustls};
 use branchgate_e2e::tools::{psql_command, psql_output};
@@ -190,63 +190,6 @@ fn settled_handoffs(router: &TestRouter) -> (u64, u64) {
     }
 }
 
-/// Counts [`COUNTED_ROLE`]'s client backends in pg_stat_activity, sampling until stopped.
-struct BackendSampler {
-    stop: Arc<AtomicBool>,
-    handle: thread::JoinHandle<(usize, usize)>,
-}
-
-impl BackendSampler {
-    fn start(f: &Fixture) -> BackendSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let dsn = f.admin_dsn();
-        let handle = thread::spawn({
-            let stop = stop.clone();
-            move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime")
-                    .block_on(async move {
-                        let config: Config = dsn.parse().expect("admin conninfo");
-                        let (client, connection) =
-                            config.connect(NoTls).await.expect("sampler connects");
-                        tokio::spawn(connection);
-                        let (mut peak, mut samples) = (0usize, 0usize);
-                        loop {
-                            let row = client
-                                .query_one(
-                                    "SELECT count(*) FROM pg_stat_activity \
-                                     WHERE usename = $1 AND backend_type = 'client backend'",
-                                    &[&COUNTED_ROLE],
-                                )
-                                .await
-                                .expect("sample pg_stat_activity");
-                            let count = usize::try_from(row.get::<_, i64>(0)).expect("count");
-                            peak = peak.max(count);
-                            samples += 1;
-                            if samples == 1 {
-                                let _ = ready_tx.send(());
-                            }
-                            if stop.load(Ordering::Relaxed) {
-                                return (peak, samples);
-                            }
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    })
-            }
-        });
-        ready_rx.recv().expect("the sampler took its first sample");
-        BackendSampler { stop, handle }
-    }
-
-    fn stop(self) -> (usize, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("sampler thread")
-    }
-}
-
 /// `CLIENTS` pooled clients at once, each running `TRANSACTIONS` transactions (a block with an
 /// insert and a read of its own rows, and an autocommit statement), half of them over direct
 /// TLS, as `(user, password)`. Returns once all are done.
@@ -297,7 +240,7 @@ fn a_branchs_pooled_clients_share_one_pool_of_pool_size_backends_on_its_owner() 
         router.router().steering().mode(),
         branchgate::steering::SteeringMode::Userspace
     );
-    let sampler = BackendSampler::start(f);
+    let sampler = BackendSampler::start(&f.pg, COUNTED_ROLE);
     block_on(pooled_load(f, &router, 1, (COUNTED_USER, COUNTED_PASSWORD)));
     let (peak, samples) = sampler.stop();
     assert!(samples > 10, "the sampler ran ({samples} samples)");

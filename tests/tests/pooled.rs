@@ -14,11 +14,11 @@ use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use branchgate_e2e::pg::quote_literal;
+use branchgate_e2e::pg::{quote_literal, BackendSampler};
 use branchgate_e2e::raw::{
     bind_execute, close, data_row, describe, error_codes, errors, execute, first_column, flush,
     parameter_description, parameter_status, parse, parse_error, query, row_description, sync,
@@ -223,67 +223,6 @@ fn wait_with_deadline(mut child: Child, what: &str, deadline: Duration) -> Outpu
     }
 }
 
-/// Counts a role's client backends in pg_stat_activity from a connection of the superuser
-/// (which the count leaves out by its user name), sampling until stopped.
-struct BackendSampler {
-    stop: Arc<AtomicBool>,
-    handle: thread::JoinHandle<(usize, usize)>,
-}
-
-impl BackendSampler {
-    /// Returns once the first sample has been taken.
-    fn start(f: &Fixture, role: &str) -> BackendSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let dsn = f.admin_dsn().to_string();
-        let role = role.to_owned();
-        let handle = thread::spawn({
-            let stop = stop.clone();
-            move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime")
-                    .block_on(async move {
-                        let config: Config = dsn.parse().expect("admin conninfo");
-                        let (client, connection) =
-                            config.connect(NoTls).await.expect("sampler connects");
-                        tokio::spawn(connection);
-                        let (mut peak, mut samples) = (0usize, 0usize);
-                        loop {
-                            let row = client
-                                .query_one(
-                                    "SELECT count(*) FROM pg_stat_activity \
-                                     WHERE usename = $1 AND backend_type = 'client backend'",
-                                    &[&role],
-                                )
-                                .await
-                                .expect("sample pg_stat_activity");
-                            let count = usize::try_from(row.get::<_, i64>(0)).expect("count");
-                            peak = peak.max(count);
-                            samples += 1;
-                            if samples == 1 {
-                                let _ = ready_tx.send(());
-                            }
-                            if stop.load(Ordering::Relaxed) {
-                                return (peak, samples);
-                            }
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                    })
-            }
-        });
-        ready_rx.recv().expect("the sampler took its first sample");
-        BackendSampler { stop, handle }
-    }
-
-    /// The highest count seen, and how many samples were taken.
-    fn stop(self) -> (usize, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("sampler thread")
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. pgbench: four clients per backend, in each query mode
 
@@ -294,7 +233,7 @@ fn pgbench_in_every_query_mode_with_four_clients_per_backend_stays_within_pool_s
         u32::try_from(BENCH_POOL_SIZE).expect("small"),
     ));
     for mode in ["simple", "extended", "prepared"] {
-        let sampler = BackendSampler::start(f, BENCH_ROLE);
+        let sampler = BackendSampler::start(&f.pg, BENCH_ROLE);
         let child = Command::new(pg_bin("pgbench"))
             .env_clear()
             .env("PGPASSWORD", BENCH_PASSWORD)

@@ -5,6 +5,7 @@
 //! the servers run as the `postgres` OS user, which owns the temporary directory.
 
 mod admin;
+mod sampler;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -20,6 +21,7 @@ use crate::spawn::{as_server_user, give_to_server_user, spawn_server};
 use crate::tools::{free_port, pg_bin};
 
 pub use admin::{quote_ident, quote_literal, SCRAM_VERIFIER_PREFIX};
+pub use sampler::BackendSampler;
 
 /// The superuser every test server is created with.
 pub const ADMIN_USER: &str = "postgres";
