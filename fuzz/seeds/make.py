@@ -339,6 +339,12 @@ SEEDS = {
         "local": proxy_v2(0x20, 0x00, b""),
         "tlvs": proxy_v2(0x21, 0x11, PROXY_V4_BODY + b"\xea\x00\x05\x01vpce" + b"\x05\x00\x03abc"),
     },
+    # Fields of a forwarded cancel: pid (a pooled one, tag 3), secret, nonce, origin, clock
+    # offset, the bit to flip.
+    "peer_cancel": {
+        "pooled_key": struct.pack(">II", (3 << 22) | 12345, 0xDEADBEEF)
+        + bytes(range(16)) + b"node-one" + struct.pack(">IH", 42, 331),
+    },
 }
 
 for target, seeds in SEEDS.items():
