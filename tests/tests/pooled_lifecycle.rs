@@ -995,6 +995,110 @@ fn discard_all_keeps_startup_parameters_as_on_a_real_server() {
     assert_eq!(pooled, direct, "pooled port vs a real server's session");
 }
 
+type Step = (&'static str, Vec<(String, String)>, String);
+
+/// `RESET name` and `SET name TO DEFAULT` send one parameter back to its session default, which
+/// on a real server is the startup value: outside a transaction, inside one (the statements
+/// after it on the same backend), through the extended protocol, and for a parameter the
+/// server does not report (`search_path`). The pooled port must answer as the direct port does,
+/// ParameterStatus messages included, and a second client of the same one-backend pool must
+/// not inherit the pool's default where its own startup value belongs.
+#[test]
+fn reset_of_one_parameter_keeps_the_startup_value_as_on_a_real_server() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "app");
+    let startup = [
+        ("TimeZone", "Etc/GMT+5"),
+        ("application_name", "lifecycle-reset"),
+        ("search_path", "lc_nowhere, public"),
+    ];
+    let check = "select current_setting('TimeZone') || ' | ' || \
+                 current_setting('application_name') || ' | ' || current_setting('search_path')";
+    let connect = |addr| {
+        RawConn::connect(
+            addr,
+            f.certs.client_config(),
+            Mode::SslRequest,
+            &user("app"),
+            &password("app"),
+            &startup,
+        )
+    };
+    let reported = |replies: &[Reply]| -> Vec<(String, String)> {
+        replies
+            .iter()
+            .filter(|(tag, _)| *tag == b'S')
+            .map(|(_, body)| raw::parameter_status(body))
+            .collect()
+    };
+    let ok = |replies: Vec<Reply>, what: &str| -> Vec<(String, String)> {
+        assert!(
+            errors(&replies).is_empty(),
+            "{what}: {:?}",
+            errors(&replies)
+        );
+        reported(&replies)
+    };
+    let mut seen = Vec::new();
+    for addr in [router.direct_addr(), router.pooled_addr()] {
+        let mut conn = connect(addr);
+        // (step, the ParameterStatus messages it got, the parameters after it)
+        let mut steps: Vec<Step> = Vec::new();
+        let mut step = |conn: &mut RawConn, what: &'static str, sql: &str| {
+            let told = ok(conn.simple(sql), what);
+            let now = conn.value(check);
+            steps.push((what, told, now));
+        };
+        step(
+            &mut conn,
+            "set",
+            "SET TimeZone = 'UTC'; SET application_name = 'changed'",
+        );
+        step(&mut conn, "reset", "RESET TimeZone");
+        step(&mut conn, "to default", "SET application_name TO DEFAULT");
+        step(&mut conn, "reset search_path", "RESET search_path");
+        step(&mut conn, "begin", "BEGIN; SET TimeZone = 'UTC'");
+        // Inside the transaction: the value the next statement on the same backend sees.
+        step(&mut conn, "reset in a transaction", "RESET TimeZone");
+        step(&mut conn, "commit", "COMMIT");
+        step(&mut conn, "set again", "SET TIME ZONE 'UTC'");
+        // Through the extended protocol (the unnamed statement).
+        conn.send(&[
+            parse("", "RESET TimeZone", &[]),
+            bind_execute("", &[]),
+            sync(),
+        ]);
+        let told = ok(conn.until_ready("extended RESET"), "extended RESET");
+        let now = conn.value(check);
+        steps.push(("extended reset", told, now));
+        seen.push(steps);
+    }
+    let (direct, pooled) = (&seen[0], &seen[1]);
+    let startup_view = "Etc/GMT+5 | lifecycle-reset | lc_nowhere, public";
+    assert_eq!(
+        direct[1].2, "Etc/GMT+5 | changed | lc_nowhere, public",
+        "{direct:?}"
+    );
+    assert_eq!(
+        direct[5].2, startup_view,
+        "a real server's session: {direct:?}"
+    );
+    assert_eq!(direct.last().map(|s| s.2.as_str()), Some(startup_view));
+    assert_eq!(pooled, direct, "pooled port vs a real server's session");
+
+    // The one backend, after `RESET search_path` and `RESET TimeZone` there: another client
+    // with the same startup parameters sees them.
+    let mut other = connect(router.pooled_addr());
+    assert_eq!(other.value(check), startup_view);
+    let mut first = connect(router.pooled_addr());
+    assert!(errors(&first.simple("RESET search_path")).is_empty());
+    assert_eq!(
+        other.value(check),
+        startup_view,
+        "after another client's RESET"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Shutdown
 

@@ -144,6 +144,21 @@ pub(super) async fn transaction(
                     Err(error) => return Step::ClientFailed(error.to_string()),
                 }
             }
+            // A statement took one of the client's parameters back to the pool's default
+            // while the client keeps the backend (`BEGIN; RESET TimeZone`): the client's
+            // value goes first, as a real server would have it.
+            if !messages.inside() && std::mem::take(&mut found.borrow_mut().resync) {
+                let mut state = state.borrow_mut();
+                let mut sql = String::new();
+                if state.tx.status() != b'E'
+                    && backend_params
+                        .borrow_mut()
+                        .sync_to(&params.borrow(), &mut sql)
+                {
+                    state.tx.router_query();
+                    write::query(&mut to_backend, &sql);
+                }
+            }
             // Whole messages at hand go to the backend.
             let step = {
                 let mut state = state.borrow_mut();
@@ -634,14 +649,38 @@ fn backend_messages(
                     found.stale_plans = true;
                 }
                 let resetting = tx.resetting();
-                let reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
+                let mut reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
                 if tag == be::PARAMETER_STATUS {
                     if let Ok(status) = ParameterStatus::parse(body) {
                         backend.reported(status.name, status.value);
-                        // Swallowed but for a reset: the answer to the router's SET for this
-                        // client, in the server's spelling of the client's value.
-                        if !resetting {
+                        let reset = match tx.may_have_reset(status.name) && !resetting {
+                            true => client.reset_reported(status.name, status.value),
+                            false => None,
+                        };
+                        if let Some(told) = reset {
+                            // `RESET name` took the backend to the pool's default: the client
+                            // is told of its own, and the backend is given it before more of
+                            // the client's statements run there.
+                            found.resync = true;
+                            if reply == Reply::Forward {
+                                reply = Reply::Swallow;
+                                if let Some(value) = told {
+                                    write::parameter_status(out, status.name, &value);
+                                }
+                            }
+                        } else if !resetting {
+                            // Swallowed but for a reset: the answer to the router's SET for
+                            // this client, in the server's spelling of the client's value.
                             client.reported(status.name, status.value);
+                        }
+                    }
+                }
+                if tag == be::READY_FOR_QUERY {
+                    // Unreported parameters a statement may have reset: the router no longer
+                    // knows the backend's value, so the client's is given again.
+                    for name in tx.take_resets() {
+                        if backend.forget_unreported(&name) {
+                            found.resync = true;
                         }
                     }
                 }
@@ -687,6 +726,9 @@ struct Findings {
     unsolicited: Option<Vec<u8>>,
     /// One of its statements' plans went stale.
     stale_plans: bool,
+    /// A statement took one of the client's parameters back to the pool's default on it: the
+    /// backend is to be given the client's parameters again before the client's next messages.
+    resync: bool,
 }
 
 /// True for PostgreSQL's error for a prepared statement whose result type a DDL changed: the

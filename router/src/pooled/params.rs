@@ -6,10 +6,13 @@
 //! client's StartupMessage asked for on top, and follows every ParameterStatus the backend
 //! sends while the client holds it (its own `SET`s). Parameters PostgreSQL does not report
 //! (`search_path`, `statement_timeout` given at startup) are applied from the StartupMessage
-//! only: a `SET` of one of them inside a session is not seen by the router, as with PgBouncer.
+//! only: a `SET` of one of them inside a session is not seen by the router, as with PgBouncer;
+//! a `RESET` of one is (the backend is given the client's value again).
 //!
-//! Values are compared as the server reports them; the `SET`s the router sends quote them as
-//! `E'...'` literals, which read the same whatever `standard_conforming_strings` says.
+//! Values are compared as the server reports them. The router sets them with
+//! `pg_catalog.set_config`, which reads a value as a StartupMessage gives it (`SET` would read
+//! `search_path = 'a, b'` as one schema), from `E'...'` literals, which read the same whatever
+//! `standard_conforming_strings` says.
 
 use std::rc::Rc;
 
@@ -166,6 +169,22 @@ impl ClientParams {
             .collect()
     }
 
+    /// The backend reported `name = value` after a statement that may have sent `name` back
+    /// to its session default (`RESET name`, `SET name TO DEFAULT`). If `value` is the pool's
+    /// default and the client's StartupMessage set `name`, it was that reset: the backend went
+    /// to its own default, where a real server goes to the client's startup value, so that is
+    /// what the client now has. Returns None if the report is not such a reset (it is the
+    /// client's, as any other), else the value the client is to be told of, if it changed.
+    pub fn reset_reported(&mut self, name: &str, value: &str) -> Option<Option<Box<str>>> {
+        let startup: Box<str> = self.startup.get(name)?.into();
+        if self.base.get(name) != Some(value) {
+            return None;
+        }
+        let changed = self.get(name) != Some(&*startup);
+        self.reported(name, &startup);
+        Some(changed.then_some(startup))
+    }
+
     /// The value the client believes `name` has, for reported parameters.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.changed.get(name).or_else(|| self.base.get(name))
@@ -224,6 +243,17 @@ impl BackendParams {
     pub fn reset(&mut self) {
         self.unreported = Params::default();
         self.given = None;
+    }
+
+    /// A statement may have sent unreported parameter `name` back to its default: the router
+    /// no longer knows its value. True if it had set it.
+    pub fn forget_unreported(&mut self, name: &str) -> bool {
+        if self.unreported.get(name).is_none() {
+            return false;
+        }
+        self.unreported.remove(name);
+        self.given = None;
+        true
     }
 
     /// Appends to `sql` the `SET`s (and `RESET`s) that give this backend `client`'s
@@ -285,16 +315,25 @@ fn push_ident(sql: &mut String, name: &str) {
 }
 
 fn push_set(sql: &mut String, name: &str, value: &str) {
-    sql.push_str("SET ");
-    push_ident(sql, name);
-    sql.push_str(" TO E'");
-    for c in value.chars() {
+    // set_config takes the value as a configuration file or a StartupMessage gives it, where
+    // `SET name TO 'a, b'` would read a list parameter's value as one quoted element
+    // (`search_path` would name one schema called "a, b").
+    sql.push_str("SELECT pg_catalog.set_config(");
+    push_literal(sql, name);
+    sql.push_str(", ");
+    push_literal(sql, value);
+    sql.push_str(", false);");
+}
+
+fn push_literal(sql: &mut String, text: &str) {
+    sql.push_str("E'");
+    for c in text.chars() {
         if c == '\'' || c == '\\' {
             sql.push('\\');
         }
         sql.push(c);
     }
-    sql.push_str("';");
+    sql.push('\'');
 }
 
 /// The parameters of an encoded StartupMessage (length, version, then name/value pairs).
@@ -366,18 +405,21 @@ mod tests {
         assert!(backend.sync_to(&a, &mut sql));
         assert_eq!(
             sql,
-            "SET \"application_name\" TO E'a';SET \"search_path\" TO E's1';"
+            "SELECT pg_catalog.set_config(E'application_name', E'a', false);SELECT pg_catalog.set_config(E'search_path', E's1', false);"
         );
         sql.clear();
         assert!(!backend.sync_to(&a, &mut sql), "nothing to do: {sql}");
         a.reported("TimeZone", "Europe/Paris");
         assert!(backend.sync_to(&a, &mut sql));
-        assert_eq!(sql, "SET \"TimeZone\" TO E'Europe/Paris';");
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'TimeZone', E'Europe/Paris', false);"
+        );
         sql.clear();
         assert!(backend.sync_to(&b, &mut sql));
         assert_eq!(
             sql,
-            "SET \"application_name\" TO E'';SET \"TimeZone\" TO E'Etc/UTC';RESET \"search_path\";"
+            "SELECT pg_catalog.set_config(E'application_name', E'', false);SELECT pg_catalog.set_config(E'TimeZone', E'Etc/UTC', false);RESET \"search_path\";"
         );
     }
 
@@ -400,13 +442,59 @@ mod tests {
         // does not follow): the next client is compared, not trusted.
         backend.reported("TimeZone", "UTC");
         assert!(backend.sync_to(&b, &mut sql));
-        assert_eq!(sql, "SET \"TimeZone\" TO E'Etc/GMT+5';");
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'TimeZone', E'Etc/GMT+5', false);"
+        );
         sql.clear();
         backend.reset();
         let c = ClientParams::new(pool, [("search_path", "s1")].into_iter());
         assert!(backend.sync_to(&c, &mut sql));
-        assert!(sql.starts_with("SET \"TimeZone\" TO E'Etc/UTC';"), "{sql}");
-        assert!(sql.ends_with("SET \"search_path\" TO E's1';"), "{sql}");
+        assert!(
+            sql.starts_with("SELECT pg_catalog.set_config(E'TimeZone', E'Etc/UTC', false);"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("SELECT pg_catalog.set_config(E'search_path', E's1', false);"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn a_reset_of_one_parameter_goes_back_to_its_startup_value() {
+        let mut a = ClientParams::new(
+            base(),
+            [("TimeZone", "Etc/GMT+5"), ("search_path", "app")].into_iter(),
+        );
+        a.reported("TimeZone", "UTC");
+        // The pool's default, after a RESET: the client's startup value, told.
+        assert_eq!(
+            a.reset_reported("TimeZone", "Etc/UTC"),
+            Some(Some("Etc/GMT+5".into()))
+        );
+        assert_eq!(a.get("TimeZone"), Some("Etc/GMT+5"));
+        // Again: nothing changes, nothing told.
+        assert_eq!(a.reset_reported("TimeZone", "Etc/UTC"), Some(None));
+        // Not the pool's default, or not a startup parameter: a report as any other.
+        assert_eq!(a.reset_reported("TimeZone", "UTC"), None);
+        assert_eq!(a.reset_reported("DateStyle", "ISO, MDY"), None);
+
+        let mut backend = BackendParams::new((*base()).clone());
+        let mut sql = String::new();
+        assert!(backend.sync_to(&a, &mut sql));
+        assert!(
+            sql.contains("SELECT pg_catalog.set_config(E'search_path', E'app', false);"),
+            "{sql}"
+        );
+        sql.clear();
+        assert!(!backend.sync_to(&a, &mut sql));
+        assert!(!backend.forget_unreported("statement_timeout"));
+        assert!(backend.forget_unreported("search_path"));
+        assert!(backend.sync_to(&a, &mut sql));
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'search_path', E'app', false);"
+        );
     }
 
     #[test]
@@ -434,7 +522,10 @@ mod tests {
     fn values_are_quoted() {
         let mut sql = String::new();
         push_set(&mut sql, "a\"b", "it's a \\ test");
-        assert_eq!(sql, "SET \"a\"\"b\" TO E'it\\'s a \\\\ test';");
+        assert_eq!(
+            sql,
+            "SELECT pg_catalog.set_config(E'a\"b', E'it\\'s a \\\\ test', false);"
+        );
     }
 
     #[test]

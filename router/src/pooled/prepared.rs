@@ -291,6 +291,7 @@ impl Translator<'_> {
         let mut r = Reader::new(&message[HEADER_BYTES..]);
         let name = r.cstr_utf8().map_err(|_| Malformed("Parse"))?;
         let after_name = r.rest();
+        parse_resets(after_name, |name| self.tx.may_reset(name));
         if name.is_empty() || !self.enabled() {
             // The unnamed statement: as sent, and kept for a later transaction.
             self.client.unnamed = Some(Rc::new(Statement {
@@ -485,6 +486,9 @@ impl Translator<'_> {
         self.tx.client(fe::QUERY, 0);
         if facts.resets_parameters {
             self.tx.resets_parameters();
+        }
+        for name in facts.resets {
+            self.tx.may_reset(name);
         }
         true
     }
@@ -718,6 +722,8 @@ struct QueryFacts {
     resets_parameters: bool,
     /// The whole query is one `DEALLOCATE name`.
     deallocate: Option<String>,
+    /// Parameters a `RESET name` or `SET name TO DEFAULT` sends back to the session default.
+    resets: Vec<String>,
 }
 
 /// Reads a simple query's statements' first words.
@@ -754,12 +760,108 @@ fn query_facts(text: &[u8]) -> QueryFacts {
             facts.resets_parameters = true;
         } else if first.eq_ignore_ascii_case("reset") && is(second, "all") {
             facts.resets_parameters = true;
+        } else if let Some(name) = parameter_reset(statement) {
+            facts.resets.push(name);
         }
     });
     if count == 1 {
         facts.deallocate = deallocate.map(unquote);
     }
     facts
+}
+
+/// The parameter a `RESET name` or `SET [SESSION | LOCAL] name {TO | =} DEFAULT` statement
+/// sends back to its session default (with PostgreSQL's other spellings, `TIME ZONE` and
+/// `NAMES`). `RESET ALL`, `RESET ROLE` and `SET SESSION AUTHORIZATION DEFAULT` are not one.
+fn parameter_reset(statement: &str) -> Option<String> {
+    let first = statement.get(..5)?;
+    if !(first.eq_ignore_ascii_case("reset") || first[..3].eq_ignore_ascii_case("set")) {
+        return None;
+    }
+    // Words, with `=` one of its own. At most a handful matter.
+    let mut words: [&str; 6] = [""; 6];
+    let mut count = 0;
+    for piece in statement.split(|c: char| c.is_ascii_whitespace() || c == '\u{b}') {
+        let mut rest = piece;
+        while !rest.is_empty() {
+            let word = match rest.find('=') {
+                Some(0) => &rest[..1],
+                Some(at) => &rest[..at],
+                None => rest,
+            };
+            rest = &rest[word.len()..];
+            if count == words.len() {
+                return None;
+            }
+            words[count] = word;
+            count += 1;
+        }
+    }
+    let words = &words[..count];
+    let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
+    match words {
+        [reset, time, zone] if is(reset, "reset") && is(time, "time") && is(zone, "zone") => {
+            Some("timezone".into())
+        }
+        [reset, name] if is(reset, "reset") => {
+            let not = ["all", "role", "session"];
+            (!not.iter().any(|n| is(name, n))).then(|| unquote(name))
+        }
+        [set, rest @ ..] if is(set, "set") => {
+            let rest = match rest {
+                [scope, rest @ ..] if is(scope, "session") || is(scope, "local") => rest,
+                _ => rest,
+            };
+            match rest {
+                [time, zone, value]
+                    if is(time, "time")
+                        && is(zone, "zone")
+                        && (is(value, "default") || is(value, "local")) =>
+                {
+                    Some("timezone".into())
+                }
+                [names, value] if is(names, "names") && is(value, "default") => {
+                    Some("client_encoding".into())
+                }
+                [name, to, value]
+                    if (is(to, "to") || *to == "=")
+                        && is(value, "default")
+                        && !is(name, "role")
+                        && !is(name, "session") =>
+                {
+                    Some(unquote(name))
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The parameters a Parse's query text may send back to their session defaults (see
+/// [`parameter_reset`]); only a text that starts like one is read.
+pub fn parse_resets(body_after_name: &[u8], mut f: impl FnMut(String)) {
+    let Some(&first) = body_after_name
+        .iter()
+        .find(|b| !(b.is_ascii_whitespace() || **b == 0x0b))
+    else {
+        return;
+    };
+    if !matches!(first, b's' | b'S' | b'r' | b'R' | b'-' | b'/') {
+        return;
+    }
+    let end = body_after_name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(body_after_name.len());
+    let Ok(text) = std::str::from_utf8(&body_after_name[..end]) else {
+        return;
+    };
+    for_each_statement(text, |statement| {
+        if let Some(name) = parameter_reset(statement) {
+            f(name);
+        }
+    });
 }
 
 /// An SQL identifier as PostgreSQL reads it: quoted as written, otherwise folded to lower case.
@@ -1172,6 +1274,36 @@ mod tests {
         assert!(discard.clears_statements && discard.resets_parameters);
         assert!(facts("RESET ALL").resets_parameters);
         assert!(!facts("RESET TimeZone").resets_parameters);
+        assert_eq!(facts("RESET TimeZone").resets, ["timezone"]);
+        assert_eq!(
+            facts(
+                "begin; SET application_name=DEFAULT; set local \"DateStyle\" to default; commit"
+            )
+            .resets,
+            ["application_name", "DateStyle"]
+        );
+        assert_eq!(facts("reset time zone").resets, ["timezone"]);
+        assert_eq!(facts("SET SESSION TIME ZONE LOCAL").resets, ["timezone"]);
+        assert_eq!(facts("SET NAMES DEFAULT").resets, ["client_encoding"]);
+        assert_eq!(facts("RESET search_path").resets, ["search_path"]);
+        for not in [
+            "RESET ALL",
+            "RESET ROLE",
+            "RESET SESSION AUTHORIZATION",
+            "SET SESSION AUTHORIZATION DEFAULT",
+            "SET TimeZone TO 'default'",
+            "SET TimeZone TO UTC",
+            "SET application_name = default, x",
+            "SELECT 'RESET TimeZone'",
+            "settle",
+            "RESET",
+        ] {
+            assert!(facts(not).resets.is_empty(), "{not}");
+        }
+        let mut parsed = Vec::new();
+        parse_resets(b"  reset \"TimeZone\"\0\0\0", |name| parsed.push(name));
+        parse_resets(b"select 1\0\0\0", |name| parsed.push(name));
+        assert_eq!(parsed, ["TimeZone"]);
         assert!(facts("PREPARE p AS select 1").prepare);
         assert!(facts("select 'first'; PREPARE p3 AS select 3").prepare);
         assert!(facts("/* hidden */ prepare p as select 1").prepare);

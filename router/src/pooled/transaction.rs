@@ -186,7 +186,13 @@ pub struct Transaction {
     errored: bool,
     /// A query that reset the session's parameters just ended.
     reset_done: bool,
+    /// Parameters a statement sent since the backend was last idle may have sent back to the
+    /// session default (`RESET name`), lower case, at most [`MAX_RESETS`].
+    resets: Vec<Box<str>>,
 }
+
+/// Parameter resets followed per transaction; more are not told apart from `SET`s.
+const MAX_RESETS: usize = 16;
 
 impl Default for Transaction {
     fn default() -> Self {
@@ -200,6 +206,7 @@ impl Default for Transaction {
             accepted: Vec::new(),
             errored: false,
             reset_done: false,
+            resets: Vec::new(),
             undo: Vec::new(),
         }
     }
@@ -581,6 +588,30 @@ impl Transaction {
                 reset: true
             })
         )
+    }
+
+    /// A statement the client sent may send parameter `name` back to its session default.
+    pub fn may_reset(&mut self, mut name: String) {
+        name.make_ascii_lowercase();
+        if self.resets.len() < MAX_RESETS && !self.resets.iter().any(|n| **n == *name) {
+            self.resets.push(name.into());
+        }
+    }
+
+    /// True if a statement the client sent since the backend was last idle may have sent
+    /// parameter `name` back to its session default.
+    pub fn may_have_reset(&self, name: &str) -> bool {
+        self.resets.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    /// The parameters [`Transaction::may_reset`] was told of, once the backend owes nothing:
+    /// the call clears them.
+    pub fn take_resets(&mut self) -> Vec<Box<str>> {
+        if self.queue.is_empty() {
+            std::mem::take(&mut self.resets)
+        } else {
+            Vec::new()
+        }
     }
 
     /// True once (the call clears it) after the ReadyForQuery of a query that reset the
