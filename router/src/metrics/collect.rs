@@ -426,3 +426,25 @@ impl Collector for RouterCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    /// The text format of one histogram named `h`, as `/metrics` encodes it.
+    pub fn histogram_text(histogram: Arc<Histogram>) -> String {
+        #[derive(Debug)]
+        struct One(Arc<Histogram>);
+        impl Collector for One {
+            fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+                histograms(&mut encoder, "h", "a histogram", [(Vec::new(), &*self.0)])
+            }
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(One(histogram)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .expect("a String takes any text");
+        text
+    }
+}

@@ -65,19 +65,21 @@ impl Histogram {
         self.sum_us.add(us);
     }
 
-    /// (sum in seconds, count, cumulative (upper bound in seconds, count) per bucket), as the
-    /// Prometheus text format has them; the last bucket is +Inf.
+    /// (sum in seconds, count, (upper bound in seconds, count) per bucket), the last bucket
+    /// +Inf. Each bucket's own count, not the cumulative one: prometheus_client's encoder adds
+    /// them up into the text format's cumulative `le` buckets.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut cumulative = 0;
+        let mut count = 0;
         let mut buckets = Vec::with_capacity(BUCKETS_US.len() + 1);
         for (i, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.get();
+            let n = bucket.get();
+            count += n;
             let bound = BUCKETS_US
                 .get(i)
                 .map_or(f64::INFINITY, |&us| us as f64 / 1e6);
-            buckets.push((bound, cumulative));
+            buckets.push((bound, n));
         }
-        (self.sum_us.get() as f64 / 1e6, cumulative, buckets)
+        (self.sum_us.get() as f64 / 1e6, count, buckets)
     }
 }
 
@@ -180,7 +182,7 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative_and_end_at_infinity() {
-        let h = Histogram::default();
+        let h = std::sync::Arc::new(Histogram::default());
         h.observe(Duration::from_micros(40));
         h.observe(Duration::from_micros(50));
         h.observe(Duration::from_micros(700));
@@ -189,10 +191,23 @@ mod tests {
         assert_eq!(count, 4);
         assert!((sum - 60.00079).abs() < 1e-9, "{sum}");
         assert_eq!(buckets[0], (50e-6, 2), "40 and 50 µs are at most 50 µs");
-        assert_eq!(buckets[3], (500e-6, 2));
-        assert_eq!(buckets[4], (1e-3, 3));
-        assert_eq!(buckets[15], (10.0, 3));
-        assert_eq!(buckets[16], (f64::INFINITY, 4));
+        assert_eq!(buckets[4], (1e-3, 1));
+        assert_eq!(buckets[16], (f64::INFINITY, 1));
+        // As /metrics shows them: cumulative, through prometheus_client's encoder.
+        let text = collect::tests::histogram_text(h.clone());
+        let bucket = |le: &str| {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("h_bucket{{le=\"{le}\"}}")))
+                .unwrap_or_else(|| panic!("no bucket {le} in {text}"));
+            line.rsplit(' ').next().map(str::to_owned)
+        };
+        assert_eq!(bucket("0.00005").as_deref(), Some("2"), "{text}");
+        assert_eq!(bucket("0.0005").as_deref(), Some("2"), "{text}");
+        assert_eq!(bucket("0.001").as_deref(), Some("3"), "{text}");
+        assert_eq!(bucket("10.0").as_deref(), Some("3"), "{text}");
+        assert_eq!(bucket("+Inf").as_deref(), Some("4"), "{text}");
+        assert!(text.contains("h_count 4"), "{text}");
     }
 
     #[test]
