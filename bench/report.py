@@ -466,12 +466,14 @@ def section_pooled(results_dir):
     pgb_version = meta.get("pgbouncer_version")
     parts = []
     head = (f"## 8. Pooled port (transaction pooling)\n\n`{BG_POOLED}` is the router's pooled port "
-            f"(`[listen] pooled`, direct SSL, `[pool] pool_size = {pool}`), `pgbouncer` is PgBouncer "
-            f"{pgb_version} in transaction mode (`default_pool_size = {pool}`), `pg` is PostgreSQL direct "
-            "(a backend per client). TLS and SCRAM-SHA-256 on every path. The router's pools are per "
-            f"worker until a branch's clients meet on one core, so it may hold up to {pool} server "
-            f"connections per core ({meta.get('cores')} here): the `server connections` column counts "
-            "what each pooler held right after each throughput run. Each query is a transaction of "
+            f"(`[listen] pooled`, direct SSL, `[pool] pool_size = {pool}` per worker), `pgbouncer` is "
+            f"PgBouncer {pgb_version} in transaction mode (`default_pool_size = {meta.get('pgbouncer_pool', 20)}`), "
+            "`pg` is PostgreSQL direct (a backend per client). TLS and SCRAM-SHA-256 on every path. The "
+            "router's pools are per worker until a branch's clients meet on one core, so its "
+            f"`pool_size` is PgBouncer's divided among the workers ({meta.get('cores')} here): both "
+            "hold the same number of server connections, so PostgreSQL runs as many backends for "
+            "each; the `server connections` column counts what each pooler held right after each "
+            "throughput run. Each query is a transaction of "
             "its own (no BEGIN), so queries/s is transactions/s and CPU per query is CPU per "
             "transaction.\n")
     if not meta.get("branchgate_pooled"):
@@ -533,7 +535,7 @@ def section_pooled(results_dir):
                         f"{AIM_POOLED_CPU_PER_TXN_VS_PGBOUNCER:g}x PgBouncer's | - | not measured |")
     if runs:
         parts.append("### Throughput\n\nClosed loop, point selects on the 100k-row table of section 3, on "
-                     f"a pool of {pool}: `simple` sends the 1000 statements with their keys in the text "
+                     f"a pool of {meta.get('pgbouncer_pool', 20)} server connections: `simple` sends the 1000 statements with their keys in the text "
                      "(`points.sql`), `extended` parses `SELECT abalance FROM accounts WHERE aid = $1` "
                      "(the unnamed statement) with each key bound, every query, `prepared` prepares it "
                      "once per connection and then binds each key (`points-params.sql`, the same keys): "

@@ -262,6 +262,28 @@ SEEDS = {
         + frame(b"X", b""),
     },
     "messages": MESSAGES,
+    # The first byte: bit 0 asks for a bound of 3 prepared statements per backend (evictions);
+    # the other bits say where the client's bytes end (127: all of them), the rest being the
+    # backend's reply types.
+    "pooled": {
+        "extended": b"\xff"
+        + frame(b"P", b"s1\0select $1\0\0\0")
+        + frame(b"B", b"\0s1\0\0\0\0\x01\0\0\0\x011\0\0")
+        + frame(b"D", b"Ps1\0")
+        + frame(b"E", b"\0\0\0\0\0")
+        + frame(b"S", b"")
+        + frame(b"C", b"Ss1\0")
+        + frame(b"H", b""),
+        "simple": b"\xfe"
+        + frame(b"Q", b"DEALLOCATE ALL;\0")
+        + frame(b"Q", b"select 1; /* ; */ select ';'; PREPARE p AS select $$;$$\0")
+        + frame(b"Q", b"DISCARD ALL\0"),
+        "replies": b"\x81"
+        + frame(b"P", b"a\0select 1\0\0\0")
+        + frame(b"P", b"b\0select 2\0\0\0")
+        + frame(b"S", b"")
+        + b"1E1Z",
+    },
     "scram_server": {
         "unsigned": two(0, CLIENT_FIRST, CLIENT_FINAL),
         "signed": two(1, CLIENT_FIRST, b""),

@@ -9,13 +9,16 @@
 //! # Protocol
 //!
 //! One request per connection: the client sends one line, the router answers one line and
-//! closes. Lines are UTF-8, end with `\n`, and carry no arguments beyond these words:
+//! closes. Lines are UTF-8, end with `\n`, and carry no arguments beyond these words (and a
+//! branch id, `[a-z0-9_-]{1,63}`):
 //!
 //! | request        | the router                                                            |
 //! |----------------|-----------------------------------------------------------------------|
 //! | `reload`       | reloads the catalog file through the reload guard, as SIGHUP does      |
 //! | `reload force` | reloads it past the guard                                              |
 //! | `check`        | reads the catalog file and runs the guard, without applying anything   |
+//! | `pause BRANCH` | the branch's pooled clients finish their transactions, then new ones wait |
+//! | `resume BRANCH`| the waiting transactions of the branch's pooled clients go on          |
 //!
 //! The answer is `<status> <text>`: `ok` (the text says what was, or would be, loaded),
 //! `refused` (the guard's reason; the catalog in force is kept) or `error` (the file could not
@@ -40,7 +43,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 /// Longest request line, without its `\n`.
-pub const MAX_REQUEST_BYTES: usize = 64;
+pub const MAX_REQUEST_BYTES: usize = 80;
 /// Longest answer line, without its `\n`; longer texts are cut.
 pub const MAX_REPLY_BYTES: usize = 4096;
 /// Time the router gives a client to send its request, and to take the answer.
@@ -57,7 +60,7 @@ const READ_CHUNK_BYTES: usize = 512;
 const MAX_DRAIN_BYTES: usize = 0x1_0000;
 
 /// What a client asks the router.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Reload the catalog file; `force` skips the reload guard.
     Reload {
@@ -66,27 +69,45 @@ pub enum Request {
     },
     /// Compare the catalog file with the catalog in force, without applying it.
     Check,
+    /// Pause the pooled port's transactions of a branch.
+    Pause(Box<str>),
+    /// Let them go again.
+    Resume(Box<str>),
+}
+
+/// True for a branch id as the catalog allows them (the only argument a request takes).
+fn branch_id(id: &str) -> bool {
+    (1..=crate::catalog::MAX_NAME_BYTES).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 impl Request {
     /// The request's line, without `\n`.
-    pub fn line(self) -> &'static str {
+    pub fn line(&self) -> String {
         match self {
-            Request::Reload { force: false } => "reload",
-            Request::Reload { force: true } => "reload force",
-            Request::Check => "check",
+            Request::Reload { force: false } => "reload".into(),
+            Request::Reload { force: true } => "reload force".into(),
+            Request::Check => "check".into(),
+            Request::Pause(branch) => format!("pause {branch}"),
+            Request::Resume(branch) => format!("resume {branch}"),
         }
     }
 
     /// Parses a request line (without `\n`); `None` for anything else.
     pub fn parse(line: &str) -> Option<Request> {
-        [
-            Request::Reload { force: false },
-            Request::Reload { force: true },
-            Request::Check,
-        ]
-        .into_iter()
-        .find(|request| request.line() == line)
+        match line.split_once(' ') {
+            Some(("pause", branch)) if branch_id(branch) => Some(Request::Pause(branch.into())),
+            Some(("resume", branch)) if branch_id(branch) => Some(Request::Resume(branch.into())),
+            _ => [
+                Request::Reload { force: false },
+                Request::Reload { force: true },
+                Request::Check,
+            ]
+            .into_iter()
+            .find(|request| request.line() == line),
+        }
     }
 }
 
@@ -542,8 +563,9 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let listener = bind(path).expect("bind");
         let server = ControlServer::start(listener, move |request: Request| {
+            let line = request.line();
             let _ = tx.send(request);
-            Reply::new(Status::Ok, request.line())
+            Reply::new(Status::Ok, line)
         })
         .expect("start");
         (server, rx)
@@ -568,9 +590,19 @@ mod tests {
             Request::Reload { force: true },
             Request::Check,
         ] {
-            assert_eq!(Request::parse(request.line()), Some(request));
+            assert_eq!(Request::parse(&request.line()), Some(request));
         }
         assert_eq!(Request::parse("reload  force"), None);
+        for request in [
+            Request::Pause("b-1_x".into()),
+            Request::Resume("main".into()),
+        ] {
+            assert_eq!(Request::parse(&request.line()), Some(request));
+        }
+        assert_eq!(Request::parse("pause"), None);
+        assert_eq!(Request::parse("pause Main"), None);
+        assert_eq!(Request::parse("pause a b"), None);
+        assert_eq!(Request::parse(&format!("pause {}", "a".repeat(64))), None);
         assert_eq!(Request::parse("RELOAD"), None);
         assert_eq!(Request::parse(""), None);
     }
@@ -612,7 +644,7 @@ mod tests {
 
         let timeout = Duration::from_secs(10);
         for request in [Request::Reload { force: true }, Request::Check] {
-            let reply = super::request(&path, request, timeout).expect("answer");
+            let reply = super::request(&path, request.clone(), timeout).expect("answer");
             assert_eq!(reply, Reply::new(Status::Ok, request.line()));
             assert_eq!(handled.recv().expect("handled"), request);
         }

@@ -48,6 +48,23 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Pause a branch on the pooled port: its running transactions finish, new ones wait
+    /// (within `query_wait_timeout`) until `branchgate resume`.
+    Pause {
+        /// Router configuration file (TOML): names the router's control socket.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The branch id.
+        branch: String,
+    },
+    /// Let a paused branch's transactions go on.
+    Resume {
+        /// Router configuration file (TOML): names the router's control socket.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The branch id.
+        branch: String,
+    },
     /// Manage roles of a branch.
     Role {
         #[command(subcommand)]
@@ -116,7 +133,23 @@ fn run(command: Command) -> Result<(), String> {
                 Status::Error => Err(format!("the router kept its catalog: {}", reply.text)),
             }
         }
+        Command::Pause { config, branch } => ask(&config, Request::Pause(branch.into())),
+        Command::Resume { config, branch } => ask(&config, Request::Resume(branch.into())),
         Command::Role { action } => branchgate::role::run(action).map_err(|e| e.to_string()),
+    }
+}
+
+/// Sends `request` to the router the configuration at `config` names, prints its answer.
+fn ask(config: &std::path::Path, request: Request) -> Result<(), String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let reply = control::request(&config.admin.socket, request, CONTROL_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    match reply.status {
+        Status::Ok => {
+            println!("{}", reply.text);
+            Ok(())
+        }
+        Status::Refused | Status::Error => Err(reply.text),
     }
 }
 

@@ -213,7 +213,7 @@ pub fn start(config: Config) -> Result<Router, StartError> {
 
     let stopping = Arc::new(AtomicBool::new(false));
     let reloader = Arc::new(Reloader::new(shared.clone(), loaded));
-    let control = control_listener.and_then(|listener| serve_control(listener, &reloader));
+    let control = control_listener.and_then(|listener| serve_control(listener, &reloader, &shared));
     let mut router = Router {
         shared,
         direct_addr,
@@ -229,12 +229,48 @@ pub fn start(config: Config) -> Result<Router, StartError> {
     Ok(router)
 }
 
+/// How long `branchgate pause` waits for the branch's running transactions to finish before it
+/// answers (they go on finishing after; new ones wait either way).
+pub const PAUSE_WAIT: Duration = Duration::from_secs(5);
+
+/// `pause BRANCH`: new pooled transactions of the branch wait; answers once the running ones
+/// have finished, or after [`PAUSE_WAIT`] with how many still run.
+fn pause(shared: &Shared, branch: &str) -> Reply {
+    if shared.catalog.load().branch(branch).is_none() {
+        return Reply::new(
+            Status::Error,
+            format_args!("no branch {branch:?} in the catalog"),
+        );
+    }
+    let entry = shared.branch_clients.pause(branch);
+    tracing::info!(%branch, "branch paused: new pooled transactions wait until resumed");
+    let deadline = std::time::Instant::now() + PAUSE_WAIT;
+    while entry.active() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    match entry.active() {
+        0 => Reply::new(
+            Status::Ok,
+            format_args!("paused branch {branch}: no transaction is running"),
+        ),
+        n => Reply::new(
+            Status::Ok,
+            format_args!(
+                "paused branch {branch}: {n} transaction(s) still running after {PAUSE_WAIT:?}, \
+                 new ones wait"
+            ),
+        ),
+    }
+}
+
 /// Starts answering on the control socket; `None` (logged) if its thread cannot start.
 fn serve_control(
     listener: control::ControlListener,
     reloader: &Arc<Reloader>,
+    shared: &Arc<Shared>,
 ) -> Option<ControlServer> {
     let reloader = reloader.clone();
+    let shared = shared.clone();
     let not_loaded = |error: ReloadError| match error {
         ReloadError::Refused(refusal) => Reply::new(Status::Refused, refusal),
         ReloadError::Catalog(error) => Reply::new(Status::Error, error),
@@ -248,6 +284,25 @@ fn serve_control(
             Ok(reloaded) => Reply::new(Status::Ok, format_args!("a reload would load {reloaded}")),
             Err(error) => not_loaded(error),
         },
+        Request::Pause(branch) => pause(&shared, &branch),
+        Request::Resume(branch) => {
+            if shared.catalog.load().branch(&branch).is_none() {
+                return Reply::new(
+                    Status::Error,
+                    format_args!("no branch {branch:?} in the catalog"),
+                );
+            }
+            let was = shared.branch_clients.resume(&branch);
+            tracing::info!(%branch, "branch resumed");
+            Reply::new(
+                Status::Ok,
+                if was {
+                    format_args!("resumed branch {branch}").to_string()
+                } else {
+                    format!("branch {branch} was not paused")
+                },
+            )
+        }
     };
     match ControlServer::start(listener, handler) {
         Ok(server) => Some(server),

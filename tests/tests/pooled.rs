@@ -967,19 +967,23 @@ fn statements_evicted_inside_a_pipeline_are_prepared_again() {
 
 #[test]
 fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
-    const CLIENTS: usize = 24;
-    const ROUNDS: usize = 8;
+    const CLIENTS: usize = 100;
+    const ROUNDS: usize = 6;
     let f = fixture();
     let router = f.router(&PoolSettings::new(2));
+    let logins = Turns::new(4);
     thread::scope(|s| {
         let workers: Vec<_> = (0..CLIENTS)
             .map(|i| {
                 let router = &router;
+                let logins = &logins;
                 s.spawn(move || {
-                    let mut timezone = if i < 12 {
-                        format!("Etc/GMT+{}", i + 1)
+                    // 24 zones, so neighbours differ; the application names all do.
+                    let zone = i % 24;
+                    let mut timezone = if zone < 12 {
+                        format!("Etc/GMT+{}", zone + 1)
                     } else {
-                        format!("Etc/GMT-{}", i - 11)
+                        format!("Etc/GMT-{}", zone - 11)
                     };
                     let mut app = format!("client-{i}");
                     let mode = if i % 2 == 0 {
@@ -987,11 +991,17 @@ fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
                     } else {
                         Mode::Direct
                     };
-                    let mut conn = f.raw(
-                        router,
-                        mode,
-                        &[("application_name", &app), ("TimeZone", &timezone)],
-                    );
+                    // Logins take turns, four at a time: SCRAM costs the (debug) router and
+                    // each client real CPU, and a hundred at once on two cores could pass
+                    // timeouts.startup; the transactions are what run all at once.
+                    let mut conn = {
+                        let _turn = logins.enter();
+                        f.raw(
+                            router,
+                            mode,
+                            &[("application_name", &app), ("TimeZone", &timezone)],
+                        )
+                    };
                     assert_eq!(conn.reported("TimeZone"), Some(timezone.as_str()), "{i}");
                     assert_eq!(conn.reported("application_name"), Some(app.as_str()), "{i}");
                     for round in 0..ROUNDS {
@@ -1050,6 +1060,40 @@ fn startup_parameters_and_set_follow_each_client_across_shared_backends() {
             }
         }
     });
+}
+
+/// At most `n` threads at a time inside [`Turns::enter`].
+struct Turns {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// A turn, given back when dropped.
+struct Turn<'a>(&'a Turns);
+
+impl Turns {
+    fn new(n: usize) -> Turns {
+        Turns {
+            free: std::sync::Mutex::new(n),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn enter(&self) -> Turn<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        Turn(self)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -96,6 +96,9 @@ pub struct ClientParams {
     changed: Params,
     /// Parameters from the StartupMessage that the server does not report.
     unreported: Params,
+    /// Reported parameters the StartupMessage set: the session's defaults, what a RESET goes
+    /// back to.
+    startup: Params,
 }
 
 impl ClientParams {
@@ -106,6 +109,7 @@ impl ClientParams {
             base,
             changed: Params::default(),
             unreported: Params::default(),
+            startup: Params::default(),
         };
         for (name, value) in startup {
             if NOT_SETTINGS.contains(&name) || name.starts_with("_pq_.") || !settable(name) {
@@ -113,6 +117,7 @@ impl ClientParams {
             }
             if params.base.get(name).is_some() {
                 params.reported(name, value);
+                params.startup.set(name, value);
             } else {
                 params.unreported.set(name, value);
             }
@@ -127,6 +132,30 @@ impl ClientParams {
         } else {
             self.changed.set(name, value);
         }
+    }
+
+    /// The session's parameters went back to their defaults (DISCARD ALL, RESET ALL): for
+    /// the client, the ones its StartupMessage set, as on a real server. Returns the reported
+    /// parameters whose value the client now sees change (a server reports each).
+    pub fn reset_to_startup(&mut self) -> Vec<(Box<str>, Box<str>)> {
+        let before: Vec<(Box<str>, Box<str>)> = self
+            .reported_view()
+            .map(|(n, v)| (n.into(), v.into()))
+            .collect();
+        self.changed = Params::default();
+        let startup = std::mem::take(&mut self.startup);
+        for (name, value) in startup.iter() {
+            self.reported(name, value);
+        }
+        self.startup = startup;
+        before
+            .into_iter()
+            .filter(|(name, value)| self.get(name) != Some(&**value))
+            .filter_map(|(name, _)| {
+                let now: Box<str> = self.get(&name)?.into();
+                Some((name, now))
+            })
+            .collect()
     }
 
     /// The value the client believes `name` has, for reported parameters.
@@ -301,6 +330,27 @@ mod tests {
             sql,
             "SET \"application_name\" TO E'';SET \"TimeZone\" TO E'Etc/UTC';RESET \"search_path\";"
         );
+    }
+
+    #[test]
+    fn a_reset_goes_back_to_the_startup_values_not_the_pools() {
+        let mut a = ClientParams::new(
+            base(),
+            [("TimeZone", "Etc/GMT+5"), ("application_name", "app")].into_iter(),
+        );
+        a.reported("TimeZone", "UTC");
+        a.reported("DateStyle", "SQL, DMY");
+        let mut told = a.reset_to_startup();
+        told.sort();
+        assert_eq!(
+            told,
+            [
+                ("DateStyle".into(), "ISO, MDY".into()),
+                ("TimeZone".into(), "Etc/GMT+5".into())
+            ]
+        );
+        assert_eq!(a.get("application_name"), Some("app"));
+        assert!(a.reset_to_startup().is_empty(), "nothing changes twice");
     }
 
     #[test]

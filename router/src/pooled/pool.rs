@@ -179,9 +179,20 @@ impl Pool {
         self.settings.get()
     }
 
-    /// Takes the settings in force from the catalog (they may change on reload).
+    /// Takes the settings in force from the catalog (they may change on reload). A pool that
+    /// grew lets clients in line open backends at once; one that shrank closes backends as
+    /// they come back.
     pub fn set_settings(&self, settings: PoolSettings) {
         self.settings.set(settings);
+        while self.open.get() < settings.pool_size.get() && !self.waiters.borrow().is_empty() {
+            self.open.set(self.open.get() + 1);
+            self.pass_on(Handoff::Room);
+        }
+    }
+
+    /// True while more backends are open than `pool_size` allows (it was lowered).
+    fn over_size(&self) -> bool {
+        self.open.get() > self.settings.get().pool_size.get()
     }
 
     /// Records the credentials of a client that has just logged in: the pool's backends open
@@ -234,7 +245,6 @@ impl Pool {
         // meanwhile goes to the next in line.
         let _leave = LeaveLine {
             pool: self,
-            ctx,
             waiter: &waiter,
         };
         match monoio::time::timeout_at(deadline, waiter.wait()).await {
@@ -248,16 +258,10 @@ impl Pool {
     fn take_idle(&self, ctx: &Context<'_>) -> Option<Backend> {
         loop {
             let backend = self.idle.borrow_mut().pop()?;
-            tracing::trace!(
-                pid = backend.pid,
-                fit = self.fit(ctx, &backend),
-                alive = backend.looks_alive(),
-                "idle backend"
-            );
-            if self.fit(ctx, &backend) && backend.looks_alive() {
+            if self.fit(ctx, &backend) && backend.looks_alive() && !self.over_size() {
                 return Some(backend);
             }
-            self.close(ctx, backend);
+            self.close(backend);
         }
     }
 
@@ -276,7 +280,7 @@ impl Pool {
     async fn connect(&self, ctx: &Context<'_>) -> Result<Backend, AcquireError> {
         let result = self.try_connect(ctx).await;
         if result.is_err() {
-            self.room_freed(ctx);
+            self.room_freed();
         }
         result
     }
@@ -353,45 +357,39 @@ impl Pool {
     /// A backend comes back after a transaction, idle: to the first client in line, or to the
     /// pool. One no longer fit is closed.
     pub fn release(&self, ctx: &Context<'_>, mut backend: Backend) {
-        tracing::trace!(
-            pid = backend.pid,
-            fit = self.fit(ctx, &backend),
-            "backend released"
-        );
-        if !self.fit(ctx, &backend) {
-            self.close(ctx, backend);
+        if !self.fit(ctx, &backend) || self.over_size() {
+            self.close(backend);
             return;
         }
         backend.idle_since = Instant::now();
-        self.pass_on(ctx, Handoff::Backend(Box::new(backend)));
+        self.pass_on(Handoff::Backend(Box::new(backend)));
     }
 
-    fn pass_on(&self, ctx: &Context<'_>, handoff: Handoff) {
+    fn pass_on(&self, handoff: Handoff) {
         let waiter = self.waiters.borrow_mut().pop_front();
         match (waiter, handoff) {
             (Some(waiter), handoff) => waiter.give(handoff),
             (None, Handoff::Backend(backend)) => self.idle.borrow_mut().push(*backend),
             (None, Handoff::Room) => self.open.set(self.open.get() - 1),
         }
-        let _ = ctx;
     }
 
     /// A backend that cannot be reused (its client left mid-transaction, it failed, it is too
     /// old): closed, its place given to the next client in line.
-    pub fn discard(&self, ctx: &Context<'_>, backend: Backend) {
-        self.close(ctx, backend);
+    pub fn discard(&self, backend: Backend) {
+        self.close(backend);
     }
 
-    fn close(&self, ctx: &Context<'_>, backend: Backend) {
+    fn close(&self, backend: Backend) {
         terminate(backend);
-        self.room_freed(ctx);
+        self.room_freed();
     }
 
-    fn room_freed(&self, ctx: &Context<'_>) {
+    fn room_freed(&self) {
         self.open.set(self.open.get() - 1);
         if !self.waiters.borrow().is_empty() {
             self.open.set(self.open.get() + 1);
-            self.pass_on(ctx, Handoff::Room);
+            self.pass_on(Handoff::Room);
         }
     }
 
@@ -406,12 +404,18 @@ impl Pool {
             let unfit = backends.iter().filter(|b| !self.fit(ctx, b)).count() as u32;
             // Idle too long: closed, but not below min_pool_size.
             let mut closable = (self.open.get() - unfit).saturating_sub(settings.min_pool_size);
+            // pool_size was lowered: idle backends beyond it close now.
+            let mut over_size = (self.open.get() - unfit).saturating_sub(settings.pool_size.get());
             let mut stale = Vec::new();
             for backend in backends {
                 let expired = settings
                     .server_idle_timeout
                     .is_some_and(|t| backend.idle_since.elapsed() >= t);
                 if !self.fit(ctx, &backend) {
+                    stale.push(backend);
+                } else if over_size > 0 {
+                    over_size -= 1;
+                    closable = closable.saturating_sub(1);
                     stale.push(backend);
                 } else if expired && closable > 0 {
                     closable -= 1;
@@ -423,7 +427,7 @@ impl Pool {
             stale
         };
         for backend in stale {
-            self.close(ctx, backend);
+            self.close(backend);
             closed += 1;
         }
         closed
@@ -455,7 +459,6 @@ impl Pool {
 /// A client's place in a pool's line, given up when dropped.
 struct LeaveLine<'a> {
     pool: &'a Pool,
-    ctx: &'a Context<'a>,
     waiter: &'a Rc<Waiter>,
 }
 
@@ -466,7 +469,7 @@ impl Drop for LeaveLine<'_> {
             .borrow_mut()
             .retain(|w| !Rc::ptr_eq(w, self.waiter));
         if let Some(handoff) = self.waiter.handoff.borrow_mut().take() {
-            self.pool.pass_on(self.ctx, handoff);
+            self.pool.pass_on(handoff);
         }
     }
 }

@@ -114,9 +114,22 @@ impl ClientStatements {
 pub struct BackendStatements {
     used: HashMap<Box<str>, u64>,
     tick: u64,
+    /// A plan went stale (0A000 "cached plan must not change result type").
+    stale: bool,
 }
 
 impl BackendStatements {
+    /// Its statements must be dropped before the next transaction (a DDL changed one's
+    /// result type).
+    pub fn mark_stale(&mut self) {
+        self.stale = true;
+    }
+
+    /// True once after [`BackendStatements::mark_stale`].
+    pub fn take_stale(&mut self) -> bool {
+        std::mem::take(&mut self.stale)
+    }
+
     /// True if the backend has `name` (and marks it used).
     fn touch(&mut self, name: &str) -> bool {
         self.tick += 1;
@@ -441,36 +454,38 @@ impl Translator<'_> {
     /// client's names; `DEALLOCATE name` of a name only the router knows is answered by the
     /// router. Returns false if the router answered it (the rest is dropped).
     pub fn query(&mut self, piece: &[u8]) -> bool {
-        let text = &piece[HEADER_BYTES..];
-        match statement_kind(text) {
-            QueryKind::DeallocateAll | QueryKind::DiscardAll if self.enabled() => {
-                self.client.clear();
-                self.client.unnamed = None;
-                // The backend loses every statement it had, other clients' too: it will be
-                // given them again when they are used.
-                self.backend.clear();
-            }
-            QueryKind::Deallocate(name) if self.enabled() && self.client.remove(&name) => {
+        let facts = query_facts(&piece[HEADER_BYTES..]);
+        if facts.prepare {
+            refuse(
+                self.tx,
+                self.out,
+                error(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "SQL-level PREPARE is not supported on the pooled port: use \
+                         protocol-level prepared statements (your driver's), or the direct port",
+                ),
+                true,
+            );
+            return false;
+        }
+        if let Some(name) = &facts.deallocate {
+            if self.enabled() && self.client.remove(name) {
                 self.tx.synthesize_command("DEALLOCATE");
                 return false;
             }
-            QueryKind::Prepare => {
-                refuse(
-                    self.tx,
-                    self.out,
-                    error(
-                        SqlState::FEATURE_NOT_SUPPORTED,
-                        "SQL-level PREPARE is not supported on the pooled port: use \
-                         protocol-level prepared statements (your driver's), or the direct port",
-                    ),
-                    true,
-                );
-                return false;
-            }
-            _ => {}
+        }
+        if facts.clears_statements && self.enabled() {
+            self.client.clear();
+            self.client.unnamed = None;
+            // The backend loses every statement it had, other clients' too: it will be
+            // given them again when they are used.
+            self.backend.clear();
         }
         self.out.extend_from_slice(piece);
         self.tx.client(fe::QUERY, 0);
+        if facts.resets_parameters {
+            self.tx.resets_parameters();
+        }
         true
     }
 }
@@ -575,47 +590,165 @@ pub fn answer_idle(
     }
 }
 
-/// What a simple query is, as far as statement names go.
-#[derive(Debug, PartialEq, Eq)]
-enum QueryKind {
-    DeallocateAll,
-    Deallocate(String),
-    DiscardAll,
-    Prepare,
-    Other,
+/// The statements of a simple query's text, split at the semicolons outside quotes, quoted
+/// identifiers, dollar quotes and comments, each from its first word (comments and spaces
+/// before it skipped); empty statements left out.
+pub fn statements(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut start: Option<usize> = None;
+    let skip_comment = |i: usize| -> Option<usize> {
+        match (bytes.get(i), bytes.get(i + 1)) {
+            (Some(b'-'), Some(b'-')) => Some(
+                bytes[i..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(bytes.len(), |n| i + n + 1),
+            ),
+            (Some(b'/'), Some(b'*')) => {
+                // Block comments nest.
+                let (mut depth, mut j) = (1, i + 2);
+                while j < bytes.len() && depth > 0 {
+                    match (bytes[j], bytes.get(j + 1)) {
+                        (b'/', Some(b'*')) => (depth, j) = (depth + 1, j + 2),
+                        (b'*', Some(b'/')) => (depth, j) = (depth - 1, j + 2),
+                        _ => j += 1,
+                    }
+                }
+                Some(j)
+            }
+            _ => None,
+        }
+    };
+    while i < bytes.len() {
+        if let Some(end) = skip_comment(i) {
+            i = end;
+            continue;
+        }
+        let byte = bytes[i];
+        if start.is_none() {
+            // PostgreSQL's spaces: the ASCII ones and vertical tab.
+            if byte.is_ascii_whitespace() || byte == 0x0b || byte == b';' {
+                i += 1;
+                continue;
+            }
+            start = Some(i);
+        }
+        match byte {
+            b';' => {
+                if let Some(s) = start.take() {
+                    out.push(trim_spaces(&text[s..i]));
+                }
+                i += 1;
+            }
+            b'\'' => {
+                // E'...' strings take backslash escapes; '' is a quote either way.
+                let escapes = i > 0 && matches!(bytes[i - 1], b'e' | b'E');
+                let mut j = i + 1;
+                while j < bytes.len() {
+                    match bytes[j] {
+                        b'\\' if escapes => j += 2,
+                        b'\'' if bytes.get(j + 1) == Some(&b'\'') => j += 2,
+                        b'\'' => break,
+                        _ => j += 1,
+                    }
+                }
+                i = j + 1;
+            }
+            b'"' => {
+                let mut j = i + 1;
+                while j < bytes.len() {
+                    match bytes[j] {
+                        b'"' if bytes.get(j + 1) == Some(&b'"') => j += 2,
+                        b'"' => break,
+                        _ => j += 1,
+                    }
+                }
+                i = j + 1;
+            }
+            b'$' => {
+                // A dollar quote: $tag$ ... $tag$ (a tag never starts with a digit: $1 is a
+                // parameter).
+                let tag_end = bytes[i + 1..]
+                    .iter()
+                    .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
+                    .map(|n| i + 1 + n);
+                match tag_end {
+                    Some(end)
+                        if bytes[end] == b'$'
+                            && !bytes.get(i + 1).is_some_and(|b| b.is_ascii_digit()) =>
+                    {
+                        let tag = &text[i..=end];
+                        i = text[end + 1..]
+                            .find(tag)
+                            .map_or(bytes.len(), |n| end + 1 + n + tag.len());
+                    }
+                    _ => i += 1,
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    if let Some(s) = start {
+        out.push(trim_spaces(&text[s..]));
+    }
+    out
 }
 
-/// Reads the first words of a query (one statement: a `;` may end it).
-fn statement_kind(text: &[u8]) -> QueryKind {
+/// `text` without the spaces (PostgreSQL's) at its end.
+fn trim_spaces(text: &str) -> &str {
+    text.trim_end_matches(|c: char| c.is_ascii_whitespace() || c == '\u{b}')
+}
+
+/// What a simple query does that the router must know of.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct QueryFacts {
+    /// A `PREPARE` (refused on this port).
+    prepare: bool,
+    /// A `DEALLOCATE ALL` or `DISCARD ALL`: every prepared statement goes.
+    clears_statements: bool,
+    /// A `DISCARD ALL` or `RESET ALL`: every parameter goes back to its session default.
+    resets_parameters: bool,
+    /// The whole query is one `DEALLOCATE name`.
+    deallocate: Option<String>,
+}
+
+/// Reads a simple query's statements' first words.
+fn query_facts(text: &[u8]) -> QueryFacts {
     let text = text.strip_suffix(&[0]).unwrap_or(text);
     let Ok(text) = std::str::from_utf8(text) else {
-        return QueryKind::Other;
+        return QueryFacts::default();
     };
-    let text = text.trim().trim_end_matches(';').trim();
-    if text.contains(';') {
-        return QueryKind::Other;
-    }
-    let mut words = text.split_ascii_whitespace();
-    let first = words.next().unwrap_or("").to_ascii_lowercase();
-    match first.as_str() {
-        "deallocate" => {
-            let mut next = words.next();
-            if next.is_some_and(|w| w.eq_ignore_ascii_case("prepare")) {
-                next = words.next();
+    let statements = statements(text);
+    let mut facts = QueryFacts::default();
+    for statement in &statements {
+        let mut words = statement.split_ascii_whitespace();
+        let first = words.next().unwrap_or("").to_ascii_lowercase();
+        let second = words.next();
+        let all = |w: Option<&str>| w.is_some_and(|w| w.eq_ignore_ascii_case("all"));
+        match first.as_str() {
+            "prepare" => facts.prepare = true,
+            "deallocate" => {
+                let mut name = second;
+                if name.is_some_and(|w| w.eq_ignore_ascii_case("prepare")) {
+                    name = words.next();
+                }
+                if all(name) {
+                    facts.clears_statements = true;
+                } else if let (Some(name), None, 1) = (name, words.next(), statements.len()) {
+                    facts.deallocate = Some(unquote(name));
+                }
             }
-            match (next, words.next()) {
-                (Some(w), None) if w.eq_ignore_ascii_case("all") => QueryKind::DeallocateAll,
-                (Some(name), None) => QueryKind::Deallocate(unquote(name)),
-                _ => QueryKind::Other,
+            "discard" if all(second) => {
+                facts.clears_statements = true;
+                facts.resets_parameters = true;
             }
+            "reset" if all(second) => facts.resets_parameters = true,
+            _ => {}
         }
-        "discard" => match (words.next(), words.next()) {
-            (Some(w), None) if w.eq_ignore_ascii_case("all") => QueryKind::DiscardAll,
-            _ => QueryKind::Other,
-        },
-        "prepare" => QueryKind::Prepare,
-        _ => QueryKind::Other,
     }
+    facts
 }
 
 /// An SQL identifier as PostgreSQL reads it: quoted as written, otherwise folded to lower case.
@@ -999,29 +1132,39 @@ mod tests {
     }
 
     #[test]
+    fn statements_are_split_outside_quotes_and_comments() {
+        assert_eq!(
+            statements("select 1; -- a; comment\n /* a; /* nested; */ */ select ';' ; ;"),
+            ["select 1", "select ';'"]
+        );
+        assert_eq!(
+            statements("select $$a;b$$, $tag$ ; $tag$, $1; select E'\\';' , \"x;\"\"y\""),
+            [
+                "select $$a;b$$, $tag$ ; $tag$, $1",
+                "select E'\\';' , \"x;\"\"y\""
+            ]
+        );
+        assert_eq!(statements("  "), Vec::<&str>::new());
+        // Found by the fuzzer: a vertical tab is a space to PostgreSQL, not a statement.
+        assert_eq!(statements("\u{b}\t;select 1\u{b}"), ["select 1"]);
+    }
+
+    #[test]
     fn deallocate_and_discard() {
-        assert_eq!(
-            statement_kind(b"DEALLOCATE ALL\0"),
-            QueryKind::DeallocateAll
-        );
-        assert_eq!(
-            statement_kind(b"deallocate prepare all;\0"),
-            QueryKind::DeallocateAll
-        );
-        assert_eq!(
-            statement_kind(b"DEALLOCATE \"S1\"\0"),
-            QueryKind::Deallocate("S1".into())
-        );
-        assert_eq!(
-            statement_kind(b"DEALLOCATE S1\0"),
-            QueryKind::Deallocate("s1".into())
-        );
-        assert_eq!(statement_kind(b"discard all\0"), QueryKind::DiscardAll);
-        assert_eq!(statement_kind(b"select 1; discard all\0"), QueryKind::Other);
-        assert_eq!(
-            statement_kind(b"PREPARE p AS select 1\0"),
-            QueryKind::Prepare
-        );
+        let facts = |text: &str| query_facts(format!("{text}\0").as_bytes());
+        assert!(facts("DEALLOCATE ALL").clears_statements);
+        assert!(facts("deallocate prepare all;").clears_statements);
+        assert_eq!(facts("DEALLOCATE \"S1\"").deallocate.as_deref(), Some("S1"));
+        assert_eq!(facts("DEALLOCATE S1").deallocate.as_deref(), Some("s1"));
+        assert_eq!(facts("select 1; DEALLOCATE S1").deallocate, None);
+        let discard = facts("select 1; discard all");
+        assert!(discard.clears_statements && discard.resets_parameters);
+        assert!(facts("RESET ALL").resets_parameters);
+        assert!(!facts("RESET TimeZone").resets_parameters);
+        assert!(facts("PREPARE p AS select 1").prepare);
+        assert!(facts("select 'first'; PREPARE p3 AS select 3").prepare);
+        assert!(facts("/* hidden */ prepare p as select 1").prepare);
+        assert!(!facts("select 'prepare p as select 1'").prepare);
 
         let mut f = Fixture::new(10);
         f.t()

@@ -132,8 +132,10 @@ enum Awaiting {
     Close { swallow: bool },
     /// ReadyForQuery.
     Sync,
-    /// A simple query or function call: everything up to its ReadyForQuery.
-    Query { swallow: bool },
+    /// A simple query or function call: everything up to its ReadyForQuery. `reset`: it
+    /// resets the session's parameters (DISCARD ALL, RESET ALL): the backend's reports of its
+    /// own defaults are swallowed, the client is told its own.
+    Query { swallow: bool, reset: bool },
     /// The router's own reply (for a Parse it answered, the statement).
     Synthesized(Synthesized, Option<Rc<Statement>>),
     /// A statement the router sent to fail in place of the client's message: the client gets
@@ -182,6 +184,8 @@ pub struct Transaction {
     accepted: Vec<Rc<Statement>>,
     /// An ErrorResponse reached the client since the last ReadyForQuery.
     errored: bool,
+    /// A query that reset the session's parameters just ended.
+    reset_done: bool,
 }
 
 impl Default for Transaction {
@@ -195,6 +199,7 @@ impl Default for Transaction {
             substitute: Vec::new(),
             accepted: Vec::new(),
             errored: false,
+            reset_done: false,
             undo: Vec::new(),
         }
     }
@@ -223,7 +228,10 @@ impl Transaction {
     /// body byte, `S` or `P`). Says whether it goes to the backend.
     pub fn client(&mut self, tag: u8, kind: u8) -> Send {
         let awaiting = match tag {
-            fe::QUERY | fe::FUNCTION_CALL => Some(Awaiting::Query { swallow: false }),
+            fe::QUERY | fe::FUNCTION_CALL => Some(Awaiting::Query {
+                swallow: false,
+                reset: false,
+            }),
             fe::PARSE => Some(Awaiting::Parse {
                 swallow: false,
                 statement: None,
@@ -287,9 +295,9 @@ impl Transaction {
         self.push(Awaiting::Synthesized(Synthesized::Command(tag), None));
     }
 
-    /// The router sent the backend a statement that fails (the [`REFUSAL`] Parse, or Query
-    /// when `simple`) in place of the client's message: the client gets `error` (a whole
-    /// ErrorResponse) in place of the backend's.
+    /// The router sent the backend a statement that fails (a Parse of
+    /// [`super::prepared::REFUSAL_SQL`], or a Query when `simple`) in place of the client's
+    /// message: the client gets `error` (a whole ErrorResponse) in place of the backend's.
     pub fn refuse(&mut self, error: Box<[u8]>, simple: bool) {
         if !simple {
             self.unsynced = true;
@@ -316,7 +324,10 @@ impl Transaction {
     /// The router sent the backend a simple query of its own (`SET`s): everything up to its
     /// ReadyForQuery is swallowed.
     pub fn router_query(&mut self) {
-        self.push(Awaiting::Query { swallow: true });
+        self.push(Awaiting::Query {
+            swallow: true,
+            reset: false,
+        });
     }
 
     /// The router answers the client's last message itself, in turn.
@@ -378,14 +389,21 @@ impl Transaction {
     pub fn backend(&mut self, tag: u8, body: &[u8]) -> Result<Reply, OutOfTurn> {
         let out_of_turn = OutOfTurn { tag };
         let head = self.queue.front();
-        let swallowing_query = matches!(head, Some(Awaiting::Query { swallow: true }));
+        let swallowing_query = matches!(head, Some(Awaiting::Query { swallow: true, .. }));
         let reply = match tag {
             be::READY_FOR_QUERY => {
                 let reply = match self.queue.pop_front() {
-                    Some(Awaiting::Sync) | Some(Awaiting::Query { swallow: false }) => {
+                    Some(Awaiting::Query {
+                        swallow: false,
+                        reset: true,
+                    }) => {
+                        self.reset_done = true;
                         Reply::Forward
                     }
-                    Some(Awaiting::Query { swallow: true }) => Reply::Swallow,
+                    Some(Awaiting::Sync) | Some(Awaiting::Query { swallow: false, .. }) => {
+                        Reply::Forward
+                    }
+                    Some(Awaiting::Query { swallow: true, .. }) => Reply::Swallow,
                     _ => return Err(out_of_turn),
                 };
                 self.errored = false;
@@ -406,7 +424,10 @@ impl Transaction {
                     }
                     if simple {
                         // Its ReadyForQuery follows.
-                        self.queue.push_front(Awaiting::Query { swallow: false });
+                        self.queue.push_front(Awaiting::Query {
+                            swallow: false,
+                            reset: false,
+                        });
                     } else {
                         self.skip_to_sync();
                     }
@@ -414,7 +435,7 @@ impl Transaction {
                 }
                 match head {
                     // A simple query's error: its ReadyForQuery follows.
-                    Some(Awaiting::Query { swallow }) => {
+                    Some(Awaiting::Query { swallow, .. }) => {
                         if *swallow {
                             Reply::Swallow
                         } else {
@@ -435,7 +456,7 @@ impl Transaction {
             }
             // May come at any time.
             be::NOTICE_RESPONSE | be::PARAMETER_STATUS | be::NOTIFICATION_RESPONSE => {
-                if swallowing_query {
+                if swallowing_query || (tag == be::PARAMETER_STATUS && self.resetting()) {
                     Reply::Swallow
                 } else {
                     Reply::Forward
@@ -473,7 +494,7 @@ impl Transaction {
                     Reply::Forward
                 }
                 // A simple query's result set (NoData never comes there).
-                Some(Awaiting::Query { swallow }) if tag == be::ROW_DESCRIPTION => {
+                Some(Awaiting::Query { swallow, .. }) if tag == be::ROW_DESCRIPTION => {
                     if *swallow {
                         Reply::Swallow
                     } else {
@@ -483,17 +504,17 @@ impl Transaction {
                 _ => return Err(out_of_turn),
             },
             be::DATA_ROW | be::COPY_DATA | be::COPY_DONE => match head {
-                Some(Awaiting::Execute | Awaiting::Query { swallow: false }) => {
+                Some(Awaiting::Execute | Awaiting::Query { swallow: false, .. }) => {
                     if tag == be::COPY_DONE {
                         self.copy = Copy::None;
                     }
                     Reply::Forward
                 }
-                Some(Awaiting::Query { swallow: true }) => Reply::Swallow,
+                Some(Awaiting::Query { swallow: true, .. }) => Reply::Swallow,
                 _ => return Err(out_of_turn),
             },
             be::COPY_IN_RESPONSE | be::COPY_OUT_RESPONSE | be::COPY_BOTH_RESPONSE => match head {
-                Some(Awaiting::Execute | Awaiting::Query { swallow: false }) => {
+                Some(Awaiting::Execute | Awaiting::Query { swallow: false, .. }) => {
                     self.copy = match tag {
                         be::COPY_IN_RESPONSE => Copy::In,
                         be::COPY_OUT_RESPONSE => Copy::Out,
@@ -510,7 +531,7 @@ impl Transaction {
                         self.queue.pop_front();
                         Reply::Forward
                     }
-                    Some(Awaiting::Query { swallow }) if tag != be::PORTAL_SUSPENDED => {
+                    Some(Awaiting::Query { swallow, .. }) if tag != be::PORTAL_SUSPENDED => {
                         if *swallow {
                             Reply::Swallow
                         } else {
@@ -521,7 +542,7 @@ impl Transaction {
                 }
             }
             be::FUNCTION_CALL_RESPONSE => match head {
-                Some(Awaiting::Query { swallow: false }) => Reply::Forward,
+                Some(Awaiting::Query { swallow: false, .. }) => Reply::Forward,
                 _ => return Err(out_of_turn),
             },
             _ => return Err(out_of_turn),
@@ -537,6 +558,35 @@ impl Transaction {
             }
         }
         self.backend_skipping = self.queue.is_empty();
+    }
+
+    /// The client's last message resets the session's parameters (DISCARD ALL, RESET ALL).
+    pub fn resets_parameters(&mut self) {
+        if let Some(Awaiting::Query {
+            swallow: false,
+            reset,
+        }) = self.queue.back_mut()
+        {
+            *reset = true;
+        }
+    }
+
+    /// True while the backend answers a query that resets the session's parameters: its
+    /// ParameterStatus messages report the pool's defaults, not the client's.
+    pub fn resetting(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(Awaiting::Query {
+                swallow: false,
+                reset: true
+            })
+        )
+    }
+
+    /// True once (the call clears it) after the ReadyForQuery of a query that reset the
+    /// session's parameters: the client is owed ParameterStatus for its own defaults.
+    pub fn take_reset_done(&mut self) -> bool {
+        std::mem::take(&mut self.reset_done)
     }
 
     /// ReadyForQuery messages the backend owes (one per Sync and per simple query sent).

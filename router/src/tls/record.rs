@@ -9,7 +9,7 @@
 //! This layer is exactly as strict as rustls's own `ServerConnection` is after its handshake
 //! (rustls 0.23.46; `tls::differential` checks it against rustls record by record): the same
 //! record headers are refused, the same additional data authenticated, the same messages
-//! accepted ([`inbound`](super::inbound)), the same alert sent for each failure
+//! accepted (`tls::inbound`), the same alert sent for each failure
 //! ([`RecordError::alert`]), and the same limits kept on what a peer may repeat.
 //!
 //! TLS 1.3 key updates (RFC 8446 7.2) are derived here from the application traffic secrets

@@ -1,0 +1,6 @@
+branchgate-loadgen query --rate 1000 --connections 1 --duration 15s --warmup 2s --slice 1s \
+    --target pg=postgres://bench:$PASSWORD@localhost:35447/postgres?sslmode=verify-full&sslrootcert=$DIR/tls/ca.crt \
+    --target pgbouncer=postgres://bench:$PASSWORD@localhost:37211/bench?sslmode=verify-full&sslrootcert=$DIR/tls/ca.crt \
+    --target branchgate-pooled=postgres://bench.main:$PASSWORD@localhost:37887/postgres?sslmode=verify-full&sslrootcert=$DIR/tls/ca.crt&sslnegotiation=direct \
+    --pid-file pgbouncer=$DIR/pgbouncer/pgbouncer.pid \
+    --pid-file branchgate-pooled=$DIR/branchgate.pid
