@@ -1071,6 +1071,19 @@ fn reset_of_one_parameter_keeps_the_startup_value_as_on_a_real_server() {
         let told = ok(conn.until_ready("extended RESET"), "extended RESET");
         let now = conn.value(check);
         steps.push(("extended reset", told, now));
+        // A named statement prepared in one transaction, executed in a later one (on the
+        // pooled port, possibly on another backend).
+        conn.send(&[parse("reset_tz", "RESET TimeZone", &[]), sync()]);
+        ok(conn.until_ready("Parse of a RESET"), "Parse of a RESET");
+        let told = ok(
+            conn.simple("SET TimeZone = 'UTC'"),
+            "set before the named RESET",
+        );
+        steps.push(("set before the named reset", told, conn.value(check)));
+        conn.send(&[bind_execute("reset_tz", &[]), sync()]);
+        let told = ok(conn.until_ready("named RESET"), "named RESET");
+        let now = conn.value(check);
+        steps.push(("named reset", told, now));
         seen.push(steps);
     }
     let (direct, pooled) = (&seen[0], &seen[1]);

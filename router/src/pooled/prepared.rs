@@ -39,6 +39,19 @@ pub struct Statement {
     pub server_name: Box<str>,
     /// The Parse message that prepares it on a backend (under `server_name`).
     pub parse: Box<[u8]>,
+    /// Its text may send parameters back to their session defaults (`RESET name`): each
+    /// execution is to be followed as the Parse was.
+    pub resets: bool,
+}
+
+impl Statement {
+    /// The parameters its text may send back to their session defaults.
+    fn resets(&self, f: impl FnMut(String)) {
+        if self.resets {
+            let after_name = HEADER_BYTES + self.server_name.len() + 1;
+            parse_resets(self.parse.get(after_name..).unwrap_or_default(), f);
+        }
+    }
 }
 
 /// A client's statements, by its own names.
@@ -70,9 +83,12 @@ impl ClientStatements {
         let server_name = server_name(&self.context, after_name);
         let mut parse = Vec::with_capacity(HEADER_BYTES + server_name.len() + 1 + after_name.len());
         message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
+        let mut resets = false;
+        parse_resets(after_name, |_| resets = true);
         Rc::new(Statement {
             server_name,
             parse: parse.into_boxed_slice(),
+            resets,
         })
     }
 
@@ -291,12 +307,17 @@ impl Translator<'_> {
         let mut r = Reader::new(&message[HEADER_BYTES..]);
         let name = r.cstr_utf8().map_err(|_| Malformed("Parse"))?;
         let after_name = r.rest();
-        parse_resets(after_name, |name| self.tx.may_reset(name));
+        let mut resets = false;
+        parse_resets(after_name, |name| {
+            resets = true;
+            self.tx.may_reset(name);
+        });
         if name.is_empty() || !self.enabled() {
             // The unnamed statement: as sent, and kept for a later transaction.
             self.client.unnamed = Some(Rc::new(Statement {
                 server_name: "".into(),
                 parse: message.into(),
+                resets,
             }));
             self.transient.unnamed_here = true;
             self.out.extend_from_slice(message);
@@ -397,6 +418,10 @@ impl Translator<'_> {
                 None => return Ok(false),
             }
         };
+        if let Some(statement) = &statement {
+            // A statement prepared in an earlier transaction: its Parse was followed then.
+            statement.resets(|name| self.tx.may_reset(name));
+        }
         let new_name = statement.as_ref().map_or("", |s| &*s.server_name);
         let len = total_len - name.len() + new_name.len() - 1;
         self.out.push(fe::BIND);
