@@ -1112,6 +1112,95 @@ fn reset_of_one_parameter_keeps_the_startup_value_as_on_a_real_server() {
     );
 }
 
+/// A `SET` of a parameter PostgreSQL does not report (`search_path`, `statement_timeout`) stays
+/// with the client that made it, as on a real server, and never reaches the next client of its
+/// backend: the router reads the values back when such a transaction ends. Includes pg_dump's
+/// `SET search_path TO ''; BEGIN; RESET search_path; ROLLBACK` (PgDog #1299), after which a real
+/// server's session still has the empty search_path.
+#[test]
+fn unreported_sets_stay_with_their_client_on_a_shared_backend() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "app");
+    let startup = [("search_path", "lc_nowhere, public")];
+    let check = "select current_setting('search_path') || ' | ' || \
+                 current_setting('statement_timeout')";
+    let connect = |addr, startup: &[(&str, &str)]| {
+        RawConn::connect(
+            addr,
+            f.certs.client_config(),
+            Mode::SslRequest,
+            &user("app"),
+            &password("app"),
+            startup,
+        )
+    };
+    let run = |conn: &mut RawConn, sql: &str| {
+        let replies = conn.simple(sql);
+        assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
+    };
+    // What PostgreSQL 15 itself answers to this sequence with these startup parameters (a
+    // byte-level client straight to the server gives the same; the direct port does not: see
+    // issue 8's note).
+    let expected = [
+        "lc_nowhere, public | 0",
+        "lc_other, public | 5s",
+        "lc_third | 5s",
+        "lc_nowhere, public | 5s",
+        "lc_nowhere, public | 5s",
+        "\"\" | 5s",
+        "lc_nowhere, public | 0",
+    ];
+    {
+        let mut a = connect(router.pooled_addr(), &startup);
+        let mut steps = vec![a.value(check)];
+        run(
+            &mut a,
+            "SET search_path TO lc_other, public; SET statement_timeout = '5s'",
+        );
+        steps.push(a.value(check));
+        run(&mut a, "BEGIN; SET search_path TO lc_third; COMMIT");
+        steps.push(a.value(check));
+        run(&mut a, "RESET search_path");
+        steps.push(a.value(check));
+        // pg_dump's sequence: the ROLLBACK undoes the RESET.
+        run(&mut a, "SET search_path TO ''");
+        run(&mut a, "BEGIN");
+        run(&mut a, "RESET search_path");
+        steps.push(a.value(check));
+        run(&mut a, "ROLLBACK");
+        steps.push(a.value(check));
+        run(
+            &mut a,
+            "SET SESSION search_path = DEFAULT; RESET statement_timeout",
+        );
+        steps.push(a.value(check));
+        assert_eq!(steps, expected, "pooled port vs a real server's session");
+    }
+
+    // Two clients on the one backend: each sees only its own values.
+    let mut a = connect(router.pooled_addr(), &startup);
+    let mut b = connect(router.pooled_addr(), &[]);
+    let b_default = b.value(check);
+    assert_eq!(b_default, "\"$user\", public | 0");
+    run(
+        &mut a,
+        "SET search_path TO '' ; SET statement_timeout = '7s'",
+    );
+    assert_eq!(b.value(check), b_default, "after a's SET");
+    assert_eq!(a.value(check), "\"\" | 7s");
+    // As pg_dump sends it: one statement at a time. (In one query string the router cannot
+    // tell that the ROLLBACK undid the RESET: README, "Parameters follow the client".)
+    run(&mut a, "BEGIN");
+    run(&mut a, "RESET search_path");
+    run(&mut a, "ROLLBACK");
+    assert_eq!(b.value(check), b_default, "after a's rolled-back RESET");
+    assert_eq!(a.value(check), "\"\" | 7s");
+    assert_eq!(
+        b.value("select count(*) from pg_catalog.pg_class where false"),
+        "0"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 9. Shutdown
 

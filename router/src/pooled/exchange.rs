@@ -31,7 +31,7 @@ pub(super) async fn transaction(
     worker: &Rc<Worker>,
     client: &mut Client,
     backend: &mut Backend,
-) -> Result<(), Broken> {
+) -> Result<Over, Broken> {
     let mut tx = Transaction::default();
     let mut to_backend: Vec<u8> = Vec::with_capacity(FIRST_CAPACITY);
     // The client's parameters on this backend.
@@ -399,9 +399,18 @@ pub(super) async fn transaction(
         reason = handle.kill.wait() => Step::Killed(reason),
     };
     worker.stats.queries.add(queries.get());
-    let reusable = !state.borrow().tx.busy() && !writing.get() && !reading.get();
+    // A backend whose session values the client may have changed is not lent again unread.
+    let reusable = !state.borrow().tx.busy()
+        && !state.borrow().tx.has_sets()
+        && !writing.get()
+        && !reading.get();
     let end = match step {
-        Step::Released => return Ok(()),
+        Step::Released => {
+            return Ok(Over {
+                sets: state.borrow_mut().tx.take_sets(),
+                resync: found.borrow().resync,
+            })
+        }
         Step::ClientGone => End::ClientClosed,
         Step::ClientFailed(error) => End::ClientFailed(error),
         Step::Fatal(code, message) => End::Fatal(code, message),
@@ -424,6 +433,15 @@ pub(super) async fn transaction(
         }
     };
     Err(Broken { end, reusable })
+}
+
+/// A transaction that ended with its backend free to go back.
+pub(super) struct Over {
+    /// Parameters its statements may have given new session values (`SET name ...`).
+    pub(super) sets: Vec<Box<str>>,
+    /// The backend is still to be given the client's parameters (a `RESET name` outside a
+    /// transaction block took it to the pool's default).
+    pub(super) resync: bool,
 }
 
 /// Why a transaction ended other than with the backend released.
@@ -679,6 +697,7 @@ fn backend_messages(
                     // Unreported parameters a statement may have reset: the router no longer
                     // knows the backend's value, so the client's is given again.
                     for name in tx.take_resets() {
+                        client.reset_unreported(&name);
                         if backend.forget_unreported(&name) {
                             found.resync = true;
                         }

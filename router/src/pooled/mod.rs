@@ -47,6 +47,7 @@ pub mod maintenance;
 pub mod params;
 pub mod pool;
 pub mod prepared;
+pub mod readback;
 pub mod stream;
 pub mod transaction;
 
@@ -276,8 +277,47 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
         .map_or(backend.addr, |branch| branch.primary);
     let ctx = context(worker, &primary, &catalog);
     match outcome {
-        Ok(()) if delivered => pool.release(&ctx, backend),
-        Ok(()) => pool.discard(backend),
+        Ok(over) if delivered => {
+            // Parameters the server does not report that the transaction set: read back, so
+            // the client keeps them and the backend's next client does not.
+            let unreported: Vec<Box<str>> = over
+                .sets
+                .into_iter()
+                .filter(|name| !client.params.is_reported(name))
+                .collect();
+            if unreported.is_empty() {
+                pool.release(&ctx, backend);
+            } else {
+                // A `RESET name` outside a block left the backend at the pool's default: the
+                // client's value goes first, in the same round trip.
+                let mut sql = String::new();
+                if over.resync {
+                    backend.params.sync_to(&client.params, &mut sql);
+                }
+                let reading = Box::pin(readback::current_settings(
+                    &mut backend,
+                    &unreported,
+                    &sql,
+                    &worker.buffers,
+                ));
+                match reading.await {
+                    Ok(values) => {
+                        for (name, value) in unreported.iter().zip(&values) {
+                            client.params.set_unreported(name, value.as_deref());
+                            backend.params.set_unreported(name, value.as_deref());
+                        }
+                        pool.release(&ctx, backend);
+                    }
+                    Err(error) => {
+                        if let Some(suppressed) = BACKEND_FAILED.allow() {
+                            tracing::warn!(%error, suppressed, "reading back a client's settings failed");
+                        }
+                        pool.discard(backend);
+                    }
+                }
+            }
+        }
+        Ok(_) => pool.discard(backend),
         Err(Broken {
             end: End::Lost(lost),
             ..

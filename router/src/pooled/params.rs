@@ -6,8 +6,8 @@
 //! client's StartupMessage asked for on top, and follows every ParameterStatus the backend
 //! sends while the client holds it (its own `SET`s). Parameters PostgreSQL does not report
 //! (`search_path`, `statement_timeout` given at startup) are applied from the StartupMessage
-//! only: a `SET` of one of them inside a session is not seen by the router, as with PgBouncer;
-//! a `RESET` of one is (the backend is given the client's value again).
+//! and followed through the client's statements: a `SET` or `RESET` of one is read back from
+//! the backend when its transaction ends ([`readback`](super::readback)).
 //!
 //! Values are compared as the server reports them. The router sets them with
 //! `pg_catalog.set_config`, which reads a value as a StartupMessage gives it (`SET` would read
@@ -99,8 +99,8 @@ pub struct ClientParams {
     changed: Params,
     /// Parameters from the StartupMessage that the server does not report.
     unreported: Params,
-    /// Reported parameters the StartupMessage set: the session's defaults, what a RESET goes
-    /// back to.
+    /// Parameters the StartupMessage set, reported or not: the session's defaults, what a
+    /// RESET goes back to.
     startup: Params,
 }
 
@@ -120,10 +120,10 @@ impl ClientParams {
             }
             if params.base.get(name).is_some() {
                 params.reported(name, value);
-                params.startup.set(name, value);
             } else {
                 params.unreported.set(name, value);
             }
+            params.startup.set(name, value);
         }
         // Kept for the client's life: no spare room (a Vec grows to 4 pairs, 128 bytes, at once).
         for set in [
@@ -154,9 +154,14 @@ impl ClientParams {
             .map(|(n, v)| (n.into(), v.into()))
             .collect();
         self.changed = Params::default();
+        self.unreported = Params::default();
         let startup = std::mem::take(&mut self.startup);
         for (name, value) in startup.iter() {
-            self.reported(name, value);
+            if self.base.get(name).is_some() {
+                self.reported(name, value);
+            } else {
+                self.unreported.set(name, value);
+            }
         }
         self.startup = startup;
         before
@@ -183,6 +188,35 @@ impl ClientParams {
         let changed = self.get(name) != Some(&*startup);
         self.reported(name, &startup);
         Some(changed.then_some(startup))
+    }
+
+    /// The client's own `SET` gave unreported parameter `name` the value `value` (read back
+    /// from its backend), or left it without one (`None`).
+    pub fn set_unreported(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(value) => self.unreported.set(name, value),
+            None => self.unreported.remove(name),
+        }
+    }
+
+    /// A statement may have sent unreported parameter `name` back to its session default:
+    /// for the client, its startup value (or none).
+    pub fn reset_unreported(&mut self, name: &str) {
+        if self.base.get(name).is_some() {
+            return;
+        }
+        match self.startup.get(name) {
+            Some(value) => {
+                let value: Box<str> = value.into();
+                self.unreported.set(name, &value);
+            }
+            None => self.unreported.remove(name),
+        }
+    }
+
+    /// True if `name` is a parameter the backends report (ParameterStatus).
+    pub fn is_reported(&self, name: &str) -> bool {
+        self.base.get(name).is_some()
     }
 
     /// The value the client believes `name` has, for reported parameters.
@@ -242,6 +276,16 @@ impl BackendParams {
     /// The backend's session went back to its defaults (DISCARD ALL, RESET ALL).
     pub fn reset(&mut self) {
         self.unreported = Params::default();
+        self.given = None;
+    }
+
+    /// Unreported parameter `name` has `value` on this backend (read back after a client's
+    /// `SET`), or the value the server starts with (`None`).
+    pub fn set_unreported(&mut self, name: &str, value: Option<&str>) {
+        match value {
+            Some(value) => self.unreported.set(name, value),
+            None => self.unreported.remove(name),
+        }
         self.given = None;
     }
 
@@ -325,7 +369,8 @@ fn push_set(sql: &mut String, name: &str, value: &str) {
     sql.push_str(", false);");
 }
 
-fn push_literal(sql: &mut String, text: &str) {
+/// Appends `text` as an `E'...'` string literal.
+pub(super) fn push_literal(sql: &mut String, text: &str) {
     sql.push_str("E'");
     for c in text.chars() {
         if c == '\'' || c == '\\' {

@@ -39,17 +39,17 @@ pub struct Statement {
     pub server_name: Box<str>,
     /// The Parse message that prepares it on a backend (under `server_name`).
     pub parse: Box<[u8]>,
-    /// Its text may send parameters back to their session defaults (`RESET name`): each
+    /// Its text resets or sets parameters (`RESET name`, `SET search_path ...`): each
     /// execution is to be followed as the Parse was.
     pub resets: bool,
 }
 
 impl Statement {
-    /// The parameters its text may send back to their session defaults.
-    fn resets(&self, f: impl FnMut(String)) {
+    /// The parameter changes its text makes.
+    fn resets(&self, f: impl FnMut(ParameterChange)) {
         if self.resets {
             let after_name = HEADER_BYTES + self.server_name.len() + 1;
-            parse_resets(self.parse.get(after_name..).unwrap_or_default(), f);
+            parse_parameter_changes(self.parse.get(after_name..).unwrap_or_default(), f);
         }
     }
 }
@@ -84,7 +84,7 @@ impl ClientStatements {
         let mut parse = Vec::with_capacity(HEADER_BYTES + server_name.len() + 1 + after_name.len());
         message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
         let mut resets = false;
-        parse_resets(after_name, |_| resets = true);
+        parse_parameter_changes(after_name, |_| resets = true);
         Rc::new(Statement {
             server_name,
             parse: parse.into_boxed_slice(),
@@ -308,9 +308,9 @@ impl Translator<'_> {
         let name = r.cstr_utf8().map_err(|_| Malformed("Parse"))?;
         let after_name = r.rest();
         let mut resets = false;
-        parse_resets(after_name, |name| {
+        parse_parameter_changes(after_name, |change| {
             resets = true;
-            self.tx.may_reset(name);
+            self.tx.parameter_change(change);
         });
         if name.is_empty() || !self.enabled() {
             // The unnamed statement: as sent, and kept for a later transaction.
@@ -420,7 +420,7 @@ impl Translator<'_> {
         };
         if let Some(statement) = &statement {
             // A statement prepared in an earlier transaction: its Parse was followed then.
-            statement.resets(|name| self.tx.may_reset(name));
+            statement.resets(|change| self.tx.parameter_change(change));
         }
         let new_name = statement.as_ref().map_or("", |s| &*s.server_name);
         let len = total_len - name.len() + new_name.len() - 1;
@@ -512,8 +512,8 @@ impl Translator<'_> {
         if facts.resets_parameters {
             self.tx.resets_parameters();
         }
-        for name in facts.resets {
-            self.tx.may_reset(name);
+        for change in facts.changes {
+            self.tx.parameter_change(change);
         }
         true
     }
@@ -747,8 +747,8 @@ struct QueryFacts {
     resets_parameters: bool,
     /// The whole query is one `DEALLOCATE name`.
     deallocate: Option<String>,
-    /// Parameters a `RESET name` or `SET name TO DEFAULT` sends back to the session default.
-    resets: Vec<String>,
+    /// Parameters its statements reset or set (see [`ParameterChange`]).
+    changes: Vec<ParameterChange>,
 }
 
 /// Reads a simple query's statements' first words.
@@ -785,8 +785,8 @@ fn query_facts(text: &[u8]) -> QueryFacts {
             facts.resets_parameters = true;
         } else if first.eq_ignore_ascii_case("reset") && is(second, "all") {
             facts.resets_parameters = true;
-        } else if let Some(name) = parameter_reset(statement) {
-            facts.resets.push(name);
+        } else if let Some(change) = parameter_change(statement) {
+            facts.changes.push(change);
         }
     });
     if count == 1 {
@@ -795,18 +795,31 @@ fn query_facts(text: &[u8]) -> QueryFacts {
     facts
 }
 
-/// The parameter a `RESET name` or `SET [SESSION | LOCAL] name {TO | =} DEFAULT` statement
-/// sends back to its session default (with PostgreSQL's other spellings, `TIME ZONE` and
-/// `NAMES`). `RESET ALL`, `RESET ROLE` and `SET SESSION AUTHORIZATION DEFAULT` are not one.
-fn parameter_reset(statement: &str) -> Option<String> {
+/// What a statement does to a session parameter that the router must follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParameterChange {
+    /// `RESET name` or `SET [SESSION | LOCAL] name {TO | =} DEFAULT` (with PostgreSQL's other
+    /// spellings, `TIME ZONE` and `NAMES`): back to the session default. `RESET ALL`, `RESET
+    /// ROLE` and `SET SESSION AUTHORIZATION DEFAULT` are not one.
+    Reset(String),
+    /// `SET [SESSION] name {TO | =} value` (or `SET SCHEMA`): a new session value. `SET LOCAL`
+    /// (over with the transaction), `SET ROLE`, `SET SESSION AUTHORIZATION`, `SET TRANSACTION`
+    /// and `SET CONSTRAINTS` are not one; neither are `SET TIME ZONE` and `SET NAMES`, whose
+    /// parameters the server reports.
+    Set(String),
+}
+
+/// The parameter change a statement makes, if it makes one (see [`ParameterChange`]).
+fn parameter_change(statement: &str) -> Option<ParameterChange> {
     let first = statement.get(..5)?;
     if !(first.eq_ignore_ascii_case("reset") || first[..3].eq_ignore_ascii_case("set")) {
         return None;
     }
-    // Words, with `=` one of its own. At most a handful matter.
+    // The first words, with `=` one of its own: a handful decide.
     let mut words: [&str; 6] = [""; 6];
     let mut count = 0;
-    for piece in statement.split(|c: char| c.is_ascii_whitespace() || c == '\u{b}') {
+    let mut more = false;
+    'split: for piece in statement.split(|c: char| c.is_ascii_whitespace() || c == '\u{b}') {
         let mut rest = piece;
         while !rest.is_empty() {
             let word = match rest.find('=') {
@@ -816,7 +829,8 @@ fn parameter_reset(statement: &str) -> Option<String> {
             };
             rest = &rest[word.len()..];
             if count == words.len() {
-                return None;
+                more = true;
+                break 'split;
             }
             words[count] = word;
             count += 1;
@@ -824,13 +838,16 @@ fn parameter_reset(statement: &str) -> Option<String> {
     }
     let words = &words[..count];
     let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
+    let reset = |name: String| Some(ParameterChange::Reset(name));
     match words {
-        [reset, time, zone] if is(reset, "reset") && is(time, "time") && is(zone, "zone") => {
-            Some("timezone".into())
+        _ if more => {}
+        [reset_, time, zone] if is(reset_, "reset") && is(time, "time") && is(zone, "zone") => {
+            return reset("timezone".into());
         }
-        [reset, name] if is(reset, "reset") => {
+        [reset_, name] if is(reset_, "reset") => {
             let not = ["all", "role", "session"];
-            (!not.iter().any(|n| is(name, n))).then(|| unquote(name))
+            return (!not.iter().any(|n| is(name, n)))
+                .then(|| ParameterChange::Reset(unquote(name)));
         }
         [set, rest @ ..] if is(set, "set") => {
             let rest = match rest {
@@ -843,10 +860,10 @@ fn parameter_reset(statement: &str) -> Option<String> {
                         && is(zone, "zone")
                         && (is(value, "default") || is(value, "local")) =>
                 {
-                    Some("timezone".into())
+                    return reset("timezone".into());
                 }
                 [names, value] if is(names, "names") && is(value, "default") => {
-                    Some("client_encoding".into())
+                    return reset("client_encoding".into());
                 }
                 [name, to, value]
                     if (is(to, "to") || *to == "=")
@@ -854,18 +871,43 @@ fn parameter_reset(statement: &str) -> Option<String> {
                         && !is(name, "role")
                         && !is(name, "session") =>
                 {
-                    Some(unquote(name))
+                    return reset(unquote(name));
                 }
-                _ => None,
+                _ => {}
             }
+        }
+        _ => {}
+    }
+    // A new value: `SET [SESSION] name {TO | =} ...` or `SET SCHEMA ...`.
+    let rest = match words {
+        [set, rest @ ..] if is(set, "set") => rest,
+        _ => return None,
+    };
+    let rest = match rest {
+        [local, ..] if is(local, "local") => return None,
+        [session, name, ..] if is(session, "session") && !is(name, "authorization") => &rest[1..],
+        _ => rest,
+    };
+    match rest {
+        [schema, _, ..] if is(schema, "schema") => Some(ParameterChange::Set("search_path".into())),
+        [name, to, _, ..] if is(to, "to") || *to == "=" => {
+            let not = [
+                "role",
+                "session",
+                "transaction",
+                "constraints",
+                "time",
+                "names",
+            ];
+            (!not.iter().any(|n| is(name, n))).then(|| ParameterChange::Set(unquote(name)))
         }
         _ => None,
     }
 }
 
-/// The parameters a Parse's query text may send back to their session defaults (see
-/// [`parameter_reset`]); only a text that starts like one is read.
-pub fn parse_resets(body_after_name: &[u8], mut f: impl FnMut(String)) {
+/// The parameter changes in a Parse's query text (see [`ParameterChange`]); only a text that
+/// starts like one is read.
+pub fn parse_parameter_changes(body_after_name: &[u8], mut f: impl FnMut(ParameterChange)) {
     let Some(&first) = body_after_name
         .iter()
         .find(|b| !(b.is_ascii_whitespace() || **b == 0x0b))
@@ -883,8 +925,8 @@ pub fn parse_resets(body_after_name: &[u8], mut f: impl FnMut(String)) {
         return;
     };
     for_each_statement(text, |statement| {
-        if let Some(name) = parameter_reset(statement) {
-            f(name);
+        if let Some(change) = parameter_change(statement) {
+            f(change);
         }
     });
 }
@@ -1299,36 +1341,60 @@ mod tests {
         assert!(discard.clears_statements && discard.resets_parameters);
         assert!(facts("RESET ALL").resets_parameters);
         assert!(!facts("RESET TimeZone").resets_parameters);
-        assert_eq!(facts("RESET TimeZone").resets, ["timezone"]);
+        let reset = |name: &str| ParameterChange::Reset(name.into());
+        let set = |name: &str| ParameterChange::Set(name.into());
+        assert_eq!(facts("RESET TimeZone").changes, [reset("timezone")]);
         assert_eq!(
             facts(
                 "begin; SET application_name=DEFAULT; set local \"DateStyle\" to default; commit"
             )
-            .resets,
-            ["application_name", "DateStyle"]
+            .changes,
+            [reset("application_name"), reset("DateStyle")]
         );
-        assert_eq!(facts("reset time zone").resets, ["timezone"]);
-        assert_eq!(facts("SET SESSION TIME ZONE LOCAL").resets, ["timezone"]);
-        assert_eq!(facts("SET NAMES DEFAULT").resets, ["client_encoding"]);
-        assert_eq!(facts("RESET search_path").resets, ["search_path"]);
+        assert_eq!(facts("reset time zone").changes, [reset("timezone")]);
+        assert_eq!(
+            facts("SET SESSION TIME ZONE LOCAL").changes,
+            [reset("timezone")]
+        );
+        assert_eq!(
+            facts("SET NAMES DEFAULT").changes,
+            [reset("client_encoding")]
+        );
+        assert_eq!(facts("RESET search_path").changes, [reset("search_path")]);
+        assert_eq!(
+            facts("SET search_path TO a, b, c, d, e, f; set session statement_timeout='5s'")
+                .changes,
+            [set("search_path"), set("statement_timeout")]
+        );
+        assert_eq!(facts("SET SCHEMA 'app'").changes, [set("search_path")]);
+        assert_eq!(facts("SET TimeZone TO UTC").changes, [set("timezone")]);
+        assert_eq!(
+            facts("SET application_name = default, x").changes,
+            [set("application_name")]
+        );
         for not in [
             "RESET ALL",
             "RESET ROLE",
             "RESET SESSION AUTHORIZATION",
             "SET SESSION AUTHORIZATION DEFAULT",
-            "SET TimeZone TO 'default'",
-            "SET TimeZone TO UTC",
-            "SET application_name = default, x",
+            "SET SESSION AUTHORIZATION bob",
+            "SET ROLE bob",
+            "SET LOCAL search_path TO a",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "SET TIME ZONE 'UTC'",
+            "SET NAMES 'LATIN1'",
             "SELECT 'RESET TimeZone'",
             "settle",
             "RESET",
         ] {
-            assert!(facts(not).resets.is_empty(), "{not}");
+            assert!(facts(not).changes.is_empty(), "{not}");
         }
         let mut parsed = Vec::new();
-        parse_resets(b"  reset \"TimeZone\"\0\0\0", |name| parsed.push(name));
-        parse_resets(b"select 1\0\0\0", |name| parsed.push(name));
-        assert_eq!(parsed, ["TimeZone"]);
+        parse_parameter_changes(b"  reset \"TimeZone\"\0\0\0", |c| parsed.push(c));
+        parse_parameter_changes(b"select 1\0\0\0", |c| parsed.push(c));
+        parse_parameter_changes(b"SET search_path = app\0\0\0", |c| parsed.push(c));
+        assert_eq!(parsed, [reset("TimeZone"), set("search_path")]);
         assert!(facts("PREPARE p AS select 1").prepare);
         assert!(facts("select 'first'; PREPARE p3 AS select 3").prepare);
         assert!(facts("/* hidden */ prepare p as select 1").prepare);

@@ -189,6 +189,9 @@ pub struct Transaction {
     /// Parameters a statement sent since the backend was last idle may have sent back to the
     /// session default (`RESET name`), lower case, at most [`MAX_RESETS`].
     resets: Vec<Box<str>>,
+    /// Parameters a statement of this transaction may have given a new session value (`SET
+    /// name ...`), lower case, at most [`MAX_RESETS`].
+    sets: Vec<Box<str>>,
 }
 
 /// Parameter resets followed per transaction; more are not told apart from `SET`s.
@@ -207,6 +210,7 @@ impl Default for Transaction {
             errored: false,
             reset_done: false,
             resets: Vec::new(),
+            sets: Vec::new(),
             undo: Vec::new(),
         }
     }
@@ -590,12 +594,37 @@ impl Transaction {
         )
     }
 
-    /// A statement the client sent may send parameter `name` back to its session default.
-    pub fn may_reset(&mut self, mut name: String) {
-        name.make_ascii_lowercase();
-        if self.resets.len() < MAX_RESETS && !self.resets.iter().any(|n| **n == *name) {
-            self.resets.push(name.into());
+    /// A statement the client sent may change a parameter.
+    pub fn parameter_change(&mut self, change: super::prepared::ParameterChange) {
+        use super::prepared::ParameterChange;
+        fn note(list: &mut Vec<Box<str>>, name: &str) {
+            if list.len() < MAX_RESETS && !list.iter().any(|n| **n == *name) {
+                list.push(name.into());
+            }
         }
+        match change {
+            ParameterChange::Reset(mut name) => {
+                name.make_ascii_lowercase();
+                note(&mut self.resets, &name);
+                // Its outcome is read back too: a ROLLBACK can undo it.
+                note(&mut self.sets, &name);
+            }
+            ParameterChange::Set(mut name) => {
+                name.make_ascii_lowercase();
+                note(&mut self.sets, &name);
+            }
+        }
+    }
+
+    /// True if statements of this transaction may have given parameters new session values.
+    pub fn has_sets(&self) -> bool {
+        !self.sets.is_empty()
+    }
+
+    /// The parameters statements of this transaction may have given new session values:
+    /// the call clears them.
+    pub fn take_sets(&mut self) -> Vec<Box<str>> {
+        std::mem::take(&mut self.sets)
     }
 
     /// True if a statement the client sent since the backend was last idle may have sent

@@ -1,0 +1,170 @@
+//! The values a client's `SET` gave parameters PostgreSQL does not report (`search_path`,
+//! `statement_timeout`, ...), read back from its backend once its transaction is over.
+//!
+//! PostgreSQL sends no ParameterStatus for them, so the router cannot follow such a `SET` from
+//! the backend's messages, and a backend that kept one would hand it to the next client of the
+//! pool (PgBouncer's behaviour in transaction mode, PgDog #1299). When a transaction's
+//! statements set one (`SET [SESSION] name ...`, seen in simple queries and Parse messages),
+//! the router asks the backend for the values with `current_setting` before it lends the
+//! backend again: the client keeps them (as its session would on a real server) and the next
+//! client of that backend gets its own. One round trip, only after such a transaction.
+
+use std::time::Duration;
+
+use crate::buf::{write_all_vec, BufPool, ReadBuf};
+use crate::protocol::backend as be;
+use crate::protocol::frame::HEADER_BYTES;
+use crate::protocol::reader::Reader;
+use crate::protocol::write;
+
+use super::params;
+use super::pool::Backend;
+
+/// How long the backend has to answer.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the values could not be read: the backend is not lent again.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadBackError {
+    #[error("backend: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("backend closed")]
+    Closed,
+    #[error("backend did not answer in time")]
+    Timeout,
+    #[error("backend's answer is not a row of settings: {0}")]
+    Protocol(&'static str),
+}
+
+/// The current values of `names` on `backend` (idle, between transactions), in order, after
+/// `first` (the router's own statements, if any); `None` for a name the backend has no value
+/// for (a `SET` of it failed).
+pub(super) async fn current_settings(
+    backend: &mut Backend,
+    names: &[Box<str>],
+    first: &str,
+    buffers: &BufPool,
+) -> Result<Vec<Option<String>>, ReadBackError> {
+    let mut sql = String::from(first);
+    sql.push_str("SELECT ");
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("pg_catalog.current_setting(");
+        params::push_literal(&mut sql, name);
+        sql.push_str(", true)");
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + sql.len() + 1);
+    write::query(&mut out, &sql);
+    let mut buf = ReadBuf::from_storage(buffers.take());
+    let read = monoio::time::timeout(READ_BACK_TIMEOUT, async {
+        write_all_vec(&mut backend.wr, &mut out).await?;
+        read_row(backend, &mut buf, names.len()).await
+    })
+    .await
+    .unwrap_or(Err(ReadBackError::Timeout));
+    buf.release(buffers);
+    read
+}
+
+/// Reads the answer to the query up to its ReadyForQuery: the last DataRow's values (the
+/// router's own statements before it answer with rows of their own).
+async fn read_row(
+    backend: &mut Backend,
+    buf: &mut ReadBuf,
+    columns: usize,
+) -> Result<Vec<Option<String>>, ReadBackError> {
+    let mut row = None;
+    loop {
+        while let Some((tag, len)) = whole_message(buf.data())? {
+            let body = &buf.data()[HEADER_BYTES..len];
+            match tag {
+                be::DATA_ROW => row = Some(body.to_vec()),
+                be::READY_FOR_QUERY => {
+                    // An error (a name PostgreSQL refuses) leaves no row: nothing is known.
+                    return match row {
+                        Some(body) => data_row(&body, columns),
+                        None => Ok(vec![None; columns]),
+                    };
+                }
+                _ => {}
+            }
+            buf.consume(len);
+        }
+        if buf.fill_from(&mut backend.rd).await? == 0 {
+            return Err(ReadBackError::Closed);
+        }
+    }
+}
+
+/// The tag and length of the whole message at the start of `data`, if it is all there.
+fn whole_message(data: &[u8]) -> Result<Option<(u8, usize)>, ReadBackError> {
+    let Some(header) = data.get(..HEADER_BYTES) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len < 4 {
+        return Err(ReadBackError::Protocol("message length"));
+    }
+    let total = 1 + len;
+    Ok((data.len() >= total).then_some((header[0], total)))
+}
+
+/// A DataRow of `columns` text values.
+fn data_row(body: &[u8], columns: usize) -> Result<Vec<Option<String>>, ReadBackError> {
+    let mut r = Reader::new(body);
+    let count = r.u16().map_err(|_| ReadBackError::Protocol("DataRow"))? as usize;
+    if count != columns {
+        return Err(ReadBackError::Protocol("DataRow columns"));
+    }
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = r.i32().map_err(|_| ReadBackError::Protocol("DataRow"))?;
+        if len < 0 {
+            values.push(None);
+            continue;
+        }
+        let bytes = r
+            .take(len as usize)
+            .map_err(|_| ReadBackError::Protocol("DataRow"))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|_| ReadBackError::Protocol("DataRow text"))?;
+        values.push(Some(text.to_owned()));
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_row_of_settings() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&3u16.to_be_bytes());
+        for value in [Some("app, public"), None, Some("")] {
+            match value {
+                Some(v) => {
+                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    body.extend_from_slice(v.as_bytes());
+                }
+                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        assert_eq!(
+            data_row(&body, 3).expect("well-formed"),
+            [Some("app, public".to_owned()), None, Some(String::new())]
+        );
+        assert!(data_row(&body, 2).is_err());
+        assert!(data_row(&body[..body.len() - 3], 3).is_err());
+    }
+
+    #[test]
+    fn whole_messages_only() {
+        let message = [b'Z', 0, 0, 0, 5, b'I'];
+        assert_eq!(whole_message(&message).expect("fine"), Some((b'Z', 6)));
+        assert_eq!(whole_message(&message[..5]).expect("fine"), None);
+        assert!(whole_message(&[b'Z', 0, 0, 0, 3]).is_err());
+    }
+}
