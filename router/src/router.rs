@@ -706,15 +706,10 @@ fn run_worker(
             );
         }
     }
-    let build = |uring: io_uring::Builder| {
-        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .with_entries(crate::worker::URING_ENTRIES)
-            .uring_builder(uring)
-            .enable_timer()
-            .build()
-    };
-    let runtime = build(crate::worker::uring_builder())
-        .or_else(|_| build(crate::worker::plain_uring_builder()));
+    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .with_entries(crate::worker::URING_ENTRIES)
+        .enable_timer()
+        .build();
     let mut runtime = match runtime {
         Ok(runtime) => runtime,
         Err(source) => {
