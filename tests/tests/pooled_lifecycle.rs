@@ -1139,8 +1139,7 @@ fn unreported_sets_stay_with_their_client_on_a_shared_backend() {
         assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
     };
     // What PostgreSQL 15 itself answers to this sequence with these startup parameters (a
-    // byte-level client straight to the server gives the same; the direct port does not: see
-    // issue 8's note).
+    // byte-level client straight to the server gives the same, and so does the direct port).
     let expected = [
         "lc_nowhere, public | 0",
         "lc_other, public | 5s",
@@ -1150,8 +1149,8 @@ fn unreported_sets_stay_with_their_client_on_a_shared_backend() {
         "\"\" | 5s",
         "lc_nowhere, public | 0",
     ];
-    {
-        let mut a = connect(router.pooled_addr(), &startup);
+    for addr in [router.direct_addr(), router.pooled_addr()] {
+        let mut a = connect(addr, &startup);
         let mut steps = vec![a.value(check)];
         run(
             &mut a,
@@ -1174,7 +1173,7 @@ fn unreported_sets_stay_with_their_client_on_a_shared_backend() {
             "SET SESSION search_path = DEFAULT; RESET statement_timeout",
         );
         steps.push(a.value(check));
-        assert_eq!(steps, expected, "pooled port vs a real server's session");
+        assert_eq!(steps, expected, "{addr} vs a real server's session");
     }
 
     // Two clients on the one backend: each sees only its own values.
