@@ -456,10 +456,23 @@ impl Worker {
                 None
             }
         };
+        // One canceller for the loop's accepts (each accept registers with it while in flight).
+        let canceller = monoio::io::Canceller::new();
         loop {
+            let accept = listener.cancelable_accept(canceller.handle());
+            let mut accept = std::pin::pin!(accept);
             let accepted = monoio::select! {
-                accepted = listener.accept() => accepted,
-                _ = self.stop_accepting.wait() => break,
+                accepted = &mut accept => accepted,
+                _ = self.stop_accepting.wait() => {
+                    // The accept in flight may have taken a connection already (its completion
+                    // not yet seen): dropping it would leave that client with a socket nobody
+                    // serves. It is cancelled and awaited instead, and what it took is served.
+                    let _ = canceller.cancel();
+                    if let Ok((stream, peer)) = accept.await {
+                        self.start_connection(stream, peer, port);
+                    }
+                    break;
+                }
             };
             match accepted {
                 Ok((stream, peer)) => self.start_connection(stream, peer, port),
