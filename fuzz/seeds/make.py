@@ -293,6 +293,11 @@ SEEDS = {
         + frame(b"Q", b"DEALLOCATE ALL;\0")
         + frame(b"Q", b"select 1; /* ; */ select ';'; PREPARE p AS select $$;$$\0")
         + frame(b"Q", b"DISCARD ALL\0"),
+        "parameters": b"\xfe"
+        + frame(b"Q", b"SET search_path TO a, b; RESET TimeZone; SET SESSION x.y = DEFAULT\0")
+        + frame(b"P", b"r\0SET LOCAL statement_timeout = 5\0\0\0")
+        + frame(b"B", b"\0r\0\0\0\0\0\0\0")
+        + frame(b"S", b""),
         "replies": b"\x81"
         + frame(b"P", b"a\0select 1\0\0\0")
         + frame(b"P", b"b\0select 2\0\0\0")

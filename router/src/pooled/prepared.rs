@@ -811,8 +811,9 @@ pub enum ParameterChange {
 
 /// The parameter change a statement makes, if it makes one (see [`ParameterChange`]).
 fn parameter_change(statement: &str) -> Option<ParameterChange> {
-    let first = statement.get(..5)?;
-    if !(first.eq_ignore_ascii_case("reset") || first[..3].eq_ignore_ascii_case("set")) {
+    // Bytes, not characters: the text may have any UTF-8 after the first letters.
+    let first = statement.as_bytes().get(..5)?;
+    if !(first.eq_ignore_ascii_case(b"reset") || first[..3].eq_ignore_ascii_case(b"set")) {
         return None;
     }
     // The first words, with `=` one of its own: a handful decide.
@@ -1387,6 +1388,9 @@ mod tests {
             "SELECT 'RESET TimeZone'",
             "settle",
             "RESET",
+            // Found by the fuzzer: a multi-byte character among the first five bytes.
+            "sRïelect 1",
+            "seï",
         ] {
             assert!(facts(not).changes.is_empty(), "{not}");
         }
