@@ -258,6 +258,31 @@ impl RouterProcess {
     }
 
     /// Sends `signal` to the router.
+    /// Sends SIGSTOP and waits until every thread of the router has stopped (kill(2) only
+    /// queues the signal: a thread still running could accept meanwhile).
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.child.id());
+        wait_for(
+            "the router's threads to stop",
+            Duration::from_secs(10),
+            || {
+                let entries = std::fs::read_dir(&tasks).ok()?;
+                let all_stopped = entries.flatten().all(|task| {
+                    std::fs::read_to_string(task.path().join("stat"))
+                        .ok()
+                        .and_then(|stat| {
+                            // The state follows the command name's closing parenthesis.
+                            let after = stat.rsplit_once(')')?.1;
+                            after.split_whitespace().next().map(|state| state == "T")
+                        })
+                        .unwrap_or(false)
+                });
+                all_stopped.then_some(())
+            },
+        );
+    }
+
     pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) on our own child, which is not reaped until `Drop` or `wait_exit`.

@@ -227,7 +227,7 @@ fn connections_queued_on_a_stopped_old_router_are_served_through_the_takeover() 
     let user = format!("{ROLE}.moved");
     let (addr, pooled_addr) = (old.addr(), old.pooled_addr());
 
-    old.signal(libc::SIGSTOP);
+    old.stop();
     let clients: Vec<_> = (0..2 * QUEUED_PER_PORT)
         .map(|i| {
             let target = if i % 2 == 0 { pooled_addr } else { addr };
