@@ -706,10 +706,15 @@ fn run_worker(
             );
         }
     }
-    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .with_entries(crate::worker::URING_ENTRIES)
-        .enable_timer()
-        .build();
+    let build = |uring: io_uring::Builder| {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .with_entries(crate::worker::URING_ENTRIES)
+            .uring_builder(uring)
+            .enable_timer()
+            .build()
+    };
+    let runtime = build(crate::worker::uring_builder())
+        .or_else(|_| build(crate::worker::plain_uring_builder()));
     let mut runtime = match runtime {
         Ok(runtime) => runtime,
         Err(source) => {
