@@ -114,6 +114,18 @@ impl Fixture {
         self.raw_with(router, role, mode, &[])
     }
 
+    /// A byte-level client of role `app` on `addr` (either port) with startup parameters.
+    fn app_at(&self, addr: SocketAddr, startup: &[(&str, &str)]) -> RawConn {
+        RawConn::connect(
+            addr,
+            self.certs.client_config(),
+            Mode::SslRequest,
+            &user("app"),
+            &password("app"),
+            startup,
+        )
+    }
+
     /// As [`Fixture::raw`], with startup parameters.
     fn raw_with(
         &self,
@@ -964,24 +976,13 @@ fn discard_all_keeps_startup_parameters_as_on_a_real_server() {
                  current_setting('application_name') || ' ' || current_setting('DateStyle')";
     let mut seen = Vec::new();
     for addr in [router.direct_addr(), router.pooled_addr()] {
-        let mut conn = RawConn::connect(
-            addr,
-            f.certs.client_config(),
-            Mode::SslRequest,
-            &user("app"),
-            &password("app"),
-            &startup,
-        );
+        let mut conn = f.app_at(addr, &startup);
         assert!(errors(&conn.simple("SET DateStyle = 'SQL, DMY'")).is_empty());
         assert!(errors(&conn.simple("SET TimeZone = 'UTC'")).is_empty());
         let before = conn.value(check);
         let replies = conn.simple("DISCARD ALL");
         assert!(errors(&replies).is_empty(), "{:?}", errors(&replies));
-        let reported: Vec<(String, String)> = replies
-            .iter()
-            .filter(|(tag, _)| *tag == b'S')
-            .map(|(_, body)| raw::parameter_status(body))
-            .collect();
+        let reported = parameter_statuses(&replies);
         let after = conn.value(check);
         let again = conn.value(check);
         seen.push((before, reported, after, again));
@@ -996,6 +997,15 @@ fn discard_all_keeps_startup_parameters_as_on_a_real_server() {
 }
 
 type Step = (&'static str, Vec<(String, String)>, String);
+
+/// The ParameterStatus messages among `replies`, as (name, value).
+fn parameter_statuses(replies: &[Reply]) -> Vec<(String, String)> {
+    replies
+        .iter()
+        .filter(|(tag, _)| *tag == b'S')
+        .map(|(_, body)| raw::parameter_status(body))
+        .collect()
+}
 
 /// `RESET name` and `SET name TO DEFAULT` send one parameter back to its session default, which
 /// on a real server is the startup value: outside a transaction, inside one (the statements
@@ -1014,30 +1024,14 @@ fn reset_of_one_parameter_keeps_the_startup_value_as_on_a_real_server() {
     ];
     let check = "select current_setting('TimeZone') || ' | ' || \
                  current_setting('application_name') || ' | ' || current_setting('search_path')";
-    let connect = |addr| {
-        RawConn::connect(
-            addr,
-            f.certs.client_config(),
-            Mode::SslRequest,
-            &user("app"),
-            &password("app"),
-            &startup,
-        )
-    };
-    let reported = |replies: &[Reply]| -> Vec<(String, String)> {
-        replies
-            .iter()
-            .filter(|(tag, _)| *tag == b'S')
-            .map(|(_, body)| raw::parameter_status(body))
-            .collect()
-    };
+    let connect = |addr| f.app_at(addr, &startup);
     let ok = |replies: Vec<Reply>, what: &str| -> Vec<(String, String)> {
         assert!(
             errors(&replies).is_empty(),
             "{what}: {:?}",
             errors(&replies)
         );
-        reported(&replies)
+        parameter_statuses(&replies)
     };
     let mut seen = Vec::new();
     for addr in [router.direct_addr(), router.pooled_addr()] {
@@ -1124,16 +1118,7 @@ fn unreported_sets_stay_with_their_client_on_a_shared_backend() {
     let startup = [("search_path", "lc_nowhere, public")];
     let check = "select current_setting('search_path') || ' | ' || \
                  current_setting('statement_timeout')";
-    let connect = |addr, startup: &[(&str, &str)]| {
-        RawConn::connect(
-            addr,
-            f.certs.client_config(),
-            Mode::SslRequest,
-            &user("app"),
-            &password("app"),
-            startup,
-        )
-    };
+    let connect = |addr, startup: &[(&str, &str)]| f.app_at(addr, startup);
     let run = |conn: &mut RawConn, sql: &str| {
         let replies = conn.simple(sql);
         assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
