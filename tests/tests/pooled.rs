@@ -1318,6 +1318,9 @@ fn query_wait_timeout_ends_the_queued_client_with_pgbouncers_message() {
     // The holder's transaction is untouched.
     assert_eq!(holder.value("select 'still mine'"), "still mine");
     assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
+    // The client that gave up left the line: the one backend came back to the pool, not to
+    // it, and serves the next transaction (a backend lost to it would time this one out).
+    assert_eq!(holder.value("select 'served again'"), "served again");
 }
 
 #[test]

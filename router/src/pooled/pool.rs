@@ -104,10 +104,14 @@ enum Handoff {
 struct Waiter {
     handoff: RefCell<Option<Handoff>>,
     waker: RefCell<Option<Waker>>,
+    /// Taken out of the line and given something: only [`Pool::pass_on`] takes waiters out,
+    /// so one not given is still in the line, and one given is not.
+    given: Cell<bool>,
 }
 
 impl Waiter {
     fn give(&self, handoff: Handoff) {
+        self.given.set(true);
         *self.handoff.borrow_mut() = Some(handoff);
         if let Some(waker) = self.waker.borrow_mut().take() {
             waker.wake();
@@ -463,10 +467,15 @@ struct LeaveLine<'a> {
 
 impl Drop for LeaveLine<'_> {
     fn drop(&mut self) {
-        self.pool
-            .waiters
-            .borrow_mut()
-            .retain(|w| !Rc::ptr_eq(w, self.waiter));
+        // Only a waiter that gives up (timed out, its client gone) is still in the line: the
+        // search is not paid by every transaction that waited its turn, at a length of up to
+        // the branch's clients.
+        if !self.waiter.given.get() {
+            self.pool
+                .waiters
+                .borrow_mut()
+                .retain(|w| !Rc::ptr_eq(w, self.waiter));
+        }
         if let Some(handoff) = self.waiter.handoff.borrow_mut().take() {
             self.pool.pass_on(handoff);
         }
