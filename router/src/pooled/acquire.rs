@@ -41,7 +41,7 @@ pub(super) async fn acquire(
                 if Instant::now() >= deadline {
                     return Err(AcquireError::WaitTimeout);
                 }
-                monoio::time::sleep(PAUSE_POLL).await;
+                Box::pin(monoio::time::sleep(PAUSE_POLL)).await;
             }
             // The primary as the catalog names it now (a failover may have changed it).
             let catalog = worker.shared.catalog.load_full();
@@ -68,7 +68,7 @@ pub(super) async fn acquire(
                         );
                     }
                     drop(catalog);
-                    monoio::time::sleep(FAILOVER_RETRY).await;
+                    Box::pin(monoio::time::sleep(FAILOVER_RETRY)).await;
                 }
                 other => return other,
             }
@@ -83,7 +83,9 @@ pub(super) async fn acquire(
             }
             monoio::time::sleep_until(notice_at).await;
         };
+        // In this order: a backend at hand is taken before the notice's timer is even set.
         monoio::select! {
+            biased;
             acquired = &mut acquiring => break acquired,
             reason = client.handle.kill.wait() => return Err(End::Killed(reason)),
             () = notice => {

@@ -176,4 +176,24 @@ mod tests {
         assert!(size_of::<ClientStatements>() <= 72);
         assert!(size_of::<crate::worker::SessionHandle>() <= 136);
     }
+
+    /// The wait for a backend, allocated and moved into its box once per transaction: its rare
+    /// parts (connecting a backend, the pause and failover waits) are boxed apart.
+    #[test]
+    fn a_transactions_wait_for_a_backend_stays_small() {
+        fn acquire_of<'a, F: Future>(
+            _: impl FnOnce(
+                &'a Rc<Worker>,
+                &'a mut Client,
+                &'a pool::Pool,
+                crate::config::PoolSettings,
+            ) -> F,
+        ) -> usize {
+            size_of::<F>()
+        }
+        let size = acquire_of(acquire::acquire);
+        // Two of monoio's 768-byte timers (query_wait_timeout and the queued NOTICE); it was
+        // 4,096 bytes with a backend's connect inside.
+        assert!(size <= 3072, "acquire is {size} bytes");
+    }
 }

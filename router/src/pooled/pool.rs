@@ -240,9 +240,11 @@ impl Pool {
         if let Some(backend) = self.take_idle(ctx) {
             return Ok(backend);
         }
+        // Connecting is boxed, here and below: it is rare, and its future (TLS, SCRAM) would
+        // otherwise make every transaction's wait for a backend several kilobytes larger.
         if self.open.get() < self.settings.get().pool_size.get() {
             self.open.set(self.open.get() + 1);
-            return self.connect(ctx).await;
+            return Box::pin(self.connect(ctx)).await;
         }
         let waiter = Rc::new(Waiter::default());
         self.waiters.borrow_mut().push_back(waiter.clone());
@@ -254,7 +256,7 @@ impl Pool {
         };
         match monoio::time::timeout_at(deadline, waiter.wait()).await {
             Ok(Handoff::Backend(backend)) => Ok(*backend),
-            Ok(Handoff::Room) => self.connect(ctx).await,
+            Ok(Handoff::Room) => Box::pin(self.connect(ctx)).await,
             Err(_) => Err(AcquireError::WaitTimeout),
         }
     }
