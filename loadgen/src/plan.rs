@@ -1,9 +1,15 @@
 //! When each target runs, and when each request is meant to be sent.
 //!
-//! Targets take turns in short slices (round robin on one clock shared by every thread), so a
-//! burst of noise on the machine hits all of them alike and their results stay comparable as
-//! ratios. A [`Plan`] maps a point in time to the [`Slice`] in force; nothing needs to be
-//! exchanged between threads to agree on it.
+//! Targets take turns in short slices (rounds on one clock shared by every thread), so a burst
+//! of noise on the machine hits all of them alike and their results stay comparable as ratios.
+//! A [`Plan`] maps a point in time to the [`Slice`] in force; nothing needs to be exchanged
+//! between threads to agree on it.
+//!
+//! Each round runs every target once, but not always in the same order: a target's results
+//! depend on which one ran just before it (on two cores shared with PostgreSQL, a router's CPU
+//! per query was 5-14% lower in the slice after PgBouncer's than after another router's, the
+//! same build in both places; BENCHMARKS.md, section 8). The rounds follow a [`Rotation`] in
+//! which every target comes right after every other one equally often.
 //!
 //! [`Pacer`] gives the send times of one sender. Open loop, each request has an intended send
 //! time on a constant schedule and its latency is measured from that time, not from when it was
@@ -27,7 +33,7 @@ pub struct Slice {
     pub recording: bool,
 }
 
-/// The round-robin schedule of targets: warmup rounds, then measured rounds.
+/// The schedule of targets: warmup rounds, then measured rounds.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
     start: Instant,
@@ -36,6 +42,119 @@ pub struct Plan {
     warmup_rounds: usize,
     /// `None`: measured rounds go on until the caller stops (a count was asked for instead).
     measured_rounds: Option<usize>,
+    rotation: Rotation,
+}
+
+/// Targets up to which the rounds are balanced (a cycle of 7 rounds of 8); beyond, plain
+/// round robin.
+pub const MAX_BALANCED_TARGETS: usize = 8;
+const MAX_CYCLE: usize = MAX_BALANCED_TARGETS * (MAX_BALANCED_TARGETS - 1);
+/// Steps the search for a balanced cycle may take before settling for round robin (it needs
+/// a few thousand at 8 targets).
+const SEARCH_STEPS: u32 = 1_000_000;
+
+/// The order of the targets in each round, repeating every `rounds` rounds. With `n` targets
+/// balanced, the cycle is `n - 1` rounds, each an ordering of all the targets, in which every
+/// target is followed by every other exactly once, counting the step from one round to the
+/// next and from the cycle's end back to its start, and never by itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Rotation {
+    targets: usize,
+    rounds: usize,
+    order: [u8; MAX_CYCLE],
+}
+
+impl Rotation {
+    /// The balanced cycle for `targets`, or round robin if there are too many.
+    pub fn new(targets: usize) -> Rotation {
+        let targets = targets.max(1);
+        let mut rotation = Rotation {
+            targets,
+            rounds: 1,
+            order: [0; MAX_CYCLE],
+        };
+        for (slot, target) in rotation.order.iter_mut().zip(0..targets.min(MAX_CYCLE)) {
+            *slot = target as u8;
+        }
+        if (3..=MAX_BALANCED_TARGETS).contains(&targets) {
+            let mut search = Search {
+                n: targets,
+                len: targets * (targets - 1),
+                order: [0; MAX_CYCLE],
+                followed: [[false; MAX_BALANCED_TARGETS]; MAX_BALANCED_TARGETS],
+                steps: 0,
+            };
+            if search.fill(0) {
+                rotation.order = search.order;
+                rotation.rounds = targets - 1;
+            }
+        }
+        rotation
+    }
+
+    /// Rounds before the orders repeat.
+    pub fn rounds(&self) -> usize {
+        self.rounds
+    }
+
+    /// The target at `position` in round `round`.
+    pub fn target(&self, round: usize, position: usize) -> usize {
+        if self.targets > MAX_CYCLE {
+            return position;
+        }
+        usize::from(self.order[(round % self.rounds) * self.targets + position])
+    }
+
+    /// Where `target` runs in round `round`.
+    fn position(&self, round: usize, target: usize) -> usize {
+        (0..self.targets)
+            .find(|&position| self.target(round, position) == target)
+            .unwrap_or(target)
+    }
+}
+
+/// A depth-first search for [`Rotation`]'s cycle: target 0 first, each round an ordering,
+/// each (previous, next) pair used once.
+struct Search {
+    n: usize,
+    len: usize,
+    order: [u8; MAX_CYCLE],
+    followed: [[bool; MAX_BALANCED_TARGETS]; MAX_BALANCED_TARGETS],
+    steps: u32,
+}
+
+impl Search {
+    fn fill(&mut self, at: usize) -> bool {
+        if at == self.len {
+            let (last, first) = (usize::from(self.order[at - 1]), usize::from(self.order[0]));
+            return last != first && !self.followed[last][first];
+        }
+        self.steps += 1;
+        if self.steps > SEARCH_STEPS {
+            return false;
+        }
+        if at == 0 {
+            self.order[0] = 0;
+            return self.fill(1);
+        }
+        let round_start = at - at % self.n;
+        let previous = usize::from(self.order[at - 1]);
+        for next in 0..self.n {
+            let in_round = self.order[round_start..at]
+                .iter()
+                .any(|&t| usize::from(t) == next);
+            if in_round || next == previous || self.followed[previous][next] {
+                continue;
+            }
+            self.followed[previous][next] = true;
+            self.order[at] = next as u8;
+            if self.fill(at + 1) {
+                return true;
+            }
+            self.followed[previous][next] = false;
+        }
+        false
+    }
 }
 
 impl Plan {
@@ -56,6 +175,7 @@ impl Plan {
             targets: targets.max(1),
             warmup_rounds: div_ceil(warmup, slice),
             measured_rounds: Some(rounds),
+            rotation: Rotation::new(targets),
         }
     }
 
@@ -68,6 +188,7 @@ impl Plan {
             targets: targets.max(1),
             warmup_rounds: div_ceil(warmup, slice),
             measured_rounds: None,
+            rotation: Rotation::new(targets),
         }
     }
 
@@ -101,7 +222,9 @@ impl Plan {
         let start = self.start + self.slice.checked_mul(u32::try_from(index).ok()?)?;
         Some(Slice {
             index,
-            target: index % self.targets,
+            target: self
+                .rotation
+                .target(index / self.targets, index % self.targets),
             start,
             end: start + self.slice,
             recording: index / self.targets >= self.warmup_rounds,
@@ -117,8 +240,13 @@ impl Plan {
 
     /// The first slice of `target` numbered `from` or later.
     pub fn next_slice_of(&self, target: usize, from: usize) -> Option<Slice> {
-        let round = from / self.targets + usize::from(from % self.targets > target);
-        self.slice(round * self.targets + target)
+        let round = from / self.targets;
+        let index = round * self.targets + self.rotation.position(round, target);
+        if index >= from {
+            return self.slice(index);
+        }
+        let next = round + 1;
+        self.slice(next * self.targets + self.rotation.position(next, target))
     }
 }
 
@@ -257,12 +385,64 @@ mod tests {
         assert_eq!(next(2, 0), Some(2));
         assert_eq!(next(0, 1), Some(3));
         assert_eq!(next(1, 1), Some(1));
-        assert_eq!(next(1, 2), Some(4));
+        // The second round runs them as 0, 2, 1.
+        assert_eq!(next(1, 2), Some(5));
+        assert_eq!(next(2, 4), Some(4));
         assert_eq!(next(2, 8), Some(8));
         assert_eq!(next(0, 7), None);
         let warm = Plan::timed(Instant::now(), 2, ms(100), ms(100), ms(200));
         assert_eq!(warm.recorded_slices_of(1, usize::MAX), [3, 5]);
         assert_eq!(warm.recorded_slices_of(0, 4), [2]);
+    }
+
+    /// Every target runs once per round, and over the cycle (and across its end) each one is
+    /// followed by every other exactly once, never by itself.
+    #[test]
+    fn rotations_are_balanced_up_to_eight_targets() {
+        for n in 1..=MAX_BALANCED_TARGETS {
+            let rotation = Rotation::new(n);
+            assert_eq!(rotation.rounds(), (n - 1).max(1), "{n} targets");
+            let mut sequence = Vec::new();
+            for round in 0..rotation.rounds() {
+                let mut order: Vec<usize> = (0..n).map(|p| rotation.target(round, p)).collect();
+                sequence.extend_from_slice(&order);
+                order.sort_unstable();
+                assert_eq!(
+                    order,
+                    (0..n).collect::<Vec<_>>(),
+                    "{n} targets, round {round}"
+                );
+            }
+            let mut pairs = vec![vec![0; n]; n];
+            for (i, &target) in sequence.iter().enumerate() {
+                let next = sequence[(i + 1) % sequence.len()];
+                pairs[target][next] += 1;
+            }
+            for (a, row) in pairs.iter().enumerate() {
+                for (b, &count) in row.iter().enumerate() {
+                    let want = usize::from(a != b || n == 1);
+                    assert_eq!(count, want, "{n} targets: {a} then {b} in {sequence:?}");
+                }
+            }
+        }
+        let many = Rotation::new(12);
+        assert_eq!(many.rounds(), 1);
+        assert_eq!(
+            (0..12).map(|p| many.target(5, p)).collect::<Vec<_>>(),
+            (0..12).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_plan_follows_its_rotation() {
+        let plan = Plan::timed(Instant::now(), 3, ms(100), ms(0), ms(400));
+        let order: Vec<usize> = (0..12)
+            .map(|i| plan.slice(i).expect("in plan").target)
+            .collect();
+        assert_eq!(order, [0, 1, 2, 0, 2, 1, 0, 1, 2, 0, 2, 1]);
+        for target in 0..3 {
+            assert_eq!(plan.recorded_slices_of(target, usize::MAX).len(), 4);
+        }
     }
 
     #[test]
