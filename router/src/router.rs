@@ -713,17 +713,22 @@ fn run_worker(
             .enable_timer()
             .build()
     };
-    let runtime = build(crate::worker::uring_builder())
-        .or_else(|_| build(crate::worker::plain_uring_builder()));
-    let mut runtime = match runtime {
-        Ok(runtime) => runtime,
+    let [deferred, cooperative, plain] = crate::worker::uring_builders();
+    let runtime = build(deferred)
+        .map(|runtime| (runtime, "io_uring, deferred task running"))
+        .or_else(|_| {
+            build(cooperative).map(|runtime| (runtime, "io_uring, cooperative task running"))
+        })
+        .or_else(|_| build(plain).map(|runtime| (runtime, "io_uring")));
+    let (mut runtime, setup) = match runtime {
+        Ok(built) => built,
         Err(source) => {
             let _ = ready.send(Err((id, source)));
             return;
         }
     };
     let driver = match &runtime {
-        monoio::FusionRuntime::Uring(_) => "io_uring",
+        monoio::FusionRuntime::Uring(_) => setup,
         monoio::FusionRuntime::Legacy(_) => "legacy (epoll): io_uring unavailable",
     };
     tracing::info!(

@@ -42,24 +42,26 @@ const ACCEPT_SWEEP: Duration = Duration::from_millis(100);
 /// io_uring submission queue entries per worker.
 pub const URING_ENTRIES: u32 = 1024;
 
-/// The setup of a worker's io_uring: cooperative task running (Linux 5.19), so a completion
-/// that another core's network stack produces (the loopback peer's send, say) is queued until
-/// the worker next waits for completions (when it has no task left to run) instead of
-/// interrupting it with an IPI while it runs. On the pooled port's connection storms this cut
-/// the reschedule IPIs the router took tenfold and its CPU per connection by about 3%; on its
-/// point selects (32 and 256 clients, one worker, interleaved with a worker without it) the
-/// router's CPU per transaction by a quarter (26.0 to 19.2 µs, 27.2 to 20.3 µs), with p99 at one
-/// client not worse (BENCHMARKS.md, section 8). [`plain_uring_builder`] is the fallback for
-/// older kernels.
-pub fn uring_builder() -> io_uring::Builder {
-    let mut builder = io_uring::IoUring::builder();
-    builder.setup_coop_taskrun();
-    builder
-}
-
-/// A worker's io_uring setup where [`uring_builder`]'s is refused (kernels before 5.19).
-pub fn plain_uring_builder() -> io_uring::Builder {
-    io_uring::IoUring::builder()
+/// The setups of a worker's io_uring, the first the kernel accepts taken:
+///
+/// 1. Deferred task running (Linux 6.1, with the single issuer it requires: a worker's ring is
+///    only ever used by its own thread): a completion that another core's network stack
+///    produces (the loopback peer's send, say) waits until the worker next asks for
+///    completions, which monoio does when it has no task left to run, and the work runs then,
+///    in a batch. Against 2 below, one-worker routers interleaved with the targets' order
+///    balanced: 7% less CPU per transaction at 32 pooled clients (27.0 / 30.0 / 29.7 against
+///    24.8 / 27.1 / 28.4 µs), the same at 256 and 1,000 (BENCHMARKS.md, section 8).
+/// 2. Cooperative task running (Linux 5.19): the same work runs at the worker's next entry to
+///    the kernel instead of interrupting it with an IPI: 6% less CPU per transaction than 3 at
+///    32 and 256 clients (measured in both orders), a tenth of the reschedule IPIs in
+///    connection storms.
+/// 3. Neither, for older kernels.
+pub fn uring_builders() -> [io_uring::Builder; 3] {
+    let mut deferred = io_uring::IoUring::builder();
+    deferred.setup_single_issuer().setup_defer_taskrun();
+    let mut cooperative = io_uring::IoUring::builder();
+    cooperative.setup_coop_taskrun();
+    [deferred, cooperative, io_uring::IoUring::builder()]
 }
 
 /// State shared by all workers (read-mostly).
