@@ -41,13 +41,13 @@ pub struct Statement {
     pub parse: Box<[u8]>,
     /// Its text resets or sets parameters (`RESET name`, `SET search_path ...`): each
     /// execution is to be followed as the Parse was.
-    pub resets: bool,
+    pub changes_parameters: bool,
 }
 
 impl Statement {
     /// The parameter changes its text makes.
-    fn resets(&self, f: impl FnMut(ParameterChange)) {
-        if self.resets {
+    fn parameter_changes(&self, f: impl FnMut(ParameterChange)) {
+        if self.changes_parameters {
             let after_name = HEADER_BYTES + self.server_name.len() + 1;
             parse_parameter_changes(self.parse.get(after_name..).unwrap_or_default(), f);
         }
@@ -83,12 +83,12 @@ impl ClientStatements {
         let server_name = server_name(&self.context, after_name);
         let mut parse = Vec::with_capacity(HEADER_BYTES + server_name.len() + 1 + after_name.len());
         message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
-        let mut resets = false;
-        parse_parameter_changes(after_name, |_| resets = true);
+        let mut changes_parameters = false;
+        parse_parameter_changes(after_name, |_| changes_parameters = true);
         Rc::new(Statement {
             server_name,
             parse: parse.into_boxed_slice(),
-            resets,
+            changes_parameters,
         })
     }
 
@@ -307,9 +307,9 @@ impl Translator<'_> {
         let mut r = Reader::new(&message[HEADER_BYTES..]);
         let name = r.cstr_utf8().map_err(|_| Malformed("Parse"))?;
         let after_name = r.rest();
-        let mut resets = false;
+        let mut changes_parameters = false;
         parse_parameter_changes(after_name, |change| {
-            resets = true;
+            changes_parameters = true;
             self.tx.parameter_change(change);
         });
         if name.is_empty() || !self.enabled() {
@@ -317,7 +317,7 @@ impl Translator<'_> {
             self.client.unnamed = Some(Rc::new(Statement {
                 server_name: "".into(),
                 parse: message.into(),
-                resets,
+                changes_parameters,
             }));
             self.transient.unnamed_here = true;
             self.out.extend_from_slice(message);
@@ -420,7 +420,7 @@ impl Translator<'_> {
         };
         if let Some(statement) = &statement {
             // A statement prepared in an earlier transaction: its Parse was followed then.
-            statement.resets(|change| self.tx.parameter_change(change));
+            statement.parameter_changes(|change| self.tx.parameter_change(change));
         }
         let new_name = statement.as_ref().map_or("", |s| &*s.server_name);
         let len = total_len - name.len() + new_name.len() - 1;
