@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::buf::{write_all_vec, BufPool, ReadBuf};
 use crate::protocol::backend as be;
-use crate::protocol::frame::HEADER_BYTES;
+use crate::protocol::frame::{self, HEADER_BYTES};
 use crate::protocol::reader::Reader;
 use crate::protocol::write;
 
@@ -77,7 +77,7 @@ async fn read_row(
 ) -> Result<Vec<Option<String>>, ReadBackError> {
     let mut row = None;
     loop {
-        while let Some((tag, len)) = whole_message(buf.data())? {
+        while let Some((tag, len)) = whole_message(buf.data(), buf.capacity())? {
             let body = &buf.data()[HEADER_BYTES..len];
             match tag {
                 be::DATA_ROW => row = Some(body.to_vec()),
@@ -98,17 +98,13 @@ async fn read_row(
     }
 }
 
-/// The tag and length of the whole message at the start of `data`, if it is all there.
-fn whole_message(data: &[u8]) -> Result<Option<(u8, usize)>, ReadBackError> {
-    let Some(header) = data.get(..HEADER_BYTES) else {
-        return Ok(None);
-    };
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len < 4 {
-        return Err(ReadBackError::Protocol("message length"));
+/// The tag and length of the whole message at the start of `data`, if it is all there; one
+/// longer than `max` bytes (more than the buffer holds) is refused.
+fn whole_message(data: &[u8], max: usize) -> Result<Option<(u8, usize)>, ReadBackError> {
+    match frame::check(data, max) {
+        Ok(header) => Ok(header.map(|h| (h.tag, h.len))),
+        Err(_) => Err(ReadBackError::Protocol("message length")),
     }
-    let total = 1 + len;
-    Ok((data.len() >= total).then_some((header[0], total)))
 }
 
 /// A DataRow of `columns` text values.
@@ -163,8 +159,9 @@ mod tests {
     #[test]
     fn whole_messages_only() {
         let message = [b'Z', 0, 0, 0, 5, b'I'];
-        assert_eq!(whole_message(&message).expect("fine"), Some((b'Z', 6)));
-        assert_eq!(whole_message(&message[..5]).expect("fine"), None);
-        assert!(whole_message(&[b'Z', 0, 0, 0, 3]).is_err());
+        assert_eq!(whole_message(&message, 64).expect("fine"), Some((b'Z', 6)));
+        assert_eq!(whole_message(&message[..5], 64).expect("fine"), None);
+        assert!(whole_message(&[b'Z', 0, 0, 0, 3], 64).is_err());
+        assert!(whole_message(&message, 5).is_err());
     }
 }
