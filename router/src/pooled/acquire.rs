@@ -18,9 +18,10 @@ use super::{context, send_plain, Client, End, BACKEND_FAILED};
 /// A client waiting this long for a backend is told so with a NOTICE, as PgBouncer does.
 pub const QUEUED_NOTICE_AFTER: Duration = Duration::from_secs(5);
 
-/// The notice's text.
+/// The notice's text: PgBouncer's own words (1.25, `query_wait_notify`), which scripts and
+/// monitoring written for PgBouncer may look for.
 pub const QUEUED_NOTICE: &str =
-    "client queued: waiting for a server connection, the pool is full (query_wait_timeout applies)";
+    "No server connection available in postgres backend, client being queued";
 
 /// Takes a backend from the pool for the client's transaction and gives it the client's
 /// parameters. A client waiting longer than [`QUEUED_NOTICE_AFTER`] is told so.
