@@ -42,6 +42,7 @@
 //! max_client_connections = 0     # clients per branch on the pooled port; 0: no own limit
 //! max_prepared_statements = 200  # per backend connection; 0: not tracked
 //! query_wait_timeout = "120s"    # wait for a backend connection; never 0
+//! query_wait_notify = "5s"       # a NOTICE to a client queued this long; "0s": none
 //! client_idle_timeout = "0s"     # "0s": off
 //! idle_transaction_timeout = "0s"
 //! server_idle_timeout = "600s"

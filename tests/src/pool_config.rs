@@ -35,6 +35,8 @@ pub struct PoolSettings {
     pub max_prepared_statements: Option<u32>,
     /// How long a client may wait for a backend.
     pub query_wait_timeout: Option<Duration>,
+    /// How long a client waits before it is told it is queued (zero: never).
+    pub query_wait_notify: Option<Duration>,
     /// How long a client may stay idle outside a transaction.
     pub client_idle_timeout: Option<Duration>,
     /// How long a client may stay idle inside a transaction.
@@ -55,6 +57,7 @@ impl PoolSettings {
             max_client_connections: None,
             max_prepared_statements: None,
             query_wait_timeout: None,
+            query_wait_notify: None,
             client_idle_timeout: None,
             idle_transaction_timeout: None,
             server_idle_timeout: None,
@@ -80,6 +83,7 @@ impl PoolSettings {
         }
         let durations = [
             ("query_wait_timeout", self.query_wait_timeout),
+            ("query_wait_notify", self.query_wait_notify),
             ("client_idle_timeout", self.client_idle_timeout),
             ("idle_transaction_timeout", self.idle_transaction_timeout),
             ("server_idle_timeout", self.server_idle_timeout),

@@ -1359,6 +1359,42 @@ fn a_client_queued_over_five_seconds_gets_a_notice_then_its_answer() {
     );
 }
 
+/// `query_wait_notify` (PgBouncer's name) moves the NOTICE; zero turns it off.
+#[test]
+fn query_wait_notify_sets_when_a_queued_client_is_told_and_zero_turns_it_off() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.query_wait_timeout = Some(Duration::from_secs(30));
+    settings.query_wait_notify = Some(Duration::from_secs(1));
+    let soon = f.router(&settings);
+    settings.query_wait_notify = Some(Duration::ZERO);
+    let never = f.router(&settings);
+    for (router, notify) in [(&soon, true), (&never, false)] {
+        let mut holder = f.raw(router, Mode::Direct, &[]);
+        let mut waiter = f.raw(router, Mode::Direct, &[]);
+        assert_eq!(RawConn::status(&holder.simple("begin")), 'T');
+        let start = Instant::now();
+        waiter.send(&[query("select 'served'")]);
+        if notify {
+            let (tag, body) = waiter.next("the queued NOTICE");
+            let elapsed = start.elapsed();
+            assert_eq!(char::from(tag), 'N', "{:?}", String::from_utf8_lossy(&body));
+            assert!(
+                elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(1) + QUICK,
+                "NOTICE after {elapsed:?}"
+            );
+        } else {
+            // Held past the default's 5 s: nothing may arrive before the answer.
+            thread::sleep(QUEUED_NOTICE_AFTER + Duration::from_secs(1));
+        }
+        assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
+        assert_eq!(
+            rows(&waiter.until_ready("served"), "T D C Z", "waiter"),
+            ["served"]
+        );
+    }
+}
+
 #[test]
 fn idle_transaction_timeout_closes_the_client_and_frees_the_backend() {
     let f = fixture();

@@ -19,6 +19,9 @@ pub const DEFAULT_POOL_SIZE: NonZeroU32 = match NonZeroU32::new(20) {
 pub const DEFAULT_MAX_PREPARED_STATEMENTS: u32 = 200;
 /// Default bound on a client's wait for a backend connection.
 pub const DEFAULT_QUERY_WAIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default wait for a backend after which a queued client is told so (PgBouncer's
+/// `query_wait_notify`).
+pub const DEFAULT_QUERY_WAIT_NOTIFY: Duration = Duration::from_secs(5);
 /// Default time an unused backend connection stays open.
 pub const DEFAULT_SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default age at which a backend connection is closed once it is back in the pool.
@@ -42,6 +45,9 @@ pub struct PoolSettings {
     /// How long a client may wait for a backend connection before it gets an error. Never
     /// zero: every wait has a bound.
     pub query_wait_timeout: Duration,
+    /// A client waiting this long for a backend connection gets a NOTICE saying it is queued
+    /// (once per wait).
+    pub query_wait_notify: Option<Duration>,
     /// A client idle (outside a transaction) for this long is closed.
     pub client_idle_timeout: Option<Duration>,
     /// A client idle inside a transaction for this long is closed (its backend rolls back).
@@ -60,6 +66,7 @@ impl Default for PoolSettings {
             max_client_connections: None,
             max_prepared_statements: DEFAULT_MAX_PREPARED_STATEMENTS,
             query_wait_timeout: DEFAULT_QUERY_WAIT_TIMEOUT,
+            query_wait_notify: Some(DEFAULT_QUERY_WAIT_NOTIFY),
             client_idle_timeout: None,
             idle_transaction_timeout: None,
             server_idle_timeout: Some(DEFAULT_SERVER_IDLE_TIMEOUT),
@@ -82,6 +89,8 @@ pub struct PoolOverrides {
     pub max_prepared_statements: Option<u32>,
     /// [`PoolSettings::query_wait_timeout`].
     pub query_wait_timeout: Option<Duration>,
+    /// [`PoolSettings::query_wait_notify`].
+    pub query_wait_notify: Option<Option<Duration>>,
     /// [`PoolSettings::client_idle_timeout`].
     pub client_idle_timeout: Option<Option<Duration>>,
     /// [`PoolSettings::idle_transaction_timeout`].
@@ -113,6 +122,9 @@ impl PoolSettings {
             query_wait_timeout: overrides
                 .query_wait_timeout
                 .unwrap_or(self.query_wait_timeout),
+            query_wait_notify: overrides
+                .query_wait_notify
+                .unwrap_or(self.query_wait_notify),
             client_idle_timeout: overrides
                 .client_idle_timeout
                 .unwrap_or(self.client_idle_timeout),
@@ -136,6 +148,7 @@ pub(crate) struct RawPool {
     max_client_connections: Option<u32>,
     max_prepared_statements: Option<u32>,
     query_wait_timeout: Option<Spanned<HumanDuration>>,
+    query_wait_notify: Option<HumanDuration>,
     client_idle_timeout: Option<HumanDuration>,
     idle_transaction_timeout: Option<HumanDuration>,
     server_idle_timeout: Option<HumanDuration>,
@@ -201,6 +214,7 @@ impl RawPool {
             max_client_connections: self.max_client_connections.map(NonZeroU32::new),
             max_prepared_statements: self.max_prepared_statements,
             query_wait_timeout,
+            query_wait_notify: off_if_zero(self.query_wait_notify),
             client_idle_timeout: off_if_zero(self.client_idle_timeout),
             idle_transaction_timeout: off_if_zero(self.idle_transaction_timeout),
             server_idle_timeout: off_if_zero(self.server_idle_timeout),
@@ -246,6 +260,7 @@ mod tests {
                 max_client_connections: None,
                 max_prepared_statements: 200,
                 query_wait_timeout: secs(120),
+                query_wait_notify: Some(secs(5)),
                 client_idle_timeout: None,
                 idle_transaction_timeout: None,
                 server_idle_timeout: Some(secs(600)),
@@ -260,7 +275,7 @@ mod tests {
     fn every_setting_and_zero_means_off() {
         let text = "pool_size = 5\nmin_pool_size = 2\nmax_client_connections = 100\n\
                     max_prepared_statements = 0\nquery_wait_timeout = \"3s\"\n\
-                    client_idle_timeout = \"5m\"\nidle_transaction_timeout = \"30s\"\n\
+                    query_wait_notify = \"2s\"\nclient_idle_timeout = \"5m\"\nidle_transaction_timeout = \"30s\"\n\
                     server_idle_timeout = \"0s\"\nserver_lifetime = \"0s\"\n";
         assert_eq!(
             settings(text).expect("full [pool]"),
@@ -270,6 +285,7 @@ mod tests {
                 max_client_connections: Some(n(100)),
                 max_prepared_statements: 0,
                 query_wait_timeout: secs(3),
+                query_wait_notify: Some(secs(2)),
                 client_idle_timeout: Some(secs(300)),
                 idle_transaction_timeout: Some(secs(30)),
                 server_idle_timeout: None,
@@ -278,9 +294,10 @@ mod tests {
         );
         let off = settings(
             "client_idle_timeout = \"0s\"\nidle_transaction_timeout = \"0ms\"\n\
-             max_client_connections = 0\n",
+             max_client_connections = 0\nquery_wait_notify = \"0s\"\n",
         )
         .expect("zeros");
+        assert_eq!(off.query_wait_notify, None);
         assert_eq!(off.client_idle_timeout, None);
         assert_eq!(off.idle_transaction_timeout, None);
         assert_eq!(off.max_client_connections, None);
@@ -326,7 +343,7 @@ mod tests {
         .expect("[pool]");
         let branch = overrides(
             "pool_size = 3\nclient_idle_timeout = \"0s\"\nserver_lifetime = \"10m\"\n\
-             max_client_connections = 0\nquery_wait_timeout = \"1s\"\n",
+             max_client_connections = 0\nquery_wait_timeout = \"1s\"\nquery_wait_notify = \"0s\"\n",
         )
         .expect("[branch.pool]");
         assert_eq!(
@@ -337,6 +354,7 @@ mod tests {
                 server_lifetime: Some(Some(secs(600))),
                 max_client_connections: Some(None),
                 query_wait_timeout: Some(secs(1)),
+                query_wait_notify: Some(None),
                 ..PoolOverrides::default()
             }
         );
@@ -349,6 +367,7 @@ mod tests {
                 max_client_connections: None,
                 max_prepared_statements: 200,
                 query_wait_timeout: secs(1),
+                query_wait_notify: None,
                 client_idle_timeout: None,
                 idle_transaction_timeout: None,
                 server_idle_timeout: Some(secs(600)),

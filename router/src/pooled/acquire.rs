@@ -1,6 +1,6 @@
 //! A backend for a pooled client's next transaction: held back while its branch is paused,
 //! waiting out an unreachable primary (failover buffering), and a NOTICE for a client that
-//! waits long.
+//! waits longer than `query_wait_notify`.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -15,16 +15,13 @@ use crate::worker::Worker;
 use super::pool::{AcquireError, Backend, Pool};
 use super::{context, send_plain, Client, End, BACKEND_FAILED};
 
-/// A client waiting this long for a backend is told so with a NOTICE, as PgBouncer does.
-pub const QUEUED_NOTICE_AFTER: Duration = Duration::from_secs(5);
-
 /// The notice's text: PgBouncer's own words (1.25, `query_wait_notify`), which scripts and
 /// monitoring written for PgBouncer may look for.
 pub const QUEUED_NOTICE: &str =
     "No server connection available in postgres backend, client being queued";
 
 /// Takes a backend from the pool for the client's transaction and gives it the client's
-/// parameters. A client waiting longer than [`QUEUED_NOTICE_AFTER`] is told so.
+/// parameters. A client waiting longer than `query_wait_notify` is told so.
 pub(super) async fn acquire(
     worker: &Rc<Worker>,
     client: &mut Client,
@@ -33,7 +30,9 @@ pub(super) async fn acquire(
 ) -> Result<Backend, End> {
     let _waiting = worker.stats.wait();
     let deadline = Instant::now() + settings.query_wait_timeout;
-    let notice_at = Instant::now() + QUEUED_NOTICE_AFTER;
+    let notice_at = settings
+        .query_wait_notify
+        .map(|after| Instant::now() + after);
     let entry = client.branch.entry.clone();
     let acquiring = async {
         loop {
@@ -79,10 +78,10 @@ pub(super) async fn acquire(
     let mut noticed = false;
     let acquired = loop {
         let notice = async {
-            if noticed {
-                std::future::pending::<()>().await;
+            match notice_at {
+                Some(at) if !noticed => monoio::time::sleep_until(at).await,
+                _ => std::future::pending::<()>().await,
             }
-            monoio::time::sleep_until(notice_at).await;
         };
         // In this order: a backend at hand is taken before the notice's timer is even set.
         monoio::select! {
