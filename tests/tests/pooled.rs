@@ -1385,7 +1385,10 @@ fn query_wait_notify_sets_when_a_queued_client_is_told_and_zero_turns_it_off() {
             );
         } else {
             // Held past the default's 5 s: nothing may arrive before the answer.
-            thread::sleep(QUEUED_NOTICE_AFTER + Duration::from_secs(1));
+            waiter.expect_silence(
+                QUEUED_NOTICE_AFTER + Duration::from_secs(1),
+                "a client queued with query_wait_notify = 0",
+            );
         }
         assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
         assert_eq!(

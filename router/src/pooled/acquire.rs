@@ -17,7 +17,7 @@ use super::{context, send_plain, Client, End, BACKEND_FAILED};
 
 /// The notice's text: PgBouncer's own words (1.25, `query_wait_notify`), which scripts and
 /// monitoring written for PgBouncer may look for.
-pub const QUEUED_NOTICE: &str =
+const QUEUED_NOTICE: &str =
     "No server connection available in postgres backend, client being queued";
 
 /// Takes a backend from the pool for the client's transaction and gives it the client's

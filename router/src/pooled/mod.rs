@@ -83,7 +83,6 @@ use pool::{Context, Pool};
 use prepared::ClientStatements;
 use stream::MessageStream;
 
-pub use acquire::QUEUED_NOTICE;
 pub use branches::{BranchClients, BranchEntry, BranchFigures, BranchSlot};
 pub use maintenance::{close_pools, maintain, maintain_once, MAINTENANCE_INTERVAL};
 
