@@ -85,6 +85,17 @@ drain = "30s"
 health_check_interval = "2s"
 [limits]
 max_client_connections = 10000
+[pool]
+pool_size = 20
+min_pool_size = 2
+max_client_connections = 0
+max_prepared_statements = 200
+query_wait_timeout = "120s"
+query_wait_notify = "5s"
+client_idle_timeout = "0s"
+idle_transaction_timeout = "30s"
+server_idle_timeout = "600s"
+server_lifetime = "3600s"
 """
 
 # tls_differential: the layout in router/src/tls/differential.rs.
