@@ -29,6 +29,7 @@ use branchgate_e2e::tokio_tls::{assert_db_error, block_on, tp_connect_with, Make
 use branchgate_e2e::tools::psql_command;
 use branchgate_e2e::tp_session::Session;
 use branchgate_e2e::{BranchSpec, Certs, Conninfo, PgServer, PoolSettings, TestRouter};
+use futures_util::SinkExt;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 
@@ -794,6 +795,95 @@ fn a_failed_copy_in_gives_the_backend_back_to_the_pool() {
         a.value("select count(*) from lc_copy where client = 'raw'"),
         "0"
     );
+}
+
+/// COPY FROM STDIN through the extended protocol, as tokio-postgres and libpq send it: Bind,
+/// Execute and a Sync at once, then the data, CopyDone and another Sync. PostgreSQL ignores a
+/// Sync that reaches it during COPY IN, so only the second one is answered; a pooler that
+/// waits for an answer to each keeps the backend for ever (PgBouncer #1023).
+#[test]
+fn copy_in_over_the_extended_protocol_gives_the_backend_back() {
+    const COPY: &str = "COPY lc_copy (client, n, v) FROM STDIN";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "copier");
+    let mut b = f.raw(&router, "copier", Mode::Direct);
+    b.set_read_timeout(QUICK);
+    let pid = pid_of(&mut b);
+
+    // tokio-postgres's copy_in.
+    block_on(async {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("localhost")
+            .hostaddr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+            .port(router.pooled_addr().port())
+            .user(user("copier"))
+            .password(password("copier"))
+            .dbname("postgres")
+            .ssl_mode(SslMode::Require)
+            .connect_timeout(Duration::from_secs(10));
+        let client = tp_connect_with(&config, MakeRustls::new(f.certs.client_config()))
+            .await
+            .expect("tokio-postgres connects to the pooled port");
+        for round in 0..3 {
+            let sink = client.copy_in(COPY).await.expect("COPY starts");
+            let mut sink = std::pin::pin!(sink);
+            for n in 0..100 {
+                let row = format!("tp{round}\t{n}\trow {n}\n");
+                sink.send(bytes::Bytes::from(row)).await.expect("CopyData");
+            }
+            assert_eq!(sink.as_mut().finish().await.expect("COPY completes"), 100);
+        }
+        let row = client
+            .query_one(
+                "select count(*)::int from lc_copy where client like 'tp%'",
+                &[],
+            )
+            .await
+            .expect("count");
+        assert_eq!(row.get::<_, i32>(0), 300);
+    });
+    assert_eq!(pid_of(&mut b), pid, "b gets the one backend after copy_in");
+
+    // The whole COPY in one write, before any answer, then a query.
+    let mut a = f.raw(&router, "copier", Mode::SslRequest);
+    a.send(&[
+        parse("", COPY, &[]),
+        raw::bind("", "", &[]),
+        execute("", 0),
+        sync(),
+        copy_data("raw-x\t1\tone\n"),
+        copy_data("raw-x\t2\ttwo\n"),
+        copy_done(),
+        sync(),
+        query("select count(*) from lc_copy where client = 'raw-x'"),
+    ]);
+    let replies = a.until_ready("pipelined COPY");
+    assert_eq!(tags(&replies), "1 2 G C Z", "{:?}", errors(&replies));
+    let replies = a.until_ready("the query after it");
+    assert_eq!(rows(&replies, "T D C Z", "count"), ["2"]);
+    assert_eq!(pid_of(&mut b), pid, "b after the pipelined COPY");
+
+    // A bad row: the error, then the client's CopyDone and Sync get the ReadyForQuery.
+    a.send(&[
+        parse("", COPY, &[]),
+        raw::bind("", "", &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    let replies = [
+        a.next("ParseComplete"),
+        a.next("BindComplete"),
+        a.next("CopyInResponse"),
+    ];
+    assert_eq!(tags(&replies), "1 2 G");
+    a.send(&[copy_data("raw-y\tbad\tx\n")]);
+    assert_eq!(parse_error(&a.next("the bad row").1).code, "22P02");
+    a.send(&[copy_done(), sync()]);
+    let replies = a.until_ready("after the bad row");
+    assert_eq!(RawConn::status(&replies), 'I');
+    assert_eq!(pid_of(&mut b), pid, "b after the failed COPY");
+    assert_eq!(a.value("select 'a goes on'"), "a goes on");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,7 +23,10 @@
 //!
 //! Errors follow PostgreSQL: after an ErrorResponse to an extended-protocol message the
 //! backend ignores everything until the next Sync, so those entries are dropped (they will get
-//! no reply).
+//! no reply). So does COPY IN: the backend reads the client's messages as COPY data until its
+//! CopyDone or CopyFail and drops any Sync among them, such as the one libpq and tokio-postgres
+//! send right after the Execute of a COPY (PgBouncer #1023 kept the backend waiting for its
+//! answer).
 //!
 //! Pure: fed message types (and the few bytes of a body it needs), it never touches a socket,
 //! so it is tested on byte fixtures.
@@ -142,6 +145,10 @@ enum Awaiting {
     /// `error` in place of the backend's. `simple`: a simple query (its ReadyForQuery
     /// follows).
     Refused { error: Box<[u8]>, simple: bool },
+    /// Not a reply: where the client's CopyDone or CopyFail went, sent before the COPY it ends
+    /// had started (a whole COPY written at once). The Syncs before it are the COPY's to drop;
+    /// dropped itself when it reaches the head (no COPY before it started).
+    CopyEnd,
 }
 
 /// COPY in progress.
@@ -176,6 +183,9 @@ pub struct Transaction {
     /// The backend reported an error to an extended-protocol message and is ignoring
     /// messages until the client's next Sync: they get no entries.
     backend_skipping: bool,
+    /// The backend is in COPY IN and the client has not sent its CopyDone or CopyFail: a Sync
+    /// (or Flush) the client sends now is read and dropped by the backend.
+    client_copying: bool,
     /// Parses that did not happen, to take back.
     undo: Vec<Undo>,
     /// The router's error for the client, in place of the backend's just received.
@@ -205,6 +215,7 @@ impl Default for Transaction {
             copy: Copy::None,
             unsynced: false,
             backend_skipping: false,
+            client_copying: false,
             substitute: Vec::new(),
             accepted: Vec::new(),
             errored: false,
@@ -238,6 +249,19 @@ impl Transaction {
     /// The client sent a message of type `tag` (for Describe and Close, `kind` is the first
     /// body byte, `S` or `P`). Says whether it goes to the backend.
     pub fn client(&mut self, tag: u8, kind: u8) -> Send {
+        match tag {
+            // Dropped by the backend in COPY IN: no reply, and the batch still wants its Sync.
+            fe::SYNC | fe::FLUSH if self.client_copying => return Send::Forward,
+            fe::COPY_DONE | fe::COPY_FAIL => {
+                if self.client_copying {
+                    self.client_copying = false;
+                } else {
+                    self.push(Awaiting::CopyEnd);
+                }
+                return Send::Forward;
+            }
+            _ => {}
+        }
         let awaiting = match tag {
             fe::QUERY | fe::FUNCTION_CALL => Some(Awaiting::Query {
                 swallow: false,
@@ -347,6 +371,10 @@ impl Transaction {
     }
 
     fn push(&mut self, awaiting: Awaiting) {
+        if matches!(awaiting, Awaiting::CopyEnd) && self.queue.is_empty() {
+            // Nothing before it can start a COPY.
+            return;
+        }
         if self.backend_skipping {
             match awaiting {
                 Awaiting::Sync => self.backend_skipping = false,
@@ -391,6 +419,7 @@ impl Transaction {
         while let Some(Awaiting::Synthesized(reply, _)) = self.queue.front() {
             reply.write(out, self.status);
             self.queue.pop_front();
+            self.settle();
         }
     }
 
@@ -427,6 +456,8 @@ impl Transaction {
             }
             be::ERROR_RESPONSE => {
                 self.copy = Copy::None;
+                // Out of COPY IN: the client's Syncs from here on are answered.
+                self.client_copying = false;
                 self.errored = true;
                 if let Some(Awaiting::Refused { simple, .. }) = head {
                     let simple = *simple;
@@ -531,6 +562,9 @@ impl Transaction {
                         be::COPY_OUT_RESPONSE => Copy::Out,
                         _ => Copy::Both,
                     };
+                    if tag != be::COPY_OUT_RESPONSE {
+                        self.copy_in_started();
+                    }
                     Reply::Forward
                 }
                 _ => return Err(out_of_turn),
@@ -558,7 +592,47 @@ impl Transaction {
             },
             _ => return Err(out_of_turn),
         };
+        self.settle();
         Ok(reply)
+    }
+
+    /// The backend went into COPY IN for the message at the head of the queue. It reads the
+    /// client's next messages as COPY data until CopyDone or CopyFail, and reads and drops any
+    /// Sync or Flush among them (PostgreSQL's `CopyGetData`): the Syncs the client sent since
+    /// get no ReadyForQuery. A message of another kind ends the COPY with an error (08P01), so
+    /// the Syncs after it are answered.
+    fn copy_in_started(&mut self) {
+        // What the client sent after the message that started the COPY.
+        const AFTER: usize = 1;
+        self.client_copying = true;
+        while let Some(next) = self.queue.get(AFTER) {
+            match next {
+                Awaiting::Sync => {
+                    self.queue.remove(AFTER);
+                }
+                Awaiting::CopyEnd => {
+                    self.queue.remove(AFTER);
+                    self.client_copying = false;
+                    break;
+                }
+                _ => {
+                    self.client_copying = false;
+                    break;
+                }
+            }
+        }
+        let extended = matches!(self.queue.front(), Some(Awaiting::Execute));
+        if extended && !self.queue.iter().any(|a| matches!(a, Awaiting::Sync)) {
+            // The Execute's batch still owes the backend a Sync.
+            self.unsynced = true;
+        }
+    }
+
+    /// Drops the COPY end markers that reached the head: no COPY before them can start.
+    fn settle(&mut self) {
+        while let Some(Awaiting::CopyEnd) = self.queue.front() {
+            self.queue.pop_front();
+        }
     }
 
     /// After an extended-protocol error: the backend skips to the next Sync.
@@ -885,6 +959,106 @@ mod tests {
         // The client's CopyDone after the error is ignored by the backend.
         client(&mut tx, &["c"]);
         assert!(tx.releasable());
+    }
+
+    #[test]
+    fn copy_in_in_the_extended_protocol_drops_the_sync_sent_with_its_execute() {
+        // libpq and tokio-postgres: Bind, Execute, Sync; the data, CopyDone, Sync. The first
+        // Sync reaches the backend in COPY IN, which drops it (PgBouncer #1023).
+        let mut tx = Transaction::default();
+        client(&mut tx, &["B", "E", "S"]);
+        backend(&mut tx, b'2');
+        assert_eq!(backend(&mut tx, b'G'), Reply::Forward);
+        assert_eq!(
+            tx.owed_ready(),
+            0,
+            "the Sync sent with the Execute is dropped"
+        );
+        client(&mut tx, &["d", "d", "c"]);
+        backend(&mut tx, b'C');
+        assert!(!tx.releasable(), "the batch still owes the backend a Sync");
+        client(&mut tx, &["S"]);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+        // A Sync or Flush among the data is dropped too.
+        client(&mut tx, &["B", "E", "S"]);
+        backend(&mut tx, b'2');
+        backend(&mut tx, b'G');
+        client(&mut tx, &["d", "S", "H", "d", "c", "S"]);
+        backend(&mut tx, b'C');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn a_whole_copy_written_at_once() {
+        // Everything sent before the CopyInResponse: the Sync before the CopyDone is the
+        // COPY's to drop, the one after it is answered, and so is the query after that.
+        let mut tx = Transaction::default();
+        client(&mut tx, &["P", "B", "E", "S", "d", "d", "c", "S", "Q"]);
+        for tag in [b'1', b'2', b'G', b'C'] {
+            assert_eq!(backend(&mut tx, tag), Reply::Forward);
+        }
+        assert_eq!(tx.owed_ready(), 2);
+        ready(&mut tx, b'I');
+        assert!(!tx.releasable(), "the query");
+        backend(&mut tx, b'C');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+        // The same in a simple query: CopyDone, then the next query.
+        client(&mut tx, &["Q", "d", "c", "Q"]);
+        for tag in [b'G', b'C'] {
+            backend(&mut tx, tag);
+        }
+        ready(&mut tx, b'I');
+        backend(&mut tx, b'C');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn copy_in_in_the_extended_protocol_failed_by_the_backend() {
+        // The error reaches the router before the client's CopyDone and Sync.
+        let mut tx = Transaction::default();
+        client(&mut tx, &["B", "E", "S"]);
+        backend(&mut tx, b'2');
+        backend(&mut tx, b'G');
+        client(&mut tx, &["d"]);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Forward);
+        client(&mut tx, &["c", "S"]);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+        // ... and after them: the backend drops the CopyDone and answers the Sync.
+        client(&mut tx, &["B", "E", "S"]);
+        backend(&mut tx, b'2');
+        backend(&mut tx, b'G');
+        client(&mut tx, &["d", "c", "S"]);
+        backend(&mut tx, b'E');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+        // CopyFail, as libpq sends it in the extended protocol: with a Sync.
+        client(&mut tx, &["B", "E", "S"]);
+        backend(&mut tx, b'2');
+        backend(&mut tx, b'G');
+        client(&mut tx, &["f", "S"]);
+        backend(&mut tx, b'E');
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+    }
+
+    #[test]
+    fn a_copy_done_without_a_copy_changes_nothing() {
+        // The Execute was no COPY: the marker its CopyDone left is dropped, and PostgreSQL
+        // ignores the CopyDone.
+        let mut tx = Transaction::default();
+        client(&mut tx, &["B", "E", "c", "S"]);
+        backend(&mut tx, b'2');
+        backend(&mut tx, b'C');
+        assert_eq!(tx.owed_ready(), 1);
+        ready(&mut tx, b'I');
+        assert!(tx.releasable());
+        client(&mut tx, &["c"]);
+        assert!(tx.releasable(), "a CopyDone alone");
     }
 
     #[test]
