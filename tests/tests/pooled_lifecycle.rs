@@ -614,6 +614,124 @@ fn cancels_racing_releases_never_cancel_the_next_clients_query() {
     });
 }
 
+/// Cancels keep coming while a's transactions take turns with b's on one backend: each of a's
+/// begins with the router's `set_config` giving the backend a's time zone, ahead of a's query.
+/// A cancel that stopped that statement instead of a's query would leave the query to run with
+/// b's time zone (PgBouncer PR #298: a cancel stopped its own `SET`). Not seen here in 3,000
+/// rounds (PostgreSQL acts on a cancel at its next interrupt check, which in a `set_config`
+/// is at execution start); this keeps watching for it.
+#[test]
+fn cancels_never_stop_the_routers_own_parameter_statements() {
+    const ROUNDS: usize = 300;
+    const A_ZONE: &str = "America/Lima";
+    const B_ZONE: &str = "Asia/Kolkata";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "canc");
+    let addr = router.pooled_addr();
+    let mut a = f.raw_with(&router, "canc", Mode::SslRequest, &[("TimeZone", A_ZONE)]);
+    let key = a.login.key;
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        let _stop = StopOnDrop(&done);
+        let canceller = s.spawn(|| {
+            let mut n = 0usize;
+            while !done.load(Ordering::Relaxed) {
+                send_cancel(addr, &f.certs, key, CANCEL_WAYS[n % CANCEL_WAYS.len()]);
+                n += 1;
+            }
+        });
+        let other = s.spawn(|| {
+            let mut b = f.raw_with(&router, "canc", Mode::Direct, &[("TimeZone", B_ZONE)]);
+            let mut rounds = 0usize;
+            while !done.load(Ordering::Relaxed) {
+                let replies = b.simple("select current_setting('TimeZone')");
+                assert_eq!(error_codes(&replies), [] as [&str; 0], "b round {rounds}");
+                assert_eq!(first_column(&replies), [B_ZONE], "b round {rounds}");
+                rounds += 1;
+            }
+            rounds
+        });
+        let mut canceled = 0;
+        for round in 0..ROUNDS {
+            let replies = a.simple("select current_setting('TimeZone') from pg_sleep(0.001)");
+            match error_codes(&replies).as_slice() {
+                [] => assert_eq!(
+                    first_column(&replies),
+                    [A_ZONE],
+                    "a round {round}: a's query ran with another client's time zone"
+                ),
+                [code] if code == "57014" => canceled += 1,
+                codes => panic!("a round {round}: {codes:?}"),
+            }
+            assert_eq!(RawConn::status(&replies), 'I', "a round {round}");
+        }
+        done.store(true, Ordering::Relaxed);
+        let b_rounds = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        canceller
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        assert!(b_rounds >= 10, "b ran only {b_rounds} transactions");
+        assert!(
+            canceled > 0,
+            "no cancel stopped one of a's {ROUNDS} queries"
+        );
+        assert_eq!(a.value("select current_setting('TimeZone')"), A_ZONE);
+    });
+}
+
+/// A client's StartupMessage parameters are read as PostgreSQL reads them at a login: the
+/// values it reports back are the server's (`iso` is `ISO, MDY`), and a value the server
+/// refuses refuses the login with the server's FATAL. The direct port, where PostgreSQL itself
+/// answers, is the reference. A set of parameters a backend accepted once logs in without one.
+#[test]
+fn startup_parameters_are_read_and_refused_as_postgresql_reads_them() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "app");
+    let login = |addr: SocketAddr, startup: &[(&str, &str)]| {
+        RawConn::try_connect(
+            addr,
+            f.certs.client_config(),
+            Mode::SslRequest,
+            &user("app"),
+            &password("app"),
+            startup,
+        )
+    };
+    let asked = [
+        ("TimeZone", "europe/paris"),
+        ("DateStyle", "iso"),
+        ("IntervalStyle", "SQL_standard"),
+        ("statement_timeout", "90000"),
+    ];
+    let mut direct = login(router.direct_addr(), &asked).expect("PostgreSQL takes them");
+    let mut pooled = login(router.pooled_addr(), &asked).expect("the pooled port takes them");
+    for name in ["TimeZone", "DateStyle", "IntervalStyle"] {
+        assert_eq!(pooled.reported(name), direct.reported(name), "{name}");
+    }
+    assert_eq!(pooled.reported("DateStyle"), Some("ISO, MDY"));
+    for sql in ["show TimeZone", "show DateStyle", "show statement_timeout"] {
+        assert_eq!(pooled.value(sql), direct.value(sql), "{sql}");
+    }
+    for refused in [
+        [("TimeZone", "Not/AZone")],
+        [("statement_timeout", "abc")],
+        [("no_such_parameter", "1")],
+    ] {
+        let direct = login(router.direct_addr(), &refused).err();
+        let pooled = login(router.pooled_addr(), &refused).err();
+        assert!(direct.is_some(), "PostgreSQL refuses {refused:?}");
+        assert_eq!(pooled, direct, "{refused:?}");
+    }
+    // The set accepted above needs no backend now: it logs in while the one backend is held.
+    assert_eq!(RawConn::status(&pooled.simple("begin")), 'T');
+    let mut again = login(router.pooled_addr(), &asked).expect("accepted before");
+    assert_eq!(again.reported("TimeZone"), Some("Europe/Paris"));
+    assert_eq!(RawConn::status(&pooled.simple("commit")), 'I');
+    assert_eq!(again.value("show TimeZone"), "Europe/Paris");
+}
+
 #[test]
 fn a_cancel_of_a_client_holding_no_backend_sends_nothing() {
     const LONG: &str = "select pg_sleep(1) /* quiet: b's long query */";

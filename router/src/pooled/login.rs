@@ -12,18 +12,21 @@ use monoio::io::Splitable;
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
+use crate::backend::{BackendError, ReceivedSqlState};
 use crate::buf::ReadBuf;
 use crate::cancel::PooledCancel;
+use crate::config::PoolSettings;
 use crate::error::SessionError;
-use crate::front_door::{self, Authenticated, Entered, Parts, Port};
+use crate::front_door::{self, Authenticated, ClientConn, Entered, Parts, Port};
 use crate::handoff::Handoff;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::write;
 use crate::worker::{Quiet, SessionHandle, Signal, StartupSlot, Worker};
 
 use super::params::{startup_params, ClientParams};
-use super::pool::{AcquireError, PoolKey};
+use super::pool::{AcquireError, Backend, Pool, PoolKey, StartupValues};
 use super::prepared::ClientStatements;
+use super::readback::{self, StartupSettings};
 use super::stream::MessageStream;
 use super::{context, Client, Readiness};
 
@@ -49,6 +52,115 @@ pub(super) async fn resume(worker: Rc<Worker>, handoff: Box<Handoff>) -> Option<
     let peer = handoff.peer();
     let entered = (*handoff).arrive(worker)?;
     after_front_door(worker, entered, peer).await
+}
+
+/// A backend of `pool` for the login's own use (learning the pool's parameters, checking the
+/// client's), waiting in line as a transaction would.
+async fn acquire_for_login(
+    worker: &Rc<Worker>,
+    pool: &Pool,
+    primary: &SocketAddr,
+    settings: PoolSettings,
+) -> Result<Backend, AcquireError> {
+    let catalog = worker.shared.catalog.load_full();
+    let ctx = context(worker, primary, &catalog);
+    let deadline = Instant::now() + settings.query_wait_timeout;
+    monoio::select! {
+        acquired = pool.acquire(&ctx, deadline) => acquired,
+        _ = worker.drain_over() => Err(AcquireError::WaitTimeout),
+    }
+}
+
+/// Gives a backend the login used back to its pool.
+fn release_after_login(worker: &Rc<Worker>, pool: &Pool, primary: &SocketAddr, backend: Backend) {
+    let catalog = worker.shared.catalog.load_full();
+    pool.release(&context(worker, primary, &catalog), backend);
+}
+
+/// Refuses a login that found no backend for its own use.
+async fn refuse_login(
+    mut conn: ClientConn<'_>,
+    peer: SocketAddr,
+    error: AcquireError,
+    server_final: &[u8],
+) {
+    match error {
+        AcquireError::Connect { error, to_client } => {
+            if !to_client.is_empty() {
+                // The backend refused the login (no such database): the client sees its error
+                // after AuthenticationOk, as from PostgreSQL itself.
+                write::auth_sasl_final(conn.out(), server_final);
+                write::auth_ok(conn.out());
+                conn.out().extend_from_slice(&to_client);
+            }
+            front_door::refuse(conn, peer, SessionError::Backend(error)).await;
+        }
+        error => {
+            tracing::warn!(%peer, %error, "no backend for a pooled client's login");
+            front_door::refuse(conn, peer, SessionError::Backend(BackendError::Timeout)).await;
+        }
+    }
+}
+
+/// Why a client's StartupMessage parameters were not accepted.
+enum StartupRefusal {
+    /// The server refused a value: its ErrorResponse, FATAL, for the client.
+    Server(Vec<u8>),
+    /// No backend to ask.
+    NoBackend(AcquireError),
+}
+
+/// Gives a backend of `pool` the client's StartupMessage parameters and reads back what the
+/// server made of them (in the order of `params.startup()`). The backend keeps them (recorded
+/// as its parameters), or is closed if it could not answer.
+async fn check_startup(
+    worker: &Rc<Worker>,
+    pool: &Pool,
+    primary: &SocketAddr,
+    settings: PoolSettings,
+    params: &ClientParams,
+) -> Result<Vec<Box<str>>, StartupRefusal> {
+    let mut backend = acquire_for_login(worker, pool, primary, settings)
+        .await
+        .map_err(StartupRefusal::NoBackend)?;
+    let asked: Vec<(&str, &str)> = params.startup().iter().collect();
+    let checked = Box::pin(readback::startup_settings(
+        &mut backend,
+        &asked,
+        &worker.buffers,
+    ))
+    .await;
+    let (values, refusal) = match checked {
+        Ok(StartupSettings::Accepted(values)) => (values, None),
+        Ok(StartupSettings::Refused { applied, fatal }) => (applied, Some(fatal)),
+        Err(error) => {
+            tracing::warn!(%error, "checking a pooled client's startup parameters failed");
+            pool.discard(backend);
+            return Err(StartupRefusal::NoBackend(AcquireError::Connect {
+                error: BackendError::Timeout,
+                to_client: Vec::new(),
+            }));
+        }
+    };
+    // What the backend now has: the values before any refused one, as the server read them.
+    for ((name, _), value) in asked.iter().zip(&values) {
+        backend
+            .params
+            .startup_value(name, value, params.is_reported(name));
+    }
+    release_after_login(worker, pool, primary, backend);
+    match refusal {
+        Some(fatal) => Err(StartupRefusal::Server(fatal)),
+        None => Ok(values),
+    }
+}
+
+/// The SQLSTATE of a whole ErrorResponse, for the log.
+fn sqlstate_of(message: &[u8]) -> &str {
+    message
+        .get(crate::protocol::frame::HEADER_BYTES..)
+        .and_then(|body| crate::protocol::backend::ErrorFields::parse(body).ok())
+        .map_or("", |fields| fields.code)
 }
 
 /// What follows the front door, on the worker that serves the client (the one that accepted
@@ -103,34 +215,10 @@ pub(super) async fn after_front_door(
     let base = match pool.base() {
         Some(base) => base,
         None => {
-            let catalog = worker.shared.catalog.load_full();
-            let ctx = context(worker, &branch.primary, &catalog);
-            let deadline = Instant::now() + settings.query_wait_timeout;
-            let acquired = monoio::select! {
-                acquired = pool.acquire(&ctx, deadline) => acquired,
-                _ = worker.drain_over() => Err(AcquireError::WaitTimeout),
-            };
-            match acquired {
-                Ok(backend) => pool.release(&ctx, backend),
-                Err(AcquireError::Connect { error, to_client }) => {
-                    if !to_client.is_empty() {
-                        // The backend refused the login (no such database): the client sees
-                        // its error after AuthenticationOk, as from PostgreSQL itself.
-                        write::auth_sasl_final(conn.out(), &server_final);
-                        write::auth_ok(conn.out());
-                        conn.out().extend_from_slice(&to_client);
-                    }
-                    front_door::refuse(conn, peer, SessionError::Backend(error)).await;
-                    return None;
-                }
+            match acquire_for_login(worker, &pool, &branch.primary, settings).await {
+                Ok(backend) => release_after_login(worker, &pool, &branch.primary, backend),
                 Err(error) => {
-                    tracing::warn!(%peer, %error, "no backend for a pooled client's login");
-                    front_door::refuse(
-                        conn,
-                        peer,
-                        SessionError::Backend(crate::backend::BackendError::Timeout),
-                    )
-                    .await;
+                    refuse_login(conn, peer, error, &server_final).await;
                     return None;
                 }
             }
@@ -150,7 +238,51 @@ pub(super) async fn after_front_door(
             }
         }
     };
-    let params = ClientParams::new(base, startup_params(&backend_startup));
+    let mut params = ClientParams::new(base, startup_params(&backend_startup));
+    // The client's own parameters, as PostgreSQL would read them at its login: a value the
+    // server refuses refuses the login, and the client sees the values as the server shows
+    // them. A set a backend of the pool accepted before needs no backend.
+    if !params.startup().is_empty() {
+        let key = Pool::startup_key(params.startup());
+        let values = match pool.checked_startup(&key) {
+            Some(values) => values,
+            None => match check_startup(worker, &pool, &branch.primary, settings, &params).await {
+                Ok(values) => {
+                    let values: StartupValues = values.into();
+                    pool.startup_accepted(key, values.clone());
+                    values
+                }
+                Err(refusal) => {
+                    match refusal {
+                        StartupRefusal::Server(fatal) => {
+                            // PostgreSQL's own answer to such a StartupMessage: the error
+                            // after AuthenticationOk.
+                            tracing::info!(%peer, "pooled login refused: a startup parameter's value");
+                            write::auth_sasl_final(conn.out(), &server_final);
+                            write::auth_ok(conn.out());
+                            conn.out().extend_from_slice(&fatal);
+                            front_door::refuse(
+                                conn,
+                                peer,
+                                SessionError::Backend(BackendError::Rejected(
+                                    ReceivedSqlState::new(sqlstate_of(&fatal)),
+                                )),
+                            )
+                            .await;
+                        }
+                        StartupRefusal::NoBackend(error) => {
+                            refuse_login(conn, peer, error, &server_final).await
+                        }
+                    }
+                    return None;
+                }
+            },
+        };
+        let names: Vec<Box<str>> = params.startup().iter().map(|(n, _)| n.into()).collect();
+        for (name, value) in names.iter().zip(values.iter()) {
+            params.startup_read_as(name, value);
+        }
+    }
     let search_path = startup_params(&backend_startup)
         .filter(|(name, _)| name.eq_ignore_ascii_case("search_path"))
         .map(|(_, value)| value)

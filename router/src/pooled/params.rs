@@ -136,6 +136,22 @@ impl ClientParams {
         params
     }
 
+    /// The parameters the client's StartupMessage set, as it wrote them (sorted by name).
+    pub fn startup(&self) -> &Params {
+        &self.startup
+    }
+
+    /// The server read the client's StartupMessage value of `name` as `value` (`iso` is
+    /// `ISO, MDY`): the client sees that, as from PostgreSQL, and a RESET goes back to it.
+    pub fn startup_read_as(&mut self, name: &str, value: &str) {
+        if self.base.get(name).is_some() {
+            self.reported(name, value);
+        } else {
+            self.unreported.set(name, value);
+        }
+        self.startup.set(name, value);
+    }
+
     /// The backend reported `name = value` while this client held it.
     pub fn reported(&mut self, name: &str, value: &str) {
         if self.base.get(name) == Some(value) {
@@ -273,6 +289,16 @@ impl BackendParams {
         self.given = None;
     }
 
+    /// The router gave the backend a client's StartupMessage value of `name`, which the server
+    /// read as `value` (a parameter it reports if `reported`).
+    pub fn startup_value(&mut self, name: &str, value: &str, reported: bool) {
+        if reported {
+            self.reported(name, value);
+        } else {
+            self.set_unreported(name, Some(value));
+        }
+    }
+
     /// The backend's session went back to its defaults (DISCARD ALL, RESET ALL).
     pub fn reset(&mut self) {
         self.unreported = Params::default();
@@ -358,7 +384,7 @@ fn push_ident(sql: &mut String, name: &str) {
     sql.push('"');
 }
 
-fn push_set(sql: &mut String, name: &str, value: &str) {
+pub(super) fn push_set(sql: &mut String, name: &str, value: &str) {
     // set_config takes the value as a configuration file or a StartupMessage gives it, where
     // `SET name TO 'a, b'` would read a list parameter's value as one quoted element
     // (`search_path` would name one schema called "a, b").

@@ -8,6 +8,10 @@
 //! the router asks the backend for the values with `current_setting` before it lends the
 //! backend again: the client keeps them (as its session would on a real server) and the next
 //! client of that backend gets its own. One round trip, only after such a transaction.
+//!
+//! The same round trip checks a client's StartupMessage parameters at its login
+//! ([`startup_settings`]): PostgreSQL refuses a login whose `TimeZone` it does not know, and
+//! reports the values as it reads them (`iso` is `ISO, MDY`).
 
 use std::time::Duration;
 
@@ -66,6 +70,109 @@ pub(super) async fn current_settings(
     .unwrap_or(Err(ReadBackError::Timeout));
     buf.release(buffers);
     read
+}
+
+/// What PostgreSQL made of a client's StartupMessage parameters.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum StartupSettings {
+    /// Each value as the server now shows it, in the order given.
+    Accepted(Vec<Box<str>>),
+    /// The server refused the one after those in `applied` (as it shows them): its
+    /// ErrorResponse, made FATAL, as PostgreSQL sends it for a StartupMessage (22023
+    /// `invalid value for parameter ...`).
+    Refused {
+        applied: Vec<Box<str>>,
+        fatal: Vec<u8>,
+    },
+}
+
+/// Gives idle `backend` the `settings` (name and value, as a StartupMessage gives them) and
+/// reads back what the server made of each, in one round trip.
+pub(super) async fn startup_settings(
+    backend: &mut Backend,
+    settings: &[(&str, &str)],
+    buffers: &BufPool,
+) -> Result<StartupSettings, ReadBackError> {
+    let mut sql = String::new();
+    for (name, value) in settings {
+        params::push_set(&mut sql, name, value);
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + sql.len() + 1);
+    write::query(&mut out, &sql);
+    let mut buf = ReadBuf::from_storage(buffers.take());
+    let read = monoio::time::timeout(READ_BACK_TIMEOUT, async {
+        write_all_vec(&mut backend.wr, &mut out).await?;
+        read_settings(backend, &mut buf, settings.len()).await
+    })
+    .await
+    .unwrap_or(Err(ReadBackError::Timeout));
+    buf.release(buffers);
+    read
+}
+
+/// Reads the answers to `count` `set_config` statements up to the ReadyForQuery.
+async fn read_settings(
+    backend: &mut Backend,
+    buf: &mut ReadBuf,
+    count: usize,
+) -> Result<StartupSettings, ReadBackError> {
+    let mut values: Vec<Box<str>> = Vec::with_capacity(count);
+    let mut refused = None;
+    loop {
+        while let Some((tag, len)) = whole_message(buf.data(), buf.capacity())? {
+            let body = &buf.data()[HEADER_BYTES..len];
+            match tag {
+                be::DATA_ROW => {
+                    let value = data_row(body, 1)?.pop().flatten().unwrap_or_default();
+                    values.push(value.into());
+                }
+                be::ERROR_RESPONSE if refused.is_none() => refused = Some(as_fatal(body)?),
+                be::READY_FOR_QUERY => {
+                    return match refused {
+                        Some(fatal) => Ok(StartupSettings::Refused {
+                            applied: values,
+                            fatal,
+                        }),
+                        None if values.len() == count => Ok(StartupSettings::Accepted(values)),
+                        None => Err(ReadBackError::Protocol("set_config rows")),
+                    };
+                }
+                _ => {}
+            }
+            buf.consume(len);
+        }
+        if buf.fill_from(&mut backend.rd).await? == 0 {
+            return Err(ReadBackError::Closed);
+        }
+    }
+}
+
+/// The whole ErrorResponse with `body`, its severity FATAL: what PostgreSQL sends when it
+/// refuses a StartupMessage's parameter (the same code, message, detail and hint it gives
+/// `set_config`).
+fn as_fatal(body: &[u8]) -> Result<Vec<u8>, ReadBackError> {
+    const MALFORMED: ReadBackError = ReadBackError::Protocol("ErrorResponse");
+    let mut r = Reader::new(body);
+    let mut fields = Vec::with_capacity(body.len() + 8);
+    loop {
+        let field = r.u8().map_err(|_| MALFORMED)?;
+        if field == 0 {
+            break;
+        }
+        let value = r.cstr().map_err(|_| MALFORMED)?;
+        fields.push(field);
+        match field {
+            b'S' | b'V' => fields.extend_from_slice(b"FATAL"),
+            _ => fields.extend_from_slice(value),
+        }
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut out = Vec::with_capacity(HEADER_BYTES + fields.len());
+    out.push(be::ERROR_RESPONSE);
+    out.extend_from_slice(&((4 + fields.len()) as u32).to_be_bytes());
+    out.extend_from_slice(&fields);
+    Ok(out)
 }
 
 /// Reads the answer to the query up to its ReadyForQuery: the last DataRow's values (the
@@ -154,6 +261,23 @@ mod tests {
         );
         assert!(data_row(&body, 2).is_err());
         assert!(data_row(&body[..body.len() - 3], 3).is_err());
+    }
+
+    #[test]
+    fn a_refusal_is_made_fatal_with_every_other_field_kept() {
+        let body = b"SERROR\0VERROR\0C22023\0Minvalid value for parameter \"TimeZone\": \"x\"\0\
+            Fguc.c\0L7000\0\0";
+        let fatal = as_fatal(body).expect("well-formed");
+        let expected =
+            b"SFATAL\0VFATAL\0C22023\0Minvalid value for parameter \"TimeZone\": \"x\"\0\
+            Fguc.c\0L7000\0\0";
+        assert_eq!(fatal[0], b'E');
+        assert_eq!(
+            u32::from_be_bytes([fatal[1], fatal[2], fatal[3], fatal[4]]) as usize,
+            fatal.len() - 1
+        );
+        assert_eq!(&fatal[HEADER_BYTES..], expected);
+        assert!(as_fatal(b"SERROR\0C22").is_err(), "unterminated");
     }
 
     #[test]
