@@ -1,0 +1,1007 @@
+//! Pooler bugs reported against PgBouncer, PgDog and pg_doorman, each reproduced against the
+//! pooled port: a backend killed while idle in the pool, fastpath function calls, a Parse left
+//! behind by a vanished client, prepared statements evicted inside a pipeline, a cancel while
+//! the pool is full, `SET`s that fail, stick or must not stick, pipelines that span an error or
+//! a suspended portal, a portal named like a statement, and startup parameters built to inject
+//! SQL. Each test's doc comment names the upstream issue and what went wrong there.
+//!
+//! Against a real PostgreSQL 15, always over TLS, with psql and a byte-level client; where the
+//! right answer is "what PostgreSQL itself says", the same bytes also go straight to the server
+//! (plaintext, as the superuser) and the answers are compared.
+//!
+//! One PostgreSQL server per binary; every test starts its own router (one worker) and logs in
+//! with a role of its own, so its backends can be counted in pg_stat_activity by user name while
+//! other tests run.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Output, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use branchgate_e2e::pg::quote_literal;
+use branchgate_e2e::raw::{
+    self, bind, bind_execute, cancel_request, close, describe, error_codes, errors, execute,
+    first_column, flush, login_reporting, message, next_message, parameter_status, parse, query,
+    startup_message, sync, tags, Login, Mode, PgError, RawConn, Reply, PROTOCOL_3_0,
+};
+use branchgate_e2e::tools::psql_command;
+use branchgate_e2e::{
+    BranchSpec, Certs, Conninfo, PgServer, PoolSettings, TestRouter, ADMIN_PASSWORD, ADMIN_USER,
+};
+
+const BRANCH: &str = "b1";
+/// One role per test, so that each test's backends can be told apart in pg_stat_activity.
+const ROLES: [&str; 12] = [
+    "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
+    "samename", "inject",
+];
+
+/// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
+const QUICK: Duration = Duration::from_secs(3);
+/// How long a client that the router must hold back is watched for a premature answer.
+const HELD_WINDOW: Duration = Duration::from_millis(400);
+/// How long psql may run before the test calls it stuck.
+const PSQL_DEADLINE: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Fixture
+
+struct Fixture {
+    certs: Certs,
+    pg: PgServer,
+    /// Each role's SCRAM verifier.
+    verifiers: HashMap<&'static str, String>,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let pg = PgServer::start_primary();
+        let mut verifiers = HashMap::new();
+        for role in ROLES {
+            pg.create_role(role, &password(role));
+            verifiers.insert(role, pg.role_verifier(role));
+        }
+        // An injected `create table pwned()` must be able to succeed, or its absence would
+        // prove nothing (PostgreSQL 15 gives no one CREATE on public by default).
+        pg.psql_admin("GRANT CREATE ON SCHEMA public TO inject");
+        Fixture {
+            certs: Certs::generate(),
+            pg,
+            verifiers,
+        }
+    })
+}
+
+/// The password `role` was created with.
+fn password(role: &str) -> String {
+    format!("pscale_pw_reported_{role}_J3")
+}
+
+/// The user name of `role` on the test branch.
+fn user(role: &str) -> String {
+    format!("{role}.{BRANCH}")
+}
+
+impl Fixture {
+    /// A router of its own for one test, one worker, branch b1 with `role`.
+    fn router(&self, settings: &PoolSettings, role: &str) -> TestRouter {
+        let branch = BranchSpec::new(BRANCH, self.pg.addr()).role(role, &self.verifiers[role]);
+        settings.start(&self.certs, &[branch])
+    }
+
+    /// A byte-level client of the pooled port as `role`.
+    fn raw(&self, router: &TestRouter, role: &str, mode: Mode) -> RawConn {
+        self.raw_with(router, role, mode, &[])
+    }
+
+    /// As [`Fixture::raw`], with startup parameters.
+    fn raw_with(
+        &self,
+        router: &TestRouter,
+        role: &str,
+        mode: Mode,
+        startup: &[(&str, &str)],
+    ) -> RawConn {
+        RawConn::connect(
+            router.pooled_addr(),
+            self.certs.client_config(),
+            mode,
+            &user(role),
+            &password(role),
+            startup,
+        )
+    }
+
+    /// The pids of `role`'s client backends, sorted.
+    fn backend_pids(&self, role: &str) -> Vec<i32> {
+        let text = self.pg.psql_admin(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE usename = {} \
+             AND backend_type = 'client backend' ORDER BY pid",
+            quote_literal(role)
+        ));
+        text.lines()
+            .map(|line| line.parse().expect("a pid"))
+            .collect()
+    }
+
+    /// Polls until `pid` is no longer in pg_stat_activity.
+    fn wait_gone(&self, pid: i32) {
+        self.pg.wait_for_value_within(
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+            "0",
+            QUICK,
+        );
+    }
+
+    /// Polls until `role` has a backend running `sql` right now (an unfinished extended-protocol
+    /// message counts: PostgreSQL shows a Parse as `active` until its Sync).
+    fn wait_running(&self, role: &str, sql: &str) {
+        self.pg.wait_for_value_within(
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = {} \
+                 AND state = 'active' AND query = {}",
+                quote_literal(role),
+                quote_literal(sql)
+            ),
+            "1",
+            QUICK,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A client that sends bytes and reads backend messages: the pooled port's [`RawConn`] and
+/// [`Straight`], so the same steps can run against both.
+trait Wire {
+    /// Writes `messages` in one write.
+    fn send_all(&mut self, messages: &[Vec<u8>]);
+
+    /// The next message; panics on a close or an error.
+    fn next_reply(&mut self, what: &str) -> Reply;
+
+    /// Messages up to and including the `count`th ReadyForQuery from now.
+    fn ready_n(&mut self, count: usize, what: &str) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        let mut left = count;
+        while left > 0 {
+            let reply = self.next_reply(what);
+            if reply.0 == b'Z' {
+                left -= 1;
+            }
+            replies.push(reply);
+        }
+        replies
+    }
+
+    /// A simple Query and its replies up to ReadyForQuery.
+    fn run(&mut self, sql: &str) -> Vec<Reply> {
+        self.send_all(&[query(sql)]);
+        self.ready_n(1, sql)
+    }
+}
+
+impl Wire for RawConn {
+    fn send_all(&mut self, messages: &[Vec<u8>]) {
+        self.send(messages);
+    }
+
+    fn next_reply(&mut self, what: &str) -> Reply {
+        self.next(what)
+    }
+}
+
+/// A byte-level client straight to PostgreSQL (plaintext TCP, the superuser, SCRAM): what a
+/// real server answers, to hold the pooled port's answers against.
+struct Straight {
+    sock: TcpStream,
+}
+
+impl Straight {
+    /// Logs in to `pg` as the superuser with `startup` parameters; `Err` is PostgreSQL's
+    /// refusal (a FATAL after authentication, for a bad parameter value).
+    fn connect(pg: &PgServer, startup: &[(&str, &str)]) -> Result<(Straight, Login), PgError> {
+        let mut sock = raw::tcp(pg.addr());
+        let mut params = vec![("user", ADMIN_USER), ("database", "postgres")];
+        params.extend_from_slice(startup);
+        sock.write_all(&startup_message(PROTOCOL_3_0, &params))
+            .expect("send StartupMessage to PostgreSQL");
+        // Plaintext: PostgreSQL offers SCRAM-SHA-256 only (no -PLUS without TLS).
+        raw::expect_sasl(&mut sock, "straight to PostgreSQL");
+        let login = login_reporting(&mut sock, ADMIN_PASSWORD)?;
+        Ok((Straight { sock }, login))
+    }
+}
+
+impl Wire for Straight {
+    fn send_all(&mut self, messages: &[Vec<u8>]) {
+        self.sock
+            .write_all(&messages.concat())
+            .expect("send to PostgreSQL");
+    }
+
+    fn next_reply(&mut self, what: &str) -> Reply {
+        next_message(&mut self.sock, what)
+    }
+}
+
+/// `pg_backend_pid()` of the backend a client holds for this query.
+fn pid_of(conn: &mut RawConn) -> i32 {
+    conn.value("select pg_backend_pid()")
+        .parse()
+        .expect("a pid")
+}
+
+/// The first column of the rows in `replies`, after checking their tags are exactly `expected`.
+fn rows(replies: &[Reply], expected: &str, what: &str) -> Vec<String> {
+    assert_eq!(tags(replies), expected, "{what}: {:?}", errors(replies));
+    first_column(replies)
+}
+
+/// `count` single messages (no ReadyForQuery expected among them), e.g. the replies to a
+/// Flush.
+fn next_n(conn: &mut RawConn, count: usize, what: &str) -> Vec<Reply> {
+    (0..count).map(|_| conn.next(what)).collect()
+}
+
+/// Messages up to the next ReadyForQuery, each within `timeout` (a client the router must not
+/// keep waiting).
+fn ready_within(conn: &mut RawConn, timeout: Duration, what: &str) -> Vec<Reply> {
+    conn.set_read_timeout(timeout);
+    let replies = conn.until_ready(what);
+    conn.set_read_timeout(raw::IO_TIMEOUT);
+    replies
+}
+
+/// The ParameterStatus messages among `replies`, as (name, value).
+fn parameter_statuses(replies: &[Reply]) -> Vec<(String, String)> {
+    replies
+        .iter()
+        .filter(|(tag, _)| *tag == b'S')
+        .map(|(_, body)| parameter_status(body))
+        .collect()
+}
+
+/// FunctionCall (F) of the function with `oid`, no arguments, text result.
+fn function_call(oid: u32) -> Vec<u8> {
+    let body = [
+        &oid.to_be_bytes()[..],
+        &0u16.to_be_bytes(), // argument format codes
+        &0u16.to_be_bytes(), // arguments
+        &0u16.to_be_bytes(), // result format: text
+    ]
+    .concat();
+    message(b'F', &body)
+}
+
+/// The value of a FunctionCallResponse (B) in text format.
+fn function_result(body: &[u8]) -> String {
+    let len = i32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+    let len = usize::try_from(len).expect("not NULL");
+    String::from_utf8(body[4..4 + len].to_vec()).expect("UTF-8 result")
+}
+
+/// Sends `key`'s CancelRequest to `addr` in plaintext and waits until the router closes the
+/// connection (it answers nothing).
+fn send_cancel(addr: SocketAddr, key: (u32, u32)) {
+    let mut sock = raw::tcp(addr);
+    sock.write_all(&cancel_request(key.0, key.1))
+        .expect("send CancelRequest");
+    let mut rest = Vec::new();
+    let _ = sock.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "a CancelRequest was answered: {rest:?}");
+}
+
+/// Waits for a child process, killing it and panicking when it takes longer than `deadline`.
+fn wait_with_deadline(mut child: Child, what: &str, deadline: Duration) -> Output {
+    let end = Instant::now() + deadline;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("collect output");
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collect output");
+            panic!(
+                "{what} did not finish within {deadline:?}:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// psql 15 through the pooled port (SSLRequest, verify-full) as `role`, running `script` from
+/// stdin and stopping at the first error: (stdout, stderr).
+fn psql_script(f: &Fixture, router: &TestRouter, role: &str, script: &str) -> (String, String) {
+    // psql 15's libpq may predate sslnegotiation, so the conninfo is written without it.
+    let conninfo = Conninfo::new(router.pooled_addr())
+        .param("host", "localhost")
+        .param("hostaddr", "127.0.0.1")
+        .user(&user(role))
+        .password(&password(role))
+        .param("sslmode", "verify-full")
+        .param(
+            "sslrootcert",
+            f.certs.ca_path().to_str().expect("UTF-8 temp path"),
+        );
+    let mut child = psql_command()
+        .env_clear()
+        .args(["-f", "-", "-d"])
+        .arg(conninfo.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    child
+        .stdin
+        .take()
+        .expect("psql stdin")
+        .write_all(script.as_bytes())
+        .expect("write the psql script");
+    let output = wait_with_deadline(child, "psql", PSQL_DEADLINE);
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A backend that died idle in the pool
+
+/// PgDog #614, fixed by PR #1318: health checks ran only every `healthcheck_interval`, so a
+/// backend terminated by `pg_terminate_backend` while idle in the pool stayed there and was
+/// handed to the next client unchecked, which got the dead connection's error (57P01) in place
+/// of its result.
+#[test]
+fn a_backend_terminated_while_idle_in_the_pool_is_not_lent_again() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "killed");
+    let mut a = f.raw(&router, "killed", Mode::SslRequest);
+    let first = pid_of(&mut a);
+    assert_eq!(
+        f.pg.psql_admin(&format!("SELECT pg_terminate_backend({first})")),
+        "t"
+    );
+    f.wait_gone(first);
+
+    // The dead backend's FATAL (57P01) was sent to the router, not to a, which holds nothing.
+    a.expect_silence(HELD_WINDOW, "a, idle, after its backend was terminated");
+
+    a.send(&[query("select pg_backend_pid()")]);
+    let replies = ready_within(&mut a, QUICK, "a after the kill");
+    let second: i32 = rows(&replies, "T D C Z", "a after the kill")[0]
+        .parse()
+        .expect("a pid");
+    assert_ne!(second, first, "a was lent the terminated backend");
+    let mut b = f.raw(&router, "killed", Mode::Direct);
+    b.send(&[query("select pg_backend_pid()")]);
+    let replies = ready_within(&mut b, QUICK, "b after the kill");
+    assert_eq!(
+        rows(&replies, "T D C Z", "b after the kill"),
+        [second.to_string()],
+        "b shares a's new backend"
+    );
+    assert_eq!(f.backend_pids("killed"), [second]);
+    assert_eq!(a.value("select 'a again'"), "a again");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Fastpath function calls
+
+/// pg_doorman #267 (fixed by PR #268) and PgDog #956: FunctionCall ('F'), the fastpath that
+/// libpq's and pgjdbc's large-object APIs use, was not handled as a round trip of its own in
+/// transaction pooling; pg_doorman's fix passes FunctionCallResponse ('V') through and lets the
+/// ReadyForQuery after it decide when the backend goes back. Here: psql's `\lo_import` and
+/// `\lo_unlink` (fastpath calls inside the transaction psql opens), then a FunctionCall on its
+/// own, outside any transaction block, then the next client on the same backend.
+#[test]
+fn fastpath_function_calls_of_psql_large_objects_and_outside_a_transaction_work() {
+    const CONTENT: &str = "large object through the pooled port";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "lobj");
+    let file = router.dir().join("lobj.txt");
+    std::fs::write(&file, CONTENT).expect("write the file to import");
+    let file = file.to_str().expect("UTF-8 temp path");
+    // psql -q prints nothing for \lo_import and \lo_unlink; LASTOID is the new object's OID.
+    let (stdout, stderr) = psql_script(
+        f,
+        &router,
+        "lobj",
+        &format!(
+            "select pg_backend_pid();\n\
+             \\lo_import {}\n\
+             \\echo :LASTOID\n\
+             select encode(lo_get(:LASTOID), 'escape');\n\
+             \\lo_unlink :LASTOID\n\
+             select count(*) from pg_largeobject_metadata where oid = :LASTOID;\n",
+            quote_literal(file)
+        ),
+    );
+    assert_eq!(stderr, "", "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let psql_pid: i32 = lines[0].parse().expect("psql's backend pid");
+    assert!(lines[1].parse::<u32>().is_ok(), "an OID: {stdout}");
+    assert_eq!(lines[2..], [CONTENT, "0"], "{stdout}");
+
+    // A FunctionCall on its own, outside any transaction block: the backend goes back after
+    // its ReadyForQuery, to the next client.
+    let oid: u32 =
+        f.pg.psql_admin("SELECT 'pg_catalog.pg_backend_pid'::regproc::oid")
+            .parse()
+            .expect("an OID");
+    let mut a = f.raw(&router, "lobj", Mode::SslRequest);
+    let mut b = f.raw(&router, "lobj", Mode::Direct);
+    a.send(&[function_call(oid)]);
+    let replies = ready_within(&mut a, QUICK, "FunctionCall");
+    assert_eq!(tags(&replies), "V Z", "{:?}", errors(&replies));
+    assert_eq!(RawConn::status(&replies), 'I');
+    assert_eq!(function_result(&replies[0].1), psql_pid.to_string());
+    b.send(&[query("select pg_backend_pid()")]);
+    let replies = ready_within(&mut b, QUICK, "b after a's FunctionCall");
+    assert_eq!(
+        rows(&replies, "T D C Z", "b"),
+        [psql_pid.to_string()],
+        "the one backend, kept through psql's session and a's FunctionCall"
+    );
+    assert_eq!(a.value("select 'a after'"), "a after");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A Parse left behind
+
+/// pg_doorman PR #164: a client sends a named Parse with nothing after it (no Sync, no Flush)
+/// and goes away. The pooler's record of which statements its backend holds must not take the
+/// unanswered Parse as done (the next client would be told "prepared statement does not
+/// exist") nor forget a statement the backend does hold (the next Parse of it would be 42P05);
+/// and a name nobody parsed is still unknown (26000).
+#[test]
+fn a_named_parse_without_sync_from_a_client_that_vanished_does_not_reach_the_next_client() {
+    const SQL: &str = "select $1::int + 1 /* orphan */";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "orphan");
+    let mut a = f.raw(&router, "orphan", Mode::SslRequest);
+    let mut b = f.raw(&router, "orphan", Mode::Direct);
+    a.send(&[parse("orphan", SQL, &[])]);
+    // The Parse has reached a backend (PostgreSQL shows it active until a Sync), then a goes.
+    f.wait_running("orphan", SQL);
+    a.drop_abruptly();
+
+    b.send(&[
+        parse("orphan", SQL, &[]),
+        bind_execute("orphan", &[Some("41")]),
+        sync(),
+    ]);
+    let replies = ready_within(&mut b, QUICK, "b's Parse of the same name");
+    assert_eq!(rows(&replies, "1 2 D C Z", "b"), ["42"]);
+    b.send(&[bind_execute("orphan", &[Some("1")]), sync()]);
+    assert_eq!(rows(&b.until_ready("b again"), "2 D C Z", "b again"), ["2"]);
+    b.send(&[bind_execute("never_parsed", &[]), sync()]);
+    let replies = b.until_ready("Bind of an unknown name");
+    assert_eq!(tags(&replies), "E Z");
+    assert_eq!(error_codes(&replies), ["26000"]);
+    assert_eq!(b.value("select 'b after'"), "b after");
+    assert_eq!(f.backend_pids("orphan").len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Eviction inside a pipeline
+
+/// pg_doorman commit 1a0510b3: with a prepared-statement cache smaller than the statements a
+/// client parses and describes with Flush (no Sync, the backend still its), the statements
+/// evicted from the backend in between must be given back to it before the Binds that use
+/// them, which arrive together in one write; otherwise a Bind reaches a backend where its
+/// statement was closed (26000).
+#[test]
+fn statements_evicted_between_flush_and_sync_are_prepared_again_for_their_binds() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.max_prepared_statements = Some(2);
+    let router = f.router(&settings, "evict");
+    let mut a = f.raw(&router, "evict", Mode::SslRequest);
+    let mut b = f.raw(&router, "evict", Mode::Direct);
+    let statements = [
+        ("stmt1", "select $1::int", "1"),
+        ("stmt2", "select $1::text", "hello"),
+        ("stmt3", "select $1::bigint", "100"),
+    ];
+    for (name, sql, _) in statements {
+        a.send(&[parse(name, sql, &[]), describe(b'S', name), flush()]);
+        let replies = next_n(&mut a, 3, name);
+        assert_eq!(tags(&replies), "1 t T", "{name}: {:?}", errors(&replies));
+    }
+    let batch: Vec<Vec<u8>> = statements
+        .iter()
+        .flat_map(|(name, _, value)| [bind_execute(name, &[Some(value)]), sync()])
+        .collect();
+    a.send(&batch);
+    let replies = a.until_ready_n(3, "three Binds");
+    assert_eq!(
+        rows(&replies, "2 D C Z 2 D C Z 2 D C Z", "three Binds"),
+        ["1", "hello", "100"]
+    );
+    // Three statements went through a backend that keeps two.
+    let kept: usize = a
+        .value("select count(*) from pg_prepared_statements")
+        .parse()
+        .expect("a count");
+    assert!(kept <= 2, "the backend keeps {kept} statements");
+    assert_eq!(b.value("select 'b after'"), "b after");
+    a.send(&batch);
+    assert_eq!(
+        rows(
+            &a.until_ready_n(3, "again"),
+            "2 D C Z 2 D C Z 2 D C Z",
+            "again"
+        ),
+        ["1", "hello", "100"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Cancel with a full pool
+
+/// PgDog #1362: in transaction mode with the pool saturated (more clients in flight than
+/// `pool_size`), a CancelRequest for the running query was received but not forwarded to the
+/// backend: the query ran to completion and every client queued behind it starved for as long.
+/// The same cancel worked when the pool was not full.
+#[test]
+fn a_cancel_stops_the_running_query_while_other_clients_wait_for_the_pool() {
+    const LONG: &str = "select pg_sleep(30) /* cancel */";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "cancel");
+    let mut a = f.raw(&router, "cancel", Mode::SslRequest);
+    let mut b = f.raw(&router, "cancel", Mode::Direct);
+    a.send(&[query(LONG)]);
+    f.wait_running("cancel", LONG);
+    b.send(&[query("select 'b'")]);
+    b.expect_silence(HELD_WINDOW, "b while a's query holds the only backend");
+    let start = Instant::now();
+    send_cancel(router.pooled_addr(), a.login.key);
+    let replies = ready_within(&mut a, QUICK, "a canceled");
+    assert_eq!(error_codes(&replies), ["57014"], "{}", tags(&replies));
+    assert_eq!(RawConn::status(&replies), 'I');
+    let replies = ready_within(&mut b, QUICK, "b after the cancel");
+    assert_eq!(rows(&replies, "T D C Z", "b"), ["b"]);
+    assert!(start.elapsed() < QUICK, "took {:?}", start.elapsed());
+    assert_eq!(a.value("select 'a after'"), "a after");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A SET that fails
+
+/// A statement through the unnamed statement: Parse, Bind, Execute, Sync.
+fn extended(sql: &str, params: &[Option<&str>]) -> Vec<Vec<u8>> {
+    vec![parse("", sql, &[]), bind_execute("", params), sync()]
+}
+
+/// PgDog PR #887: a client of the extended protocol (ruby-pg's `exec_params`) then sent
+/// `SET lock_timeout TO sdfs`; PgDog held the intercepted `SET` back to run it with the next
+/// query, whose answer then came with the SET's error and left PgDog's protocol state behind
+/// (ProtocolOutOfSync). Here the invalid `SET`, simple or extended, fails at once as on
+/// PostgreSQL, and leaves no setting behind, for its client or for the backend's next one.
+#[test]
+fn an_invalid_set_fails_at_once_and_leaves_no_setting_in_either_protocol() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "badset");
+    let mut a = f.raw(&router, "badset", Mode::SslRequest);
+    let mut b = f.raw(&router, "badset", Mode::Direct);
+    // The PR's sequence: an extended query, a simple one, then the bad SET.
+    a.send(&extended("select $1::int", &[Some("1")]));
+    assert_eq!(rows(&a.until_ready("exec_params"), "1 2 D C Z", "a"), ["1"]);
+    assert_eq!(a.value("select 1"), "1");
+    let replies = a.simple("SET lock_timeout TO sdfs");
+    assert_eq!(tags(&replies), "E Z");
+    assert_eq!(error_codes(&replies), ["22023"]);
+    assert_eq!(
+        a.value("select 'after the simple SET'"),
+        "after the simple SET"
+    );
+    // The same SET through the extended protocol.
+    a.send(&extended("SET lock_timeout TO 'sdf'", &[]));
+    let replies = a.until_ready("invalid SET, extended");
+    assert_eq!(tags(&replies), "1 2 E Z");
+    assert_eq!(error_codes(&replies), ["22023"]);
+    assert_eq!(RawConn::status(&replies), 'I');
+    for round in 0..2 {
+        assert_eq!(a.value("show lock_timeout"), "0", "a, round {round}");
+        a.send(&extended("select $1::text", &[Some("extended")]));
+        assert_eq!(
+            rows(&a.until_ready("extended"), "1 2 D C Z", "extended"),
+            ["extended"]
+        );
+        assert_eq!(b.value("show lock_timeout"), "0", "b, round {round}");
+    }
+    // A valid one through the same path is the client's, and only its.
+    a.send(&extended("SET lock_timeout TO '5s'", &[]));
+    assert_eq!(tags(&a.until_ready("valid SET")), "1 2 C Z");
+    assert_eq!(b.value("show lock_timeout"), "0");
+    assert_eq!(a.value("show lock_timeout"), "5s");
+    assert_eq!(b.value("show lock_timeout"), "0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. SET inside transactions
+
+/// The statements of the sticky-SET test, one simple Query each, with the rows PostgreSQL 15
+/// answers (comma-separated; empty: none).
+const STICKY_STEPS: [(&str, &str); 31] = [
+    // PgDog PR #687's example: a SET after a regular query inside a transaction block.
+    ("begin", ""),
+    ("set local statement_timeout to 1234", ""),
+    ("select 1", "1"),
+    ("set TimeZone to 'Asia/Tokyo'", ""),
+    ("set work_mem to '128MB'", ""),
+    ("show TimeZone", "Asia/Tokyo"),
+    ("commit", ""),
+    ("show TimeZone", "Asia/Tokyo"),
+    ("show work_mem", "128MB"),
+    ("show statement_timeout", "0"),
+    ("begin", ""),
+    ("show TimeZone", "Asia/Tokyo"),
+    ("commit", ""),
+    // SET LOCAL ends with its transaction.
+    ("begin", ""),
+    ("set local TimeZone to 'America/New_York'", ""),
+    ("show TimeZone", "America/New_York"),
+    ("commit", ""),
+    ("show TimeZone", "Asia/Tokyo"),
+    // A rolled-back SET is undone.
+    ("begin", ""),
+    ("set TimeZone to 'Europe/Berlin'", ""),
+    ("set work_mem to '64MB'", ""),
+    ("show TimeZone", "Europe/Berlin"),
+    ("rollback", ""),
+    ("show TimeZone", "Asia/Tokyo"),
+    ("show work_mem", "128MB"),
+    // PgDog PR #686: SET TRANSACTION is this transaction's only (replayed outside one, it
+    // warned "SET TRANSACTION can only be used in transaction blocks").
+    ("begin", ""),
+    ("set transaction isolation level serializable", ""),
+    ("show transaction_isolation", "serializable"),
+    ("commit", ""),
+    ("show transaction_isolation", "read committed"),
+    (
+        "begin; show transaction_isolation; commit",
+        "read committed",
+    ),
+];
+
+/// What one step of [`STICKY_STEPS`] got: the statement, the tags of its replies, its
+/// ParameterStatus messages and its rows.
+type Seen = (&'static str, String, Vec<(String, String)>, Vec<String>);
+
+/// Runs [`STICKY_STEPS`] on `conn`, calling `between` after each step that ends outside a
+/// transaction block.
+fn sticky_steps(conn: &mut impl Wire, mut between: impl FnMut()) -> Vec<Seen> {
+    STICKY_STEPS
+        .iter()
+        .map(|&(sql, _)| {
+            let replies = conn.run(sql);
+            assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
+            if RawConn::status(&replies) == 'I' {
+                between();
+            }
+            (
+                sql,
+                tags(&replies),
+                parameter_statuses(&replies),
+                first_column(&replies),
+            )
+        })
+        .collect()
+}
+
+/// PgDog PRs #686 and #687: `SET TRANSACTION` was captured as a session parameter (and replayed
+/// outside any transaction, with a WARNING), and a `SET` after a regular query inside a
+/// transaction block was not saved as the client's (lost on its next backend). Here too: a
+/// `SET LOCAL` and a rolled-back `SET` end with their transaction, and none of it reaches the
+/// backend's next client. Every step is compared with PostgreSQL's own answer, NOTICEs and
+/// ParameterStatus messages included.
+#[test]
+fn set_in_a_transaction_sticks_for_its_client_only_and_local_or_rolled_back_ones_do_not() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "sticky");
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    let real = sticky_steps(&mut straight, || {});
+    for ((sql, expected), (_, tags, _, rows)) in STICKY_STEPS.iter().zip(&real) {
+        assert_eq!(&rows.join(","), expected, "PostgreSQL: {sql} ({tags})");
+    }
+
+    let mut a = f.raw(&router, "sticky", Mode::SslRequest);
+    let mut b = f.raw(&router, "sticky", Mode::Direct);
+    let check = "select current_setting('TimeZone') || ' ' || current_setting('work_mem') || ' ' \
+                 || current_setting('statement_timeout') || ' ' \
+                 || current_setting('transaction_isolation')";
+    let b_view = b.value(check);
+    assert!(b_view.ends_with(" 0 read committed"), "{b_view}");
+    let pooled = sticky_steps(&mut a, || {
+        // b takes the one backend between a's transactions and must see none of a's settings.
+        assert_eq!(b.value(check), b_view, "b between a's transactions");
+    });
+    assert_eq!(pooled, real, "pooled port vs PostgreSQL");
+    assert_eq!(b.value(check), b_view);
+    assert_eq!(
+        a.value("show TimeZone") + " " + &a.value("show work_mem"),
+        "Asia/Tokyo 128MB"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. An error with more pipeline behind it
+
+/// PgBouncer #759 (PHP PDO through PgBouncer's transaction pooling): Bind, Execute, Sync, an
+/// ErrorResponse, then the client's next Parse, Describe and Flush read before the backend's
+/// ReadyForQuery came; the ReadyForQuery released the backend while the client was still owed
+/// the answers to its Parse and Describe. Here those messages arrive in the same write as the
+/// failing Execute, and the backend must stay the client's until their Sync.
+#[test]
+fn an_error_then_more_messages_in_the_same_write_keep_the_backend_until_their_sync() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "race");
+    let mut a = f.raw(&router, "race", Mode::SslRequest);
+    let mut b = f.raw(&router, "race", Mode::Direct);
+    // A run-time error: random() keeps the planner from folding 1/0 into a Bind-time error.
+    a.send(&[
+        parse("", "select 1 / (random() * $1::int)::int", &[]),
+        bind_execute("", &[Some("0")]),
+        sync(),
+        parse("", "select 2", &[]),
+        describe(b'S', ""),
+        flush(),
+    ]);
+    let replies = a.until_ready("the failing Execute");
+    assert_eq!(tags(&replies), "1 2 E Z");
+    assert_eq!(error_codes(&replies), ["22012"]);
+    let replies = next_n(&mut a, 3, "Parse and Describe after the error");
+    assert_eq!(tags(&replies), "1 t T", "{:?}", errors(&replies));
+    b.send(&[query("select 'b'")]);
+    b.expect_silence(HELD_WINDOW, "b while a has flushed without Sync");
+    a.send(&[bind_execute("", &[]), sync()]);
+    assert_eq!(rows(&a.until_ready("a's Sync"), "2 D C Z", "a"), ["2"]);
+    let replies = ready_within(&mut b, QUICK, "b after a's Sync");
+    assert_eq!(rows(&replies, "T D C Z", "b"), ["b"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Two Executes and a portal Describe before one Sync
+
+/// PgDog #1508's pipeline: Parse, Bind, Execute twice, a Describe of the unnamed portal, Sync.
+fn two_executes_and_a_describe() -> Vec<Vec<u8>> {
+    vec![
+        parse("", "select 1", &[]),
+        bind_execute("", &[]),
+        parse("", "select 2", &[]),
+        bind_execute("", &[]),
+        describe(b'P', ""),
+        sync(),
+    ]
+}
+
+/// PgDog #1508: a legal pipeline of two executed queries, a Describe of the portal and one
+/// Sync stalled after the first two results: PgDog split it into requests (a Flush after each
+/// Execute, the Describe and the Sync on their own) and waited for the Describe's answer, which
+/// PostgreSQL sends only at a Flush or Sync, before passing the Sync on; the backend stayed
+/// checked out even after the client left. The answer must be PostgreSQL's own, byte for byte,
+/// and the backend must then go back.
+#[test]
+fn a_pipeline_of_two_executes_and_a_describe_answers_as_postgresql_and_releases() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "pipe");
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    straight.send_all(&two_executes_and_a_describe());
+    let real = straight.ready_n(1, "straight to PostgreSQL");
+    assert_eq!(tags(&real), "1 2 D C 1 2 D C T Z", "{:?}", errors(&real));
+
+    let mut a = f.raw(&router, "pipe", Mode::SslRequest);
+    let mut b = f.raw(&router, "pipe", Mode::Direct);
+    a.send(&two_executes_and_a_describe());
+    let replies = ready_within(&mut a, QUICK, "the pipeline");
+    assert_eq!(replies, real, "pooled port vs PostgreSQL");
+    b.send(&[query("select 'b'")]);
+    let replies = ready_within(&mut b, QUICK, "b after the pipeline");
+    assert_eq!(rows(&replies, "T D C Z", "b"), ["b"]);
+    assert_eq!(a.value("select 'a after'"), "a after");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Portals
+
+/// PgDog PRs #1332 and #763: an Execute with a row limit ends in PortalSuspended, not
+/// CommandComplete, and PgDog released the backend after `Execute(limit)`, `Flush`, with the
+/// portal still open and the client still owed the rest of its rows and its ReadyForQuery.
+#[test]
+fn a_suspended_portal_holds_the_backend_until_it_is_run_to_the_end_and_synced() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "portal");
+    let mut a = f.raw(&router, "portal", Mode::SslRequest);
+    let mut b = f.raw(&router, "portal", Mode::Direct);
+    a.send(&[
+        parse("s", "select generate_series(1, 3)", &[]),
+        bind("p", "s", &[]),
+        execute("p", 1),
+        flush(),
+    ]);
+    let replies = next_n(&mut a, 4, "Execute of one row");
+    assert_eq!(tags(&replies), "1 2 D s", "{:?}", errors(&replies));
+    assert_eq!(first_column(&replies), ["1"]);
+    b.send(&[query("select 'b'")]);
+    b.expect_silence(HELD_WINDOW, "b while a's portal is suspended");
+    a.send(&[execute("p", 0), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("the rest"), "D D C Z", "the rest"),
+        ["2", "3"]
+    );
+    let replies = ready_within(&mut b, QUICK, "b after a's Sync");
+    assert_eq!(rows(&replies, "T D C Z", "b"), ["b"]);
+    // The statement is still a's, on whichever backend it gets next.
+    a.send(&[bind("p", "s", &[]), execute("p", 2), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("again"), "2 D D s Z", "again"),
+        ["1", "2"]
+    );
+}
+
+/// PgDog PR #1338: a Close of a portal was taken as a Close of the prepared statement with the
+/// same name in PgDog's statement cache, so a client whose portal and statement shared a name
+/// lost the statement: its next Bind of it failed with 26000.
+#[test]
+fn closing_a_portal_keeps_the_statement_of_the_same_name() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "samename");
+    let mut a = f.raw(&router, "samename", Mode::SslRequest);
+    let mut b = f.raw(&router, "samename", Mode::Direct);
+    a.send(&[parse("x", "select 'x'::text", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("Parse x")), "1 Z");
+    // Portal "x" of statement "x", closed while it exists, inside one implicit transaction.
+    a.send(&[
+        bind("x", "x", &[]),
+        execute("x", 0),
+        close(b'P', "x"),
+        bind("", "x", &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    assert_eq!(
+        rows(&a.until_ready("Close of portal x"), "2 D C 3 2 D C Z", "a"),
+        ["x", "x"]
+    );
+    // No portal "x" exists now: its Close is CloseComplete and the statement stays.
+    a.send(&[close(b'P', "x"), sync()]);
+    assert_eq!(tags(&a.until_ready("Close of no portal")), "3 Z");
+    assert_eq!(b.value("select 'b in between'"), "b in between");
+    a.send(&[describe(b'S', "x"), bind_execute("x", &[]), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("statement x"), "t T 2 D C Z", "a"),
+        ["x"]
+    );
+    // Closing the statement is what removes it.
+    a.send(&[close(b'S', "x"), sync()]);
+    assert_eq!(tags(&a.until_ready("Close of statement x")), "3 Z");
+    a.send(&[bind_execute("x", &[]), sync()]);
+    assert_eq!(
+        error_codes(&a.until_ready("Bind after the Close")),
+        ["26000"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Startup parameters built to inject SQL
+
+/// Startup parameters whose values would run `create table pwned()` if a pooler pasted them
+/// into SQL unescaped: each is a valid value for PostgreSQL.
+const INJECTIONS: [(&str, &str); 6] = [
+    ("search_path", "\"x'; create table pwned(); --\", public"),
+    ("search_path", "\"a;b\", public"),
+    ("search_path", "\"x\\'); create table pwned(); --\""),
+    (
+        "search_path",
+        "\"q\"\"; create table pwned(); --\", \"$$; create table pwned(); --\"",
+    ),
+    ("application_name", "x'); create table pwned(); --"),
+    ("application_name", "x\\'); create table pwned(); select ('"),
+];
+
+/// CVE-2025-12819 (PgBouncer): a `search_path` given in the StartupMessage could make the
+/// pooler run SQL of the client's choosing on the server. The router applies startup
+/// parameters with SQL of its own (`set_config` calls), so its quoting of them is an injection
+/// point. Here each value must come back from `show` exactly as PostgreSQL shows it when the
+/// same StartupMessage goes straight to it, and nothing may have run.
+#[test]
+fn startup_parameters_with_quotes_and_semicolons_are_values_never_sql() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "inject");
+    let pwned = "SELECT count(*) FROM pg_class WHERE relname = 'pwned'";
+    // Two clients with different values on the one backend, so the router sets each value
+    // there again for every transaction.
+    let mut other = f.raw_with(
+        &router,
+        "inject",
+        Mode::Direct,
+        &[("search_path", "public"), ("application_name", "other")],
+    );
+    for (name, value) in INJECTIONS {
+        let show = format!("show {name}");
+        let (mut straight, login) =
+            Straight::connect(&f.pg, &[(name, value)]).expect("PostgreSQL takes the value");
+        let real = straight.run(&show);
+        let real = rows(&real, "T D C Z", "straight")[0].clone();
+        assert_eq!(real, value, "PostgreSQL shows {name} as given");
+        let mut a = f.raw_with(&router, "inject", Mode::SslRequest, &[(name, value)]);
+        if name == "application_name" {
+            let real_reported = login
+                .params
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str());
+            assert_eq!(a.reported(name), real_reported, "ParameterStatus at login");
+        }
+        for round in 0..2 {
+            assert_eq!(a.value(&show), real, "{name} = {value}, round {round}");
+            assert_eq!(
+                other.value(&show),
+                if name == "search_path" {
+                    "public"
+                } else {
+                    "other"
+                },
+                "the other client, round {round}"
+            );
+        }
+        assert_eq!(f.pg.psql_admin(pwned), "0", "{name} = {value} ran as SQL");
+        a.terminate();
+    }
+}
+
+/// Startup parameter values PostgreSQL refuses at login (FATAL 22023, "invalid value for
+/// parameter").
+const REFUSED_STARTUP: [(&str, &str); 4] = [
+    ("search_path", "x'; create table pwned(); --"),
+    ("TimeZone", "Nowhere/Atlantis"),
+    ("statement_timeout", "abc"),
+    ("lock_timeout", "sdf"),
+];
+
+/// The other side of the CVE-2025-12819 test, and PgDog PR #887's class of bug (a setting taken
+/// as the client's before PostgreSQL refused it) at startup: a value PostgreSQL refuses must not
+/// leave the client in a session that silently runs with another value. PostgreSQL refuses the
+/// login, and so does the pooled port, with PostgreSQL's own FATAL.
+#[test]
+fn a_startup_value_postgresql_refuses_is_refused_not_silently_replaced() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "inject");
+    for (name, value) in REFUSED_STARTUP {
+        let refusal = Straight::connect(&f.pg, &[(name, value)])
+            .map(drop)
+            .expect_err("PostgreSQL refuses the value");
+        assert_eq!(
+            (refusal.severity.as_str(), refusal.code.as_str()),
+            ("FATAL", "22023"),
+            "{name} = {value:?}: {refusal:?}"
+        );
+        let login = RawConn::try_connect(
+            router.pooled_addr(),
+            f.certs.client_config(),
+            Mode::SslRequest,
+            &user("inject"),
+            &password("inject"),
+            &[(name, value)],
+        );
+        let pooled = login
+            .map(drop)
+            .expect_err("the pooled port refuses the value");
+        assert_eq!(pooled, refusal, "{name} = {value:?}");
+    }
+    assert_eq!(
+        f.pg.psql_admin("SELECT count(*) FROM pg_class WHERE relname = 'pwned'"),
+        "0"
+    );
+}
