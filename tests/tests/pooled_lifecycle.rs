@@ -724,6 +724,50 @@ fn startup_parameters_are_read_and_refused_as_postgresql_reads_them() {
         assert!(direct.is_some(), "PostgreSQL refuses {refused:?}");
         assert_eq!(pooled, direct, "{refused:?}");
     }
+    // `options` (PGOPTIONS), read as PostgreSQL reads it; the StartupMessage's own parameters
+    // win over it.
+    let options = [
+        (
+            "options",
+            r#"-c statement_timeout=5s --lock-timeout=2s -csearch_path="my\ schema",public -c TimeZone=Asia/Tokyo"#,
+        ),
+        ("TimeZone", "Europe/Paris"),
+    ];
+    let mut direct_options = login(router.direct_addr(), &options).expect("PostgreSQL reads it");
+    let mut pooled_options = login(router.pooled_addr(), &options).expect("so does 6432");
+    assert_eq!(pooled_options.reported("TimeZone"), Some("Europe/Paris"));
+    for sql in [
+        "show statement_timeout",
+        "show lock_timeout",
+        "show search_path",
+        "show TimeZone",
+    ] {
+        assert_eq!(
+            pooled_options.value(sql),
+            direct_options.value(sql),
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        pooled_options.value("show search_path"),
+        "\"my schema\",public"
+    );
+    for refused in [
+        "-c statement_timeout",
+        "statement_timeout=5s",
+        "-c",
+        r"-c search_path=my\ schema,public",
+    ] {
+        let direct = login(router.direct_addr(), &[("options", refused)]).err();
+        let pooled = login(router.pooled_addr(), &[("options", refused)]).err();
+        assert!(direct.is_some(), "PostgreSQL refuses {refused:?}");
+        assert_eq!(pooled, direct, "{refused:?}");
+    }
+    let other_switch = login(router.pooled_addr(), &[("options", "-d 5")])
+        .err()
+        .expect("a server switch the pooled port does not keep");
+    assert_eq!(other_switch.code, "0A000");
+
     // The set accepted above needs no backend now: it logs in while the one backend is held.
     assert_eq!(RawConn::status(&pooled.simple("begin")), 'T');
     let mut again = login(router.pooled_addr(), &asked).expect("accepted before");

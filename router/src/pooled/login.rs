@@ -20,10 +20,10 @@ use crate::error::SessionError;
 use crate::front_door::{self, Authenticated, ClientConn, Entered, Parts, Port};
 use crate::handoff::Handoff;
 use crate::protocol::startup::CancelKey;
-use crate::protocol::write;
+use crate::protocol::write::{self, Severity};
 use crate::worker::{Quiet, SessionHandle, Signal, StartupSlot, Worker};
 
-use super::params::{startup_params, ClientParams};
+use super::params::{options_settings, startup_params, ClientParams};
 use super::pool::{AcquireError, Backend, Pool, PoolKey, StartupValues};
 use super::prepared::ClientStatements;
 use super::readback::{self, StartupSettings};
@@ -100,6 +100,27 @@ async fn refuse_login(
             front_door::refuse(conn, peer, SessionError::Backend(BackendError::Timeout)).await;
         }
     }
+}
+
+/// Refuses a login as PostgreSQL refuses a StartupMessage parameter: AuthenticationOk, then
+/// `fatal` (a whole ErrorResponse).
+async fn refuse_after_auth(
+    mut conn: ClientConn<'_>,
+    peer: SocketAddr,
+    server_final: &[u8],
+    fatal: Vec<u8>,
+) {
+    tracing::info!(%peer, code = sqlstate_of(&fatal), "pooled login refused: a startup parameter");
+    write::auth_sasl_final(conn.out(), server_final);
+    write::auth_ok(conn.out());
+    conn.out().extend_from_slice(&fatal);
+    let code = ReceivedSqlState::new(sqlstate_of(&fatal));
+    front_door::refuse(
+        conn,
+        peer,
+        SessionError::Backend(BackendError::Rejected(code)),
+    )
+    .await;
 }
 
 /// Why a client's StartupMessage parameters were not accepted.
@@ -238,7 +259,34 @@ pub(super) async fn after_front_door(
             }
         }
     };
-    let mut params = ClientParams::new(base, startup_params(&backend_startup));
+    // `options` (`-c name=value`, PGOPTIONS) first: the StartupMessage's own parameters win
+    // over it, as in PostgreSQL.
+    let options = startup_params(&backend_startup)
+        .filter(|(name, _)| *name == "options")
+        .map(|(_, value)| value)
+        .last()
+        .map_or(Ok(Vec::new()), options_settings);
+    let options = match options {
+        Ok(options) => options,
+        Err(error) => {
+            let mut fatal = Vec::new();
+            write::error_response_full(
+                &mut fatal,
+                Severity::Fatal,
+                error.code,
+                &error.message,
+                None,
+                error.hint,
+            );
+            refuse_after_auth(conn, peer, &server_final, fatal).await;
+            return None;
+        }
+    };
+    let asked = options
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .chain(startup_params(&backend_startup));
+    let mut params = ClientParams::new(base, asked);
     // The client's own parameters, as PostgreSQL would read them at its login: a value the
     // server refuses refuses the login, and the client sees the values as the server shows
     // them. A set a backend of the pool accepted before needs no backend.
@@ -255,20 +303,7 @@ pub(super) async fn after_front_door(
                 Err(refusal) => {
                     match refusal {
                         StartupRefusal::Server(fatal) => {
-                            // PostgreSQL's own answer to such a StartupMessage: the error
-                            // after AuthenticationOk.
-                            tracing::info!(%peer, "pooled login refused: a startup parameter's value");
-                            write::auth_sasl_final(conn.out(), &server_final);
-                            write::auth_ok(conn.out());
-                            conn.out().extend_from_slice(&fatal);
-                            front_door::refuse(
-                                conn,
-                                peer,
-                                SessionError::Backend(BackendError::Rejected(
-                                    ReceivedSqlState::new(sqlstate_of(&fatal)),
-                                )),
-                            )
-                            .await;
+                            refuse_after_auth(conn, peer, &server_final, fatal).await
                         }
                         StartupRefusal::NoBackend(error) => {
                             refuse_login(conn, peer, error, &server_final).await
@@ -283,11 +318,7 @@ pub(super) async fn after_front_door(
             params.startup_read_as(name, value);
         }
     }
-    let search_path = startup_params(&backend_startup)
-        .filter(|(name, _)| name.eq_ignore_ascii_case("search_path"))
-        .map(|(_, value)| value)
-        .last();
-    let statements = ClientStatements::new(&role, search_path);
+    let statements = ClientStatements::new(&role, params.startup().get("search_path"));
     let key = CancelKey {
         pid: crate::fleet::wire::tagged_pid(worker.shared.fleet.tag(), rand::random()),
         secret: rand::random(),

@@ -416,9 +416,156 @@ pub fn startup_params(packet: &[u8]) -> impl Iterator<Item = (&str, &str)> {
     })
 }
 
+/// Why an `options` startup parameter was not read: the FATAL its client gets.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OptionsError {
+    /// The SQLSTATE.
+    pub code: crate::protocol::sqlstate::SqlState,
+    /// The message: PostgreSQL's where it defines one.
+    pub message: String,
+    /// The hint, if any.
+    pub hint: Option<&'static str>,
+}
+
+/// The run-time parameters the `options` startup parameter sets, in order, read as PostgreSQL
+/// reads it (`pg_split_opts`, then its `-c` and `--` switches): words split at whitespace
+/// that no backslash escapes (a backslash takes the next character as it is); `-c name=value`,
+/// `-cname=value` and `--name=value` set `name` (its dashes read as underscores). Other server
+/// switches (`-B`, `-d`, ...) are refused: the pooled port keeps none of them.
+pub fn options_settings(options: &str) -> Result<Vec<(String, String)>, OptionsError> {
+    use crate::protocol::sqlstate::SqlState;
+    let invalid = |word: &str| OptionsError {
+        code: SqlState::SYNTAX_ERROR,
+        message: format!("invalid command-line argument for server process: {word}"),
+        hint: Some("Try \"postgres --help\" for more information."),
+    };
+    let mut words = split_options(options).into_iter();
+    let mut settings = Vec::new();
+    while let Some(word) = words.next() {
+        let (setting, long) = if word == "-c" {
+            (words.next().ok_or_else(|| invalid(&word))?, false)
+        } else if let Some(rest) = word.strip_prefix("--") {
+            (rest.to_owned(), true)
+        } else if let Some(rest) = word.strip_prefix("-c") {
+            (rest.to_owned(), false)
+        } else if word.starts_with('-') {
+            return Err(OptionsError {
+                code: SqlState::FEATURE_NOT_SUPPORTED,
+                message: format!(
+                    "the pooled port reads only -c name=value and --name=value in the options \
+                     startup parameter, not {word}: use the direct port"
+                ),
+                hint: None,
+            });
+        } else {
+            return Err(invalid(&word));
+        };
+        let Some((name, value)) = setting.split_once('=') else {
+            return Err(OptionsError {
+                code: SqlState::SYNTAX_ERROR,
+                message: if long {
+                    format!("--{setting} requires a value")
+                } else {
+                    format!("-c {setting} requires a value")
+                },
+                hint: None,
+            });
+        };
+        settings.push((name.replace('-', "_"), value.to_owned()));
+    }
+    Ok(settings)
+}
+
+/// PostgreSQL's `pg_split_opts`.
+fn split_options(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut chars = options.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_ascii_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return words;
+        }
+        let mut word = String::new();
+        let mut escaped = false;
+        while let Some(&c) = chars.peek() {
+            if c.is_ascii_whitespace() && !escaped {
+                break;
+            }
+            chars.next();
+            if !escaped && c == '\\' {
+                escaped = true;
+            } else {
+                escaped = false;
+                word.push(c);
+            }
+        }
+        words.push(word);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_are_read_as_postgresql_reads_them() {
+        let read = |options: &str| options_settings(options).expect("readable");
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(read(""), pairs(&[]));
+        assert_eq!(
+            read("  -c statement_timeout=5s   -csearch_path=a,b --lock-timeout=1s "),
+            pairs(&[
+                ("statement_timeout", "5s"),
+                ("search_path", "a,b"),
+                ("lock_timeout", "1s"),
+            ])
+        );
+        // A backslash keeps the next character, a space among them.
+        assert_eq!(
+            read(r"-c search_path=my\ schema,public -c application_name=a\\b"),
+            pairs(&[
+                ("search_path", "my schema,public"),
+                ("application_name", r"a\b")
+            ])
+        );
+        // The value may hold '=' and be empty.
+        assert_eq!(
+            read("-c x.y=a=b -c application_name="),
+            pairs(&[("x.y", "a=b"), ("application_name", "")])
+        );
+    }
+
+    #[test]
+    fn options_postgresql_refuses_or_the_pooled_port_does_not_keep() {
+        use crate::protocol::sqlstate::SqlState;
+        let refused = |options: &str| options_settings(options).expect_err("refused");
+        let e = refused("-c statement_timeout");
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                SqlState::SYNTAX_ERROR,
+                "-c statement_timeout requires a value"
+            )
+        );
+        let e = refused("--statement_timeout");
+        assert_eq!(e.message, "--statement_timeout requires a value");
+        let e = refused("-c");
+        assert_eq!(
+            e.message,
+            "invalid command-line argument for server process: -c"
+        );
+        let e = refused("statement_timeout=5s");
+        assert_eq!(e.code, SqlState::SYNTAX_ERROR);
+        assert_eq!(
+            e.message,
+            "invalid command-line argument for server process: statement_timeout=5s"
+        );
+        assert_eq!(refused("-d 5").code, SqlState::FEATURE_NOT_SUPPORTED);
+    }
 
     fn base() -> Rc<Params> {
         let mut p = Params::default();

@@ -39,6 +39,8 @@ impl SqlState {
     pub const TOO_MANY_CONNECTIONS: Self = Self::new("53300");
     /// 57014 query_canceled.
     pub const QUERY_CANCELED: Self = Self::new("57014");
+    /// 42601 syntax_error (an `options` startup parameter PostgreSQL cannot read).
+    pub const SYNTAX_ERROR: Self = Self::new("42601");
     /// 57P01 admin_shutdown.
     pub const ADMIN_SHUTDOWN: Self = Self::new("57P01");
     /// 57P02 crash_shutdown.
