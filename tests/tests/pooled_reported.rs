@@ -34,9 +34,9 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 12] = [
+const ROLES: [&str; 13] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
-    "samename", "inject",
+    "samename", "inject", "residue",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -1004,4 +1004,56 @@ fn a_startup_value_postgresql_refuses_is_refused_not_silently_replaced() {
         f.pg.psql_admin("SELECT count(*) FROM pg_class WHERE relname = 'pwned'"),
         "0"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session state a transaction leaves on its backend
+
+/// pg_doorman #20 (fixed by PR #23; open in PgCat, postgresml/pgcat#903): a `DECLARE ... WITH
+/// HOLD` cursor outlived its transaction on the backend, and the next client of that backend
+/// could `FETCH` from it (another client's rows) or failed to declare its own of the same name.
+/// PgBouncer leaves `LISTEN`s and temporary tables the same way: the next client receives the
+/// notifications and sees the table. Here each is gone before the backend is lent again.
+#[test]
+fn cursors_listens_and_temporary_tables_do_not_outlive_their_transaction() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "residue");
+    let mut a = f.raw(&router, "residue", Mode::SslRequest);
+    let mut b = f.raw(&router, "residue", Mode::Direct);
+    let pid = pid_of(&mut a);
+
+    let replies = a.simple("begin; declare held cursor with hold for select 'a''s secret'; commit");
+    assert_eq!(error_codes(&replies), [] as [&str; 0]);
+    assert_eq!(pid_of(&mut b), pid, "b shares a's backend");
+    let replies = b.simple("fetch all from held");
+    assert_eq!(error_codes(&replies), ["34000"], "a's cursor is gone");
+    let replies =
+        b.simple("begin; declare held cursor for select 'b'; fetch all from held; commit");
+    assert_eq!(error_codes(&replies), [] as [&str; 0], "b declares its own");
+
+    assert_eq!(tags(&a.simple("listen residue_channel")), "C Z");
+    assert_eq!(pid_of(&mut b), pid);
+    assert_eq!(
+        b.value("select count(*) from pg_listening_channels()"),
+        "0",
+        "the backend b shares listens for a no more"
+    );
+
+    let replies =
+        a.simple("create temp table a_scratch (v text); insert into a_scratch values ('a')");
+    assert_eq!(error_codes(&replies), [] as [&str; 0]);
+    assert_eq!(pid_of(&mut b), pid);
+    let replies = b.simple("select v from a_scratch");
+    assert_eq!(
+        error_codes(&replies),
+        ["42P01"],
+        "a's temporary table is gone"
+    );
+    // Inside one transaction, all three work.
+    let replies = a.simple(
+        "begin; create temp table t (v int); insert into t values (1); \
+         declare c cursor for select v from t; fetch all from c; commit",
+    );
+    assert_eq!(error_codes(&replies), [] as [&str; 0]);
+    assert_eq!(first_column(&replies), ["1"]);
 }

@@ -402,6 +402,7 @@ pub(super) async fn transaction(
     // A backend whose session values the client may have changed is not lent again unread.
     let reusable = !state.borrow().tx.busy()
         && !state.borrow().tx.has_sets()
+        && !found.borrow().residue
         && !writing.get()
         && !reading.get();
     let end = match step {
@@ -409,6 +410,7 @@ pub(super) async fn transaction(
             return Ok(Over {
                 sets: state.borrow_mut().tx.take_sets(),
                 resync: found.borrow().resync,
+                residue: found.borrow().residue,
             })
         }
         Step::ClientGone => End::ClientClosed,
@@ -442,6 +444,9 @@ pub(super) struct Over {
     /// The backend is still to be given the client's parameters (a `RESET name` outside a
     /// transaction block took it to the pool's default).
     pub(super) resync: bool,
+    /// Its statements may have left cursors, `LISTEN`s or temporary tables in the backend's
+    /// session: gone before the backend is lent again.
+    pub(super) residue: bool,
 }
 
 /// Why a transaction ended other than with the backend released.
@@ -712,6 +717,9 @@ fn backend_messages(
                     }
                 }
                 if reply == Reply::Forward {
+                    if tag == be::COMMAND_COMPLETE && leaves_session_state(body) {
+                        found.residue = true;
+                    }
                     out.extend_from_slice(&data[..len]);
                 }
                 tx.take_synthesized(out);
@@ -748,6 +756,19 @@ struct Findings {
     /// A statement took one of the client's parameters back to the pool's default on it: the
     /// backend is to be given the client's parameters again before the client's next messages.
     resync: bool,
+    /// A statement left state in the backend's session that outlives the transaction
+    /// ([`leaves_session_state`]).
+    residue: bool,
+}
+
+/// True for the CommandComplete of a statement that may leave state in the backend's session
+/// past its transaction, for whichever client the backend serves next: a cursor (`DECLARE
+/// ... WITH HOLD`), `LISTEN`, a table (`CREATE TEMP TABLE`). pg_doorman #20 had the next
+/// client find a WITH HOLD cursor; PgBouncer leaves all of them.
+fn leaves_session_state(body: &[u8]) -> bool {
+    body.starts_with(b"DECLARE CURSOR")
+        || body.starts_with(b"LISTEN")
+        || body.starts_with(b"CREATE TABLE")
 }
 
 /// True for PostgreSQL's error for a prepared statement whose result type a DDL changed: the

@@ -86,6 +86,10 @@ use stream::MessageStream;
 pub use branches::{BranchClients, BranchEntry, BranchFigures, BranchSlot};
 pub use maintenance::{close_pools, maintain, maintain_once, MAINTENANCE_INTERVAL};
 
+/// What a transaction's statements left in its backend's session (`exchange::Over::residue`)
+/// goes with this before the backend is lent again: cursors, `LISTEN`s, temporary tables.
+const SESSION_RESIDUE_CLEANUP: &str = "CLOSE ALL;UNLISTEN *;DISCARD TEMP;";
+
 /// How long a release waits for a cancel on its way to the backend to be delivered (so it
 /// cannot reach the backend's next client); past it the backend is closed instead.
 const CANCEL_DELIVERY_WAIT: Duration = Duration::from_secs(5);
@@ -284,12 +288,16 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
                 .into_iter()
                 .filter(|name| !client.params.is_reported(name))
                 .collect();
-            if unreported.is_empty() {
+            if unreported.is_empty() && !over.residue {
                 pool.release(&ctx, backend);
             } else {
-                // A `RESET name` outside a block left the backend at the pool's default: the
-                // client's value goes first, in the same round trip.
+                // Cursors, LISTENs and temporary tables the transaction left go; a `RESET
+                // name` outside a block left the backend at the pool's default: the client's
+                // value goes first. In the same round trip.
                 let mut sql = String::new();
+                if over.residue {
+                    sql.push_str(SESSION_RESIDUE_CLEANUP);
+                }
                 if over.resync {
                     backend.params.sync_to(&client.params, &mut sql);
                 }
