@@ -101,7 +101,10 @@ impl Entry {
 
 /// Which backend a pooled client holds, for its cancels. A cancel on its way to that backend
 /// keeps the client from giving the backend back until it has been delivered, so it can never
-/// cancel the next client's query there.
+/// cancel the next client's query there. A cancel that comes while the router's own statements
+/// run ahead of the client's on that backend (the client's parameters, [`PooledCancel::hold`])
+/// waits for their answer before it goes: it would stop them, not the client's query, and the
+/// query would then run with the backend's previous client's settings (PgBouncer PR #298).
 #[derive(Debug, Default)]
 pub struct PooledCancel(Mutex<PooledState>);
 
@@ -109,7 +112,14 @@ pub struct PooledCancel(Mutex<PooledState>);
 struct PooledState {
     held: Option<CancelTarget>,
     in_flight: bool,
+    /// The client giving its backend back waits for the cancel on its way.
     waker: Option<Waker>,
+    /// The router's own statements run ahead of the client's on the held backend.
+    setting_up: bool,
+    /// A claimed cancel waits for the router's statements to be answered.
+    cancel_waiter: Option<Waker>,
+    /// The client is giving its backend back: a cancel still waiting is not sent.
+    releasing: bool,
 }
 
 impl PooledCancel {
@@ -119,18 +129,57 @@ impl PooledCancel {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The client holds the backend at `backend` (pid and secret its BackendKeyData).
-    pub fn hold(&self, backend: SocketAddr, pid: u32, secret: u32) {
-        self.lock().held = Some(CancelTarget {
+    /// The client holds the backend at `backend` (pid and secret its BackendKeyData);
+    /// `setting_up`: the router's own statements go ahead of the client's there, and cancels
+    /// wait until [`PooledCancel::set_up`].
+    pub fn hold(&self, backend: SocketAddr, pid: u32, secret: u32, setting_up: bool) {
+        let mut state = self.lock();
+        state.held = Some(CancelTarget {
             backend,
             key: CancelKey { pid, secret },
         });
+        state.setting_up = setting_up;
+        state.releasing = false;
+    }
+
+    /// The router's own statements ahead of the client's have been answered: a cancel may go.
+    pub fn set_up(&self) {
+        let mut state = self.lock();
+        state.setting_up = false;
+        if let Some(waker) = state.cancel_waiter.take() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves when a claimed cancel may go: true once nothing of the router's runs ahead of
+    /// the client's messages on the held backend; false if the client gives the backend back
+    /// first (nothing of its own is left to cancel there).
+    pub async fn clear_to_send(&self) -> bool {
+        poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.releasing || state.held.is_none() {
+                Poll::Ready(false)
+            } else if !state.setting_up {
+                Poll::Ready(true)
+            } else {
+                state.cancel_waiter = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// The client is giving its backend back: resolves once no cancel is on its way to it,
     /// and from then on cancels find no backend. False if a cancel was still undelivered
     /// after `wait` (the backend must then be closed, not lent again).
     pub async fn release(&self, wait: Duration) -> bool {
+        {
+            let mut state = self.lock();
+            state.releasing = true;
+            if let Some(waker) = state.cancel_waiter.take() {
+                waker.wake();
+            }
+        }
         let released = poll_fn(|cx| {
             let mut state = self.lock();
             if state.in_flight {
@@ -142,7 +191,9 @@ impl PooledCancel {
             }
         });
         let delivered = monoio::time::timeout(wait, released).await.is_ok();
-        self.lock().held = None;
+        let mut state = self.lock();
+        state.held = None;
+        state.setting_up = false;
         delivered
     }
 
@@ -379,6 +430,17 @@ pub struct CancelClaim {
     pooled: Option<Arc<PooledCancel>>,
 }
 
+impl CancelClaim {
+    /// A pooled client's cancel: waits until it may go ([`PooledCancel::clear_to_send`]).
+    /// True at once for a direct session's.
+    async fn clear_to_send(&self) -> bool {
+        match &self.pooled {
+            Some(pooled) => pooled.clear_to_send().await,
+            None => true,
+        }
+    }
+}
+
 impl Drop for CancelClaim {
     fn drop(&mut self) {
         if let Some(pooled) = &self.pooled {
@@ -544,8 +606,14 @@ pub fn handle(worker: &Rc<Worker>, key: CancelKey, from: IpAddr) -> bool {
     drop(limiter);
     let timeout = worker.shared.config.timeouts.connect;
     monoio::spawn(async move {
-        let _claim = claim;
         let CancelTarget { backend, key } = target;
+        // Not while the router's own statements run ahead of the client's query.
+        let clear = monoio::time::timeout(timeout, claim.clear_to_send()).await;
+        if clear != Ok(true) {
+            tracing::debug!(%backend, "cancel request not sent: the transaction ended first");
+            return;
+        }
+        let _claim = claim;
         let sent = monoio::time::timeout(
             timeout,
             crate::backend::cancel(backend, key.pid, key.secret),
@@ -770,5 +838,54 @@ mod tests {
         crate::protocol::write::cancel_request(&mut expected, 4242, 0x0bac_0e4d);
         // One connection came, and it carried the backend's key, not the client's.
         assert_eq!(received.join().expect("fake backend thread"), expected);
+    }
+
+    #[test]
+    fn a_pooled_cancel_waits_for_the_routers_own_statements() {
+        use std::future::Future;
+        use std::task::Context;
+        let mut cx = Context::from_waker(Waker::noop());
+        let pooled = PooledCancel::default();
+        // Nothing of the router's ahead: the cancel goes at once.
+        pooled.hold(addr(1), 7, 8, false);
+        assert!(pooled.claim().is_some());
+        let ready = std::pin::pin!(pooled.clear_to_send())
+            .as_mut()
+            .poll(&mut cx);
+        assert_eq!(ready, Poll::Ready(true));
+        pooled.delivered();
+        // The router's statements ahead: it waits for them to be answered.
+        pooled.hold(addr(1), 7, 8, true);
+        assert!(pooled.claim().is_some());
+        {
+            let mut waiting = std::pin::pin!(pooled.clear_to_send());
+            assert!(waiting.as_mut().poll(&mut cx).is_pending());
+            pooled.set_up();
+            assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(true));
+        }
+        pooled.delivered();
+        // The client gives the backend back before they are: the cancel is not sent.
+        pooled.hold(addr(1), 7, 8, true);
+        assert!(pooled.claim().is_some());
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut waiting = std::pin::pin!(pooled.clear_to_send());
+            assert!(waiting
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_pending());
+            let releasing = pooled.release(Duration::from_millis(50));
+            let (delivered, clear) = monoio::join!(releasing, async {
+                let clear = waiting.await;
+                pooled.delivered();
+                clear
+            });
+            assert!(!clear, "not sent");
+            assert!(delivered, "the release waited for the claim to end");
+        });
+        assert!(pooled.claim().is_none(), "released: no backend");
     }
 }

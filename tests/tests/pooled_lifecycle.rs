@@ -617,9 +617,11 @@ fn cancels_racing_releases_never_cancel_the_next_clients_query() {
 /// Cancels keep coming while a's transactions take turns with b's on one backend: each of a's
 /// begins with the router's `set_config` giving the backend a's time zone, ahead of a's query.
 /// A cancel that stopped that statement instead of a's query would leave the query to run with
-/// b's time zone (PgBouncer PR #298: a cancel stopped its own `SET`). Not seen here in 3,000
-/// rounds (PostgreSQL acts on a cancel at its next interrupt check, which in a `set_config`
-/// is at execution start); this keeps watching for it.
+/// b's time zone (PgBouncer PR #298: a cancel stopped its own `SET`); the router holds a cancel
+/// back until its statement is answered. On this machine a cancel's delivery (a connection to
+/// the postmaster and its child) takes far longer than the `set_config`, so the race shows
+/// only when the backend waits for a core first; the unit test
+/// `cancel::tests::a_pooled_cancel_waits_for_the_routers_own_statements` pins the rule.
 #[test]
 fn cancels_never_stop_the_routers_own_parameter_statements() {
     const ROUNDS: usize = 300;

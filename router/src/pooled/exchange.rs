@@ -56,13 +56,17 @@ pub(super) async fn transaction(
             }
         }
     }
-    if !sql.is_empty() {
+    let setting_up = !sql.is_empty();
+    if setting_up {
         tx.router_query();
         write::query(&mut to_backend, &sql);
     }
     client
         .cancel
-        .hold(backend.addr, backend.pid, backend.secret);
+        .hold(backend.addr, backend.pid, backend.secret, setting_up);
+    // Cancels wait while the router's statements above run ([`PooledCancel::hold`]).
+    let cancel = setting_up.then(|| client.cancel.clone());
+    let setting_up = Cell::new(setting_up);
     let state = RefCell::new(Linked {
         tx,
         client_at_rest: false,
@@ -347,6 +351,12 @@ pub(super) async fn transaction(
                             &mut to_client,
                             &mut found.borrow_mut(),
                         );
+                        if setting_up.get() && !state.tx.router_query_owed() {
+                            setting_up.set(false);
+                            if let Some(cancel) = &cancel {
+                                cancel.set_up();
+                            }
+                        }
                         if std::mem::take(&mut found.borrow_mut().stale_plans) {
                             backend_statements.borrow_mut().mark_stale();
                         }

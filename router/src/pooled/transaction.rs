@@ -723,6 +723,14 @@ impl Transaction {
         std::mem::take(&mut self.reset_done)
     }
 
+    /// True while a simple query of the router's own ([`Transaction::router_query`]) waits
+    /// for its answer.
+    pub fn router_query_owed(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|awaiting| matches!(awaiting, Awaiting::Query { swallow: true, .. }))
+    }
+
     /// Replies owed (the backend's and the router's own).
     pub fn pending(&self) -> usize {
         self.queue.len()
