@@ -1,8 +1,10 @@
 //! Where the external programs are, and free loopback ports.
 
+use std::io::Write as _;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// PostgreSQL 15's binaries, named explicitly: Debian puts only wrappers on `PATH`.
 pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
@@ -80,6 +82,59 @@ pub fn psql_output(command: &mut Command) -> Result<String, String> {
     }
     let text = String::from_utf8(output.stdout).expect("psql printed UTF-8");
     Ok(text.trim_end_matches('\n').to_owned())
+}
+
+/// Runs psql 15 ([`psql_command`]) on `conninfo` with `script` on stdin, going on past errors
+/// unless `stop_on_error`; kills it and panics if it runs past `deadline`. (stdout, stderr).
+pub fn psql_script(
+    conninfo: &str,
+    script: &str,
+    stop_on_error: bool,
+    deadline: Duration,
+) -> (String, String) {
+    let mut command = psql_command();
+    if !stop_on_error {
+        command.args(["-v", "ON_ERROR_STOP=0"]);
+    }
+    let mut child = command
+        .env_clear()
+        .args(["-f", "-", "-d", conninfo])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    child
+        .stdin
+        .take()
+        .expect("psql stdin")
+        .write_all(script.as_bytes())
+        .expect("write the psql script");
+    let output = wait_with_deadline(child, "psql", deadline);
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Waits for a child process, killing it and panicking when it takes longer than `deadline`.
+pub fn wait_with_deadline(mut child: Child, what: &str, deadline: Duration) -> Output {
+    let end = Instant::now() + deadline;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("collect output");
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collect output");
+            panic!(
+                "{what} did not finish within {deadline:?}:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A loopback TCP port that was free a moment ago: bound to 127.0.0.1:0, read, released.

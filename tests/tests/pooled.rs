@@ -10,9 +10,8 @@
 //! `pool_size` is the branch's whole budget whatever the steering), except where a test covers
 //! both workers; tests/tests/handoff.rs has a branch's clients meet on its owning worker.
 
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
@@ -25,7 +24,7 @@ use branchgate_e2e::raw::{
     tags, Mode, RawConn, Reply,
 };
 use branchgate_e2e::tokio_tls::{block_on, sqlstate, tp_connect_with, MakeRustls};
-use branchgate_e2e::tools::{pg_bin, psql_command, python};
+use branchgate_e2e::tools::{self, pg_bin, python, wait_with_deadline};
 use branchgate_e2e::tp_cancel::cancel_key;
 use branchgate_e2e::{
     run_python, BranchSpec, Certs, Conninfo, PgServer, PoolSettings, SslNegotiation, TestRouter,
@@ -200,26 +199,6 @@ impl Fixture {
             .expect("admin connects to PostgreSQL");
         tokio::spawn(connection);
         client
-    }
-}
-
-/// Waits for a child process, killing it and panicking when it takes longer than `deadline`.
-fn wait_with_deadline(mut child: Child, what: &str, deadline: Duration) -> Output {
-    let end = Instant::now() + deadline;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("collect output");
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("collect output");
-            panic!(
-                "{what} did not finish within {deadline:?}:\n{}\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -463,26 +442,7 @@ fn psql_script(f: &Fixture, router: &TestRouter, script: &str) -> (String, Strin
             "sslrootcert",
             f.certs.ca_path().to_str().expect("UTF-8 temp path"),
         );
-    let mut child = psql_command()
-        .env_clear()
-        .args(["-v", "ON_ERROR_STOP=0", "-f", "-", "-d"])
-        .arg(conninfo.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run psql");
-    child
-        .stdin
-        .take()
-        .expect("psql stdin")
-        .write_all(script.as_bytes())
-        .expect("write the psql script");
-    let output = wait_with_deadline(child, "psql", CLIENT_DEADLINE);
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    tools::psql_script(&conninfo.to_string(), script, false, CLIENT_DEADLINE)
 }
 
 #[test]

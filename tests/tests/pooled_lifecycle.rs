@@ -12,7 +12,6 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::thread;
@@ -26,7 +25,7 @@ use branchgate_e2e::raw::{
     RawConn, Reply, SSL_REQUEST_CODE,
 };
 use branchgate_e2e::tokio_tls::{assert_db_error, block_on, tp_connect_with, MakeRustls};
-use branchgate_e2e::tools::psql_command;
+use branchgate_e2e::tools;
 use branchgate_e2e::tp_session::Session;
 use branchgate_e2e::{BranchSpec, Certs, Conninfo, PgServer, PoolSettings, TestRouter};
 use futures_util::SinkExt;
@@ -46,6 +45,8 @@ const QUICK: Duration = Duration::from_secs(3);
 const MAINTENANCE: Duration = Duration::from_secs(5);
 /// How long a client that the router must hold back is watched for a premature answer.
 const HELD_WINDOW: Duration = Duration::from_millis(400);
+/// How long a psql script may run before the test calls it stuck.
+const PSQL_DEADLINE: Duration = Duration::from_secs(60);
 /// What a client reads when its role's password was reset.
 const PASSWORD_RESET_MESSAGE: &str = "terminating connection because the role's password was reset";
 /// What a client reads when the shutdown's drain is over.
@@ -850,26 +851,7 @@ fn psql_script(f: &Fixture, router: &TestRouter, role: &str, script: &str) -> (S
             "sslrootcert",
             f.certs.ca_path().to_str().expect("UTF-8 temp path"),
         );
-    let mut child = psql_command()
-        .env_clear()
-        .args(["-v", "ON_ERROR_STOP=0", "-f", "-", "-d"])
-        .arg(conninfo.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run psql");
-    child
-        .stdin
-        .take()
-        .expect("psql stdin")
-        .write_all(script.as_bytes())
-        .expect("write the psql script");
-    let output = child.wait_with_output().expect("psql output");
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    tools::psql_script(&conninfo.to_string(), script, false, PSQL_DEADLINE)
 }
 
 #[test]

@@ -16,9 +16,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Output, Stdio};
 use std::sync::OnceLock;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use branchgate_e2e::pg::quote_literal;
@@ -27,7 +25,7 @@ use branchgate_e2e::raw::{
     first_column, flush, login_reporting, message, next_message, parameter_status, parse, query,
     startup_message, sync, tags, Login, Mode, PgError, RawConn, Reply, PROTOCOL_3_0,
 };
-use branchgate_e2e::tools::psql_command;
+use branchgate_e2e::tools;
 use branchgate_e2e::{
     BranchSpec, Certs, Conninfo, PgServer, PoolSettings, TestRouter, ADMIN_PASSWORD, ADMIN_USER,
 };
@@ -297,26 +295,6 @@ fn send_cancel(addr: SocketAddr, key: (u32, u32)) {
     assert!(rest.is_empty(), "a CancelRequest was answered: {rest:?}");
 }
 
-/// Waits for a child process, killing it and panicking when it takes longer than `deadline`.
-fn wait_with_deadline(mut child: Child, what: &str, deadline: Duration) -> Output {
-    let end = Instant::now() + deadline;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("collect output");
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("collect output");
-            panic!(
-                "{what} did not finish within {deadline:?}:\n{}\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// psql 15 through the pooled port (SSLRequest, verify-full) as `role`, running `script` from
 /// stdin and stopping at the first error: (stdout, stderr).
 fn psql_script(f: &Fixture, router: &TestRouter, role: &str, script: &str) -> (String, String) {
@@ -331,26 +309,7 @@ fn psql_script(f: &Fixture, router: &TestRouter, role: &str, script: &str) -> (S
             "sslrootcert",
             f.certs.ca_path().to_str().expect("UTF-8 temp path"),
         );
-    let mut child = psql_command()
-        .env_clear()
-        .args(["-f", "-", "-d"])
-        .arg(conninfo.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run psql");
-    child
-        .stdin
-        .take()
-        .expect("psql stdin")
-        .write_all(script.as_bytes())
-        .expect("write the psql script");
-    let output = wait_with_deadline(child, "psql", PSQL_DEADLINE);
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    tools::psql_script(&conninfo.to_string(), script, true, PSQL_DEADLINE)
 }
 
 // ---------------------------------------------------------------------------------------------
