@@ -59,6 +59,10 @@ pub enum SessionError {
     /// The backend could not be reached or refused us.
     #[error("backend: {0}")]
     Backend(#[from] BackendError),
+    /// PostgreSQL refused a value of the client's startup parameters (the pooled port asks a
+    /// backend at login), or the router could not read its `options`: the FATAL is written.
+    #[error("startup parameter refused (SQLSTATE {0})")]
+    StartupParameter(crate::backend::ReceivedSqlState),
     /// The client did not finish startup and authentication in time.
     #[error("startup timeout")]
     StartupTimeout,
@@ -166,7 +170,7 @@ impl SessionError {
                 SqlState::CONNECTION_FAILURE,
                 format!("no healthy replica available for branch \"{branch}\"").into(),
             ),
-            Backend(BackendError::Rejected(_)) => return None,
+            Backend(BackendError::Rejected(_)) | StartupParameter(_) => return None,
             Backend(_) => (
                 SqlState::CONNECTION_FAILURE,
                 "could not connect to the branch's database server".into(),
@@ -259,6 +263,8 @@ mod tests {
             SessionError::ClientClosed,
             SessionError::HandshakeTimeout,
             SessionError::DrainOver,
+            // Written already: PostgreSQL's FATAL for the parameter.
+            SessionError::StartupParameter(crate::backend::ReceivedSqlState::new("22023")),
         ] {
             assert!(silent.to_wire().is_none(), "{silent:?}");
         }

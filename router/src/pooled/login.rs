@@ -110,17 +110,11 @@ async fn refuse_after_auth(
     server_final: &[u8],
     fatal: Vec<u8>,
 ) {
-    tracing::info!(%peer, code = sqlstate_of(&fatal), "pooled login refused: a startup parameter");
     write::auth_sasl_final(conn.out(), server_final);
     write::auth_ok(conn.out());
     conn.out().extend_from_slice(&fatal);
     let code = ReceivedSqlState::new(sqlstate_of(&fatal));
-    front_door::refuse(
-        conn,
-        peer,
-        SessionError::Backend(BackendError::Rejected(code)),
-    )
-    .await;
+    front_door::refuse(conn, peer, SessionError::StartupParameter(code)).await;
 }
 
 /// Why a client's StartupMessage parameters were not accepted.
