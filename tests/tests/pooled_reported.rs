@@ -32,9 +32,9 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 13] = [
+const ROLES: [&str; 14] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
-    "samename", "inject", "residue",
+    "samename", "inject", "residue", "owed",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -1015,4 +1015,79 @@ fn cursors_listens_and_temporary_tables_do_not_outlive_their_transaction() {
     );
     assert_eq!(error_codes(&replies), [] as [&str; 0]);
     assert_eq!(first_column(&replies), ["1"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A pipeline error after Parses the router answered itself
+
+/// pg_doorman PR #108 (savepoint rollbacks through asyncpg and NpgsqlBatch): in a pipeline whose
+/// Parses the pooler answered itself (the backend had the statement), an error at a later
+/// Execute lost the ParseCompletes owed before it, and the client fell out of step. Here the
+/// backend has the statement, three more names for it are parsed in one pipeline, the second
+/// one's Bind fails (PostgreSQL folds `10 / 0` while planning for the bound value): the answer
+/// is PostgreSQL's (ParseComplete, BindComplete, row, CommandComplete; ParseComplete, the
+/// error; ReadyForQuery), the name whose Parse the error skipped does not exist afterwards,
+/// and the one before it does.
+#[test]
+fn a_pipeline_error_after_parses_the_router_answered_keeps_their_replies() {
+    const SQL: &str = "select 10 / $1::int";
+    let pipeline = || {
+        vec![
+            parse("d2", SQL, &[]),
+            bind("", "d2", &[Some("5")]),
+            execute("", 0),
+            parse("d3", SQL, &[]),
+            bind("", "d3", &[Some("0")]),
+            execute("", 0),
+            parse("d4", SQL, &[]),
+            bind("", "d4", &[Some("2")]),
+            execute("", 0),
+            sync(),
+        ]
+    };
+    let after = || {
+        vec![
+            bind("", "d4", &[Some("2")]),
+            execute("", 0),
+            sync(),
+            bind("", "d3", &[Some("1")]),
+            execute("", 0),
+            sync(),
+        ]
+    };
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "owed");
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    let mut a = f.raw(&router, "owed", Mode::SslRequest);
+    let mut seen: Vec<Vec<Reply>> = Vec::new();
+    for conn in [&mut straight as &mut dyn Wire, &mut a as &mut dyn Wire] {
+        // The statement, on the (one) backend, under a first name.
+        conn.send_all(&[parse("d1", SQL, &[]), sync()]);
+        assert_eq!(tags(&conn.ready_n(1, "d1")), "1 Z");
+        conn.send_all(&pipeline());
+        let replies = conn.ready_n(1, "the pipeline");
+        conn.send_all(&after());
+        let later = conn.ready_n(2, "d4 and d3 after it");
+        seen.push(replies.into_iter().chain(later).collect());
+    }
+    let (real, pooled) = (&seen[0], &seen[1]);
+    assert_eq!(
+        tags(real),
+        "1 2 D C 1 E Z E Z 2 D C Z",
+        "{:?}",
+        errors(real)
+    );
+    assert_eq!(tags(pooled), tags(real), "{:?}", errors(pooled));
+    let codes = |replies: &[Reply]| -> Vec<(String, String)> {
+        errors(replies)
+            .into_iter()
+            .map(|e| (e.code, e.message))
+            .collect()
+    };
+    assert_eq!(codes(pooled), codes(real));
+    assert_eq!(
+        first_column(pooled),
+        first_column(real),
+        "the rows: 10 / 5 and 10 / 1"
+    );
 }
