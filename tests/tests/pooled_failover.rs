@@ -75,6 +75,18 @@ fn pause_lets_running_transactions_finish_and_holds_new_ones_until_resume() {
     });
     assert!(paused.contains("paused branch b1"), "{paused}");
 
+    // A login while paused, with startup parameters no backend has checked yet, is not held:
+    // they are given to its backends as they were written (the pause holds transactions).
+    let mut late = RawConn::connect(
+        router.pooled_addr(),
+        certs.client_config(),
+        Mode::Direct,
+        USER,
+        PASSWORD,
+        &[("TimeZone", "Asia/Kolkata")],
+    );
+    assert_eq!(late.reported("TimeZone"), Some("Asia/Kolkata"));
+
     // New transactions wait, without an error, until the resume.
     let done = AtomicBool::new(false);
     thread::scope(|s| {
@@ -92,6 +104,7 @@ fn pause_lets_running_transactions_finish_and_holds_new_ones_until_resume() {
         assert!(resumed.contains("resumed branch b1"), "{resumed}");
         assert_eq!(waiter.join().expect("waiter"), "after resume");
     });
+    assert_eq!(late.value("show TimeZone"), "Asia/Kolkata");
     // A branch that does not exist is an error, and a resume of a branch not paused says so.
     let output = Command::new(branchgate_bin())
         .args(["pause", "-c"])
@@ -217,6 +230,16 @@ fn new_transactions_wait_for_a_promoted_replica_and_every_commit_lands_once() {
             waiting, before_promotion,
             "no commit lands while there is no primary"
         );
+        // A login with startup parameters no backend has checked yet is not refused while
+        // there is no primary: its transactions wait like the others'.
+        let mut late = RawConn::connect(
+            router.pooled_addr(),
+            certs.client_config(),
+            Mode::Direct,
+            USER,
+            PASSWORD,
+            &[("TimeZone", "Asia/Kolkata")],
+        );
         replica.promote();
         router.set_catalog(&[BranchSpec::new("b1", replica.addr()).role("app", &verifier)]);
         promoted.store(true, Ordering::SeqCst);
@@ -228,6 +251,7 @@ fn new_transactions_wait_for_a_promoted_replica_and_every_commit_lands_once() {
             );
             thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!(late.value("show TimeZone"), "Asia/Kolkata");
         stop.store(true, Ordering::SeqCst);
     });
     // Each client had at most one transaction running when the primary stopped.

@@ -137,7 +137,7 @@ static BUFFERING: LogThrottle = LogThrottle::new();
 
 /// True for failures that mean the server is not there now (down, restarting, being promoted),
 /// not that it refused this client.
-fn unavailable(error: &crate::backend::BackendError) -> bool {
+pub(super) fn unavailable(error: &crate::backend::BackendError) -> bool {
     use crate::backend::BackendError;
     match error {
         BackendError::Connect(_)

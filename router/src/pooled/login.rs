@@ -23,6 +23,8 @@ use crate::protocol::startup::CancelKey;
 use crate::protocol::write::{self, Severity};
 use crate::worker::{Quiet, SessionHandle, Signal, StartupSlot, Worker};
 
+use super::acquire::unavailable;
+use super::branches::BranchSlot;
 use super::params::{options_settings, startup_params, ClientParams};
 use super::pool::{AcquireError, Backend, Pool, PoolKey, StartupValues};
 use super::prepared::ClientStatements;
@@ -123,6 +125,10 @@ enum StartupRefusal {
     Server(Vec<u8>),
     /// No backend to ask.
     NoBackend(AcquireError),
+    /// Not asked now: the branch is paused or its primary unreachable. The client logs in
+    /// with the values as it gave them, as a transaction waits out a pause or a failover;
+    /// each of its transactions gives them to its backend.
+    NotNow,
 }
 
 /// Gives a backend of `pool` the client's StartupMessage parameters and reads back what the
@@ -131,13 +137,21 @@ enum StartupRefusal {
 async fn check_startup(
     worker: &Rc<Worker>,
     pool: &Pool,
+    branch: &BranchSlot,
     primary: &SocketAddr,
     settings: PoolSettings,
     params: &ClientParams,
 ) -> Result<Vec<Box<str>>, StartupRefusal> {
-    let mut backend = acquire_for_login(worker, pool, primary, settings)
-        .await
-        .map_err(StartupRefusal::NoBackend)?;
+    if branch.entry.paused() {
+        return Err(StartupRefusal::NotNow);
+    }
+    let mut backend = match acquire_for_login(worker, pool, primary, settings).await {
+        Ok(backend) => backend,
+        Err(AcquireError::Connect { error, .. }) if unavailable(&error) => {
+            return Err(StartupRefusal::NotNow)
+        }
+        Err(error) => return Err(StartupRefusal::NoBackend(error)),
+    };
     let asked: Vec<(&str, &str)> = params.startup().iter().collect();
     let checked = Box::pin(readback::startup_settings(
         &mut backend,
@@ -286,30 +300,42 @@ pub(super) async fn after_front_door(
     // them. A set a backend of the pool accepted before needs no backend.
     if !params.startup().is_empty() {
         let key = Pool::startup_key(params.startup());
-        let values = match pool.checked_startup(&key) {
-            Some(values) => values,
-            None => match check_startup(worker, &pool, &branch.primary, settings, &params).await {
+        let checked = match pool.checked_startup(&key) {
+            Some(values) => Some(values),
+            None => match check_startup(
+                worker,
+                &pool,
+                &branch_slot,
+                &branch.primary,
+                settings,
+                &params,
+            )
+            .await
+            {
                 Ok(values) => {
                     let values: StartupValues = values.into();
                     pool.startup_accepted(key, values.clone());
-                    values
+                    Some(values)
                 }
-                Err(refusal) => {
-                    match refusal {
-                        StartupRefusal::Server(fatal) => {
-                            refuse_after_auth(conn, peer, &server_final, fatal).await
-                        }
-                        StartupRefusal::NoBackend(error) => {
-                            refuse_login(conn, peer, error, &server_final).await
-                        }
-                    }
+                Err(StartupRefusal::NotNow) => {
+                    tracing::debug!(%peer, "pooled login: startup parameters not checked (branch paused or primary unreachable)");
+                    None
+                }
+                Err(StartupRefusal::Server(fatal)) => {
+                    refuse_after_auth(conn, peer, &server_final, fatal).await;
+                    return None;
+                }
+                Err(StartupRefusal::NoBackend(error)) => {
+                    refuse_login(conn, peer, error, &server_final).await;
                     return None;
                 }
             },
         };
-        let names: Vec<Box<str>> = params.startup().iter().map(|(n, _)| n.into()).collect();
-        for (name, value) in names.iter().zip(values.iter()) {
-            params.startup_read_as(name, value);
+        if let Some(values) = checked {
+            let names: Vec<Box<str>> = params.startup().iter().map(|(n, _)| n.into()).collect();
+            for (name, value) in names.iter().zip(values.iter()) {
+                params.startup_read_as(name, value);
+            }
         }
     }
     let statements = ClientStatements::new(&role, params.startup().get("search_path"));
