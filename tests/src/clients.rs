@@ -67,12 +67,24 @@ impl Conninfo {
             SslNegotiation::Postgres => "postgres",
             SslNegotiation::Direct => "direct",
         };
-        self.param("sslmode", "verify-full")
-            .param(
-                "sslrootcert",
-                ca_path.to_str().expect("temp paths are UTF-8"),
-            )
+        self.verify_full_sslrequest(ca_path)
             .param("sslnegotiation", negotiation)
+    }
+
+    /// `sslmode=verify-full` against the CA at `ca_path`, without `sslnegotiation`: for libpq
+    /// older than 17 (psql 15), which knows only the SSLRequest and refuses the key.
+    pub fn verify_full_sslrequest(self, ca_path: &Path) -> Conninfo {
+        self.param("sslmode", "verify-full").param(
+            "sslrootcert",
+            ca_path.to_str().expect("temp paths are UTF-8"),
+        )
+    }
+
+    /// `host=localhost` reached at `hostaddr=127.0.0.1`: verify-full checks the test
+    /// certificate's name without a name lookup.
+    pub fn localhost(self) -> Conninfo {
+        self.param("host", "localhost")
+            .param("hostaddr", "127.0.0.1")
     }
 }
 

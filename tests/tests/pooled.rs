@@ -431,17 +431,12 @@ fn tokio_postgres_clients_sharing_a_pool_of_one_keep_their_prepared_statements()
 /// psql 15 through the pooled port (SSLRequest, verify-full) running `script` from stdin,
 /// errors not stopping it: (stdout, stderr).
 fn psql_script(f: &Fixture, router: &TestRouter, script: &str) -> (String, String) {
-    // psql 15's libpq may predate sslnegotiation, so the conninfo is written without it.
+    // psql 15's libpq predates sslnegotiation.
     let conninfo = Conninfo::new(router.pooled_addr())
-        .param("host", "localhost")
-        .param("hostaddr", "127.0.0.1")
+        .localhost()
         .user(APP_USER)
         .password(APP_PASSWORD)
-        .param("sslmode", "verify-full")
-        .param(
-            "sslrootcert",
-            f.certs.ca_path().to_str().expect("UTF-8 temp path"),
-        );
+        .verify_full_sslrequest(&f.certs.ca_path());
     tools::psql_script(&conninfo.to_string(), script, false, CLIENT_DEADLINE)
 }
 

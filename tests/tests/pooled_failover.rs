@@ -19,13 +19,18 @@ const PASSWORD: &str = "pscale_pw_pooled_failover_Qx7";
 const USER: &str = "app.b1";
 
 fn connect(router: &TestRouter, certs: &Certs) -> RawConn {
+    connect_with(router, certs, &[])
+}
+
+/// As [`connect`], with startup parameters.
+fn connect_with(router: &TestRouter, certs: &Certs, startup: &[(&str, &str)]) -> RawConn {
     RawConn::connect(
         router.pooled_addr(),
         certs.client_config(),
         Mode::Direct,
         USER,
         PASSWORD,
-        &[],
+        startup,
     )
 }
 
@@ -77,14 +82,7 @@ fn pause_lets_running_transactions_finish_and_holds_new_ones_until_resume() {
 
     // A login while paused, with startup parameters no backend has checked yet, is not held:
     // they are given to its backends as they were written (the pause holds transactions).
-    let mut late = RawConn::connect(
-        router.pooled_addr(),
-        certs.client_config(),
-        Mode::Direct,
-        USER,
-        PASSWORD,
-        &[("TimeZone", "Asia/Kolkata")],
-    );
+    let mut late = connect_with(&router, &certs, &[("TimeZone", "Asia/Kolkata")]);
     assert_eq!(late.reported("TimeZone"), Some("Asia/Kolkata"));
 
     // New transactions wait, without an error, until the resume.
@@ -232,14 +230,7 @@ fn new_transactions_wait_for_a_promoted_replica_and_every_commit_lands_once() {
         );
         // A login with startup parameters no backend has checked yet is not refused while
         // there is no primary: its transactions wait like the others'.
-        let mut late = RawConn::connect(
-            router.pooled_addr(),
-            certs.client_config(),
-            Mode::Direct,
-            USER,
-            PASSWORD,
-            &[("TimeZone", "Asia/Kolkata")],
-        );
+        let mut late = connect_with(&router, &certs, &[("TimeZone", "Asia/Kolkata")]);
         replica.promote();
         router.set_catalog(&[BranchSpec::new("b1", replica.addr()).role("app", &verifier)]);
         promoted.store(true, Ordering::SeqCst);

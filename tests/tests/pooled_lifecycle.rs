@@ -101,6 +101,23 @@ fn user(role: &str) -> String {
 }
 
 impl Fixture {
+    /// tokio-postgres on the pooled port as `role` (SSLRequest, TLS required).
+    async fn tokio_postgres(&self, router: &TestRouter, role: &str) -> tokio_postgres::Client {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("localhost")
+            .hostaddr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+            .port(router.pooled_addr().port())
+            .user(user(role))
+            .password(password(role))
+            .dbname("postgres")
+            .ssl_mode(SslMode::Require)
+            .connect_timeout(Duration::from_secs(10));
+        tp_connect_with(&config, MakeRustls::new(self.certs.client_config()))
+            .await
+            .expect("tokio-postgres connects to the pooled port")
+    }
+
     /// Branch b1 on the test server with `role`.
     fn branch(&self, role: &str) -> BranchSpec {
         BranchSpec::new(BRANCH, self.pg.addr()).role(role, &self.verifiers[role])
@@ -841,16 +858,12 @@ fn copy_fail(reason: &str) -> Vec<u8> {
 /// psql 15 through the pooled port (SSLRequest, verify-full) as `role`, running `script` from
 /// stdin with errors not stopping it: (stdout, stderr).
 fn psql_script(f: &Fixture, router: &TestRouter, role: &str, script: &str) -> (String, String) {
+    // psql 15's libpq predates sslnegotiation.
     let conninfo = Conninfo::new(router.pooled_addr())
-        .param("host", "localhost")
-        .param("hostaddr", "127.0.0.1")
+        .localhost()
         .user(&user(role))
         .password(&password(role))
-        .param("sslmode", "verify-full")
-        .param(
-            "sslrootcert",
-            f.certs.ca_path().to_str().expect("UTF-8 temp path"),
-        );
+        .verify_full_sslrequest(&f.certs.ca_path());
     tools::psql_script(&conninfo.to_string(), script, false, PSQL_DEADLINE)
 }
 
@@ -958,19 +971,7 @@ fn copy_in_over_the_extended_protocol_gives_the_backend_back() {
 
     // tokio-postgres's copy_in.
     block_on(async {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("localhost")
-            .hostaddr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
-            .port(router.pooled_addr().port())
-            .user(user("copier"))
-            .password(password("copier"))
-            .dbname("postgres")
-            .ssl_mode(SslMode::Require)
-            .connect_timeout(Duration::from_secs(10));
-        let client = tp_connect_with(&config, MakeRustls::new(f.certs.client_config()))
-            .await
-            .expect("tokio-postgres connects to the pooled port");
+        let client = f.tokio_postgres(&router, "copier").await;
         for round in 0..3 {
             let sink = client.copy_in(COPY).await.expect("COPY starts");
             let mut sink = std::pin::pin!(sink);
@@ -1521,19 +1522,7 @@ fn long_queries_and_megabyte_values_stream_through_the_pooled_port() {
     assert!(echoed.ends_with("xy"));
 
     block_on(async {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("localhost")
-            .hostaddr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
-            .port(router.pooled_addr().port())
-            .user(user("big"))
-            .password(password("big"))
-            .dbname("postgres")
-            .ssl_mode(SslMode::Require)
-            .connect_timeout(Duration::from_secs(10));
-        let client = tp_connect_with(&config, MakeRustls::new(f.certs.client_config()))
-            .await
-            .expect("tokio-postgres connects to the pooled port");
+        let client = f.tokio_postgres(&router, "big").await;
         // A 1 MiB bytea parameter, and back.
         let value: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
         let row = client

@@ -298,17 +298,12 @@ fn send_cancel(addr: SocketAddr, key: (u32, u32)) {
 /// psql 15 through the pooled port (SSLRequest, verify-full) as `role`, running `script` from
 /// stdin and stopping at the first error: (stdout, stderr).
 fn psql_script(f: &Fixture, router: &TestRouter, role: &str, script: &str) -> (String, String) {
-    // psql 15's libpq may predate sslnegotiation, so the conninfo is written without it.
+    // psql 15's libpq predates sslnegotiation.
     let conninfo = Conninfo::new(router.pooled_addr())
-        .param("host", "localhost")
-        .param("hostaddr", "127.0.0.1")
+        .localhost()
         .user(&user(role))
         .password(&password(role))
-        .param("sslmode", "verify-full")
-        .param(
-            "sslrootcert",
-            f.certs.ca_path().to_str().expect("UTF-8 temp path"),
-        );
+        .verify_full_sslrequest(&f.certs.ca_path());
     tools::psql_script(&conninfo.to_string(), script, true, PSQL_DEADLINE)
 }
 
