@@ -332,10 +332,7 @@ pub(super) async fn after_front_door(
             },
         };
         if let Some(values) = checked {
-            let names: Vec<Box<str>> = params.startup().iter().map(|(n, _)| n.into()).collect();
-            for (name, value) in names.iter().zip(values.iter()) {
-                params.startup_read_as(name, value);
-            }
+            params.startup_read_as(&values);
         }
     }
     let statements = ClientStatements::new(&role, params.startup().get("search_path"));

@@ -141,15 +141,22 @@ impl ClientParams {
         &self.startup
     }
 
-    /// The server read the client's StartupMessage value of `name` as `value` (`iso` is
-    /// `ISO, MDY`): the client sees that, as from PostgreSQL, and a RESET goes back to it.
-    pub fn startup_read_as(&mut self, name: &str, value: &str) {
-        if self.base.get(name).is_some() {
-            self.reported(name, value);
-        } else {
-            self.unreported.set(name, value);
+    /// The server read the client's StartupMessage values (in the order of
+    /// [`ClientParams::startup`]) as `values` (`iso` is `ISO, MDY`): the client sees those, as
+    /// from PostgreSQL, and a RESET goes back to them.
+    pub fn startup_read_as(&mut self, values: &[Box<str>]) {
+        let mut startup = std::mem::take(&mut self.startup);
+        for ((name, value), read) in startup.0.iter_mut().zip(values) {
+            if self.base.get(name).is_some() {
+                self.reported(name, read);
+            } else {
+                self.unreported.set(name, read);
+            }
+            if *value != *read {
+                *value = read.clone();
+            }
         }
-        self.startup.set(name, value);
+        self.startup = startup;
     }
 
     /// The backend reported `name = value` while this client held it.

@@ -59,17 +59,20 @@ pub(super) async fn current_settings(
         params::push_literal(&mut sql, name);
         sql.push_str(", true)");
     }
-    let mut out = Vec::with_capacity(HEADER_BYTES + sql.len() + 1);
-    write::query(&mut out, &sql);
-    let mut buf = ReadBuf::from_storage(buffers.take());
-    let read = monoio::time::timeout(READ_BACK_TIMEOUT, async {
-        write_all_vec(&mut backend.wr, &mut out).await?;
-        read_row(backend, &mut buf, names.len()).await
+    // The last row: the router's own statements before it answer with rows of their own.
+    let mut row = None;
+    round_trip(backend, &sql, buffers, |tag, body| {
+        if tag == be::DATA_ROW {
+            row = Some(body.to_vec());
+        }
+        Ok(())
     })
-    .await
-    .unwrap_or(Err(ReadBackError::Timeout));
-    buf.release(buffers);
-    read
+    .await?;
+    // An error (a name PostgreSQL refuses) leaves no row: nothing is known.
+    match row {
+        Some(body) => data_row(&body, names.len()),
+        None => Ok(vec![None; names.len()]),
+    }
 }
 
 /// What PostgreSQL made of a client's StartupMessage parameters.
@@ -97,53 +100,27 @@ pub(super) async fn startup_settings(
     for (name, value) in settings {
         params::push_set(&mut sql, name, value);
     }
-    let mut out = Vec::with_capacity(HEADER_BYTES + sql.len() + 1);
-    write::query(&mut out, &sql);
-    let mut buf = ReadBuf::from_storage(buffers.take());
-    let read = monoio::time::timeout(READ_BACK_TIMEOUT, async {
-        write_all_vec(&mut backend.wr, &mut out).await?;
-        read_settings(backend, &mut buf, settings.len()).await
-    })
-    .await
-    .unwrap_or(Err(ReadBackError::Timeout));
-    buf.release(buffers);
-    read
-}
-
-/// Reads the answers to `count` `set_config` statements up to the ReadyForQuery.
-async fn read_settings(
-    backend: &mut Backend,
-    buf: &mut ReadBuf,
-    count: usize,
-) -> Result<StartupSettings, ReadBackError> {
-    let mut values: Vec<Box<str>> = Vec::with_capacity(count);
+    let mut values: Vec<Box<str>> = Vec::with_capacity(settings.len());
     let mut refused = None;
-    loop {
-        while let Some((tag, len)) = whole_message(buf.data(), buf.capacity())? {
-            let body = &buf.data()[HEADER_BYTES..len];
-            match tag {
-                be::DATA_ROW => {
-                    let value = data_row(body, 1)?.pop().flatten().unwrap_or_default();
-                    values.push(value.into());
-                }
-                be::ERROR_RESPONSE if refused.is_none() => refused = Some(as_fatal(body)?),
-                be::READY_FOR_QUERY => {
-                    return match refused {
-                        Some(fatal) => Ok(StartupSettings::Refused {
-                            applied: values,
-                            fatal,
-                        }),
-                        None if values.len() == count => Ok(StartupSettings::Accepted(values)),
-                        None => Err(ReadBackError::Protocol("set_config rows")),
-                    };
-                }
-                _ => {}
+    round_trip(backend, &sql, buffers, |tag, body| {
+        match tag {
+            be::DATA_ROW => {
+                let value = data_row(body, 1)?.pop().flatten().unwrap_or_default();
+                values.push(value.into());
             }
-            buf.consume(len);
+            be::ERROR_RESPONSE if refused.is_none() => refused = Some(as_fatal(body)?),
+            _ => {}
         }
-        if buf.fill_from(&mut backend.rd).await? == 0 {
-            return Err(ReadBackError::Closed);
-        }
+        Ok(())
+    })
+    .await?;
+    match refused {
+        Some(fatal) => Ok(StartupSettings::Refused {
+            applied: values,
+            fatal,
+        }),
+        None if values.len() == settings.len() => Ok(StartupSettings::Accepted(values)),
+        None => Err(ReadBackError::Protocol("set_config rows")),
     }
 }
 
@@ -175,34 +152,37 @@ fn as_fatal(body: &[u8]) -> Result<Vec<u8>, ReadBackError> {
     Ok(out)
 }
 
-/// Reads the answer to the query up to its ReadyForQuery: the last DataRow's values (the
-/// router's own statements before it answer with rows of their own).
-async fn read_row(
+/// Sends `sql` (a simple query) to idle `backend` and hands each message of the answer to
+/// `visit` (its type and body), up to and including the ReadyForQuery that ends it, all within
+/// [`READ_BACK_TIMEOUT`].
+async fn round_trip(
     backend: &mut Backend,
-    buf: &mut ReadBuf,
-    columns: usize,
-) -> Result<Vec<Option<String>>, ReadBackError> {
-    let mut row = None;
-    loop {
-        while let Some((tag, len)) = whole_message(buf.data(), buf.capacity())? {
-            let body = &buf.data()[HEADER_BYTES..len];
-            match tag {
-                be::DATA_ROW => row = Some(body.to_vec()),
-                be::READY_FOR_QUERY => {
-                    // An error (a name PostgreSQL refuses) leaves no row: nothing is known.
-                    return match row {
-                        Some(body) => data_row(&body, columns),
-                        None => Ok(vec![None; columns]),
-                    };
+    sql: &str,
+    buffers: &BufPool,
+    mut visit: impl FnMut(u8, &[u8]) -> Result<(), ReadBackError>,
+) -> Result<(), ReadBackError> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + sql.len() + 1);
+    write::query(&mut out, sql);
+    let mut buf = ReadBuf::from_storage(buffers.take());
+    let read = monoio::time::timeout(READ_BACK_TIMEOUT, async {
+        write_all_vec(&mut backend.wr, &mut out).await?;
+        loop {
+            while let Some((tag, len)) = whole_message(buf.data(), buf.capacity())? {
+                visit(tag, &buf.data()[HEADER_BYTES..len])?;
+                if tag == be::READY_FOR_QUERY {
+                    return Ok(());
                 }
-                _ => {}
+                buf.consume(len);
             }
-            buf.consume(len);
+            if buf.fill_from(&mut backend.rd).await? == 0 {
+                return Err(ReadBackError::Closed);
+            }
         }
-        if buf.fill_from(&mut backend.rd).await? == 0 {
-            return Err(ReadBackError::Closed);
-        }
-    }
+    })
+    .await
+    .unwrap_or(Err(ReadBackError::Timeout));
+    buf.release(buffers);
+    read
 }
 
 /// The tag and length of the whole message at the start of `data`, if it is all there; one
