@@ -84,6 +84,14 @@ fn pause_lets_running_transactions_finish_and_holds_new_ones_until_resume() {
     // they are given to its backends as they were written (the pause holds transactions).
     let mut late = connect_with(&router, &certs, &[("TimeZone", "Asia/Kolkata")]);
     assert_eq!(late.reported("TimeZone"), Some("Asia/Kolkata"));
+    assert_eq!(
+        pg.psql_admin(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE '%Asia/Kolkata%' AND pid <> pg_backend_pid()"
+        ),
+        "0",
+        "no backend was given the parameters while the branch is paused"
+    );
 
     // New transactions wait, without an error, until the resume.
     let done = AtomicBool::new(false);
