@@ -1,5 +1,6 @@
 //! The first packet of a connection (F): `check_startup` on whatever bytes arrived, then
-//! `parse_startup` on the packet it delimits, and every StartupMessage accessor.
+//! `parse_startup` on the packet it delimits, every StartupMessage accessor, and the pooled
+//! port's reading of its `options` parameter.
 #![no_main]
 
 use branchgate::protocol::startup::{
@@ -50,6 +51,12 @@ fn exercise(message: StartupMessage<'_>) {
     assert_eq!(message.database(), last("database"));
     for (name, _) in &params {
         assert_eq!(message.get(name), last(name));
+    }
+    // The pooled port reads `options` as PostgreSQL does: names come out with `_` for `-`.
+    if let Some(options) = message.get("options") {
+        if let Ok(settings) = branchgate::pooled::params::options_settings(options) {
+            assert!(settings.iter().all(|(name, _)| !name.contains('-')));
+        }
     }
     let options: Vec<&str> = message.protocol_options().collect();
     let expected: Vec<&str> = params

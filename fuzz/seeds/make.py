@@ -270,6 +270,11 @@ SEEDS = {
             b"user\0app.br_1|replica\0database\0shop\0_pq_.x\0on\0application_name\0psql\0\0",
         ),
         "startup_3_2": startup_packet(0x00030002, b"user\0u\0\0"),
+        "options": startup_packet(
+            0x00030000,
+            b"user\0app.b1\0options\0-c statement_timeout=5s --lock-timeout=1s "
+            b"-csearch_path=my\\ schema,public -c\0TimeZone\0UTC\0\0",
+        ),
         "ssl_request": startup_packet(0x04D2162F),
         "gssenc_request": startup_packet(0x04D21630),
         "cancel": startup_packet(0x04D2162E, b"\x00\x00\x30\x39\xde\xad\xbe\xef"),
