@@ -24,6 +24,12 @@ pub struct Certs {
     ca_der: CertificateDer<'static>,
 }
 
+impl Drop for Certs {
+    fn drop(&mut self) {
+        crate::leftovers::forget(self.dir.path());
+    }
+}
+
 impl Certs {
     /// Generates the CA and the server certificate and writes `ca.pem`, `server.pem` and
     /// `server.key` (PKCS#8).
@@ -57,6 +63,7 @@ impl Certs {
             .prefix("bg-certs-")
             .tempdir()
             .expect("create temp dir");
+        crate::leftovers::remove_at_exit(dir.path());
         let certs = Certs {
             dir,
             ca_pem: ca.pem(),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::leftovers;
 use crate::spawn::{give_to_server_user, spawn_server};
 use crate::tools::free_port;
 
@@ -56,6 +57,7 @@ impl EtcdServer {
             .tempdir()
             .expect("create temp dir");
         give_to_server_user(dir.path());
+        leftovers::remove_at_exit(dir.path());
         let mut server = EtcdServer {
             dir,
             client_port: 0,
@@ -101,12 +103,14 @@ impl EtcdServer {
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
             if !matches!(child.try_wait(), Ok(None)) {
+                leftovers::record_server(self.dir.path(), None);
                 return;
             }
             thread::sleep(POLL);
         }
         let _ = child.kill();
         let _ = child.wait();
+        leftovers::record_server(self.dir.path(), None);
     }
 
     /// Starts etcd again on the same ports with the same data, after [`EtcdServer::stop`].
@@ -196,12 +200,15 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);
-        self.child = Some(spawn_server(command).expect("spawn etcd"));
+        let child = spawn_server(command).expect("spawn etcd");
+        leftovers::record_server(self.dir.path(), Some(child.id()));
+        self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
+                    leftovers::record_server(self.dir.path(), None);
                     let text = fs::read(&log_path).unwrap_or_default();
                     let start = usize::try_from(log_start).unwrap_or(0).min(text.len());
                     return Err(format!(
@@ -249,6 +256,7 @@ impl Drop for EtcdServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        leftovers::forget(self.dir.path());
     }
 }
 

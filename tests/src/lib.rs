@@ -8,6 +8,7 @@
 //! - [`catalog`]: the router's catalog and configuration files as text.
 //! - [`tools`]: paths of PostgreSQL's programs and the Python venv, free ports.
 //! - [`spawn`]: starting servers that die with the test process.
+//! - `leftovers`: temp directories of fixtures never dropped, removed at the process's exit.
 //! - [`router`]: `TestRouter`, the router started in-process.
 //! - [`binary`]: the `branchgate` binary's commands, and `branchgate run` as a child process.
 //! - [`metrics`]: the admin endpoint's `/metrics` over HTTP, and the samples in it.
@@ -26,6 +27,7 @@ pub mod catalog;
 pub mod certs;
 pub mod clients;
 pub mod etcd;
+mod leftovers;
 pub mod metrics;
 pub mod pg;
 pub mod pool_config;

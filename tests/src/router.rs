@@ -53,6 +53,7 @@ impl TestRouter {
             .prefix("bg-router-")
             .tempdir()
             .expect("create temp dir");
+        crate::leftovers::remove_at_exit(dir.path());
         fs::write(dir.path().join(CATALOG_FILE), catalog_toml(branches)).expect("write catalog");
         let text = edit(router_toml(certs, CATALOG_FILE));
         fs::write(dir.path().join(CONFIG_FILE), &text).expect("write router config");
@@ -114,5 +115,6 @@ impl Drop for TestRouter {
         if let Some(router) = self.router.take() {
             router.shutdown();
         }
+        crate::leftovers::forget(self.dir.path());
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::leftovers;
 use crate::spawn::{as_server_user, give_to_server_user, spawn_server};
 use crate::tools::{free_port, pg_bin};
 
@@ -253,53 +254,7 @@ impl Drop for PgServer {
     fn drop(&mut self) {
         // Immediate shutdown: the directory is deleted next, so a checkpoint would be wasted.
         self.shutdown(libc::SIGQUIT);
-        forget_at_exit(self.dir.path());
-    }
-}
-
-/// The directories of servers not dropped yet. A server in a static fixture is never dropped:
-/// at the test process's exit its postmaster is killed and its directory (some 80 MB) removed,
-/// or every run of the suite would leave one per test binary in the temp directory.
-static LEFT_AT_EXIT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-fn remove_at_exit(dir: &Path) {
-    static REGISTERED: std::sync::Once = std::sync::Once::new();
-    REGISTERED.call_once(|| {
-        // SAFETY: atexit(3) with a function that takes no arguments and does not unwind.
-        unsafe { libc::atexit(remove_left_servers) };
-    });
-    LEFT_AT_EXIT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(dir.to_owned());
-}
-
-fn forget_at_exit(dir: &Path) {
-    LEFT_AT_EXIT
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|d| d != dir);
-}
-
-extern "C" fn remove_left_servers() {
-    let dirs = std::mem::take(&mut *LEFT_AT_EXIT.lock().unwrap_or_else(|p| p.into_inner()));
-    for dir in dirs {
-        let pid = fs::read_to_string(dir.join("data/postmaster.pid"))
-            .ok()
-            .and_then(|text| text.lines().next()?.trim().parse::<libc::pid_t>().ok());
-        if let Some(pid) = pid {
-            // SAFETY: kill(2): the postmaster is this process's child, not reaped yet, so the
-            // pid cannot name another process.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let deadline = Instant::now() + Duration::from_secs(2);
-            // SAFETY: kill(pid, 0) only asks whether the process is still there.
-            while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
-                // SAFETY: reaps our child if it is gone (a zombie answers kill(pid, 0)).
-                unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-                thread::sleep(Duration::from_millis(5));
-            }
-        }
-        let _ = fs::remove_dir_all(&dir);
+        leftovers::forget(self.dir.path());
     }
 }
 
@@ -332,7 +287,7 @@ fn server_dir() -> TempDir {
         .tempdir()
         .expect("create temp dir");
     give_to_server_user(dir.path());
-    remove_at_exit(dir.path());
+    leftovers::remove_at_exit_with_pid_file(dir.path(), Path::new("data/postmaster.pid"));
     dir
 }
 
