@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use branchgate_e2e::binary::branchgate;
+use branchgate_e2e::binary::{branchgate, wait_for};
 use branchgate_e2e::pg::quote_literal;
 use branchgate_e2e::raw::{
     self, bind_execute, cancel_request, connect_tls, describe, error_codes, errors, execute,
@@ -25,8 +25,8 @@ use branchgate_e2e::raw::{
     RawConn, Reply, SSL_REQUEST_CODE,
 };
 use branchgate_e2e::tokio_tls::{assert_db_error, block_on, tp_connect_with, MakeRustls};
-use branchgate_e2e::tools;
 use branchgate_e2e::tp_session::Session;
+use branchgate_e2e::{metrics, tools};
 use branchgate_e2e::{BranchSpec, Certs, Conninfo, PgServer, PoolSettings, TestRouter};
 use futures_util::SinkExt;
 use tokio_postgres::config::SslMode;
@@ -34,9 +34,9 @@ use tokio_postgres::error::SqlState;
 
 const BRANCH: &str = "b1";
 /// One role per test that watches its backends, plus `app` for the others.
-const ROLES: [&str; 14] = [
+const ROLES: [&str; 15] = [
     "app", "warm", "idler", "aged", "rst", "grow", "shrink", "canc", "quiet", "copier", "piper",
-    "drain", "big", "ddl",
+    "drain", "big", "ddl", "herd",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a FATAL).
@@ -794,6 +794,68 @@ fn startup_parameters_are_read_and_refused_as_postgresql_reads_them() {
     assert_eq!(again.reported("TimeZone"), Some("Europe/Paris"));
     assert_eq!(RawConn::status(&pooled.simple("commit")), 'I');
     assert_eq!(again.value("show TimeZone"), "Europe/Paris");
+}
+
+#[test]
+fn logins_asking_for_one_new_parameter_set_at_once_have_it_read_once() {
+    const LOGINS: usize = 24;
+    let f = fixture();
+    // Every statement `herd`'s backends run goes to the server's log.
+    f.pg.psql_admin("ALTER ROLE herd SET log_statement = 'all'");
+    let router = TestRouter::start_with_config(&f.certs, &[f.branch("herd")], |text| {
+        PoolSettings::new(1).apply(text).replace(
+            "pooled = \"127.0.0.1:0\"\n",
+            "pooled = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n",
+        )
+    });
+    let clients = || {
+        let text = metrics::scrape(
+            router
+                .router()
+                .admin_addr()
+                .expect("the admin endpoint runs"),
+        );
+        metrics::sample(&text, "branchgate_branch_pooled_clients", &[BRANCH])
+    };
+    // The pool's one backend is held, so the logins' reading waits in line for it.
+    let mut holder = f.raw(&router, "herd", Mode::SslRequest);
+    assert_eq!(RawConn::status(&holder.simple("begin")), 'T');
+    let asked = [
+        ("application_name", "herd-7f3a"),
+        ("TimeZone", "europe/lisbon"),
+    ];
+    let logins: Vec<_> = (0..LOGINS)
+        .map(|_| {
+            let config = f.certs.client_config();
+            let addr = router.pooled_addr();
+            thread::spawn(move || {
+                let mut conn = RawConn::try_connect(
+                    addr,
+                    config,
+                    Mode::SslRequest,
+                    &user("herd"),
+                    &password("herd"),
+                    &asked,
+                )
+                .expect("the login is accepted");
+                assert_eq!(conn.reported("TimeZone"), Some("Europe/Lisbon"));
+                conn.value("show TimeZone")
+            })
+        })
+        .collect();
+    wait_for("every login past its password", QUICK * 10, || {
+        (clients() == (LOGINS + 1) as f64).then_some(())
+    });
+    assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
+    for login in logins {
+        assert_eq!(login.join().expect("login thread"), "Europe/Lisbon");
+    }
+    let log = std::fs::read_to_string(f.pg.log_path()).expect("server log");
+    let readings = log
+        .lines()
+        .filter(|line| line.contains("statement:") && line.contains("europe/lisbon"))
+        .count();
+    assert_eq!(readings, 1, "one reading for {LOGINS} logins:\n{log}");
 }
 
 #[test]

@@ -26,9 +26,10 @@ use crate::worker::{Quiet, SessionHandle, Signal, StartupSlot, Worker};
 use super::acquire::unavailable;
 use super::branches::BranchSlot;
 use super::params::{options_settings, startup_params, ClientParams};
-use super::pool::{AcquireError, Backend, Pool, PoolKey, StartupValues};
+use super::pool::{AcquireError, Backend, Pool, PoolKey};
 use super::prepared::ClientStatements;
 use super::readback::{self, StartupSettings};
+use super::startup_checks::{self, Lookup, Outcome, StartupValues};
 use super::stream::MessageStream;
 use super::{context, Client, Readiness};
 
@@ -131,6 +132,48 @@ enum StartupRefusal {
     NotNow,
 }
 
+/// The values the server reads the client's StartupMessage parameters as: remembered by the
+/// pool, or read by another login now asking for the same set ([`startup_checks`]), or read
+/// here ([`check_startup`]).
+async fn read_startup(
+    worker: &Rc<Worker>,
+    pool: &Pool,
+    branch: &BranchSlot,
+    primary: &SocketAddr,
+    settings: PoolSettings,
+    params: &ClientParams,
+) -> Result<StartupValues, StartupRefusal> {
+    let key = startup_checks::key(params.startup());
+    let lead = match pool.startups.lookup(&key) {
+        Lookup::Accepted(values) => return Ok(values),
+        Lookup::Running(running) => match running.outcome().await {
+            Outcome::Accepted(values) => return Ok(values),
+            Outcome::Refused(fatal) => return Err(StartupRefusal::Server(fatal.to_vec())),
+            Outcome::NotChecked => return Err(StartupRefusal::NotNow),
+            // Read on its own, once: a waiting login follows at most one reading, so its
+            // wait stays bounded by two.
+            Outcome::Failed => None,
+        },
+        Lookup::Lead(lead) => Some(lead),
+    };
+    let read = check_startup(worker, pool, branch, primary, settings, params).await;
+    let outcome = match &read {
+        Ok(values) => Outcome::Accepted(values.clone()),
+        Err(StartupRefusal::Server(fatal)) => Outcome::Refused(fatal.as_slice().into()),
+        Err(StartupRefusal::NotNow) => Outcome::NotChecked,
+        Err(StartupRefusal::NoBackend(_)) => Outcome::Failed,
+    };
+    match lead {
+        Some(lead) => lead.finish(outcome),
+        None => {
+            if let Outcome::Accepted(values) = outcome {
+                pool.startups.accept(key, values);
+            }
+        }
+    }
+    read
+}
+
 /// Gives a backend of `pool` the client's StartupMessage parameters and reads back what the
 /// server made of them (in the order of `params.startup()`). The backend keeps them (recorded
 /// as its parameters), or is closed if it could not answer.
@@ -141,7 +184,7 @@ async fn check_startup(
     primary: &SocketAddr,
     settings: PoolSettings,
     params: &ClientParams,
-) -> Result<Vec<Box<str>>, StartupRefusal> {
+) -> Result<StartupValues, StartupRefusal> {
     if branch.entry.paused() {
         return Err(StartupRefusal::NotNow);
     }
@@ -180,7 +223,7 @@ async fn check_startup(
     release_after_login(worker, pool, primary, backend);
     match refusal {
         Some(fatal) => Err(StartupRefusal::Server(fatal)),
-        None => Ok(values),
+        None => Ok(values.into()),
     }
 }
 
@@ -299,40 +342,27 @@ pub(super) async fn after_front_door(
     // server refuses refuses the login, and the client sees the values as the server shows
     // them. A set a backend of the pool accepted before needs no backend.
     if !params.startup().is_empty() {
-        let key = Pool::startup_key(params.startup());
-        let checked = match pool.checked_startup(&key) {
-            Some(values) => Some(values),
-            None => match check_startup(
-                worker,
-                &pool,
-                &branch_slot,
-                &branch.primary,
-                settings,
-                &params,
-            )
-            .await
-            {
-                Ok(values) => {
-                    let values: StartupValues = values.into();
-                    pool.startup_accepted(key, values.clone());
-                    Some(values)
-                }
-                Err(StartupRefusal::NotNow) => {
-                    tracing::debug!(%peer, "pooled login: startup parameters not checked (branch paused or primary unreachable)");
-                    None
-                }
-                Err(StartupRefusal::Server(fatal)) => {
-                    refuse_after_auth(conn, peer, &server_final, fatal).await;
-                    return None;
-                }
-                Err(StartupRefusal::NoBackend(error)) => {
-                    refuse_login(conn, peer, error, &server_final).await;
-                    return None;
-                }
-            },
-        };
-        if let Some(values) = checked {
-            params.startup_read_as(&values);
+        let read = read_startup(
+            worker,
+            &pool,
+            &branch_slot,
+            &branch.primary,
+            settings,
+            &params,
+        );
+        match Box::pin(read).await {
+            Ok(values) => params.startup_read_as(&values),
+            Err(StartupRefusal::NotNow) => {
+                tracing::debug!(%peer, "pooled login: startup parameters not checked (branch paused or primary unreachable)");
+            }
+            Err(StartupRefusal::Server(fatal)) => {
+                refuse_after_auth(conn, peer, &server_final, fatal).await;
+                return None;
+            }
+            Err(StartupRefusal::NoBackend(error)) => {
+                refuse_login(conn, peer, error, &server_final).await;
+                return None;
+            }
         }
     }
     let statements = ClientStatements::new(&role, params.startup().get("search_path"));

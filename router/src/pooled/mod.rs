@@ -32,6 +32,7 @@
 //! - [`branches`]: each branch's pooled clients, running transactions and pause, on all workers.
 //! - [`maintenance`]: each worker's pools looked after: idle and old backends closed,
 //!   `min_pool_size` kept, idle backends closed when the worker stops.
+//! - [`startup_checks`]: the clients' startup parameter sets the pool's backends have read.
 //! - [`pool`]: the pools of backends. - [`params`]: session parameters, the client's and the
 //!   backend's. - [`prepared`]: prepared statements across backends. - [`stream`]: messages as
 //!   they arrive. - [`transaction`](mod@transaction): the state machine that says when a
@@ -48,6 +49,7 @@ pub mod params;
 pub mod pool;
 pub mod prepared;
 pub mod readback;
+pub mod startup_checks;
 pub mod stream;
 pub mod transaction;
 

@@ -176,45 +176,11 @@ pub struct Pool {
     base: RefCell<Option<Rc<Params>>>,
     /// Statements its backends have accepted.
     pub known_good: super::prepared::KnownGood,
-    /// StartupMessage parameter sets a backend accepted ([`Pool::startup_key`]), with the
-    /// values the server read them as: a client asking for one of them logs in without a
-    /// backend. At most [`MAX_CHECKED_STARTUPS`].
-    checked_startups: RefCell<HashMap<Box<str>, StartupValues>>,
+    /// The StartupMessage parameter sets its backends have read for logins.
+    pub startups: super::startup_checks::StartupChecks,
 }
 
-/// The values a server read a StartupMessage's parameters as, in the order of their names.
-pub type StartupValues = Rc<[Box<str>]>;
-
-/// Distinct StartupMessage parameter sets a pool remembers as accepted; more start it afresh.
-const MAX_CHECKED_STARTUPS: usize = 256;
-
 impl Pool {
-    /// The key of a StartupMessage parameter set for [`Pool::checked_startup`].
-    pub fn startup_key(settings: &Params) -> Box<str> {
-        let mut key = String::new();
-        for (name, value) in settings.iter() {
-            key.push_str(&name.to_ascii_lowercase());
-            key.push('\0');
-            key.push_str(value);
-            key.push('\0');
-        }
-        key.into()
-    }
-
-    /// The values a backend of this pool read the parameter set `key` as, if one accepted it.
-    pub fn checked_startup(&self, key: &str) -> Option<StartupValues> {
-        self.checked_startups.borrow().get(key).cloned()
-    }
-
-    /// A backend accepted the parameter set `key`, reading its values as `values`.
-    pub fn startup_accepted(&self, key: Box<str>, values: StartupValues) {
-        let mut checked = self.checked_startups.borrow_mut();
-        if checked.len() >= MAX_CHECKED_STARTUPS {
-            checked.clear();
-        }
-        checked.insert(key, values);
-    }
-
     /// The settings in force.
     pub fn settings(&self) -> PoolSettings {
         self.settings.get()
@@ -589,7 +555,7 @@ impl Pools {
             waiters: RefCell::new(VecDeque::new()),
             base: RefCell::new(None),
             known_good: Default::default(),
-            checked_startups: Default::default(),
+            startups: Default::default(),
         });
         self.pools.borrow_mut().insert(key.clone(), pool.clone());
         pool
