@@ -3,7 +3,8 @@
 //! behind by a vanished client, prepared statements evicted inside a pipeline, a cancel while
 //! the pool is full, `SET`s that fail, stick or must not stick, pipelines that span an error or
 //! a suspended portal, a portal named like a statement, and startup parameters built to inject
-//! SQL. Each test's doc comment names the upstream issue and what went wrong there.
+//! SQL. Each test's doc comment names the upstream issue and what went wrong there. The last
+//! section holds defects an outside review found in this router itself, the same way.
 //!
 //! Against a real PostgreSQL 15, always over TLS, with psql and a byte-level client; where the
 //! right answer is "what PostgreSQL itself says", the same bytes also go straight to the server
@@ -32,9 +33,9 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 14] = [
+const ROLES: [&str; 17] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
-    "samename", "inject", "residue", "owed",
+    "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -1085,4 +1086,172 @@ fn a_pipeline_error_after_parses_the_router_answered_keeps_their_replies() {
         first_column(real),
         "the rows: 10 / 5 and 10 / 1"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Found by review of this router (2026-12-06)
+
+/// A message type no server takes during a session (`p`, a password message after login) was
+/// passed to a backend with nothing awaited for it, so the backend went back to the pool at
+/// once, and PostgreSQL's FATAL 08P01 for it reached the next client to borrow that backend
+/// (whose query failed and whose backend was gone), while the sender carried on. PostgreSQL
+/// (`SocketBackend`) answers the sender FATAL 08P01 "invalid frontend message type 112" and
+/// ends its session; the pooled port now does the same without taking a backend.
+#[test]
+fn an_invalid_message_type_ends_its_senders_session_only() {
+    let invalid = message(b'p', b"");
+    let f = fixture();
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    straight.send_all(std::slice::from_ref(&invalid));
+    let real = errors(&[straight.next_reply("PostgreSQL's answer to a 'p'")]);
+    assert_eq!(real.len(), 1);
+    assert_eq!(real[0].code, "08P01");
+
+    let router = f.router(&PoolSettings::new(1), "badtype");
+    let mut holder = f.raw(&router, "badtype", Mode::SslRequest);
+    let mut sender = f.raw(&router, "badtype", Mode::SslRequest);
+    let mut next = f.raw(&router, "badtype", Mode::Direct);
+    // The one backend is held: the sender and then the next client would wait in line for it.
+    assert_eq!(RawConn::status(&holder.simple("begin")), 'T');
+    sender.send(&[invalid]);
+    let pooled = errors(&[sender.next("the pooled port's answer to a 'p'")]);
+    assert_eq!(
+        pooled
+            .iter()
+            .map(|e| (&e.code, &e.message))
+            .collect::<Vec<_>>(),
+        real.iter()
+            .map(|e| (&e.code, &e.message))
+            .collect::<Vec<_>>()
+    );
+    assert!(sender.next_or_end().is_none(), "the sender's session ends");
+    next.send(&[query("select 'mine'")]);
+    assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
+    let replies = ready_within(&mut next, QUICK, "the next client");
+    assert_eq!(rows(&replies, "T D C Z", "the next client"), ["mine"]);
+}
+
+/// The steps of [`unnamed_statements_are_each_clients_own_as_on_a_server`], on a client of its
+/// own (a fresh session): the answers to each.
+fn unnamed_steps(conn: &mut impl Wire) -> Vec<Vec<Reply>> {
+    let mut seen = Vec::new();
+    let mut step = |conn: &mut dyn Wire, messages: Vec<Vec<u8>>, what: &str| {
+        conn.send_all(&messages);
+        seen.push(conn.ready_n(1, what));
+    };
+    let use_unnamed = || {
+        vec![
+            describe(b'S', ""),
+            bind("", "", &[]),
+            execute("", 0),
+            sync(),
+        ]
+    };
+    step(conn, use_unnamed(), "a fresh session's unnamed statement");
+    step(
+        conn,
+        vec![parse("", "select 'mine'::text", &[]), sync()],
+        "parse",
+    );
+    step(conn, use_unnamed(), "its own, in a later transaction");
+    step(conn, vec![query("select 'simple'")], "a simple query");
+    step(conn, use_unnamed(), "after a simple query");
+    step(
+        conn,
+        vec![parse("", "select no_such_column", &[]), sync()],
+        "a failed parse",
+    );
+    step(conn, use_unnamed(), "after a failed parse");
+    seen
+}
+
+/// A client that had no unnamed statement of its own (a new one, or one whose last was dropped)
+/// and bound or described the unnamed statement was given whatever unnamed statement its backend
+/// held: another client's (a client could run `select 'secret'` that someone else parsed). On a
+/// server, a session has only its own, which a simple query or a failed Parse drops: 26000
+/// "unnamed prepared statement does not exist".
+#[test]
+fn unnamed_statements_are_each_clients_own_as_on_a_server() {
+    let f = fixture();
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    let real = unnamed_steps(&mut straight);
+    let router = f.router(&PoolSettings::new(1), "unnamed");
+    let mut other = f.raw(&router, "unnamed", Mode::SslRequest);
+    let mut pooled = Vec::new();
+    for _ in 0..2 {
+        // Another client leaves an unnamed statement on the one backend before each.
+        other.send(&[parse("", "select 'secret'::text", &[]), sync()]);
+        assert_eq!(tags(&other.until_ready("the other's parse")), "1 Z");
+        let mut conn = f.raw(&router, "unnamed", Mode::SslRequest);
+        pooled = unnamed_steps(&mut conn);
+    }
+    let summary = |seen: &[Vec<Reply>]| -> Vec<(String, Vec<String>, Vec<String>)> {
+        seen.iter()
+            .map(|replies| {
+                let codes = errors(replies)
+                    .into_iter()
+                    .map(|e| e.code + " " + &e.message);
+                (tags(replies), codes.collect(), first_column(replies))
+            })
+            .collect()
+    };
+    let real = summary(&real);
+    assert_eq!(
+        real[0].1,
+        ["26000 unnamed prepared statement does not exist"]
+    );
+    assert_eq!(real[2].2, ["mine"]);
+    assert_eq!(summary(&pooled), real);
+}
+
+/// A client whose backend died inside a transaction block is in an aborted block (its next
+/// backend is put in one), but a Parse of a statement text the pool knew, with its Sync, was
+/// answered by the router without a backend: ParseComplete and ReadyForQuery `I`, so a driver
+/// that follows the transaction status (pgjdbc) would skip its COMMIT and take the lost work
+/// for committed. A server in an aborted block answers 25P02 and ReadyForQuery `E`.
+#[test]
+fn a_client_whose_backend_died_in_a_block_is_never_told_it_is_idle() {
+    const SQL: &str = "select 'known'";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "aborted");
+    let mut a = f.raw(&router, "aborted", Mode::SslRequest);
+    // The text is known to the pool: a Parse of it needs no backend from now on.
+    a.send(&[parse("k1", SQL, &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("k1")), "1 Z");
+    assert_eq!(RawConn::status(&a.simple("begin")), 'T');
+    let pid = pid_of(&mut a);
+    assert_eq!(
+        f.pg.psql_admin(&format!("SELECT pg_terminate_backend({pid})")),
+        "t"
+    );
+    f.wait_gone(pid);
+    // The router sees its backend go while the client is idle in the block: the error is
+    // owed to the client's next message.
+    a.expect_silence(
+        HELD_WINDOW,
+        "a, idle in its block, after its backend was terminated",
+    );
+    a.send(&[parse("k2", SQL, &[]), sync()]);
+    let replies = a.until_ready("a parse after the kill");
+    assert_eq!(tags(&replies), "E Z", "{:?}", errors(&replies));
+    assert_eq!(RawConn::status(&replies), 'E', "{:?}", errors(&replies));
+
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    straight.run("begin");
+    straight.run("select 1 / 0");
+    let mut seen = Vec::new();
+    for conn in [&mut straight as &mut dyn Wire, &mut a as &mut dyn Wire] {
+        conn.send_all(&[parse("k3", SQL, &[]), sync()]);
+        let parsed = conn.ready_n(1, "a parse in the aborted block");
+        conn.send_all(&[close(b'S', "k1"), sync()]);
+        let closed = conn.ready_n(1, "a close in the aborted block");
+        let rolled_back = conn.run("rollback");
+        seen.push([parsed, closed, rolled_back].map(|replies| {
+            let status = replies.last().and_then(|(_, body)| body.first().copied());
+            (tags(&replies), error_codes(&replies), status)
+        }));
+    }
+    assert_eq!(seen[0][0].1, ["25P02"]);
+    assert_eq!(seen[0][0].2, Some(b'E'));
+    assert_eq!(seen[1], seen[0]);
 }

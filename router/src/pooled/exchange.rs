@@ -566,6 +566,9 @@ fn client_messages(
             Some(Piece::Whole { tag, len }) => (tag, len, true),
             Some(Piece::Start { tag, len }) => (tag, len, false),
         };
+        if !fe::is_session_message(tag) {
+            return Err(Step::Protocol(fe::invalid_type_message(tag)));
+        }
         let message = &data[..len];
         tracing::trace!(tag = %char::from(tag), len, whole, "client message");
         if matches!(tag, fe::QUERY | fe::EXECUTE) {
@@ -622,6 +625,12 @@ fn client_messages(
                 fe::QUERY if whole => {
                     translator.query(message);
                     false
+                }
+                fe::QUERY => {
+                    translator.simple_query_starts();
+                    translator.tx.client(fe::QUERY, 0);
+                    out.extend_from_slice(message);
+                    true
                 }
                 _ => {
                     let kind = data.get(HEADER_BYTES).copied().unwrap_or(0);

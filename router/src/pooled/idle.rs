@@ -67,11 +67,21 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
                 continue;
             }
         }
-        if client.plain.data().first() == Some(&fe::TERMINATE) {
-            return Err(End::ClientClosed);
+        match client.plain.data().first() {
+            Some(&fe::TERMINATE) => return Err(End::ClientClosed),
+            // Refused before it costs a backend, as PostgreSQL refuses it.
+            Some(&tag) if !fe::is_session_message(tag) => {
+                return Err(End::Protocol(fe::invalid_type_message(tag)))
+            }
+            _ => {}
         }
         // Messages the router answers itself need no backend (a driver closing or preparing
-        // a statement between transactions, with its Sync).
+        // a statement between transactions, with its Sync), unless the client is in a
+        // transaction block its lost backend aborted: that block is re-created on the next
+        // backend, which answers them as a server in it does (25P02, ReadyForQuery `E`).
+        if client.aborted.is_some() {
+            return Ok(());
+        }
         let mut answer = Vec::new();
         let answered = prepared::answer_idle(
             &mut client.plain,

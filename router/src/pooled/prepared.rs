@@ -313,15 +313,17 @@ impl Translator<'_> {
             self.tx.parameter_change(change);
         });
         if name.is_empty() || !self.enabled() {
-            // The unnamed statement: as sent, and kept for a later transaction.
-            self.client.unnamed = Some(Rc::new(Statement {
+            // The unnamed statement: as sent, and kept for a later transaction (until its
+            // Parse fails: then the client has none, as on the server).
+            let statement = Rc::new(Statement {
                 server_name: "".into(),
                 parse: message.into(),
                 changes_parameters,
-            }));
+            });
+            self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
             self.out.extend_from_slice(message);
-            self.tx.client_parse(None);
+            self.tx.client_parse(name.is_empty().then_some(statement));
             return Ok(());
         }
         if self.client.named.contains_key(name) {
@@ -368,19 +370,43 @@ impl Translator<'_> {
         false
     }
 
+    /// The unnamed statement a Bind or Describe names: the backend is given the client's
+    /// own first if it was parsed in an earlier transaction. False if the client has none (the
+    /// router has answered 26000, as PostgreSQL does): whatever unnamed statement the backend
+    /// holds is another client's.
+    fn resolve_unnamed(&mut self) -> bool {
+        if self.transient.unnamed_here {
+            return true;
+        }
+        match self.client.unnamed.clone() {
+            Some(unnamed) => {
+                self.out.extend_from_slice(&unnamed.parse);
+                self.tx.router_parse(None);
+                self.transient.unnamed_here = true;
+                true
+            }
+            None => {
+                self.refuse(error(
+                    SqlState::INVALID_SQL_STATEMENT_NAME,
+                    "unnamed prepared statement does not exist",
+                ));
+                false
+            }
+        }
+    }
+
+    /// A simple Query begins (whole or not): PostgreSQL drops the unnamed statement first
+    /// (`exec_simple_query`), so the client has none from here on.
+    pub fn simple_query_starts(&mut self) {
+        if self.enabled() {
+            self.client.unnamed = None;
+            self.transient.unnamed_here = false;
+        }
+    }
+
     /// The statement a Bind or Describe names: the backend is given it first if needed.
     /// `None` if the client does not have it (the router has answered 26000).
     fn resolve(&mut self, name: &str) -> Option<Rc<Statement>> {
-        if name.is_empty() {
-            if !self.transient.unnamed_here {
-                if let Some(unnamed) = self.client.unnamed.clone() {
-                    self.out.extend_from_slice(&unnamed.parse);
-                    self.tx.router_parse(None);
-                    self.transient.unnamed_here = true;
-                }
-            }
-            return None;
-        }
         match self.client.named.get(name).cloned() {
             Some(statement) => {
                 self.ensure(&statement);
@@ -410,7 +436,9 @@ impl Translator<'_> {
             return Ok(true);
         }
         let statement = if name.is_empty() {
-            self.resolve(name);
+            if !self.resolve_unnamed() {
+                return Ok(false);
+            }
             None
         } else {
             match self.resolve(name) {
@@ -446,7 +474,9 @@ impl Translator<'_> {
             return Ok(());
         }
         if name.is_empty() {
-            self.resolve(name);
+            if !self.resolve_unnamed() {
+                return Ok(());
+            }
             self.out.extend_from_slice(message);
             self.tx.client(fe::DESCRIBE, kind);
             return Ok(());
@@ -464,6 +494,10 @@ impl Translator<'_> {
         let kind = r.u8().map_err(|_| Malformed("Close"))?;
         let name = r.cstr_utf8().map_err(|_| Malformed("Close"))?;
         if kind != b'S' || name.is_empty() || !self.enabled() {
+            if kind == b'S' && name.is_empty() {
+                // Closed on the backend it holds (if there), and not parsed again later.
+                self.client.unnamed = None;
+            }
             self.out.extend_from_slice(message);
             self.tx.client(fe::CLOSE, kind);
             return Ok(());
@@ -480,6 +514,7 @@ impl Translator<'_> {
     /// client's names; `DEALLOCATE name` of a name only the router knows is answered by the
     /// router. Returns false if the router answered it (the rest is dropped).
     pub fn query(&mut self, piece: &[u8]) -> bool {
+        self.simple_query_starts();
         let facts = query_facts(&piece[HEADER_BYTES..]);
         if facts.prepare {
             refuse(
@@ -531,6 +566,9 @@ const MAX_KNOWN_GOOD: usize = 10_000;
 impl KnownGood {
     /// A backend accepted `statement`.
     pub fn add(&self, statement: &Statement) {
+        if statement.server_name.is_empty() {
+            return;
+        }
         let mut set = self.0.borrow_mut();
         if set.len() >= MAX_KNOWN_GOOD {
             set.clear();

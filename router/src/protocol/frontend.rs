@@ -34,6 +34,33 @@ pub const SYNC: u8 = b'S';
 /// Terminate (F).
 pub const TERMINATE: u8 = b'X';
 
+/// Whether a server takes a message of type `tag` once the session is under way (PostgreSQL's
+/// `SocketBackend`): any other type ends the session with FATAL 08P01 "invalid frontend
+/// message type N" ([`invalid_type_message`]).
+pub fn is_session_message(tag: u8) -> bool {
+    matches!(
+        tag,
+        QUERY
+            | FUNCTION_CALL
+            | TERMINATE
+            | BIND
+            | CLOSE
+            | DESCRIBE
+            | EXECUTE
+            | FLUSH
+            | PARSE
+            | SYNC
+            | COPY_DATA
+            | COPY_DONE
+            | COPY_FAIL
+    )
+}
+
+/// PostgreSQL's message for a message type it does not take during a session.
+pub fn invalid_type_message(tag: u8) -> String {
+    format!("invalid frontend message type {tag}")
+}
+
 /// SASLInitialResponse (F): the chosen mechanism and the client-first-message.
 ///
 /// The next client message, SASLResponse (F), has no structure of its own: its body (after the
