@@ -1378,6 +1378,23 @@ fn idle_transaction_timeout_closes_the_client_and_frees_the_backend() {
         next.value("select count(*) from pooled_items where client = 'idle tx'"),
         "0"
     );
+    // A query running longer than the timeout in a transaction is not idle.
+    let mut busy = f.raw(&router, Mode::SslRequest, &[]);
+    assert_eq!(RawConn::status(&busy.simple("begin")), 'T');
+    let replies = busy.simple("select pg_sleep(1.5)::text");
+    assert_eq!(tags(&replies), "T D C Z", "{:?}", errors(&replies));
+    assert_eq!(RawConn::status(&busy.simple("commit")), 'I');
+    // A Flush without Sync holds the backend (its unnamed statement lives there): held idle
+    // that long, the client is closed the same way.
+    let mut flushed = f.raw(&router, Mode::SslRequest, &[]);
+    flushed.send(&[parse("", "select 1", &[]), flush()]);
+    assert_eq!(flushed.next("ParseComplete after a Flush").0, b'1');
+    let (error, elapsed) = expect_fatal_close(&mut flushed, "idle after a Flush");
+    assert!(
+        error.message.contains("idle transaction timeout"),
+        "{error:?}"
+    );
+    assert!(elapsed >= Duration::from_millis(900), "after {elapsed:?}");
     // Outside a transaction, a client stopped halfway through a query too long to be read
     // whole (so its start is on the backend already) is held to the same bound.
     let mut halfway = f.raw(&router, Mode::SslRequest, &[]);

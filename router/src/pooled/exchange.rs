@@ -246,20 +246,28 @@ pub(super) async fn transaction(
                     continue;
                 }
             }
-            // Idle in a transaction, or stopped halfway through a message too long to wait
-            // for whole (part of it is on the backend, which it holds as a transaction would).
-            let idle_tx = match settings_idle_tx {
-                Some(limit) if state.borrow().tx.status() != b'I' || messages.inside() => {
-                    Some(Instant::now() + limit)
-                }
-                _ => None,
-            };
-            let waited = monoio::select! {
-                readable = readiness.wait(rd) => readable.map_err(|e| Step::ClientFailed(e.to_string())),
-                () = sleep_until(idle_tx) => Err(Step::Fatal(
-                    SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                    "idle transaction timeout",
-                )),
+            // Idle holding the backend: in a transaction block, in an extended-protocol batch
+            // not synced yet (a Flush without Sync) or a COPY, with nothing owed by the backend
+            // (a query running is not idle), or stopped halfway through a message too long to
+            // wait for whole (part of it is on the backend, which it holds as a transaction
+            // would).
+            // While the backend still owes replies, the clock starts when it has sent the
+            // last (the backend direction wakes `progress` after each batch of replies).
+            let waited = loop {
+                let idle = settings_idle_tx.is_some()
+                    && (messages.inside() || state.borrow().tx.idle_holding());
+                let idle_tx = settings_idle_tx
+                    .filter(|_| idle)
+                    .map(|limit| Instant::now() + limit);
+                let watch = settings_idle_tx.is_some() && !idle;
+                break monoio::select! {
+                    readable = readiness.wait(rd) => readable.map_err(|e| Step::ClientFailed(e.to_string())),
+                    () = sleep_until(idle_tx) => Err(Step::Fatal(
+                        SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                        "idle transaction timeout",
+                    )),
+                    () = until_idle_holding(&state, &progress, watch) => continue,
+                };
             };
             if let Err(step) = waited {
                 return step;
@@ -513,6 +521,27 @@ const MAX_PENDING_REPLIES: usize = 1024;
 
 /// Bytes of a Bind the router needs before rewriting it: the header and both names.
 const BIND_PREFIX: usize = HEADER_BYTES + 2 * (prepared::MAX_NAME_BYTES + 1);
+
+/// Completes once the backend owes nothing and cannot go back (the client idle holding it), if
+/// `watch`; never otherwise.
+async fn until_idle_holding(
+    state: &RefCell<Linked>,
+    progress: &Cell<Option<std::task::Waker>>,
+    watch: bool,
+) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        if state.borrow().tx.idle_holding() {
+            std::task::Poll::Ready(())
+        } else {
+            progress.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
 
 /// The next piece of the client's messages in `data`. Every message that fits a pool buffer
 /// is kept whole (the rest of `plain` is room for a record beside it), so a client's message

@@ -731,6 +731,12 @@ impl Transaction {
             .any(|awaiting| matches!(awaiting, Awaiting::Query { swallow: true, .. }))
     }
 
+    /// True if the backend owes nothing and yet cannot go back: the client is idle in a
+    /// transaction block, an unsynced extended-protocol batch or a COPY, holding it.
+    pub fn idle_holding(&self) -> bool {
+        self.queue.is_empty() && !self.releasable()
+    }
+
     /// Replies owed (the backend's and the router's own).
     pub fn pending(&self) -> usize {
         self.queue.len()
