@@ -33,9 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 17] = [
+const ROLES: [&str; 20] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
-    "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted",
+    "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
+    "many",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -67,6 +68,11 @@ fn fixture() -> &'static Fixture {
         // An injected `create table pwned()` must be able to succeed, or its absence would
         // prove nothing (PostgreSQL 15 gives no one CREATE on public by default).
         pg.psql_admin("GRANT CREATE ON SCHEMA public TO inject");
+        pg.psql_admin(
+            "CREATE ROLE audit_other; GRANT audit_other TO audit; \
+             CREATE TABLE audit_t (v int); GRANT ALL ON audit_t TO audit, audit_other; \
+             CREATE SCHEMA audit_schema; GRANT USAGE ON SCHEMA audit_schema TO audit",
+        );
         Fixture {
             certs: Certs::generate(),
             pg,
@@ -1254,4 +1260,172 @@ fn a_client_whose_backend_died_in_a_block_is_never_told_it_is_idle() {
     assert_eq!(seen[0][0].1, ["25P02"]);
     assert_eq!(seen[0][0].2, Some(b'E'));
     assert_eq!(seen[1], seen[0]);
+}
+
+/// Session changes the router cannot name from a statement's text (a role, the session's
+/// transaction characteristics, `set_config`, more `SET`s than it lists, a query too long to
+/// read, a `RESET ALL` a rollback undid) stayed on the backend for its next client, and were
+/// lost for their own client on its next backend. The router now reads the whole session back
+/// after such a transaction: each stays with its client, as in a session of its own.
+#[test]
+fn session_changes_the_router_cannot_name_stay_with_their_client() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "audit");
+    let mut a = f.raw(&router, "audit", Mode::SslRequest);
+    let mut b = f.raw(&router, "audit", Mode::Direct);
+    // One backend: b's transactions run right after a's, on the same backend.
+    assert_eq!(pid_of(&mut a), pid_of(&mut b));
+
+    ok(&mut a, "SET ROLE audit_other");
+    assert_eq!(b.value("select current_user"), "audit");
+    assert_eq!(a.value("select current_user"), "audit_other");
+    ok(&mut a, "RESET ROLE");
+    assert_eq!(a.value("select current_user"), "audit");
+
+    ok(
+        &mut a,
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+    );
+    ok(&mut b, "insert into audit_t values (1)");
+    assert_eq!(
+        error_codes(&a.simple("insert into audit_t values (2)")),
+        ["25006"]
+    );
+    ok(
+        &mut a,
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+    );
+    ok(&mut a, "insert into audit_t values (3)");
+
+    ok(
+        &mut a,
+        "select pg_catalog.set_config('statement_timeout', '1234', false)",
+    );
+    assert_eq!(b.value("show statement_timeout"), "0");
+    assert_eq!(a.value("show statement_timeout"), "1234ms");
+
+    let many: String = (1..=16)
+        .map(|i| format!("SET audit.k{i} = '{i}'; "))
+        .collect();
+    ok(&mut a, &format!("{many}SET lock_timeout = '4321'"));
+    assert_eq!(b.value("show lock_timeout"), "0");
+    assert_eq!(a.value("show lock_timeout"), "4321ms");
+    assert_eq!(a.value("show audit.k16"), "16");
+
+    let padding = "x".repeat(25 * 1024);
+    ok(
+        &mut a,
+        &format!("SET search_path = audit_schema, public; /* {padding} */ select 1"),
+    );
+    assert_eq!(b.value("show search_path"), "\"$user\", public");
+    assert_eq!(a.value("show search_path"), "audit_schema, public");
+
+    ok(&mut a, "SET work_mem = '5MB'");
+    ok_in_block(&mut a, "BEGIN");
+    ok_in_block(&mut a, "RESET ALL");
+    ok(&mut a, "ROLLBACK");
+    assert_eq!(b.value("show work_mem"), "4MB");
+    assert_eq!(a.value("show work_mem"), "5MB");
+    assert_eq!(a.value("show search_path"), "audit_schema, public");
+}
+
+/// A statement that must succeed outside a transaction block.
+fn ok(conn: &mut RawConn, sql: &str) {
+    let replies = conn.simple(sql);
+    assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
+    assert_eq!(RawConn::status(&replies), 'I', "{sql}");
+}
+
+/// A statement that must succeed inside an open transaction block.
+fn ok_in_block(conn: &mut RawConn, sql: &str) {
+    let replies = conn.simple(sql);
+    assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
+    assert_eq!(RawConn::status(&replies), 'T', "{sql}");
+}
+
+/// A client could drop the router's statements on a shared backend: `DEALLOCATE bg_...` (the
+/// names are in `pg_prepared_statements`) went to the backend, and so did `DEALLOCATE ALL` in
+/// a Parse; the router still listed them there, so every later Bind of another client's
+/// statement on that backend failed with 26000 naming the router's statement. Now a
+/// `DEALLOCATE` of a name the client does not have is answered 26000 by the router (as a
+/// server answers a session without it), and a backend whose statements changed under the
+/// router is not lent again.
+#[test]
+fn one_client_cannot_drop_another_clients_prepared_statements() {
+    const SQL: &str = "select 'prepared by b'";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "dealloc");
+    let mut a = f.raw(&router, "dealloc", Mode::SslRequest);
+    let mut b = f.raw(&router, "dealloc", Mode::Direct);
+    b.send(&[parse("s1", SQL, &[]), sync()]);
+    assert_eq!(tags(&b.until_ready("b's parse")), "1 Z");
+    let run_s1 = |b: &mut RawConn| {
+        b.send(&[bind("", "s1", &[]), execute("", 0), sync()]);
+        let replies = b.until_ready("b's statement");
+        assert_eq!(tags(&replies), "2 D C Z", "{:?}", errors(&replies));
+    };
+    run_s1(&mut b);
+    let server_name = a.value("select name from pg_prepared_statements");
+    assert!(server_name.starts_with("bg_"), "{server_name}");
+
+    let replies = a.simple(&format!("DEALLOCATE \"{server_name}\""));
+    assert_eq!(
+        errors(&replies)
+            .iter()
+            .map(|e| (e.code.as_str(), e.message.as_str()))
+            .collect::<Vec<_>>(),
+        [(
+            "26000",
+            format!("prepared statement \"{server_name}\" does not exist").as_str()
+        )]
+    );
+    run_s1(&mut b);
+
+    a.send(&[
+        parse("", "DEALLOCATE ALL", &[]),
+        bind("", "", &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    let replies = a.until_ready("DEALLOCATE ALL in a Parse");
+    assert_eq!(tags(&replies), "1 2 C Z", "{:?}", errors(&replies));
+    run_s1(&mut b);
+    // a's own statements went with its DEALLOCATE ALL, as on a server.
+    a.send(&[parse("mine", "select 1", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("a's parse")), "1 Z");
+    a.send(&[
+        parse("", "DEALLOCATE ALL", &[]),
+        bind("", "", &[]),
+        execute("", 0),
+        sync(),
+    ]);
+    assert_eq!(tags(&a.until_ready("DEALLOCATE ALL again")), "1 2 C Z");
+    a.send(&[bind("", "mine", &[]), execute("", 0), sync()]);
+    assert_eq!(
+        error_codes(&a.until_ready("a's statement after it")),
+        ["26000"]
+    );
+    run_s1(&mut b);
+}
+
+/// Every parameter a client sets is kept for it (and for each backend given it): without a
+/// bound, one client's `SET`s of made-up parameters grew the router's memory without end. Past
+/// 256 such parameters (or 64 KiB of them) its session ends with 54000; other clients go on.
+#[test]
+fn a_client_setting_too_many_parameters_is_closed_with_54000() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "many");
+    let mut a = f.raw(&router, "many", Mode::SslRequest);
+    let mut b = f.raw(&router, "many", Mode::Direct);
+    let sets: String = (0..300)
+        .map(|i| format!("SET many.k{i} = '{i}'; "))
+        .collect();
+    a.send(&[query(&sets)]);
+    let replies = a.until_ready("300 SETs");
+    assert!(errors(&replies).is_empty(), "{:?}", errors(&replies));
+    let closing = a.next("the router's FATAL");
+    let error = &errors(&[closing])[0];
+    assert_eq!(error.code, "54000", "{error:?}");
+    assert!(a.next_or_end().is_none());
+    assert_eq!(b.value("select current_setting('many.k1', true)"), "NULL");
 }

@@ -420,16 +420,20 @@ pub(super) async fn transaction(
     // A backend whose session values the client may have changed is not lent again unread.
     let reusable = !state.borrow().tx.busy()
         && !state.borrow().tx.has_sets()
+        && !state.borrow().tx.audit_owed()
         && !found.borrow().residue
         && !writing.get()
         && !reading.get();
     let end = match step {
         Step::Released => {
+            let mut state = state.borrow_mut();
             return Ok(Over {
-                sets: state.borrow_mut().tx.take_sets(),
+                sets: state.tx.take_sets(),
+                audit: state.tx.take_audit(),
+                overflow: state.tx.take_overflow(),
                 resync: found.borrow().resync,
                 residue: found.borrow().residue,
-            })
+            });
         }
         Step::ClientGone => End::ClientClosed,
         Step::ClientFailed(error) => End::ClientFailed(error),
@@ -465,6 +469,11 @@ pub(super) struct Over {
     /// Its statements may have left cursors, `LISTEN`s or temporary tables in the backend's
     /// session: gone before the backend is lent again.
     pub(super) residue: bool,
+    /// Its statements changed the session in ways the router cannot follow from their text:
+    /// the session is read whole ([`readback::session_audit`](super::readback::session_audit)).
+    pub(super) audit: bool,
+    /// Its statements named more parameters than one client may have.
+    pub(super) overflow: bool,
 }
 
 /// Why a transaction ended other than with the backend released.
@@ -656,6 +665,10 @@ fn client_messages(
                     false
                 }
                 fe::QUERY => {
+                    // Too long to read: what it did to the session is read back.
+                    translator
+                        .tx
+                        .parameter_change(prepared::ParameterChange::Unknown);
                     translator.simple_query_starts();
                     translator.tx.client(fe::QUERY, 0);
                     out.extend_from_slice(message);

@@ -282,6 +282,13 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
         .map_or(backend.addr, |branch| branch.primary);
     let ctx = context(worker, &primary, &catalog);
     match outcome {
+        Ok(over) if delivered && over.overflow => {
+            pool.discard(backend);
+            return Some(End::Fatal(
+                SqlState::PROGRAM_LIMIT_EXCEEDED,
+                TOO_MANY_SETTINGS,
+            ));
+        }
         Ok(over) if delivered => {
             // Parameters the server does not report that the transaction set: read back, so
             // the client keeps them and the backend's next client does not.
@@ -290,8 +297,49 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
                 .into_iter()
                 .filter(|name| !client.params.is_reported(name))
                 .collect();
-            if unreported.is_empty() && !over.residue {
+            if unreported.is_empty() && !over.residue && !over.audit {
                 pool.release(&ctx, backend);
+            } else if over.audit {
+                // By name too: the client's and the backend's custom parameters (`app.x`),
+                // which `pg_settings` does not list.
+                let mut names = unreported;
+                for name in client
+                    .params
+                    .unreported_names()
+                    .chain(backend.params.unreported_names())
+                {
+                    if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                        names.push(name.into());
+                    }
+                }
+                let mut sql = String::new();
+                if over.residue {
+                    sql.push_str(SESSION_RESIDUE_CLEANUP);
+                }
+                if over.resync {
+                    backend.params.sync_to(&client.params, &mut sql);
+                }
+                let reading = Box::pin(readback::session_audit(
+                    &mut backend,
+                    &names,
+                    &sql,
+                    &worker.buffers,
+                ));
+                match reading.await {
+                    Ok(audit) => {
+                        if audited(client, &mut backend, &audit) {
+                            pool.release(&ctx, backend);
+                        } else {
+                            pool.discard(backend);
+                        }
+                    }
+                    Err(error) => {
+                        if let Some(suppressed) = BACKEND_FAILED.allow() {
+                            tracing::warn!(%error, suppressed, "reading back a client's session failed");
+                        }
+                        pool.discard(backend);
+                    }
+                }
             } else {
                 // Cursors, LISTENs and temporary tables the transaction left go; a `RESET
                 // name` outside a block left the backend at the pool's default: the client's
@@ -350,7 +398,51 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
             return Some(end);
         }
     }
+    if client.params.too_many_unreported() {
+        return Some(End::Fatal(
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+            TOO_MANY_SETTINGS,
+        ));
+    }
     None
+}
+
+/// Why a client whose settings outgrew [`params::MAX_UNREPORTED`] is closed.
+const TOO_MANY_SETTINGS: &str = "too many session settings for the pooled port (at most 256 \
+     parameters PostgreSQL does not report, 64 KiB of names and values): use the direct port";
+
+/// Takes what a session audit read on `backend` after `client`'s transaction: the settings
+/// the session has become the client's (and the backend's record). False if the backend's
+/// prepared statements are not what the router recorded (a `PREPARE`, `DEALLOCATE` or
+/// `DISCARD` the router could not follow): it is not lent again, and if none of the router's
+/// is left (`DEALLOCATE ALL`), the client's names go too.
+fn audited(
+    client: &mut Client,
+    backend: &mut pool::Backend,
+    audit: &readback::SessionAudit,
+) -> bool {
+    let unreported: Vec<(&str, &str)> = audit
+        .settings
+        .iter()
+        .filter(|(name, _)| !client.params.is_reported(name))
+        .map(|(name, value)| (&**name, &**value))
+        .collect();
+    client.params.audited(&unreported);
+    backend.params.audited(&unreported);
+    let recorded = backend.statements.len() as u64;
+    if audit.sql_statements == 0 && audit.protocol_statements == recorded {
+        return true;
+    }
+    if audit.protocol_statements == 0 && recorded > 0 {
+        client.statements.clear();
+    }
+    tracing::debug!(
+        sql = audit.sql_statements,
+        protocol = audit.protocol_statements,
+        recorded,
+        "a backend's prepared statements changed under the router: not lent again"
+    );
+    false
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -25,8 +25,13 @@ const READ_ONLY: &[&str] = &[
     "is_superuser",
     "server_encoding",
     "server_version",
-    "session_authorization",
 ];
+
+/// Unreported parameters one pooled client may have (its startup ones and its `SET`s); more
+/// end its session with 54000.
+pub const MAX_UNREPORTED: usize = 256;
+/// Bytes of names and values of one pooled client's unreported parameters, at most.
+pub const MAX_UNREPORTED_BYTES: usize = 64 * 1024;
 
 /// StartupMessage parameters that are not run-time parameters.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
@@ -222,6 +227,41 @@ impl ClientParams {
         }
     }
 
+    /// The backend's session was read whole after the client's transaction: `settings` are
+    /// the unreported parameters it gave values (all of them). The client has those, and its
+    /// startup value of any other it started with (the backend's default for it is the pool's,
+    /// a real server's would be the client's).
+    pub fn audited(&mut self, settings: &[(&str, &str)]) {
+        let mut unreported = Params::default();
+        for (name, value) in settings {
+            unreported.set(name, value);
+        }
+        for (name, value) in self.startup.iter() {
+            if self.base.get(name).is_none() && unreported.get(name).is_none() {
+                unreported.set(name, value);
+            }
+        }
+        self.unreported = unreported;
+    }
+
+    /// The unreported parameters the client has values of its own for.
+    pub fn unreported_names(&self) -> impl Iterator<Item = &str> {
+        self.unreported.iter().map(|(name, _)| name)
+    }
+
+    /// True if the client's unreported parameters are more than the pooled port keeps for one
+    /// client ([`MAX_UNREPORTED`] names, [`MAX_UNREPORTED_BYTES`] of names and values): each
+    /// is kept for the client and for every backend given it.
+    pub fn too_many_unreported(&self) -> bool {
+        self.unreported.len() > MAX_UNREPORTED
+            || self
+                .unreported
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+                > MAX_UNREPORTED_BYTES
+    }
+
     /// A statement may have sent unreported parameter `name` back to its session default:
     /// for the client, its startup value (or none).
     pub fn reset_unreported(&mut self, name: &str) {
@@ -319,6 +359,22 @@ impl BackendParams {
             Some(value) => self.unreported.set(name, value),
             None => self.unreported.remove(name),
         }
+        self.given = None;
+    }
+
+    /// The unreported parameters the router set on it.
+    pub fn unreported_names(&self) -> impl Iterator<Item = &str> {
+        self.unreported.iter().map(|(name, _)| name)
+    }
+
+    /// The backend's session was read whole: `settings` are the unreported parameters it
+    /// has values of its own for (all of them).
+    pub fn audited(&mut self, settings: &[(&str, &str)]) {
+        let mut unreported = Params::default();
+        for (name, value) in settings {
+            unreported.set(name, value);
+        }
+        self.unreported = unreported;
         self.given = None;
     }
 

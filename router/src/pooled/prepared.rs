@@ -356,6 +356,8 @@ impl Translator<'_> {
     pub fn long_parse(&mut self, piece: &[u8]) -> bool {
         let unnamed = piece.get(HEADER_BYTES) == Some(&0);
         if unnamed || !self.enabled() {
+            // Too long to read: what it did to the session is read back.
+            self.tx.parameter_change(ParameterChange::Unknown);
             self.client.unnamed = None;
             self.transient.unnamed_here = true;
             self.out.extend_from_slice(piece);
@@ -530,8 +532,22 @@ impl Translator<'_> {
             return false;
         }
         if let Some(name) = &facts.deallocate {
-            if self.enabled() && self.client.remove(name) {
-                self.tx.synthesize_command("DEALLOCATE");
+            if self.enabled() {
+                if self.client.remove(name) {
+                    self.tx.synthesize_command("DEALLOCATE");
+                } else {
+                    // The client has no statement of that name (SQL-level PREPARE is
+                    // refused), whatever the backend has under it (another client's).
+                    refuse(
+                        self.tx,
+                        self.out,
+                        error(
+                            SqlState::INVALID_SQL_STATEMENT_NAME,
+                            &format!("prepared statement \"{name}\" does not exist"),
+                        ),
+                        true,
+                    );
+                }
                 return false;
             }
         }
@@ -821,14 +837,24 @@ fn query_facts(text: &[u8]) -> QueryFacts {
         } else if first.eq_ignore_ascii_case("discard") && is(second, "all") {
             facts.clears_statements = true;
             facts.resets_parameters = true;
+            // A rollback of the block around it undoes it: what it left is read back.
+            facts.changes.push(ParameterChange::Unknown);
         } else if first.eq_ignore_ascii_case("reset") && is(second, "all") {
             facts.resets_parameters = true;
+            facts.changes.push(ParameterChange::Unknown);
         } else if let Some(change) = parameter_change(statement) {
             facts.changes.push(change);
         }
     });
     if count == 1 {
         facts.deallocate = deallocate.map(unquote);
+    } else if deallocate.is_some() {
+        // Beside other statements it reaches the backend, where no statement of the client's
+        // has its name: what it did is read back.
+        facts.changes.push(ParameterChange::Unknown);
+    }
+    if mentions_settings(text.as_bytes()) {
+        facts.changes.push(ParameterChange::Unknown);
     }
     facts
 }
@@ -845,6 +871,34 @@ pub enum ParameterChange {
     /// and `SET CONSTRAINTS` are not one; neither are `SET TIME ZONE` and `SET NAMES`, whose
     /// parameters the server reports.
     Set(String),
+    /// A change of the session the router cannot name from the text: `SET [SESSION] ROLE`,
+    /// `SET SESSION AUTHORIZATION` and their `RESET`s, `SET SESSION CHARACTERISTICS`, a call of
+    /// `set_config` or a write to `pg_settings`, `RESET ALL` and `DISCARD ALL` (which a
+    /// rollback can undo), a `PREPARE`, `DEALLOCATE` or `DISCARD` in a Parse, a query too long
+    /// to read. The backend's whole session is read back before it is lent again
+    /// ([`readback::session_audit`](super::readback::session_audit)).
+    Unknown,
+}
+
+/// True if `text` names `set_config` or `pg_settings` (any case): a statement that may change
+/// settings without `SET`.
+fn mentions_settings(text: &[u8]) -> bool {
+    const NAMES: [&[u8]; 2] = [b"set_config", b"pg_settings"];
+    let word = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
+    // Both have an underscore at a known place: look there only.
+    memchr::memchr_iter(b'_', text).any(|at| {
+        NAMES.iter().any(|name| {
+            let before = if name[2] == b'_' { 2 } else { 3 };
+            let Some(start) = at.checked_sub(before) else {
+                return false;
+            };
+            let end = start + name.len();
+            text.get(start..end)
+                .is_some_and(|w| w.eq_ignore_ascii_case(name))
+                && !word(start.checked_sub(1).and_then(|i| text.get(i)))
+                && !word(text.get(end))
+        })
+    })
 }
 
 /// The parameter change a statement makes, if it makes one (see [`ParameterChange`]).
@@ -878,6 +932,49 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
     let words = &words[..count];
     let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
     let reset = |name: String| Some(ParameterChange::Reset(name));
+    // The role and the session's transaction characteristics: only a read of the whole
+    // session knows what they became (`SET ROLE` takes a role name or NONE; `SET SESSION
+    // AUTHORIZATION` also resets the role).
+    match words {
+        [reset_, role] if is(reset_, "reset") && is(role, "role") => {
+            return Some(ParameterChange::Unknown)
+        }
+        [reset_, session, authorization]
+            if is(reset_, "reset")
+                && is(session, "session")
+                && is(authorization, "authorization") =>
+        {
+            return Some(ParameterChange::Unknown)
+        }
+        [set, session, characteristics, ..]
+            if is(set, "set")
+                && is(session, "session")
+                && is(characteristics, "characteristics") =>
+        {
+            return Some(ParameterChange::Unknown)
+        }
+        [set, rest @ ..] if is(set, "set") => {
+            // `SET LOCAL` ends with the transaction: nothing to follow.
+            let (local, rest) = match rest {
+                [local, rest @ ..] if is(local, "local") => (true, rest),
+                [session, next, ..] if is(session, "session") && !is(next, "authorization") => {
+                    (false, &rest[1..])
+                }
+                _ => (false, rest),
+            };
+            let unknown = (!local).then_some(ParameterChange::Unknown);
+            match rest {
+                [role, _, ..] if is(role, "role") => return unknown,
+                [session, authorization, _, ..]
+                    if is(session, "session") && is(authorization, "authorization") =>
+                {
+                    return unknown
+                }
+                _ => {}
+            }
+        }
+        _ => {}
+    }
     match words {
         _ if more => {}
         [reset_, time, zone] if is(reset_, "reset") && is(time, "time") && is(zone, "zone") => {
@@ -930,6 +1027,8 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
     match rest {
         [schema, _, ..] if is(schema, "schema") => Some(ParameterChange::Set("search_path".into())),
         [name, to, _, ..] if is(to, "to") || *to == "=" => {
+            // `seed` reads back as `unavailable`, which no SET takes: not followed (it only
+            // starts random()'s sequence, which no other backend would continue anyway).
             let not = [
                 "role",
                 "session",
@@ -937,6 +1036,7 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                 "constraints",
                 "time",
                 "names",
+                "seed",
             ];
             (!not.iter().any(|n| is(name, n))).then(|| ParameterChange::Set(unquote(name)))
         }
@@ -947,24 +1047,41 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
 /// The parameter changes in a Parse's query text (see [`ParameterChange`]); only a text that
 /// starts like one is read.
 pub fn parse_parameter_changes(body_after_name: &[u8], mut f: impl FnMut(ParameterChange)) {
-    let Some(&first) = body_after_name
+    let end = memchr::memchr(0, body_after_name).unwrap_or(body_after_name.len());
+    let text = &body_after_name[..end];
+    if mentions_settings(text) {
+        f(ParameterChange::Unknown);
+    }
+    let Some(&first) = text
         .iter()
         .find(|b| !(b.is_ascii_whitespace() || **b == 0x0b))
     else {
         return;
     };
-    if !matches!(first, b's' | b'S' | b'r' | b'R' | b'-' | b'/') {
+    if !matches!(
+        first,
+        b's' | b'S' | b'r' | b'R' | b'p' | b'P' | b'd' | b'D' | b'-' | b'/'
+    ) {
         return;
     }
-    let end = body_after_name
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(body_after_name.len());
-    let Ok(text) = std::str::from_utf8(&body_after_name[..end]) else {
+    let Ok(text) = std::str::from_utf8(text) else {
         return;
     };
     for_each_statement(text, |statement| {
-        if let Some(change) = parameter_change(statement) {
+        let first = statement.split_ascii_whitespace().next().unwrap_or("");
+        // Statements a Parse runs as any other (the simple protocol's are handled where the
+        // router sees them): what they did is read back.
+        if ["prepare", "deallocate", "discard"]
+            .iter()
+            .any(|k| first.eq_ignore_ascii_case(k))
+            || (first.eq_ignore_ascii_case("reset")
+                && statement
+                    .split_ascii_whitespace()
+                    .nth(1)
+                    .is_some_and(|w| w.eq_ignore_ascii_case("all")))
+        {
+            f(ParameterChange::Unknown);
+        } else if let Some(change) = parameter_change(statement) {
             f(change);
         }
     });
@@ -1411,13 +1528,34 @@ mod tests {
             facts("SET application_name = default, x").changes,
             [set("application_name")]
         );
-        for not in [
+        // Changes only a read of the whole session can follow.
+        for unknown in [
             "RESET ALL",
             "RESET ROLE",
             "RESET SESSION AUTHORIZATION",
             "SET SESSION AUTHORIZATION DEFAULT",
             "SET SESSION AUTHORIZATION bob",
+            "set session session authorization bob",
             "SET ROLE bob",
+            "set session role 'bob'",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "select pg_catalog.set_config('statement_timeout', '1', false)",
+            "update PG_SETTINGS set setting = '1' where name = 'work_mem'",
+            "DISCARD ALL",
+            "deallocate x; select 1",
+        ] {
+            assert_eq!(
+                facts(unknown).changes,
+                [ParameterChange::Unknown],
+                "{unknown}"
+            );
+        }
+        assert!(facts("DEALLOCATE x").changes.is_empty());
+        for not in [
+            "SET LOCAL ROLE bob",
+            "SET LOCAL SESSION AUTHORIZATION bob",
+            "SET seed = 0.5",
+            "select 'user_config', set_configuration from t",
             "SET LOCAL search_path TO a",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "SET CONSTRAINTS ALL DEFERRED",
@@ -1437,6 +1575,18 @@ mod tests {
         parse_parameter_changes(b"select 1\0\0\0", |c| parsed.push(c));
         parse_parameter_changes(b"SET search_path = app\0\0\0", |c| parsed.push(c));
         assert_eq!(parsed, [reset("TimeZone"), set("search_path")]);
+        for text in [
+            &b"with x as (select set_config('a.b', '1', false)) select 1\0\0\0"[..],
+            b"DEALLOCATE ALL\0\0\0",
+            b"prepare p as select 1\0\0\0",
+            b"discard all\0\0\0",
+            b"reset all\0\0\0",
+            b"set role bob\0\0\0",
+        ] {
+            let mut parsed = Vec::new();
+            parse_parameter_changes(text, |c| parsed.push(c));
+            assert_eq!(parsed, [ParameterChange::Unknown], "{text:?}");
+        }
         assert!(facts("PREPARE p AS select 1").prepare);
         assert!(facts("select 'first'; PREPARE p3 AS select 3").prepare);
         assert!(facts("/* hidden */ prepare p as select 1").prepare);

@@ -75,6 +75,97 @@ pub(super) async fn current_settings(
     }
 }
 
+/// What a backend's session holds, read whole by [`session_audit`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct SessionAudit {
+    /// Every setting the session gave a value of its own (`pg_settings.source` is `session`:
+    /// `SET`, `set_config`), `role` unless it is `none`, and the named ones that exist, with
+    /// the value `SHOW` gives.
+    pub(super) settings: Vec<(Box<str>, Box<str>)>,
+    /// SQL-level prepared statements (`PREPARE`).
+    pub(super) sql_statements: u64,
+    /// Protocol-level prepared statements (the router's).
+    pub(super) protocol_statements: u64,
+}
+
+/// At most this many settings are read back: more (custom `x.y` settings have no number)
+/// fail the read, and the backend is not lent again.
+const MAX_AUDITED_SETTINGS: usize = 1024;
+
+/// The session audit's statement: one row per setting, then (named '') the prepared
+/// statements' counts, SQL-level and protocol-level.
+const SESSION_AUDIT: &str = "SELECT s.name, pg_catalog.current_setting(s.name) \
+     FROM pg_catalog.pg_settings s WHERE s.source = 'session' \
+     UNION ALL SELECT 'role', pg_catalog.current_setting('role') \
+     WHERE pg_catalog.current_setting('role') <> 'none' \
+     UNION ALL SELECT '', (SELECT pg_catalog.count(*) FILTER (WHERE from_sql) || ' ' || \
+     pg_catalog.count(*) FILTER (WHERE NOT from_sql) FROM pg_catalog.pg_prepared_statements)";
+
+/// Reads `backend`'s whole session (idle, between transactions), after `first` (the router's
+/// own statements, if any): what a transaction did that the router could not follow from its
+/// text (`SET ROLE`, `set_config`, a query too long to read...).
+///
+/// `names` are parameters the transaction's statements named (`SET name`): read by name too,
+/// as custom parameters (`app.user_id`) are not in `pg_settings`.
+pub(super) async fn session_audit(
+    backend: &mut Backend,
+    names: &[Box<str>],
+    first: &str,
+    buffers: &BufPool,
+) -> Result<SessionAudit, ReadBackError> {
+    let mut sql = String::from(first);
+    sql.push_str(SESSION_AUDIT);
+    for name in names {
+        sql.push_str(" UNION ALL SELECT ");
+        params::push_literal(&mut sql, name);
+        sql.push_str(", pg_catalog.current_setting(");
+        params::push_literal(&mut sql, name);
+        sql.push_str(", true)");
+    }
+    let mut audit = SessionAudit::default();
+    let mut counts = None;
+    let mut failed = false;
+    round_trip(backend, &sql, buffers, |tag, body| {
+        match tag {
+            // The rows after the last RowDescription are the audit's (the router's own
+            // statements before it may answer with rows of their own).
+            be::ROW_DESCRIPTION => {
+                audit.settings.clear();
+                counts = None;
+            }
+            be::DATA_ROW => {
+                let mut row = data_row(body, 2)?.into_iter();
+                let (Some(Some(name)), Some(value)) = (row.next(), row.next()) else {
+                    return Err(ReadBackError::Protocol("session audit row"));
+                };
+                if name.is_empty() {
+                    counts = value;
+                } else if audit.settings.len() == MAX_AUDITED_SETTINGS {
+                    return Err(ReadBackError::Protocol("too many session settings"));
+                } else if let Some(value) = value {
+                    // NULL: a name the server does not know (its SET failed).
+                    audit.settings.push((name.into(), value.into()));
+                }
+            }
+            be::ERROR_RESPONSE => failed = true,
+            _ => {}
+        }
+        Ok(())
+    })
+    .await?;
+    let counts = counts.filter(|_| !failed);
+    let Some((sql_statements, protocol_statements)) = counts
+        .as_deref()
+        .and_then(|c| c.split_once(' '))
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+    else {
+        return Err(ReadBackError::Protocol("session audit counts"));
+    };
+    audit.sql_statements = sql_statements;
+    audit.protocol_statements = protocol_statements;
+    Ok(audit)
+}
+
 /// What PostgreSQL made of a client's StartupMessage parameters.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum StartupSettings {

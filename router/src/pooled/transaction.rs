@@ -196,6 +196,11 @@ pub struct Transaction {
     errored: bool,
     /// A query that reset the session's parameters just ended.
     reset_done: bool,
+    /// The session must be read back whole before the backend is lent again (see
+    /// [`Transaction::take_audit`]).
+    audit: bool,
+    /// More parameters named than listed ([`Transaction::take_overflow`]).
+    overflow: bool,
     /// Parameters a statement sent since the backend was last idle may have sent back to the
     /// session default (`RESET name`), lower case, at most [`MAX_RESETS`].
     resets: Vec<Box<str>>,
@@ -205,7 +210,9 @@ pub struct Transaction {
 }
 
 /// Parameter resets followed per transaction; more are not told apart from `SET`s.
-const MAX_RESETS: usize = 16;
+/// As many as one client may have ([`super::params::MAX_UNREPORTED`]): a transaction naming
+/// more ends its client's session ([`Transaction::take_overflow`]).
+const MAX_RESETS: usize = super::params::MAX_UNREPORTED;
 
 impl Default for Transaction {
     fn default() -> Self {
@@ -220,6 +227,8 @@ impl Default for Transaction {
             accepted: Vec::new(),
             errored: false,
             reset_done: false,
+            audit: false,
+            overflow: false,
             resets: Vec::new(),
             sets: Vec::new(),
             undo: Vec::new(),
@@ -671,23 +680,52 @@ impl Transaction {
     /// A statement the client sent may change a parameter.
     pub fn parameter_change(&mut self, change: super::prepared::ParameterChange) {
         use super::prepared::ParameterChange;
-        fn note(list: &mut Vec<Box<str>>, name: &str) {
-            if list.len() < MAX_RESETS && !list.iter().any(|n| **n == *name) {
-                list.push(name.into());
+        /// Lists `name`; false if the list is full without it.
+        fn note(list: &mut Vec<Box<str>>, name: &str) -> bool {
+            if list.iter().any(|n| **n == *name) {
+                return true;
             }
+            if list.len() < MAX_RESETS {
+                list.push(name.into());
+                return true;
+            }
+            false
         }
         match change {
             ParameterChange::Reset(mut name) => {
                 name.make_ascii_lowercase();
                 note(&mut self.resets, &name);
                 // Its outcome is read back too: a ROLLBACK can undo it.
-                note(&mut self.sets, &name);
+                if !note(&mut self.sets, &name) {
+                    self.overflow = true;
+                }
             }
             ParameterChange::Set(mut name) => {
                 name.make_ascii_lowercase();
-                note(&mut self.sets, &name);
+                if !note(&mut self.sets, &name) {
+                    self.overflow = true;
+                }
             }
+            ParameterChange::Unknown => self.audit = true,
         }
+    }
+
+    /// True if this transaction's statements named more parameters than one client may
+    /// have: the router cannot follow them all (the backend is closed, and the client).
+    pub fn take_overflow(&mut self) -> bool {
+        std::mem::take(&mut self.overflow)
+    }
+
+    /// True if the session is to be read whole before the backend is lent again.
+    pub fn audit_owed(&self) -> bool {
+        self.audit
+    }
+
+    /// True if a statement since the last call changed the session in a way only a read of
+    /// all of it can follow ([`ParameterChange::Unknown`](super::prepared::ParameterChange),
+    /// or more parameters than the router lists): the call clears it.
+    pub fn take_audit(&mut self) -> bool {
+        std::mem::take(&mut self.audit)
     }
 
     /// True if statements of this transaction may have given parameters new session values.
