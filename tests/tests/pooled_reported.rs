@@ -33,10 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 20] = [
+const ROLES: [&str; 21] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
-    "many",
+    "many", "stmts",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -1428,4 +1428,43 @@ fn a_client_setting_too_many_parameters_is_closed_with_54000() {
     assert_eq!(error.code, "54000", "{error:?}");
     assert!(a.next_or_end().is_none());
     assert_eq!(b.value("select current_setting('many.k1', true)"), "NULL");
+}
+
+/// Every named statement a client prepares is kept for it for its life: without a bound, one
+/// client's Parses under new names grew the router's memory without end (each up to 20 KiB).
+/// Past 2,000 statements (or 4 MiB of them) a Parse is refused with 54000, the client's
+/// transaction going on as after any error; a Close makes room again.
+#[test]
+fn a_clients_prepared_statements_are_bounded() {
+    const LIMIT: usize = 2_000;
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "stmts");
+    let mut a = f.raw(&router, "stmts", Mode::SslRequest);
+    for batch in 0..LIMIT / 500 {
+        let mut messages: Vec<Vec<u8>> = (0..500)
+            .map(|i| {
+                let n = batch * 500 + i;
+                parse(&format!("s{n}"), &format!("select {n}"), &[])
+            })
+            .collect();
+        messages.push(sync());
+        a.send(&messages);
+        let replies = a.until_ready("500 parses");
+        assert!(errors(&replies).is_empty(), "{:?}", errors(&replies));
+    }
+    a.send(&[parse("one_more", "select 'one more'", &[]), sync()]);
+    let replies = a.until_ready("a parse past the bound");
+    assert_eq!(error_codes(&replies), ["54000"], "{:?}", errors(&replies));
+    a.send(&[
+        close(b'S', "s0"),
+        parse("one_more", "select 'one more'", &[]),
+        sync(),
+    ]);
+    let replies = a.until_ready("after a close");
+    assert_eq!(tags(&replies), "3 1 Z", "{:?}", errors(&replies));
+    a.send(&[bind("", "one_more", &[]), execute("", 0), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("the statement"), "2 D C Z", "one more"),
+        ["one more"]
+    );
 }

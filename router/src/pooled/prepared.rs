@@ -54,10 +54,23 @@ impl Statement {
     }
 }
 
+/// Named statements one pooled client may have at once ([`ClientStatements::has_room`]).
+pub const MAX_CLIENT_STATEMENTS: usize = 2_000;
+/// Bytes of one pooled client's statement names and Parse messages, at most: each is kept for
+/// the client's life (a Parse is at most 20 KiB, so 2,000 of them could be 40 MiB).
+pub const MAX_CLIENT_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// What one named statement costs its client's budget.
+fn statement_cost(name: &str, statement: &Statement) -> usize {
+    name.len() + statement.parse.len()
+}
+
 /// A client's statements, by its own names.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
     named: HashMap<Box<str>, Rc<Statement>>,
+    /// Bytes of the names and Parse messages in `named`.
+    bytes: usize,
     /// The last unnamed statement (its Parse, unchanged), if it was small enough to keep.
     unnamed: Option<Rc<Statement>>,
     /// What tells apart the same text under different sessions: `search_path` and role.
@@ -105,16 +118,47 @@ impl ClientStatements {
     /// Forgets every named statement (DEALLOCATE ALL, DISCARD ALL).
     pub fn clear(&mut self) {
         self.named.clear();
+        self.bytes = 0;
     }
 
     /// Forgets `name`; true if the client had it.
     pub fn remove(&mut self, name: &str) -> bool {
-        self.named.remove(name).is_some()
+        match self.named.remove_entry(name) {
+            Some((name, statement)) => {
+                self.bytes -= statement_cost(&name, &statement);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// True if the client may have `more` more statements costing `bytes` more (names and
+    /// Parse messages): at most [`MAX_CLIENT_STATEMENTS`] and [`MAX_CLIENT_STATEMENT_BYTES`].
+    fn has_room(&self, more: usize, bytes: usize) -> bool {
+        self.named.len() + more <= MAX_CLIENT_STATEMENTS
+            && self.bytes + bytes <= MAX_CLIENT_STATEMENT_BYTES
+    }
+
+    /// Keeps `statement` under the client's `name` (not in use).
+    fn insert(&mut self, name: Box<str>, statement: Rc<Statement>) {
+        let name_len = name.len();
+        self.bytes += statement_cost(&name, &statement);
+        if let Some(old) = self.named.insert(name, statement) {
+            // Callers insert names not in use; the cost of what it replaced goes all the same.
+            self.bytes -= name_len + old.parse.len();
+        }
     }
 
     /// Undoes a Parse that failed (or that the backend skipped after an error).
     pub fn undo(&mut self, statement: &Rc<Statement>) {
-        self.named.retain(|_, s| !Rc::ptr_eq(s, statement));
+        let bytes = &mut self.bytes;
+        self.named.retain(|name, s| {
+            let keep = !Rc::ptr_eq(s, statement);
+            if !keep {
+                *bytes -= statement_cost(name, s);
+            }
+            keep
+        });
         if self
             .unnamed
             .as_ref()
@@ -334,7 +378,19 @@ impl Translator<'_> {
             return Ok(());
         }
         let statement = self.client.statement(after_name);
-        self.client.named.insert(name.into(), statement.clone());
+        if !self.client.has_room(1, statement_cost(name, &statement)) {
+            self.refuse(error(
+                SqlState::PROGRAM_LIMIT_EXCEEDED,
+                &format!(
+                    "too many prepared statements for one client of the pooled port (at most \
+                     {MAX_CLIENT_STATEMENTS}, {} MiB of statement text): close some, or use \
+                     the direct port",
+                    MAX_CLIENT_STATEMENT_BYTES / (1024 * 1024)
+                ),
+            ));
+            return Ok(());
+        }
+        self.client.insert(name.into(), statement.clone());
         if self.backend.touch(&statement.server_name) {
             self.tx.synthesize_parse_complete(Some(statement.clone()));
             // Counts as an extended-protocol message all the same.
@@ -619,6 +675,7 @@ pub fn answer_idle(
         let mut at = 0;
         let mut closes = Vec::new();
         let mut parses: Vec<(Box<str>, Rc<Statement>)> = Vec::new();
+        let mut pending_bytes = 0;
         let synced = loop {
             let Ok(Some(header)) = frame::check(&plain.data()[at..], plain.capacity()) else {
                 break false;
@@ -651,6 +708,11 @@ pub fn answer_idle(
                     if !known.contains(&statement.server_name) {
                         break false;
                     }
+                    // Past the client's budget: the backend path refuses it.
+                    pending_bytes += statement_cost(name, &statement);
+                    if !statements.has_room(parses.len() + 1, pending_bytes) {
+                        break false;
+                    }
                     parses.push((name.into(), statement));
                 }
                 _ => break false,
@@ -665,7 +727,7 @@ pub fn answer_idle(
             out.extend_from_slice(&[be::CLOSE_COMPLETE, 0, 0, 0, 4]);
         }
         for (name, statement) in parses {
-            statements.named.insert(name, statement);
+            statements.insert(name, statement);
             out.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]);
         }
         out.extend_from_slice(&[be::READY_FOR_QUERY, 0, 0, 0, 5, b'I']);
@@ -1378,6 +1440,34 @@ mod tests {
     }
 
     #[test]
+    fn a_clients_statements_are_bounded_and_their_cost_follows_removals() {
+        let mut f = Fixture::new(10);
+        let long = format!("select '{}'", "x".repeat(10_000));
+        let tries = MAX_CLIENT_STATEMENT_BYTES / 10_000 + 10;
+        for i in 0..tries {
+            f.t()
+                .parse(&parse_message(&format!("s{i}"), &format!("{long} -- {i}")))
+                .expect("well-formed");
+        }
+        assert!(
+            f.client.named.len() < tries,
+            "past the budget, a Parse is refused"
+        );
+        assert!(f.client.named.contains_key("s0"));
+        assert!(f.client.bytes <= MAX_CLIENT_STATEMENT_BYTES);
+        let total: usize = f
+            .client
+            .named
+            .iter()
+            .map(|(n, s)| statement_cost(n, s))
+            .sum();
+        assert_eq!(f.client.bytes, total);
+        assert!(f.client.remove("s0"));
+        f.client.clear();
+        assert_eq!(f.client.bytes, 0);
+    }
+
+    #[test]
     fn closes_between_transactions_are_answered_without_a_backend() {
         let mut statements = ClientStatements::new("app", None);
         let mut f = Fixture::new(10);
@@ -1385,6 +1475,7 @@ mod tests {
             .parse(&parse_message("s1", "select 1"))
             .expect("well-formed");
         statements.named = std::mem::take(&mut f.client.named);
+        statements.bytes = std::mem::take(&mut f.client.bytes);
         let mut plain = ReadBuf::new(256);
         let mut bytes = message(b'C', b"Ss1\0");
         bytes.extend_from_slice(&message(b'H', b""));
