@@ -142,6 +142,16 @@ impl PooledCancel {
         state.releasing = false;
     }
 
+    /// The router sends statements of its own ahead of the client's next ones on the held
+    /// backend (the client's parameters again, mid-transaction): cancels wait until
+    /// [`PooledCancel::set_up`] again.
+    pub fn setting_up(&self) {
+        let mut state = self.lock();
+        if state.held.is_some() && !state.releasing {
+            state.setting_up = true;
+        }
+    }
+
     /// The router's own statements ahead of the client's have been answered: a cancel may go.
     pub fn set_up(&self) {
         let mut state = self.lock();
@@ -856,6 +866,17 @@ mod tests {
         pooled.delivered();
         // The router's statements ahead: it waits for them to be answered.
         pooled.hold(addr(1), 7, 8, true);
+        assert!(pooled.claim().is_some());
+        {
+            let mut waiting = std::pin::pin!(pooled.clear_to_send());
+            assert!(waiting.as_mut().poll(&mut cx).is_pending());
+            pooled.set_up();
+            assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(true));
+        }
+        pooled.delivered();
+        // Mid-transaction, the router's statements go ahead again: the same wait.
+        pooled.hold(addr(1), 7, 8, false);
+        pooled.setting_up();
         assert!(pooled.claim().is_some());
         {
             let mut waiting = std::pin::pin!(pooled.clear_to_send());

@@ -1432,39 +1432,42 @@ fn a_client_setting_too_many_parameters_is_closed_with_54000() {
 
 /// Every named statement a client prepares is kept for it for its life: without a bound, one
 /// client's Parses under new names grew the router's memory without end (each up to 20 KiB).
-/// Past 2,000 statements (or 4 MiB of them) a Parse is refused with 54000, the client's
-/// transaction going on as after any error; a Close makes room again.
+/// Past 4 MiB of them (or 10,000) a Parse is refused with 54000, the client's transaction
+/// going on as after any error; a Close makes room again.
 #[test]
 fn a_clients_prepared_statements_are_bounded() {
-    const LIMIT: usize = 2_000;
+    const BUDGET: usize = 4 * 1024 * 1024;
+    const TEXT: usize = 19_000;
     let f = fixture();
     let router = f.router(&PoolSettings::new(1), "stmts");
     let mut a = f.raw(&router, "stmts", Mode::SslRequest);
-    for batch in 0..LIMIT / 500 {
-        let mut messages: Vec<Vec<u8>> = (0..500)
-            .map(|i| {
-                let n = batch * 500 + i;
-                parse(&format!("s{n}"), &format!("select {n}"), &[])
-            })
+    let text = |n: usize| format!("select {n} /* {} */", "x".repeat(TEXT));
+    let mut accepted = 0;
+    let refused = loop {
+        let mut messages: Vec<Vec<u8>> = (accepted..accepted + 20)
+            .map(|n| parse(&format!("s{n}"), &text(n), &[]))
             .collect();
         messages.push(sync());
         a.send(&messages);
-        let replies = a.until_ready("500 parses");
-        assert!(errors(&replies).is_empty(), "{:?}", errors(&replies));
-    }
-    a.send(&[parse("one_more", "select 'one more'", &[]), sync()]);
-    let replies = a.until_ready("a parse past the bound");
-    assert_eq!(error_codes(&replies), ["54000"], "{:?}", errors(&replies));
-    a.send(&[
-        close(b'S', "s0"),
-        parse("one_more", "select 'one more'", &[]),
-        sync(),
-    ]);
+        let replies = a.until_ready("20 parses of 19 KB");
+        accepted += replies.iter().take_while(|(tag, _)| *tag == b'1').count();
+        if let Some(error) = errors(&replies).into_iter().next() {
+            break error;
+        }
+        assert!(accepted * TEXT < 2 * BUDGET, "no bound after {accepted}");
+    };
+    assert_eq!(refused.code, "54000", "{refused:?}");
+    assert!(
+        accepted * TEXT <= BUDGET && (accepted + 1) * (TEXT + 200) > BUDGET,
+        "{accepted} statements of {TEXT} bytes"
+    );
+    let one_more = text(999_999);
+    a.send(&[close(b'S', "s0"), parse("one_more", &one_more, &[]), sync()]);
     let replies = a.until_ready("after a close");
     assert_eq!(tags(&replies), "3 1 Z", "{:?}", errors(&replies));
     a.send(&[bind("", "one_more", &[]), execute("", 0), sync()]);
     assert_eq!(
         rows(&a.until_ready("the statement"), "2 D C Z", "one more"),
-        ["one more"]
+        ["999999"]
     );
 }

@@ -64,8 +64,9 @@ pub(super) async fn transaction(
     client
         .cancel
         .hold(backend.addr, backend.pid, backend.secret, setting_up);
-    // Cancels wait while the router's statements above run ([`PooledCancel::hold`]).
-    let cancel = setting_up.then(|| client.cancel.clone());
+    // Cancels wait while the router's statements above (or a resync below) run
+    // ([`PooledCancel::hold`]).
+    let cancel = &client.cancel;
     let setting_up = Cell::new(setting_up);
     let state = RefCell::new(Linked {
         tx,
@@ -159,6 +160,8 @@ pub(super) async fn transaction(
                         .borrow_mut()
                         .sync_to(&params.borrow(), &mut sql)
                 {
+                    cancel.setting_up();
+                    setting_up.set(true);
                     state.tx.router_query();
                     write::query(&mut to_backend, &sql);
                 }
@@ -361,9 +364,7 @@ pub(super) async fn transaction(
                         );
                         if setting_up.get() && !state.tx.router_query_owed() {
                             setting_up.set(false);
-                            if let Some(cancel) = &cancel {
-                                cancel.set_up();
-                            }
+                            cancel.set_up();
                         }
                         if std::mem::take(&mut found.borrow_mut().stale_plans) {
                             backend_statements.borrow_mut().mark_stale();

@@ -55,14 +55,16 @@ impl Statement {
 }
 
 /// Named statements one pooled client may have at once ([`ClientStatements::has_room`]).
-pub const MAX_CLIENT_STATEMENTS: usize = 2_000;
-/// Bytes of one pooled client's statement names and Parse messages, at most: each is kept for
-/// the client's life (a Parse is at most 20 KiB, so 2,000 of them could be 40 MiB).
+pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
+/// Bytes one pooled client's named statements may take, at most: each is kept for the
+/// client's life (a Parse is at most 20 KiB, so 10,000 of them could be 200 MiB).
 pub const MAX_CLIENT_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
 
-/// What one named statement costs its client's budget.
+/// What one named statement costs its client's budget: its name and Parse message, and about
+/// what the map entry and the shared statement take besides.
 fn statement_cost(name: &str, statement: &Statement) -> usize {
-    name.len() + statement.parse.len()
+    const OVERHEAD: usize = 96;
+    name.len() + statement.parse.len() + OVERHEAD
 }
 
 /// A client's statements, by its own names.
