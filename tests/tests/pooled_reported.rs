@@ -1010,6 +1010,19 @@ fn cursors_listens_and_temporary_tables_do_not_outlive_their_transaction() {
         ["42P01"],
         "a's temporary table is gone"
     );
+    // A temporary view shadows a table of the same name for whoever holds the backend (the
+    // session's temporary schema is searched first): it goes too.
+    let replies = a.simple("create temp view pg_am as select 'a''s view'::text as amname");
+    assert_eq!(error_codes(&replies), [] as [&str; 0]);
+    assert_eq!(pid_of(&mut b), pid);
+    assert_eq!(
+        b.value("select amname::text from pg_am order by amname limit 1"),
+        "brin",
+        "b reads the catalog, not a's view"
+    );
+    let replies = a.simple("create temp sequence a_seq");
+    assert_eq!(error_codes(&replies), [] as [&str; 0]);
+    assert_eq!(error_codes(&b.simple("select nextval('a_seq')")), ["42P01"]);
     // Inside one transaction, all three work.
     let replies = a.simple(
         "begin; create temp table t (v int); insert into t values (1); \

@@ -825,12 +825,20 @@ struct Findings {
 
 /// True for the CommandComplete of a statement that may leave state in the backend's session
 /// past its transaction, for whichever client the backend serves next: a cursor (`DECLARE
-/// ... WITH HOLD`), `LISTEN`, a table (`CREATE TEMP TABLE`). pg_doorman #20 had the next
-/// client find a WITH HOLD cursor; PgBouncer leaves all of them.
+/// ... WITH HOLD`), `LISTEN`, a temporary table, view, sequence or function. pg_doorman #20
+/// had the next client find a WITH HOLD cursor; PgBouncer leaves all of them.
 fn leaves_session_state(body: &[u8]) -> bool {
-    body.starts_with(b"DECLARE CURSOR")
-        || body.starts_with(b"LISTEN")
-        || body.starts_with(b"CREATE TABLE")
+    const TAGS: [&[u8]; 6] = [
+        b"DECLARE CURSOR",
+        b"LISTEN",
+        b"CREATE TABLE",
+        // Temporary ones shadow any other of their name for the backend's next client: the
+        // session's temporary schema is searched first, before pg_catalog.
+        b"CREATE VIEW",
+        b"CREATE SEQUENCE",
+        b"CREATE FUNCTION",
+    ];
+    TAGS.iter().any(|tag| body.starts_with(tag))
 }
 
 /// True for PostgreSQL's error for a prepared statement whose result type a DDL changed: the
