@@ -33,10 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 21] = [
+const ROLES: [&str; 22] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
-    "many", "stmts",
+    "many", "stmts", "locker",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -1483,4 +1483,39 @@ fn a_clients_prepared_statements_are_bounded() {
         rows(&a.until_ready("the statement"), "2 D C Z", "one more"),
         ["999999"]
     );
+}
+
+/// PgBouncer's documented gap, and ours until now: a session-level advisory lock
+/// (`pg_advisory_lock`) taken on 6432 stayed held by the backend after its transaction, for
+/// clients that never took it, and its own client could not count on getting that backend
+/// back to unlock it: other sessions waited for it for ever. It is now released before the
+/// backend is lent again (`pg_advisory_unlock_all`), in both protocols, also when the
+/// statement was prepared in an earlier transaction: it lasts for its transaction, as
+/// `pg_advisory_xact_lock` does.
+#[test]
+fn a_session_advisory_lock_is_released_with_its_transaction() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "locker");
+    let mut a = f.raw(&router, "locker", Mode::SslRequest);
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    let mut try_lock = |key: u32| -> String {
+        let replies = straight.run(&format!("select pg_try_advisory_lock({key})::text"));
+        let got = first_column(&replies);
+        straight.run("select pg_advisory_unlock_all()");
+        got.into_iter().next().expect("a row")
+    };
+    assert_eq!(a.value("select pg_advisory_lock(4242)::text"), "");
+    assert_eq!(try_lock(4242), "true", "a's lock went with its transaction");
+
+    a.send(&[
+        parse("lk", "select pg_try_advisory_lock($1::bigint)::text", &[]),
+        sync(),
+    ]);
+    assert_eq!(tags(&a.until_ready("parse")), "1 Z");
+    a.send(&[bind("", "lk", &[Some("4343")]), execute("", 0), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("the lock"), "2 D C Z", "the lock"),
+        ["true"]
+    );
+    assert_eq!(try_lock(4343), "true", "the prepared statement's lock too");
 }

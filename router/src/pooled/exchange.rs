@@ -423,6 +423,7 @@ pub(super) async fn transaction(
         && !state.borrow().tx.has_sets()
         && !state.borrow().tx.audit_owed()
         && !found.borrow().residue
+        && !state.borrow().tx.session_lock_owed()
         && !writing.get()
         && !reading.get();
     let end = match step {
@@ -431,9 +432,9 @@ pub(super) async fn transaction(
             return Ok(Over {
                 sets: state.tx.take_sets(),
                 audit: state.tx.take_audit(),
+                residue: found.borrow().residue || state.tx.take_session_lock(),
                 overflow: state.tx.take_overflow(),
                 resync: found.borrow().resync,
-                residue: found.borrow().residue,
             });
         }
         Step::ClientGone => End::ClientClosed,
@@ -670,6 +671,9 @@ fn client_messages(
                     translator
                         .tx
                         .parameter_change(prepared::ParameterChange::Unknown);
+                    translator
+                        .tx
+                        .parameter_change(prepared::ParameterChange::SessionLock);
                     translator.simple_query_starts();
                     translator.tx.client(fe::QUERY, 0);
                     out.extend_from_slice(message);

@@ -89,8 +89,10 @@ pub use branches::{BranchClients, BranchEntry, BranchFigures, BranchSlot};
 pub use maintenance::{close_pools, maintain, maintain_once, MAINTENANCE_INTERVAL};
 
 /// What a transaction's statements left in its backend's session (`exchange::Over::residue`)
-/// goes with this before the backend is lent again: cursors, `LISTEN`s, temporary tables.
-const SESSION_RESIDUE_CLEANUP: &str = "CLOSE ALL;UNLISTEN *;DISCARD TEMP;";
+/// goes with this before the backend is lent again: cursors, `LISTEN`s, temporary objects,
+/// session-level advisory locks.
+const SESSION_RESIDUE_CLEANUP: &str =
+    "CLOSE ALL;UNLISTEN *;DISCARD TEMP;SELECT pg_catalog.pg_advisory_unlock_all();";
 
 /// How long a release waits for a cancel on its way to the backend to be delivered (so it
 /// cannot reach the backend's next client); past it the backend is closed instead.

@@ -414,8 +414,10 @@ impl Translator<'_> {
     pub fn long_parse(&mut self, piece: &[u8]) -> bool {
         let unnamed = piece.get(HEADER_BYTES) == Some(&0);
         if unnamed || !self.enabled() {
-            // Too long to read: what it did to the session is read back.
+            // Too long to read: what it did to the session is read back, and any lock it
+            // took released.
             self.tx.parameter_change(ParameterChange::Unknown);
+            self.tx.parameter_change(ParameterChange::SessionLock);
             self.client.unnamed = None;
             self.transient.unnamed_here = true;
             self.out.extend_from_slice(piece);
@@ -917,9 +919,7 @@ fn query_facts(text: &[u8]) -> QueryFacts {
         // has its name: what it did is read back.
         facts.changes.push(ParameterChange::Unknown);
     }
-    if mentions_settings(text.as_bytes()) {
-        facts.changes.push(ParameterChange::Unknown);
-    }
+    mentioned_changes(text.as_bytes(), |change| facts.changes.push(change));
     facts
 }
 
@@ -942,27 +942,74 @@ pub enum ParameterChange {
     /// to read. The backend's whole session is read back before it is lent again
     /// ([`readback::session_audit`](super::readback::session_audit)).
     Unknown,
+    /// A session-level advisory lock may have been taken (`pg_advisory_lock`,
+    /// `pg_try_advisory_lock`, their `_shared` forms): it would stay held by the backend for
+    /// clients that never took it, so it is released before the backend is lent again.
+    SessionLock,
 }
 
-/// True if `text` names `set_config` or `pg_settings` (any case): a statement that may change
-/// settings without `SET`.
-fn mentions_settings(text: &[u8]) -> bool {
-    const NAMES: [&[u8]; 2] = [b"set_config", b"pg_settings"];
-    let word = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
-    // Both have an underscore at a known place: look there only.
-    memchr::memchr_iter(b'_', text).any(|at| {
-        NAMES.iter().any(|name| {
-            let before = if name[2] == b'_' { 2 } else { 3 };
-            let Some(start) = at.checked_sub(before) else {
+/// What a statement's text names that the router follows without reading the statement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Mentions {
+    /// `set_config` or `pg_settings`: settings may change without `SET`.
+    settings: bool,
+    /// A session-level advisory lock function.
+    session_lock: bool,
+}
+
+/// Scans `text` (any case) for the names [`Mentions`] lists. Every one has an underscore at a
+/// known place: only the bytes around each underscore are looked at.
+fn mentions(text: &[u8]) -> Mentions {
+    const SETTINGS: [(&[u8], usize); 2] = [(b"set_config", 3), (b"pg_settings", 2)];
+    let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
+    let is_at = |start: usize, name: &[u8]| {
+        text.get(start..start + name.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(name))
+    };
+    // A whole identifier `name` with its first underscore at `at`.
+    let word_at = |at: usize, (name, before): (&[u8], usize)| {
+        at.checked_sub(before).is_some_and(|start| {
+            is_at(start, name)
+                && !ident(start.checked_sub(1).and_then(|i| text.get(i)))
+                && !ident(text.get(start + name.len()))
+        })
+    };
+    // `pg_advisory_lock`, `pg_try_advisory_lock` and their `_shared` forms, with the
+    // underscore before `lock` at `at`; not `pg_advisory_xact_lock` (over with its
+    // transaction) or `pg_advisory_unlock`.
+    let session_lock_at = |at: usize| {
+        ["pg_advisory", "pg_try_advisory"].iter().any(|prefix| {
+            let prefix = prefix.as_bytes();
+            let Some(start) = at.checked_sub(prefix.len()) else {
                 return false;
             };
-            let end = start + name.len();
-            text.get(start..end)
-                .is_some_and(|w| w.eq_ignore_ascii_case(name))
-                && !word(start.checked_sub(1).and_then(|i| text.get(i)))
-                && !word(text.get(end))
+            let end = at + b"_lock".len();
+            is_at(start, prefix)
+                && is_at(at, b"_lock")
+                && !ident(start.checked_sub(1).and_then(|i| text.get(i)))
+                && (!ident(text.get(end)) || is_at(end, b"_shared"))
         })
-    })
+    };
+    let mut seen = Mentions::default();
+    for at in memchr::memchr_iter(b'_', text) {
+        seen.settings |= SETTINGS.iter().any(|&name| word_at(at, name));
+        seen.session_lock |= session_lock_at(at);
+        if seen.settings && seen.session_lock {
+            break;
+        }
+    }
+    seen
+}
+
+/// The changes [`mentions`] stands for.
+fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
+    let seen = mentions(text);
+    if seen.settings {
+        f(ParameterChange::Unknown);
+    }
+    if seen.session_lock {
+        f(ParameterChange::SessionLock);
+    }
 }
 
 /// The parameter change a statement makes, if it makes one (see [`ParameterChange`]).
@@ -1113,9 +1160,7 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
 pub fn parse_parameter_changes(body_after_name: &[u8], mut f: impl FnMut(ParameterChange)) {
     let end = memchr::memchr(0, body_after_name).unwrap_or(body_after_name.len());
     let text = &body_after_name[..end];
-    if mentions_settings(text) {
-        f(ParameterChange::Unknown);
-    }
+    mentioned_changes(text, &mut f);
     let Some(&first) = text
         .iter()
         .find(|b| !(b.is_ascii_whitespace() || **b == 0x0b))
@@ -1644,6 +1689,24 @@ mod tests {
             );
         }
         assert!(facts("DEALLOCATE x").changes.is_empty());
+        for locking in [
+            "select pg_advisory_lock(1)",
+            "SELECT PG_TRY_ADVISORY_LOCK(1, 2)",
+            "select pg_catalog.pg_advisory_lock_shared($1)",
+        ] {
+            assert_eq!(
+                facts(locking).changes,
+                [ParameterChange::SessionLock],
+                "{locking}"
+            );
+        }
+        for not_locking in [
+            "select pg_advisory_xact_lock(1)",
+            "select pg_advisory_unlock(1)",
+            "select my_advisory_lock_table from t",
+        ] {
+            assert!(facts(not_locking).changes.is_empty(), "{not_locking}");
+        }
         for not in [
             "SET LOCAL ROLE bob",
             "SET LOCAL SESSION AUTHORIZATION bob",

@@ -201,6 +201,8 @@ pub struct Transaction {
     audit: bool,
     /// More parameters named than listed ([`Transaction::take_overflow`]).
     overflow: bool,
+    /// A session-level advisory lock may have been taken ([`Transaction::take_session_lock`]).
+    session_lock: bool,
     /// Parameters a statement sent since the backend was last idle may have sent back to the
     /// session default (`RESET name`), lower case, at most [`MAX_RESETS`].
     resets: Vec<Box<str>>,
@@ -229,6 +231,7 @@ impl Default for Transaction {
             reset_done: false,
             audit: false,
             overflow: false,
+            session_lock: false,
             resets: Vec::new(),
             sets: Vec::new(),
             undo: Vec::new(),
@@ -707,6 +710,7 @@ impl Transaction {
                 }
             }
             ParameterChange::Unknown => self.audit = true,
+            ParameterChange::SessionLock => self.session_lock = true,
         }
     }
 
@@ -714,6 +718,17 @@ impl Transaction {
     /// have: the router cannot follow them all (the backend is closed, and the client).
     pub fn take_overflow(&mut self) -> bool {
         std::mem::take(&mut self.overflow)
+    }
+
+    /// True if a statement may have taken a session-level advisory lock: released before the
+    /// backend is lent again. The call clears it.
+    pub fn take_session_lock(&mut self) -> bool {
+        std::mem::take(&mut self.session_lock)
+    }
+
+    /// As [`Transaction::take_session_lock`], without clearing it.
+    pub fn session_lock_owed(&self) -> bool {
+        self.session_lock
     }
 
     /// True if the session is to be read whole before the backend is lent again.
