@@ -133,7 +133,8 @@ pub(super) async fn session_audit(
                 audit.settings.clear();
                 counts = None;
             }
-            be::DATA_ROW => {
+            // Rows of another width are the router's own statements' before it.
+            be::DATA_ROW if body.get(..2) == Some(&[0, 2]) => {
                 let mut row = data_row(body, 2)?.into_iter();
                 let (Some(Some(name)), Some(value)) = (row.next(), row.next()) else {
                     return Err(ReadBackError::Protocol("session audit row"));
