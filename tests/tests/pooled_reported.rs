@@ -1316,6 +1316,36 @@ fn session_changes_the_router_cannot_name_stay_with_their_client() {
     );
     assert_eq!(b.value("show statement_timeout"), "0");
     assert_eq!(a.value("show statement_timeout"), "1234ms");
+    // A custom parameter, which pg_settings does not list: read by the name in the call.
+    ok(&mut a, "select set_config('app.tenant', '42', false)");
+    assert_ne!(b.value("select current_setting('app.tenant', true)"), "42");
+    assert_eq!(a.value("select current_setting('app.tenant', true)"), "42");
+
+    // An unnamed statement parsed in one transaction and run in the next.
+    a.send(&[parse("", "SET ROLE audit_other", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("parse")), "1 Z");
+    a.send(&[bind("", "", &[]), execute("", 0), sync()]);
+    assert_eq!(tags(&a.until_ready("run")), "2 C Z");
+    assert_eq!(b.value("select current_user"), "audit");
+    assert_eq!(a.value("select current_user"), "audit_other");
+    // `SET TRANSACTION` leaves `transaction_*` with a session source: not taken for the
+    // client's (no set_config takes them back, and the failure would undo the client's role
+    // on its next backend).
+    ok_in_block(&mut a, "BEGIN");
+    ok_in_block(&mut a, "SET TRANSACTION READ WRITE, NOT DEFERRABLE");
+    ok(&mut a, "COMMIT");
+    let pid = pid_of(&mut a);
+    assert_eq!(
+        f.pg.psql_admin(&format!("SELECT pg_terminate_backend({pid})")),
+        "t"
+    );
+    f.wait_gone(pid);
+    assert_eq!(
+        a.value("select current_user"),
+        "audit_other",
+        "on a new backend"
+    );
+    ok(&mut a, "RESET ROLE");
 
     let many: String = (1..=16)
         .map(|i| format!("SET audit.k{i} = '{i}'; "))
@@ -1527,4 +1557,31 @@ fn a_session_advisory_lock_is_released_with_its_transaction() {
         ["true"]
     );
     assert!(released(4343), "the prepared statement's lock too");
+}
+
+/// The diesel/libpq pattern with a statement too long for the router to keep (over 20 KiB, a
+/// bulk insert with thousands of parameters): the unnamed Parse and its Sync, then Bind,
+/// Execute and Sync. With the unnamed statement each client's own, the Bind found none and
+/// got 26000; the backend the long statement lives on is now held for the client until it
+/// binds it, then goes back.
+#[test]
+fn a_long_unnamed_statement_is_bound_in_the_next_batch() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "unnamed");
+    let mut a = f.raw(&router, "unnamed", Mode::SslRequest);
+    let mut b = f.raw(&router, "unnamed", Mode::Direct);
+    let sql = format!("select 'long' /* {} */", "x".repeat(25 * 1024));
+    a.send(&[parse("", &sql, &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("the long parse")), "1 Z");
+    a.send(&[bind("", "", &[]), execute("", 0), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("bound in the next batch"), "2 D C Z", "long"),
+        ["long"]
+    );
+    // The backend went back: the other client gets it.
+    b.send(&[query("select 'b'")]);
+    assert_eq!(
+        rows(&ready_within(&mut b, QUICK, "b"), "T D C Z", "b"),
+        ["b"]
+    );
 }

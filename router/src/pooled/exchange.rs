@@ -434,6 +434,7 @@ pub(super) async fn transaction(
                 audit: state.tx.take_audit(),
                 residue: found.borrow().residue || state.tx.take_session_lock(),
                 overflow: state.tx.take_overflow(),
+                untraceable: state.tx.take_untraceable(),
                 resync: found.borrow().resync,
             });
         }
@@ -476,6 +477,9 @@ pub(super) struct Over {
     pub(super) audit: bool,
     /// Its statements named more parameters than one client may have.
     pub(super) overflow: bool,
+    /// Its statements changed a parameter the router cannot name: the backend is closed
+    /// after the session read.
+    pub(super) untraceable: bool,
 }
 
 /// Why a transaction ended other than with the backend released.

@@ -329,7 +329,7 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
                 ));
                 match reading.await {
                     Ok(audit) => {
-                        if audited(client, &mut backend, &audit) {
+                        if audited(client, &mut backend, &audit) && !over.untraceable {
                             pool.release(&ctx, backend);
                         } else {
                             pool.discard(backend);
@@ -431,6 +431,10 @@ fn audited(
         .collect();
     client.params.audited(&unreported);
     backend.params.audited(&unreported);
+    if client.pool.settings().max_prepared_statements == 0 {
+        // Statements pass through untouched: the router keeps no record to check.
+        return true;
+    }
     let recorded = backend.statements.len() as u64;
     if audit.sql_statements == 0 && audit.protocol_statements == recorded {
         return true;

@@ -234,9 +234,20 @@ impl ClientParams {
     pub fn audited(&mut self, settings: &[(&str, &str)]) {
         let mut unreported = Params::default();
         for (name, value) in settings {
+            // No role is the default: kept only against a role the client started with.
+            if name.eq_ignore_ascii_case("role")
+                && value.eq_ignore_ascii_case("none")
+                && self.startup.get("role").is_none()
+            {
+                continue;
+            }
             unreported.set(name, value);
         }
+        let read: Vec<&str> = settings.iter().map(|(name, _)| *name).collect();
         for (name, value) in self.startup.iter() {
+            if read.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+                continue;
+            }
             if self.base.get(name).is_none() && unreported.get(name).is_none() {
                 unreported.set(name, value);
             }
@@ -372,7 +383,10 @@ impl BackendParams {
     pub fn audited(&mut self, settings: &[(&str, &str)]) {
         let mut unreported = Params::default();
         for (name, value) in settings {
-            unreported.set(name, value);
+            // No role is where a backend starts.
+            if !(name.eq_ignore_ascii_case("role") && value.eq_ignore_ascii_case("none")) {
+                unreported.set(name, value);
+            }
         }
         self.unreported = unreported;
         self.given = None;
@@ -405,6 +419,11 @@ impl BackendParams {
                 push_set(sql, name, value);
                 // The backend's ParameterStatus will say the same; until then, assume it.
                 self.reported.set(name, value);
+                if name.eq_ignore_ascii_case("session_authorization") {
+                    // Setting it sets the role back to none (PostgreSQL's
+                    // SetSessionAuthorization): the client's role is given again below.
+                    self.unreported.remove("role");
+                }
             }
         }
         for (name, value) in client.unreported.iter() {

@@ -368,6 +368,7 @@ impl Translator<'_> {
             });
             self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
+            self.tx.hold_for_unnamed(false);
             self.out.extend_from_slice(message);
             self.tx.client_parse(name.is_empty().then_some(statement));
             return Ok(());
@@ -418,6 +419,9 @@ impl Translator<'_> {
             // took released.
             self.tx.parameter_change(ParameterChange::Unknown);
             self.tx.parameter_change(ParameterChange::SessionLock);
+            // Too long to keep for another backend: this one is held until the client binds
+            // it (a driver's Parse+Sync, then Bind+Execute+Sync), replaces or drops it.
+            self.tx.hold_for_unnamed(unnamed);
             self.client.unnamed = None;
             self.transient.unnamed_here = true;
             self.out.extend_from_slice(piece);
@@ -438,10 +442,15 @@ impl Translator<'_> {
     /// holds is another client's.
     fn resolve_unnamed(&mut self) -> bool {
         if self.transient.unnamed_here {
+            // Bound: a backend held for it (a long one) may go back after this batch.
+            self.tx.hold_for_unnamed(false);
             return true;
         }
         match self.client.unnamed.clone() {
             Some(unnamed) => {
+                // Parsed in an earlier transaction, run in this one: what it changes is
+                // followed now.
+                unnamed.parameter_changes(|change| self.tx.parameter_change(change));
                 self.out.extend_from_slice(&unnamed.parse);
                 self.tx.router_parse(None);
                 self.transient.unnamed_here = true;
@@ -463,6 +472,7 @@ impl Translator<'_> {
         if self.enabled() {
             self.client.unnamed = None;
             self.transient.unnamed_here = false;
+            self.tx.hold_for_unnamed(false);
         }
     }
 
@@ -559,6 +569,7 @@ impl Translator<'_> {
             if kind == b'S' && name.is_empty() {
                 // Closed on the backend it holds (if there), and not parsed again later.
                 self.client.unnamed = None;
+                self.tx.hold_for_unnamed(false);
             }
             self.out.extend_from_slice(message);
             self.tx.client(fe::CLOSE, kind);
@@ -946,6 +957,9 @@ pub enum ParameterChange {
     /// `pg_try_advisory_lock`, their `_shared` forms): it would stay held by the backend for
     /// clients that never took it, so it is released before the backend is lent again.
     SessionLock,
+    /// A change of a parameter whose name the text does not give (`set_config($1, ...)`): the
+    /// backend is closed after the session read, as no read can find every custom parameter.
+    Untraceable,
 }
 
 /// What a statement's text names that the router follows without reading the statement.
@@ -1001,14 +1015,78 @@ fn mentions(text: &[u8]) -> Mentions {
     seen
 }
 
-/// The changes [`mentions`] stands for.
+/// The changes [`mentions`] stands for. A `set_config('name', ...)` names its parameter,
+/// which is read back by name (custom ones, `app.x`, are not in `pg_settings`); one whose name
+/// is not a plain literal cannot be followed: its backend is closed after the session read.
 fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
     let seen = mentions(text);
     if seen.settings {
         f(ParameterChange::Unknown);
+        for name in set_config_names(text) {
+            match name {
+                Some(name) => f(ParameterChange::Set(name)),
+                None => f(ParameterChange::Untraceable),
+            }
+        }
     }
     if seen.session_lock {
         f(ParameterChange::SessionLock);
+    }
+}
+
+/// The first argument of each `set_config(` call in `text`, if it is a plain string literal
+/// (`'app.x'`); `None` for one that is not (a parameter, an expression).
+fn set_config_names(text: &[u8]) -> Vec<Option<String>> {
+    let mut names = Vec::new();
+    let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
+    for at in memchr::memchr_iter(b'_', text) {
+        let Some(start) = at.checked_sub(3) else {
+            continue;
+        };
+        let end = start + b"set_config".len();
+        let is_call = text
+            .get(start..end)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"set_config"))
+            && !ident(start.checked_sub(1).and_then(|i| text.get(i)))
+            && !ident(text.get(end));
+        if !is_call {
+            continue;
+        }
+        let skip_space = |mut i: usize| {
+            while text.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+                i += 1;
+            }
+            i
+        };
+        let open = skip_space(end);
+        if text.get(open) != Some(&b'(') {
+            continue;
+        }
+        let quote = skip_space(open + 1);
+        names.push(literal_at(text, quote).map(|name| name.to_ascii_lowercase()));
+    }
+    names
+}
+
+/// The standard string literal starting at `at` (`'...'`, `''` for a quote), if there is one.
+fn literal_at(text: &[u8], at: usize) -> Option<String> {
+    if text.get(at) != Some(&b'\'') {
+        return None;
+    }
+    let mut value = Vec::new();
+    let mut i = at + 1;
+    loop {
+        match text.get(i)? {
+            b'\'' if text.get(i + 1) == Some(&b'\'') => {
+                value.push(b'\'');
+                i += 2;
+            }
+            b'\'' => return String::from_utf8(value).ok(),
+            b => {
+                value.push(*b);
+                i += 1;
+            }
+        }
     }
 }
 
@@ -1140,6 +1218,8 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
         [name, to, _, ..] if is(to, "to") || *to == "=" => {
             // `seed` reads back as `unavailable`, which no SET takes: not followed (it only
             // starts random()'s sequence, which no other backend would continue anyway).
+            // Nor the `transaction_*` ones: a transaction's own, which no `set_config` takes
+            // back outside a transaction's start.
             let not = [
                 "role",
                 "session",
@@ -1148,6 +1228,9 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                 "time",
                 "names",
                 "seed",
+                "transaction_isolation",
+                "transaction_read_only",
+                "transaction_deferrable",
             ];
             (!not.iter().any(|n| is(name, n))).then(|| ParameterChange::Set(unquote(name)))
         }
@@ -1683,12 +1766,21 @@ mod tests {
             "deallocate x; select 1",
         ] {
             assert_eq!(
-                facts(unknown).changes,
-                [ParameterChange::Unknown],
+                facts(unknown).changes.first(),
+                Some(&ParameterChange::Unknown),
                 "{unknown}"
             );
         }
         assert!(facts("DEALLOCATE x").changes.is_empty());
+        assert_eq!(
+            facts("select set_config('App.Tenant', '42', false), SET_CONFIG ( 'it''s', 'x', true)")
+                .changes,
+            [ParameterChange::Unknown, set("app.tenant"), set("it's")]
+        );
+        assert_eq!(
+            facts("select set_config($1, $2, false)").changes,
+            [ParameterChange::Unknown, ParameterChange::Untraceable]
+        );
         for locking in [
             "select pg_advisory_lock(1)",
             "SELECT PG_TRY_ADVISORY_LOCK(1, 2)",
@@ -1741,7 +1833,7 @@ mod tests {
         ] {
             let mut parsed = Vec::new();
             parse_parameter_changes(text, |c| parsed.push(c));
-            assert_eq!(parsed, [ParameterChange::Unknown], "{text:?}");
+            assert_eq!(parsed.first(), Some(&ParameterChange::Unknown), "{text:?}");
         }
         assert!(facts("PREPARE p AS select 1").prepare);
         assert!(facts("select 'first'; PREPARE p3 AS select 3").prepare);

@@ -94,10 +94,16 @@ const MAX_AUDITED_SETTINGS: usize = 1024;
 
 /// The session audit's statement: one row per setting, then (named '') the prepared
 /// statements' counts, SQL-level and protocol-level.
+///
+/// `transaction_isolation`, `transaction_read_only` and `transaction_deferrable` keep the
+/// source `session` after a `SET TRANSACTION` has ended with its transaction, and no
+/// `set_config` takes them back outside a transaction's start (25001, which would fail the
+/// whole of the router's setup statement on the next backend): they are not read. The role
+/// is always read (`none` too: a client that started with one may have set it back).
 const SESSION_AUDIT: &str = "SELECT s.name, pg_catalog.current_setting(s.name) \
-     FROM pg_catalog.pg_settings s WHERE s.source = 'session' \
+     FROM pg_catalog.pg_settings s WHERE s.source = 'session' AND s.name NOT IN \
+     ('transaction_isolation', 'transaction_read_only', 'transaction_deferrable') \
      UNION ALL SELECT 'role', pg_catalog.current_setting('role') \
-     WHERE pg_catalog.current_setting('role') <> 'none' \
      UNION ALL SELECT '', (SELECT pg_catalog.count(*) FILTER (WHERE from_sql) || ' ' || \
      pg_catalog.count(*) FILTER (WHERE NOT from_sql) FROM pg_catalog.pg_prepared_statements)";
 
@@ -115,7 +121,10 @@ pub(super) async fn session_audit(
 ) -> Result<SessionAudit, ReadBackError> {
     let mut sql = String::from(first);
     sql.push_str(SESSION_AUDIT);
-    for name in names {
+    // By name only the custom ones (`app.x`, with a dot), which pg_settings does not list;
+    // the rest are in its rows above, and `current_setting` of a superuser-only one would
+    // fail the whole read (a client could have every backend it uses closed that way).
+    for name in names.iter().filter(|name| name.contains('.')) {
         sql.push_str(" UNION ALL SELECT ");
         params::push_literal(&mut sql, name);
         sql.push_str(", pg_catalog.current_setting(");

@@ -203,6 +203,10 @@ pub struct Transaction {
     overflow: bool,
     /// A session-level advisory lock may have been taken ([`Transaction::take_session_lock`]).
     session_lock: bool,
+    /// A parameter the router cannot name was changed ([`Transaction::take_untraceable`]).
+    untraceable: bool,
+    /// See [`Transaction::hold_for_unnamed`].
+    held_for_unnamed: bool,
     /// Parameters a statement sent since the backend was last idle may have sent back to the
     /// session default (`RESET name`), lower case, at most [`MAX_RESETS`].
     resets: Vec<Box<str>>,
@@ -232,6 +236,8 @@ impl Default for Transaction {
             audit: false,
             overflow: false,
             session_lock: false,
+            untraceable: false,
+            held_for_unnamed: false,
             resets: Vec::new(),
             sets: Vec::new(),
             undo: Vec::new(),
@@ -243,7 +249,20 @@ impl Transaction {
     /// True when the backend can go back to the pool: nothing owed, no transaction open, no
     /// COPY, no extended-protocol batch waiting for its Sync.
     pub fn releasable(&self) -> bool {
-        self.queue.is_empty() && self.status == b'I' && self.copy == Copy::None && !self.unsynced
+        self.queue.is_empty()
+            && self.status == b'I'
+            && self.copy == Copy::None
+            && !self.unsynced
+            && !self.held_for_unnamed
+    }
+
+    /// Holds the backend past the batch's Sync while `hold` (the client's unnamed statement
+    /// lives only there: one too long for the router to keep, [`Translator::long_parse`]),
+    /// until the client binds it, replaces it or drops it.
+    ///
+    /// [`Translator::long_parse`]: super::prepared::Translator::long_parse
+    pub fn hold_for_unnamed(&mut self, hold: bool) {
+        self.held_for_unnamed = hold;
     }
 
     /// True while the backend is inside a transaction block (the last ReadyForQuery said `T`
@@ -711,6 +730,10 @@ impl Transaction {
             }
             ParameterChange::Unknown => self.audit = true,
             ParameterChange::SessionLock => self.session_lock = true,
+            ParameterChange::Untraceable => {
+                self.audit = true;
+                self.untraceable = true;
+            }
         }
     }
 
@@ -718,6 +741,13 @@ impl Transaction {
     /// have: the router cannot follow them all (the backend is closed, and the client).
     pub fn take_overflow(&mut self) -> bool {
         std::mem::take(&mut self.overflow)
+    }
+
+    /// True if a statement changed a parameter the router cannot name
+    /// ([`ParameterChange::Untraceable`](super::prepared::ParameterChange)): the backend is
+    /// closed after the session read. The call clears it.
+    pub fn take_untraceable(&mut self) -> bool {
+        std::mem::take(&mut self.untraceable)
     }
 
     /// True if a statement may have taken a session-level advisory lock: released before the
