@@ -143,12 +143,13 @@ impl ClientStatements {
 
     /// Keeps `statement` under the client's `name` (not in use).
     fn insert(&mut self, name: Box<str>, statement: Rc<Statement>) {
-        let name_len = name.len();
-        self.bytes += statement_cost(&name, &statement);
-        if let Some(old) = self.named.insert(name, statement) {
+        let cost = statement_cost(&name, &statement);
+        let old_cost = |old: &Rc<Statement>| cost - statement.parse.len() + old.parse.len();
+        if let Some(old) = self.named.insert(name, statement.clone()) {
             // Callers insert names not in use; the cost of what it replaced goes all the same.
-            self.bytes -= name_len + old.parse.len();
+            self.bytes -= old_cost(&old);
         }
+        self.bytes += cost;
     }
 
     /// Undoes a Parse that failed (or that the backend skipped after an error).
