@@ -301,51 +301,11 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
                 .collect();
             if unreported.is_empty() && !over.residue && !over.audit {
                 pool.release(&ctx, backend);
-            } else if over.audit {
-                // By name too: the client's and the backend's custom parameters (`app.x`),
-                // which `pg_settings` does not list.
-                let mut names = unreported;
-                for name in client
-                    .params
-                    .unreported_names()
-                    .chain(backend.params.unreported_names())
-                {
-                    if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-                        names.push(name.into());
-                    }
-                }
-                let mut sql = String::new();
-                if over.residue {
-                    sql.push_str(SESSION_RESIDUE_CLEANUP);
-                }
-                if over.resync {
-                    backend.params.sync_to(&client.params, &mut sql);
-                }
-                let reading = Box::pin(readback::session_audit(
-                    &mut backend,
-                    &names,
-                    &sql,
-                    &worker.buffers,
-                ));
-                match reading.await {
-                    Ok(audit) => {
-                        if audited(client, &mut backend, &audit) && !over.untraceable {
-                            pool.release(&ctx, backend);
-                        } else {
-                            pool.discard(backend);
-                        }
-                    }
-                    Err(error) => {
-                        if let Some(suppressed) = BACKEND_FAILED.allow() {
-                            tracing::warn!(%error, suppressed, "reading back a client's session failed");
-                        }
-                        pool.discard(backend);
-                    }
-                }
             } else {
-                // Cursors, LISTENs and temporary tables the transaction left go; a `RESET
-                // name` outside a block left the backend at the pool's default: the client's
-                // value goes first. In the same round trip.
+                // Cursors, LISTENs, temporary objects and session locks the transaction left
+                // go; a `RESET name` outside a block left the backend at the pool's default:
+                // the client's value goes first. Then what the client set is read back. In
+                // one round trip.
                 let mut sql = String::new();
                 if over.residue {
                     sql.push_str(SESSION_RESIDUE_CLEANUP);
@@ -353,20 +313,46 @@ async fn run_transaction(worker: &Rc<Worker>, client: &mut Client) -> Option<End
                 if over.resync {
                     backend.params.sync_to(&client.params, &mut sql);
                 }
-                let reading = Box::pin(readback::current_settings(
-                    &mut backend,
-                    &unreported,
-                    &sql,
-                    &worker.buffers,
-                ));
-                match reading.await {
-                    Ok(values) => {
+                let read = if over.audit {
+                    // By name too: the client's and the backend's custom parameters
+                    // (`app.x`), which `pg_settings` does not list.
+                    let mut names = unreported;
+                    for name in client
+                        .params
+                        .unreported_names()
+                        .chain(backend.params.unreported_names())
+                    {
+                        if !names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                            names.push(name.into());
+                        }
+                    }
+                    Box::pin(readback::session_audit(
+                        &mut backend,
+                        &names,
+                        &sql,
+                        &worker.buffers,
+                    ))
+                    .await
+                    .map(|audit| audited(client, &mut backend, &audit) && !over.untraceable)
+                } else {
+                    Box::pin(readback::current_settings(
+                        &mut backend,
+                        &unreported,
+                        &sql,
+                        &worker.buffers,
+                    ))
+                    .await
+                    .map(|values| {
                         for (name, value) in unreported.iter().zip(&values) {
                             client.params.set_unreported(name, value.as_deref());
                             backend.params.set_unreported(name, value.as_deref());
                         }
-                        pool.release(&ctx, backend);
-                    }
+                        true
+                    })
+                };
+                match read {
+                    Ok(true) => pool.release(&ctx, backend),
+                    Ok(false) => pool.discard(backend),
                     Err(error) => {
                         if let Some(suppressed) = BACKEND_FAILED.allow() {
                             tracing::warn!(%error, suppressed, "reading back a client's settings failed");
