@@ -79,8 +79,8 @@ pub(super) async fn current_settings(
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct SessionAudit {
     /// Every setting the session gave a value of its own (`pg_settings.source` is `session`:
-    /// `SET`, `set_config`), `role` unless it is `none`, and the named ones that exist, with
-    /// the value `SHOW` gives.
+    /// `SET`, `set_config`) but `transaction_*`, the role (`none` too), and the custom ones
+    /// named that exist, with the value `SHOW` gives.
     pub(super) settings: Vec<(Box<str>, Box<str>)>,
     /// SQL-level prepared statements (`PREPARE`).
     pub(super) sql_statements: u64,
