@@ -33,10 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 22] = [
+const ROLES: [&str; 23] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
-    "many", "stmts", "locker",
+    "many", "stmts", "locker", "revoked",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -72,6 +72,11 @@ fn fixture() -> &'static Fixture {
             "CREATE ROLE audit_other; GRANT audit_other TO audit; \
              CREATE TABLE audit_t (v int); GRANT ALL ON audit_t TO audit, audit_other; \
              CREATE SCHEMA audit_schema; GRANT USAGE ON SCHEMA audit_schema TO audit",
+        );
+        pg.psql_admin(
+            "CREATE ROLE revoked_grant; GRANT revoked_grant TO revoked; \
+             CREATE TABLE revoked_t (who text DEFAULT current_user); \
+             GRANT ALL ON revoked_t TO revoked, revoked_grant",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1583,5 +1588,51 @@ fn a_long_unnamed_statement_is_bound_in_the_next_batch() {
     assert_eq!(
         rows(&ready_within(&mut b, QUICK, "b"), "T D C Z", "b"),
         ["b"]
+    );
+}
+
+/// The router's own `SET`s that give a backend its client's parameters were sent ahead of the
+/// client's statements and their answer swallowed: when a backend refused one, the client's
+/// statements ran with the backend's values, silently. A client that did `SET ROLE x` ran as
+/// its login role on the next backend once its grant of `x` was revoked (its rows owned, its
+/// row-level security policies chosen, by the wrong role). Now a refused `SET` ends the
+/// client's session with the server's error as a FATAL, and a `SET` PostgreSQL checks against
+/// the catalog (the role) is answered before the client's statements go, so none of them runs.
+#[test]
+fn a_setting_a_new_backend_refuses_ends_the_session_before_its_statements_run() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "revoked");
+    let mut a = f.raw(&router, "revoked", Mode::SslRequest);
+    let mut b = f.raw(&router, "revoked", Mode::Direct);
+    ok(&mut a, "SET ROLE revoked_grant");
+    ok(&mut a, "insert into revoked_t default values");
+    // b's transaction takes the one backend back to the login role.
+    assert_eq!(b.value("select current_user"), "revoked");
+    f.pg.psql_admin("REVOKE revoked_grant FROM revoked");
+
+    // A session of the server keeps its role; the pooled port cannot give it to a backend.
+    a.send(&[query("insert into revoked_t default values")]);
+    let reply = a.next("the router's FATAL");
+    let refused = errors(std::slice::from_ref(&reply));
+    assert_eq!(refused.len(), 1, "{reply:?}");
+    assert_eq!(refused[0].code, "42501", "{:?}", refused[0]);
+    assert_eq!(refused[0].severity, "FATAL", "{:?}", refused[0]);
+    assert_eq!(
+        refused[0].message, "permission denied to set role \"revoked_grant\"",
+        "the server's own words"
+    );
+    assert!(a.next_or_end().is_none(), "the session ended");
+    assert_eq!(
+        f.pg.psql_admin("SELECT string_agg(who, ',' ORDER BY who) FROM revoked_t"),
+        "revoked_grant",
+        "no row inserted as the login role"
+    );
+    // The others go on.
+    assert_eq!(b.value("select current_user"), "revoked");
+    let mut c = f.raw(&router, "revoked", Mode::Direct);
+    ok(&mut c, "insert into revoked_t default values");
+    assert_eq!(
+        f.pg.psql_admin("SELECT count(*) FROM revoked_t WHERE who = 'revoked'"),
+        "1"
     );
 }

@@ -18,7 +18,7 @@ use crate::tls;
 use crate::worker::Worker;
 
 use super::lost::{as_error, lost, LOST_BACKEND};
-use super::params::{self, ClientParams};
+use super::params::{self, ClientParams, Synced};
 use super::pool::Backend;
 use super::prepared::{self, BackendStatements, ClientStatements, Transient, Translator};
 use super::stream::{BadLength, MessageStream, Piece};
@@ -42,11 +42,17 @@ pub(super) async fn transaction(
         sql.push_str("DEALLOCATE ALL;");
         backend.statements.clear();
     }
-    backend.params.sync_to(&client.params, &mut sql);
-    // After a lost backend: the transaction block it had, aborted, on this one (last: the
-    // failing statement ends the query).
+    // The client's statements wait for the answer to SETs the backend may refuse.
+    let answer_first = backend.params.sync_to(&client.params, &mut sql) == Synced::AnswerFirst;
+    if !sql.is_empty() {
+        tx.router_setup();
+        write::query(&mut to_backend, &sql);
+    }
+    // After a lost backend: the transaction block it had, aborted, on this one (a query of its
+    // own, whose failing statement is meant to fail).
     let mut refuse_first = None;
     if let Some(aborted) = client.aborted.take() {
+        sql.clear();
         sql.push_str("BEGIN;");
         match aborted.error {
             Some(error) => refuse_first = Some(error),
@@ -55,12 +61,10 @@ pub(super) async fn transaction(
                 sql.push(';');
             }
         }
-    }
-    let setting_up = !sql.is_empty();
-    if setting_up {
         tx.router_query();
         write::query(&mut to_backend, &sql);
     }
+    let setting_up = !to_backend.is_empty();
     client
         .cancel
         .hold(backend.addr, backend.pid, backend.secret, setting_up);
@@ -114,6 +118,21 @@ pub(super) async fn transaction(
     let (backend_rd, backend_wr) = (&mut backend.rd, &mut backend.wr);
 
     let client_to_backend = async {
+        if answer_first {
+            // SETs the backend may refuse: the client's statements go once they took.
+            if let Err(error) = write_all_vec(backend_wr, &mut to_backend).await {
+                return Step::BackendFailed(error.to_string());
+            }
+            std::future::poll_fn(|cx| {
+                if state.borrow().tx.setup_owed() {
+                    progress.set(Some(cx.waker().clone()));
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+        }
         let mut forwarded = false;
         loop {
             // The client's next messages begin a new transaction: the backend goes back first
@@ -159,10 +178,13 @@ pub(super) async fn transaction(
                     && backend_params
                         .borrow_mut()
                         .sync_to(&params.borrow(), &mut sql)
+                        .any()
                 {
+                    // Never waited for: in the client's block, a refusal aborts the block, so
+                    // nothing the client sends after it runs.
                     cancel.setting_up();
                     setting_up.set(true);
-                    state.tx.router_query();
+                    state.tx.router_setup();
                     write::query(&mut to_backend, &sql);
                 }
             }
@@ -383,6 +405,10 @@ pub(super) async fn transaction(
                     if let Err(error) = done {
                         break Step::BackendProtocol(error);
                     }
+                    if let Some(error) = found.borrow_mut().setup_refused.take() {
+                        // Whatever else came stays unsent: the client is closed.
+                        break Step::SetupRefused(error);
+                    }
                 }
                 None => state.borrow_mut().tx.take_synthesized(&mut to_client),
             }
@@ -443,6 +469,7 @@ pub(super) async fn transaction(
         Step::Fatal(code, message) => End::Fatal(code, message),
         Step::Protocol(what) => End::Protocol(what),
         Step::Killed(reason) => End::Killed(reason),
+        Step::SetupRefused(error) => End::SetupRefused(error),
         Step::BackendProtocol(error) => {
             tracing::warn!(%error, "backend broke the protocol: closing it and its client");
             End::Fatal(SqlState::CONNECTION_FAILURE, LOST_BACKEND)
@@ -512,6 +539,9 @@ enum Step {
     Killed(KillReason),
     BackendFailed(String),
     BackendProtocol(String),
+    /// The backend refused the router's `SET`s of the client's parameters: the FATAL the
+    /// client gets.
+    SetupRefused(Vec<u8>),
 }
 
 /// The client's view of one transaction's messages: what the router keeps across them.
@@ -743,6 +773,10 @@ fn backend_messages(
                 }
                 let resetting = tx.resetting();
                 let mut reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
+                if tag == be::ERROR_RESPONSE && tx.take_setup_failed() {
+                    found.setup_refused = Some(refused_setup(body));
+                    return Ok(());
+                }
                 if tag == be::PARAMETER_STATUS {
                     if let Ok(status) = ParameterStatus::parse(body) {
                         backend.reported(status.name, status.value);
@@ -829,6 +863,8 @@ struct Findings {
     /// A statement left state in the backend's session that outlives the transaction
     /// ([`leaves_session_state`]).
     residue: bool,
+    /// It refused the `SET`s that give it the client's parameters ([`refused_setup`]).
+    setup_refused: Option<Vec<u8>>,
 }
 
 /// True for the CommandComplete of a statement that may leave state in the backend's session
@@ -848,6 +884,46 @@ fn leaves_session_state(body: &[u8]) -> bool {
     ];
     TAGS.iter().any(|tag| body.starts_with(tag))
 }
+
+/// What a client is told when a backend refused the `SET`s of its session's parameters (the
+/// role it set was dropped, or its grant revoked, since another backend took it): the
+/// backend's error as a FATAL, with a detail saying why the session ends. A real server keeps
+/// a session's settings; the pooled port cannot give this one its own on any backend, and
+/// running the client's statements with the backend's would be worse.
+fn refused_setup(body: &[u8]) -> Vec<u8> {
+    let fields = crate::protocol::backend::ErrorFields::parse(body).ok();
+    let code = fields
+        .map(|f| f.code)
+        .filter(|code| code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or(SqlState::CONNECTION_FAILURE.as_str());
+    let message = fields.map_or("server refused the session's settings", |f| f.message);
+    tracing::warn!(
+        code,
+        message,
+        "a backend refused a pooled client's session parameters: closing the client"
+    );
+    let mut out = vec![be::ERROR_RESPONSE, 0, 0, 0, 0];
+    for (field, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', code),
+        (b'M', message),
+        (b'D', REFUSED_SETUP_DETAIL),
+    ] {
+        out.push(field);
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+    }
+    out.push(0);
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// The detail of [`refused_setup`]'s FATAL.
+pub(super) const REFUSED_SETUP_DETAIL: &str = "The pooled port could not give a server \
+     connection this session's settings (a role or object they name may have been dropped, or \
+     a grant revoked): the session ends before its statements run without them.";
 
 /// True for PostgreSQL's error for a prepared statement whose result type a DDL changed: the
 /// statement stays broken on that backend until it is prepared again.

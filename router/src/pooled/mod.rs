@@ -227,6 +227,8 @@ enum End {
     BackendFailed,
     /// Its backend went away mid-transaction; the client goes on.
     Lost(Lost),
+    /// A backend refused the `SET`s of the client's parameters: it gets this FATAL.
+    SetupRefused(Vec<u8>),
 }
 
 /// Logs each backend failure (one per client while a backend is down).
@@ -515,6 +517,8 @@ async fn finish(worker: &Worker, mut client: Client, peer: SocketAddr, end: End)
             tracing::info!(%peer, %message, "pooled client closed by the router");
             write::error_response(&mut plain, Severity::Fatal, *code, message);
         }
+        // Logged where the backend refused them.
+        End::SetupRefused(error) => plain.extend_from_slice(error),
         End::Killed(reason) => {
             tracing::info!(%peer, ?reason, "pooled client closed by the router");
             let (code, message) = reason.to_wire();

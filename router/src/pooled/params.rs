@@ -95,6 +95,45 @@ pub fn settable(name: &str) -> bool {
     !READ_ONLY.iter().any(|r| r.eq_ignore_ascii_case(name))
 }
 
+/// Parameters whose value PostgreSQL checks against the catalog or the role's grants when it
+/// is set (their check hooks look the role, tablespace, text search configuration or access
+/// method up): a value one backend took may be refused on the next once the object is dropped
+/// or the grant revoked. The client's statements wait for them to be given (one round trip);
+/// every other value was taken by a backend of the same pool and is pipelined with them.
+const CHECKED_AGAINST_CATALOG: [&str; 6] = [
+    "role",
+    "session_authorization",
+    "default_tablespace",
+    "temp_tablespaces",
+    "default_text_search_config",
+    "default_table_access_method",
+];
+
+fn checked_against_catalog(name: &str) -> bool {
+    CHECKED_AGAINST_CATALOG
+        .iter()
+        .any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// What [`BackendParams::sync_to`] gave a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Synced {
+    /// Nothing: it had the client's parameters.
+    Nothing,
+    /// `SET`s the client's statements may follow at once.
+    Pipelined,
+    /// `SET`s of a [`CHECKED_AGAINST_CATALOG`] parameter: the client's statements wait for
+    /// their answer, so none runs with the backend's value if the backend refuses it.
+    AnswerFirst,
+}
+
+impl Synced {
+    /// True if `SET`s were appended.
+    pub fn any(self) -> bool {
+        self != Synced::Nothing
+    }
+}
+
 /// What one client believes its session's parameters are.
 #[derive(Debug)]
 pub struct ClientParams {
@@ -404,18 +443,21 @@ impl BackendParams {
     }
 
     /// Appends to `sql` the `SET`s (and `RESET`s) that give this backend `client`'s
-    /// parameters, and records them as applied. Returns false if it already had them.
-    pub fn sync_to(&mut self, client: &ClientParams, sql: &mut String) -> bool {
+    /// parameters, and records them as applied (until the `SET`s are answered, the router
+    /// assumes they take: an error in them ends the client's session and closes the backend).
+    pub fn sync_to(&mut self, client: &ClientParams, sql: &mut String) -> Synced {
         if self.given.as_ref().is_some_and(|given| {
             Rc::ptr_eq(&given.base, &client.base)
                 && given.changed == client.changed
                 && given.unreported == client.unreported
         }) {
-            return false;
+            return Synced::Nothing;
         }
         let start = sql.len();
+        let mut answer_first = false;
         for (name, value) in client.reported_view() {
             if settable(name) && self.reported.get(name) != Some(value) {
+                answer_first |= checked_against_catalog(name);
                 push_set(sql, name, value);
                 // The backend's ParameterStatus will say the same; until then, assume it.
                 self.reported.set(name, value);
@@ -428,6 +470,7 @@ impl BackendParams {
         }
         for (name, value) in client.unreported.iter() {
             if self.unreported.get(name) != Some(value) {
+                answer_first |= checked_against_catalog(name);
                 push_set(sql, name, value);
             }
         }
@@ -451,7 +494,11 @@ impl BackendParams {
             changed: client.changed.clone(),
             unreported: client.unreported.clone(),
         });
-        sql.len() > start
+        match (sql.len() > start, answer_first) {
+            (false, _) => Synced::Nothing,
+            (true, false) => Synced::Pipelined,
+            (true, true) => Synced::AnswerFirst,
+        }
     }
 }
 
@@ -702,21 +749,21 @@ mod tests {
         );
         let b = ClientParams::new(base(), std::iter::empty());
         let mut sql = String::new();
-        assert!(backend.sync_to(&a, &mut sql));
+        assert!(backend.sync_to(&a, &mut sql).any());
         assert_eq!(
             sql,
             "SELECT pg_catalog.set_config(E'application_name', E'a', false);SELECT pg_catalog.set_config(E'search_path', E's1', false);"
         );
         sql.clear();
-        assert!(!backend.sync_to(&a, &mut sql), "nothing to do: {sql}");
+        assert!(!backend.sync_to(&a, &mut sql).any(), "nothing to do: {sql}");
         a.reported("TimeZone", "Europe/Paris");
-        assert!(backend.sync_to(&a, &mut sql));
+        assert!(backend.sync_to(&a, &mut sql).any());
         assert_eq!(
             sql,
             "SELECT pg_catalog.set_config(E'TimeZone', E'Europe/Paris', false);"
         );
         sql.clear();
-        assert!(backend.sync_to(&b, &mut sql));
+        assert!(backend.sync_to(&b, &mut sql).any());
         assert_eq!(
             sql,
             "SELECT pg_catalog.set_config(E'application_name', E'', false);SELECT pg_catalog.set_config(E'TimeZone', E'Etc/UTC', false);RESET \"search_path\";"
@@ -730,18 +777,21 @@ mod tests {
         let a = ClientParams::new(pool.clone(), [("TimeZone", "Etc/GMT+5")].into_iter());
         let b = ClientParams::new(pool.clone(), [("TimeZone", "Etc/GMT+5")].into_iter());
         let mut sql = String::new();
-        assert!(backend.sync_to(&a, &mut sql));
+        assert!(backend.sync_to(&a, &mut sql).any());
         backend.reported("TimeZone", "Etc/GMT+5");
         sql.clear();
-        assert!(!backend.sync_to(&a, &mut sql), "compared: nothing to do");
         assert!(
-            !backend.sync_to(&b, &mut sql),
+            !backend.sync_to(&a, &mut sql).any(),
+            "compared: nothing to do"
+        );
+        assert!(
+            !backend.sync_to(&b, &mut sql).any(),
             "the same view: nothing to do"
         );
         // The backend's value changed under the view it was given (a SET the client view
         // does not follow): the next client is compared, not trusted.
         backend.reported("TimeZone", "UTC");
-        assert!(backend.sync_to(&b, &mut sql));
+        assert!(backend.sync_to(&b, &mut sql).any());
         assert_eq!(
             sql,
             "SELECT pg_catalog.set_config(E'TimeZone', E'Etc/GMT+5', false);"
@@ -749,7 +799,7 @@ mod tests {
         sql.clear();
         backend.reset();
         let c = ClientParams::new(pool, [("search_path", "s1")].into_iter());
-        assert!(backend.sync_to(&c, &mut sql));
+        assert!(backend.sync_to(&c, &mut sql).any());
         assert!(
             sql.starts_with("SELECT pg_catalog.set_config(E'TimeZone', E'Etc/UTC', false);"),
             "{sql}"
@@ -781,16 +831,16 @@ mod tests {
 
         let mut backend = BackendParams::new((*base()).clone());
         let mut sql = String::new();
-        assert!(backend.sync_to(&a, &mut sql));
+        assert!(backend.sync_to(&a, &mut sql).any());
         assert!(
             sql.contains("SELECT pg_catalog.set_config(E'search_path', E'app', false);"),
             "{sql}"
         );
         sql.clear();
-        assert!(!backend.sync_to(&a, &mut sql));
+        assert!(!backend.sync_to(&a, &mut sql).any());
         assert!(!backend.forget_unreported("statement_timeout"));
         assert!(backend.forget_unreported("search_path"));
-        assert!(backend.sync_to(&a, &mut sql));
+        assert!(backend.sync_to(&a, &mut sql).any());
         assert_eq!(
             sql,
             "SELECT pg_catalog.set_config(E'search_path', E'app', false);"

@@ -137,8 +137,14 @@ enum Awaiting {
     Sync,
     /// A simple query or function call: everything up to its ReadyForQuery. `reset`: it
     /// resets the session's parameters (DISCARD ALL, RESET ALL): the backend's reports of its
-    /// own defaults are swallowed, the client is told its own.
-    Query { swallow: bool, reset: bool },
+    /// own defaults are swallowed, the client is told its own. `setup`: the router's own
+    /// `SET`s of the client's parameters (swallowed too), whose error ends the client's session
+    /// ([`Transaction::take_setup_failed`]).
+    Query {
+        swallow: bool,
+        reset: bool,
+        setup: bool,
+    },
     /// The router's own reply (for a Parse it answered, the statement).
     Synthesized(Synthesized, Option<Rc<Statement>>),
     /// A statement the router sent to fail in place of the client's message: the client gets
@@ -207,6 +213,8 @@ pub struct Transaction {
     untraceable: bool,
     /// See [`Transaction::hold_for_unnamed`].
     held_for_unnamed: bool,
+    /// See [`Transaction::take_setup_failed`].
+    setup_failed: bool,
     /// Parameters a statement sent since the backend was last idle may have sent back to the
     /// session default (`RESET name`), lower case, at most [`MAX_RESETS`].
     resets: Vec<Box<str>>,
@@ -238,6 +246,7 @@ impl Default for Transaction {
             session_lock: false,
             untraceable: false,
             held_for_unnamed: false,
+            setup_failed: false,
             resets: Vec::new(),
             sets: Vec::new(),
             undo: Vec::new(),
@@ -297,6 +306,7 @@ impl Transaction {
             fe::QUERY | fe::FUNCTION_CALL => Some(Awaiting::Query {
                 swallow: false,
                 reset: false,
+                setup: false,
             }),
             fe::PARSE => Some(Awaiting::Parse {
                 swallow: false,
@@ -387,13 +397,38 @@ impl Transaction {
         self.push(Awaiting::Close { swallow: true });
     }
 
-    /// The router sent the backend a simple query of its own (`SET`s): everything up to its
-    /// ReadyForQuery is swallowed.
+    /// The router sent the backend a simple query of its own whose error is no news (the
+    /// re-creation of an aborted block): everything up to its ReadyForQuery is swallowed.
     pub fn router_query(&mut self) {
         self.push(Awaiting::Query {
             swallow: true,
             reset: false,
+            setup: false,
         });
+    }
+
+    /// The router sent the backend the `SET`s that give it the client's parameters: swallowed
+    /// as [`Transaction::router_query`], but an error in them is the client's session failing
+    /// ([`Transaction::take_setup_failed`]).
+    pub fn router_setup(&mut self) {
+        self.push(Awaiting::Query {
+            swallow: true,
+            reset: false,
+            setup: true,
+        });
+    }
+
+    /// True while the router's `SET`s ([`Transaction::router_setup`]) wait for their answer.
+    pub fn setup_owed(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|awaiting| matches!(awaiting, Awaiting::Query { setup: true, .. }))
+    }
+
+    /// True once (the call clears it) after the backend refused the router's `SET`s of the
+    /// client's parameters: the client's statements would run with the backend's values.
+    pub fn take_setup_failed(&mut self) -> bool {
+        std::mem::take(&mut self.setup_failed)
     }
 
     /// The router answers the client's last message itself, in turn.
@@ -467,6 +502,7 @@ impl Transaction {
                     Some(Awaiting::Query {
                         swallow: false,
                         reset: true,
+                        ..
                     }) => {
                         self.reset_done = true;
                         Reply::Forward
@@ -500,6 +536,7 @@ impl Transaction {
                         self.queue.push_front(Awaiting::Query {
                             swallow: false,
                             reset: false,
+                            setup: false,
                         });
                     } else {
                         self.skip_to_sync();
@@ -508,7 +545,8 @@ impl Transaction {
                 }
                 match head {
                     // A simple query's error: its ReadyForQuery follows.
-                    Some(Awaiting::Query { swallow, .. }) => {
+                    Some(Awaiting::Query { swallow, setup, .. }) => {
+                        self.setup_failed |= *setup;
                         if *swallow {
                             Reply::Swallow
                         } else {
@@ -681,6 +719,7 @@ impl Transaction {
         if let Some(Awaiting::Query {
             swallow: false,
             reset,
+            ..
         }) = self.queue.back_mut()
         {
             *reset = true;
@@ -694,7 +733,8 @@ impl Transaction {
             self.queue.front(),
             Some(Awaiting::Query {
                 swallow: false,
-                reset: true
+                reset: true,
+                ..
             })
         )
     }
@@ -1187,6 +1227,37 @@ mod tests {
         ready(&mut tx, b'I');
         assert_eq!(backend(&mut tx, b'3'), Reply::Swallow);
         assert!(!tx.releasable(), "an unsynced router Close");
+    }
+
+    #[test]
+    fn an_error_in_the_routers_sets_is_the_clients_and_in_its_other_queries_is_not() {
+        // The SETs of the client's parameters, then the re-creation of an aborted block (its
+        // error is meant), then the client's query.
+        let mut tx = Transaction::default();
+        tx.router_setup();
+        tx.router_query();
+        client(&mut tx, &["Q"]);
+        assert!(tx.setup_owed());
+        assert_eq!(backend(&mut tx, b'T'), Reply::Swallow);
+        assert_eq!(backend(&mut tx, b'D'), Reply::Swallow);
+        assert_eq!(backend(&mut tx, b'C'), Reply::Swallow);
+        assert_eq!(ready(&mut tx, b'I'), Reply::Swallow);
+        assert!(!tx.setup_owed());
+        assert!(!tx.take_setup_failed());
+        assert_eq!(backend(&mut tx, b'C'), Reply::Swallow, "BEGIN");
+        assert_eq!(backend(&mut tx, b'E'), Reply::Swallow, "the refusal");
+        assert!(!tx.take_setup_failed(), "meant to fail");
+        assert_eq!(ready(&mut tx, b'E'), Reply::Swallow);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Forward, "the client's 25P02");
+        assert!(!tx.take_setup_failed());
+
+        // The SETs refused.
+        let mut tx = Transaction::default();
+        tx.router_setup();
+        client(&mut tx, &["Q"]);
+        assert_eq!(backend(&mut tx, b'E'), Reply::Swallow);
+        assert!(tx.take_setup_failed());
+        assert!(!tx.take_setup_failed(), "told once");
     }
 
     #[test]
