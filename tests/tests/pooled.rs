@@ -1412,6 +1412,35 @@ fn idle_transaction_timeout_closes_the_client_and_frees_the_backend() {
     );
 }
 
+/// A client that stops reading its replies holds its backend: the router stops reading the
+/// backend once the client's socket is full, and the backend waits in its send. Nothing
+/// bounded that wait; with `idle_transaction_timeout` set, a client that takes none of its
+/// replies for that long is closed (without a word: its TLS stream may stop mid-record) and
+/// its backend with it, so the pool's other clients are served.
+#[test]
+fn a_client_that_stops_reading_its_replies_is_closed_after_idle_transaction_timeout() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.idle_transaction_timeout = Some(Duration::from_secs(1));
+    let router = f.router(&settings);
+    let mut stalled = f.raw(&router, Mode::SslRequest, &[]);
+    let mut next = f.raw(&router, Mode::Direct, &[]);
+    let first = stalled.value("select pg_backend_pid()::text");
+    // 64 MiB of rows: more than the sockets between the server and the client hold.
+    stalled.send(&[query(
+        "select repeat('x', 1048576) from generate_series(1, 64)",
+    )]);
+    assert_eq!(next.value("select 'served'"), "served");
+    assert_ne!(next.value("select pg_backend_pid()::text"), first);
+    f.pg.wait_for_value_within(
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {first}"),
+        "0",
+        QUICK,
+    );
+    let read = stalled.read_until_closed(Duration::from_secs(10), "the stalled client");
+    assert!(read < 64 << 20, "the whole result was sent ({read} bytes)");
+}
+
 #[test]
 fn client_idle_timeout_closes_an_idle_client_but_not_a_busy_one() {
     let f = fixture();

@@ -5,6 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use monoio::net::tcp::TcpOwnedWriteHalf;
 use monoio::time::Instant;
 
 use crate::buf::{write_all_vec, ReadBuf};
@@ -424,12 +425,15 @@ pub(super) async fn transaction(
                 }
                 to_client.clear();
                 writing.set(true);
-                let written = write_all_vec(wr, &mut sealed).await;
+                let written = send_to_client(wr, &mut sealed, settings_idle_tx).await;
                 writing.set(false);
                 if let Some(waker) = write_done.take() {
                     waker.wake();
                 }
                 if let Err(error) = written {
+                    if error.kind() == std::io::ErrorKind::TimedOut {
+                        tracing::info!(%error, "pooled client closed by the router");
+                    }
                     break Step::ClientFailed(error.to_string());
                 }
             }
@@ -566,6 +570,27 @@ const MAX_PENDING_REPLIES: usize = 1024;
 
 /// Bytes of a Bind the router needs before rewriting it: the header and both names.
 const BIND_PREFIX: usize = HEADER_BYTES + 2 * (prepared::MAX_NAME_BYTES + 1);
+
+/// Sends `sealed` to the client. With `idle_transaction_timeout` set, a client that does not
+/// take it in that long (it stopped reading its replies, so the backend it holds waits on it)
+/// fails: it is as idle as a client in a block that sends nothing, and the records may stop
+/// halfway, so it is closed without a word.
+async fn send_to_client(
+    wr: &mut TcpOwnedWriteHalf,
+    sealed: &mut Vec<u8>,
+    limit: Option<std::time::Duration>,
+) -> std::io::Result<()> {
+    let Some(limit) = limit else {
+        return write_all_vec(wr, sealed).await;
+    };
+    match monoio::time::timeout(limit, write_all_vec(wr, sealed)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took none of its replies for idle_transaction_timeout",
+        )),
+    }
+}
 
 /// Completes once the backend owes nothing and cannot go back (the client idle holding it), if
 /// `watch`; never otherwise.

@@ -5,7 +5,7 @@
 //! [Extended Query](https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-EXT-QUERY),
 //! [message formats](https://www.postgresql.org/docs/current/protocol-message-formats.html).
 
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -346,6 +346,39 @@ impl RawConn {
                 String::from_utf8_lossy(&body)
             ),
         }
+    }
+
+    /// Reads and drops whatever comes until the connection ends (closed, or its TLS stream
+    /// cut short); panics if it has not ended within `within`. Returns the bytes read.
+    pub fn read_until_closed(&mut self, within: Duration, what: &str) -> usize {
+        let deadline = std::time::Instant::now() + within;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        let ended = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            self.tls
+                .sock
+                .set_read_timeout(Some(left))
+                .expect("read timeout");
+            match self.tls.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => total += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break true,
+            }
+        };
+        self.tls
+            .sock
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("read timeout");
+        assert!(
+            ended,
+            "{what}: still open after {within:?} ({total} bytes read)"
+        );
+        total
     }
 
     /// Sets how long a read may block (e.g. longer than a pool timeout under test).
