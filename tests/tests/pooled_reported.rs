@@ -1028,6 +1028,21 @@ fn cursors_listens_and_temporary_tables_do_not_outlive_their_transaction() {
     let replies = a.simple("create temp sequence a_seq");
     assert_eq!(error_codes(&replies), [] as [&str; 0]);
     assert_eq!(error_codes(&b.simple("select nextval('a_seq')")), ["42P01"]);
+    // Made by a query whose reply is `SELECT n`, as any query's: found in the text. In a
+    // simple query, and in a Parse run in the next transaction.
+    let replies = a.simple("create temp table a_copy as select 'a''s row'::text as v");
+    assert_eq!(tags(&replies), "C Z", "{:?}", errors(&replies));
+    assert_eq!(pid_of(&mut b), pid);
+    assert_eq!(error_codes(&b.simple("select v from a_copy")), ["42P01"]);
+    a.send(&[
+        parse("into", "select 'a''s row'::text as v into temp a_into", &[]),
+        sync(),
+    ]);
+    assert_eq!(tags(&a.until_ready("parse")), "1 Z");
+    a.send(&[bind("", "into", &[]), execute("", 0), sync()]);
+    assert_eq!(tags(&a.until_ready("select into")), "2 C Z");
+    assert_eq!(pid_of(&mut b), pid);
+    assert_eq!(error_codes(&b.simple("select v from a_into")), ["42P01"]);
     // Inside one transaction, all three work.
     let replies = a.simple(
         "begin; create temp table t (v int); insert into t values (1); \

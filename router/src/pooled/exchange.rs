@@ -453,7 +453,7 @@ pub(super) async fn transaction(
         && !state.borrow().tx.has_sets()
         && !state.borrow().tx.audit_owed()
         && !found.borrow().residue
-        && !state.borrow().tx.session_lock_owed()
+        && !state.borrow().tx.residue_owed()
         && !writing.get()
         && !reading.get();
     let end = match step {
@@ -462,7 +462,7 @@ pub(super) async fn transaction(
             return Ok(Over {
                 sets: state.tx.take_sets(),
                 audit: state.tx.take_audit(),
-                residue: found.borrow().residue || state.tx.take_session_lock(),
+                residue: found.borrow().residue || state.tx.take_residue(),
                 overflow: state.tx.take_overflow(),
                 untraceable: state.tx.take_untraceable(),
                 resync: found.borrow().resync,
@@ -732,7 +732,7 @@ fn client_messages(
                         .parameter_change(prepared::ParameterChange::Unknown);
                     translator
                         .tx
-                        .parameter_change(prepared::ParameterChange::SessionLock);
+                        .parameter_change(prepared::ParameterChange::Residue);
                     translator.simple_query_starts();
                     translator.tx.client(fe::QUERY, 0);
                     out.extend_from_slice(message);

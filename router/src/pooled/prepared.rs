@@ -419,7 +419,7 @@ impl Translator<'_> {
             // Too long to read: what it did to the session is read back, and any lock it
             // took released.
             self.tx.parameter_change(ParameterChange::Unknown);
-            self.tx.parameter_change(ParameterChange::SessionLock);
+            self.tx.parameter_change(ParameterChange::Residue);
             // Too long to keep for another backend: this one is held until the client binds
             // it (a driver's Parse+Sync, then Bind+Execute+Sync), replaces or drops it.
             self.tx.hold_for_unnamed(unnamed);
@@ -954,10 +954,12 @@ pub enum ParameterChange {
     /// to read. The backend's whole session is read back before it is lent again
     /// ([`readback::session_audit`](super::readback::session_audit)).
     Unknown,
-    /// A session-level advisory lock may have been taken (`pg_advisory_lock`,
-    /// `pg_try_advisory_lock`, their `_shared` forms): it would stay held by the backend for
-    /// clients that never took it, so it is released before the backend is lent again.
-    SessionLock,
+    /// State no reply tells of may outlive the transaction: a session-level advisory lock
+    /// (`pg_advisory_lock`, `pg_try_advisory_lock`, their `_shared` forms), which would stay
+    /// held by the backend for clients that never took it, or a temporary table made by
+    /// `CREATE TEMP TABLE ... AS` or `SELECT ... INTO TEMP` (whose reply is `SELECT n`, as any
+    /// query's). Cleaned up before the backend is lent again.
+    Residue,
     /// A change of a parameter whose name the text does not give (`set_config($1, ...)`): the
     /// backend is closed after the session read, as no read can find every custom parameter.
     Untraceable,
@@ -970,6 +972,8 @@ struct Mentions {
     settings: bool,
     /// A session-level advisory lock function.
     session_lock: bool,
+    /// A temporary object made where no reply says so ([`temporary_at`]).
+    temp: bool,
 }
 
 /// Scans `text` (any case) for the names [`Mentions`] lists. Every one has an underscore at a
@@ -1005,15 +1009,58 @@ fn mentions(text: &[u8]) -> Mentions {
                 && (!ident(text.get(end)) || is_at(end, b"_shared"))
         })
     };
+    // The temporary schema named: `pg_temp`, `pg_temp_3`.
+    let temp_schema_at = |at: usize| {
+        word_at(at, (b"pg_temp", 2))
+            || at.checked_sub(2).is_some_and(|start| {
+                is_at(start, b"pg_temp_")
+                    && !ident(start.checked_sub(1).and_then(|i| text.get(i)))
+                    && text.get(start + 8).is_some_and(u8::is_ascii_digit)
+            })
+    };
     let mut seen = Mentions::default();
     for at in memchr::memchr_iter(b'_', text) {
         seen.settings |= SETTINGS.iter().any(|&name| word_at(at, name));
         seen.session_lock |= session_lock_at(at);
-        if seen.settings && seen.session_lock {
+        seen.temp |= temp_schema_at(at);
+        if seen.settings && seen.session_lock && seen.temp {
             break;
         }
     }
+    if !seen.temp {
+        seen.temp = memchr::memchr2_iter(b't', b'T', text).any(|at| temporary_at(text, at));
+    }
     seen
+}
+
+/// True if `text` has the keyword `TEMP` or `TEMPORARY` at `at` where it makes a temporary
+/// object: after `CREATE`, `GLOBAL` or `LOCAL` (`CREATE TEMP TABLE t AS ...`), or after `INTO`
+/// (`SELECT ... INTO TEMP t`). A column named `temp` is not (`select temp from t`), a table
+/// named `temp` after `INTO` is (its cleanup is only a round trip too many).
+fn temporary_at(text: &[u8], at: usize) -> bool {
+    let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
+    let word_at = |start: usize, word: &[u8]| {
+        text.get(start..start + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+            && !ident(text.get(start + word.len()))
+    };
+    if !(word_at(at, b"temp") || word_at(at, b"temporary"))
+        || ident(at.checked_sub(1).and_then(|i| text.get(i)))
+    {
+        return false;
+    }
+    let before = &text[..at];
+    let Some(end) = before.iter().rposition(|b| !b.is_ascii_whitespace()) else {
+        return false;
+    };
+    let start = before[..=end]
+        .iter()
+        .rposition(|&b| !ident(Some(&b)))
+        .map_or(0, |i| i + 1);
+    let previous = &before[start..=end];
+    [&b"create"[..], b"global", b"local", b"into"]
+        .iter()
+        .any(|word| previous.eq_ignore_ascii_case(word))
 }
 
 /// The changes [`mentions`] stands for. A `set_config('name', ...)` names its parameter,
@@ -1030,8 +1077,8 @@ fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
             }
         }
     }
-    if seen.session_lock {
-        f(ParameterChange::SessionLock);
+    if seen.session_lock || seen.temp {
+        f(ParameterChange::Residue);
     }
 }
 
@@ -1789,7 +1836,7 @@ mod tests {
         ] {
             assert_eq!(
                 facts(locking).changes,
-                [ParameterChange::SessionLock],
+                [ParameterChange::Residue],
                 "{locking}"
             );
         }
@@ -1799,6 +1846,33 @@ mod tests {
             "select my_advisory_lock_table from t",
         ] {
             assert!(facts(not_locking).changes.is_empty(), "{not_locking}");
+        }
+        // Temporary tables whose reply is `SELECT n`.
+        for temporary in [
+            "create temp table t as select 1",
+            "CREATE GLOBAL TEMPORARY TABLE t AS SELECT 1",
+            "create\n\tlocal temp table t as table u",
+            "select * into temp t from u",
+            "SELECT 1 AS a INTO TEMPORARY TABLE t",
+            "create table pg_temp.t as select 1",
+            "select * into PG_TEMP_3.t from u",
+            "create temp table t (a int)",
+        ] {
+            assert_eq!(
+                facts(temporary).changes,
+                [ParameterChange::Residue],
+                "{temporary}"
+            );
+        }
+        for not_temporary in [
+            "select temp from weather",
+            "select t.temp, temperature from t",
+            "create table temps as select 1",
+            "select * into t from tempt",
+            "select my_pg_temp, pg_temporal from t",
+            "insert into attempt values (1)",
+        ] {
+            assert!(facts(not_temporary).changes.is_empty(), "{not_temporary}");
         }
         for not in [
             "SET LOCAL ROLE bob",

@@ -207,8 +207,8 @@ pub struct Transaction {
     audit: bool,
     /// More parameters named than listed ([`Transaction::take_overflow`]).
     overflow: bool,
-    /// A session-level advisory lock may have been taken ([`Transaction::take_session_lock`]).
-    session_lock: bool,
+    /// State no reply tells of may outlive the transaction ([`Transaction::take_residue`]).
+    residue: bool,
     /// A parameter the router cannot name was changed ([`Transaction::take_untraceable`]).
     untraceable: bool,
     /// See [`Transaction::hold_for_unnamed`].
@@ -243,7 +243,7 @@ impl Default for Transaction {
             reset_done: false,
             audit: false,
             overflow: false,
-            session_lock: false,
+            residue: false,
             untraceable: false,
             held_for_unnamed: false,
             setup_failed: false,
@@ -769,7 +769,7 @@ impl Transaction {
                 }
             }
             ParameterChange::Unknown => self.audit = true,
-            ParameterChange::SessionLock => self.session_lock = true,
+            ParameterChange::Residue => self.residue = true,
             ParameterChange::Untraceable => {
                 self.audit = true;
                 self.untraceable = true;
@@ -790,15 +790,16 @@ impl Transaction {
         std::mem::take(&mut self.untraceable)
     }
 
-    /// True if a statement may have taken a session-level advisory lock: released before the
-    /// backend is lent again. The call clears it.
-    pub fn take_session_lock(&mut self) -> bool {
-        std::mem::take(&mut self.session_lock)
+    /// True if a statement may have left state no reply tells of (a session-level advisory
+    /// lock, a temporary table made by `CREATE TABLE ... AS`): cleaned up before the backend
+    /// is lent again. The call clears it.
+    pub fn take_residue(&mut self) -> bool {
+        std::mem::take(&mut self.residue)
     }
 
-    /// As [`Transaction::take_session_lock`], without clearing it.
-    pub fn session_lock_owed(&self) -> bool {
-        self.session_lock
+    /// As [`Transaction::take_residue`], without clearing it.
+    pub fn residue_owed(&self) -> bool {
+        self.residue
     }
 
     /// True if the session is to be read whole before the backend is lent again.
