@@ -228,6 +228,13 @@ impl Straight {
     }
 }
 
+impl Straight {
+    /// The next message, or `None` once PostgreSQL closed the connection.
+    fn next_reply_or_end(&mut self) -> Option<Reply> {
+        raw::read_message(&mut self.sock).expect("read from PostgreSQL")
+    }
+}
+
 impl Wire for Straight {
     fn send_all(&mut self, messages: &[Vec<u8>]) {
         self.sock
@@ -1168,6 +1175,36 @@ fn an_invalid_message_type_ends_its_senders_session_only() {
     assert_eq!(RawConn::status(&holder.simple("commit")), 'I');
     let replies = ready_within(&mut next, QUICK, "the next client");
     assert_eq!(rows(&replies, "T D C Z", "the next client"), ["mine"]);
+
+    // In the middle of a batch: PostgreSQL runs the messages before it and sends their replies
+    // (those it keeps for a Sync too) ahead of the FATAL.
+    let batch = [
+        parse("", "select 'synced'", &[]),
+        bind("", "", &[]),
+        execute("", 0),
+        sync(),
+        parse("", "select 'not synced'", &[]),
+        bind("", "", &[]),
+        execute("", 0),
+        message(b'p', b""),
+    ];
+    let (mut straight, _) = Straight::connect(&f.pg, &[]).expect("login to PostgreSQL");
+    straight.send_all(&batch);
+    let real = replies_to_the_end(|| straight.next_reply_or_end());
+    let mut sender = f.raw(&router, "badtype", Mode::SslRequest);
+    sender.send(&batch);
+    let pooled = replies_to_the_end(|| sender.next_or_end());
+    assert_eq!(tags(&real), "1 2 D C Z 1 2 D C E", "{real:?}");
+    assert_eq!(tags(&pooled), tags(&real));
+    assert_eq!(first_column(&pooled), first_column(&real));
+    assert_eq!(errors(&pooled)[0].code, "08P01");
+    assert_eq!(errors(&pooled)[0].severity, "FATAL");
+    assert_eq!(next.value("select 'still served'"), "still served");
+}
+
+/// Every reply until the connection ends.
+fn replies_to_the_end(next: impl FnMut() -> Option<Reply>) -> Vec<Reply> {
+    std::iter::from_fn(next).take(1000).collect()
 }
 
 /// The steps of [`unnamed_statements_are_each_clients_own_as_on_a_server`], on a client of its

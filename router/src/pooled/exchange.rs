@@ -204,8 +204,12 @@ pub(super) async fn transaction(
                 };
                 client_messages(plain, messages, side, &mut to_backend)
             };
-            let terminated = match step {
-                Ok(terminated) => terminated,
+            // A message no server takes (a type it does not know, a malformed body) ends the
+            // session, as PostgreSQL's FATAL does, but only once the messages before it are
+            // answered: PostgreSQL runs them, and sends their replies ahead of the FATAL.
+            let (terminated, invalid) = match step {
+                Ok(terminated) => (terminated, None),
+                Err(Step::Protocol(what)) => (false, Some(what)),
                 Err(end) => return end,
             };
             {
@@ -225,6 +229,19 @@ pub(super) async fn transaction(
             }
             if terminated {
                 return Step::ClientGone;
+            }
+            if let Some(what) = invalid {
+                if state.borrow().tx.pending() > 0 {
+                    // Replies PostgreSQL keeps for a Sync are sent too: it flushes them with
+                    // its FATAL.
+                    let mut flush = Vec::with_capacity(HEADER_BYTES);
+                    flush.extend_from_slice(&[fe::FLUSH, 0, 0, 0, 4]);
+                    if let Err(error) = write_all_vec(backend_wr, &mut flush).await {
+                        return Step::BackendFailed(error.to_string());
+                    }
+                    until_answered(&state, &progress, &writing, &write_done).await;
+                }
+                return Step::Protocol(what);
             }
             // At rest: nothing half forwarded, nothing half written (what the client sent of
             // its next message waits in `plain` for the next transaction).
@@ -570,6 +587,29 @@ const MAX_PENDING_REPLIES: usize = 1024;
 
 /// Bytes of a Bind the router needs before rewriting it: the header and both names.
 const BIND_PREFIX: usize = HEADER_BYTES + 2 * (prepared::MAX_NAME_BYTES + 1);
+
+/// Completes once every reply owed reached the client, or a COPY started (it would wait for
+/// the client's data, which is not read any more).
+async fn until_answered(
+    state: &RefCell<Linked>,
+    progress: &Cell<Option<std::task::Waker>>,
+    writing: &Cell<bool>,
+    write_done: &Cell<Option<std::task::Waker>>,
+) {
+    std::future::poll_fn(|cx| {
+        let state = state.borrow();
+        if state.tx.pending() > 0 && !state.tx.in_copy() {
+            progress.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        } else if writing.get() {
+            write_done.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await
+}
 
 /// Sends `sealed` to the client. With `idle_transaction_timeout` set, a client that does not
 /// take it in that long (it stopped reading its replies, so the backend it holds waits on it)
