@@ -864,27 +864,22 @@ mod tests {
             .poll(&mut cx);
         assert_eq!(ready, Poll::Ready(true));
         pooled.delivered();
-        // The router's statements ahead: it waits for them to be answered.
-        pooled.hold(addr(1), 7, 8, true);
-        assert!(pooled.claim().is_some());
-        {
+        // A claimed cancel waits until the router's statements are answered, then goes.
+        let waits_for_set_up = |cx: &mut Context<'_>| {
+            assert!(pooled.claim().is_some());
             let mut waiting = std::pin::pin!(pooled.clear_to_send());
-            assert!(waiting.as_mut().poll(&mut cx).is_pending());
+            assert!(waiting.as_mut().poll(cx).is_pending());
             pooled.set_up();
-            assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(true));
-        }
-        pooled.delivered();
+            assert_eq!(waiting.as_mut().poll(cx), Poll::Ready(true));
+            pooled.delivered();
+        };
+        // The router's statements ahead of the client's first.
+        pooled.hold(addr(1), 7, 8, true);
+        waits_for_set_up(&mut cx);
         // Mid-transaction, the router's statements go ahead again: the same wait.
         pooled.hold(addr(1), 7, 8, false);
         pooled.setting_up();
-        assert!(pooled.claim().is_some());
-        {
-            let mut waiting = std::pin::pin!(pooled.clear_to_send());
-            assert!(waiting.as_mut().poll(&mut cx).is_pending());
-            pooled.set_up();
-            assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(true));
-        }
-        pooled.delivered();
+        waits_for_set_up(&mut cx);
         // The client gives the backend back before they are: the cancel is not sent.
         pooled.hold(addr(1), 7, 8, true);
         assert!(pooled.claim().is_some());

@@ -132,98 +132,106 @@ enum StartupRefusal {
     NotNow,
 }
 
-/// The values the server reads the client's StartupMessage parameters as: remembered by the
-/// pool, or read by another login now asking for the same set ([`startup_checks`]), or read
-/// here ([`check_startup`]).
-async fn read_startup(
-    worker: &Rc<Worker>,
-    pool: &Pool,
-    branch: &BranchSlot,
-    primary: &SocketAddr,
+/// A login's StartupMessage parameters, to be read as the server reads them, on a backend of
+/// its pool.
+struct StartupCheck<'a> {
+    worker: &'a Rc<Worker>,
+    pool: &'a Pool,
+    branch: &'a BranchSlot,
+    primary: &'a SocketAddr,
     settings: PoolSettings,
-    params: &ClientParams,
-) -> Result<StartupValues, StartupRefusal> {
-    let key = startup_checks::key(params.startup());
-    let lead = match pool.startups.lookup(&key) {
-        Lookup::Accepted(values) => return Ok(values),
-        Lookup::Running(running) => match running.outcome().await {
-            Outcome::Accepted(values) => return Ok(values),
-            Outcome::Refused(fatal) => return Err(StartupRefusal::Server(fatal.to_vec())),
-            Outcome::NotChecked => return Err(StartupRefusal::NotNow),
-            // Read on its own, once: a waiting login follows at most one reading, so its
-            // wait stays bounded by two.
-            Outcome::Failed => None,
-        },
-        Lookup::Lead(lead) => Some(lead),
-    };
-    let read = check_startup(worker, pool, branch, primary, settings, params).await;
-    let outcome = match &read {
-        Ok(values) => Outcome::Accepted(values.clone()),
-        Err(StartupRefusal::Server(fatal)) => Outcome::Refused(fatal.as_slice().into()),
-        Err(StartupRefusal::NotNow) => Outcome::NotChecked,
-        Err(StartupRefusal::NoBackend(_)) => Outcome::Failed,
-    };
-    match lead {
-        Some(lead) => lead.finish(outcome),
-        None => {
-            if let Outcome::Accepted(values) = outcome {
-                pool.startups.accept(key, values);
-            }
-        }
-    }
-    read
+    params: &'a ClientParams,
 }
 
-/// Gives a backend of `pool` the client's StartupMessage parameters and reads back what the
-/// server made of them (in the order of `params.startup()`). The backend keeps them (recorded
-/// as its parameters), or is closed if it could not answer.
-async fn check_startup(
-    worker: &Rc<Worker>,
-    pool: &Pool,
-    branch: &BranchSlot,
-    primary: &SocketAddr,
-    settings: PoolSettings,
-    params: &ClientParams,
-) -> Result<StartupValues, StartupRefusal> {
-    if branch.entry.paused() {
-        return Err(StartupRefusal::NotNow);
-    }
-    let mut backend = match acquire_for_login(worker, pool, primary, settings).await {
-        Ok(backend) => backend,
-        Err(AcquireError::Connect { error, .. }) if unavailable(&error) => {
-            return Err(StartupRefusal::NotNow)
+impl StartupCheck<'_> {
+    /// The values the server reads the client's StartupMessage parameters as: remembered by the
+    /// pool, or read by another login now asking for the same set ([`startup_checks`]), or read
+    /// here ([`StartupCheck::check`]).
+    async fn read(&self) -> Result<StartupValues, StartupRefusal> {
+        let pool = self.pool;
+        let key = startup_checks::key(self.params.startup());
+        let lead = match pool.startups.lookup(&key) {
+            Lookup::Accepted(values) => return Ok(values),
+            Lookup::Running(running) => match running.outcome().await {
+                Outcome::Accepted(values) => return Ok(values),
+                Outcome::Refused(fatal) => return Err(StartupRefusal::Server(fatal.to_vec())),
+                Outcome::NotChecked => return Err(StartupRefusal::NotNow),
+                // Read on its own, once: a waiting login follows at most one reading, so its
+                // wait stays bounded by two.
+                Outcome::Failed => None,
+            },
+            Lookup::Lead(lead) => Some(lead),
+        };
+        let read = self.check().await;
+        let outcome = match &read {
+            Ok(values) => Outcome::Accepted(values.clone()),
+            Err(StartupRefusal::Server(fatal)) => Outcome::Refused(fatal.as_slice().into()),
+            Err(StartupRefusal::NotNow) => Outcome::NotChecked,
+            Err(StartupRefusal::NoBackend(_)) => Outcome::Failed,
+        };
+        match lead {
+            Some(lead) => lead.finish(outcome),
+            None => {
+                if let Outcome::Accepted(values) = outcome {
+                    pool.startups.accept(key, values);
+                }
+            }
         }
-        Err(error) => return Err(StartupRefusal::NoBackend(error)),
-    };
-    let asked: Vec<(&str, &str)> = params.startup().iter().collect();
-    let checked = Box::pin(readback::startup_settings(
-        &mut backend,
-        &asked,
-        &worker.buffers,
-    ))
-    .await;
-    let (values, refusal) = match checked {
-        Ok(StartupSettings::Accepted(values)) => (values, None),
-        Ok(StartupSettings::Refused { applied, fatal }) => (applied, Some(fatal)),
-        Err(error) => {
-            tracing::warn!(%error, "checking a pooled client's startup parameters failed");
-            pool.discard(backend);
-            return Err(StartupRefusal::NoBackend(AcquireError::Connect {
-                error: BackendError::Timeout,
-                to_client: Vec::new(),
-            }));
-        }
-    };
-    // What the backend now has: the values before any refused one, as the server read them.
-    for ((name, _), value) in asked.iter().zip(&values) {
-        backend
-            .params
-            .startup_value(name, value, params.is_reported(name));
+        read
     }
-    release_after_login(worker, pool, primary, backend);
-    match refusal {
-        Some(fatal) => Err(StartupRefusal::Server(fatal)),
-        None => Ok(values.into()),
+
+    /// Gives a backend of the pool the client's StartupMessage parameters and reads back what the
+    /// server made of them (in the order of `params.startup()`). The backend keeps them (recorded
+    /// as its parameters), or is closed if it could not answer.
+    async fn check(&self) -> Result<StartupValues, StartupRefusal> {
+        let StartupCheck {
+            worker,
+            pool,
+            branch,
+            primary,
+            settings,
+            params,
+        } = *self;
+        if branch.entry.paused() {
+            return Err(StartupRefusal::NotNow);
+        }
+        let mut backend = match acquire_for_login(worker, pool, primary, settings).await {
+            Ok(backend) => backend,
+            Err(AcquireError::Connect { error, .. }) if unavailable(&error) => {
+                return Err(StartupRefusal::NotNow)
+            }
+            Err(error) => return Err(StartupRefusal::NoBackend(error)),
+        };
+        let asked: Vec<(&str, &str)> = params.startup().iter().collect();
+        let checked = Box::pin(readback::startup_settings(
+            &mut backend,
+            &asked,
+            &worker.buffers,
+        ))
+        .await;
+        let (values, refusal) = match checked {
+            Ok(StartupSettings::Accepted(values)) => (values, None),
+            Ok(StartupSettings::Refused { applied, fatal }) => (applied, Some(fatal)),
+            Err(error) => {
+                tracing::warn!(%error, "checking a pooled client's startup parameters failed");
+                pool.discard(backend);
+                return Err(StartupRefusal::NoBackend(AcquireError::Connect {
+                    error: BackendError::Timeout,
+                    to_client: Vec::new(),
+                }));
+            }
+        };
+        // What the backend now has: the values before any refused one, as the server read them.
+        for ((name, _), value) in asked.iter().zip(&values) {
+            backend
+                .params
+                .startup_value(name, value, params.is_reported(name));
+        }
+        release_after_login(worker, pool, primary, backend);
+        match refusal {
+            Some(fatal) => Err(StartupRefusal::Server(fatal)),
+            None => Ok(values.into()),
+        }
     }
 }
 
@@ -342,15 +350,15 @@ pub(super) async fn after_front_door(
     // server refuses refuses the login, and the client sees the values as the server shows
     // them. A set a backend of the pool accepted before needs no backend.
     if !params.startup().is_empty() {
-        let read = read_startup(
+        let check = StartupCheck {
             worker,
-            &pool,
-            &branch_slot,
-            &branch.primary,
+            pool: &pool,
+            branch: &branch_slot,
+            primary: &branch.primary,
             settings,
-            &params,
-        );
-        match Box::pin(read).await {
+            params: &params,
+        };
+        match Box::pin(check.read()).await {
             Ok(values) => params.startup_read_as(&values),
             Err(StartupRefusal::NotNow) => {
                 tracing::debug!(%peer, "pooled login: startup parameters not checked (branch paused or primary unreachable)");
