@@ -962,11 +962,14 @@ fn refused_setup(body: &[u8]) -> Vec<u8> {
         .filter(|code| code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric()))
         .unwrap_or(SqlState::CONNECTION_FAILURE.as_str());
     let message = fields.map_or("server refused the session's settings", |f| f.message);
-    tracing::warn!(
-        code,
-        message,
-        "a backend refused a pooled client's session parameters: closing the client"
-    );
+    if let Some(suppressed) = SETUP_REFUSED.allow() {
+        tracing::warn!(
+            code,
+            message,
+            suppressed,
+            "a backend refused a pooled client's session parameters: closing the client"
+        );
+    }
     let mut out = vec![be::ERROR_RESPONSE, 0, 0, 0, 0];
     for (field, value) in [
         (b'S', "FATAL"),
@@ -984,6 +987,9 @@ fn refused_setup(body: &[u8]) -> Vec<u8> {
     out[1..5].copy_from_slice(&len.to_be_bytes());
     out
 }
+
+/// Logs each refusal (one per client, which it ends).
+static SETUP_REFUSED: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new();
 
 /// The detail of [`refused_setup`]'s FATAL.
 pub(super) const REFUSED_SETUP_DETAIL: &str = "The pooled port could not give a server \
