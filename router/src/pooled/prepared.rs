@@ -968,8 +968,10 @@ pub enum ParameterChange {
 /// What a statement's text names that the router follows without reading the statement.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Mentions {
-    /// `set_config` or `pg_settings`: settings may change without `SET`.
-    settings: bool,
+    /// `set_config`: settings may change without `SET` ([`set_config_calls`]).
+    set_config: bool,
+    /// `pg_settings` (an `UPDATE` of it sets): settings may change without `SET`.
+    pg_settings: bool,
     /// A session-level advisory lock function.
     session_lock: bool,
     /// A temporary object made where no reply says so ([`temporary_at`]).
@@ -979,7 +981,6 @@ struct Mentions {
 /// Scans `text` (any case) for the names [`Mentions`] lists. Every one has an underscore at a
 /// known place: only the bytes around each underscore are looked at.
 fn mentions(text: &[u8]) -> Mentions {
-    const SETTINGS: [(&[u8], usize); 2] = [(b"set_config", 3), (b"pg_settings", 2)];
     let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
     let is_at = |start: usize, name: &[u8]| {
         text.get(start..start + name.len())
@@ -1020,10 +1021,11 @@ fn mentions(text: &[u8]) -> Mentions {
     };
     let mut seen = Mentions::default();
     for at in memchr::memchr_iter(b'_', text) {
-        seen.settings |= SETTINGS.iter().any(|&name| word_at(at, name));
+        seen.set_config |= word_at(at, (b"set_config", 3));
+        seen.pg_settings |= word_at(at, (b"pg_settings", 2));
         seen.session_lock |= session_lock_at(at);
         seen.temp |= temp_schema_at(at);
-        if seen.settings && seen.session_lock && seen.temp {
+        if seen.set_config && seen.pg_settings && seen.session_lock && seen.temp {
             break;
         }
     }
@@ -1063,16 +1065,36 @@ fn temporary_at(text: &[u8], at: usize) -> bool {
         .any(|word| previous.eq_ignore_ascii_case(word))
 }
 
-/// The changes [`mentions`] stands for. A `set_config('name', ...)` names its parameter,
-/// which is read back by name (custom ones, `app.x`, are not in `pg_settings`); one whose name
-/// is not a plain literal cannot be followed: its backend is closed after the session read.
+/// The changes [`mentions`] stands for. A `set_config('name', value, true)` sets its
+/// parameter for its transaction only (PostgREST's every request): nothing to follow. Any other
+/// `set_config('name', ...)` names its parameter, which is read back by name (one round trip;
+/// custom ones, `app.x`, are not in `pg_settings` anyway); one whose name is not a plain
+/// literal cannot be followed: its backend is closed after the session read. The session is
+/// read whole (a costlier round trip: PostgreSQL builds all of `pg_settings`) only after a
+/// write to `pg_settings`, a `set_config` that is not a readable call, or one of
+/// `session_authorization` (which also resets the role).
 fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
     let seen = mentions(text);
-    if seen.settings {
+    if seen.pg_settings {
         f(ParameterChange::Unknown);
-        for name in set_config_names(text) {
-            match name {
-                Some(name) => f(ParameterChange::Set(name)),
+    }
+    if seen.set_config {
+        let calls = set_config_calls(text);
+        if calls.is_empty() {
+            // Named but not called where the router can read it.
+            f(ParameterChange::Unknown);
+        }
+        for call in calls {
+            if call.local {
+                continue;
+            }
+            match call.name {
+                Some(name) => {
+                    if name == "session_authorization" {
+                        f(ParameterChange::Unknown);
+                    }
+                    f(ParameterChange::Set(name))
+                }
                 None => f(ParameterChange::Untraceable),
             }
         }
@@ -1082,10 +1104,20 @@ fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
     }
 }
 
-/// The first argument of each `set_config(` call in `text`, if it is a plain string literal
-/// (`'app.x'`); `None` for one that is not (a parameter, an expression).
-fn set_config_names(text: &[u8]) -> Vec<Option<String>> {
-    let mut names = Vec::new();
+/// One `set_config(name, value, is_local)` call in a statement's text.
+#[derive(Debug, PartialEq, Eq)]
+struct SetConfigCall {
+    /// Its first argument, if it is a plain string literal (`'app.x'`), in lower case; `None`
+    /// for one that is not (a parameter, an expression).
+    name: Option<String>,
+    /// Its third argument is a literal true (`true`, `'on'`, ...): the value lasts for the
+    /// transaction only.
+    local: bool,
+}
+
+/// Each `set_config(` call in `text`.
+fn set_config_calls(text: &[u8]) -> Vec<SetConfigCall> {
+    let mut calls = Vec::new();
     let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
     for at in memchr::memchr_iter(b'_', text) {
         let Some(start) = at.checked_sub(3) else {
@@ -1111,9 +1143,95 @@ fn set_config_names(text: &[u8]) -> Vec<Option<String>> {
             continue;
         }
         let quote = skip_space(open + 1);
-        names.push(literal_at(text, quote).map(|name| name.to_ascii_lowercase()));
+        let args = call_arguments(text, open + 1);
+        let local = args
+            .as_ref()
+            .and_then(|args| args.get(2))
+            .is_some_and(|&(start, end)| literal_true(&text[start..end]));
+        calls.push(SetConfigCall {
+            name: literal_at(text, quote).map(|name| name.to_ascii_lowercase()),
+            local,
+        });
     }
-    names
+    calls
+}
+
+/// The arguments of the call whose `(` is just before `at`, as `(start, end)` ranges of
+/// `text` trimmed of white space: split at the commas outside parentheses, brackets, string
+/// literals, quoted identifiers and dollar quotes. `None` where the router does not read it
+/// (a comment, or no closing parenthesis).
+fn call_arguments(text: &[u8], at: usize) -> Option<Vec<(usize, usize)>> {
+    let mut args = Vec::new();
+    let mut depth = 0usize;
+    let mut start = at;
+    let mut i = at;
+    let trimmed = |start: usize, end: usize| {
+        let arg = &text[start..end];
+        let from = arg.iter().position(|b| !b.is_ascii_whitespace());
+        let to = arg.iter().rposition(|b| !b.is_ascii_whitespace());
+        match (from, to) {
+            (Some(from), Some(to)) => (start + from, start + to + 1),
+            _ => (start, start),
+        }
+    };
+    loop {
+        match *text.get(i)? {
+            b'\'' => {
+                // `E'...'` takes backslash escapes; `''` is a quote in either.
+                let escapes = i > 0 && text[i - 1].eq_ignore_ascii_case(&b'e');
+                i += 1;
+                loop {
+                    match *text.get(i)? {
+                        b'\\' if escapes => i += 2,
+                        b'\'' if text.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'"' => i += memchr::memchr(b'"', text.get(i + 1..)?)? + 1,
+            b'$' if !text.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                // A dollar quote: `$tag$ ... $tag$`.
+                let tag_len = text.get(i + 1..)?.iter().position(|&b| b == b'$')? + 2;
+                let tag = text.get(i..i + tag_len)?;
+                let body = i + tag_len;
+                i = body + memchr::memmem::find(text.get(body..)?, tag)? + tag_len - 1;
+            }
+            b'-' if text.get(i + 1) == Some(&b'-') => return None,
+            b'/' if text.get(i + 1) == Some(&b'*') => return None,
+            b'(' | b'[' => depth += 1,
+            b']' => depth = depth.checked_sub(1)?,
+            b')' if depth == 0 => {
+                args.push(trimmed(start, i));
+                return Some(args);
+            }
+            b')' => depth -= 1,
+            b',' if depth == 0 => {
+                args.push(trimmed(start, i));
+                start = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+}
+
+/// True for an argument PostgreSQL reads as a boolean true: the keyword `true`, or a string
+/// literal `parse_bool` takes as true (`'t'`, `'on'`, `'yes'`, `'1'`, ...).
+fn literal_true(arg: &[u8]) -> bool {
+    if arg.eq_ignore_ascii_case(b"true") {
+        return true;
+    }
+    let Some(value) = arg
+        .strip_prefix(b"'")
+        .and_then(|rest| rest.strip_suffix(b"'"))
+    else {
+        return false;
+    };
+    let value = value.trim_ascii();
+    ["t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"]
+        .iter()
+        .any(|word| value.eq_ignore_ascii_case(word.as_bytes()))
 }
 
 /// The standard string literal starting at `at` (`'...'`, `''` for a quote), if there is one.
@@ -1808,7 +1926,6 @@ mod tests {
             "SET ROLE bob",
             "set session role 'bob'",
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "select pg_catalog.set_config('statement_timeout', '1', false)",
             "update PG_SETTINGS set setting = '1' where name = 'work_mem'",
             "DISCARD ALL",
             "deallocate x; select 1",
@@ -1821,14 +1938,50 @@ mod tests {
         }
         assert!(facts("DEALLOCATE x").changes.is_empty());
         assert_eq!(
-            facts("select set_config('App.Tenant', '42', false), SET_CONFIG ( 'it''s', 'x', true)")
+            facts("select set_config('App.Tenant', '42', false), SET_CONFIG ( 'it''s', 'x', $3)")
                 .changes,
-            [ParameterChange::Unknown, set("app.tenant"), set("it's")]
+            [set("app.tenant"), set("it's")]
         );
         assert_eq!(
             facts("select set_config($1, $2, false)").changes,
-            [ParameterChange::Unknown, ParameterChange::Untraceable]
+            [ParameterChange::Untraceable]
         );
+        // For the transaction only: nothing outlives it (PostgREST's every request).
+        for local in [
+            "select set_config('search_path', $1, true), set_config('role', $2, true), \
+             set_config('request.jwt.claims', $3, TRUE)",
+            "select set_config($1, $2, true)",
+            "select pg_catalog.set_config('a.b', format('%s,(%s', $1, ')'), 'on')",
+            "select set_config('a.b', E'it\\'s, (', ' t ')",
+            "select set_config('a.b', $q$), 'x$q$, 'yes')",
+            "select set_config('a.b', (array['x', 'y'])[1], '1')",
+        ] {
+            assert!(facts(local).changes.is_empty(), "{local}");
+        }
+        for (session, changes) in [
+            ("select set_config('a.b', 'x', $3)", vec![set("a.b")]),
+            (
+                "select pg_catalog.set_config('statement_timeout', '1', false)",
+                vec![set("statement_timeout")],
+            ),
+            ("select set_config('a.b', 'x', 'off')", vec![set("a.b")]),
+            (
+                "select set_config('a.b', 'x' -- comment\n, true)",
+                vec![set("a.b")],
+            ),
+            ("select set_config('a.b', 'x', true", vec![set("a.b")]),
+            (
+                "select set_config('session_authorization', 'x', false)",
+                vec![ParameterChange::Unknown, set("session_authorization")],
+            ),
+            (
+                "update pg_settings set setting = '1' where name = 'work_mem'",
+                vec![ParameterChange::Unknown],
+            ),
+            ("select 'set_config' as f", vec![ParameterChange::Unknown]),
+        ] {
+            assert_eq!(facts(session).changes, changes, "{session}");
+        }
         for locking in [
             "select pg_advisory_lock(1)",
             "SELECT PG_TRY_ADVISORY_LOCK(1, 2)",
@@ -1898,8 +2051,14 @@ mod tests {
         parse_parameter_changes(b"select 1\0\0\0", |c| parsed.push(c));
         parse_parameter_changes(b"SET search_path = app\0\0\0", |c| parsed.push(c));
         assert_eq!(parsed, [reset("TimeZone"), set("search_path")]);
+        let mut parsed = Vec::new();
+        parse_parameter_changes(
+            b"with x as (select set_config('a.b', '1', false)) select 1\0\0\0",
+            |c| parsed.push(c),
+        );
+        assert_eq!(parsed, [set("a.b")]);
         for text in [
-            &b"with x as (select set_config('a.b', '1', false)) select 1\0\0\0"[..],
+            &b"update pg_settings set setting = '1' where name = 'work_mem'\0\0\0"[..],
             b"DEALLOCATE ALL\0\0\0",
             b"prepare p as select 1\0\0\0",
             b"discard all\0\0\0",
