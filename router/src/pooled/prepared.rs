@@ -1177,12 +1177,14 @@ fn call_arguments(text: &[u8], at: usize) -> Option<Vec<(usize, usize)>> {
     loop {
         match *text.get(i)? {
             b'\'' => {
-                // `E'...'` takes backslash escapes; `''` is a quote in either.
+                // `E'...'` takes backslash escapes; `''` is a quote in either. A backslash in
+                // another string means what `standard_conforming_strings` says: not read.
                 let escapes = i > 0 && text[i - 1].eq_ignore_ascii_case(&b'e');
                 i += 1;
                 loop {
                     match *text.get(i)? {
                         b'\\' if escapes => i += 2,
+                        b'\\' => return None,
                         b'\'' if text.get(i + 1) == Some(&b'\'') => i += 2,
                         b'\'' => break,
                         _ => i += 1,
@@ -1190,6 +1192,8 @@ fn call_arguments(text: &[u8], at: usize) -> Option<Vec<(usize, usize)>> {
                 }
             }
             b'"' => i += memchr::memchr(b'"', text.get(i + 1..)?)? + 1,
+            // `$` inside an identifier (`a$b`) is part of it; a parameter is `$1`.
+            b'$' if i > 0 && is_identifier_byte(text[i - 1]) => {}
             b'$' if !text.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                 // A dollar quote: `$tag$ ... $tag$`.
                 let tag_len = text.get(i + 1..)?.iter().position(|&b| b == b'$')? + 2;
@@ -1214,6 +1218,11 @@ fn call_arguments(text: &[u8], at: usize) -> Option<Vec<(usize, usize)>> {
         }
         i += 1;
     }
+}
+
+/// True for a byte an identifier may continue with.
+fn is_identifier_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
 /// True for an argument PostgreSQL reads as a boolean true: the keyword `true`, or a string
@@ -1970,6 +1979,15 @@ mod tests {
                 vec![set("a.b")],
             ),
             ("select set_config('a.b', 'x', true", vec![set("a.b")]),
+            // With `standard_conforming_strings` off the string ends later: not read.
+            (
+                "select set_config('a.b', 'x\\', true)', false)",
+                vec![set("a.b")],
+            ),
+            (
+                "select set_config('a.b', x$y$, true) from (select 1 as x$y$) s",
+                vec![],
+            ),
             (
                 "select set_config('session_authorization', 'x', false)",
                 vec![ParameterChange::Unknown, set("session_authorization")],
