@@ -696,6 +696,27 @@ mod tests {
         assert_eq!(refused("-d 5").code, SqlState::FEATURE_NOT_SUPPORTED);
     }
 
+    #[test]
+    fn sets_the_catalog_checks_are_answered_before_the_clients_statements() {
+        let mut backend = BackendParams::new((*base()).clone());
+        let mut sql = String::new();
+        let plain = ClientParams::new(base(), [("application_name", "a")].into_iter());
+        assert_eq!(backend.sync_to(&plain, &mut sql), Synced::Pipelined);
+        let role = ClientParams::new(
+            base(),
+            [("application_name", "a"), ("role", "reader")].into_iter(),
+        );
+        sql.clear();
+        assert_eq!(backend.sync_to(&role, &mut sql), Synced::AnswerFirst);
+        assert!(sql.contains("E'role', E'reader'"), "{sql}");
+        sql.clear();
+        assert_eq!(backend.sync_to(&role, &mut sql), Synced::Nothing);
+        // Back to no role: a RESET, which cannot be refused.
+        sql.clear();
+        assert_eq!(backend.sync_to(&plain, &mut sql), Synced::Pipelined);
+        assert_eq!(sql, "RESET \"role\";");
+    }
+
     fn base() -> Rc<Params> {
         let mut p = Params::default();
         for (n, v) in [
