@@ -838,7 +838,10 @@ fn backend_messages(
                 }
                 let resetting = tx.resetting();
                 let mut reply = tx.backend(tag, body).map_err(|e| e.to_string())?;
-                if tag == be::ERROR_RESPONSE && tx.take_setup_failed() {
+                // A resync queued behind the client's own statement that aborted the block
+                // fails with 25P02: not a refusal (the client has its own error, and the
+                // block's rollback takes the backend back to the client's values).
+                if tag == be::ERROR_RESPONSE && tx.take_setup_failed() && !in_failed_block(body) {
                     found.setup_refused = Some(refused_setup(body));
                     return Ok(());
                 }
@@ -986,6 +989,11 @@ fn refused_setup(body: &[u8]) -> Vec<u8> {
     let len = (out.len() - 1) as u32;
     out[1..5].copy_from_slice(&len.to_be_bytes());
     out
+}
+
+/// True for PostgreSQL's error for a statement in an aborted transaction block (25P02).
+fn in_failed_block(body: &[u8]) -> bool {
+    crate::protocol::backend::ErrorFields::parse(body).is_ok_and(|fields| fields.code == "25P02")
 }
 
 /// Logs each refusal (one per client, which it ends).
