@@ -33,10 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 24] = [
+const ROLES: [&str; 25] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
-    "many", "stmts", "locker", "revoked", "jwt",
+    "many", "stmts", "locker", "revoked", "jwt", "resync",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -1746,4 +1746,44 @@ fn transaction_local_set_config_is_not_read_back_and_does_not_outlive_its_transa
         .filter(|line| line.contains("statement:") && line.contains("pg_settings"))
         .collect();
     assert!(reads.is_empty(), "no session read: {reads:#?}");
+}
+
+/// The other side of the refused-setup fix: a `RESET TimeZone` in a block has the router give
+/// the backend the client's own value again before the client's next statement; when the
+/// client's statement already on its way aborts the block first, that resync fails with 25P02.
+/// That is no refusal of the client's settings (the client got its own error; the rollback
+/// takes the backend back to the client's value): the session goes on as on a server.
+#[test]
+fn a_resync_behind_the_clients_failing_statement_does_not_end_the_session() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "resync");
+    let mut a = f.raw_with(
+        &router,
+        "resync",
+        Mode::SslRequest,
+        &[("TimeZone", "Asia/Tokyo")],
+    );
+    // The reset, and in the same write a statement that fails after half a second (random()
+    // keeps PostgreSQL from folding the division while it plans).
+    a.send(&[
+        query("BEGIN; RESET TimeZone"),
+        query("select pg_sleep(0.5), 1 / (random()::int * 0)"),
+    ]);
+    let reset = a.until_ready("the reset");
+    assert_eq!(RawConn::status(&reset), 'T');
+    assert!(
+        parameter_statuses(&reset)
+            .iter()
+            .all(|(_, value)| value == "Asia/Tokyo"),
+        "the pool's default never shows: {reset:?}"
+    );
+    // Sent while the failing statement runs: the resync goes behind it.
+    a.send(&[query("select 2")]);
+    let failed = a.until_ready("the failing statement");
+    assert_eq!(error_codes(&failed), ["22012"]);
+    let next = a.until_ready("the statement after it");
+    assert_eq!(error_codes(&next), ["25P02"], "{next:?}");
+    assert_eq!(RawConn::status(&next), 'E');
+    ok(&mut a, "ROLLBACK");
+    assert_eq!(a.value("show TimeZone"), "Asia/Tokyo");
 }

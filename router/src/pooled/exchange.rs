@@ -423,10 +423,6 @@ pub(super) async fn transaction(
                     if let Err(error) = done {
                         break Step::BackendProtocol(error);
                     }
-                    if let Some(error) = found.borrow_mut().setup_refused.take() {
-                        // Whatever else came stays unsent: the client is closed.
-                        break Step::SetupRefused(error);
-                    }
                 }
                 None => state.borrow_mut().tx.take_synthesized(&mut to_client),
             }
@@ -453,6 +449,10 @@ pub(super) async fn transaction(
                     }
                     break Step::ClientFailed(error.to_string());
                 }
+            }
+            // The replies before the refusal went out; whatever came after it stays unsent.
+            if let Some(error) = found.borrow_mut().setup_refused.take() {
+                break Step::SetupRefused(error);
             }
             from_backend.detach(buffers);
         };
