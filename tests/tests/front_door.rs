@@ -334,7 +334,17 @@ fn a_cancel_flood_does_not_displace_a_real_cancel() {
         let (pid, secret) = login_keyed(&mut tls, PASSWORD).expect("login");
         let sleeper = sleep_in_background(tls);
         wait_sleeping(&mut watcher, pid);
+        // The flood is running when the real cancel goes (on a loaded machine its threads
+        // may take a while to get a turn).
         let before = sent.load(Ordering::Relaxed);
+        let flooding = Instant::now();
+        while sent.load(Ordering::Relaxed) <= before {
+            assert!(
+                flooding.elapsed() < Duration::from_secs(10),
+                "round {round}: the flood was not running"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
         assert!(
             send_cancel(addr, honest, pid, secret),
             "send the real cancel"
@@ -342,10 +352,6 @@ fn a_cancel_flood_does_not_displace_a_real_cancel() {
         let (code, took) = sleeper.join().expect("query thread");
         assert_eq!(code, "57014", "round {round}: the query was canceled");
         assert!(took < Duration::from_secs(20), "round {round}: {took:?}");
-        assert!(
-            sent.load(Ordering::Relaxed) > before,
-            "round {round}: the flood was running"
-        );
     }
     stop.store(true, Ordering::Relaxed);
     for thread in flood {
@@ -489,6 +495,7 @@ fn repeated_refusals_are_logged_once_with_a_count() {
     let branch = BranchSpec::new("down", down).role(ROLE, &fixture().verifier);
     let router = TestRouter::start(&fixture().certs, &[branch]);
     let addr = router.direct_addr();
+    let started = Instant::now();
     for _ in 0..20 {
         let mut tls = raw::connect_tls(addr, fixture().certs.client_config(), Mode::Direct);
         start_sasl(&mut tls, "app.down");
@@ -496,12 +503,17 @@ fn repeated_refusals_are_logged_once_with_a_count() {
         assert_eq!(error.code, "08006");
         expect_closed(&mut tls, "refused");
     }
+    // One per interval: one in all unless a loaded machine took longer than that for them.
+    let most = 1 + started.elapsed().as_secs() / branchgate::throttle::LOG_INTERVAL.as_secs();
     let text = String::from_utf8_lossy(&log.lock().expect("log lock")).into_owned();
     let warnings = text
         .lines()
         .filter(|line| line.contains("WARN") && line.contains("connection refused"))
-        .count();
-    assert_eq!(warnings, 1, "{text}");
+        .count() as u64;
+    assert!(
+        (1..=most).contains(&warnings),
+        "{warnings} warnings, at most {most}: {text}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
