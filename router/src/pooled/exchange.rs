@@ -124,15 +124,7 @@ pub(super) async fn transaction(
             if let Err(error) = write_all_vec(backend_wr, &mut to_backend).await {
                 return Step::BackendFailed(error.to_string());
             }
-            std::future::poll_fn(|cx| {
-                if state.borrow().tx.setup_owed() {
-                    progress.set(Some(cx.waker().clone()));
-                    std::task::Poll::Pending
-                } else {
-                    std::task::Poll::Ready(())
-                }
-            })
-            .await;
+            until_tx(&state, &progress, |tx| !tx.setup_owed()).await;
         }
         let mut forwarded = false;
         loop {
@@ -234,9 +226,8 @@ pub(super) async fn transaction(
                 if state.borrow().tx.pending() > 0 {
                     // Replies PostgreSQL keeps for a Sync are sent too: it flushes them with
                     // its FATAL.
-                    let mut flush = Vec::with_capacity(HEADER_BYTES);
-                    flush.extend_from_slice(&[fe::FLUSH, 0, 0, 0, 4]);
-                    if let Err(error) = write_all_vec(backend_wr, &mut flush).await {
+                    write::flush(&mut to_backend);
+                    if let Err(error) = write_all_vec(backend_wr, &mut to_backend).await {
                         return Step::BackendFailed(error.to_string());
                     }
                     until_answered(&state, &progress, &writing, &write_done).await;
@@ -267,9 +258,8 @@ pub(super) async fn transaction(
             // sent a Flush first: without one, PostgreSQL keeps small replies in its output
             // buffer until the Sync the client has not been let to send.
             if state.borrow().tx.pending() >= MAX_PENDING_REPLIES {
-                let mut flush = Vec::with_capacity(HEADER_BYTES);
-                flush.extend_from_slice(&[fe::FLUSH, 0, 0, 0, 4]);
-                if let Err(error) = write_all_vec(backend_wr, &mut flush).await {
+                write::flush(&mut to_backend);
+                if let Err(error) = write_all_vec(backend_wr, &mut to_backend).await {
                     return Step::BackendFailed(error.to_string());
                 }
             }
@@ -642,8 +632,18 @@ async fn until_idle_holding(
     if !watch {
         return std::future::pending().await;
     }
+    until_tx(state, progress, Transaction::idle_holding).await
+}
+
+/// Completes once `done` holds for the transaction (the backend direction wakes `progress`
+/// after each batch of replies).
+async fn until_tx(
+    state: &RefCell<Linked>,
+    progress: &Cell<Option<std::task::Waker>>,
+    done: impl Fn(&Transaction) -> bool,
+) {
     std::future::poll_fn(|cx| {
-        if state.borrow().tx.idle_holding() {
+        if done(&state.borrow().tx) {
             std::task::Poll::Ready(())
         } else {
             progress.set(Some(cx.waker().clone()));
@@ -973,21 +973,15 @@ fn refused_setup(body: &[u8]) -> Vec<u8> {
             "a backend refused a pooled client's session parameters: closing the client"
         );
     }
-    let mut out = vec![be::ERROR_RESPONSE, 0, 0, 0, 0];
-    for (field, value) in [
-        (b'S', "FATAL"),
-        (b'V', "FATAL"),
-        (b'C', code),
-        (b'M', message),
-        (b'D', REFUSED_SETUP_DETAIL),
-    ] {
-        out.push(field);
-        out.extend_from_slice(value.as_bytes());
-        out.push(0);
-    }
-    out.push(0);
-    let len = (out.len() - 1) as u32;
-    out[1..5].copy_from_slice(&len.to_be_bytes());
+    let mut out = Vec::new();
+    write::error_response_with_code(
+        &mut out,
+        write::Severity::Fatal,
+        code,
+        message,
+        Some(REFUSED_SETUP_DETAIL),
+        None,
+    );
     out
 }
 

@@ -981,7 +981,6 @@ struct Mentions {
 /// Scans `text` (any case) for the names [`Mentions`] lists. Every one has an underscore at a
 /// known place: only the bytes around each underscore are looked at.
 fn mentions(text: &[u8]) -> Mentions {
-    let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
     let is_at = |start: usize, name: &[u8]| {
         text.get(start..start + name.len())
             .is_some_and(|w| w.eq_ignore_ascii_case(name))
@@ -1040,7 +1039,6 @@ fn mentions(text: &[u8]) -> Mentions {
 /// (`SELECT ... INTO TEMP t`). A column named `temp` is not (`select temp from t`), a table
 /// named `temp` after `INTO` is (its cleanup is only a round trip too many).
 fn temporary_at(text: &[u8], at: usize) -> bool {
-    let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
     let word_at = |start: usize, word: &[u8]| {
         text.get(start..start + word.len())
             .is_some_and(|w| w.eq_ignore_ascii_case(word))
@@ -1118,7 +1116,6 @@ struct SetConfigCall {
 /// Each `set_config(` call in `text`.
 fn set_config_calls(text: &[u8]) -> Vec<SetConfigCall> {
     let mut calls = Vec::new();
-    let ident = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b));
     for at in memchr::memchr_iter(b'_', text) {
         let Some(start) = at.checked_sub(3) else {
             continue;
@@ -1193,7 +1190,7 @@ fn call_arguments(text: &[u8], at: usize) -> Option<Vec<(usize, usize)>> {
             }
             b'"' => i += memchr::memchr(b'"', text.get(i + 1..)?)? + 1,
             // `$` inside an identifier (`a$b`) is part of it; a parameter is `$1`.
-            b'$' if i > 0 && is_identifier_byte(text[i - 1]) => {}
+            b'$' if ident(i.checked_sub(1).and_then(|p| text.get(p))) => {}
             b'$' if !text.get(i + 1).is_some_and(u8::is_ascii_digit) => {
                 // A dollar quote: `$tag$ ... $tag$`.
                 let tag_len = text.get(i + 1..)?.iter().position(|&b| b == b'$')? + 2;
@@ -1220,9 +1217,9 @@ fn call_arguments(text: &[u8], at: usize) -> Option<Vec<(usize, usize)>> {
     }
 }
 
-/// True for a byte an identifier may continue with.
-fn is_identifier_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+/// True if `b` is a byte an identifier continues with (ASCII letters and digits, `_`, `$`).
+fn ident(b: Option<&u8>) -> bool {
+    b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_$".contains(b))
 }
 
 /// True for an argument PostgreSQL reads as a boolean true: the keyword `true`, or a string

@@ -18,11 +18,23 @@ pub fn error_response_full(
     detail: Option<&str>,
     hint: Option<&str>,
 ) {
+    error_response_with_code(buf, severity, code.as_str(), message, detail, hint);
+}
+
+/// ErrorResponse (B) with a SQLSTATE the router did not choose (a server's, passed on).
+pub fn error_response_with_code(
+    buf: &mut Vec<u8>,
+    severity: Severity,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+    hint: Option<&str>,
+) {
     frame(buf, backend::ERROR_RESPONSE, |buf| {
         let fields = [
             (b'S', Some(severity.as_str())),
             (b'V', Some(severity.as_str())),
-            (b'C', Some(code.as_str())),
+            (b'C', Some(code)),
             (b'M', Some(message)),
             (b'D', detail),
             (b'H', hint),

@@ -106,6 +106,11 @@ pub fn sync(buf: &mut Vec<u8>) {
     frame(buf, frontend::SYNC, |_| {});
 }
 
+/// Flush (F).
+pub fn flush(buf: &mut Vec<u8>) {
+    frame(buf, frontend::FLUSH, |_| {});
+}
+
 /// Terminate (F).
 pub fn terminate(buf: &mut Vec<u8>) {
     frame(buf, frontend::TERMINATE, |_| {});

@@ -12,11 +12,11 @@ mod frontend;
 
 pub use backend::{
     auth_ok, auth_sasl, auth_sasl_continue, auth_sasl_final, backend_key_data, error_response,
-    error_response_full, negotiate_protocol_version, notice_response, parameter_status,
-    ready_for_query,
+    error_response_full, error_response_with_code, negotiate_protocol_version, notice_response,
+    parameter_status, ready_for_query,
 };
 pub use frontend::{
-    bind, cancel_request, execute, gssenc_request, parse, password_message, query,
+    bind, cancel_request, execute, flush, gssenc_request, parse, password_message, query,
     sasl_initial_response, sasl_response, ssl_request, startup_message, sync, terminate,
 };
 
