@@ -1432,6 +1432,8 @@ fn unreported_sets_stay_with_their_client_on_a_shared_backend() {
         "lc_nowhere, public | 5s",
         "\"\" | 5s",
         "lc_nowhere, public | 0",
+        "lc_third | 0",
+        "lc_nowhere, public | 0",
     ];
     for addr in [router.direct_addr(), router.pooled_addr()] {
         let mut a = connect(addr, &startup);
@@ -1456,6 +1458,11 @@ fn unreported_sets_stay_with_their_client_on_a_shared_backend() {
             &mut a,
             "SET SESSION search_path = DEFAULT; RESET statement_timeout",
         );
+        steps.push(a.value(check));
+        // A SET after the RESET in one query string is the last word, and the other way round.
+        run(&mut a, "RESET search_path; SET search_path TO lc_third");
+        steps.push(a.value(check));
+        run(&mut a, "SET search_path TO lc_other; RESET search_path");
         steps.push(a.value(check));
         assert_eq!(steps, expected, "{addr} vs a real server's session");
     }

@@ -33,10 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 25] = [
+const ROLES: [&str; 26] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
-    "many", "stmts", "locker", "revoked", "jwt", "resync",
+    "many", "stmts", "locker", "revoked", "jwt", "resync", "setrole",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -78,9 +78,13 @@ fn fixture() -> &'static Fixture {
              CREATE TABLE revoked_t (who text DEFAULT current_user); \
              GRANT ALL ON revoked_t TO revoked, revoked_grant",
         );
-        // Every statement `jwt`'s backends run goes to the server's log.
+        // Every statement `jwt`'s and `setrole`'s backends run goes to the server's log.
         pg.psql_admin(
             "CREATE ROLE jwt_anon; GRANT jwt_anon TO jwt; ALTER ROLE jwt SET log_statement = 'all'",
+        );
+        pg.psql_admin(
+            "CREATE ROLE setrole_other; GRANT setrole_other TO setrole; \
+             ALTER ROLE setrole SET log_statement = 'all'",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1786,4 +1790,87 @@ fn a_resync_behind_the_clients_failing_statement_does_not_end_the_session() {
     assert_eq!(RawConn::status(&next), 'E');
     ok(&mut a, "ROLLBACK");
     assert_eq!(a.value("show TimeZone"), "Asia/Tokyo");
+}
+
+/// Server log lines of statements `pids` ran that read `pg_settings` (the router's read of a
+/// backend's whole session). PostgreSQL's default `log_line_prefix` carries the pid.
+fn session_reads(f: &Fixture, pids: &[i32]) -> Vec<String> {
+    let log = std::fs::read_to_string(f.pg.log_path()).expect("server log");
+    log.lines()
+        .filter(|line| line.contains("statement:") && line.contains("pg_settings"))
+        .filter(|line| pids.iter().any(|pid| line.contains(&format!("[{pid}]"))))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `SET ROLE`, `SET ROLE NONE`, `RESET ROLE` and `SET role TO DEFAULT` follow their client as on
+/// a real server (the role a StartupMessage gave is what a reset goes back to; a rolled-back
+/// `SET ROLE` is undone), never reach the backend's next client, and cost a read of the role
+/// by name: the router used to read the backend's whole session (all of `pg_settings`, about a
+/// thirteenth of a plain transaction's rate) after every transaction with one.
+#[test]
+fn set_role_and_reset_role_follow_their_client_with_a_read_by_name() {
+    const ROLE: &str = "select current_setting('role')";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "setrole");
+    let startup = [("role", "setrole_other")];
+    let mut a = f.raw_with(&router, "setrole", Mode::SslRequest, &startup);
+    let mut b = f.raw(&router, "setrole", Mode::Direct);
+    let pid = pid_of(&mut a);
+    assert_eq!(pid, pid_of(&mut b), "one backend");
+    let (mut straight, _) = Straight::connect(&f.pg, &startup).expect("login to PostgreSQL");
+    let steps: [&[&str]; 8] = [
+        &[],
+        &["SET ROLE NONE"],
+        &["RESET ROLE"],
+        &["SET SESSION ROLE NONE", "SET role TO DEFAULT"],
+        &["BEGIN", "SET ROLE NONE", "ROLLBACK"],
+        &["BEGIN", "SET ROLE NONE", "COMMIT"],
+        &["SET ROLE setrole_other; RESET ROLE; SET ROLE NONE"],
+        &["BEGIN; RESET ROLE", "COMMIT"],
+    ];
+    let mut pooled = Vec::new();
+    let mut server = Vec::new();
+    for statements in steps {
+        for sql in statements {
+            assert!(errors(&a.simple(sql)).is_empty(), "{sql}");
+            assert!(errors(&straight.run(sql)).is_empty(), "{sql}");
+        }
+        pooled.push(a.value(ROLE));
+        server.push(rows(&straight.run(ROLE), "T D C Z", "role on the server").join(""));
+        // The backend's next client: its own (no) role, whatever `a` left there.
+        assert_eq!(
+            b.value("select current_setting('role') || ' ' || current_user"),
+            "none setrole",
+            "after {statements:?}"
+        );
+    }
+    assert_eq!(
+        server,
+        [
+            "setrole_other",
+            "none",
+            "setrole_other",
+            "setrole_other",
+            "setrole_other",
+            "none",
+            "none",
+            "setrole_other"
+        ],
+        "PostgreSQL itself"
+    );
+    assert_eq!(pooled, server, "pooled port vs a real server's session");
+
+    // A client with no role at startup, through a Parse too, on the one backend with `a`
+    // (now with no role either).
+    ok(&mut a, "SET ROLE NONE");
+    ok(&mut b, "SET ROLE setrole_other");
+    assert_eq!(b.value("select current_user"), "setrole_other");
+    assert_eq!(a.value("select current_user"), "setrole");
+    b.send(&[parse("", "RESET ROLE", &[]), bind_execute("", &[]), sync()]);
+    assert!(errors(&b.until_ready("RESET ROLE in a Parse")).is_empty());
+    assert_eq!(b.value("select current_user"), "setrole");
+    assert_eq!(pid_of(&mut b), pid, "still the one backend");
+    let reads = session_reads(f, &[pid]);
+    assert!(reads.is_empty(), "no whole-session read: {reads:#?}");
 }

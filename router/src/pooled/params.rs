@@ -109,6 +109,12 @@ const CHECKED_AGAINST_CATALOG: [&str; 6] = [
     "default_table_access_method",
 ];
 
+/// True for `role = none`: no role of its own, where every backend starts (a client too,
+/// unless its StartupMessage gave one).
+fn no_role(name: &str, value: &str) -> bool {
+    name.eq_ignore_ascii_case("role") && value.eq_ignore_ascii_case("none")
+}
+
 fn checked_against_catalog(name: &str) -> bool {
     CHECKED_AGAINST_CATALOG
         .iter()
@@ -261,8 +267,11 @@ impl ClientParams {
     /// from its backend), or left it without one (`None`).
     pub fn set_unreported(&mut self, name: &str, value: Option<&str>) {
         match value {
-            Some(value) => self.unreported.set(name, value),
-            None => self.unreported.remove(name),
+            // No role is the default: kept only against a role the client started with.
+            Some(value) if !no_role(name, value) || self.startup.get("role").is_some() => {
+                self.unreported.set(name, value)
+            }
+            _ => self.unreported.remove(name),
         }
     }
 
@@ -274,10 +283,7 @@ impl ClientParams {
         let mut unreported = Params::default();
         for (name, value) in settings {
             // No role is the default: kept only against a role the client started with.
-            if name.eq_ignore_ascii_case("role")
-                && value.eq_ignore_ascii_case("none")
-                && self.startup.get("role").is_none()
-            {
+            if no_role(name, value) && self.startup.get("role").is_none() {
                 continue;
             }
             unreported.set(name, value);
@@ -406,8 +412,9 @@ impl BackendParams {
     /// `SET`), or the value the server starts with (`None`).
     pub fn set_unreported(&mut self, name: &str, value: Option<&str>) {
         match value {
-            Some(value) => self.unreported.set(name, value),
-            None => self.unreported.remove(name),
+            // No role is where a backend starts.
+            Some(value) if !no_role(name, value) => self.unreported.set(name, value),
+            _ => self.unreported.remove(name),
         }
         self.given = None;
     }
@@ -423,7 +430,7 @@ impl BackendParams {
         let mut unreported = Params::default();
         for (name, value) in settings {
             // No role is where a backend starts.
-            if !(name.eq_ignore_ascii_case("role") && value.eq_ignore_ascii_case("none")) {
+            if !no_role(name, value) {
                 unreported.set(name, value);
             }
         }
@@ -715,6 +722,24 @@ mod tests {
         sql.clear();
         assert_eq!(backend.sync_to(&plain, &mut sql), Synced::Pipelined);
         assert_eq!(sql, "RESET \"role\";");
+    }
+
+    #[test]
+    fn no_role_is_kept_only_against_a_startup_role() {
+        let mut plain = ClientParams::new(base(), std::iter::empty());
+        plain.set_unreported("role", Some("reader"));
+        assert_eq!(plain.unreported.get("role"), Some("reader"));
+        plain.set_unreported("Role", Some("NONE"));
+        assert!(plain.unreported.is_empty(), "where every session starts");
+        let mut started = ClientParams::new(base(), [("role", "reader")].into_iter());
+        started.set_unreported("role", Some("none"));
+        assert_eq!(started.unreported.get("role"), Some("none"));
+        started.reset_unreported("role");
+        assert_eq!(started.unreported.get("role"), Some("reader"));
+        let mut backend = BackendParams::new((*base()).clone());
+        backend.set_unreported("role", Some("reader"));
+        backend.set_unreported("role", Some("none"));
+        assert!(backend.unreported.is_empty());
     }
 
     fn base() -> Rc<Params> {

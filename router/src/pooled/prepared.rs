@@ -939,17 +939,17 @@ fn query_facts(text: &[u8]) -> QueryFacts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParameterChange {
     /// `RESET name` or `SET [SESSION | LOCAL] name {TO | =} DEFAULT` (with PostgreSQL's other
-    /// spellings, `TIME ZONE` and `NAMES`): back to the session default. `RESET ALL`, `RESET
-    /// ROLE` and `SET SESSION AUTHORIZATION DEFAULT` are not one.
+    /// spellings, `TIME ZONE` and `NAMES`; `RESET ROLE` too): back to the session default.
+    /// `RESET ALL` and `SET SESSION AUTHORIZATION DEFAULT` are not one.
     Reset(String),
-    /// `SET [SESSION] name {TO | =} value` (or `SET SCHEMA`): a new session value. `SET LOCAL`
-    /// (over with the transaction), `SET ROLE`, `SET SESSION AUTHORIZATION`, `SET TRANSACTION`
+    /// `SET [SESSION] name {TO | =} value` (or `SET SCHEMA`, `SET ROLE`): a new session value.
+    /// `SET LOCAL` (over with the transaction), `SET SESSION AUTHORIZATION`, `SET TRANSACTION`
     /// and `SET CONSTRAINTS` are not one; neither are `SET TIME ZONE` and `SET NAMES`, whose
     /// parameters the server reports.
     Set(String),
-    /// A change of the session the router cannot name from the text: `SET [SESSION] ROLE`,
-    /// `SET SESSION AUTHORIZATION` and their `RESET`s, `SET SESSION CHARACTERISTICS`, a call of
-    /// `set_config` or a write to `pg_settings`, `RESET ALL` and `DISCARD ALL` (which a
+    /// A change of the session the router cannot name from the text: `SET SESSION
+    /// AUTHORIZATION` and its `RESET`, `SET SESSION CHARACTERISTICS`, a `set_config` the
+    /// router cannot read as a call or a write to `pg_settings`, `RESET ALL` and `DISCARD ALL` (which a
     /// rollback can undo), a `PREPARE`, `DEALLOCATE` or `DISCARD` in a Parse, a query too long
     /// to read. The backend's whole session is read back before it is lent again
     /// ([`readback::session_audit`](super::readback::session_audit)).
@@ -1293,12 +1293,13 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
     let words = &words[..count];
     let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
     let reset = |name: String| Some(ParameterChange::Reset(name));
-    // The role and the session's transaction characteristics: only a read of the whole
-    // session knows what they became (`SET ROLE` takes a role name or NONE; `SET SESSION
-    // AUTHORIZATION` also resets the role).
+    // The role is read back by name (`SET ROLE` takes a role name or NONE, `RESET ROLE` and
+    // `SET role TO DEFAULT` go back to the session's default). The session authorization and
+    // transaction characteristics: only a read of the whole session knows what they became
+    // (`SET SESSION AUTHORIZATION` also resets the role).
     match words {
         [reset_, role] if is(reset_, "reset") && is(role, "role") => {
-            return Some(ParameterChange::Unknown)
+            return Some(ParameterChange::Reset("role".into()))
         }
         [reset_, session, authorization]
             if is(reset_, "reset")
@@ -1323,13 +1324,23 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                 }
                 _ => (false, rest),
             };
-            let unknown = (!local).then_some(ParameterChange::Unknown);
             match rest {
-                [role, _, ..] if is(role, "role") => return unknown,
+                [role, first, more @ ..] if is(role, "role") => {
+                    let value = match more {
+                        [value, ..] if is(first, "to") || *first == "=" => value,
+                        _ => first,
+                    };
+                    let name = || "role".into();
+                    return match (local, is(value, "default")) {
+                        (true, _) => None,
+                        (false, true) => Some(ParameterChange::Reset(name())),
+                        (false, false) => Some(ParameterChange::Set(name())),
+                    };
+                }
                 [session, authorization, _, ..]
                     if is(session, "session") && is(authorization, "authorization") =>
                 {
-                    return unknown
+                    return (!local).then_some(ParameterChange::Unknown);
                 }
                 _ => {}
             }
@@ -1921,16 +1932,31 @@ mod tests {
             facts("SET application_name = default, x").changes,
             [set("application_name")]
         );
+        // The role, read back by name.
+        for (text, change) in [
+            ("SET ROLE bob", set("role")),
+            ("set session role 'bob'", set("role")),
+            ("SET ROLE NONE", set("role")),
+            ("set role = bob", set("role")),
+            ("SET role TO \"default\"", set("role")),
+            ("RESET ROLE", ParameterChange::Reset("role".into())),
+            ("SET role TO DEFAULT", ParameterChange::Reset("role".into())),
+            (
+                "set session role = default",
+                ParameterChange::Reset("role".into()),
+            ),
+        ] {
+            assert_eq!(facts(text).changes, [change], "{text}");
+        }
+        assert!(facts("SET LOCAL ROLE bob").changes.is_empty());
+        assert!(facts("set local role to default").changes.is_empty());
         // Changes only a read of the whole session can follow.
         for unknown in [
             "RESET ALL",
-            "RESET ROLE",
             "RESET SESSION AUTHORIZATION",
             "SET SESSION AUTHORIZATION DEFAULT",
             "SET SESSION AUTHORIZATION bob",
             "set session session authorization bob",
-            "SET ROLE bob",
-            "set session role 'bob'",
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "update PG_SETTINGS set setting = '1' where name = 'work_mem'",
             "DISCARD ALL",
@@ -2067,6 +2093,9 @@ mod tests {
         parse_parameter_changes(b"SET search_path = app\0\0\0", |c| parsed.push(c));
         assert_eq!(parsed, [reset("TimeZone"), set("search_path")]);
         let mut parsed = Vec::new();
+        parse_parameter_changes(b"set role bob\0\0\0", |c| parsed.push(c));
+        assert_eq!(parsed, [set("role")]);
+        let mut parsed = Vec::new();
         parse_parameter_changes(
             b"with x as (select set_config('a.b', '1', false)) select 1\0\0\0",
             |c| parsed.push(c),
@@ -2078,7 +2107,7 @@ mod tests {
             b"prepare p as select 1\0\0\0",
             b"discard all\0\0\0",
             b"reset all\0\0\0",
-            b"set role bob\0\0\0",
+            b"set session authorization bob\0\0\0",
         ] {
             let mut parsed = Vec::new();
             parse_parameter_changes(text, |c| parsed.push(c));

@@ -218,6 +218,10 @@ pub struct Transaction {
     /// Parameters a statement sent since the backend was last idle may have sent back to the
     /// session default (`RESET name`), lower case, at most [`MAX_RESETS`].
     resets: Vec<Box<str>>,
+    /// Those of `resets` a later statement may have given a new value (`RESET search_path;
+    /// SET search_path = x` in one query string or batch): the reset is not the last word
+    /// on them, the read-back after the transaction is.
+    set_after_reset: Vec<Box<str>>,
     /// Parameters a statement of this transaction may have given a new session value (`SET
     /// name ...`), lower case, at most [`MAX_RESETS`].
     sets: Vec<Box<str>>,
@@ -248,6 +252,7 @@ impl Default for Transaction {
             held_for_unnamed: false,
             setup_failed: false,
             resets: Vec::new(),
+            set_after_reset: Vec::new(),
             sets: Vec::new(),
             undo: Vec::new(),
         }
@@ -757,6 +762,7 @@ impl Transaction {
             ParameterChange::Reset(mut name) => {
                 name.make_ascii_lowercase();
                 note(&mut self.resets, &name);
+                self.set_after_reset.retain(|n| **n != *name);
                 // Its outcome is read back too: a ROLLBACK can undo it.
                 if !note(&mut self.sets, &name) {
                     self.overflow = true;
@@ -764,6 +770,9 @@ impl Transaction {
             }
             ParameterChange::Set(mut name) => {
                 name.make_ascii_lowercase();
+                if self.resets.iter().any(|n| **n == *name) {
+                    note(&mut self.set_after_reset, &name);
+                }
                 if !note(&mut self.sets, &name) {
                     self.overflow = true;
                 }
@@ -831,14 +840,17 @@ impl Transaction {
         self.resets.iter().any(|n| n.eq_ignore_ascii_case(name))
     }
 
-    /// The parameters [`Transaction::may_reset`] was told of, once the backend owes nothing:
-    /// the call clears them.
+    /// The parameters statements sent back to their session default and no later statement
+    /// gave a new value, once the backend owes nothing: the call clears them (and those a
+    /// later statement set, which the read-back after the transaction follows).
     pub fn take_resets(&mut self) -> Vec<Box<str>> {
-        if self.queue.is_empty() {
-            std::mem::take(&mut self.resets)
-        } else {
-            Vec::new()
+        if !self.queue.is_empty() {
+            return Vec::new();
         }
+        let superseded = std::mem::take(&mut self.set_after_reset);
+        let mut resets = std::mem::take(&mut self.resets);
+        resets.retain(|name| !superseded.contains(name));
+        resets
     }
 
     /// True once (the call clears it) after the ReadyForQuery of a query that reset the
@@ -922,6 +934,34 @@ mod tests {
 
     fn ready(tx: &mut Transaction, status: u8) -> Reply {
         tx.backend(be::READY_FOR_QUERY, &[status]).expect("in turn")
+    }
+
+    #[test]
+    fn a_set_after_a_reset_is_the_last_word_on_its_parameter() {
+        use super::super::prepared::ParameterChange::{Reset, Set};
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        // `RESET search_path; SET search_path = x; SET lock_timeout = 1; RESET TimeZone`.
+        tx.parameter_change(Reset("search_path".into()));
+        tx.parameter_change(Set("Search_Path".into()));
+        tx.parameter_change(Set("lock_timeout".into()));
+        tx.parameter_change(Reset("TimeZone".into()));
+        assert!(
+            tx.may_have_reset("search_path"),
+            "its ParameterStatus is still a reset's"
+        );
+        assert!(tx.take_resets().is_empty(), "nothing owed yet");
+        backend(&mut tx, b'C');
+        ready(&mut tx, b'I');
+        assert_eq!(tx.take_resets(), ["timezone".into()]);
+        // A RESET after the SET is the last word again.
+        client(&mut tx, &["Q"]);
+        tx.parameter_change(Reset("search_path".into()));
+        tx.parameter_change(Set("search_path".into()));
+        tx.parameter_change(Reset("search_path".into()));
+        ready(&mut tx, b'I');
+        assert_eq!(tx.take_resets(), ["search_path".into()]);
+        assert_eq!(tx.take_sets().len(), 3);
     }
 
     #[test]
