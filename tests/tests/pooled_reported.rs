@@ -33,10 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 26] = [
+const ROLES: [&str; 27] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
-    "many", "stmts", "locker", "revoked", "jwt", "resync", "setrole",
+    "many", "stmts", "locker", "revoked", "jwt", "resync", "setrole", "discard",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -78,13 +78,18 @@ fn fixture() -> &'static Fixture {
              CREATE TABLE revoked_t (who text DEFAULT current_user); \
              GRANT ALL ON revoked_t TO revoked, revoked_grant",
         );
-        // Every statement `jwt`'s and `setrole`'s backends run goes to the server's log.
+        // Every statement `jwt`'s, `setrole`'s and `discard`'s backends run goes to the
+        // server's log.
         pg.psql_admin(
             "CREATE ROLE jwt_anon; GRANT jwt_anon TO jwt; ALTER ROLE jwt SET log_statement = 'all'",
         );
         pg.psql_admin(
             "CREATE ROLE setrole_other; GRANT setrole_other TO setrole; \
              ALTER ROLE setrole SET log_statement = 'all'",
+        );
+        pg.psql_admin(
+            "CREATE ROLE discard_other; GRANT discard_other TO discard; \
+             ALTER ROLE discard SET log_statement = 'all'",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1709,7 +1714,8 @@ fn transaction_local_set_config_is_not_read_back_and_does_not_outlive_its_transa
     let router = f.router(&PoolSettings::new(1), "jwt");
     let mut a = f.raw(&router, "jwt", Mode::SslRequest);
     let mut b = f.raw(&router, "jwt", Mode::Direct);
-    assert_eq!(pid_of(&mut a), pid_of(&mut b));
+    let pid = pid_of(&mut a);
+    assert_eq!(pid, pid_of(&mut b));
     for claims in ["{\"sub\":\"a\"}", "{\"sub\":\"b\"}"] {
         ok_in_block(&mut a, "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY");
         ok_in_block(
@@ -1744,11 +1750,8 @@ fn transaction_local_set_config_is_not_read_back_and_does_not_outlive_its_transa
     ]);
     assert_eq!(tags(&a.until_ready("extended set_config")), "1 2 D C Z");
     assert_eq!(a.value("select current_user"), "jwt");
-    let log = std::fs::read_to_string(f.pg.log_path()).expect("server log");
-    let reads: Vec<&str> = log
-        .lines()
-        .filter(|line| line.contains("statement:") && line.contains("pg_settings"))
-        .collect();
+    assert_eq!(pid_of(&mut a), pid, "still the one backend");
+    let reads = session_reads(f, &[pid]);
     assert!(reads.is_empty(), "no session read: {reads:#?}");
 }
 
@@ -1873,4 +1876,107 @@ fn set_role_and_reset_role_follow_their_client_with_a_read_by_name() {
     assert_eq!(pid_of(&mut b), pid, "still the one backend");
     let reads = session_reads(f, &[pid]);
     assert!(reads.is_empty(), "no whole-session read: {reads:#?}");
+}
+
+/// Npgsql sends `DISCARD ALL` ahead of the first statement each time an application takes a
+/// connection from its pool (its default, `No Reset On Close=false`). It leaves the session
+/// as it starts (PostgreSQL runs it only as a query of its own, outside any block, where no
+/// rollback can undo it), so the router gives the client its startup values and needs no
+/// read of the backend's session, which it did after each one (all of `pg_settings`, about a
+/// thirteenth of a plain transaction's rate). A `DISCARD ALL` that fails leaves everything.
+#[test]
+fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
+    const CHECK: &str = "select current_setting('TimeZone') || ' | ' || \
+         current_setting('search_path') || ' | ' || current_setting('role') || ' | ' || \
+         coalesce(current_setting('app.k', true), '<none>')";
+    /// The same steps on a pooled client and straight on PostgreSQL: what each saw, and
+    /// (for the pooled client) the server-log check after the successful `DISCARD ALL`.
+    fn steps(conn: &mut impl Wire, mut after_discard: impl FnMut()) -> Vec<String> {
+        let mut seen = Vec::new();
+        let value = |conn: &mut dyn FnMut(&str) -> Vec<Reply>| {
+            rows(&conn(CHECK), "T D C Z", "the check").join("")
+        };
+        let run = |conn: &mut dyn Wire, sql: &str, codes: &[&str]| {
+            let replies = conn.run(sql);
+            assert_eq!(error_codes(&replies), codes, "{sql}");
+            replies
+        };
+        run(
+            conn,
+            "SET TimeZone = 'UTC'; SET search_path = discard_x; SET ROLE discard_other; \
+             SET app.k = '1'",
+            &[],
+        );
+        conn.send_all(&[parse("s1", "select 1", &[]), sync()]);
+        assert_eq!(tags(&conn.ready_n(1, "Parse")), "1 Z");
+        seen.push(value(&mut |sql| conn.run(sql)));
+        let discarded = run(conn, "DISCARD ALL", &[]);
+        // ParameterStatus apart (a superuser's `is_superuser` changes with its role).
+        let tags = tags(&discarded);
+        seen.push(
+            tags.split(' ')
+                .filter(|t| *t != "S")
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        let told: Vec<String> = parameter_statuses(&discarded)
+            .into_iter()
+            .filter(|(name, _)| name == "TimeZone")
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        seen.push(told.join(","));
+        seen.push(value(&mut |sql| conn.run(sql)));
+        after_discard();
+        conn.send_all(&[bind("", "s1", &[]), execute("", 0), sync()]);
+        seen.push(error_codes(&conn.ready_n(1, "Bind after DISCARD ALL")).join(","));
+        // In a block it fails, and leaves the session as it was.
+        run(conn, "SET TimeZone = 'UTC'; SET app.k = '2'", &[]);
+        run(conn, "BEGIN", &[]);
+        run(conn, "DISCARD ALL", &["25001"]);
+        run(conn, "ROLLBACK", &[]);
+        seen.push(value(&mut |sql| conn.run(sql)));
+        seen
+    }
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "discard");
+    let startup = [
+        ("TimeZone", "Asia/Tokyo"),
+        ("search_path", "discard_s, public"),
+    ];
+    let mut a = f.raw_with(&router, "discard", Mode::SslRequest, &startup);
+    let mut b = f.raw(&router, "discard", Mode::Direct);
+    let pid = pid_of(&mut a);
+    assert_eq!(pid, pid_of(&mut b), "one backend");
+    let b_check = b.value(CHECK);
+    let (mut straight, _) = Straight::connect(&f.pg, &startup).expect("login to PostgreSQL");
+    let server = steps(&mut straight, || {});
+    assert_eq!(
+        server,
+        [
+            "UTC | discard_x | discard_other | 1",
+            "C Z",
+            "TimeZone=Asia/Tokyo",
+            "Asia/Tokyo | discard_s, public | none | ",
+            "26000",
+            "UTC | discard_s, public | none | 2",
+        ],
+        "PostgreSQL itself"
+    );
+    let mut reads = Vec::new();
+    let pooled = steps(&mut a, || reads = session_reads(f, &[pid]));
+    assert_eq!(pooled, server, "pooled port vs a real server's session");
+    assert!(reads.is_empty(), "no session read: {reads:#?}");
+    assert_eq!(
+        session_reads(f, &[pid]).len(),
+        1,
+        "the failed DISCARD ALL's transaction is read back"
+    );
+    // `app.k` stays defined on the backend, empty, as after any client's `SET` of a custom
+    // parameter (PostgreSQL keeps a placeholder for the session's life): no value of `a`'s.
+    assert_eq!(
+        b.value(CHECK),
+        b_check.replace("<none>", ""),
+        "the backend's other client"
+    );
+    assert_eq!(pid_of(&mut a), pid, "still the one backend");
 }

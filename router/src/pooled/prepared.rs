@@ -893,6 +893,7 @@ fn query_facts(text: &[u8]) -> QueryFacts {
     let mut count = 0;
     // `DEALLOCATE name` counts only as the whole query.
     let mut deallocate = None;
+    let mut discard_all = false;
     for_each_statement(text, |statement| {
         count += 1;
         let mut words = statement.split_ascii_whitespace();
@@ -915,8 +916,7 @@ fn query_facts(text: &[u8]) -> QueryFacts {
         } else if first.eq_ignore_ascii_case("discard") && is(second, "all") {
             facts.clears_statements = true;
             facts.resets_parameters = true;
-            // A rollback of the block around it undoes it: what it left is read back.
-            facts.changes.push(ParameterChange::Unknown);
+            discard_all = true;
         } else if first.eq_ignore_ascii_case("reset") && is(second, "all") {
             facts.resets_parameters = true;
             facts.changes.push(ParameterChange::Unknown);
@@ -926,9 +926,12 @@ fn query_facts(text: &[u8]) -> QueryFacts {
     });
     if count == 1 {
         facts.deallocate = deallocate.map(unquote);
-    } else if deallocate.is_some() {
+    } else if deallocate.is_some() || discard_all {
         // Beside other statements it reaches the backend, where no statement of the client's
-        // has its name: what it did is read back.
+        // has its name: what it did is read back. (PostgreSQL runs `DISCARD ALL` only as a
+        // query of its own, outside any block, where nothing can undo it: alone, it leaves
+        // the session as it starts, with nothing to read; if it fails, the transaction reads
+        // the session back, [`Transaction::backend`].)
         facts.changes.push(ParameterChange::Unknown);
     }
     mentioned_changes(text.as_bytes(), |change| facts.changes.push(change));
@@ -1899,6 +1902,11 @@ mod tests {
         assert_eq!(facts("select 1; DEALLOCATE S1").deallocate, None);
         let discard = facts("select 1; discard all");
         assert!(discard.clears_statements && discard.resets_parameters);
+        assert_eq!(discard.changes, [ParameterChange::Unknown], "read back");
+        // Alone, it leaves the session as it starts: nothing to read back.
+        let discard = facts(" Discard  ALL ;");
+        assert!(discard.clears_statements && discard.resets_parameters);
+        assert!(discard.changes.is_empty());
         assert!(facts("RESET ALL").resets_parameters);
         assert!(!facts("RESET TimeZone").resets_parameters);
         let reset = |name: &str| ParameterChange::Reset(name.into());
@@ -1959,7 +1967,7 @@ mod tests {
             "set session session authorization bob",
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "update PG_SETTINGS set setting = '1' where name = 'work_mem'",
-            "DISCARD ALL",
+            "DISCARD ALL; select 1",
             "deallocate x; select 1",
         ] {
             assert_eq!(

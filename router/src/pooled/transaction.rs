@@ -548,6 +548,19 @@ impl Transaction {
                     }
                     return Ok(Reply::Swallow);
                 }
+                if let Some(Awaiting::Query {
+                    swallow: false,
+                    reset: reset @ true,
+                    ..
+                }) = self.queue.front_mut()
+                {
+                    // The reset did not run (or not all of it, in a query of several
+                    // statements): what the session has is read back, and a backend whose
+                    // prepared statements the router took for gone is not lent again.
+                    *reset = false;
+                    self.audit = true;
+                }
+                let head = self.queue.front();
                 match head {
                     // A simple query's error: its ReadyForQuery follows.
                     Some(Awaiting::Query { swallow, setup, .. }) => {
@@ -934,6 +947,26 @@ mod tests {
 
     fn ready(tx: &mut Transaction, status: u8) -> Reply {
         tx.backend(be::READY_FOR_QUERY, &[status]).expect("in turn")
+    }
+
+    #[test]
+    fn a_reset_that_fails_is_not_taken_as_done_and_the_session_is_read_back() {
+        let mut tx = Transaction::default();
+        client(&mut tx, &["Q"]);
+        tx.resets_parameters();
+        assert!(tx.resetting());
+        backend(&mut tx, be::COMMAND_COMPLETE);
+        ready(&mut tx, b'I');
+        assert!(tx.take_reset_done());
+        assert!(!tx.take_audit());
+        // `BEGIN; ...` then `DISCARD ALL`: 25001, nothing reset.
+        client(&mut tx, &["Q"]);
+        tx.resets_parameters();
+        assert_eq!(backend(&mut tx, be::ERROR_RESPONSE), Reply::Forward);
+        assert!(!tx.resetting());
+        ready(&mut tx, b'T');
+        assert!(!tx.take_reset_done());
+        assert!(tx.take_audit());
     }
 
     #[test]
