@@ -1881,7 +1881,8 @@ fn set_role_and_reset_role_follow_their_client_with_a_read_by_name() {
 /// Npgsql sends `DISCARD ALL` ahead of the first statement each time an application takes a
 /// connection from its pool (its default, `No Reset On Close=false`). It leaves the session
 /// as it starts (PostgreSQL runs it only as a query of its own, outside any block, where no
-/// rollback can undo it), so the router gives the client its startup values and needs no
+/// rollback can undo it), so the router gives the client its startup values (the role too:
+/// the StartupMessage's, as PostgreSQL's `DISCARD ALL` gives it back) and needs no
 /// read of the backend's session, which it did after each one (all of `pg_settings`, about a
 /// thirteenth of a plain transaction's rate). A `DISCARD ALL` that fails leaves everything.
 #[test]
@@ -1903,7 +1904,7 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
         };
         run(
             conn,
-            "SET TimeZone = 'UTC'; SET search_path = discard_x; SET ROLE discard_other; \
+            "SET TimeZone = 'UTC'; SET search_path = discard_x; SET ROLE NONE; \
              SET app.k = '1'",
             &[],
         );
@@ -1942,6 +1943,7 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
     let startup = [
         ("TimeZone", "Asia/Tokyo"),
         ("search_path", "discard_s, public"),
+        ("role", "discard_other"),
     ];
     let mut a = f.raw_with(&router, "discard", Mode::SslRequest, &startup);
     let mut b = f.raw(&router, "discard", Mode::Direct);
@@ -1953,12 +1955,12 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
     assert_eq!(
         server,
         [
-            "UTC | discard_x | discard_other | 1",
+            "UTC | discard_x | none | 1",
             "C Z",
             "TimeZone=Asia/Tokyo",
-            "Asia/Tokyo | discard_s, public | none | ",
+            "Asia/Tokyo | discard_s, public | discard_other | ",
             "26000",
-            "UTC | discard_s, public | none | 2",
+            "UTC | discard_s, public | discard_other | 2",
         ],
         "PostgreSQL itself"
     );
