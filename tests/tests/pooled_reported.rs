@@ -33,10 +33,10 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 27] = [
+const ROLES: [&str; 28] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
-    "many", "stmts", "locker", "revoked", "jwt", "resync", "setrole", "discard",
+    "many", "stmts", "locker", "revoked", "jwt", "resync", "setrole", "discard", "resetall",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -78,8 +78,8 @@ fn fixture() -> &'static Fixture {
              CREATE TABLE revoked_t (who text DEFAULT current_user); \
              GRANT ALL ON revoked_t TO revoked, revoked_grant",
         );
-        // Every statement `jwt`'s, `setrole`'s and `discard`'s backends run goes to the
-        // server's log.
+        // Every statement `jwt`'s, `setrole`'s, `discard`'s and `resetall`'s backends run goes
+        // to the server's log.
         pg.psql_admin(
             "CREATE ROLE jwt_anon; GRANT jwt_anon TO jwt; ALTER ROLE jwt SET log_statement = 'all'",
         );
@@ -90,6 +90,10 @@ fn fixture() -> &'static Fixture {
         pg.psql_admin(
             "CREATE ROLE discard_other; GRANT discard_other TO discard; \
              ALTER ROLE discard SET log_statement = 'all'",
+        );
+        pg.psql_admin(
+            "CREATE ROLE resetall_other; GRANT resetall_other TO resetall; \
+             ALTER ROLE resetall SET log_statement = 'all'",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1979,6 +1983,90 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
         b.value(CHECK),
         b_check.replace("<none>", ""),
         "the backend's other client"
+    );
+    assert_eq!(pid_of(&mut a), pid, "still the one backend");
+}
+
+/// `RESET ALL`, and the reset Npgsql's pool sends in place of `DISCARD ALL` when a connection
+/// has prepared statements (`SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;...`; PgDog
+/// #1682: it panicked PgDog's client task), leave the client's session as PostgreSQL's: its
+/// startup values, the role kept by `RESET ALL` (never handed to the backend's next client)
+/// and taken back to the StartupMessage's by the session authorization's reset. Outside a
+/// block and without an error nothing can undo them, so no read of the session follows; in
+/// the client's block (which a rollback may end) the session is read back.
+#[test]
+fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read() {
+    const CHECK: &str = "select current_setting('TimeZone') || ' | ' || \
+         current_setting('search_path') || ' | ' || current_setting('role') || ' | ' || \
+         coalesce(current_setting('app.k', true), '<none>')";
+    const NPGSQL_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;\
+         UNLISTEN *;SELECT pg_advisory_unlock_all();DISCARD SEQUENCES;DISCARD TEMP";
+    /// The steps, on a pooled client or straight on PostgreSQL; `checked` runs after each
+    /// check (the pooled client's other client and server log).
+    fn steps(conn: &mut impl Wire, mut checked: impl FnMut(usize)) -> Vec<String> {
+        let mut seen = Vec::new();
+        let run = |conn: &mut dyn Wire, sql: &str| {
+            let replies = conn.run(sql);
+            assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
+        };
+        let script: [&[&str]; 4] = [
+            &["SET TimeZone = 'UTC'; SET search_path = ra_x; SET ROLE NONE; SET app.k = '1'"],
+            &["RESET ALL"],
+            &["SET TimeZone = 'UTC'; SET app.k = '3'", NPGSQL_RESET],
+            &[
+                "SET TimeZone = 'UTC'; SET app.k = '4'",
+                "BEGIN",
+                "RESET ALL",
+                "ROLLBACK",
+            ],
+        ];
+        for (i, statements) in script.iter().enumerate() {
+            for sql in *statements {
+                run(conn, sql);
+            }
+            seen.push(rows(&conn.run(CHECK), "T D C Z", "the check").join(""));
+            checked(i);
+        }
+        seen
+    }
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "resetall");
+    let startup = [
+        ("TimeZone", "Asia/Tokyo"),
+        ("search_path", "ra_s, public"),
+        ("role", "resetall_other"),
+    ];
+    let mut a = f.raw_with(&router, "resetall", Mode::SslRequest, &startup);
+    let mut b = f.raw(&router, "resetall", Mode::Direct);
+    let pid = pid_of(&mut a);
+    assert_eq!(pid, pid_of(&mut b), "one backend");
+    let (mut straight, _) = Straight::connect(&f.pg, &startup).expect("login to PostgreSQL");
+    let server = steps(&mut straight, |_| {});
+    assert_eq!(
+        server,
+        [
+            "UTC | ra_x | none | 1",
+            "Asia/Tokyo | ra_s, public | none | ",
+            "Asia/Tokyo | ra_s, public | resetall_other | ",
+            "UTC | ra_s, public | resetall_other | 4",
+        ],
+        "PostgreSQL itself"
+    );
+    let mut reads = Vec::new();
+    let pooled = steps(&mut a, |step| {
+        // The backend's other client: never `a`'s role or settings.
+        assert_eq!(
+            b.value("select current_setting('role') || ' ' || current_user"),
+            "none resetall",
+            "after step {step}"
+        );
+        reads.push(session_reads(f, &[pid]).len());
+    });
+    assert_eq!(pooled, server, "pooled port vs a real server's session");
+    assert_eq!(
+        reads,
+        [0, 0, 0, 1],
+        "a session read only after the block's RESET ALL"
     );
     assert_eq!(pid_of(&mut a), pid, "still the one backend");
 }

@@ -23,7 +23,7 @@ use super::params::{self, ClientParams, Synced};
 use super::pool::Backend;
 use super::prepared::{self, BackendStatements, ClientStatements, Transient, Translator};
 use super::stream::{BadLength, MessageStream, Piece};
-use super::transaction::{Reply, Send, Transaction};
+use super::transaction::{Reply, Resets, Send, Transaction};
 use super::{readable, sleep_until, Client, End, BACKEND_FAILED};
 
 /// One transaction on `backend`, until the state machine says it is over (the backend can go
@@ -880,11 +880,17 @@ fn backend_messages(
                         }
                     }
                 }
-                if tag == be::READY_FOR_QUERY && tx.take_reset_done() {
+                let reset = match tag == be::READY_FOR_QUERY {
+                    true => tx.take_reset_done(),
+                    false => Resets::Nothing,
+                };
+                if reset != Resets::Nothing {
                     // The backend went back to the pool's defaults; the client, as on a real
                     // server, to its own (applied on its next backend, or this one next time).
-                    backend.reset();
-                    for (name, value) in client.reset_to_startup() {
+                    // `RESET ALL` leaves the role.
+                    let keep_role = reset == Resets::Parameters;
+                    backend.reset(keep_role);
+                    for (name, value) in client.reset_to_startup(keep_role) {
                         write::parameter_status(out, &name, &value);
                     }
                 }

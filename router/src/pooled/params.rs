@@ -219,13 +219,15 @@ impl ClientParams {
     }
 
     /// The session's parameters went back to their defaults (DISCARD ALL, RESET ALL): for
-    /// the client, the ones its StartupMessage set, as on a real server. Returns the reported
-    /// parameters whose value the client now sees change (a server reports each).
-    pub fn reset_to_startup(&mut self) -> Vec<(Box<str>, Box<str>)> {
+    /// the client, the ones its StartupMessage set, as on a real server, but for the role if
+    /// `keep_role` (`RESET ALL` leaves it). Returns the reported parameters whose value the
+    /// client now sees change (a server reports each).
+    pub fn reset_to_startup(&mut self, keep_role: bool) -> Vec<(Box<str>, Box<str>)> {
         let before: Vec<(Box<str>, Box<str>)> = self
             .reported_view()
             .map(|(n, v)| (n.into(), v.into()))
             .collect();
+        let role: Option<Box<str>> = self.unreported.get("role").map(Into::into);
         self.changed = Params::default();
         self.unreported = Params::default();
         let startup = std::mem::take(&mut self.startup);
@@ -237,6 +239,10 @@ impl ClientParams {
             }
         }
         self.startup = startup;
+        if keep_role {
+            // None is no role of its own, which `set_unreported` keeps as such.
+            self.set_unreported("role", Some(role.as_deref().unwrap_or("none")));
+        }
         before
             .into_iter()
             .filter(|(name, value)| self.get(name) != Some(&**value))
@@ -402,9 +408,14 @@ impl BackendParams {
         }
     }
 
-    /// The backend's session went back to its defaults (DISCARD ALL, RESET ALL).
-    pub fn reset(&mut self) {
+    /// The backend's session went back to its defaults (DISCARD ALL, RESET ALL), but for
+    /// the role if `keep_role` (`RESET ALL` leaves it).
+    pub fn reset(&mut self, keep_role: bool) {
+        let role: Option<Box<str>> = self.unreported.get("role").map(Into::into);
         self.unreported = Params::default();
+        if let (true, Some(role)) = (keep_role, role) {
+            self.unreported.set("role", &role);
+        }
         self.given = None;
     }
 
@@ -736,9 +747,26 @@ mod tests {
         assert_eq!(started.unreported.get("role"), Some("none"));
         started.reset_unreported("role");
         assert_eq!(started.unreported.get("role"), Some("reader"));
+        // RESET ALL leaves the role, DISCARD ALL takes it back to the StartupMessage's.
+        started.set_unreported("role", Some("none"));
+        started.reset_to_startup(true);
+        assert_eq!(started.unreported.get("role"), Some("none"));
+        started.reset_to_startup(false);
+        assert_eq!(started.unreported.get("role"), Some("reader"));
+        plain.set_unreported("role", Some("writer"));
+        plain.reset_to_startup(true);
+        assert_eq!(plain.unreported.get("role"), Some("writer"));
+        plain.reset_to_startup(false);
+        assert!(plain.unreported.is_empty());
         let mut backend = BackendParams::new((*base()).clone());
         backend.set_unreported("role", Some("reader"));
         backend.set_unreported("role", Some("none"));
+        assert!(backend.unreported.is_empty());
+        backend.set_unreported("role", Some("reader"));
+        backend.set_unreported("search_path", Some("s1"));
+        backend.reset(true);
+        assert_eq!(backend.unreported_names().collect::<Vec<_>>(), ["role"]);
+        backend.reset(false);
         assert!(backend.unreported.is_empty());
     }
 
@@ -843,7 +871,7 @@ mod tests {
             "SELECT pg_catalog.set_config(E'TimeZone', E'Etc/GMT+5', false);"
         );
         sql.clear();
-        backend.reset();
+        backend.reset(false);
         let c = ClientParams::new(pool, [("search_path", "s1")].into_iter());
         assert!(backend.sync_to(&c, &mut sql).any());
         assert!(
@@ -901,7 +929,7 @@ mod tests {
         );
         a.reported("TimeZone", "UTC");
         a.reported("DateStyle", "SQL, DMY");
-        let mut told = a.reset_to_startup();
+        let mut told = a.reset_to_startup(false);
         told.sort();
         assert_eq!(
             told,
@@ -911,7 +939,10 @@ mod tests {
             ]
         );
         assert_eq!(a.get("application_name"), Some("app"));
-        assert!(a.reset_to_startup().is_empty(), "nothing changes twice");
+        assert!(
+            a.reset_to_startup(false).is_empty(),
+            "nothing changes twice"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::protocol::reader::Reader;
 use crate::protocol::sqlstate::SqlState;
 use crate::protocol::write::{self, Severity};
 
-use super::transaction::{Synthesized, Transaction};
+use super::transaction::{Resets, Synthesized, Transaction};
 
 /// Longest statement or portal name accepted (PostgreSQL has no limit; clients use short ones).
 pub const MAX_NAME_BYTES: usize = 512;
@@ -632,8 +632,8 @@ impl Translator<'_> {
         }
         self.out.extend_from_slice(piece);
         self.tx.client(fe::QUERY, 0);
-        if facts.resets_parameters {
-            self.tx.resets_parameters();
+        if facts.resets != Resets::Nothing {
+            self.tx.resets_parameters(facts.resets);
         }
         for change in facts.changes {
             self.tx.parameter_change(change);
@@ -875,8 +875,9 @@ struct QueryFacts {
     prepare: bool,
     /// A `DEALLOCATE ALL` or `DISCARD ALL`: every prepared statement goes.
     clears_statements: bool,
-    /// A `DISCARD ALL` or `RESET ALL`: every parameter goes back to its session default.
-    resets_parameters: bool,
+    /// A `DISCARD ALL` or `RESET ALL`: every parameter goes back to its session default
+    /// (and for `DISCARD ALL`, the role).
+    resets: Resets,
     /// The whole query is one `DEALLOCATE name`.
     deallocate: Option<String>,
     /// Parameters its statements reset or set (see [`ParameterChange`]).
@@ -894,6 +895,7 @@ fn query_facts(text: &[u8]) -> QueryFacts {
     // `DEALLOCATE name` counts only as the whole query.
     let mut deallocate = None;
     let mut discard_all = false;
+    let mut transaction_control = false;
     for_each_statement(text, |statement| {
         count += 1;
         let mut words = statement.split_ascii_whitespace();
@@ -901,6 +903,12 @@ fn query_facts(text: &[u8]) -> QueryFacts {
         let second = words.next();
         let is =
             |w: Option<&str>, keyword: &str| w.is_some_and(|w| w.eq_ignore_ascii_case(keyword));
+        if TRANSACTION_CONTROL
+            .iter()
+            .any(|word| first.eq_ignore_ascii_case(word))
+        {
+            transaction_control = true;
+        }
         if first.eq_ignore_ascii_case("prepare") {
             facts.prepare = true;
         } else if first.eq_ignore_ascii_case("deallocate") {
@@ -915,11 +923,12 @@ fn query_facts(text: &[u8]) -> QueryFacts {
             }
         } else if first.eq_ignore_ascii_case("discard") && is(second, "all") {
             facts.clears_statements = true;
-            facts.resets_parameters = true;
+            facts.resets = Resets::Session;
             discard_all = true;
         } else if first.eq_ignore_ascii_case("reset") && is(second, "all") {
-            facts.resets_parameters = true;
-            facts.changes.push(ParameterChange::Unknown);
+            if facts.resets == Resets::Nothing {
+                facts.resets = Resets::Parameters;
+            }
         } else if let Some(change) = parameter_change(statement) {
             facts.changes.push(change);
         }
@@ -934,9 +943,29 @@ fn query_facts(text: &[u8]) -> QueryFacts {
         // the session back, [`Transaction::backend`].)
         facts.changes.push(ParameterChange::Unknown);
     }
+    if facts.resets == Resets::Parameters && transaction_control {
+        // A `RESET ALL` a statement of the same query may roll back (or commit apart from a
+        // later error): what the session has is read back. Otherwise it is undone only by an
+        // error (the transaction reads the session back) or by the client's own block, which
+        // it runs in only if the backend is still in it after the query: read back then too
+        // ([`Transaction::backend`]).
+        facts.changes.push(ParameterChange::Unknown);
+    }
     mentioned_changes(text.as_bytes(), |change| facts.changes.push(change));
     facts
 }
+
+/// First words of the statements that begin, end or cut a transaction.
+const TRANSACTION_CONTROL: [&str; 8] = [
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+];
 
 /// What a statement does to a session parameter that the router must follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1309,7 +1338,9 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                 && is(session, "session")
                 && is(authorization, "authorization") =>
         {
-            return Some(ParameterChange::Unknown)
+            // Back to the login role, which takes the role back to the session's default
+            // too (PostgreSQL's session authorization reset); the authorization is reported.
+            return Some(ParameterChange::Reset("role".into()));
         }
         [set, session, characteristics, ..]
             if is(set, "set")
@@ -1340,10 +1371,15 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                         (false, false) => Some(ParameterChange::Set(name())),
                     };
                 }
-                [session, authorization, _, ..]
+                [session, authorization, value, ..]
                     if is(session, "session") && is(authorization, "authorization") =>
                 {
-                    return (!local).then_some(ParameterChange::Unknown);
+                    return match (local, is(value, "default")) {
+                        (true, _) => None,
+                        // As `RESET SESSION AUTHORIZATION`.
+                        (false, true) => Some(ParameterChange::Reset("role".into())),
+                        (false, false) => Some(ParameterChange::Unknown),
+                    };
                 }
                 _ => {}
             }
@@ -1901,14 +1937,34 @@ mod tests {
         assert_eq!(facts("DEALLOCATE S1").deallocate.as_deref(), Some("s1"));
         assert_eq!(facts("select 1; DEALLOCATE S1").deallocate, None);
         let discard = facts("select 1; discard all");
-        assert!(discard.clears_statements && discard.resets_parameters);
+        assert!(discard.clears_statements && discard.resets == Resets::Session);
         assert_eq!(discard.changes, [ParameterChange::Unknown], "read back");
         // Alone, it leaves the session as it starts: nothing to read back.
         let discard = facts(" Discard  ALL ;");
-        assert!(discard.clears_statements && discard.resets_parameters);
+        assert!(discard.clears_statements && discard.resets == Resets::Session);
         assert!(discard.changes.is_empty());
-        assert!(facts("RESET ALL").resets_parameters);
-        assert!(!facts("RESET TimeZone").resets_parameters);
+        assert_eq!(facts("RESET ALL").resets, Resets::Parameters);
+        assert!(facts("RESET ALL").changes.is_empty());
+        assert_eq!(facts("RESET TimeZone").resets, Resets::Nothing);
+        // Npgsql's reset of a connection that has prepared statements.
+        let npgsql = facts(
+            "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;UNLISTEN *;\
+             SELECT pg_advisory_unlock_all();DISCARD SEQUENCES;DISCARD TEMP",
+        );
+        assert_eq!(npgsql.resets, Resets::Parameters);
+        assert!(!npgsql.clears_statements);
+        assert_eq!(npgsql.changes, [ParameterChange::Reset("role".into())]);
+        for undone in [
+            "RESET ALL; ROLLBACK",
+            "begin; reset all",
+            "reset all; commit; select 1/0",
+        ] {
+            assert_eq!(
+                facts(undone).changes,
+                [ParameterChange::Unknown],
+                "{undone}"
+            );
+        }
         let reset = |name: &str| ParameterChange::Reset(name.into());
         let set = |name: &str| ParameterChange::Set(name.into());
         assert_eq!(facts("RESET TimeZone").changes, [reset("timezone")]);
@@ -1953,6 +2009,14 @@ mod tests {
                 "set session role = default",
                 ParameterChange::Reset("role".into()),
             ),
+            (
+                "RESET SESSION AUTHORIZATION",
+                ParameterChange::Reset("role".into()),
+            ),
+            (
+                "SET SESSION AUTHORIZATION DEFAULT",
+                ParameterChange::Reset("role".into()),
+            ),
         ] {
             assert_eq!(facts(text).changes, [change], "{text}");
         }
@@ -1960,9 +2024,7 @@ mod tests {
         assert!(facts("set local role to default").changes.is_empty());
         // Changes only a read of the whole session can follow.
         for unknown in [
-            "RESET ALL",
-            "RESET SESSION AUTHORIZATION",
-            "SET SESSION AUTHORIZATION DEFAULT",
+            "RESET ALL; END",
             "SET SESSION AUTHORIZATION bob",
             "set session session authorization bob",
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",

@@ -115,6 +115,19 @@ impl Undo {
     }
 }
 
+/// What a client's query resets of its session when it succeeds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Resets {
+    /// Nothing all at once.
+    #[default]
+    Nothing,
+    /// `RESET ALL`: every parameter but the role (PostgreSQL's `RESET ALL` leaves it).
+    Parameters,
+    /// `DISCARD ALL`: every parameter, the role too (back to the StartupMessage's, as the
+    /// session authorization's reset takes it).
+    Session,
+}
+
 /// What one message sent to the backend waits for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Awaiting {
@@ -135,14 +148,14 @@ enum Awaiting {
     Close { swallow: bool },
     /// ReadyForQuery.
     Sync,
-    /// A simple query or function call: everything up to its ReadyForQuery. `reset`: it
-    /// resets the session's parameters (DISCARD ALL, RESET ALL): the backend's reports of its
-    /// own defaults are swallowed, the client is told its own. `setup`: the router's own
+    /// A simple query or function call: everything up to its ReadyForQuery. `reset`: what it
+    /// resets of the session (DISCARD ALL, RESET ALL): the backend's reports of its own
+    /// defaults are swallowed, the client is told its own. `setup`: the router's own
     /// `SET`s of the client's parameters (swallowed too), whose error ends the client's session
     /// ([`Transaction::take_setup_failed`]).
     Query {
         swallow: bool,
-        reset: bool,
+        reset: Resets,
         setup: bool,
     },
     /// The router's own reply (for a Parse it answered, the statement).
@@ -201,7 +214,7 @@ pub struct Transaction {
     /// An ErrorResponse reached the client since the last ReadyForQuery.
     errored: bool,
     /// A query that reset the session's parameters just ended.
-    reset_done: bool,
+    reset_done: Resets,
     /// The session must be read back whole before the backend is lent again (see
     /// [`Transaction::take_audit`]).
     audit: bool,
@@ -244,7 +257,7 @@ impl Default for Transaction {
             substitute: Vec::new(),
             accepted: Vec::new(),
             errored: false,
-            reset_done: false,
+            reset_done: Resets::Nothing,
             audit: false,
             overflow: false,
             residue: false,
@@ -310,7 +323,7 @@ impl Transaction {
         let awaiting = match tag {
             fe::QUERY | fe::FUNCTION_CALL => Some(Awaiting::Query {
                 swallow: false,
-                reset: false,
+                reset: Resets::Nothing,
                 setup: false,
             }),
             fe::PARSE => Some(Awaiting::Parse {
@@ -407,7 +420,7 @@ impl Transaction {
     pub fn router_query(&mut self) {
         self.push(Awaiting::Query {
             swallow: true,
-            reset: false,
+            reset: Resets::Nothing,
             setup: false,
         });
     }
@@ -418,7 +431,7 @@ impl Transaction {
     pub fn router_setup(&mut self) {
         self.push(Awaiting::Query {
             swallow: true,
-            reset: false,
+            reset: Resets::Nothing,
             setup: true,
         });
     }
@@ -506,10 +519,13 @@ impl Transaction {
                 let reply = match self.queue.pop_front() {
                     Some(Awaiting::Query {
                         swallow: false,
-                        reset: true,
+                        reset: reset @ (Resets::Parameters | Resets::Session),
                         ..
                     }) => {
-                        self.reset_done = true;
+                        self.reset_done = reset;
+                        // Inside the client's block a rollback may yet undo it: what the
+                        // session has is read back when the transaction is over.
+                        self.audit |= body.first() != Some(&b'I');
                         Reply::Forward
                     }
                     Some(Awaiting::Sync) | Some(Awaiting::Query { swallow: false, .. }) => {
@@ -540,7 +556,7 @@ impl Transaction {
                         // Its ReadyForQuery follows.
                         self.queue.push_front(Awaiting::Query {
                             swallow: false,
-                            reset: false,
+                            reset: Resets::Nothing,
                             setup: false,
                         });
                     } else {
@@ -550,14 +566,14 @@ impl Transaction {
                 }
                 if let Some(Awaiting::Query {
                     swallow: false,
-                    reset: reset @ true,
+                    reset: reset @ (Resets::Parameters | Resets::Session),
                     ..
                 }) = self.queue.front_mut()
                 {
                     // The reset did not run (or not all of it, in a query of several
                     // statements): what the session has is read back, and a backend whose
                     // prepared statements the router took for gone is not lent again.
-                    *reset = false;
+                    *reset = Resets::Nothing;
                     self.audit = true;
                 }
                 let head = self.queue.front();
@@ -733,14 +749,14 @@ impl Transaction {
     }
 
     /// The client's last message resets the session's parameters (DISCARD ALL, RESET ALL).
-    pub fn resets_parameters(&mut self) {
+    pub fn resets_parameters(&mut self, what: Resets) {
         if let Some(Awaiting::Query {
             swallow: false,
             reset,
             ..
         }) = self.queue.back_mut()
         {
-            *reset = true;
+            *reset = what;
         }
     }
 
@@ -751,7 +767,7 @@ impl Transaction {
             self.queue.front(),
             Some(Awaiting::Query {
                 swallow: false,
-                reset: true,
+                reset: Resets::Parameters | Resets::Session,
                 ..
             })
         )
@@ -866,9 +882,9 @@ impl Transaction {
         resets
     }
 
-    /// True once (the call clears it) after the ReadyForQuery of a query that reset the
-    /// session's parameters: the client is owed ParameterStatus for its own defaults.
-    pub fn take_reset_done(&mut self) -> bool {
+    /// What a query reset, once (the call clears it), after its ReadyForQuery: the client is
+    /// owed ParameterStatus for its own defaults.
+    pub fn take_reset_done(&mut self) -> Resets {
         std::mem::take(&mut self.reset_done)
     }
 
@@ -953,19 +969,26 @@ mod tests {
     fn a_reset_that_fails_is_not_taken_as_done_and_the_session_is_read_back() {
         let mut tx = Transaction::default();
         client(&mut tx, &["Q"]);
-        tx.resets_parameters();
+        tx.resets_parameters(Resets::Session);
         assert!(tx.resetting());
         backend(&mut tx, be::COMMAND_COMPLETE);
         ready(&mut tx, b'I');
-        assert!(tx.take_reset_done());
+        assert_eq!(tx.take_reset_done(), Resets::Session);
         assert!(!tx.take_audit());
+        // `RESET ALL` in the client's block: a rollback may undo it.
+        client(&mut tx, &["Q"]);
+        tx.resets_parameters(Resets::Parameters);
+        backend(&mut tx, be::COMMAND_COMPLETE);
+        ready(&mut tx, b'T');
+        assert_eq!(tx.take_reset_done(), Resets::Parameters);
+        assert!(tx.take_audit());
         // `BEGIN; ...` then `DISCARD ALL`: 25001, nothing reset.
         client(&mut tx, &["Q"]);
-        tx.resets_parameters();
+        tx.resets_parameters(Resets::Session);
         assert_eq!(backend(&mut tx, be::ERROR_RESPONSE), Reply::Forward);
         assert!(!tx.resetting());
         ready(&mut tx, b'T');
-        assert!(!tx.take_reset_done());
+        assert_eq!(tx.take_reset_done(), Resets::Nothing);
         assert!(tx.take_audit());
     }
 
