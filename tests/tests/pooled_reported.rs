@@ -1754,9 +1754,7 @@ fn transaction_local_set_config_is_not_read_back_and_does_not_outlive_its_transa
     ]);
     assert_eq!(tags(&a.until_ready("extended set_config")), "1 2 D C Z");
     assert_eq!(a.value("select current_user"), "jwt");
-    assert_eq!(pid_of(&mut a), pid, "still the one backend");
-    let reads = session_reads(f, &[pid]);
-    assert!(reads.is_empty(), "no session read: {reads:#?}");
+    assert_no_session_read(f, &mut a, pid);
 }
 
 /// The other side of the refused-setup fix: a `RESET TimeZone` in a block has the router give
@@ -1797,6 +1795,18 @@ fn a_resync_behind_the_clients_failing_statement_does_not_end_the_session() {
     assert_eq!(RawConn::status(&next), 'E');
     ok(&mut a, "ROLLBACK");
     assert_eq!(a.value("show TimeZone"), "Asia/Tokyo");
+}
+
+/// A session's TimeZone, search_path, role and `app.k`, for the reset tests.
+const SESSION_CHECK: &str = "select current_setting('TimeZone') || ' | ' || \
+     current_setting('search_path') || ' | ' || current_setting('role') || ' | ' || \
+     coalesce(current_setting('app.k', true), '<none>')";
+
+/// `conn` still holds backend `pid`, which has not had its whole session read.
+fn assert_no_session_read(f: &Fixture, conn: &mut RawConn, pid: i32) {
+    assert_eq!(pid_of(conn), pid, "still the one backend");
+    let reads = session_reads(f, &[pid]);
+    assert!(reads.is_empty(), "no whole-session read: {reads:#?}");
 }
 
 /// Server log lines of statements `pids` ran that read `pg_settings` (the router's read of a
@@ -1877,9 +1887,7 @@ fn set_role_and_reset_role_follow_their_client_with_a_read_by_name() {
     b.send(&[parse("", "RESET ROLE", &[]), bind_execute("", &[]), sync()]);
     assert!(errors(&b.until_ready("RESET ROLE in a Parse")).is_empty());
     assert_eq!(b.value("select current_user"), "setrole");
-    assert_eq!(pid_of(&mut b), pid, "still the one backend");
-    let reads = session_reads(f, &[pid]);
-    assert!(reads.is_empty(), "no whole-session read: {reads:#?}");
+    assert_no_session_read(f, &mut b, pid);
 }
 
 /// Npgsql sends `DISCARD ALL` ahead of the first statement each time an application takes a
@@ -1891,15 +1899,12 @@ fn set_role_and_reset_role_follow_their_client_with_a_read_by_name() {
 /// thirteenth of a plain transaction's rate). A `DISCARD ALL` that fails leaves everything.
 #[test]
 fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
-    const CHECK: &str = "select current_setting('TimeZone') || ' | ' || \
-         current_setting('search_path') || ' | ' || current_setting('role') || ' | ' || \
-         coalesce(current_setting('app.k', true), '<none>')";
     /// The same steps on a pooled client and straight on PostgreSQL: what each saw, and
     /// (for the pooled client) the server-log check after the successful `DISCARD ALL`.
     fn steps(conn: &mut impl Wire, mut after_discard: impl FnMut()) -> Vec<String> {
         let mut seen = Vec::new();
         let value = |conn: &mut dyn FnMut(&str) -> Vec<Reply>| {
-            rows(&conn(CHECK), "T D C Z", "the check").join("")
+            rows(&conn(SESSION_CHECK), "T D C Z", "the check").join("")
         };
         let run = |conn: &mut dyn Wire, sql: &str, codes: &[&str]| {
             let replies = conn.run(sql);
@@ -1953,7 +1958,7 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
     let mut b = f.raw(&router, "discard", Mode::Direct);
     let pid = pid_of(&mut a);
     assert_eq!(pid, pid_of(&mut b), "one backend");
-    let b_check = b.value(CHECK);
+    let b_check = b.value(SESSION_CHECK);
     let (mut straight, _) = Straight::connect(&f.pg, &startup).expect("login to PostgreSQL");
     let server = steps(&mut straight, || {});
     assert_eq!(
@@ -1980,7 +1985,7 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
     // `app.k` stays defined on the backend, empty, as after any client's `SET` of a custom
     // parameter (PostgreSQL keeps a placeholder for the session's life): no value of `a`'s.
     assert_eq!(
-        b.value(CHECK),
+        b.value(SESSION_CHECK),
         b_check.replace("<none>", ""),
         "the backend's other client"
     );
@@ -1996,9 +2001,6 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
 /// the client's block (which a rollback may end) the session is read back.
 #[test]
 fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read() {
-    const CHECK: &str = "select current_setting('TimeZone') || ' | ' || \
-         current_setting('search_path') || ' | ' || current_setting('role') || ' | ' || \
-         coalesce(current_setting('app.k', true), '<none>')";
     const NPGSQL_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;\
          UNLISTEN *;SELECT pg_advisory_unlock_all();DISCARD SEQUENCES;DISCARD TEMP";
     /// The steps, on a pooled client or straight on PostgreSQL; `checked` runs after each
@@ -2024,7 +2026,7 @@ fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read(
             for sql in *statements {
                 run(conn, sql);
             }
-            seen.push(rows(&conn.run(CHECK), "T D C Z", "the check").join(""));
+            seen.push(rows(&conn.run(SESSION_CHECK), "T D C Z", "the check").join(""));
             checked(i);
         }
         seen
