@@ -219,15 +219,17 @@ impl ClientParams {
     }
 
     /// The session's parameters went back to their defaults (DISCARD ALL, RESET ALL): for
-    /// the client, the ones its StartupMessage set, as on a real server, but for the role if
-    /// `keep_role` (`RESET ALL` leaves it). Returns the reported parameters whose value the
-    /// client now sees change (a server reports each).
+    /// the client, the ones its StartupMessage set, as on a real server, but for the role and
+    /// the session authorization if `keep_role` (`RESET ALL` leaves them). Returns the
+    /// reported parameters whose value the client now sees change (a server reports each).
     pub fn reset_to_startup(&mut self, keep_role: bool) -> Vec<(Box<str>, Box<str>)> {
         let before: Vec<(Box<str>, Box<str>)> = self
             .reported_view()
             .map(|(n, v)| (n.into(), v.into()))
             .collect();
         let role: Option<Box<str>> = self.unreported.get("role").map(Into::into);
+        let authorization: Option<Box<str>> =
+            self.changed.get("session_authorization").map(Into::into);
         self.changed = Params::default();
         self.unreported = Params::default();
         let startup = std::mem::take(&mut self.startup);
@@ -242,6 +244,9 @@ impl ClientParams {
         if keep_role {
             // None is no role of its own, which `set_unreported` keeps as such.
             self.set_unreported("role", Some(role.as_deref().unwrap_or("none")));
+            if let Some(authorization) = authorization {
+                self.reported("session_authorization", &authorization);
+            }
         }
         before
             .into_iter()
@@ -758,6 +763,12 @@ mod tests {
         assert_eq!(plain.unreported.get("role"), Some("writer"));
         plain.reset_to_startup(false);
         assert!(plain.unreported.is_empty());
+        // A superuser's `SET SESSION AUTHORIZATION`, reported: RESET ALL leaves it too.
+        plain.reported("session_authorization", "bob");
+        assert!(plain.reset_to_startup(true).is_empty());
+        assert_eq!(plain.get("session_authorization"), Some("bob"));
+        plain.reset_to_startup(false);
+        assert_eq!(plain.get("session_authorization"), None, "the pool's");
         let mut backend = BackendParams::new((*base()).clone());
         backend.set_unreported("role", Some("reader"));
         backend.set_unreported("role", Some("none"));

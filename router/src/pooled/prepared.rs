@@ -971,8 +971,8 @@ const TRANSACTION_CONTROL: [&str; 8] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParameterChange {
     /// `RESET name` or `SET [SESSION | LOCAL] name {TO | =} DEFAULT` (with PostgreSQL's other
-    /// spellings, `TIME ZONE` and `NAMES`; `RESET ROLE` too): back to the session default.
-    /// `RESET ALL` and `SET SESSION AUTHORIZATION DEFAULT` are not one.
+    /// spellings, `TIME ZONE` and `NAMES`; `RESET ROLE` and `SET SESSION AUTHORIZATION
+    /// DEFAULT` are the role's): back to the session default. `RESET ALL` is not one.
     Reset(String),
     /// `SET [SESSION] name {TO | =} value` (or `SET SCHEMA`, `SET ROLE`): a new session value.
     /// `SET LOCAL` (over with the transaction), `SET SESSION AUTHORIZATION`, `SET TRANSACTION`
@@ -980,10 +980,10 @@ pub enum ParameterChange {
     /// parameters the server reports.
     Set(String),
     /// A change of the session the router cannot name from the text: `SET SESSION
-    /// AUTHORIZATION` and its `RESET`, `SET SESSION CHARACTERISTICS`, a `set_config` the
-    /// router cannot read as a call or a write to `pg_settings`, `RESET ALL` and `DISCARD ALL` (which a
-    /// rollback can undo), a `PREPARE`, `DEALLOCATE` or `DISCARD` in a Parse, a query too long
-    /// to read. The backend's whole session is read back before it is lent again
+    /// AUTHORIZATION name`, `SET SESSION CHARACTERISTICS`, a `set_config` the router cannot
+    /// read as a call or a write to `pg_settings`, a `RESET ALL` beside transaction control
+    /// or a `DISCARD ALL` beside other statements (which may be undone or partly done), a
+    /// `PREPARE`, `DEALLOCATE` or `DISCARD` in a Parse, a query too long to read. The backend's whole session is read back before it is lent again
     /// ([`readback::session_audit`](super::readback::session_audit)).
     Unknown,
     /// State no reply tells of may outlive the transaction: a session-level advisory lock
