@@ -1992,15 +1992,19 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
     assert_eq!(pid_of(&mut a), pid, "still the one backend");
 }
 
-/// `RESET ALL`, and the reset Npgsql's pool sends in place of `DISCARD ALL` when a connection
-/// has prepared statements (`SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;...`; PgDog
-/// #1682: it panicked PgDog's client task), leave the client's session as PostgreSQL's: its
+/// `RESET ALL`, the reset Npgsql's pool sends in place of `DISCARD ALL` when a connection has
+/// prepared statements (`SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;...`; PgDog
+/// #1682: it panicked PgDog's client task) and the one asyncpg's pool sends at each release
+/// leave the client's session as PostgreSQL's: its
 /// startup values, the role kept by `RESET ALL` (never handed to the backend's next client)
 /// and taken back to the StartupMessage's by the session authorization's reset. Outside a
 /// block and without an error nothing can undo them, so no read of the session follows; in
 /// the client's block (which a rollback may end) the session is read back.
 #[test]
 fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read() {
+    /// What asyncpg's pool sends when a connection is released.
+    const ASYNCPG_RESET: &str =
+        "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
     const NPGSQL_RESET: &str = "SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;\
          UNLISTEN *;SELECT pg_advisory_unlock_all();DISCARD SEQUENCES;DISCARD TEMP";
     /// The steps, on a pooled client or straight on PostgreSQL; `checked` runs after each
@@ -2011,7 +2015,7 @@ fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read(
             let replies = conn.run(sql);
             assert!(errors(&replies).is_empty(), "{sql}: {:?}", errors(&replies));
         };
-        let script: [&[&str]; 4] = [
+        let script: [&[&str]; 5] = [
             &["SET TimeZone = 'UTC'; SET search_path = ra_x; SET ROLE NONE; SET app.k = '1'"],
             &["RESET ALL"],
             &["SET TimeZone = 'UTC'; SET app.k = '3'", NPGSQL_RESET],
@@ -2021,6 +2025,7 @@ fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read(
                 "RESET ALL",
                 "ROLLBACK",
             ],
+            &["SET ROLE NONE; SET app.k = '5'", ASYNCPG_RESET],
         ];
         for (i, statements) in script.iter().enumerate() {
             for sql in *statements {
@@ -2051,6 +2056,7 @@ fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read(
             "Asia/Tokyo | ra_s, public | none | ",
             "Asia/Tokyo | ra_s, public | resetall_other | ",
             "UTC | ra_s, public | resetall_other | 4",
+            "Asia/Tokyo | ra_s, public | none | ",
         ],
         "PostgreSQL itself"
     );
@@ -2067,7 +2073,7 @@ fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read(
     assert_eq!(pooled, server, "pooled port vs a real server's session");
     assert_eq!(
         reads,
-        [0, 0, 0, 1],
+        [0, 0, 0, 1, 1],
         "a session read only after the block's RESET ALL"
     );
     assert_eq!(pid_of(&mut a), pid, "still the one backend");

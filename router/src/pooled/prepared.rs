@@ -1954,6 +1954,11 @@ mod tests {
         assert_eq!(npgsql.resets, Resets::Parameters);
         assert!(!npgsql.clears_statements);
         assert_eq!(npgsql.changes, [ParameterChange::Reset("role".into())]);
+        // asyncpg's, at each release of a pooled connection.
+        let asyncpg =
+            facts("SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;");
+        assert_eq!(asyncpg.resets, Resets::Parameters);
+        assert!(asyncpg.changes.is_empty());
         for undone in [
             "RESET ALL; ROLLBACK",
             "begin; reset all",
