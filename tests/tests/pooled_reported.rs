@@ -33,10 +33,11 @@ use branchgate_e2e::{
 
 const BRANCH: &str = "b1";
 /// One role per test, so that each test's backends can be told apart in pg_stat_activity.
-const ROLES: [&str; 28] = [
+const ROLES: [&str; 29] = [
     "killed", "lobj", "orphan", "evict", "cancel", "badset", "sticky", "race", "pipe", "portal",
     "samename", "inject", "residue", "owed", "badtype", "unnamed", "aborted", "audit", "dealloc",
     "many", "stmts", "locker", "revoked", "jwt", "resync", "setrole", "discard", "resetall",
+    "chars",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a backend's exit).
@@ -78,8 +79,8 @@ fn fixture() -> &'static Fixture {
              CREATE TABLE revoked_t (who text DEFAULT current_user); \
              GRANT ALL ON revoked_t TO revoked, revoked_grant",
         );
-        // Every statement `jwt`'s, `setrole`'s, `discard`'s and `resetall`'s backends run goes
-        // to the server's log.
+        // Every statement `jwt`'s, `setrole`'s, `discard`'s, `resetall`'s and `chars`'s
+        // backends run goes to the server's log.
         pg.psql_admin(
             "CREATE ROLE jwt_anon; GRANT jwt_anon TO jwt; ALTER ROLE jwt SET log_statement = 'all'",
         );
@@ -95,6 +96,7 @@ fn fixture() -> &'static Fixture {
             "CREATE ROLE resetall_other; GRANT resetall_other TO resetall; \
              ALTER ROLE resetall SET log_statement = 'all'",
         );
+        pg.psql_admin("ALTER ROLE chars SET log_statement = 'all'");
         Fixture {
             certs: Certs::generate(),
             pg,
@@ -2077,4 +2079,55 @@ fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read(
         "a session read only after the block's RESET ALL"
     );
     assert_eq!(pid_of(&mut a), pid, "still the one backend");
+}
+
+/// JDBC's `Connection.setTransactionIsolation` (which HikariCP calls again when a connection
+/// goes back to its pool, and Spring around each transaction with an isolation level of its
+/// own) sends `SET SESSION CHARACTERISTICS AS TRANSACTION ...`: the session's
+/// `default_transaction_*` values, read back by name after the transaction and given to each
+/// backend the client gets, never to another client. The router read the whole session after
+/// each one (about a thirteenth of a plain transaction's rate).
+#[test]
+fn session_characteristics_follow_their_client_with_a_read_by_name() {
+    const CHECK: &str = "select current_setting('transaction_isolation') || ' ' || \
+         current_setting('transaction_read_only') || ' ' || \
+         current_setting('transaction_deferrable')";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1), "chars");
+    let mut a = f.raw(&router, "chars", Mode::SslRequest);
+    let mut b = f.raw(&router, "chars", Mode::Direct);
+    let pid = pid_of(&mut a);
+    assert_eq!(pid, pid_of(&mut b), "one backend");
+    let defaults = b.value(CHECK);
+    assert_eq!(defaults, "read committed off off");
+    for (set, expected) in [
+        (
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "serializable off off",
+        ),
+        (
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ, \
+             READ ONLY, DEFERRABLE",
+            "repeatable read on on",
+        ),
+        (
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED, \
+             READ WRITE, NOT DEFERRABLE",
+            "read committed off off",
+        ),
+    ] {
+        ok(&mut a, set);
+        assert_eq!(a.value(CHECK), expected, "{set}");
+        assert_eq!(b.value(CHECK), defaults, "the other client, after {set}");
+        assert_eq!(a.value(CHECK), expected, "after the other client: {set}");
+    }
+    // In a block that rolls back: undone, as on a server.
+    ok_in_block(&mut a, "BEGIN");
+    ok_in_block(
+        &mut a,
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    );
+    ok(&mut a, "ROLLBACK");
+    assert_eq!(a.value(CHECK), defaults);
+    assert_no_session_read(f, &mut a, pid);
 }

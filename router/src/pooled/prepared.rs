@@ -955,6 +955,13 @@ fn query_facts(text: &[u8]) -> QueryFacts {
     facts
 }
 
+/// The parameters `SET SESSION CHARACTERISTICS AS TRANSACTION` sets.
+pub const CHARACTERISTICS: [&str; 3] = [
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "default_transaction_deferrable",
+];
+
 /// First words of the statements that begin, end or cut a transaction.
 const TRANSACTION_CONTROL: [&str; 8] = [
     "begin",
@@ -979,8 +986,11 @@ pub enum ParameterChange {
     /// and `SET CONSTRAINTS` are not one; neither are `SET TIME ZONE` and `SET NAMES`, whose
     /// parameters the server reports.
     Set(String),
+    /// `SET SESSION CHARACTERISTICS AS TRANSACTION ...` (JDBC's `setTransactionIsolation`):
+    /// new session values of the `default_transaction_*` parameters ([`CHARACTERISTICS`]).
+    Characteristics,
     /// A change of the session the router cannot name from the text: `SET SESSION
-    /// AUTHORIZATION name`, `SET SESSION CHARACTERISTICS`, a `set_config` the router cannot
+    /// AUTHORIZATION name`, a `set_config` the router cannot
     /// read as a call or a write to `pg_settings`, a `RESET ALL` beside transaction control
     /// or a `DISCARD ALL` beside other statements (which may be undone or partly done), a
     /// `PREPARE`, `DEALLOCATE` or `DISCARD` in a Parse, a query too long to read. The backend's whole session is read back before it is lent again
@@ -1326,9 +1336,9 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
     let is = |word: &str, keyword: &str| word.eq_ignore_ascii_case(keyword);
     let reset = |name: String| Some(ParameterChange::Reset(name));
     // The role is read back by name (`SET ROLE` takes a role name or NONE, `RESET ROLE` and
-    // `SET role TO DEFAULT` go back to the session's default). The session authorization and
-    // transaction characteristics: only a read of the whole session knows what they became
-    // (`SET SESSION AUTHORIZATION` also resets the role).
+    // `SET role TO DEFAULT` go back to the session's default), and so are the transaction
+    // characteristics. The session authorization: only a read of the whole session knows what
+    // it became (`SET SESSION AUTHORIZATION` also resets the role).
     match words {
         [reset_, role] if is(reset_, "reset") && is(role, "role") => {
             return Some(ParameterChange::Reset("role".into()))
@@ -1347,7 +1357,7 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                 && is(session, "session")
                 && is(characteristics, "characteristics") =>
         {
-            return Some(ParameterChange::Unknown)
+            return Some(ParameterChange::Characteristics);
         }
         [set, rest @ ..] if is(set, "set") => {
             // `SET LOCAL` ends with the transaction: nothing to follow.
@@ -2025,6 +2035,11 @@ mod tests {
         ] {
             assert_eq!(facts(text).changes, [change], "{text}");
         }
+        assert_eq!(
+            facts("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+                .changes,
+            [ParameterChange::Characteristics]
+        );
         assert!(facts("SET LOCAL ROLE bob").changes.is_empty());
         assert!(facts("set local role to default").changes.is_empty());
         // Changes only a read of the whole session can follow.
@@ -2032,7 +2047,6 @@ mod tests {
             "RESET ALL; END",
             "SET SESSION AUTHORIZATION bob",
             "set session session authorization bob",
-            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "update PG_SETTINGS set setting = '1' where name = 'work_mem'",
             "DISCARD ALL; select 1",
             "deallocate x; select 1",

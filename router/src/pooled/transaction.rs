@@ -806,6 +806,11 @@ impl Transaction {
                     self.overflow = true;
                 }
             }
+            ParameterChange::Characteristics => {
+                for name in super::prepared::CHARACTERISTICS {
+                    self.parameter_change(ParameterChange::Set(name.into()));
+                }
+            }
             ParameterChange::Unknown => self.audit = true,
             ParameterChange::Residue => self.residue = true,
             ParameterChange::Untraceable => {
