@@ -1804,6 +1804,33 @@ const SESSION_CHECK: &str = "select current_setting('TimeZone') || ' | ' || \
      current_setting('search_path') || ' | ' || current_setting('role') || ' | ' || \
      coalesce(current_setting('app.k', true), '<none>')";
 
+/// Two clients of `role` on one backend (a pool of one): `a` with `startup` parameters, `b`
+/// without; the backend's pid; and a client straight to PostgreSQL with `startup` too.
+struct SharedBackend {
+    /// Bind it (`router: _router`): dropped, it stops the router.
+    router: TestRouter,
+    a: RawConn,
+    b: RawConn,
+    pid: i32,
+    straight: Straight,
+}
+
+fn shared_backend(f: &Fixture, role: &str, startup: &[(&str, &str)]) -> SharedBackend {
+    let router = f.router(&PoolSettings::new(1), role);
+    let mut a = f.raw_with(&router, role, Mode::SslRequest, startup);
+    let mut b = f.raw(&router, role, Mode::Direct);
+    let pid = pid_of(&mut a);
+    assert_eq!(pid, pid_of(&mut b), "one backend");
+    let (straight, _) = Straight::connect(&f.pg, startup).expect("login to PostgreSQL");
+    SharedBackend {
+        router,
+        a,
+        b,
+        pid,
+        straight,
+    }
+}
+
 /// `conn` still holds backend `pid`, which has not had its whole session read.
 fn assert_no_session_read(f: &Fixture, conn: &mut RawConn, pid: i32) {
     assert_eq!(pid_of(conn), pid, "still the one backend");
@@ -1831,13 +1858,13 @@ fn session_reads(f: &Fixture, pids: &[i32]) -> Vec<String> {
 fn set_role_and_reset_role_follow_their_client_with_a_read_by_name() {
     const ROLE: &str = "select current_setting('role')";
     let f = fixture();
-    let router = f.router(&PoolSettings::new(1), "setrole");
-    let startup = [("role", "setrole_other")];
-    let mut a = f.raw_with(&router, "setrole", Mode::SslRequest, &startup);
-    let mut b = f.raw(&router, "setrole", Mode::Direct);
-    let pid = pid_of(&mut a);
-    assert_eq!(pid, pid_of(&mut b), "one backend");
-    let (mut straight, _) = Straight::connect(&f.pg, &startup).expect("login to PostgreSQL");
+    let SharedBackend {
+        mut a,
+        mut b,
+        pid,
+        mut straight,
+        router: _router,
+    } = shared_backend(f, "setrole", &[("role", "setrole_other")]);
     let steps: [&[&str]; 8] = [
         &[],
         &["SET ROLE NONE"],
@@ -1950,18 +1977,19 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
         seen
     }
     let f = fixture();
-    let router = f.router(&PoolSettings::new(1), "discard");
     let startup = [
         ("TimeZone", "Asia/Tokyo"),
         ("search_path", "discard_s, public"),
         ("role", "discard_other"),
     ];
-    let mut a = f.raw_with(&router, "discard", Mode::SslRequest, &startup);
-    let mut b = f.raw(&router, "discard", Mode::Direct);
-    let pid = pid_of(&mut a);
-    assert_eq!(pid, pid_of(&mut b), "one backend");
+    let SharedBackend {
+        mut a,
+        mut b,
+        pid,
+        mut straight,
+        router: _router,
+    } = shared_backend(f, "discard", &startup);
     let b_check = b.value(SESSION_CHECK);
-    let (mut straight, _) = Straight::connect(&f.pg, &startup).expect("login to PostgreSQL");
     let server = steps(&mut straight, || {});
     assert_eq!(
         server,
@@ -2039,17 +2067,18 @@ fn reset_all_and_npgsqls_reset_leave_the_startup_session_without_a_session_read(
         seen
     }
     let f = fixture();
-    let router = f.router(&PoolSettings::new(1), "resetall");
     let startup = [
         ("TimeZone", "Asia/Tokyo"),
         ("search_path", "ra_s, public"),
         ("role", "resetall_other"),
     ];
-    let mut a = f.raw_with(&router, "resetall", Mode::SslRequest, &startup);
-    let mut b = f.raw(&router, "resetall", Mode::Direct);
-    let pid = pid_of(&mut a);
-    assert_eq!(pid, pid_of(&mut b), "one backend");
-    let (mut straight, _) = Straight::connect(&f.pg, &startup).expect("login to PostgreSQL");
+    let SharedBackend {
+        mut a,
+        mut b,
+        pid,
+        mut straight,
+        router: _router,
+    } = shared_backend(f, "resetall", &startup);
     let server = steps(&mut straight, |_| {});
     assert_eq!(
         server,
