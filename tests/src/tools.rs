@@ -46,6 +46,32 @@ pub fn python() -> PathBuf {
     path
 }
 
+/// pgjdbc, from Debian's libpostgresql-jdbc-java (installed by scripts/setup).
+pub const PGJDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+/// Runs the single-file Java program `source` (JDK 11's source launcher, so nothing is
+/// compiled ahead) with pgjdbc on the class path, stdout and stderr piped.
+pub fn spawn_java(source: &Path, args: &[&str]) -> Child {
+    assert!(
+        Path::new(PGJDBC_JAR).exists(),
+        "pgjdbc not found at {PGJDBC_JAR}: run scripts/setup"
+    );
+    Command::new("java")
+        .args([
+            "-XX:+UseSerialGC",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            PGJDBC_JAR,
+        ])
+        .arg(source)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run java (scripts/setup installs openjdk-17-jdk-headless)")
+}
+
 /// Runs `code` with [`python()`] and the given arguments (`sys.argv[1..]`) and returns its
 /// stdout. Panics with stderr when it exits non-zero.
 pub fn run_python(code: &str, args: &[&str]) -> String {

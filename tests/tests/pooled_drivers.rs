@@ -1,0 +1,195 @@
+//! The pooled port with the drivers whose habits most often break on a transaction pooler, run
+//! for real against PostgreSQL 15 over TLS: asyncpg (PyPI; every statement prepared under names
+//! every connection shares, `executemany` pipelines, binary COPY, a pool that resets each
+//! connection at release) and pgjdbc (Debian's libpostgresql-jdbc-java; server-side statements
+//! from the fifth execution, batches under one Sync, savepoints, portals fetched in pieces, the
+//! CopyManager, `setTransactionIsolation`). Several clients share a pool smaller than their
+//! number; each checks its own results and prints one line per part, which the test compares.
+//!
+//! One PostgreSQL server per binary; each test starts its own router (one worker, so that
+//! `pool_size` is the branch's whole budget) and uses a role of its own, so that its backends
+//! can be counted apart from the other test's.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use branchgate_e2e::pg::BackendSampler;
+use branchgate_e2e::tools::{python, spawn_java, wait_with_deadline};
+use branchgate_e2e::{BranchSpec, Certs, PgServer, PoolSettings, TestRouter};
+
+const BRANCH: &str = "b1";
+/// asyncpg's role, as PostgreSQL knows it and with the branch as the router's clients name it.
+const ASYNCPG_ROLE: &str = "apg";
+const ASYNCPG_USER: &str = "apg.b1";
+const ASYNCPG_PASSWORD: &str = "pscale_pw_drivers_apg_R7q";
+/// pgjdbc's role.
+const JDBC_ROLE: &str = "jdbc";
+const JDBC_USER: &str = "jdbc.b1";
+const JDBC_PASSWORD: &str = "pscale_pw_drivers_jdbc_M2x";
+
+/// Backends in each test's pool, and the clients sharing them.
+const POOL_SIZE: u32 = 2;
+const CLIENTS: usize = 5;
+/// Executions of each repeated statement per client (pgjdbc prepares from the fifth).
+const ROUNDS: usize = 12;
+/// How long a driver's client may run before the test calls it stuck.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// asyncpg: the statement cache, prepared statements, transactions, executemany, binary COPY,
+/// a cursor, an enum, SET and RESET, a multi-statement query, asyncpg's pool.
+const ASYNCPG_WORK: &str = include_str!("clients/pooled_asyncpg.py");
+
+struct Fixture {
+    certs: Certs,
+    pg: PgServer,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let pg = PgServer::start_primary();
+        pg.create_role(ASYNCPG_ROLE, ASYNCPG_PASSWORD);
+        pg.create_role(JDBC_ROLE, JDBC_PASSWORD);
+        pg.psql_admin(
+            "CREATE TABLE pooled_items (client text NOT NULL, n int NOT NULL); \
+             GRANT ALL ON pooled_items TO apg, jdbc; \
+             CREATE TYPE mood AS ENUM ('sad', 'happy')",
+        );
+        for schema in ["s1", "s2"] {
+            pg.psql_admin(&format!(
+                "CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (v text); \
+                 INSERT INTO {schema}.t VALUES ('in {schema}'); \
+                 GRANT USAGE ON SCHEMA {schema} TO apg, jdbc; \
+                 GRANT SELECT ON {schema}.t TO apg, jdbc"
+            ));
+        }
+        Fixture {
+            certs: Certs::generate(),
+            pg,
+        }
+    })
+}
+
+impl Fixture {
+    /// A router of its own with a pool of [`POOL_SIZE`] for `role` on branch b1.
+    fn router(&self, role: &str) -> TestRouter {
+        let branch =
+            BranchSpec::new(BRANCH, self.pg.addr()).role(role, &self.pg.role_verifier(role));
+        PoolSettings::new(POOL_SIZE).start(&self.certs, &[branch])
+    }
+}
+
+/// Waits for every client, checks it succeeded and printed `expected(k)`, and that `role` never
+/// had more than the pool's backends while they ran.
+fn check_clients(
+    role: &str,
+    sampler: BackendSampler,
+    children: Vec<(usize, Child)>,
+    expected: impl Fn(usize) -> String,
+) {
+    let mut failures = Vec::new();
+    for (k, child) in children {
+        let output = wait_with_deadline(child, &format!("{role} client {k}"), CLIENT_DEADLINE);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || stdout != expected(k) {
+            failures.push(format!(
+                "client {k} ({}):\n--- stdout:\n{stdout}--- expected:\n{}--- stderr:\n{}",
+                output.status,
+                expected(k),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
+    }
+    let (peak, samples) = sampler.stop();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        (1..=POOL_SIZE as usize).contains(&peak),
+        "{role}: {peak} backends at once ({samples} samples) for a pool of {POOL_SIZE}"
+    );
+}
+
+#[test]
+fn asyncpg_clients_sharing_a_pool_of_two_keep_their_statements_settings_and_copies() {
+    let f = fixture();
+    let router = f.router(ASYNCPG_ROLE);
+    let sampler = BackendSampler::start(&f.pg, ASYNCPG_ROLE);
+    let port = router.pooled_addr().port().to_string();
+    let ca = f.certs.ca_path();
+    let children = (1..=CLIENTS)
+        .map(|k| {
+            let child = Command::new(python())
+                .arg("-c")
+                .arg(ASYNCPG_WORK)
+                .args([&port, ASYNCPG_USER, ASYNCPG_PASSWORD])
+                .arg(&ca)
+                .args([&k.to_string(), &ROUNDS.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run python");
+            (k, child)
+        })
+        .collect();
+    check_clients(ASYNCPG_ROLE, sampler, children, |k| {
+        let moods = if k % 2 == 1 {
+            "['happy', 'sad']"
+        } else {
+            "['sad']"
+        };
+        format!(
+            "a{k} cached {ROUNDS}\n\
+             a{k} prepared {ROUNDS} ['?column?', 'text']\n\
+             a{k} transactions {ROUNDS} 22012\n\
+             a{k} executemany {} 23502\n\
+             a{k} copy 200 True\n\
+             a{k} cursor True\n\
+             a{k} enum {moods}\n\
+             a{k} set True True\n\
+             a{k} script 2\n\
+             a{k} pool True {}\n",
+            ROUNDS + 50,
+            ROUNDS + 1
+        )
+    });
+}
+
+#[test]
+fn pgjdbc_clients_sharing_a_pool_of_two_keep_their_statements_batches_and_isolation() {
+    let f = fixture();
+    let router = f.router(JDBC_ROLE);
+    let sampler = BackendSampler::start(&f.pg, JDBC_ROLE);
+    let port = router.pooled_addr().port().to_string();
+    let ca = f.certs.ca_path();
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/PooledJdbc.java");
+    let children = (1..=CLIENTS)
+        .map(|k| {
+            let args = [
+                port.as_str(),
+                JDBC_USER,
+                JDBC_PASSWORD,
+                ca,
+                &k.to_string(),
+                &ROUNDS.to_string(),
+            ];
+            (k, spawn_java(&source, &args))
+        })
+        .collect();
+    check_clients(JDBC_ROLE, sampler, children, |k| {
+        format!(
+            "j{k} prepared {ROUNDS}\n\
+             j{k} transactions {} 22012\n\
+             j{k} batch {} 23502\n\
+             j{k} cursor true\n\
+             j{k} copy 200 200 5000 5199\n\
+             j{k} isolation true\n\
+             j{k} set true jdbc-{k}\n\
+             j{k} metadata [client, n]\n",
+            ROUNDS + 2,
+            ROUNDS + 52
+        )
+    });
+}
