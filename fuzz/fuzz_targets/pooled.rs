@@ -13,8 +13,8 @@
 
 use branchgate::buf::ReadBuf;
 use branchgate::pooled::prepared::{
-    answer_idle, statements, BackendStatements, ClientStatements, KnownGood, Transient,
-    Translator,
+    answer_idle, apply_described, statements, BackendStatements, ClientStatements, KnownGood,
+    Taken, Transient, Translator,
 };
 use branchgate::pooled::stream::{MessageStream, Piece};
 use branchgate::pooled::transaction::{Send, Transaction};
@@ -98,10 +98,23 @@ fuzz_target!(|data: &[u8]| {
                     false
                 }
                 b'P' => translator.long_parse(message),
-                b'B' => translator.bind(message, total).unwrap_or(false),
-                b'D' if whole => {
-                    let _ = translator.describe(message);
-                    false
+                b'B' | b'D' if tag == b'B' || whole => {
+                    let taken = match tag {
+                        b'B' => translator.bind(message, total),
+                        _ => translator.describe(message),
+                    };
+                    match taken {
+                        Ok(Taken::Passed) => tag == b'B',
+                        Ok(Taken::Answered) | Err(_) => false,
+                        // It waits for the backend's answer to the router's check: the rest
+                        // of the client's bytes wait with it (the replies below answer it).
+                        Ok(Taken::Check) => {
+                            if !whole {
+                                stream.not_started();
+                            }
+                            break 'feed;
+                        }
+                    }
                 }
                 b'C' if whole => {
                     let _ = translator.close(message);
@@ -147,6 +160,7 @@ fuzz_target!(|data: &[u8]| {
             undo.apply(&mut client_names, &mut backend);
         }
         let _ = tx.take_accepted();
+        apply_described(tx.take_described(), &mut backend);
     }
     well_formed(&to_client, "router replies");
 

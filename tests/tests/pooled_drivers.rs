@@ -5,6 +5,8 @@
 //! from the fifth execution, batches under one Sync, savepoints, portals fetched in pieces, the
 //! CopyManager, `setTransactionIsolation`). Several clients share a pool smaller than their
 //! number; each checks its own results and prints one line per part, which the test compares.
+//! And asyncpg across a DDL that changes a prepared statement's row type: it must get
+//! PostgreSQL's 0A000 and prepare again, not rows it reads with the old description.
 //!
 //! One PostgreSQL server per binary; each test starts its own router (one worker, so that
 //! `pool_size` is the branch's whole budget) and uses a role of its own, so that its backends
@@ -17,13 +19,17 @@ use std::time::Duration;
 
 use branchgate_e2e::pg::BackendSampler;
 use branchgate_e2e::tools::{python, spawn_java, wait_with_deadline};
-use branchgate_e2e::{BranchSpec, Certs, PgServer, PoolSettings, TestRouter};
+use branchgate_e2e::{run_python, BranchSpec, Certs, PgServer, PoolSettings, TestRouter};
 
 const BRANCH: &str = "b1";
 /// asyncpg's role, as PostgreSQL knows it and with the branch as the router's clients name it.
 const ASYNCPG_ROLE: &str = "apg";
 const ASYNCPG_USER: &str = "apg.b1";
 const ASYNCPG_PASSWORD: &str = "pscale_pw_drivers_apg_R7q";
+/// asyncpg's role for the DDL test (which owns its table).
+const DDL_ROLE: &str = "apgddl";
+const DDL_USER: &str = "apgddl.b1";
+const DDL_PASSWORD: &str = "pscale_pw_drivers_ddl_T3n";
 /// pgjdbc's role.
 const JDBC_ROLE: &str = "jdbc";
 const JDBC_USER: &str = "jdbc.b1";
@@ -40,6 +46,8 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
 /// asyncpg: the statement cache, prepared statements, transactions, executemany, binary COPY,
 /// a cursor, an enum, SET and RESET, a multi-statement query, asyncpg's pool.
 const ASYNCPG_WORK: &str = include_str!("clients/pooled_asyncpg.py");
+/// asyncpg: a statement prepared before a DDL that changes its row shape, run again after it.
+const ASYNCPG_DDL: &str = include_str!("clients/pooled_asyncpg_ddl.py");
 
 struct Fixture {
     certs: Certs,
@@ -52,9 +60,10 @@ fn fixture() -> &'static Fixture {
         let pg = PgServer::start_primary();
         pg.create_role(ASYNCPG_ROLE, ASYNCPG_PASSWORD);
         pg.create_role(JDBC_ROLE, JDBC_PASSWORD);
+        pg.create_role(DDL_ROLE, DDL_PASSWORD);
         pg.psql_admin(
             "CREATE TABLE pooled_items (client text NOT NULL, n int NOT NULL); \
-             GRANT ALL ON pooled_items TO apg, jdbc; \
+             GRANT ALL ON pooled_items TO apg, jdbc; GRANT CREATE ON SCHEMA public TO apgddl, jdbc; \
              CREATE TYPE mood AS ENUM ('sad', 'happy')",
         );
         for schema in ["s1", "s2"] {
@@ -187,9 +196,29 @@ fn pgjdbc_clients_sharing_a_pool_of_two_keep_their_statements_batches_and_isolat
              j{k} copy 200 200 5000 5199\n\
              j{k} isolation true\n\
              j{k} set true jdbc-{k}\n\
-             j{k} metadata [client, n]\n",
+             j{k} metadata [client, n]\n\
+             j{k} ddl [{k}, {k}, {k}.5, {k}.5, {k}.5]\n",
             ROUNDS + 2,
             ROUNDS + 52
         )
     });
+}
+
+#[test]
+fn asyncpg_prepares_again_after_a_ddl_changes_a_statements_row_type() {
+    let f = fixture();
+    let router = f.router(DDL_ROLE);
+    let port = router.pooled_addr().port().to_string();
+    let ca = f.certs.ca_path();
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    let out = run_python(ASYNCPG_DDL, &[&port, DDL_USER, DDL_PASSWORD, ca]);
+    // What asyncpg reads on PostgreSQL itself (its retry after 0A000 is silent outside a
+    // block, and raised inside one).
+    assert_eq!(
+        out,
+        "before [(1,)] True\n\
+         after [(1.5,)]\n\
+         in a block InvalidCachedStatementError 0A000\n\
+         then [(Decimal('1.5'),)]\n"
+    );
 }

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use branchgate_e2e::binary::{branchgate, wait_for};
 use branchgate_e2e::pg::quote_literal;
 use branchgate_e2e::raw::{
-    self, bind_execute, cancel_request, connect_tls, describe, error_codes, errors, execute,
-    first_column, flush, message, parse, parse_error, query, request, sync, tags, Mode, PgError,
-    RawConn, Reply, SSL_REQUEST_CODE,
+    self, bind_execute, cancel_request, close, connect_tls, describe, error_codes, errors, execute,
+    first_column, flush, message, parse, parse_error, query, request, row_description, sync, tags,
+    Mode, PgError, RawConn, Reply, SSL_REQUEST_CODE,
 };
 use branchgate_e2e::tokio_tls::{assert_db_error, block_on, tp_connect_with, MakeRustls};
 use branchgate_e2e::tp_session::Session;
@@ -34,9 +34,9 @@ use tokio_postgres::error::SqlState;
 
 const BRANCH: &str = "b1";
 /// One role per test that watches its backends, plus `app` for the others.
-const ROLES: [&str; 15] = [
+const ROLES: [&str; 16] = [
     "app", "warm", "idler", "aged", "rst", "grow", "shrink", "canc", "quiet", "copier", "piper",
-    "drain", "big", "ddl", "herd",
+    "drain", "big", "ddl", "herd", "shape",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a FATAL).
@@ -80,7 +80,9 @@ fn fixture() -> &'static Fixture {
              GRANT ALL ON lc_copy TO copier; \
              CREATE TABLE lc_drain (v text NOT NULL); GRANT ALL ON lc_drain TO drain; \
              CREATE TABLE lc_ddl (a int); INSERT INTO lc_ddl VALUES (1); \
-             GRANT ALL ON lc_ddl TO ddl",
+             GRANT ALL ON lc_ddl TO ddl; \
+             CREATE TABLE lc_shape (a int); INSERT INTO lc_shape VALUES (1); \
+             GRANT ALL ON lc_shape TO shape",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1667,6 +1669,140 @@ fn a_statement_whose_result_type_a_ddl_changed_is_prepared_again() {
     assert_eq!(tags(&replies), "2 D C Z", "{:?}", errors(&replies));
     let row = branchgate_e2e::raw::data_row(&replies[1].1);
     assert_eq!(row, [Some("1".to_owned()), Some("2".to_owned())]);
+}
+
+/// PostgreSQL's answer to a statement whose plan no longer has the row shape it was described
+/// with: `(code, message)`.
+const CHANGED_RESULT_TYPE: (&str, &str) = ("0A000", "cached plan must not change result type");
+
+fn only_error(replies: &[Reply], what: &str) -> (String, String) {
+    assert_eq!(tags(replies), "E Z", "{what}: {replies:?}");
+    let error = &errors(replies)[0];
+    (error.code.clone(), error.message.clone())
+}
+
+/// What no pooler did before: a statement the client was told the row shape of, given by the
+/// router to a backend after a DDL changed that shape, must fail as on a real server (which
+/// keeps the plan it prepared) and not send rows the client would read with the old
+/// description. asyncpg read a float4 column's bytes as the int4 it was told of, without an
+/// error; on PostgreSQL itself it gets 0A000, prepares the statement again and reads 1.5.
+#[test]
+fn a_statement_described_before_a_ddl_fails_on_every_backend_until_prepared_again() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2), "shape");
+    let mut a = f.raw(&router, "shape", Mode::Direct);
+    let mut b = f.raw(&router, "shape", Mode::SslRequest);
+    let mut d = f.raw(&router, "shape", Mode::Direct);
+    let pid = |conn: &mut RawConn| conn.value("select pg_backend_pid()");
+    // b holds the pool's first backend (X): `a` prepares the statement on the second (Y) and
+    // is told its one column.
+    assert_eq!(tags(&b.simple("BEGIN")), "C Z");
+    let b_pid = pid(&mut b);
+    a.send(&[
+        parse("all_of", "select * from lc_shape", &[]),
+        describe(b'S', "all_of"),
+        bind_execute("all_of", &[]),
+        parse("", "select pg_backend_pid()", &[]),
+        bind_execute("", &[]),
+        sync(),
+    ]);
+    let replies = a.until_ready("prepared and described");
+    assert_eq!(
+        tags(&replies),
+        "1 t T 2 D C 1 2 D C Z",
+        "{:?}",
+        errors(&replies)
+    );
+    assert_eq!(row_description(&replies[2].1), [("a".to_owned(), 23)]);
+    let y_pid = branchgate_e2e::raw::data_row(&replies[8].1)[0].clone();
+    assert_ne!(
+        y_pid.as_deref(),
+        Some(b_pid.as_str()),
+        "a ran on the other backend"
+    );
+    // d prepares the same text on Y (which has it) and is told the same one column.
+    d.send(&[
+        parse("mine", "select * from lc_shape", &[]),
+        describe(b'S', "mine"),
+        sync(),
+    ]);
+    assert_eq!(tags(&d.until_ready("d prepares")), "1 t T Z");
+    // X goes back last, so it is lent next (newest idle first).
+    assert_eq!(tags(&b.simple("COMMIT")), "C Z");
+    f.pg.psql_admin("ALTER TABLE lc_shape ADD COLUMN b int DEFAULT 2");
+    // `a` binds on X, which has never had the statement: the router gives it and asks for its
+    // row shape first. Two columns, where `a` was told one: PostgreSQL's error, nothing run.
+    a.send(&[bind_execute("all_of", &[]), sync()]);
+    let replies = a.until_ready("bound on a backend given the statement after the DDL");
+    let (code, message) = only_error(&replies, "after the DDL");
+    assert_eq!((code.as_str(), message.as_str()), CHANGED_RESULT_TYPE);
+    assert_eq!(pid(&mut a), b_pid, "a was lent X");
+    // As on a real server, the statement keeps failing (Describe too) until prepared again.
+    a.send(&[describe(b'S', "all_of"), sync()]);
+    let (code, _) = only_error(&a.until_ready("described again"), "described again");
+    assert_eq!(code, CHANGED_RESULT_TYPE.0);
+    a.send(&[
+        close(b'S', "all_of"),
+        parse("all_of", "select * from lc_shape", &[]),
+        describe(b'S', "all_of"),
+        bind_execute("all_of", &[]),
+        sync(),
+    ]);
+    let replies = a.until_ready("prepared again");
+    assert_eq!(tags(&replies), "3 1 t T 2 D C Z", "{:?}", errors(&replies));
+    assert_eq!(
+        row_description(&replies[3].1),
+        [("a".to_owned(), 23), ("b".to_owned(), 23)]
+    );
+    assert_eq!(
+        branchgate_e2e::raw::data_row(&replies[5].1),
+        [Some("1".to_owned()), Some("2".to_owned())]
+    );
+    // d, told one column before the DDL, is lent X (back last), where the text is prepared
+    // with two: refused at once, as PostgreSQL refuses it; prepared again, it reads both.
+    d.send(&[bind_execute("mine", &[]), sync()]);
+    let replies = d.until_ready("bound where the text has the new shape");
+    let (code, message) = only_error(&replies, "d after the DDL");
+    assert_eq!((code.as_str(), message.as_str()), CHANGED_RESULT_TYPE);
+    d.send(&[
+        close(b'S', "mine"),
+        parse("mine", "select * from lc_shape", &[]),
+        bind_execute("mine", &[]),
+        sync(),
+    ]);
+    let replies = d.until_ready("d prepares again");
+    assert_eq!(tags(&replies), "3 1 2 D C Z", "{:?}", errors(&replies));
+    // A client that prepares the text only now runs the new plan on Y too, which still had the
+    // old one (PostgreSQL answers a statement parsed after the DDL with no 0A000): once the
+    // router found the change, every backend of the pool drops its statements first.
+    assert_eq!(tags(&b.simple("BEGIN")), "C Z");
+    let mut e = f.raw(&router, "shape", Mode::Direct);
+    e.send(&[
+        parse("fresh", "select * from lc_shape", &[]),
+        bind_execute("fresh", &[]),
+        parse("", "select pg_backend_pid()", &[]),
+        bind_execute("", &[]),
+        sync(),
+    ]);
+    let replies = e.until_ready("prepared after the DDL, on Y");
+    assert_eq!(
+        tags(&replies),
+        "1 2 D C 1 2 D C Z",
+        "{:?}",
+        errors(&replies)
+    );
+    assert_eq!(
+        branchgate_e2e::raw::data_row(&replies[2].1),
+        [Some("1".to_owned()), Some("2".to_owned())]
+    );
+    assert_eq!(
+        branchgate_e2e::raw::data_row(&replies[6].1)[0],
+        y_pid,
+        "e was lent Y"
+    );
+    assert_eq!(tags(&b.simple("COMMIT")), "C Z");
+    // Nothing ran twice and nothing was left half done: the backends serve both clients.
+    assert_eq!(a.value("select count(*) from lc_shape"), "1");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ use crate::worker::Worker;
 use super::lost::{as_error, lost, LOST_BACKEND};
 use super::params::{self, ClientParams, Synced};
 use super::pool::Backend;
-use super::prepared::{self, BackendStatements, ClientStatements, Transient, Translator};
+use super::prepared::{self, BackendStatements, ClientStatements, Taken, Transient, Translator};
 use super::stream::{BadLength, MessageStream, Piece};
 use super::transaction::{Reply, Resets, Send, Transaction};
 use super::{readable, sleep_until, Client, End, BACKEND_FAILED};
@@ -37,9 +37,9 @@ pub(super) async fn transaction(
     let mut to_backend: Vec<u8> = Vec::with_capacity(FIRST_CAPACITY);
     // The client's parameters on this backend.
     let mut sql = String::new();
-    // A DDL changed a statement's result type under this backend: its statements are dropped
-    // and prepared again as they are used (the client saw the error once).
-    if backend.statements.take_stale() {
+    // A DDL changed a statement's result type under a backend of the pool: this one's
+    // statements are dropped and prepared again as they are used.
+    if backend.statements.behind(client.pool.plans_epoch.get()) {
         sql.push_str("DEALLOCATE ALL;");
         backend.statements.clear();
     }
@@ -199,15 +199,18 @@ pub(super) async fn transaction(
             // A message no server takes (a type it does not know, a malformed body) ends the
             // session, as PostgreSQL's FATAL does, but only once the messages before it are
             // answered: PostgreSQL runs them, and sends their replies ahead of the FATAL.
-            let (terminated, invalid) = match step {
-                Ok(terminated) => (terminated, None),
-                Err(Step::Protocol(what)) => (false, Some(what)),
+            let (stopped, invalid) = match step {
+                Ok(stopped) => (stopped, None),
+                Err(Step::Protocol(what)) => (Stopped::AtHand, Some(what)),
                 Err(end) => return end,
             };
             {
                 let mut state = state.borrow_mut();
                 if state.tx.owes_synthesized() {
                     state.owed = true;
+                }
+                if state.tx.take_changed_shape() {
+                    pool.plans_epoch.set(pool.plans_epoch.get() + 1);
                 }
             }
             // The backend direction may have been waiting for this.
@@ -219,8 +222,15 @@ pub(super) async fn transaction(
                     return Step::BackendFailed(error.to_string());
                 }
             }
-            if terminated {
-                return Step::ClientGone;
+            match stopped {
+                Stopped::AtHand => {}
+                Stopped::Terminate => return Step::ClientGone,
+                Stopped::Check => {
+                    // The backend tells the row shape of its plan of a statement it was just
+                    // given; the client's message that names it is translated again then.
+                    until_tx(&state, &progress, |tx| !tx.checking()).await;
+                    continue;
+                }
             }
             if let Some(what) = invalid {
                 if state.borrow().tx.pending() > 0 {
@@ -397,11 +407,15 @@ pub(super) async fn transaction(
                             cancel.set_up();
                         }
                         if std::mem::take(&mut found.borrow_mut().stale_plans) {
-                            backend_statements.borrow_mut().mark_stale();
+                            pool.plans_epoch.set(pool.plans_epoch.get() + 1);
                         }
                         for statement in state.tx.take_accepted() {
                             pool.known_good.add(&statement);
                         }
+                        prepared::apply_described(
+                            state.tx.take_described(),
+                            &mut backend_statements.borrow_mut(),
+                        );
                         for undo in state.tx.take_undo() {
                             undo.apply(
                                 &mut statements.borrow_mut(),
@@ -670,15 +684,26 @@ pub(super) fn client_piece(
     stream.next(data, crate::buf::POOL_BUFFER_BYTES, prefix, |_| true)
 }
 
+/// Where [`client_messages`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// Every message at hand went on (what is left is the start of the next one).
+    AtHand,
+    /// At the client's Terminate.
+    Terminate,
+    /// At a Bind or Describe that waits for the backend to tell the row shape of its plan of
+    /// the statement ([`Taken::Check`]): it is left where it is.
+    Check,
+}
+
 /// Moves the client's whole messages (and pieces of long ones) from `plain` to `out`, as the
-/// state machine says, statement names rewritten for the backend. Returns true if the client
-/// sent Terminate.
+/// state machine says, statement names rewritten for the backend.
 fn client_messages(
     plain: &mut ReadBuf,
     stream: &mut MessageStream,
     side: ClientSide<'_>,
     out: &mut Vec<u8>,
-) -> Result<bool, Step> {
+) -> Result<Stopped, Step> {
     let ClientSide {
         tx,
         statements,
@@ -694,7 +719,7 @@ fn client_messages(
             client_piece(stream, plain.data()).map_err(|e| Step::Protocol(e.to_string()))?;
         let data = plain.data();
         let (tag, len, whole) = match piece {
-            None => return Ok(false),
+            None => return Ok(Stopped::AtHand),
             Some(Piece::Rest { len }) => {
                 if stream.passing() {
                     out.extend_from_slice(&data[..len]);
@@ -745,17 +770,28 @@ fn client_messages(
             match tag {
                 fe::TERMINATE => {
                     plain.consume(len);
-                    return Ok(true);
+                    return Ok(Stopped::Terminate);
                 }
                 fe::PARSE if whole => {
                     translator.parse(message).map_err(protocol)?;
                     false
                 }
                 fe::PARSE => translator.long_parse(message),
-                fe::BIND => translator.bind(message, total).map_err(protocol)?,
-                fe::DESCRIBE if whole => {
-                    translator.describe(message).map_err(protocol)?;
-                    false
+                fe::BIND | fe::DESCRIBE if tag == fe::BIND || whole => {
+                    let taken = match tag {
+                        fe::BIND => translator.bind(message, total),
+                        _ => translator.describe(message),
+                    };
+                    match taken.map_err(protocol)? {
+                        Taken::Passed => true,
+                        Taken::Answered => false,
+                        Taken::Check => {
+                            if !whole {
+                                stream.not_started();
+                            }
+                            return Ok(Stopped::Check);
+                        }
+                    }
                 }
                 fe::CLOSE if whole => {
                     translator.close(message).map_err(protocol)?;

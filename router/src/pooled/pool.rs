@@ -176,6 +176,10 @@ pub struct Pool {
     base: RefCell<Option<Rc<Params>>>,
     /// Statements its backends have accepted.
     pub known_good: super::prepared::KnownGood,
+    /// Moves on each time a DDL is found to have changed a statement's row shape under one of
+    /// its backends: each backend drops its statements before its next transaction
+    /// ([`super::prepared::BackendStatements::behind`]).
+    pub plans_epoch: Cell<u64>,
     /// The StartupMessage parameter sets its backends have read for logins.
     pub startups: super::startup_checks::StartupChecks,
 }
@@ -555,6 +559,7 @@ impl Pools {
             waiters: RefCell::new(VecDeque::new()),
             base: RefCell::new(None),
             known_good: Default::default(),
+            plans_epoch: Cell::new(0),
             startups: Default::default(),
         });
         self.pools.borrow_mut().insert(key.clone(), pool.clone());

@@ -13,8 +13,21 @@
 //! CloseComplete; a failed Parse leaves no name behind; Close of a portal never touches a
 //! statement. The unnamed statement is kept too (the last one the client parsed), so a client
 //! that binds it in a later transaction, on another backend, still finds it.
+//!
+//! A named statement's result type is fixed when it is prepared, as on a server: once the
+//! client has been told its row shape (a Describe of it, or of a portal bound to it), a
+//! backend whose plan of the same text has another shape (a DDL came between, and the
+//! statement was prepared there after it) answers its Bind and Describe with PostgreSQL's
+//! 0A000 "cached plan must not change result type", which drivers answer by preparing the
+//! statement again, never with rows the client would decode with the old description. A
+//! backend that is given the statement by the router is asked for its row shape first
+//! ([`Resolved::Check`]), before anything of the client's runs there. Once a change is found,
+//! every backend of the pool drops its statements ([`BackendStatements::behind`]), so a
+//! statement prepared after the DDL never meets an old plan.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
@@ -42,6 +55,9 @@ pub struct Statement {
     /// Its text resets or sets parameters (`RESET name`, `SET search_path ...`): each
     /// execution is to be followed as the Parse was.
     pub changes_parameters: bool,
+    /// Its row shape ([`row_shape`]) as the client was first told it (a Describe of the
+    /// statement): what every backend's plan of it must still have.
+    pub shape: Cell<Option<u64>>,
 }
 
 impl Statement {
@@ -104,6 +120,7 @@ impl ClientStatements {
             server_name,
             parse: parse.into_boxed_slice(),
             changes_parameters,
+            shape: Cell::new(None),
         })
     }
 
@@ -172,36 +189,53 @@ impl ClientStatements {
     }
 }
 
+/// One statement prepared on a backend.
+#[derive(Debug)]
+struct Prepared {
+    /// When it was last used (the backend's tick).
+    used: u64,
+    /// The row shape of the backend's plan ([`row_shape`]), once a Describe told it.
+    shape: Option<u64>,
+}
+
 /// The statements prepared on one backend, least recently used first out.
 #[derive(Debug, Default)]
 pub struct BackendStatements {
-    used: HashMap<Box<str>, u64>,
+    used: HashMap<Box<str>, Prepared>,
     tick: u64,
-    /// A plan went stale (0A000 "cached plan must not change result type").
-    stale: bool,
+    /// The pool's plan epoch its statements were prepared in ([`BackendStatements::behind`]).
+    epoch: u64,
 }
 
 impl BackendStatements {
-    /// Its statements must be dropped before the next transaction (a DDL changed one's
-    /// result type).
-    pub fn mark_stale(&mut self) {
-        self.stale = true;
+    /// True if its statements must be dropped before the transaction (a `DEALLOCATE ALL` of
+    /// the router's): a DDL changed a statement's row shape since they were prepared, under
+    /// a backend of the pool (`epoch`, the pool's, moved on: PostgreSQL's 0A000 "cached plan
+    /// must not change result type", or a changed shape the router found), so any of them may
+    /// be stale here too, and a client's fresh Parse of the same text would run the old plan
+    /// (and fail with 0A000, which PostgreSQL never answers a statement parsed after the DDL).
+    /// Takes the epoch on.
+    pub fn behind(&mut self, epoch: u64) -> bool {
+        if self.epoch >= epoch {
+            return false;
+        }
+        self.epoch = epoch;
+        !self.used.is_empty()
     }
 
-    /// True once after [`BackendStatements::mark_stale`].
-    pub fn take_stale(&mut self) -> bool {
-        std::mem::take(&mut self.stale)
-    }
-
-    /// True if the backend has `name` (and marks it used).
-    fn touch(&mut self, name: &str) -> bool {
+    /// If the backend has `name` (marked used), the row shape of its plan, if a Describe told
+    /// it.
+    fn touch(&mut self, name: &str) -> Option<Option<u64>> {
         self.tick += 1;
-        match self.used.get_mut(name) {
-            Some(used) => {
-                *used = self.tick;
-                true
-            }
-            None => false,
+        let prepared = self.used.get_mut(name)?;
+        prepared.used = self.tick;
+        Some(prepared.shape)
+    }
+
+    /// A Describe of `name` on this backend told its row shape.
+    pub fn described(&mut self, name: &str, shape: u64) {
+        if let Some(prepared) = self.used.get_mut(name) {
+            prepared.shape = Some(shape);
         }
     }
 
@@ -212,7 +246,7 @@ impl BackendStatements {
             let oldest = self
                 .used
                 .iter()
-                .min_by_key(|(_, &used)| used)
+                .min_by_key(|(_, prepared)| prepared.used)
                 .map(|(name, _)| name.clone());
             if let Some(oldest) = &oldest {
                 self.used.remove(oldest);
@@ -222,7 +256,11 @@ impl BackendStatements {
             None
         };
         self.tick += 1;
-        self.used.insert(name.into(), self.tick);
+        let prepared = Prepared {
+            used: self.tick,
+            shape: None,
+        };
+        self.used.insert(name.into(), prepared);
         evicted
     }
 
@@ -247,6 +285,66 @@ impl BackendStatements {
     }
 }
 
+/// What became of a client's Bind or Describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Sent on (a long Bind's rest follows it).
+    Passed,
+    /// Answered by the router (26000, 0A000): nothing of it goes to the backend.
+    Answered,
+    /// Not taken yet: the backend was asked for the row shape of its plan of the statement
+    /// (a Describe and a Flush of the router's own), and the message waits for the answer
+    /// ([`Transaction::checking`]); then it is translated again.
+    Check,
+}
+
+/// What a Bind or Describe of a named statement finds ([`Translator::resolve`]).
+enum Resolved {
+    /// The statement, on the backend with the row shape the client was told (or one the
+    /// client was never told).
+    Statement(Rc<Statement>),
+    /// Answered by the router: 26000 (no such statement) or 0A000 (its row shape changed).
+    Refused,
+    /// The backend has just been given the statement: its row shape is asked first.
+    Check,
+}
+
+/// A statement's row shape: the column names, types and type modifiers of its RowDescription
+/// (or that it has none: NoData), which a plan of the same text keeps until a DDL changes
+/// them (PostgreSQL compares the same, and answers 0A000 then). `None` if `body` is not a
+/// whole RowDescription.
+pub fn row_shape(tag: u8, body: &[u8]) -> Option<u64> {
+    let mut hash = std::hash::DefaultHasher::new();
+    tag.hash(&mut hash);
+    if tag == be::ROW_DESCRIPTION {
+        let mut r = Reader::new(body);
+        let fields = r.i16().ok()?;
+        fields.hash(&mut hash);
+        for _ in 0..fields {
+            let name = r.cstr().ok()?;
+            let _table = r.u32().ok()?;
+            let _column = r.i16().ok()?;
+            let type_oid = r.u32().ok()?;
+            let _size = r.i16().ok()?;
+            let modifier = r.i32().ok()?;
+            let _format = r.i16().ok()?;
+            (name, type_oid, modifier).hash(&mut hash);
+        }
+    }
+    Some(hash.finish())
+}
+
+/// Takes in the row shapes a backend told ([`Transaction::take_described`]): the client keeps
+/// the first it was told of each statement, the backend's plan the one it was prepared with.
+pub fn apply_described(described: Vec<(Rc<Statement>, u64)>, backend: &mut BackendStatements) {
+    for (statement, shape) in described {
+        if statement.shape.get().is_none() {
+            statement.shape.set(Some(shape));
+        }
+        backend.described(&statement.server_name, shape);
+    }
+}
+
 /// A message the client sent that no PostgreSQL server would take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {0} message")]
@@ -257,6 +355,11 @@ pub struct Malformed(&'static str);
 pub struct Transient {
     /// The client parsed its unnamed statement on this backend in this transaction.
     pub unnamed_here: bool,
+    /// The portal the client bound last (its name) and the named statement it bound it to: a
+    /// Describe of that portal tells the client the statement's row shape (pgjdbc and libpq
+    /// describe the portal, not the statement). Portals end with their transaction.
+    bound_portal: Vec<u8>,
+    bound_statement: Option<Rc<Statement>>,
 }
 
 /// Rewrites the client's extended-protocol messages that name statements for the backend it
@@ -336,10 +439,11 @@ impl Translator<'_> {
     }
 
     /// Gives the backend `statement` if it does not have it (a Parse of the router's own,
-    /// after closing the least recently used one if it is full).
-    fn ensure(&mut self, statement: &Rc<Statement>) {
-        if self.backend.touch(&statement.server_name) {
-            return;
+    /// after closing the least recently used one if it is full). Returns the row shape of the
+    /// backend's plan of it, if a Describe told it.
+    fn ensure(&mut self, statement: &Rc<Statement>) -> Option<u64> {
+        if let Some(shape) = self.backend.touch(&statement.server_name) {
+            return shape;
         }
         if let Some(evicted) = self.backend.insert(&statement.server_name, self.max) {
             message_with_name(self.out, fe::CLOSE, b"S", &evicted, b"");
@@ -347,6 +451,7 @@ impl Translator<'_> {
         }
         self.out.extend_from_slice(&statement.parse);
         self.tx.router_parse(Some(statement.clone()));
+        None
     }
 
     /// A whole Parse message.
@@ -366,6 +471,7 @@ impl Translator<'_> {
                 server_name: "".into(),
                 parse: message.into(),
                 changes_parameters,
+                shape: Cell::new(None),
             });
             self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
@@ -395,7 +501,7 @@ impl Translator<'_> {
             return Ok(());
         }
         self.client.insert(name.into(), statement.clone());
-        if self.backend.touch(&statement.server_name) {
+        if self.backend.touch(&statement.server_name).is_some() {
             self.tx.synthesize_parse_complete(Some(statement.clone()));
             // Counts as an extended-protocol message all the same.
             self.tx.note_extended();
@@ -477,28 +583,53 @@ impl Translator<'_> {
         }
     }
 
-    /// The statement a Bind or Describe names: the backend is given it first if needed.
-    /// `None` if the client does not have it (the router has answered 26000).
-    fn resolve(&mut self, name: &str) -> Option<Rc<Statement>> {
-        match self.client.named.get(name).cloned() {
-            Some(statement) => {
-                self.ensure(&statement);
-                Some(statement)
+    /// The statement a Bind or Describe names: the backend is given it first if needed, and
+    /// its plan there must have the row shape the client was told.
+    fn resolve(&mut self, name: &str) -> Resolved {
+        let Some(statement) = self.client.named.get(name).cloned() else {
+            self.refuse(error(
+                SqlState::INVALID_SQL_STATEMENT_NAME,
+                &format!("prepared statement \"{name}\" does not exist"),
+            ));
+            return Resolved::Refused;
+        };
+        let shape = self.ensure(&statement);
+        // Until its Sync the backend ignores what it is sent: nothing runs there to check.
+        let Some(told) = statement.shape.get().filter(|_| !self.tx.skipping()) else {
+            return Resolved::Statement(statement);
+        };
+        match shape {
+            Some(shape) if shape == told => Resolved::Statement(statement),
+            Some(_) => {
+                // PostgreSQL's answer to a statement whose plan a DDL changed, until the
+                // client prepares it again. The pool's other backends may have the old plan:
+                // they drop their statements before their next transaction.
+                self.tx.note_changed_shape();
+                let mut stale = Vec::new();
+                write::error_response_from(
+                    &mut stale,
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    "cached plan must not change result type",
+                    "plancache.c",
+                    "RevalidateCachedQuery",
+                );
+                self.refuse(stale.into_boxed_slice());
+                Resolved::Refused
             }
             None => {
-                self.refuse(error(
-                    SqlState::INVALID_SQL_STATEMENT_NAME,
-                    &format!("prepared statement \"{name}\" does not exist"),
-                ));
-                None
+                message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
+                write::flush(self.out);
+                self.tx.router_describe(statement);
+                Resolved::Check
             }
         }
     }
 
     /// The start of a Bind message (at least its two names): the names are rewritten; the
-    /// rest of `piece` follows unchanged. Returns false if the Bind was answered by the
-    /// router (unknown statement): the rest of the message must be dropped.
-    pub fn bind(&mut self, piece: &[u8], total_len: usize) -> Result<bool, Malformed> {
+    /// rest of `piece` follows unchanged. Says whether the rest of the message follows
+    /// (`Passed`), the router answered it (`Answered`: dropped), or it waits for the
+    /// backend's answer to a check of the statement's row shape (`Check`: not taken).
+    pub fn bind(&mut self, piece: &[u8], total_len: usize) -> Result<Taken, Malformed> {
         let mut r = Reader::new(&piece[HEADER_BYTES..]);
         let portal = r.cstr().map_err(|_| Malformed("Bind"))?;
         let name = r.cstr_utf8().map_err(|_| Malformed("Bind"))?;
@@ -506,23 +637,27 @@ impl Translator<'_> {
         if !self.enabled() {
             self.out.extend_from_slice(piece);
             self.tx.client(fe::BIND, 0);
-            return Ok(true);
+            return Ok(Taken::Passed);
         }
         let statement = if name.is_empty() {
             if !self.resolve_unnamed() {
-                return Ok(false);
+                return Ok(Taken::Answered);
             }
             None
         } else {
             match self.resolve(name) {
-                Some(statement) => Some(statement),
-                None => return Ok(false),
+                Resolved::Statement(statement) => Some(statement),
+                Resolved::Refused => return Ok(Taken::Answered),
+                Resolved::Check => return Ok(Taken::Check),
             }
         };
         if let Some(statement) = &statement {
             // A statement prepared in an earlier transaction: its Parse was followed then.
             statement.parameter_changes(|change| self.tx.parameter_change(change));
         }
+        self.transient.bound_portal.clear();
+        self.transient.bound_portal.extend_from_slice(portal);
+        self.transient.bound_statement = statement.clone();
         let new_name = statement.as_ref().map_or("", |s| &*s.server_name);
         let len = total_len - name.len() + new_name.len() - 1;
         self.out.push(fe::BIND);
@@ -533,32 +668,47 @@ impl Translator<'_> {
         self.out.push(0);
         self.out.extend_from_slice(rest);
         self.tx.client(fe::BIND, 0);
-        Ok(true)
+        Ok(Taken::Passed)
     }
 
-    /// A whole Describe message.
-    pub fn describe(&mut self, message: &[u8]) -> Result<(), Malformed> {
+    /// A whole Describe message: `Check` if it waits for the backend's answer to a check of
+    /// the statement's row shape (not taken), else taken.
+    pub fn describe(&mut self, message: &[u8]) -> Result<Taken, Malformed> {
         let mut r = Reader::new(&message[HEADER_BYTES..]);
         let kind = r.u8().map_err(|_| Malformed("Describe"))?;
         let name = r.cstr_utf8().map_err(|_| Malformed("Describe"))?;
         if kind != b'S' || !self.enabled() {
             self.out.extend_from_slice(message);
-            self.tx.client(fe::DESCRIBE, kind);
-            return Ok(());
+            // Until the client has been told its statement's row shape (then backends that
+            // were not told theirs are asked, [`Translator::resolve`]).
+            let bound = self.transient.bound_statement.as_ref().filter(|statement| {
+                statement.shape.get().is_none() && self.transient.bound_portal == name.as_bytes()
+            });
+            match bound {
+                Some(statement) if kind == b'P' => self.tx.client_describe_portal(statement),
+                _ => {
+                    self.tx.client(fe::DESCRIBE, kind);
+                }
+            }
+            return Ok(Taken::Passed);
         }
         if name.is_empty() {
             if !self.resolve_unnamed() {
-                return Ok(());
+                return Ok(Taken::Answered);
             }
             self.out.extend_from_slice(message);
             self.tx.client(fe::DESCRIBE, kind);
-            return Ok(());
+            return Ok(Taken::Passed);
         }
-        if let Some(statement) = self.resolve(name) {
-            message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
-            self.tx.client(fe::DESCRIBE, kind);
+        match self.resolve(name) {
+            Resolved::Statement(statement) => {
+                message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
+                self.tx.client_describe(statement);
+                Ok(Taken::Passed)
+            }
+            Resolved::Refused => Ok(Taken::Answered),
+            Resolved::Check => Ok(Taken::Check),
         }
-        Ok(())
     }
 
     /// A whole Close message.
@@ -1660,6 +1810,151 @@ mod tests {
             .bind(&bind_message("", "s1"), bind_message("", "s1").len())
             .expect("well-formed");
         assert_eq!(messages(&f.out).len(), 1);
+    }
+
+    /// A RowDescription body of int4 columns named `names`.
+    fn int4_columns(names: &[&str]) -> Vec<u8> {
+        let mut body = (names.len() as i16).to_be_bytes().to_vec();
+        for name in names {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(&16_384u32.to_be_bytes()); // table
+            body.extend_from_slice(&1i16.to_be_bytes()); // column
+            body.extend_from_slice(&23u32.to_be_bytes()); // int4
+            body.extend_from_slice(&4i16.to_be_bytes());
+            body.extend_from_slice(&(-1i32).to_be_bytes());
+            body.extend_from_slice(&0i16.to_be_bytes());
+        }
+        body
+    }
+
+    impl Fixture {
+        /// The backend's answer to a Describe of a statement: ParameterDescription, then a
+        /// RowDescription of `columns`; what the client gets of it.
+        fn described(&mut self, columns: &[&str]) -> Vec<u8> {
+            let mut to_client = self.reply(b"t");
+            let reply = self
+                .tx
+                .backend(be::ROW_DESCRIPTION, &int4_columns(columns))
+                .expect("in turn");
+            if reply == super::super::transaction::Reply::Forward {
+                to_client.push(be::ROW_DESCRIPTION);
+            }
+            apply_described(self.tx.take_described(), &mut self.backend);
+            to_client
+        }
+
+        fn bind(&mut self, name: &str) -> Taken {
+            let bind = bind_message("", name);
+            self.t().bind(&bind, bind.len()).expect("well-formed")
+        }
+    }
+
+    #[test]
+    fn a_backend_given_a_described_statement_is_asked_its_row_shape_first() {
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("s1", "select * from t"))
+            .expect("well-formed");
+        let describe = message(fe::DESCRIBE, b"Ss1\0");
+        assert_eq!(f.t().describe(&describe), Ok(Taken::Passed));
+        f.sync();
+        assert_eq!(f.reply(b"1"), b"1");
+        assert_eq!(f.described(&["a"]), b"tT", "the client's own Describe");
+        assert_eq!(f.reply(b"Z"), b"Z");
+        // Another backend, which has the same text as one column too: a Describe of the
+        // router's own goes first, then the Bind (translated again) goes on.
+        f.on(BackendStatements::default());
+        assert_eq!(f.bind("s1"), Taken::Check);
+        let sent: String = messages(&f.out).iter().map(|m| m.0).collect();
+        assert_eq!(sent, "PDH", "Parse, Describe and Flush of the router's own");
+        assert!(f.tx.checking());
+        assert_eq!(f.reply(b"1"), b"", "swallowed");
+        assert_eq!(f.described(&["a"]), b"", "swallowed");
+        assert!(!f.tx.checking());
+        f.out.clear();
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        assert_eq!(
+            messages(&f.out).iter().map(|m| m.0).collect::<String>(),
+            "B"
+        );
+        f.sync();
+        assert_eq!(f.reply(b"2Z"), b"2Z");
+        // A third backend, prepared after a DDL added a column: PostgreSQL's 0A000 in place of
+        // the Bind (a failing statement holds the backend's place), and for every later one.
+        f.on(BackendStatements::default());
+        assert_eq!(f.bind("s1"), Taken::Check);
+        f.reply(b"1");
+        f.described(&["a", "b"]);
+        f.out.clear();
+        assert_eq!(f.bind("s1"), Taken::Answered);
+        assert_eq!(messages(&f.out)[0].1, REFUSAL_NAME);
+        let mut error = Vec::new();
+        assert_eq!(
+            f.tx.backend(be::ERROR_RESPONSE, b""),
+            Ok(super::super::transaction::Reply::Swallow)
+        );
+        f.tx.take_synthesized(&mut error);
+        let text = String::from_utf8_lossy(&error);
+        assert!(text.contains("C0A000"), "{text}");
+        assert!(
+            text.contains("Mcached plan must not change result type"),
+            "{text}"
+        );
+        assert!(text.contains("RRevalidateCachedQuery"), "{text}");
+        f.sync();
+        assert_eq!(f.reply(b"Z"), b"Z");
+        f.out.clear();
+        assert_eq!(
+            f.bind("s1"),
+            Taken::Answered,
+            "no check: the backend's shape is known"
+        );
+        assert_eq!(messages(&f.out)[0].1, REFUSAL_NAME);
+    }
+
+    #[test]
+    fn a_backend_behind_the_pools_plan_epoch_drops_its_statements_once() {
+        let mut backend = BackendStatements::default();
+        assert!(!backend.behind(1), "nothing to drop");
+        backend.insert("bg_1", 10);
+        assert!(!backend.behind(1), "prepared in this epoch");
+        assert!(backend.behind(2), "a DDL changed a row shape since");
+        assert!(!backend.behind(2), "once");
+    }
+
+    #[test]
+    fn a_statement_never_described_is_not_checked() {
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("s1", "select * from t"))
+            .expect("well-formed");
+        f.sync();
+        f.reply(b"1Z");
+        f.on(BackendStatements::default());
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        let sent: String = messages(&f.out).iter().map(|m| m.0).collect();
+        assert_eq!(sent, "PB");
+    }
+
+    #[test]
+    fn row_shapes_differ_in_names_types_and_modifiers_not_in_tables() {
+        let shape = |body: &[u8]| row_shape(be::ROW_DESCRIPTION, body);
+        let one = int4_columns(&["a"]);
+        assert_eq!(shape(&one), shape(&one));
+        assert_ne!(shape(&one), shape(&int4_columns(&["b"])));
+        assert_ne!(shape(&one), shape(&int4_columns(&["a", "b"])));
+        assert_ne!(shape(&one), row_shape(be::NO_DATA, b""));
+        let mut other_table = one.clone();
+        other_table[4] ^= 1;
+        assert_eq!(shape(&one), shape(&other_table));
+        let mut other_type = one.clone();
+        other_type[13] = 20;
+        assert_ne!(shape(&one), shape(&other_type));
+        let mut modifier = one.clone();
+        modifier[17] = 4;
+        assert_ne!(shape(&one), shape(&modifier));
+        assert_eq!(shape(&one[..one.len() - 1]), None, "cut short");
     }
 
     #[test]

@@ -105,6 +105,12 @@ impl MessageStream {
     pub fn started(&mut self, pass: bool) {
         self.pass = pass;
     }
+
+    /// After a [`Piece::Start`]: the message was not taken after all (nothing of it was
+    /// consumed); the next call starts it again.
+    pub fn not_started(&mut self) {
+        self.rest = 0;
+    }
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@
 //!
 //! Some entries are the router's own:
 //! - replies to swallow: the ParseComplete of a statement the router prepared on a backend
-//!   that lacked it, the CloseComplete of one it evicted, everything answering the `SET`s that
-//!   give a backend the client's parameters;
+//!   that lacked it, and its description (the router asks for its row shape before the
+//!   client's message that names it goes, [`Transaction::router_describe`]), the CloseComplete
+//!   of one it evicted, everything answering the `SET`s that give a backend the client's
+//!   parameters;
 //! - replies the router gives itself ([`Synthesized`]), sent to the client when they reach the
 //!   head of the queue, so the client sees every reply in the order of its messages: the
 //!   ParseComplete of a statement the backend already has, the CloseComplete of a statement
@@ -28,7 +30,7 @@
 //! send right after the Execute of a COPY (PgBouncer #1023 kept the backend waiting for its
 //! answer).
 //!
-//! Pure: fed message types (and the few bytes of a body it needs), it never touches a socket,
+//! Pure: fed message types (and the bodies it reads), it never touches a socket,
 //! so it is tested on byte fixtures.
 
 use std::collections::VecDeque;
@@ -138,10 +140,16 @@ enum Awaiting {
     },
     /// BindComplete.
     Bind,
-    /// ParameterDescription, then RowDescription or NoData.
-    DescribeStatement,
-    /// RowDescription or NoData.
-    DescribePortal,
+    /// ParameterDescription, then RowDescription or NoData. `statement`: a named one, whose
+    /// row shape the answer tells; `swallow`: the router's own check of it
+    /// ([`Transaction::router_describe`]).
+    DescribeStatement {
+        statement: Option<Rc<Statement>>,
+        swallow: bool,
+    },
+    /// RowDescription or NoData. `statement`: the named one the portal was bound to, whose
+    /// row shape the answer tells.
+    DescribePortal { statement: Option<Rc<Statement>> },
     /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute,
     /// CloseComplete.
@@ -211,6 +219,10 @@ pub struct Transaction {
     substitute: Vec<u8>,
     /// Named statements the backend accepted (ParseComplete), since the last call.
     accepted: Vec<Rc<Statement>>,
+    /// Row shapes of named statements the backend told (their Describe), since the last call.
+    described: Vec<(Rc<Statement>, u64)>,
+    /// See [`Transaction::take_changed_shape`].
+    changed_shape: bool,
     /// An ErrorResponse reached the client since the last ReadyForQuery.
     errored: bool,
     /// A query that reset the session's parameters just ended.
@@ -256,6 +268,8 @@ impl Default for Transaction {
             client_copying: false,
             substitute: Vec::new(),
             accepted: Vec::new(),
+            described: Vec::new(),
+            changed_shape: false,
             errored: false,
             reset_done: Resets::Nothing,
             audit: false,
@@ -331,8 +345,11 @@ impl Transaction {
                 statement: None,
             }),
             fe::BIND => Some(Awaiting::Bind),
-            fe::DESCRIBE if kind == b'S' => Some(Awaiting::DescribeStatement),
-            fe::DESCRIBE => Some(Awaiting::DescribePortal),
+            fe::DESCRIBE if kind == b'S' => Some(Awaiting::DescribeStatement {
+                statement: None,
+                swallow: false,
+            }),
+            fe::DESCRIBE => Some(Awaiting::DescribePortal { statement: None }),
             fe::EXECUTE => Some(Awaiting::Execute),
             fe::CLOSE => Some(Awaiting::Close { swallow: false }),
             fe::SYNC => Some(Awaiting::Sync),
@@ -371,6 +388,66 @@ impl Transaction {
             swallow: true,
             statement,
         });
+    }
+
+    /// The client's Describe of its named `statement` went to the backend (under the
+    /// statement's server name): the answer tells its row shape.
+    pub fn client_describe(&mut self, statement: Rc<Statement>) {
+        self.unsynced = true;
+        self.push(Awaiting::DescribeStatement {
+            statement: Some(statement),
+            swallow: false,
+        });
+    }
+
+    /// The client's Describe of a portal it bound to its named `statement` went to the backend:
+    /// the answer tells the statement's row shape.
+    pub fn client_describe_portal(&mut self, statement: &Rc<Statement>) {
+        self.unsynced = true;
+        self.push(Awaiting::DescribePortal {
+            statement: Some(statement.clone()),
+        });
+    }
+
+    /// The router sent the backend a Describe of `statement` of its own (and a Flush), to
+    /// learn the row shape of the backend's plan before the client's message that needs it
+    /// goes: the answer is swallowed ([`Transaction::checking`] until it came).
+    pub fn router_describe(&mut self, statement: Rc<Statement>) {
+        self.unsynced = true;
+        self.push(Awaiting::DescribeStatement {
+            statement: Some(statement),
+            swallow: true,
+        });
+    }
+
+    /// True while the answer to a [`Transaction::router_describe`] is owed.
+    pub fn checking(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|awaiting| matches!(awaiting, Awaiting::DescribeStatement { swallow: true, .. }))
+    }
+
+    /// True while the backend ignores what it is sent until the client's next Sync (it
+    /// reported an error to an extended-protocol message).
+    pub fn skipping(&self) -> bool {
+        self.backend_skipping
+    }
+
+    /// The router found a statement's row shape changed under the backend (a DDL came
+    /// between) and answered 0A000 for it.
+    pub fn note_changed_shape(&mut self) {
+        self.changed_shape = true;
+    }
+
+    /// True once (the call clears it) after [`Transaction::note_changed_shape`].
+    pub fn take_changed_shape(&mut self) -> bool {
+        std::mem::take(&mut self.changed_shape)
+    }
+
+    /// Row shapes the backend told since the last call: of which statement, and the shape
+    /// ([`super::prepared::row_shape`]).
+    pub fn take_described(&mut self) -> Vec<(Rc<Statement>, u64)> {
+        std::mem::take(&mut self.described)
     }
 
     /// The client sent an extended-protocol message the router answered itself: the
@@ -507,8 +584,9 @@ impl Transaction {
         }
     }
 
-    /// The backend sent a message of type `tag`; `body` is its body (only its first byte is
-    /// read, for ReadyForQuery). Says whether the client gets it. Replies the router owes
+    /// The backend sent a message of type `tag`; `body` is its body (read for ReadyForQuery's
+    /// status and a statement's RowDescription; empty for the start of a message too long to
+    /// be given whole). Says whether the client gets it. Replies the router owes
     /// that reach the head of the queue are left for [`Transaction::take_synthesized`].
     pub fn backend(&mut self, tag: u8, body: &[u8]) -> Result<Reply, OutOfTurn> {
         let out_of_turn = OutOfTurn { tag };
@@ -630,12 +708,42 @@ impl Transaction {
                 _ => return Err(out_of_turn),
             },
             be::PARAMETER_DESCRIPTION => match head {
-                Some(Awaiting::DescribeStatement) => Reply::Forward,
+                Some(Awaiting::DescribeStatement { swallow: true, .. }) => Reply::Swallow,
+                Some(Awaiting::DescribeStatement { swallow: false, .. }) => Reply::Forward,
                 _ => return Err(out_of_turn),
             },
             be::ROW_DESCRIPTION | be::NO_DATA => match head {
-                Some(Awaiting::DescribeStatement | Awaiting::DescribePortal) => {
-                    self.queue.pop_front();
+                Some(Awaiting::DescribeStatement { .. }) => {
+                    let Some(Awaiting::DescribeStatement { statement, swallow }) =
+                        self.queue.pop_front()
+                    else {
+                        return Err(out_of_turn);
+                    };
+                    if let Some(statement) = statement {
+                        // A RowDescription too long to be read whole (thousands of columns)
+                        // is not compared: the router's check takes it for the shape the
+                        // client was told, so that it ends.
+                        let shape = super::prepared::row_shape(tag, body)
+                            .or_else(|| statement.shape.get().filter(|_| swallow));
+                        if let Some(shape) = shape {
+                            self.described.push((statement, shape));
+                        }
+                    }
+                    if swallow {
+                        Reply::Swallow
+                    } else {
+                        Reply::Forward
+                    }
+                }
+                Some(Awaiting::DescribePortal { .. }) => {
+                    if let Some(Awaiting::DescribePortal {
+                        statement: Some(statement),
+                    }) = self.queue.pop_front()
+                    {
+                        if let Some(shape) = super::prepared::row_shape(tag, body) {
+                            self.described.push((statement, shape));
+                        }
+                    }
                     Reply::Forward
                 }
                 // A simple query's result set (NoData never comes there).

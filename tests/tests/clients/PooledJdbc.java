@@ -189,6 +189,29 @@ public class PooledJdbc {
                 }
                 System.out.println(tag + " metadata " + cols);
             }
+            // A DDL that changes a server-side statement's row type: PostgreSQL answers its
+            // next execution with 0A000 (RevalidateCachedQuery), which pgjdbc answers in
+            // autocommit by preparing it again, whichever backend the client gets.
+            s.execute("drop table if exists j_shape_" + k);
+            s.execute("create table j_shape_" + k + " (a int)");
+            s.execute("insert into j_shape_" + k + " values (" + k + ")");
+            List<Object> read = new ArrayList<>();
+            try (PreparedStatement p = c.prepareStatement("select * from j_shape_" + k)) {
+                for (int i = 0; i < 6; i++) {
+                    try (ResultSet r = p.executeQuery()) {
+                        r.next();
+                        read.add(r.getObject(1));
+                    }
+                }
+                s.execute("alter table j_shape_" + k + " alter column a type float4 using a + 0.5");
+                for (int i = 0; i < 3; i++) {
+                    try (ResultSet r = p.executeQuery()) {
+                        r.next();
+                        read.add(r.getObject(1));
+                    }
+                }
+            }
+            System.out.println(tag + " ddl " + read.subList(4, read.size()));
             s.close();
         }
     }

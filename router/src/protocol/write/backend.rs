@@ -49,6 +49,33 @@ pub fn error_response_with_code(
     });
 }
 
+/// ErrorResponse (B) as PostgreSQL raises it in `routine` of its source `file`: the fields
+/// drivers read to tell one error from another (asyncpg, pgjdbc and postgres.js tell a stale
+/// plan by its routine), in PostgreSQL's order. Not the line: it differs between releases.
+pub fn error_response_from(
+    buf: &mut Vec<u8>,
+    code: SqlState,
+    message: &str,
+    file: &str,
+    routine: &str,
+) {
+    let severity = Severity::Error.as_str();
+    frame(buf, backend::ERROR_RESPONSE, |buf| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code.as_str()),
+            (b'M', message),
+            (b'F', file),
+            (b'R', routine),
+        ] {
+            buf.push(field);
+            put_cstr(buf, value);
+        }
+        buf.push(0);
+    });
+}
+
 /// NoticeResponse (B) with severity NOTICE.
 pub fn notice_response(buf: &mut Vec<u8>, code: SqlState, message: &str) {
     frame(buf, backend::NOTICE_RESPONSE, |buf| {

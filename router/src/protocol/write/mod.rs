@@ -12,8 +12,8 @@ mod frontend;
 
 pub use backend::{
     auth_ok, auth_sasl, auth_sasl_continue, auth_sasl_final, backend_key_data, error_response,
-    error_response_full, error_response_with_code, negotiate_protocol_version, notice_response,
-    parameter_status, ready_for_query,
+    error_response_from, error_response_full, error_response_with_code, negotiate_protocol_version,
+    notice_response, parameter_status, ready_for_query,
 };
 pub use frontend::{
     bind, cancel_request, execute, flush, gssenc_request, parse, password_message, query,
