@@ -88,13 +88,7 @@ fn fixture() -> &'static Fixture {
             "CREATE TABLE pooled_items (client text NOT NULL, n int NOT NULL); \
              GRANT ALL ON pooled_items TO app",
         );
-        for schema in ["s1", "s2"] {
-            pg.psql_admin(&format!(
-                "CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (v text); \
-                 INSERT INTO {schema}.t VALUES ('in {schema}'); \
-                 GRANT USAGE ON SCHEMA {schema} TO app; GRANT SELECT ON {schema}.t TO app"
-            ));
-        }
+        pg.create_marked_schemas(&["s1", "s2"], "app");
         pg.psql_admin(&format!(
             "CREATE DATABASE {BENCH_DATABASE} OWNER {BENCH_ROLE}"
         ));

@@ -66,14 +66,7 @@ fn fixture() -> &'static Fixture {
              GRANT ALL ON pooled_items TO apg, jdbc; GRANT CREATE ON SCHEMA public TO apgddl, jdbc; \
              CREATE TYPE mood AS ENUM ('sad', 'happy')",
         );
-        for schema in ["s1", "s2"] {
-            pg.psql_admin(&format!(
-                "CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (v text); \
-                 INSERT INTO {schema}.t VALUES ('in {schema}'); \
-                 GRANT USAGE ON SCHEMA {schema} TO apg, jdbc; \
-                 GRANT SELECT ON {schema}.t TO apg, jdbc"
-            ));
-        }
+        pg.create_marked_schemas(&["s1", "s2"], "apg, jdbc");
         Fixture {
             certs: Certs::generate(),
             pg,

@@ -64,6 +64,19 @@ impl PgServer {
         ));
     }
 
+    /// Creates each of `schemas` with a table `t` holding one row, `in <schema>`, readable by
+    /// `readers` (a comma-separated role list): which schema a session's `search_path` found.
+    pub fn create_marked_schemas(&self, schemas: &[&str], readers: &str) {
+        for schema in schemas {
+            self.psql_admin(&format!(
+                "CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (v text); \
+                 INSERT INTO {schema}.t VALUES ('in {schema}'); \
+                 GRANT USAGE ON SCHEMA {schema} TO {readers}; \
+                 GRANT SELECT ON {schema}.t TO {readers}"
+            ));
+        }
+    }
+
     /// The role's stored password (`SCRAM-SHA-256$4096:salt$StoredKey:ServerKey`) from pg_authid.
     pub fn role_verifier(&self, name: &str) -> String {
         let verifier = self.psql_admin(&format!(
