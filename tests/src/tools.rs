@@ -72,6 +72,35 @@ pub fn spawn_java(source: &Path, args: &[&str]) -> Child {
         .expect("run java (scripts/setup installs openjdk-17-jdk-headless)")
 }
 
+/// Runs the Node.js script `tests/node/<script>` (which finds the drivers scripts/setup installs
+/// in `tests/node/node_modules`) with `args`; returns its stdout, panics with stderr when it
+/// fails or takes longer than `deadline`.
+pub fn run_node(script: &str, args: &[&str], deadline: Duration) -> String {
+    let dir = workspace_root().join("tests/node");
+    assert!(
+        dir.join("node_modules").exists(),
+        "{}/node_modules missing: run scripts/setup",
+        dir.display()
+    );
+    let child = Command::new("node")
+        .arg(dir.join(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run node (scripts/setup installs it)");
+    let output = wait_with_deadline(child, script, deadline);
+    assert!(
+        output.status.success(),
+        "node {script} failed ({}):\n{}\n--- stdout:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stdout).expect("node printed UTF-8")
+}
+
 /// Runs `code` with [`python()`] and the given arguments (`sys.argv[1..]`) and returns its
 /// stdout. Panics with stderr when it exits non-zero.
 pub fn run_python(code: &str, args: &[&str]) -> String {

@@ -3,9 +3,11 @@
 //! every connection shares, `executemany` pipelines, binary COPY, a pool that resets each
 //! connection at release) and pgjdbc (Debian's libpostgresql-jdbc-java; server-side statements
 //! from the fifth execution, batches under one Sync, savepoints, portals fetched in pieces, the
-//! CopyManager, `setTransactionIsolation`). Several clients share a pool smaller than their
+//! CopyManager, `setTransactionIsolation`) and Postgres.js (npm; one pool of five connections
+//! shared by concurrent tasks, so prepared statements are pipelined, a cursor fetched with row
+//! limits and no Sync between them, COPY). Several clients share a pool smaller than their
 //! number; each checks its own results and prints one line per part, which the test compares.
-//! And asyncpg across a DDL that changes a prepared statement's row type: it must get
+//! And each driver across a DDL that changes a prepared statement's row type: it must get
 //! PostgreSQL's 0A000 and prepare again, not rows it reads with the old description.
 //!
 //! One PostgreSQL server per binary; each test starts its own router (one worker, so that
@@ -18,7 +20,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use branchgate_e2e::pg::BackendSampler;
-use branchgate_e2e::tools::{python, spawn_java, wait_with_deadline};
+use branchgate_e2e::tools::{python, run_node, spawn_java, wait_with_deadline};
 use branchgate_e2e::{run_python, BranchSpec, Certs, PgServer, PoolSettings, TestRouter};
 
 const BRANCH: &str = "b1";
@@ -30,6 +32,10 @@ const ASYNCPG_PASSWORD: &str = "pscale_pw_drivers_apg_R7q";
 const DDL_ROLE: &str = "apgddl";
 const DDL_USER: &str = "apgddl.b1";
 const DDL_PASSWORD: &str = "pscale_pw_drivers_ddl_T3n";
+/// Postgres.js's role.
+const POSTGRESJS_ROLE: &str = "pjs";
+const POSTGRESJS_USER: &str = "pjs.b1";
+const POSTGRESJS_PASSWORD: &str = "pscale_pw_drivers_pjs_Q8v";
 /// pgjdbc's role.
 const JDBC_ROLE: &str = "jdbc";
 const JDBC_USER: &str = "jdbc.b1";
@@ -61,9 +67,11 @@ fn fixture() -> &'static Fixture {
         pg.create_role(ASYNCPG_ROLE, ASYNCPG_PASSWORD);
         pg.create_role(JDBC_ROLE, JDBC_PASSWORD);
         pg.create_role(DDL_ROLE, DDL_PASSWORD);
+        pg.create_role(POSTGRESJS_ROLE, POSTGRESJS_PASSWORD);
         pg.psql_admin(
             "CREATE TABLE pooled_items (client text NOT NULL, n int NOT NULL); \
-             GRANT ALL ON pooled_items TO apg, jdbc; GRANT CREATE ON SCHEMA public TO apgddl, jdbc; \
+             GRANT ALL ON pooled_items TO apg, jdbc, pjs; \
+             GRANT CREATE ON SCHEMA public TO apgddl, jdbc, pjs; \
              CREATE TYPE mood AS ENUM ('sad', 'happy')",
         );
         pg.create_marked_schemas(&["s1", "s2"], "apg, jdbc");
@@ -213,5 +221,39 @@ fn asyncpg_prepares_again_after_a_ddl_changes_a_statements_row_type() {
          after [(1.5,)]\n\
          in a block InvalidCachedStatementError 0A000\n\
          then [(Decimal('1.5'),)]\n"
+    );
+}
+
+#[test]
+fn postgresjs_pipelines_prepared_statements_transactions_cursors_and_copy_on_a_pool_of_two() {
+    let f = fixture();
+    let router = f.router(POSTGRESJS_ROLE);
+    let sampler = BackendSampler::start(&f.pg, POSTGRESJS_ROLE);
+    let port = router.pooled_addr().port().to_string();
+    let ca = f.certs.ca_path();
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    let tasks = "12";
+    let args = [
+        port.as_str(),
+        POSTGRESJS_USER,
+        POSTGRESJS_PASSWORD,
+        ca,
+        tasks,
+    ];
+    let out = run_node("pooled_postgresjs.mjs", &args, CLIENT_DEADLINE);
+    let (peak, samples) = sampler.stop();
+    // What Postgres.js reads on PostgreSQL itself (its retry after the DDL's 0A000 is silent).
+    assert_eq!(
+        out,
+        "pipelined true 12\n\
+         transactions 6 22012\n\
+         cursor 500500\n\
+         copy 200 5000 5199\n\
+         script 2\n\
+         ddl 1 1.5\n"
+    );
+    assert!(
+        (1..=POOL_SIZE as usize).contains(&peak),
+        "{peak} backends at once ({samples} samples) for a pool of {POOL_SIZE}"
     );
 }
