@@ -220,7 +220,8 @@ fn asyncpg_prepares_again_after_a_ddl_changes_a_statements_row_type() {
         "before [(1,)] True\n\
          after [(1.5,)]\n\
          in a block InvalidCachedStatementError 0A000\n\
-         then [(Decimal('1.5'),)]\n"
+         then [(Decimal('1.5'),)]\n\
+         written [1.0, 1.0]\n"
     );
 }
 

@@ -25,7 +25,7 @@
 //! every backend of the pool drops its statements ([`BackendStatements::behind`]), so a
 //! statement prepared after the DDL never meets an old plan.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
@@ -58,9 +58,33 @@ pub struct Statement {
     /// Its row shape ([`row_shape`]) as the client was first told it (a Describe of the
     /// statement): what every backend's plan of it must still have.
     pub shape: Cell<Option<u64>>,
+    /// `parse` with the parameter types the client was first told (a Describe of the
+    /// statement) spelled out, where its own Parse left some to the server: what a backend
+    /// that is given the statement later is sent ([`Statement::told_parameters`]).
+    pub pinned_parse: OnceCell<Box<[u8]>>,
 }
 
 impl Statement {
+    /// The client was told the statement's parameter types (a ParameterDescription `body`).
+    /// A session's plan keeps the types its Parse resolved, through any DDL (PostgreSQL
+    /// plans it again with them), and the client encodes its values by them: a backend given
+    /// the statement after a DDL that changed what the server would infer (a column from int4
+    /// to float4) must get them spelled out, or it reads the client's binary int4 as a float4
+    /// (1 stored as 1.4e-45). Kept once, if at most twice the Parse's size.
+    pub fn told_parameters(&self, body: &[u8]) {
+        if self.pinned_parse.get().is_some() || self.server_name.is_empty() {
+            return;
+        }
+        if let Some(pinned) = pin_parameter_types(&self.parse, body) {
+            let _ = self.pinned_parse.set(pinned);
+        }
+    }
+
+    /// The Parse a backend that lacks the statement is sent.
+    pub fn parse_for_backend(&self) -> &[u8] {
+        self.pinned_parse.get().unwrap_or(&self.parse)
+    }
+
     /// The parameter changes its text makes.
     fn parameter_changes(&self, f: impl FnMut(ParameterChange)) {
         if self.changes_parameters {
@@ -121,6 +145,7 @@ impl ClientStatements {
             parse: parse.into_boxed_slice(),
             changes_parameters,
             shape: Cell::new(None),
+            pinned_parse: OnceCell::new(),
         })
     }
 
@@ -309,6 +334,42 @@ enum Resolved {
     Check,
 }
 
+/// `parse` (a whole Parse message) with the parameter types of `description` (a
+/// ParameterDescription body) in place of its own, if it left any to the server (fewer types,
+/// or 0) and the result is at most twice its size; `None` otherwise, or if either does not
+/// read.
+fn pin_parameter_types(parse: &[u8], description: &[u8]) -> Option<Box<[u8]>> {
+    let mut told = Reader::new(description);
+    let count = told.i16().ok()?;
+    let told_types = told.rest();
+    if count < 0 || told_types.len() != count as usize * 4 {
+        return None;
+    }
+    let mut r = Reader::new(parse.get(HEADER_BYTES..)?);
+    let name = r.cstr().ok()?;
+    let query = r.cstr().ok()?;
+    let own = r.i16().ok()?;
+    let own_types = r.rest();
+    if own < 0 || own_types.len() != own as usize * 4 {
+        return None;
+    }
+    let all_given = own == count && !own_types.chunks_exact(4).any(|oid| oid == [0; 4]);
+    let len = HEADER_BYTES + name.len() + 1 + query.len() + 1 + 2 + told_types.len();
+    if all_given || len > 2 * parse.len() {
+        return None;
+    }
+    let mut pinned = Vec::with_capacity(len);
+    pinned.push(fe::PARSE);
+    pinned.extend_from_slice(&((len - 1) as u32).to_be_bytes());
+    pinned.extend_from_slice(name);
+    pinned.push(0);
+    pinned.extend_from_slice(query);
+    pinned.push(0);
+    pinned.extend_from_slice(&count.to_be_bytes());
+    pinned.extend_from_slice(told_types);
+    Some(pinned.into_boxed_slice())
+}
+
 /// A statement's row shape: the column names, types and type modifiers of its RowDescription
 /// (or that it has none: NoData), which a plan of the same text keeps until a DDL changes
 /// them (PostgreSQL compares the same, and answers 0A000 then). `None` if `body` is not a
@@ -449,7 +510,7 @@ impl Translator<'_> {
             message_with_name(self.out, fe::CLOSE, b"S", &evicted, b"");
             self.tx.router_close();
         }
-        self.out.extend_from_slice(&statement.parse);
+        self.out.extend_from_slice(statement.parse_for_backend());
         self.tx.router_parse(Some(statement.clone()));
         None
     }
@@ -472,6 +533,7 @@ impl Translator<'_> {
                 parse: message.into(),
                 changes_parameters,
                 shape: Cell::new(None),
+                pinned_parse: OnceCell::new(),
             });
             self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
@@ -1921,6 +1983,52 @@ mod tests {
         assert!(!backend.behind(1), "prepared in this epoch");
         assert!(backend.behind(2), "a DDL changed a row shape since");
         assert!(!backend.behind(2), "once");
+    }
+
+    #[test]
+    fn parameter_types_the_client_was_told_are_spelled_out_for_other_backends() {
+        let types = |oids: &[u32]| {
+            let mut body = (oids.len() as i16).to_be_bytes().to_vec();
+            for oid in oids {
+                body.extend_from_slice(&oid.to_be_bytes());
+            }
+            body
+        };
+        let mut f = Fixture::new(10);
+        // The client gave the second parameter's type, left the first to the server.
+        let mut parse = Vec::new();
+        write::parse(&mut parse, "s1", "select $1 + 1, $2");
+        parse.truncate(parse.len() - 2);
+        parse.extend_from_slice(&types(&[0, 25]));
+        let len = (parse.len() - 1) as u32;
+        parse[1..5].copy_from_slice(&len.to_be_bytes());
+        f.t().parse(&parse).expect("well-formed");
+        let statement = f.client.named.get("s1").expect("kept").clone();
+        assert_eq!(statement.parse_for_backend(), &statement.parse[..]);
+        statement.told_parameters(&types(&[23, 25]));
+        let pinned = statement.parse_for_backend();
+        assert!(pinned.ends_with(&types(&[23, 25])), "{pinned:?}");
+        assert_eq!(
+            &pinned[..pinned.len() - 10],
+            &statement.parse[..statement.parse.len() - 10]
+        );
+        assert_eq!(
+            u32::from_be_bytes([pinned[1], pinned[2], pinned[3], pinned[4]]) as usize + 1,
+            pinned.len()
+        );
+        // Given on another backend, it is sent with both types.
+        f.sync();
+        f.reply(b"1Z");
+        f.on(BackendStatements::default());
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        assert!(f.out.starts_with(pinned));
+        // Every type given: nothing to spell out; far more than the Parse: not kept.
+        assert_eq!(pin_parameter_types(pinned, &types(&[23, 25])), None);
+        assert_eq!(
+            pin_parameter_types(&statement.parse, &types(&[23; 200])),
+            None
+        );
+        assert_eq!(pin_parameter_types(&statement.parse, b"\x00"), None);
     }
 
     #[test]

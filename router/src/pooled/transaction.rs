@@ -709,7 +709,15 @@ impl Transaction {
             },
             be::PARAMETER_DESCRIPTION => match head {
                 Some(Awaiting::DescribeStatement { swallow: true, .. }) => Reply::Swallow,
-                Some(Awaiting::DescribeStatement { swallow: false, .. }) => Reply::Forward,
+                Some(Awaiting::DescribeStatement {
+                    swallow: false,
+                    statement,
+                }) => {
+                    if let Some(statement) = statement {
+                        statement.told_parameters(body);
+                    }
+                    Reply::Forward
+                }
                 _ => return Err(out_of_turn),
             },
             be::ROW_DESCRIPTION | be::NO_DATA => match head {
