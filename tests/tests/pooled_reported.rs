@@ -1951,9 +1951,10 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
         seen.push(value(&mut |sql| conn.run(sql)));
         let discarded = run(conn, "DISCARD ALL", &[]);
         // ParameterStatus apart (a superuser's `is_superuser` changes with its role).
-        let tags = tags(&discarded);
+        let discard_tags = tags(&discarded);
         seen.push(
-            tags.split(' ')
+            discard_tags
+                .split(' ')
                 .filter(|t| *t != "S")
                 .collect::<Vec<_>>()
                 .join(" "),
@@ -1968,12 +1969,25 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
         after_discard();
         conn.send_all(&[bind("", "s1", &[]), execute("", 0), sync()]);
         seen.push(error_codes(&conn.ready_n(1, "Bind after DISCARD ALL")).join(","));
-        // In a block it fails, and leaves the session as it was.
+        // In a block it fails, and leaves the session as it was, prepared statements too; so
+        // does one beside another statement (an implicit block), and a `DEALLOCATE ALL` in an
+        // aborted block.
+        conn.send_all(&[parse("s2", "select 2", &[]), sync()]);
+        assert_eq!(tags(&conn.ready_n(1, "Parse s2")), "1 Z");
         run(conn, "SET TimeZone = 'UTC'; SET app.k = '2'", &[]);
         run(conn, "BEGIN", &[]);
         run(conn, "DISCARD ALL", &["25001"]);
         run(conn, "ROLLBACK", &[]);
         seen.push(value(&mut |sql| conn.run(sql)));
+        run(conn, "SELECT 1; DISCARD ALL", &["25001"]);
+        // And a `DEALLOCATE ALL` in an aborted block.
+        run(conn, "BEGIN", &[]);
+        run(conn, "SELECT 1/0", &["22012"]);
+        run(conn, "DEALLOCATE ALL", &["25P02"]);
+        run(conn, "ROLLBACK", &[]);
+        conn.send_all(&[bind("", "s2", &[]), execute("", 0), sync()]);
+        let replies = conn.ready_n(1, "Bind after the failed DISCARD ALLs");
+        seen.push(format!("{} {:?}", tags(&replies), error_codes(&replies)));
         seen
     }
     let f = fixture();
@@ -2000,6 +2014,7 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
             "Asia/Tokyo | discard_s, public | discard_other | ",
             "26000",
             "UTC | discard_s, public | discard_other | 2",
+            "2 D C Z []",
         ],
         "PostgreSQL itself"
     );
@@ -2009,8 +2024,8 @@ fn discard_all_leaves_the_clients_startup_session_without_a_session_read() {
     assert!(reads.is_empty(), "no session read: {reads:#?}");
     assert_eq!(
         session_reads(f, &[pid]).len(),
-        1,
-        "the failed DISCARD ALL's transaction is read back"
+        2,
+        "each failed DISCARD ALL's transaction is read back"
     );
     // `app.k` stays defined on the backend, empty, as after any client's `SET` of a custom
     // parameter (PostgreSQL keeps a placeholder for the session's life): no value of `a`'s.

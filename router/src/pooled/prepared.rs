@@ -796,6 +796,27 @@ impl Translator<'_> {
         Ok(())
     }
 
+    /// True if the query's `DISCARD ALL` or `DEALLOCATE ALL` is sure to fail as PostgreSQL runs
+    /// it, leaving every prepared statement: a `DISCARD ALL` beside other statements (they make
+    /// an implicit block, 25001), or alone in the client's block (25001), or either in an
+    /// aborted block (25P02) that no statement of the query ends. A block is known only when
+    /// nothing the client sent before is still owed (a pipelined `BEGIN` may open one the
+    /// router has not seen): then the names go, as for PgBouncer #1535's pipelined `DEALLOCATE
+    /// ALL` and Parse.
+    fn clear_fails(&self, facts: &QueryFacts) -> bool {
+        if facts.discard_all && facts.statements > 1 {
+            return true;
+        }
+        if self.tx.pending() > 0 {
+            return false;
+        }
+        match self.tx.status() {
+            b'E' => !facts.transaction_control,
+            b'T' => facts.discard_all,
+            _ => false,
+        }
+    }
+
     /// A whole (or the start of a long) simple Query: `DEALLOCATE` and `DISCARD ALL` clear the
     /// client's names; `DEALLOCATE name` of a name only the router knows is answered by the
     /// router. Returns false if the router answered it (the rest is dropped).
@@ -835,7 +856,7 @@ impl Translator<'_> {
                 return false;
             }
         }
-        if facts.clears_statements && self.enabled() {
+        if facts.clears_statements && self.enabled() && !self.clear_fails(&facts) {
             self.client.clear();
             self.client.unnamed = None;
             // The backend loses every statement it had, other clients' too: it will be
@@ -1092,6 +1113,12 @@ struct QueryFacts {
     resets: Resets,
     /// The whole query is one `DEALLOCATE name`.
     deallocate: Option<String>,
+    /// It has a `DISCARD ALL`.
+    discard_all: bool,
+    /// Statements in it.
+    statements: usize,
+    /// A statement of it begins, ends or cuts a transaction ([`TRANSACTION_CONTROL`]).
+    transaction_control: bool,
     /// Parameters its statements reset or set (see [`ParameterChange`]).
     changes: Vec<ParameterChange>,
 }
@@ -1145,6 +1172,9 @@ fn query_facts(text: &[u8]) -> QueryFacts {
             facts.changes.push(change);
         }
     });
+    facts.statements = count;
+    facts.discard_all = discard_all;
+    facts.transaction_control = transaction_control;
     if count == 1 {
         facts.deallocate = deallocate.map(unquote);
     } else if deallocate.is_some() || discard_all {
