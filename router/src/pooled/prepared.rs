@@ -56,12 +56,16 @@ pub struct Statement {
     /// execution is to be followed as the Parse was.
     pub changes_parameters: bool,
     /// Its row shape ([`row_shape`]) as the client was first told it (a Describe of the
-    /// statement): what every backend's plan of it must still have.
+    /// statement, or of a portal bound to it): what every backend's plan of it must still
+    /// have.
     pub shape: Cell<Option<u64>>,
     /// `parse` with the parameter types the client was first told (a Describe of the
     /// statement) spelled out, where its own Parse left some to the server: what a backend
     /// that is given the statement later is sent ([`Statement::told_parameters`]).
     pub pinned_parse: OnceCell<Box<[u8]>>,
+    /// A backend's plan of it was found with another row shape than the client was told (it
+    /// is answered 0A000 from then on): the pool was told once.
+    stale: Cell<bool>,
 }
 
 impl Statement {
@@ -146,6 +150,7 @@ impl ClientStatements {
             changes_parameters,
             shape: Cell::new(None),
             pinned_parse: OnceCell::new(),
+            stale: Cell::new(false),
         })
     }
 
@@ -534,6 +539,7 @@ impl Translator<'_> {
                 changes_parameters,
                 shape: Cell::new(None),
                 pinned_parse: OnceCell::new(),
+                stale: Cell::new(false),
             });
             self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
@@ -665,8 +671,11 @@ impl Translator<'_> {
             Some(_) => {
                 // PostgreSQL's answer to a statement whose plan a DDL changed, until the
                 // client prepares it again. The pool's other backends may have the old plan:
-                // they drop their statements before their next transaction.
-                self.tx.note_changed_shape();
+                // they drop their statements before their next transaction (once per
+                // statement: a client that binds it again and again changes nothing more).
+                if !statement.stale.replace(true) {
+                    self.tx.note_changed_shape();
+                }
                 let mut stale = Vec::new();
                 write::error_response_from(
                     &mut stale,
@@ -1994,6 +2003,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("RRevalidateCachedQuery"), "{text}");
+        assert!(f.tx.take_changed_shape(), "the pool is told");
         f.sync();
         assert_eq!(f.reply(b"Z"), b"Z");
         f.out.clear();
@@ -2003,6 +2013,7 @@ mod tests {
             "no check: the backend's shape is known"
         );
         assert_eq!(messages(&f.out)[0].1, REFUSAL_NAME);
+        assert!(!f.tx.take_changed_shape(), "once per statement");
     }
 
     #[test]
