@@ -90,15 +90,22 @@ pub fn run_node(script: &str, args: &[&str], deadline: Duration) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run node (scripts/setup installs it)");
-    let output = wait_with_deadline(child, script, deadline);
+    succeeded(
+        wait_with_deadline(child, script, deadline),
+        &format!("node {script}"),
+    )
+}
+
+/// The stdout of a client program that exited 0; panics with its stderr (and stdout) if not.
+fn succeeded(output: Output, what: &str) -> String {
     assert!(
         output.status.success(),
-        "node {script} failed ({}):\n{}\n--- stdout:\n{}",
+        "{what} failed ({}):\n{}\n--- stdout:\n{}",
         output.status,
         String::from_utf8_lossy(&output.stderr),
         String::from_utf8_lossy(&output.stdout)
     );
-    String::from_utf8(output.stdout).expect("node printed UTF-8")
+    String::from_utf8(output.stdout).unwrap_or_else(|_| panic!("{what} printed UTF-8"))
 }
 
 /// Runs `code` with [`python()`] and the given arguments (`sys.argv[1..]`) and returns its
@@ -110,14 +117,7 @@ pub fn run_python(code: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run python");
-    assert!(
-        output.status.success(),
-        "python failed ({}):\n{}\n--- stdout:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8(output.stdout).expect("python printed UTF-8")
+    succeeded(output, "python")
 }
 
 /// psql 15 with unaligned, tuples-only, quiet output, stopping at the first error; callers add
