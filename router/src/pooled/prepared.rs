@@ -726,9 +726,16 @@ impl Translator<'_> {
             // A statement prepared in an earlier transaction: its Parse was followed then.
             statement.parameter_changes(|change| self.tx.parameter_change(change));
         }
-        self.transient.bound_portal.clear();
-        self.transient.bound_portal.extend_from_slice(portal);
-        self.transient.bound_statement = statement.clone();
+        // Followed only until the client has been told the statement's row shape: once it
+        // has, a Bind costs nothing more here.
+        self.transient.bound_statement = statement
+            .as_ref()
+            .filter(|statement| statement.shape.get().is_none())
+            .cloned();
+        if self.transient.bound_statement.is_some() {
+            self.transient.bound_portal.clear();
+            self.transient.bound_portal.extend_from_slice(portal);
+        }
         let new_name = statement.as_ref().map_or("", |s| &*s.server_name);
         let len = total_len - name.len() + new_name.len() - 1;
         self.out.push(fe::BIND);
