@@ -72,24 +72,34 @@ pub fn spawn_java(source: &Path, args: &[&str]) -> Child {
         .expect("run java (scripts/setup installs openjdk-17-jdk-headless)")
 }
 
-/// Runs the Node.js script `tests/node/<script>` (which finds the drivers scripts/setup installs
-/// in `tests/node/node_modules`) with `args`; returns its stdout, panics with stderr when it
-/// fails or takes longer than `deadline`.
-pub fn run_node(script: &str, args: &[&str], deadline: Duration) -> String {
+/// Starts the Node.js script `tests/node/<script>` (which finds the drivers scripts/setup installs
+/// in `tests/node/node_modules`) with `args`, stdout and stderr piped.
+pub fn spawn_node(script: &str, args: &[&str]) -> Child {
     let dir = workspace_root().join("tests/node");
     assert!(
         dir.join("node_modules").exists(),
         "{}/node_modules missing: run scripts/setup",
         dir.display()
     );
-    let child = Command::new("node")
+    Command::new("node")
         .arg(dir.join(script))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run node (scripts/setup installs it)");
+        .expect("run node (scripts/setup installs it)")
+}
+
+/// Runs the Node.js script `tests/node/<script>` with `args` ([`spawn_node`]); returns its stdout,
+/// panics with stderr when it fails or takes longer than `deadline`.
+pub fn run_node(script: &str, args: &[&str], deadline: Duration) -> String {
+    node_succeeded(spawn_node(script, args), script, deadline)
+}
+
+/// Waits for the node script `child` started as `script`; its stdout, or a panic with its stderr
+/// when it fails or takes longer than `deadline`.
+pub fn node_succeeded(child: Child, script: &str, deadline: Duration) -> String {
     succeeded(
         wait_with_deadline(child, script, deadline),
         &format!("node {script}"),

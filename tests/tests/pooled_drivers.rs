@@ -5,10 +5,14 @@
 //! from the fifth execution, batches under one Sync, savepoints, portals fetched in pieces, the
 //! CopyManager, `setTransactionIsolation`) and Postgres.js (npm; one pool of five connections
 //! shared by concurrent tasks, so prepared statements are pipelined, a cursor fetched with row
-//! limits and no Sync between them, COPY). Several clients share a pool smaller than their
+//! limits and no Sync between them, COPY) and node-postgres (npm; its pipelined and serial
+//! clients, the unnamed statement of every parameterised query, a named statement parsed once
+//! per client, pg-cursor's portal read with Flush, pg-copy-streams; run on the direct port too,
+//! so its lines are PostgreSQL's own answers). Several clients share a pool smaller than their
 //! number; each checks its own results and prints one line per part, which the test compares.
 //! And each driver across a DDL that changes a prepared statement's row type: it must get
-//! PostgreSQL's 0A000 and prepare again, not rows it reads with the old description.
+//! PostgreSQL's 0A000 and prepare again (node-postgres never does, and keeps getting 0A000 as
+//! on PostgreSQL), not rows it reads with the old description.
 //!
 //! One PostgreSQL server per binary; each test starts its own router (one worker, so that
 //! `pool_size` is the branch's whole budget) and uses a role of its own, so that its backends
@@ -20,7 +24,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use branchgate_e2e::pg::BackendSampler;
-use branchgate_e2e::tools::{python, run_node, spawn_java, wait_with_deadline};
+use branchgate_e2e::tools::{
+    node_succeeded, python, run_node, spawn_java, spawn_node, wait_with_deadline,
+};
 use branchgate_e2e::{run_python, BranchSpec, Certs, PgServer, PoolSettings, TestRouter};
 
 const BRANCH: &str = "b1";
@@ -36,6 +42,10 @@ const DDL_PASSWORD: &str = "pscale_pw_drivers_ddl_T3n";
 const POSTGRESJS_ROLE: &str = "pjs";
 const POSTGRESJS_USER: &str = "pjs.b1";
 const POSTGRESJS_PASSWORD: &str = "pscale_pw_drivers_pjs_Q8v";
+/// node-postgres's role (which owns its tables for the DDL part).
+const NODE_PG_ROLE: &str = "npg";
+const NODE_PG_USER: &str = "npg.b1";
+const NODE_PG_PASSWORD: &str = "pscale_pw_drivers_npg_W5k";
 /// pgjdbc's role.
 const JDBC_ROLE: &str = "jdbc";
 const JDBC_USER: &str = "jdbc.b1";
@@ -68,10 +78,11 @@ fn fixture() -> &'static Fixture {
         pg.create_role(JDBC_ROLE, JDBC_PASSWORD);
         pg.create_role(DDL_ROLE, DDL_PASSWORD);
         pg.create_role(POSTGRESJS_ROLE, POSTGRESJS_PASSWORD);
+        pg.create_role(NODE_PG_ROLE, NODE_PG_PASSWORD);
         pg.psql_admin(
             "CREATE TABLE pooled_items (client text NOT NULL, n int NOT NULL); \
-             GRANT ALL ON pooled_items TO apg, jdbc, pjs; \
-             GRANT CREATE ON SCHEMA public TO apgddl, jdbc, pjs; \
+             GRANT ALL ON pooled_items TO apg, jdbc, pjs, npg; \
+             GRANT CREATE ON SCHEMA public TO apgddl, jdbc, pjs, npg; \
              CREATE TYPE mood AS ENUM ('sad', 'happy')",
         );
         pg.create_marked_schemas(&["s1", "s2"], "apg, jdbc");
@@ -253,6 +264,64 @@ fn postgresjs_pipelines_prepared_statements_transactions_cursors_and_copy_on_a_p
          script 2\n\
          ddl 1 1.5\n"
     );
+    assert!(
+        (1..=POOL_SIZE as usize).contains(&peak),
+        "{peak} backends at once ({samples} samples) for a pool of {POOL_SIZE}"
+    );
+}
+
+/// Runs node-postgres's script twice at once on `port`: a pool of pipelined clients over direct
+/// SSL (rows tagged n1) and a pool of serial ones after an SSLRequest (n2); checks both printed
+/// what PostgreSQL gives.
+fn node_postgres_on(f: &Fixture, port: u16) {
+    const SCRIPT: &str = "pooled_node_postgres.mjs";
+    let port = port.to_string();
+    let ca = f.certs.ca_path();
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    let runs = [("direct", "n1", "pipeline"), ("postgres", "n2", "serial")];
+    let children: Vec<_> = runs
+        .iter()
+        .map(|&(negotiation, tag, mode)| {
+            let args = [
+                port.as_str(),
+                NODE_PG_USER,
+                NODE_PG_PASSWORD,
+                ca,
+                negotiation,
+                tag,
+                mode,
+                "12",
+            ];
+            spawn_node(SCRIPT, &args)
+        })
+        .collect();
+    for (child, (_, tag, mode)) in children.into_iter().zip(runs) {
+        let out = node_succeeded(child, SCRIPT, CLIENT_DEADLINE);
+        assert_eq!(
+            out,
+            "unnamed true\n\
+             named true\n\
+             transactions 5 22012 25P02\n\
+             script 2\n\
+             settings T-lima=America/Lima/0 T-tokyo=Asia/Tokyo/4321ms\n\
+             cursor 500500\n\
+             copy 200 5000 5199\n\
+             ddl 1 0A000 1.5 1.5\n",
+            "{tag} ({mode}) on port {port}"
+        );
+    }
+}
+
+#[test]
+fn node_postgres_pipelined_and_serial_pools_read_what_postgresql_answers_on_a_pool_of_two() {
+    let f = fixture();
+    let router = f.router(NODE_PG_ROLE);
+    // The direct port first: a session per client, so PostgreSQL's own answers, the DDL's
+    // 0A000 on every client that parsed the statement before it included.
+    node_postgres_on(f, router.direct_addr().port());
+    let sampler = BackendSampler::start(&f.pg, NODE_PG_ROLE);
+    node_postgres_on(f, router.pooled_addr().port());
+    let (peak, samples) = sampler.stop();
     assert!(
         (1..=POOL_SIZE as usize).contains(&peak),
         "{peak} backends at once ({samples} samples) for a pool of {POOL_SIZE}"
