@@ -879,6 +879,39 @@ fn statements_evicted_inside_a_pipeline_are_prepared_again() {
     );
 }
 
+/// The router closes a statement to make room, in a pipeline whose first message fails: the
+/// backend skips the Close with everything up to the Sync, so it still has the statement, and
+/// the router must not give it a Parse of it again (PostgreSQL's 42P05 "already exists").
+#[test]
+fn a_statement_whose_eviction_the_backend_skipped_after_an_error_still_runs() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.max_prepared_statements = Some(1);
+    let router = f.router(&settings);
+    let mut a = f.raw(&router, Mode::Direct, &[]);
+    a.send(&[parse("k1", "select 'k1'", &[]), sync()]);
+    assert_eq!(tags(&a.until_ready("k1 prepared")), "1 Z");
+    a.send(&[
+        bind_execute("missing", &[]),
+        parse("k2", "select 'k2'", &[]),
+        sync(),
+    ]);
+    let replies = a.until_ready("a failing pipeline");
+    assert_eq!(error_codes(&replies), ["26000"]);
+    assert_eq!(tags(&replies), "E Z");
+    for round in 0..2 {
+        a.send(&[bind_execute("k1", &[]), sync()]);
+        assert_eq!(
+            rows(&a.until_ready("k1 after"), "2 D C Z", "k1"),
+            ["k1"],
+            "round {round}"
+        );
+    }
+    // k2 was never prepared (the backend skipped its Parse): 26000, as on a server.
+    a.send(&[bind_execute("k2", &[]), sync()]);
+    assert_eq!(error_codes(&a.until_ready("k2")), ["26000"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Startup parameters and SET follow each client
 

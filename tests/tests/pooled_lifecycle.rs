@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use branchgate_e2e::binary::{branchgate, wait_for};
 use branchgate_e2e::pg::quote_literal;
 use branchgate_e2e::raw::{
-    self, bind_execute, cancel_request, close, connect_tls, describe, error_codes, errors, execute,
-    first_column, flush, message, parse, parse_error, query, request, row_description, sync, tags,
-    Mode, PgError, RawConn, Reply, SSL_REQUEST_CODE,
+    self, bind_binary, bind_execute, cancel_request, close, connect_tls, describe, error_codes,
+    errors, execute, first_column, flush, message, parse, parse_error, query, request,
+    row_description, sync, tags, Mode, PgError, RawConn, Reply, SSL_REQUEST_CODE,
 };
 use branchgate_e2e::tokio_tls::{assert_db_error, block_on, tp_connect_with, MakeRustls};
 use branchgate_e2e::tp_session::Session;
@@ -34,9 +34,9 @@ use tokio_postgres::error::SqlState;
 
 const BRANCH: &str = "b1";
 /// One role per test that watches its backends, plus `app` for the others.
-const ROLES: [&str; 16] = [
+const ROLES: [&str; 17] = [
     "app", "warm", "idler", "aged", "rst", "grow", "shrink", "canc", "quiet", "copier", "piper",
-    "drain", "big", "ddl", "herd", "shape",
+    "drain", "big", "ddl", "herd", "shape", "ptypes",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a FATAL).
@@ -82,7 +82,8 @@ fn fixture() -> &'static Fixture {
              CREATE TABLE lc_ddl (a int); INSERT INTO lc_ddl VALUES (1); \
              GRANT ALL ON lc_ddl TO ddl; \
              CREATE TABLE lc_shape (a int); INSERT INTO lc_shape VALUES (1); \
-             GRANT ALL ON lc_shape TO shape",
+             GRANT ALL ON lc_shape TO shape; \
+             CREATE TABLE lc_types (a int); GRANT ALL ON lc_types TO ptypes",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1803,6 +1804,88 @@ fn a_statement_described_before_a_ddl_fails_on_every_backend_until_prepared_agai
     assert_eq!(tags(&b.simple("COMMIT")), "C Z");
     // Nothing ran twice and nothing was left half done: the backends serve both clients.
     assert_eq!(a.value("select count(*) from lc_shape"), "1");
+}
+
+/// A statement's parameter types are fixed when it is prepared, as on a server: two clients
+/// that prepared the same text either side of a DDL that changed what the server infers for
+/// its parameter (a column from int4 to float4) were told different types, and each sends its
+/// values in binary by its own. Whichever backend runs it, each client's statement must read
+/// its values with the types that client was told: PostgreSQL stores 1.5 for the client that
+/// prepared after the DDL, and 1 (cast) for the one that prepared before, where a backend
+/// prepared with the other client's types reads the same four bytes as 1069547520 or 1e-45.
+#[test]
+fn each_clients_parameter_types_hold_on_a_backend_prepared_with_another_clients() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2), "ptypes");
+    let mut a = f.raw(&router, "ptypes", Mode::Direct);
+    let mut b = f.raw(&router, "ptypes", Mode::SslRequest);
+    let mut d = f.raw(&router, "ptypes", Mode::Direct);
+    let pid = |conn: &mut RawConn| conn.value("select pg_backend_pid()");
+    const INSERT: &str = "insert into lc_types values ($1)";
+    let prepare = |conn: &mut RawConn, what: &str| {
+        conn.send(&[
+            parse("ins", INSERT, &[]),
+            describe(b'S', "ins"),
+            parse("", "select pg_backend_pid()", &[]),
+            bind_execute("", &[]),
+            sync(),
+        ]);
+        let replies = conn.until_ready(what);
+        assert_eq!(
+            tags(&replies),
+            "1 t n 1 2 D C Z",
+            "{what}: {:?}",
+            errors(&replies)
+        );
+        let types = raw::parameter_description(&replies[1].1);
+        let backend = raw::data_row(&replies[5].1)[0].clone().expect("a pid");
+        (types, backend)
+    };
+    let insert = |conn: &mut RawConn, value: &[u8], what: &str| {
+        conn.send(&[
+            bind_binary("ins", &[value]),
+            execute("", 0),
+            parse("", "select pg_backend_pid()", &[]),
+            bind_execute("", &[]),
+            sync(),
+        ]);
+        let replies = conn.until_ready(what);
+        assert_eq!(
+            tags(&replies),
+            "2 C 1 2 D C Z",
+            "{what}: {:?}",
+            errors(&replies)
+        );
+        raw::data_row(&replies[4].1)[0].clone().expect("a pid")
+    };
+    // b holds the pool's first backend (X): `a` prepares the statement on the second (Y) and is
+    // told int4.
+    assert_eq!(tags(&b.simple("BEGIN")), "C Z");
+    let x_pid = pid(&mut b);
+    let (types, y_pid) = prepare(&mut a, "a prepares");
+    assert_eq!(types, [23], "a is told int4");
+    assert_ne!(y_pid, x_pid, "a ran on the other backend");
+    // X goes back last, so it is lent next (newest idle first).
+    assert_eq!(tags(&b.simple("COMMIT")), "C Z");
+    f.pg.psql_admin("ALTER TABLE lc_types ALTER COLUMN a TYPE float4");
+    // d prepares the same text after the DDL, on X, which has never had it: float4.
+    let (types, backend) = prepare(&mut d, "d prepares after the DDL");
+    assert_eq!(types, [700], "d is told float4");
+    assert_eq!(backend, x_pid, "d was lent X");
+    // d's 1.5 on Y, which has the text prepared with a's int4.
+    assert_eq!(tags(&b.simple("BEGIN")), "C Z");
+    let float_1_5 = 1.5f32.to_be_bytes();
+    assert_eq!(insert(&mut d, &float_1_5, "d's 1.5 on Y"), y_pid);
+    assert_eq!(tags(&b.simple("COMMIT")), "C Z");
+    // a's 1 on X (back last), which has the text prepared with d's float4.
+    assert_eq!(insert(&mut a, &1i32.to_be_bytes(), "a's 1 on X"), x_pid);
+    // d's 1.5 on X again, now that a's statement ran there.
+    assert_eq!(insert(&mut d, &float_1_5, "d's 1.5 on X"), x_pid);
+    assert_eq!(
+        first_column(&b.simple("select a::text from lc_types order by a")),
+        ["1", "1.5", "1.5"],
+        "what PostgreSQL stores for each client's statement"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,6 +24,14 @@
 //! ([`Resolved::Check`]), before anything of the client's runs there. Once a change is found,
 //! every backend of the pool drops its statements ([`BackendStatements::behind`]), so a
 //! statement prepared after the DDL never meets an old plan.
+//!
+//! Its parameter types are fixed the same way: a client told them (a Describe of the
+//! statement) encodes its values by them, often in binary. Backends share a statement by its
+//! text, and the types a backend's plan of a text has are those the server inferred when it
+//! was prepared there, which a DDL (or another `search_path`) can change: two clients that
+//! prepared the text either side of such a change were told different types. A backend whose
+//! plan of the statement has other types than the client was told is given the client's own
+//! in its place ([`Translator::ensure`]), never sent values it would read as another type.
 
 use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
@@ -62,13 +70,33 @@ pub struct Statement {
     /// `parse` with the parameter types the client was first told (a Describe of the
     /// statement) spelled out, where its own Parse left some to the server: what a backend
     /// that is given the statement later is sent ([`Statement::told_parameters`]).
-    pub pinned_parse: OnceCell<Box<[u8]>>,
+    pinned: OnceCell<Pinned>,
     /// A backend's plan of it was found with another row shape than the client was told (it
     /// is answered 0A000 from then on): the pool was told once.
     stale: Cell<bool>,
 }
 
+/// A statement's Parse with the parameter types its client was told spelled out.
+#[derive(Debug, PartialEq, Eq)]
+struct Pinned {
+    parse: Box<[u8]>,
+    /// The types ([`parameter_types`]).
+    types: u64,
+}
+
 impl Statement {
+    /// A statement as backends know it: `parse` prepares it under `server_name`.
+    fn new(server_name: Box<str>, parse: Box<[u8]>, changes_parameters: bool) -> Statement {
+        Statement {
+            server_name,
+            parse,
+            changes_parameters,
+            shape: Cell::new(None),
+            pinned: OnceCell::new(),
+            stale: Cell::new(false),
+        }
+    }
+
     /// The client was told the statement's parameter types (a ParameterDescription `body`).
     /// A session's plan keeps the types its Parse resolved, through any DDL (PostgreSQL
     /// plans it again with them), and the client encodes its values by them: a backend given
@@ -76,17 +104,28 @@ impl Statement {
     /// to float4) must get them spelled out, or it reads the client's binary int4 as a float4
     /// (1 stored as 1.4e-45). Kept once, if at most twice the Parse's size.
     pub fn told_parameters(&self, body: &[u8]) {
-        if self.pinned_parse.get().is_some() || self.server_name.is_empty() {
+        if self.pinned.get().is_some() || self.server_name.is_empty() {
             return;
         }
-        if let Some(pinned) = pin_parameter_types(&self.parse, body) {
-            let _ = self.pinned_parse.set(pinned);
+        let pinned = pin_parameter_types(&self.parse, body)
+            .zip(parameter_types(body))
+            .map(|(parse, types)| Pinned { parse, types });
+        if let Some(pinned) = pinned {
+            let _ = self.pinned.set(pinned);
         }
+    }
+
+    /// The parameter types the client was told ([`parameter_types`]), if its Parse left some to
+    /// the server (else every backend's plan has the types its Parse gives).
+    pub fn told_types(&self) -> Option<u64> {
+        self.pinned.get().map(|pinned| pinned.types)
     }
 
     /// The Parse a backend that lacks the statement is sent.
     pub fn parse_for_backend(&self) -> &[u8] {
-        self.pinned_parse.get().unwrap_or(&self.parse)
+        self.pinned
+            .get()
+            .map_or(&self.parse, |pinned| &pinned.parse)
     }
 
     /// The parameter changes its text makes.
@@ -144,14 +183,11 @@ impl ClientStatements {
         message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
         let mut changes_parameters = false;
         parse_parameter_changes(after_name, |_| changes_parameters = true);
-        Rc::new(Statement {
+        Rc::new(Statement::new(
             server_name,
-            parse: parse.into_boxed_slice(),
+            parse.into_boxed_slice(),
             changes_parameters,
-            shape: Cell::new(None),
-            pinned_parse: OnceCell::new(),
-            stale: Cell::new(false),
-        })
+        ))
     }
 
     /// Number of named statements.
@@ -224,8 +260,27 @@ impl ClientStatements {
 struct Prepared {
     /// When it was last used (the backend's tick).
     used: u64,
-    /// The row shape of the backend's plan ([`row_shape`]), once a Describe told it.
-    shape: Option<u64>,
+    /// What the router knows of the backend's plan of it.
+    plan: Plan,
+}
+
+/// What the router knows of a backend's plan of a statement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Its row shape ([`row_shape`]), once a Describe told it.
+    pub shape: Option<u64>,
+    /// Its parameter types ([`parameter_types`]): those a Parse of the router's spelled out,
+    /// or those a Describe told.
+    pub types: Option<u64>,
+}
+
+/// What a backend's answer to a Describe of a named statement told of its plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Described {
+    /// Its row shape ([`row_shape`]).
+    Shape(u64),
+    /// Its parameter types ([`parameter_types`]).
+    ParameterTypes(u64),
 }
 
 /// The statements prepared on one backend, least recently used first out.
@@ -253,45 +308,63 @@ impl BackendStatements {
         !self.used.is_empty()
     }
 
-    /// If the backend has `name` (marked used), the row shape of its plan, if a Describe told
-    /// it.
-    fn touch(&mut self, name: &str) -> Option<Option<u64>> {
+    /// If the backend has `name` (marked used), what the router knows of its plan.
+    fn touch(&mut self, name: &str) -> Option<Plan> {
         self.tick += 1;
         let prepared = self.used.get_mut(name)?;
         prepared.used = self.tick;
-        Some(prepared.shape)
+        Some(prepared.plan)
     }
 
-    /// A Describe of `name` on this backend told its row shape.
-    pub fn described(&mut self, name: &str, shape: u64) {
+    /// A Describe of `name` on this backend told its row shape or its parameter types.
+    pub fn described(&mut self, name: &str, described: Described) {
         if let Some(prepared) = self.used.get_mut(name) {
-            prepared.shape = Some(shape);
+            match described {
+                Described::Shape(shape) => prepared.plan.shape = Some(shape),
+                Described::ParameterTypes(types) => prepared.plan.types = Some(types),
+            }
         }
     }
 
-    /// Records `name` as prepared; returns the statement to close first if the backend is at
-    /// `max`.
-    fn insert(&mut self, name: &str, max: usize) -> Option<Box<str>> {
-        let evicted = if self.used.len() >= max {
-            let oldest = self
-                .used
-                .iter()
-                .min_by_key(|(_, prepared)| prepared.used)
-                .map(|(name, _)| name.clone());
-            if let Some(oldest) = &oldest {
-                self.used.remove(oldest);
-            }
-            oldest
-        } else {
-            None
-        };
+    /// `name` was closed and prepared again, with parameter `types` if known.
+    fn prepared_again(&mut self, name: &str, types: Option<u64>) {
+        if let Some(prepared) = self.used.get_mut(name) {
+            prepared.plan = Plan { shape: None, types };
+        }
+    }
+
+    /// Takes out the least recently used statement if the backend has `max` or more: the
+    /// one to close before another is prepared.
+    fn make_room(&mut self, max: usize) -> Option<Box<str>> {
+        if self.used.len() < max {
+            return None;
+        }
+        let oldest = self
+            .used
+            .iter()
+            .min_by_key(|(_, prepared)| prepared.used)
+            .map(|(name, _)| name.clone())?;
+        self.used.remove(&oldest);
+        Some(oldest)
+    }
+
+    /// Records `name` as prepared, with parameter `types` if known.
+    fn insert(&mut self, name: &str, types: Option<u64>) {
         self.tick += 1;
         let prepared = Prepared {
             used: self.tick,
-            shape: None,
+            plan: Plan { shape: None, types },
         };
         self.used.insert(name.into(), prepared);
-        evicted
+    }
+
+    /// The backend still has `name`, which the router closed there (it skipped the Close
+    /// after an error): what its plan is, the router does not know. May leave the backend
+    /// one over `max_prepared_statements` until its next Parse of the router's.
+    pub fn kept(&mut self, name: &str) {
+        if !self.used.contains_key(name) {
+            self.insert(name, None);
+        }
     }
 
     /// Forgets `name` (its Parse failed).
@@ -322,9 +395,9 @@ pub enum Taken {
     Passed,
     /// Answered by the router (26000, 0A000): nothing of it goes to the backend.
     Answered,
-    /// Not taken yet: the backend was asked for the row shape of its plan of the statement
-    /// (a Describe and a Flush of the router's own), and the message waits for the answer
-    /// ([`Transaction::checking`]); then it is translated again.
+    /// Not taken yet: the backend was asked for the row shape and parameter types of its plan
+    /// of the statement (a Describe and a Flush of the router's own), and the message waits
+    /// for the answer ([`Transaction::checking`]); then it is translated again.
     Check,
 }
 
@@ -335,7 +408,8 @@ enum Resolved {
     Statement(Rc<Statement>),
     /// Answered by the router: 26000 (no such statement) or 0A000 (its row shape changed).
     Refused,
-    /// The backend has just been given the statement: its row shape is asked first.
+    /// The router does not know what the client was told of the backend's plan (its row shape,
+    /// its parameter types): the backend is asked first.
     Check,
 }
 
@@ -400,14 +474,32 @@ pub fn row_shape(tag: u8, body: &[u8]) -> Option<u64> {
     Some(hash.finish())
 }
 
-/// Takes in the row shapes a backend told ([`Transaction::take_described`]): the client keeps
-/// the first it was told of each statement, the backend's plan the one it was prepared with.
-pub fn apply_described(described: Vec<(Rc<Statement>, u64)>, backend: &mut BackendStatements) {
-    for (statement, shape) in described {
-        if statement.shape.get().is_none() {
-            statement.shape.set(Some(shape));
+/// A statement's parameter types: a hash of its ParameterDescription `body` (the type OIDs),
+/// which a plan keeps through any DDL. `None` if `body` is empty (the start of a message too
+/// long to be given whole).
+pub fn parameter_types(body: &[u8]) -> Option<u64> {
+    if body.is_empty() {
+        return None;
+    }
+    let mut hash = std::hash::DefaultHasher::new();
+    body.hash(&mut hash);
+    Some(hash.finish())
+}
+
+/// Takes in what a backend's Describes told ([`Transaction::take_described`]): the client keeps
+/// the first row shape it was told of each statement (its parameter types were kept as they
+/// came, [`Statement::told_parameters`]), the backend's plan what it was prepared with.
+pub fn apply_described(
+    described: Vec<(Rc<Statement>, Described)>,
+    backend: &mut BackendStatements,
+) {
+    for (statement, told) in described {
+        if let Described::Shape(shape) = told {
+            if statement.shape.get().is_none() {
+                statement.shape.set(Some(shape));
+            }
         }
-        backend.described(&statement.server_name, shape);
+        backend.described(&statement.server_name, told);
     }
 }
 
@@ -426,6 +518,10 @@ pub struct Transient {
     /// describe the portal, not the statement). Portals end with their transaction.
     bound_portal: Vec<u8>,
     bound_statement: Option<Rc<Statement>>,
+    /// The statement whose plan the router last replaced on this backend for its parameter
+    /// types ([`Translator::ensure`]): not replaced again right after (a check of the new plan
+    /// that still told other types would otherwise loop).
+    replaced: Option<Rc<Statement>>,
 }
 
 /// Rewrites the client's extended-protocol messages that name statements for the backend it
@@ -504,20 +600,53 @@ impl Translator<'_> {
         refuse(self.tx, self.out, error, false);
     }
 
-    /// Gives the backend `statement` if it does not have it (a Parse of the router's own,
-    /// after closing the least recently used one if it is full). Returns the row shape of the
-    /// backend's plan of it, if a Describe told it.
-    fn ensure(&mut self, statement: &Rc<Statement>) -> Option<u64> {
-        if let Some(shape) = self.backend.touch(&statement.server_name) {
-            return shape;
-        }
-        if let Some(evicted) = self.backend.insert(&statement.server_name, self.max) {
+    /// Closes the backend's least recently used statements until one more fits under
+    /// `max_prepared_statements`.
+    fn make_room(&mut self) {
+        while let Some(evicted) = self.backend.make_room(self.max) {
             message_with_name(self.out, fe::CLOSE, b"S", &evicted, b"");
-            self.tx.router_close();
+            self.tx.router_close(&evicted);
         }
+    }
+
+    /// Gives the backend `statement` if it does not have it (a Parse of the router's own,
+    /// after closing the least recently used one if it is full), or if its plan there has other
+    /// parameter types than the client was told (the text was prepared there for another
+    /// client, either side of a DDL or under another `search_path`: closed, and prepared again
+    /// with the client's). Returns what the router knows of the backend's plan of it.
+    fn ensure(&mut self, statement: &Rc<Statement>) -> Plan {
+        let told_types = statement.told_types();
+        if let Some(plan) = self.backend.touch(&statement.server_name) {
+            let just_replaced = self
+                .transient
+                .replaced
+                .as_ref()
+                .is_some_and(|replaced| Rc::ptr_eq(replaced, statement));
+            match (told_types, plan.types) {
+                (Some(told), Some(types)) if told != types && !just_replaced => {
+                    self.transient.replaced = Some(statement.clone());
+                    message_with_name(self.out, fe::CLOSE, b"S", &statement.server_name, b"");
+                    self.tx.router_close(&statement.server_name);
+                    self.out.extend_from_slice(statement.parse_for_backend());
+                    self.tx.router_parse(Some(statement.clone()));
+                    self.backend
+                        .prepared_again(&statement.server_name, told_types);
+                    return Plan {
+                        shape: None,
+                        types: told_types,
+                    };
+                }
+                _ => return plan,
+            }
+        }
+        self.make_room();
+        self.backend.insert(&statement.server_name, told_types);
         self.out.extend_from_slice(statement.parse_for_backend());
         self.tx.router_parse(Some(statement.clone()));
-        None
+        Plan {
+            shape: None,
+            types: told_types,
+        }
     }
 
     /// A whole Parse message.
@@ -533,14 +662,11 @@ impl Translator<'_> {
         if name.is_empty() || !self.enabled() {
             // The unnamed statement: as sent, and kept for a later transaction (until its
             // Parse fails: then the client has none, as on the server).
-            let statement = Rc::new(Statement {
-                server_name: "".into(),
-                parse: message.into(),
+            let statement = Rc::new(Statement::new(
+                "".into(),
+                message.into(),
                 changes_parameters,
-                shape: Cell::new(None),
-                pinned_parse: OnceCell::new(),
-                stale: Cell::new(false),
-            });
+            ));
             self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
             self.tx.hold_for_unnamed(false);
@@ -575,10 +701,8 @@ impl Translator<'_> {
             self.tx.note_extended();
             return Ok(());
         }
-        if let Some(evicted) = self.backend.insert(&statement.server_name, self.max) {
-            message_with_name(self.out, fe::CLOSE, b"S", &evicted, b"");
-            self.tx.router_close();
-        }
+        self.make_room();
+        self.backend.insert(&statement.server_name, None);
         self.out.extend_from_slice(&statement.parse);
         self.tx.client_parse(Some(statement));
         Ok(())
@@ -661,14 +785,14 @@ impl Translator<'_> {
             ));
             return Resolved::Refused;
         };
-        let shape = self.ensure(&statement);
+        let plan = self.ensure(&statement);
         // Until its Sync the backend ignores what it is sent: nothing runs there to check.
-        let Some(told) = statement.shape.get().filter(|_| !self.tx.skipping()) else {
+        if self.tx.skipping() {
             return Resolved::Statement(statement);
-        };
-        match shape {
-            Some(shape) if shape == told => Resolved::Statement(statement),
-            Some(_) => {
+        }
+        let told_shape = statement.shape.get();
+        if let (Some(told), Some(shape)) = (told_shape, plan.shape) {
+            if told != shape {
                 // PostgreSQL's answer to a statement whose plan a DDL changed, until the
                 // client prepares it again. The pool's other backends may have the old plan:
                 // they drop their statements before their next transaction (once per
@@ -685,15 +809,20 @@ impl Translator<'_> {
                     "RevalidateCachedQuery",
                 );
                 self.refuse(stale.into_boxed_slice());
-                Resolved::Refused
-            }
-            None => {
-                message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
-                write::flush(self.out);
-                self.tx.router_describe(statement);
-                Resolved::Check
+                return Resolved::Refused;
             }
         }
+        // What the client was told and the router does not know of the backend's plan is
+        // asked first (then the message is translated again).
+        let unknown_shape = told_shape.is_some() && plan.shape.is_none();
+        let unknown_types = statement.told_types().is_some() && plan.types.is_none();
+        if unknown_shape || unknown_types {
+            message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
+            write::flush(self.out);
+            self.tx.router_describe(statement);
+            return Resolved::Check;
+        }
+        Resolved::Statement(statement)
     }
 
     /// The start of a Bind message (at least its two names): the names are rewritten; the
@@ -2024,24 +2153,140 @@ mod tests {
     }
 
     #[test]
+    fn a_close_the_backend_skipped_after_an_error_leaves_the_statement_there() {
+        // A backend with room for one statement, which has s1.
+        let mut f = Fixture::new(1);
+        f.t()
+            .parse(&parse_message("s1", "select 1"))
+            .expect("well-formed");
+        f.sync();
+        assert_eq!(f.reply(b"1Z"), b"1Z");
+        // A pipeline whose first message fails, then a Parse that makes room by closing s1:
+        // the backend skips the Close with the rest, so it still has s1.
+        f.out.clear();
+        assert_eq!(f.bind("nope"), Taken::Answered, "26000");
+        f.t()
+            .parse(&parse_message("s2", "select 2"))
+            .expect("well-formed");
+        f.sync();
+        assert_eq!(
+            f.sent(),
+            "PCP",
+            "the refusal, then s1 closed and s2 prepared"
+        );
+        f.reply(b"EZ");
+        assert!(!f.client.named.contains_key("s2"), "s2 was never prepared");
+        // s1 is bound as it is: a Parse of it would fail (42P05, the backend has it).
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        assert_eq!(f.sent(), "B");
+    }
+
+    #[test]
     fn a_backend_behind_the_pools_plan_epoch_drops_its_statements_once() {
         let mut backend = BackendStatements::default();
         assert!(!backend.behind(1), "nothing to drop");
-        backend.insert("bg_1", 10);
+        backend.insert("bg_1", None);
         assert!(!backend.behind(1), "prepared in this epoch");
         assert!(backend.behind(2), "a DDL changed a row shape since");
         assert!(!backend.behind(2), "once");
     }
 
+    /// ParameterDescription body of `oids`.
+    fn type_oids(oids: &[u32]) -> Vec<u8> {
+        let mut body = (oids.len() as i16).to_be_bytes().to_vec();
+        for oid in oids {
+            body.extend_from_slice(&oid.to_be_bytes());
+        }
+        body
+    }
+
+    impl Fixture {
+        /// The backend's answer to a Describe of a statement without a result: a
+        /// ParameterDescription of `oids`, then NoData; what the client gets of it.
+        fn described_parameters(&mut self, oids: &[u32]) -> Vec<u8> {
+            let mut to_client = Vec::new();
+            for (tag, body) in [
+                (be::PARAMETER_DESCRIPTION, type_oids(oids)),
+                (be::NO_DATA, Vec::new()),
+            ] {
+                let reply = self.tx.backend(tag, &body).expect("in turn");
+                if reply == super::super::transaction::Reply::Forward {
+                    to_client.push(tag);
+                }
+            }
+            apply_described(self.tx.take_described(), &mut self.backend);
+            to_client
+        }
+
+        fn sent(&mut self) -> String {
+            let sent = messages(&self.out).iter().map(|m| m.0).collect();
+            self.out.clear();
+            sent
+        }
+    }
+
+    #[test]
+    fn a_backend_whose_plan_has_other_parameter_types_is_given_the_clients_statement() {
+        let mut f = Fixture::new(10);
+        f.t()
+            .parse(&parse_message("s1", "insert into t values ($1)"))
+            .expect("well-formed");
+        let describe = message(fe::DESCRIBE, b"Ss1\0");
+        assert_eq!(f.t().describe(&describe), Ok(Taken::Passed));
+        f.sync();
+        assert_eq!(f.reply(b"1"), b"1");
+        assert_eq!(f.described_parameters(&[23]), b"tn", "told int4");
+        assert_eq!(f.reply(b"Z"), b"Z");
+        let statement = f.client.named.get("s1").expect("kept").clone();
+        let int4 = parameter_types(&type_oids(&[23]));
+        assert_eq!(statement.told_types(), int4);
+        // The backend it was described on is known to have its types: a Bind just goes.
+        f.out.clear();
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        assert_eq!(f.sent(), "B");
+        f.sync();
+        assert_eq!(f.reply(b"2Z"), b"2Z");
+        // A backend that has the text as another client prepared it after the text's
+        // parameter became float4 (the router gave it the client's Parse as written, then
+        // that client's Describe told float4): closed and prepared again with int4 spelled
+        // out, then asked its row shape, then the Bind goes.
+        let mut other = BackendStatements::default();
+        let float4 = parameter_types(&type_oids(&[700]));
+        other.insert(&statement.server_name, float4);
+        f.on(other);
+        assert_eq!(f.bind("s1"), Taken::Check);
+        let sent = f.out.clone();
+        assert_eq!(f.sent(), "CPDH");
+        assert!(
+            sent.windows(statement.parse_for_backend().len())
+                .any(|w| w == statement.parse_for_backend()),
+            "the Parse with int4 spelled out"
+        );
+        assert_eq!(f.reply(b"31"), b"", "swallowed");
+        assert_eq!(f.described_parameters(&[23]), b"", "swallowed");
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        assert_eq!(f.sent(), "B");
+        f.sync();
+        assert_eq!(f.reply(b"2Z"), b"2Z");
+        // A backend whose plan's types the router does not know (a client's Parse as written,
+        // never described there): asked first, kept if they are the client's.
+        for (oids, then) in [(23, "B"), (700, "CPDH")] {
+            let mut unknown = BackendStatements::default();
+            unknown.insert(&statement.server_name, None);
+            f.on(unknown);
+            assert_eq!(f.bind("s1"), Taken::Check);
+            assert_eq!(f.sent(), "DH");
+            assert_eq!(f.described_parameters(&[oids]), b"", "swallowed");
+            let taken = f.bind("s1");
+            assert_eq!(f.sent(), then, "types {oids}");
+            assert_eq!(taken == Taken::Passed, then == "B");
+            f.tx = Transaction::default();
+        }
+    }
+
     #[test]
     fn parameter_types_the_client_was_told_are_spelled_out_for_other_backends() {
-        let types = |oids: &[u32]| {
-            let mut body = (oids.len() as i16).to_be_bytes().to_vec();
-            for oid in oids {
-                body.extend_from_slice(&oid.to_be_bytes());
-            }
-            body
-        };
+        let types = type_oids;
         let mut f = Fixture::new(10);
         // The client gave the second parameter's type, left the first to the server.
         let mut parse = Vec::new();

@@ -38,7 +38,7 @@ use std::rc::Rc;
 
 use thiserror::Error;
 
-use super::prepared::{BackendStatements, ClientStatements, Statement};
+use super::prepared::{BackendStatements, ClientStatements, Described, Statement};
 
 use crate::protocol::backend as be;
 use crate::protocol::frontend as fe;
@@ -101,6 +101,10 @@ pub enum Undo {
     Reprepared(Rc<Statement>),
     /// The client's Parse, answered by the router: its name goes.
     Answered(Rc<Statement>),
+    /// The router's Close of a statement (its name on the backend): the backend still has it.
+    /// Taken back after the others ([`Transaction::take_undo`]), so that a Parse of the same
+    /// name the backend skipped with it does not count it gone.
+    Closed(Box<str>),
 }
 
 impl Undo {
@@ -113,6 +117,7 @@ impl Undo {
             }
             Undo::Reprepared(statement) => backend.remove(&statement.server_name),
             Undo::Answered(statement) => client.undo(&statement),
+            Undo::Closed(name) => backend.kept(&name),
         }
     }
 }
@@ -152,8 +157,9 @@ enum Awaiting {
     DescribePortal { statement: Option<Rc<Statement>> },
     /// Rows, then CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute,
-    /// CloseComplete.
-    Close { swallow: bool },
+    /// CloseComplete. `router`: the statement the router closed (its name on the backend: an
+    /// eviction, or a plan replaced), whose answer is swallowed; `None`: the client's Close.
+    Close { router: Option<Box<str>> },
     /// ReadyForQuery.
     Sync,
     /// A simple query or function call: everything up to its ReadyForQuery. `reset`: what it
@@ -215,12 +221,14 @@ pub struct Transaction {
     client_copying: bool,
     /// Parses that did not happen, to take back.
     undo: Vec<Undo>,
+    /// The router's statement Closes that did not happen (their names): taken back last.
+    kept: Vec<Box<str>>,
     /// The router's error for the client, in place of the backend's just received.
     substitute: Vec<u8>,
     /// Named statements the backend accepted (ParseComplete), since the last call.
     accepted: Vec<Rc<Statement>>,
-    /// Row shapes of named statements the backend told (their Describe), since the last call.
-    described: Vec<(Rc<Statement>, u64)>,
+    /// What the backend told of named statements (their Describe), since the last call.
+    described: Vec<(Rc<Statement>, Described)>,
     /// See [`Transaction::take_changed_shape`].
     changed_shape: bool,
     /// An ErrorResponse reached the client since the last ReadyForQuery.
@@ -282,6 +290,7 @@ impl Default for Transaction {
             set_after_reset: Vec::new(),
             sets: Vec::new(),
             undo: Vec::new(),
+            kept: Vec::new(),
         }
     }
 }
@@ -351,7 +360,7 @@ impl Transaction {
             }),
             fe::DESCRIBE => Some(Awaiting::DescribePortal { statement: None }),
             fe::EXECUTE => Some(Awaiting::Execute),
-            fe::CLOSE => Some(Awaiting::Close { swallow: false }),
+            fe::CLOSE => Some(Awaiting::Close { router: None }),
             fe::SYNC => Some(Awaiting::Sync),
             // Flush, COPY data from the client: no reply of their own.
             _ => None,
@@ -444,9 +453,9 @@ impl Transaction {
         std::mem::take(&mut self.changed_shape)
     }
 
-    /// Row shapes the backend told since the last call: of which statement, and the shape
-    /// ([`super::prepared::row_shape`]).
-    pub fn take_described(&mut self) -> Vec<(Rc<Statement>, u64)> {
+    /// What the backend told of named statements since the last call: of which statement, and
+    /// its row shape or parameter types.
+    pub fn take_described(&mut self) -> Vec<(Rc<Statement>, Described)> {
         std::mem::take(&mut self.described)
     }
 
@@ -481,15 +490,20 @@ impl Transaction {
         std::mem::take(&mut self.accepted)
     }
 
-    /// Parses to take back, found since the last call.
+    /// Parses and Closes to take back, found since the last call (the Closes last).
     pub fn take_undo(&mut self) -> Vec<Undo> {
-        std::mem::take(&mut self.undo)
+        let mut undo = std::mem::take(&mut self.undo);
+        undo.extend(self.kept.drain(..).map(Undo::Closed));
+        undo
     }
 
-    /// The router sent the backend a statement Close of its own (an eviction).
-    pub fn router_close(&mut self) {
+    /// The router sent the backend a Close of its statement `name` (an eviction, or a plan
+    /// replaced).
+    pub fn router_close(&mut self, name: &str) {
         self.unsynced = true;
-        self.push(Awaiting::Close { swallow: true });
+        self.push(Awaiting::Close {
+            router: Some(name.into()),
+        });
     }
 
     /// The router sent the backend a simple query of its own whose error is no news (the
@@ -570,6 +584,7 @@ impl Transaction {
             Awaiting::Synthesized(Synthesized::ParseComplete, Some(statement)) => {
                 self.undo.push(Undo::Answered(statement))
             }
+            Awaiting::Close { router: Some(name) } => self.kept.push(name),
             _ => {}
         }
     }
@@ -703,20 +718,30 @@ impl Transaction {
                 _ => return Err(out_of_turn),
             },
             be::CLOSE_COMPLETE => match self.queue.pop_front() {
-                Some(Awaiting::Close { swallow: false }) => Reply::Forward,
-                Some(Awaiting::Close { swallow: true }) => Reply::Swallow,
+                Some(Awaiting::Close { router: None }) => Reply::Forward,
+                Some(Awaiting::Close { router: Some(_) }) => Reply::Swallow,
                 _ => return Err(out_of_turn),
             },
             be::PARAMETER_DESCRIPTION => match head {
-                Some(Awaiting::DescribeStatement { swallow: true, .. }) => Reply::Swallow,
-                Some(Awaiting::DescribeStatement {
-                    swallow: false,
-                    statement,
-                }) => {
+                Some(Awaiting::DescribeStatement { statement, swallow }) => {
                     if let Some(statement) = statement {
-                        statement.told_parameters(body);
+                        if !swallow {
+                            statement.told_parameters(body);
+                        }
+                        // One too long to be read whole (thousands of parameters) is taken by
+                        // the router's check for the types the client was told, so that it ends.
+                        let types = super::prepared::parameter_types(body)
+                            .or_else(|| statement.told_types().filter(|_| *swallow));
+                        if let Some(types) = types {
+                            self.described
+                                .push((statement.clone(), Described::ParameterTypes(types)));
+                        }
                     }
-                    Reply::Forward
+                    if *swallow {
+                        Reply::Swallow
+                    } else {
+                        Reply::Forward
+                    }
                 }
                 _ => return Err(out_of_turn),
             },
@@ -734,7 +759,7 @@ impl Transaction {
                         let shape = super::prepared::row_shape(tag, body)
                             .or_else(|| statement.shape.get().filter(|_| swallow));
                         if let Some(shape) = shape {
-                            self.described.push((statement, shape));
+                            self.described.push((statement, Described::Shape(shape)));
                         }
                     }
                     if swallow {
@@ -749,7 +774,7 @@ impl Transaction {
                     }) = self.queue.pop_front()
                     {
                         if let Some(shape) = super::prepared::row_shape(tag, body) {
-                            self.described.push((statement, shape));
+                            self.described.push((statement, Described::Shape(shape)));
                         }
                     }
                     Reply::Forward
@@ -1440,7 +1465,7 @@ mod tests {
         client(&mut tx, &["B", "E", "S"]);
         assert_eq!(backend(&mut tx, b'1'), Reply::Swallow);
         assert_eq!(backend(&mut tx, b'2'), Reply::Forward);
-        tx.router_close();
+        tx.router_close("bg_1");
         assert_eq!(backend(&mut tx, b'C'), Reply::Forward);
         ready(&mut tx, b'I');
         assert_eq!(backend(&mut tx, b'3'), Reply::Swallow);

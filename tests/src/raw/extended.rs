@@ -54,6 +54,23 @@ pub fn bind(portal: &str, statement: &str, params: &[Option<&str>]) -> Vec<u8> {
     message(b'B', &body)
 }
 
+/// Bind (F) of the unnamed portal for statement `statement` with parameters in binary (format
+/// code 1 for all of them, each value's bytes as given), text results.
+pub fn bind_binary(statement: &str, params: &[&[u8]]) -> Vec<u8> {
+    let mut body = [&[0][..], statement.as_bytes(), &[0]].concat();
+    body.extend_from_slice(&1u16.to_be_bytes());
+    body.extend_from_slice(&1u16.to_be_bytes());
+    let count = u16::try_from(params.len()).expect("few parameters");
+    body.extend_from_slice(&count.to_be_bytes());
+    for param in params {
+        let len = i32::try_from(param.len()).expect("small parameter");
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(param);
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    message(b'B', &body)
+}
+
 /// Describe (F) of a statement (`b'S'`) or portal (`b'P'`).
 pub fn describe(kind: u8, name: &str) -> Vec<u8> {
     message(b'D', &[&[kind], name.as_bytes(), &[0]].concat())

@@ -18,9 +18,9 @@ use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use rustls_pki_types::ServerName;
 
 pub use extended::{
-    bind, bind_execute, close, data_row, describe, error_codes, errors, execute, first_column,
-    flush, parameter_description, parameter_status, parse, row_description, sync, tags, terminate,
-    RawConn, Reply,
+    bind, bind_binary, bind_execute, close, data_row, describe, error_codes, errors, execute,
+    first_column, flush, parameter_description, parameter_status, parse, row_description, sync,
+    tags, terminate, RawConn, Reply,
 };
 pub use message::{
     cancel_request, message, query, request, sasl_initial_response, startup_for, startup_message,
