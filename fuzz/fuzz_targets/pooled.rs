@@ -14,7 +14,7 @@
 use branchgate::buf::ReadBuf;
 use branchgate::pooled::prepared::{
     answer_idle, apply_described, statements, BackendStatements, ClientStatements, KnownGood,
-    Taken, Transient, Translator,
+    SharedTexts, Taken, Transient, Translator,
 };
 use branchgate::pooled::stream::{MessageStream, Piece};
 use branchgate::pooled::transaction::{Send, Transaction};
@@ -48,6 +48,7 @@ fuzz_target!(|data: &[u8]| {
     let mut tx = Transaction::default();
     let mut client_names = ClientStatements::new("app", Some("s1"));
     let mut backend = BackendStatements::default();
+    let texts = SharedTexts::default();
     let mut transient = Transient::default();
     let mut stream = MessageStream::default();
     let mut out = Vec::new();
@@ -88,6 +89,7 @@ fuzz_target!(|data: &[u8]| {
                 client: &mut client_names,
                 backend: &mut backend,
                 max,
+                texts: &texts,
                 transient: &mut transient,
                 out: &mut out,
             };
@@ -172,7 +174,7 @@ fuzz_target!(|data: &[u8]| {
     let mut answer = Vec::new();
     let known = KnownGood::default();
     let before = idle.len();
-    let _ = answer_idle(&mut idle, &mut client_names, &known, max, &mut answer);
+    let _ = answer_idle(&mut idle, &mut client_names, &known, &texts, max, &mut answer);
     assert!(idle.len() <= before);
     well_formed(&answer, "idle answers");
 });

@@ -179,6 +179,13 @@ pub struct IdleArgs {
     /// request received and left unanswered), ready (logged in).
     #[arg(long, value_enum, value_name = "STAGE", default_value = "ready")]
     pub stage: Stage,
+    /// Once logged in (stage ready), each connection prepares N named statements and
+    /// describes them, one at a time (a Parse, a Describe and a Sync each: as asyncpg and
+    /// tokio-postgres prepare), the same N texts in every connection, as an application's
+    /// connections all prepare its statements: what a server keeps for clients that hold
+    /// prepared statements.
+    #[arg(long, value_name = "N", default_value = "0")]
+    pub prepare: usize,
     /// Also read the proportional set size (Pss) and page tables of the --pid process and all
     /// its descendants: for a server that forks a process per connection (PostgreSQL).
     #[arg(long)]

@@ -265,6 +265,7 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
         settle: args.settle,
         stage: args.stage,
         process_tree: args.process_tree,
+        prepare: args.prepare,
     };
     let results = idle::run(common.clone(), settings)?;
     let report = Report {
@@ -273,6 +274,7 @@ fn run_idle(args: IdleArgs) -> Result<(Arc<Common>, Report), Error> {
         settings: json!({
             "connections": connections, "concurrency": args.concurrency.get(),
             "stage": args.stage.as_str(), "process_tree": args.process_tree,
+            "prepare": args.prepare,
             "hold_s": args.hold.as_secs_f64(), "settle_s": args.settle.as_secs_f64(),
             "source_ips": common.source_ips.len(),
             "source_ips_auto": matches!(spread, Spread::Loopback(_)),

@@ -879,6 +879,43 @@ fn statements_evicted_inside_a_pipeline_are_prepared_again() {
     );
 }
 
+/// A Parse of a text the pool's backends accepted before is answered by the router without a
+/// backend (drivers prepare with a blocking round trip of their own); the statement it keeps
+/// must be the same one, which a backend that has never had it is given when the client binds
+/// it there.
+#[test]
+fn a_statement_parsed_without_a_backend_runs_on_one_that_never_had_it() {
+    const SQL: &str = "select 'parsed idle'";
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2));
+    let mut a = f.raw(&router, Mode::Direct, &[]);
+    let mut b = f.raw(&router, Mode::SslRequest, &[]);
+    let mut c = f.raw(&router, Mode::Direct, &[]);
+    // a holds the first backend (X); b prepares the text on the second (Y).
+    assert_eq!(tags(&a.simple("BEGIN")), "C Z");
+    let x = a.value("select pg_backend_pid()");
+    b.send(&[parse("mine", SQL, &[]), sync()]);
+    assert_eq!(tags(&b.until_ready("b prepares on Y")), "1 Z");
+    // c's Parse of the same text, with its Sync, is answered without a backend: X is held,
+    // and Y is only lent for it if the router must.
+    c.send(&[parse("also", SQL, &[]), sync()]);
+    assert_eq!(tags(&c.until_ready("c prepares without a backend")), "1 Z");
+    // b holds Y, X goes back: c binds its statement on X, which has never had it.
+    assert_eq!(tags(&b.simple("BEGIN")), "C Z");
+    assert_eq!(tags(&a.simple("COMMIT")), "C Z");
+    c.send(&[
+        bind_execute("also", &[]),
+        parse("", "select pg_backend_pid()", &[]),
+        bind_execute("", &[]),
+        sync(),
+    ]);
+    let replies = c.until_ready("c binds on X");
+    assert_eq!(tags(&replies), "2 D C 1 2 D C Z", "{:?}", errors(&replies));
+    assert_eq!(data_row(&replies[1].1), [Some("parsed idle".to_owned())]);
+    assert_eq!(data_row(&replies[5].1)[0].as_deref(), Some(x.as_str()));
+    assert_eq!(tags(&b.simple("COMMIT")), "C Z");
+}
+
 /// The router closes a statement to make room, in a pipeline whose first message fails: the
 /// backend skips the Close with everything up to the Sync, so it still has the statement, and
 /// the router must not give it a Parse of it again (PostgreSQL's 42P05 "already exists").

@@ -178,6 +178,25 @@ impl Conn {
         }
     }
 
+    /// Prepares and describes each (name, text) of `statements`, one at a time (a Parse, a
+    /// Describe and a Sync, then the answer: as asyncpg prepares). Not cancel-safe.
+    pub async fn prepare_described(
+        &mut self,
+        statements: &[(String, String)],
+    ) -> Result<(), ClientError> {
+        for (name, sql) in statements {
+            self.wbuf.clear();
+            pgwrite::parse(&mut self.wbuf, name, sql);
+            pgwrite::describe(&mut self.wbuf, b'S', name);
+            pgwrite::sync(&mut self.wbuf);
+            self.flush().await?;
+            if let Outcome::Failed(message) = self.read_results().await? {
+                return Err(ClientError::Prepare(message));
+            }
+        }
+        Ok(())
+    }
+
     /// Sends `request` and reads the replies up to ReadyForQuery. Not cancel-safe.
     pub async fn run(&mut self, request: &mut Request) -> Result<Outcome, ClientError> {
         self.transport.write_all(&mut request.0).await?;

@@ -104,8 +104,8 @@ pub async fn open_to(
     stage: Stage,
 ) -> Result<(Held, Instant), ClientError> {
     if stage == Stage::Ready {
-        let (mut conn, timings) = startup::connect(options, cache).await?;
-        conn.shrink();
+        // Its buffers are left to the caller to free (it may run statements first).
+        let (conn, timings) = startup::connect(options, cache).await?;
         return Ok((Held::Ready(conn), timings.ready));
     }
     let target = options.target;

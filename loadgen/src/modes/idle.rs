@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{share, Local};
-use crate::client::{Held, Stage};
+use crate::client::{ClientError, Held, Stage};
 use crate::progress::Progress;
 use crate::runtime::{self, join_all, Counters, Gate, RuntimeError};
 use crate::settings::Common;
@@ -45,6 +45,32 @@ pub struct IdleSettings {
     pub stage: Stage,
     /// Also read the memory of the `--pid` process's descendants.
     pub process_tree: bool,
+    /// Statements each logged-in connection prepares and describes ([`prepared_statements`]).
+    pub prepare: usize,
+}
+
+/// Bytes of each text `--prepare` has its connections prepare: about what an ORM's statement
+/// with a column list takes.
+pub const PREPARED_TEXT_BYTES: usize = 400;
+
+/// The `count` statements (name, text) every connection prepares with `--prepare`: the same
+/// in each connection, each [`PREPARED_TEXT_BYTES`] long, three parameters whose types the
+/// server infers (the Parse gives none), no table needed.
+pub fn prepared_statements(count: usize) -> Vec<(String, String)> {
+    (0..count)
+        .map(|i| {
+            let mut sql = format!(
+                "SELECT {i} AS statement, $1::int4 + 1 AS a, $2::text AS b, \
+                 $3::timestamptz AS c FROM pg_catalog.pg_class WHERE relname = $2 \
+                 /* branchgate-loadgen idle --prepare "
+            );
+            while sql.len() < PREPARED_TEXT_BYTES - 3 {
+                sql.push('.');
+            }
+            sql.push_str(" */");
+            (format!("loadgen_{i}"), sql)
+        })
+        .collect()
 }
 
 /// What idle mode measured for one target.
@@ -120,6 +146,8 @@ struct Shared {
     common: Arc<Common>,
     target: usize,
     stage: Stage,
+    /// What each logged-in connection prepares.
+    prepare: Vec<(String, String)>,
     connections: usize,
     concurrency: usize,
     counters: Arc<Counters>,
@@ -177,6 +205,7 @@ pub fn run(common: Arc<Common>, settings: IdleSettings) -> Result<Vec<IdleResult
             common: common.clone(),
             target: index,
             stage: settings.stage,
+            prepare: prepared_statements(settings.prepare),
             connections: settings.connections,
             concurrency: settings.concurrency,
             counters: Arc::new(Counters::default()),
@@ -248,9 +277,9 @@ async fn run_thread(shared: Arc<Shared>, thread: usize) -> io::Result<ThreadResu
     let mut opening = Vec::with_capacity(count);
     for _ in 0..count {
         let permit = gate.acquire().await;
-        let (local, target, stage) = (local.clone(), shared.target, shared.stage);
+        let (local, shared) = (local.clone(), shared.clone());
         opening.push(monoio::spawn(async move {
-            let opened = open(&local, target, stage, start).await;
+            let opened = open(&local, &shared, start).await;
             drop(permit);
             opened
         }));
@@ -298,14 +327,27 @@ fn sweep(held: &mut Vec<(Held, Instant)>, closed_after: &mut Latency) -> io::Res
     Ok(count)
 }
 
-async fn open(
-    local: &Local,
-    target: usize,
-    stage: Stage,
-    start: Instant,
-) -> Option<(Held, Instant)> {
+async fn open(local: &Local, shared: &Shared, start: Instant) -> Option<(Held, Instant)> {
+    let target = shared.target;
     let began = Instant::now();
-    match local.open_to(target, stage).await {
+    let opened = match local.open_to(target, shared.stage).await {
+        Ok((Held::Ready(mut conn), reached)) => {
+            let prepared = if shared.prepare.is_empty() {
+                Ok(())
+            } else {
+                let preparing = conn.prepare_described(&shared.prepare);
+                match monoio::time::timeout(shared.common.timeout, preparing).await {
+                    Ok(prepared) => prepared,
+                    Err(_) => Err(ClientError::Timeout),
+                }
+            };
+            // Held with no buffers, as a quiet client's are.
+            conn.shrink();
+            prepared.map(|()| (Held::Ready(conn), reached))
+        }
+        other => other,
+    };
+    match opened {
         Ok((conn, reached)) => {
             let mut stats = local.stats.borrow_mut();
             stats[target].count += 1;

@@ -190,6 +190,7 @@ pub(super) async fn transaction(
                     statements: &mut statements.borrow_mut(),
                     backend: &mut backend_statements.borrow_mut(),
                     max_prepared,
+                    texts: &pool.texts,
                     transient,
                     refuse_first: &mut refuse_first,
                     queries: &queries,
@@ -575,6 +576,8 @@ struct ClientSide<'a> {
     statements: &'a mut ClientStatements,
     backend: &'a mut BackendStatements,
     max_prepared: usize,
+    /// The texts of the pool's clients' statements.
+    texts: &'a prepared::SharedTexts,
     transient: &'a mut Transient,
     /// The error the client's first message gets in place of its answer.
     refuse_first: &'a mut Option<Box<[u8]>>,
@@ -709,6 +712,7 @@ fn client_messages(
         statements,
         backend,
         max_prepared,
+        texts,
         transient,
         refuse_first,
         queries,
@@ -763,6 +767,7 @@ fn client_messages(
             client: &mut *statements,
             backend: &mut *backend,
             max: max_prepared,
+            texts,
             transient: &mut *transient,
             out: &mut *out,
         };

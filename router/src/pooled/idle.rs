@@ -87,6 +87,7 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
             &mut client.plain,
             &mut client.statements,
             &client.pool.known_good,
+            &client.pool.texts,
             settings.max_prepared_statements as usize,
             &mut answer,
         );

@@ -176,6 +176,8 @@ pub struct Pool {
     base: RefCell<Option<Rc<Params>>>,
     /// Statements its backends have accepted.
     pub known_good: super::prepared::KnownGood,
+    /// Its clients' statements' texts, one copy of each.
+    pub texts: super::prepared::SharedTexts,
     /// Moves on each time a DDL is found to have changed a statement's row shape under one of
     /// its backends: each backend drops its statements before its next transaction
     /// ([`super::prepared::BackendStatements::behind`]).
@@ -559,6 +561,7 @@ impl Pools {
             waiters: RefCell::new(VecDeque::new()),
             base: RefCell::new(None),
             known_good: Default::default(),
+            texts: Default::default(),
             plans_epoch: Cell::new(0),
             startups: Default::default(),
         });

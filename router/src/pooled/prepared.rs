@@ -33,8 +33,8 @@
 //! plan of the statement has other types than the client was told is given the client's own
 //! in its place ([`Translator::ensure`]), never sent values it would read as another type.
 
-use std::cell::{Cell, OnceCell};
-use std::collections::HashMap;
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 
@@ -53,13 +53,13 @@ use super::transaction::{Resets, Synthesized, Transaction};
 /// Longest statement or portal name accepted (PostgreSQL has no limit; clients use short ones).
 pub const MAX_NAME_BYTES: usize = 512;
 
-/// One statement as backends know it.
+/// One statement as backends know it, as one client prepared it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Statement {
-    /// Its name on backends.
-    pub server_name: Box<str>,
-    /// The Parse message that prepares it on a backend (under `server_name`).
-    pub parse: Box<[u8]>,
+    /// The Parse message that prepares it on a backend, under its name there
+    /// ([`Statement::server_name`]): one copy for all the clients of a pool that prepared
+    /// the same ([`SharedTexts`]).
+    parse: Rc<[u8]>,
     /// Its text resets or sets parameters (`RESET name`, `SET search_path ...`): each
     /// execution is to be followed as the Parse was.
     pub changes_parameters: bool,
@@ -67,34 +67,41 @@ pub struct Statement {
     /// statement, or of a portal bound to it): what every backend's plan of it must still
     /// have.
     pub shape: Cell<Option<u64>>,
-    /// `parse` with the parameter types the client was first told (a Describe of the
-    /// statement) spelled out, where its own Parse left some to the server: what a backend
-    /// that is given the statement later is sent ([`Statement::told_parameters`]).
-    pinned: OnceCell<Pinned>,
+    /// The parameter types the client was first told (a Describe of the statement), where its
+    /// own Parse left some to the server: spelled out in the Parse a backend that is given the
+    /// statement later is sent ([`Statement::told_parameters`]).
+    told: OnceCell<Told>,
     /// A backend's plan of it was found with another row shape than the client was told (it
     /// is answered 0A000 from then on): the pool was told once.
     stale: Cell<bool>,
 }
 
-/// A statement's Parse with the parameter types its client was told spelled out.
+/// The parameter types a client was told of its statement.
 #[derive(Debug, PartialEq, Eq)]
-struct Pinned {
-    parse: Box<[u8]>,
+struct Told {
+    /// The ParameterDescription's body.
+    description: Box<[u8]>,
     /// The types ([`parameter_types`]).
     types: u64,
 }
 
 impl Statement {
-    /// A statement as backends know it: `parse` prepares it under `server_name`.
-    fn new(server_name: Box<str>, parse: Box<[u8]>, changes_parameters: bool) -> Statement {
+    /// A statement as backends know it: `parse` prepares it under its server name.
+    fn new(parse: Rc<[u8]>, changes_parameters: bool) -> Statement {
         Statement {
-            server_name,
             parse,
             changes_parameters,
             shape: Cell::new(None),
-            pinned: OnceCell::new(),
+            told: OnceCell::new(),
             stale: Cell::new(false),
         }
+    }
+
+    /// Its name on backends (empty for the client's unnamed statement).
+    pub fn server_name(&self) -> &str {
+        let name = self.parse.get(HEADER_BYTES..).unwrap_or_default();
+        let end = name.iter().position(|&b| b == 0).unwrap_or(0);
+        std::str::from_utf8(&name[..end]).unwrap_or_default()
     }
 
     /// The client was told the statement's parameter types (a ParameterDescription `body`).
@@ -102,38 +109,98 @@ impl Statement {
     /// plans it again with them), and the client encodes its values by them: a backend given
     /// the statement after a DDL that changed what the server would infer (a column from int4
     /// to float4) must get them spelled out, or it reads the client's binary int4 as a float4
-    /// (1 stored as 1.4e-45). Kept once, if at most twice the Parse's size.
+    /// (1 stored as 1.4e-45). Kept once, if the Parse with them is at most twice the size.
     pub fn told_parameters(&self, body: &[u8]) {
-        if self.pinned.get().is_some() || self.server_name.is_empty() {
+        if self.told.get().is_some() || self.server_name().is_empty() {
             return;
         }
-        let pinned = pin_parameter_types(&self.parse, body)
-            .zip(parameter_types(body))
-            .map(|(parse, types)| Pinned { parse, types });
-        if let Some(pinned) = pinned {
-            let _ = self.pinned.set(pinned);
+        if pinned_parts(&self.parse, body).is_none() {
+            return;
+        }
+        if let Some(types) = parameter_types(body) {
+            let _ = self.told.set(Told {
+                description: body.into(),
+                types,
+            });
         }
     }
 
     /// The parameter types the client was told ([`parameter_types`]), if its Parse left some to
     /// the server (else every backend's plan has the types its Parse gives).
     pub fn told_types(&self) -> Option<u64> {
-        self.pinned.get().map(|pinned| pinned.types)
+        self.told.get().map(|told| told.types)
     }
 
-    /// The Parse a backend that lacks the statement is sent.
-    pub fn parse_for_backend(&self) -> &[u8] {
-        self.pinned
+    /// Appends the Parse a backend that lacks the statement is sent: the client's, with the
+    /// types it was told spelled out.
+    pub fn write_parse_for_backend(&self, out: &mut Vec<u8>) {
+        let parts = self
+            .told
             .get()
-            .map_or(&self.parse, |pinned| &pinned.parse)
+            .and_then(|told| pinned_parts(&self.parse, &told.description));
+        match parts {
+            Some(parts) => parts.write(out),
+            None => out.extend_from_slice(&self.parse),
+        }
     }
 
     /// The parameter changes its text makes.
     fn parameter_changes(&self, f: impl FnMut(ParameterChange)) {
         if self.changes_parameters {
-            let after_name = HEADER_BYTES + self.server_name.len() + 1;
+            let after_name = HEADER_BYTES + self.server_name().len() + 1;
             parse_parameter_changes(self.parse.get(after_name..).unwrap_or_default(), f);
         }
+    }
+}
+
+/// The Parse messages of a pool's clients' named statements, each kept once: an
+/// application's connections all prepare the same statements (an ORM's, a driver's cache),
+/// and a copy for each client would cost each one the whole text (PgBouncer shares them
+/// too). A text no client has any more is dropped when the set has doubled since it was
+/// last swept, so what it keeps beyond the clients' own is bounded by what they have.
+#[derive(Debug, Default)]
+pub struct SharedTexts {
+    texts: RefCell<HashSet<Rc<[u8]>>>,
+    /// Bytes of the texts in the set.
+    bytes: Cell<usize>,
+    /// Texts and bytes left by the last sweep.
+    swept: Cell<(usize, usize)>,
+}
+
+/// The set is not swept below this many texts, or bytes of them.
+const SWEEP_MIN_TEXTS: usize = 1024;
+const SWEEP_MIN_BYTES: usize = 1024 * 1024;
+
+impl SharedTexts {
+    /// The pool's copy of `parse`.
+    fn share(&self, parse: Vec<u8>) -> Rc<[u8]> {
+        let mut texts = self.texts.borrow_mut();
+        if let Some(text) = texts.get(parse.as_slice()) {
+            return text.clone();
+        }
+        let (count, bytes) = self.swept.get();
+        if texts.len() >= 2 * count.max(SWEEP_MIN_TEXTS)
+            || self.bytes.get() >= 2 * bytes.max(SWEEP_MIN_BYTES)
+        {
+            texts.retain(|text| Rc::strong_count(text) > 1);
+            let bytes = texts.iter().map(|text| text.len()).sum();
+            self.bytes.set(bytes);
+            self.swept.set((texts.len(), bytes));
+        }
+        let text: Rc<[u8]> = Rc::from(parse);
+        self.bytes.set(self.bytes.get() + text.len());
+        texts.insert(text.clone());
+        text
+    }
+
+    /// Texts kept.
+    pub fn len(&self) -> usize {
+        self.texts.borrow().len()
+    }
+
+    /// True if none are.
+    pub fn is_empty(&self) -> bool {
+        self.texts.borrow().is_empty()
     }
 }
 
@@ -176,18 +243,28 @@ impl ClientStatements {
     }
 
     /// The statement a Parse with `after_name` (its body past the name) prepares for this
-    /// client.
-    fn statement(&self, after_name: &[u8]) -> Rc<Statement> {
-        let server_name = server_name(&self.context, after_name);
+    /// client (its text the pool's copy, from `texts`).
+    fn statement(&self, after_name: &[u8], texts: &SharedTexts) -> Rc<Statement> {
+        self.statement_named(&self.server_name(after_name), after_name, texts)
+    }
+
+    /// The name on backends of the statement a Parse with `after_name` prepares.
+    fn server_name(&self, after_name: &[u8]) -> Box<str> {
+        server_name(&self.context, after_name)
+    }
+
+    /// [`ClientStatements::statement`], its `server_name` known.
+    fn statement_named(
+        &self,
+        server_name: &str,
+        after_name: &[u8],
+        texts: &SharedTexts,
+    ) -> Rc<Statement> {
         let mut parse = Vec::with_capacity(HEADER_BYTES + server_name.len() + 1 + after_name.len());
-        message_with_name(&mut parse, fe::PARSE, b"", &server_name, after_name);
+        message_with_name(&mut parse, fe::PARSE, b"", server_name, after_name);
         let mut changes_parameters = false;
         parse_parameter_changes(after_name, |_| changes_parameters = true);
-        Rc::new(Statement::new(
-            server_name,
-            parse.into_boxed_slice(),
-            changes_parameters,
-        ))
+        Rc::new(Statement::new(texts.share(parse), changes_parameters))
     }
 
     /// Number of named statements.
@@ -413,15 +490,15 @@ enum Resolved {
     Check,
 }
 
-/// `parse` (a whole Parse message) with the parameter types of `description` (a
-/// ParameterDescription body) in place of its own, if it left any to the server (fewer types,
-/// or 0) and the result is at most twice its size; `None` otherwise, or if either does not
-/// read.
-fn pin_parameter_types(parse: &[u8], description: &[u8]) -> Option<Box<[u8]>> {
+/// What `parse` (a whole Parse message) with the parameter types of `description` (a
+/// ParameterDescription body) in place of its own is made of, if it left any to the server
+/// (fewer types, or 0) and the result is at most twice its size; `None` otherwise, or if
+/// either does not read.
+fn pinned_parts<'a>(parse: &'a [u8], description: &'a [u8]) -> Option<PinnedParse<'a>> {
     let mut told = Reader::new(description);
     let count = told.i16().ok()?;
-    let told_types = told.rest();
-    if count < 0 || told_types.len() != count as usize * 4 {
+    let types = told.rest();
+    if count < 0 || types.len() != count as usize * 4 {
         return None;
     }
     let mut r = Reader::new(parse.get(HEADER_BYTES..)?);
@@ -433,20 +510,49 @@ fn pin_parameter_types(parse: &[u8], description: &[u8]) -> Option<Box<[u8]>> {
         return None;
     }
     let all_given = own == count && !own_types.chunks_exact(4).any(|oid| oid == [0; 4]);
-    let len = HEADER_BYTES + name.len() + 1 + query.len() + 1 + 2 + told_types.len();
+    let len = HEADER_BYTES + name.len() + 1 + query.len() + 1 + 2 + types.len();
     if all_given || len > 2 * parse.len() {
         return None;
     }
-    let mut pinned = Vec::with_capacity(len);
-    pinned.push(fe::PARSE);
-    pinned.extend_from_slice(&((len - 1) as u32).to_be_bytes());
-    pinned.extend_from_slice(name);
-    pinned.push(0);
-    pinned.extend_from_slice(query);
-    pinned.push(0);
-    pinned.extend_from_slice(&count.to_be_bytes());
-    pinned.extend_from_slice(told_types);
-    Some(pinned.into_boxed_slice())
+    Some(PinnedParse {
+        name,
+        query,
+        count,
+        types,
+        len,
+    })
+}
+
+/// A Parse with every parameter type spelled out ([`pinned_parts`]).
+struct PinnedParse<'a> {
+    name: &'a [u8],
+    query: &'a [u8],
+    count: i16,
+    types: &'a [u8],
+    /// The whole message's.
+    len: usize,
+}
+
+impl PinnedParse<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len);
+        out.push(fe::PARSE);
+        out.extend_from_slice(&((self.len - 1) as u32).to_be_bytes());
+        out.extend_from_slice(self.name);
+        out.push(0);
+        out.extend_from_slice(self.query);
+        out.push(0);
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(self.types);
+    }
+}
+
+/// `parse` with the parameter types of `description` spelled out ([`pinned_parts`]).
+#[cfg(test)]
+fn pin_parameter_types(parse: &[u8], description: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    pinned_parts(parse, description)?.write(&mut out);
+    Some(out)
 }
 
 /// A statement's row shape: the column names, types and type modifiers of its RowDescription
@@ -499,7 +605,7 @@ pub fn apply_described(
                 statement.shape.set(Some(shape));
             }
         }
-        backend.described(&statement.server_name, told);
+        backend.described(statement.server_name(), told);
     }
 }
 
@@ -535,6 +641,8 @@ pub struct Translator<'a> {
     pub backend: &'a mut BackendStatements,
     /// `max_prepared_statements` (0: statements are passed through untouched).
     pub max: usize,
+    /// The texts of the pool's clients' statements.
+    pub texts: &'a SharedTexts,
     /// This transaction's state.
     pub transient: &'a mut Transient,
     /// What the backend is sent.
@@ -616,7 +724,7 @@ impl Translator<'_> {
     /// with the client's). Returns what the router knows of the backend's plan of it.
     fn ensure(&mut self, statement: &Rc<Statement>) -> Plan {
         let told_types = statement.told_types();
-        if let Some(plan) = self.backend.touch(&statement.server_name) {
+        if let Some(plan) = self.backend.touch(statement.server_name()) {
             let just_replaced = self
                 .transient
                 .replaced
@@ -625,12 +733,12 @@ impl Translator<'_> {
             match (told_types, plan.types) {
                 (Some(told), Some(types)) if told != types && !just_replaced => {
                     self.transient.replaced = Some(statement.clone());
-                    message_with_name(self.out, fe::CLOSE, b"S", &statement.server_name, b"");
-                    self.tx.router_close(&statement.server_name);
-                    self.out.extend_from_slice(statement.parse_for_backend());
+                    message_with_name(self.out, fe::CLOSE, b"S", statement.server_name(), b"");
+                    self.tx.router_close(statement.server_name());
+                    statement.write_parse_for_backend(self.out);
                     self.tx.router_parse(Some(statement.clone()));
                     self.backend
-                        .prepared_again(&statement.server_name, told_types);
+                        .prepared_again(statement.server_name(), told_types);
                     return Plan {
                         shape: None,
                         types: told_types,
@@ -640,8 +748,8 @@ impl Translator<'_> {
             }
         }
         self.make_room();
-        self.backend.insert(&statement.server_name, told_types);
-        self.out.extend_from_slice(statement.parse_for_backend());
+        self.backend.insert(statement.server_name(), told_types);
+        statement.write_parse_for_backend(self.out);
         self.tx.router_parse(Some(statement.clone()));
         Plan {
             shape: None,
@@ -662,11 +770,7 @@ impl Translator<'_> {
         if name.is_empty() || !self.enabled() {
             // The unnamed statement: as sent, and kept for a later transaction (until its
             // Parse fails: then the client has none, as on the server).
-            let statement = Rc::new(Statement::new(
-                "".into(),
-                message.into(),
-                changes_parameters,
-            ));
+            let statement = Rc::new(Statement::new(message.into(), changes_parameters));
             self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
             self.tx.hold_for_unnamed(false);
@@ -681,7 +785,7 @@ impl Translator<'_> {
             ));
             return Ok(());
         }
-        let statement = self.client.statement(after_name);
+        let statement = self.client.statement(after_name, self.texts);
         if !self.client.has_room(1, statement_cost(name, &statement)) {
             self.refuse(error(
                 SqlState::PROGRAM_LIMIT_EXCEEDED,
@@ -695,14 +799,14 @@ impl Translator<'_> {
             return Ok(());
         }
         self.client.insert(name.into(), statement.clone());
-        if self.backend.touch(&statement.server_name).is_some() {
+        if self.backend.touch(statement.server_name()).is_some() {
             self.tx.synthesize_parse_complete(Some(statement.clone()));
             // Counts as an extended-protocol message all the same.
             self.tx.note_extended();
             return Ok(());
         }
         self.make_room();
-        self.backend.insert(&statement.server_name, None);
+        self.backend.insert(statement.server_name(), None);
         self.out.extend_from_slice(&statement.parse);
         self.tx.client_parse(Some(statement));
         Ok(())
@@ -817,7 +921,7 @@ impl Translator<'_> {
         let unknown_shape = told_shape.is_some() && plan.shape.is_none();
         let unknown_types = statement.told_types().is_some() && plan.types.is_none();
         if unknown_shape || unknown_types {
-            message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
+            message_with_name(self.out, fe::DESCRIBE, b"S", statement.server_name(), b"");
             write::flush(self.out);
             self.tx.router_describe(statement);
             return Resolved::Check;
@@ -865,7 +969,7 @@ impl Translator<'_> {
             self.transient.bound_portal.clear();
             self.transient.bound_portal.extend_from_slice(portal);
         }
-        let new_name = statement.as_ref().map_or("", |s| &*s.server_name);
+        let new_name = statement.as_ref().map_or("", |s| s.server_name());
         let len = total_len - name.len() + new_name.len() - 1;
         self.out.push(fe::BIND);
         self.out.extend_from_slice(&(len as u32).to_be_bytes());
@@ -909,7 +1013,7 @@ impl Translator<'_> {
         }
         match self.resolve(name) {
             Resolved::Statement(statement) => {
-                message_with_name(self.out, fe::DESCRIBE, b"S", &statement.server_name, b"");
+                message_with_name(self.out, fe::DESCRIBE, b"S", statement.server_name(), b"");
                 self.tx.client_describe(statement);
                 Ok(Taken::Passed)
             }
@@ -1032,14 +1136,14 @@ const MAX_KNOWN_GOOD: usize = 10_000;
 impl KnownGood {
     /// A backend accepted `statement`.
     pub fn add(&self, statement: &Statement) {
-        if statement.server_name.is_empty() {
+        if statement.server_name().is_empty() {
             return;
         }
         let mut set = self.0.borrow_mut();
         if set.len() >= MAX_KNOWN_GOOD {
             set.clear();
         }
-        set.insert(statement.server_name.clone());
+        set.insert(statement.server_name().into());
     }
 
     fn contains(&self, server_name: &str) -> bool {
@@ -1058,6 +1162,7 @@ pub fn answer_idle(
     plain: &mut ReadBuf,
     statements: &mut ClientStatements,
     known: &KnownGood,
+    texts: &SharedTexts,
     max: usize,
     out: &mut Vec<u8>,
 ) -> bool {
@@ -1098,10 +1203,12 @@ pub fn answer_idle(
                     if name.is_empty() || taken {
                         break false;
                     }
-                    let statement = statements.statement(r.rest());
-                    if !known.contains(&statement.server_name) {
+                    let after_name = r.rest();
+                    let server_name = statements.server_name(after_name);
+                    if !known.contains(&server_name) {
                         break false;
                     }
+                    let statement = statements.statement_named(&server_name, after_name, texts);
                     // Past the client's budget: the backend path refuses it.
                     pending_bytes += statement_cost(name, &statement);
                     if !statements.has_room(parses.len() + 1, pending_bytes) {
@@ -1954,6 +2061,7 @@ mod tests {
         tx: Transaction,
         client: ClientStatements,
         backend: BackendStatements,
+        texts: SharedTexts,
         transient: Transient,
         out: Vec<u8>,
         max: usize,
@@ -1965,6 +2073,7 @@ mod tests {
                 tx: Transaction::default(),
                 client: ClientStatements::new("app", None),
                 backend: BackendStatements::default(),
+                texts: SharedTexts::default(),
                 transient: Transient::default(),
                 out: Vec::new(),
                 max,
@@ -1977,6 +2086,7 @@ mod tests {
                 client: &mut self.client,
                 backend: &mut self.backend,
                 max: self.max,
+                texts: &self.texts,
                 transient: &mut self.transient,
                 out: &mut self.out,
             }
@@ -2252,14 +2362,15 @@ mod tests {
         // out, then asked its row shape, then the Bind goes.
         let mut other = BackendStatements::default();
         let float4 = parameter_types(&type_oids(&[700]));
-        other.insert(&statement.server_name, float4);
+        other.insert(statement.server_name(), float4);
         f.on(other);
         assert_eq!(f.bind("s1"), Taken::Check);
         let sent = f.out.clone();
         assert_eq!(f.sent(), "CPDH");
+        let mut pinned = Vec::new();
+        statement.write_parse_for_backend(&mut pinned);
         assert!(
-            sent.windows(statement.parse_for_backend().len())
-                .any(|w| w == statement.parse_for_backend()),
+            sent.windows(pinned.len()).any(|w| w == pinned),
             "the Parse with int4 spelled out"
         );
         assert_eq!(f.reply(b"31"), b"", "swallowed");
@@ -2272,7 +2383,7 @@ mod tests {
         // never described there): asked first, kept if they are the client's.
         for (oids, then) in [(23, "B"), (700, "CPDH")] {
             let mut unknown = BackendStatements::default();
-            unknown.insert(&statement.server_name, None);
+            unknown.insert(statement.server_name(), None);
             f.on(unknown);
             assert_eq!(f.bind("s1"), Taken::Check);
             assert_eq!(f.sent(), "DH");
@@ -2297,9 +2408,15 @@ mod tests {
         parse[1..5].copy_from_slice(&len.to_be_bytes());
         f.t().parse(&parse).expect("well-formed");
         let statement = f.client.named.get("s1").expect("kept").clone();
-        assert_eq!(statement.parse_for_backend(), &statement.parse[..]);
+        let for_backend = |statement: &Statement| {
+            let mut out = Vec::new();
+            statement.write_parse_for_backend(&mut out);
+            out
+        };
+        assert_eq!(for_backend(&statement), &statement.parse[..]);
         statement.told_parameters(&types(&[23, 25]));
-        let pinned = statement.parse_for_backend();
+        let pinned = for_backend(&statement);
+        let pinned = &pinned[..];
         assert!(pinned.ends_with(&types(&[23, 25])), "{pinned:?}");
         assert_eq!(
             &pinned[..pinned.len() - 10],
@@ -2543,8 +2660,9 @@ mod tests {
         plain.commit(bytes.len());
         let mut out = Vec::new();
         let known = KnownGood::default();
+        let texts = SharedTexts::default();
         assert!(
-            !answer_idle(&mut plain, &mut statements, &known, 10, &mut out),
+            !answer_idle(&mut plain, &mut statements, &known, &texts, 10, &mut out),
             "a Close without its Sync stays"
         );
         assert_eq!(out, [b'3', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
@@ -2562,6 +2680,7 @@ mod tests {
             &mut plain,
             &mut statements,
             &known,
+            &texts,
             10,
             &mut out
         ));
@@ -2570,8 +2689,37 @@ mod tests {
     }
 
     #[test]
+    fn clients_that_prepare_the_same_text_share_one_copy() {
+        let texts = SharedTexts::default();
+        let after_name = |sql: &str| parse_message("x", sql)[HEADER_BYTES + 2..].to_vec();
+        let (a, b) = (
+            ClientStatements::new("app", None),
+            ClientStatements::new("app", None),
+        );
+        let held = a.statement(&after_name("select 1"), &texts);
+        let other = b.statement(&after_name("select 1"), &texts);
+        assert!(Rc::ptr_eq(&held.parse, &other.parse), "one copy");
+        assert_eq!(texts.len(), 1);
+        // Another role's (or search_path's) is another statement on the backends.
+        let third = ClientStatements::new("other", None);
+        let elsewhere = third.statement(&after_name("select 1"), &texts);
+        assert_ne!(held.server_name(), elsewhere.server_name());
+        assert_eq!(texts.len(), 2);
+        // Texts no client holds go when the set has doubled (its 2048th text sweeps it); held
+        // ones stay.
+        drop((other, elsewhere));
+        for i in 0..2 * SWEEP_MIN_TEXTS - 1 {
+            let _ = a.statement(&after_name(&format!("select {i} + 1")), &texts);
+        }
+        assert_eq!(texts.len(), 2, "swept: the held one and the newest");
+        let again = b.statement(&after_name("select 1"), &texts);
+        assert!(Rc::ptr_eq(&held.parse, &again.parse));
+    }
+
+    #[test]
     fn parses_of_accepted_statements_are_answered_without_a_backend() {
         let known = KnownGood::default();
+        let texts = SharedTexts::default();
         let mut statements = ClientStatements::new("app", None);
         let mut batch = parse_message("p1", "select 1");
         batch.extend_from_slice(&message(b'S', b""));
@@ -2588,21 +2736,27 @@ mod tests {
             &mut plain,
             &mut statements,
             &known,
+            &texts,
             10,
             &mut out
         ));
         assert!(out.is_empty() && statements.is_empty());
-        known.add(&statements.statement(&parse_message("x", "select 1")[7..]));
+        let accepted = statements.statement(&parse_message("x", "select 1")[7..], &texts);
+        known.add(&accepted);
         let mut plain = fill(&batch);
         assert!(answer_idle(
             &mut plain,
             &mut statements,
             &known,
+            &texts,
             10,
             &mut out
         ));
         assert_eq!(out, [b'1', 0, 0, 0, 4, b'Z', 0, 0, 0, 5, b'I']);
         assert_eq!(statements.len(), 1);
+        // The statement kept is the one a backend accepted: the same Parse, one copy.
+        let kept = statements.named.get("p1").expect("kept");
+        assert!(Rc::ptr_eq(&kept.parse, &accepted.parse), "{kept:?}");
         // The same name again is 42P05: for a backend to answer.
         out.clear();
         let mut plain = fill(&batch);
@@ -2610,6 +2764,7 @@ mod tests {
             &mut plain,
             &mut statements,
             &known,
+            &texts,
             10,
             &mut out
         ));

@@ -113,9 +113,9 @@ impl Undo {
         match self {
             Undo::Prepared(statement) => {
                 client.undo(&statement);
-                backend.remove(&statement.server_name);
+                backend.remove(statement.server_name());
             }
-            Undo::Reprepared(statement) => backend.remove(&statement.server_name),
+            Undo::Reprepared(statement) => backend.remove(statement.server_name()),
             Undo::Answered(statement) => client.undo(&statement),
             Undo::Closed(name) => backend.kept(&name),
         }

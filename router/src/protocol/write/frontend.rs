@@ -86,6 +86,14 @@ pub fn bind(buf: &mut Vec<u8>, portal: &str, statement: &str) {
     });
 }
 
+/// Describe (F) of statement (`b'S'`) or portal (`b'P'`) `name`.
+pub fn describe(buf: &mut Vec<u8>, kind: u8, name: &str) {
+    frame(buf, frontend::DESCRIBE, |buf| {
+        buf.push(kind);
+        put_cstr(buf, name);
+    });
+}
+
 /// Execute (F): run `portal` to completion (no row limit).
 pub fn execute(buf: &mut Vec<u8>, portal: &str) {
     frame(buf, frontend::EXECUTE, |buf| {

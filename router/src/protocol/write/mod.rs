@@ -16,7 +16,7 @@ pub use backend::{
     notice_response, parameter_status, ready_for_query,
 };
 pub use frontend::{
-    bind, cancel_request, execute, flush, gssenc_request, parse, password_message, query,
+    bind, cancel_request, describe, execute, flush, gssenc_request, parse, password_message, query,
     sasl_initial_response, sasl_response, ssl_request, startup_message, sync, terminate,
 };
 
