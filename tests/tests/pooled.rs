@@ -809,6 +809,55 @@ fn same_sql_under_different_names_in_two_clients() {
     assert_eq!(error_codes(&a.until_ready("a after Close")), ["26000"]);
 }
 
+/// Two clients `SET search_path` (after startup) to schemas whose tables of one name differ,
+/// then prepare the same text: each, as a session of its own, is told its own schema's row
+/// shape and reads it, on the one backend they share. (Under one name on the backends, the
+/// second client's Describe would meet the first one's plan and fail with 0A000, which
+/// PostgreSQL never answers a statement just parsed.)
+#[test]
+fn the_same_text_prepared_under_search_paths_set_later_is_each_clients_own() {
+    let f = fixture();
+    f.pg.psql_admin(
+        "CREATE SCHEMA shp1; CREATE TABLE shp1.t (v text); INSERT INTO shp1.t VALUES ('one'); \
+         CREATE SCHEMA shp2; CREATE TABLE shp2.t (v int, w int); INSERT INTO shp2.t VALUES (2, 3); \
+         GRANT USAGE ON SCHEMA shp1, shp2 TO app; GRANT SELECT ON shp1.t, shp2.t TO app",
+    );
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    assert_eq!(tags(&a.simple("SET search_path TO shp1")), "C Z");
+    assert_eq!(tags(&b.simple("SET search_path TO shp2")), "C Z");
+    let mut described = Vec::new();
+    for conn in [&mut a, &mut b] {
+        conn.send(&[
+            parse("q", "select * from t", &[]),
+            describe(b'S', "q"),
+            sync(),
+        ]);
+        let replies = conn.until_ready("Parse and Describe");
+        assert_eq!(tags(&replies), "1 t T Z", "{:?}", errors(&replies));
+        described.push(row_description(&replies[2].1));
+    }
+    assert_eq!(described[0], [("v".to_owned(), 25)]);
+    assert_eq!(described[1], [("v".to_owned(), 23), ("w".to_owned(), 23)]);
+    for round in 0..3 {
+        for (conn, row) in [
+            (&mut a, vec![Some("one".to_owned())]),
+            (&mut b, vec![Some("2".to_owned()), Some("3".to_owned())]),
+        ] {
+            conn.send(&[bind_execute("q", &[]), sync()]);
+            let replies = conn.until_ready("Bind");
+            assert_eq!(
+                tags(&replies),
+                "2 D C Z",
+                "round {round}: {:?}",
+                errors(&replies)
+            );
+            assert_eq!(data_row(&replies[1].1), row, "round {round}");
+        }
+    }
+}
+
 #[test]
 fn same_statement_under_different_search_paths_reads_each_clients_schema() {
     let f = fixture();

@@ -35,6 +35,8 @@ pub(super) async fn transaction(
 ) -> Result<Over, Broken> {
     let mut tx = Transaction::default();
     let mut to_backend: Vec<u8> = Vec::with_capacity(FIRST_CAPACITY);
+    // What the client's statements parsed from here on are told apart by.
+    client.follow_session();
     // The client's parameters on this backend.
     let mut sql = String::new();
     // A DDL changed a statement's result type under a backend of the pool: this one's

@@ -83,6 +83,7 @@ pub(super) async fn next_batch(worker: &Worker, client: &mut Client) -> Result<(
             return Ok(());
         }
         let mut answer = Vec::new();
+        client.follow_session();
         let answered = prepared::answer_idle(
             &mut client.plain,
             &mut client.statements,

@@ -124,6 +124,15 @@ struct Client {
     branch: BranchSlot,
 }
 
+impl Client {
+    /// Its statements parsed from now on are told apart by the role and `search_path` its
+    /// session has now ([`ClientStatements::follow`]).
+    fn follow_session(&mut self) {
+        let role = self.params.set_role().unwrap_or(&self.pool.key.role);
+        self.statements.follow(role, self.params.own("search_path"));
+    }
+}
+
 /// Serve one pooled client from its first byte. Every failure is logged once.
 pub fn session(
     worker: Rc<Worker>,

@@ -354,6 +354,20 @@ impl ClientParams {
         self.changed.get(name).or_else(|| self.base.get(name))
     }
 
+    /// The value of its own the client has for `name`, reported or not (given at startup, or
+    /// set since); `None` if it has the pool's.
+    pub fn own(&self, name: &str) -> Option<&str> {
+        self.changed.get(name).or_else(|| self.unreported.get(name))
+    }
+
+    /// The role the client's statements run as if it is not its login role (`SET ROLE`, or a
+    /// `role` its StartupMessage gave).
+    pub fn set_role(&self) -> Option<&str> {
+        self.unreported
+            .get("role")
+            .filter(|role| !no_role("role", role))
+    }
+
     /// Every reported parameter the client knows, as it believes them (for its login).
     pub fn reported_view(&self) -> impl Iterator<Item = (&str, &str)> {
         let changed = self.changed.iter();

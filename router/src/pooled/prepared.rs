@@ -225,21 +225,39 @@ pub struct ClientStatements {
     bytes: usize,
     /// The last unnamed statement (its Parse, unchanged), if it was small enough to keep.
     unnamed: Option<Rc<Statement>>,
-    /// What tells apart the same text under different sessions: `search_path` and role.
+    /// What tells apart the same text under different sessions: the role and `search_path` the
+    /// client has ([`ClientStatements::follow`]).
     context: Box<[u8]>,
 }
 
 impl ClientStatements {
     /// Statements of a client that started with `search_path` (if it gave one) as `role`.
     pub fn new(role: &str, search_path: Option<&str>) -> Self {
-        let mut context = Vec::new();
+        let mut statements = ClientStatements::default();
+        statements.follow(role, search_path);
+        statements
+    }
+
+    /// The client's session now has `role` (the one it logged in as, or the one it set) and
+    /// `search_path` (`None`: the server's default): the statements it parses from now on are
+    /// told apart from the same text parsed under others, as each session's own are on a
+    /// server (the names in a text are looked up in the schemas of the `search_path`, `$user`
+    /// among them, when it is parsed; a backend keeps the plan, its row shape and parameter
+    /// types, it made then). Those it has keep their names.
+    pub fn follow(&mut self, role: &str, search_path: Option<&str>) {
+        let search_path = search_path.unwrap_or("");
+        let same = self.context.len() == role.len() + 1 + search_path.len()
+            && self.context.starts_with(role.as_bytes())
+            && self.context[role.len()] == 0
+            && self.context.ends_with(search_path.as_bytes());
+        if same {
+            return;
+        }
+        let mut context = Vec::with_capacity(role.len() + 1 + search_path.len());
         context.extend_from_slice(role.as_bytes());
         context.push(0);
-        context.extend_from_slice(search_path.unwrap_or("").as_bytes());
-        ClientStatements {
-            context: context.into_boxed_slice(),
-            ..ClientStatements::default()
-        }
+        context.extend_from_slice(search_path.as_bytes());
+        self.context = context.into_boxed_slice();
     }
 
     /// The statement a Parse with `after_name` (its body past the name) prepares for this
@@ -2493,6 +2511,32 @@ mod tests {
         let (na, nb, nc) = (messages(&a.out), messages(&b.out), messages(&c.out));
         assert_eq!(na[0].1, nb[0].1);
         assert_ne!(na[0].1, nc[0].1);
+        // A client that sets its search_path (or its role) later parses under it from then on;
+        // what it parsed before keeps its name.
+        let name_of = |f: &Fixture, client: &str| {
+            f.client
+                .named
+                .get(client)
+                .expect("kept")
+                .server_name()
+                .to_owned()
+        };
+        b.client.follow("app", Some("other"));
+        b.t()
+            .parse(&parse_message("z", "select 1"))
+            .expect("well-formed");
+        assert_eq!(name_of(&b, "z"), nc[0].1, "as if it had started with it");
+        assert_eq!(name_of(&b, "y"), na[0].1);
+        b.client.follow("reader", Some("other"));
+        b.t()
+            .parse(&parse_message("w", "select 1"))
+            .expect("well-formed");
+        assert_ne!(name_of(&b, "w"), name_of(&b, "z"), "another role");
+        b.client.follow("app", None);
+        b.t()
+            .parse(&parse_message("v", "select 1"))
+            .expect("well-formed");
+        assert_eq!(name_of(&b, "v"), na[0].1, "back to the default");
     }
 
     #[test]
