@@ -13,9 +13,10 @@
 
 use branchgate::buf::ReadBuf;
 use branchgate::pooled::prepared::{
-    answer_idle, apply_described, statements, BackendStatements, ClientStatements, KnownGood,
-    SharedTexts, Taken, Transient, Translator,
+    answer_idle, apply_described, BackendStatements, ClientStatements, KnownGood, SharedTexts,
+    Taken, Transient, Translator,
 };
+use branchgate::pooled::query_text::statements;
 use branchgate::pooled::stream::{MessageStream, Piece};
 use branchgate::pooled::transaction::{Send, Transaction};
 use branchgate::protocol::frame::{Frames, HEADER_BYTES};

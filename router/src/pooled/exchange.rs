@@ -22,6 +22,7 @@ use super::lost::{as_error, lost, LOST_BACKEND};
 use super::params::{self, ClientParams, Synced};
 use super::pool::Backend;
 use super::prepared::{self, BackendStatements, ClientStatements, Taken, Transient, Translator};
+use super::query_text;
 use super::stream::{BadLength, MessageStream, Piece};
 use super::transaction::{Reply, Resets, Send, Transaction};
 use super::{readable, sleep_until, Client, End, BACKEND_FAILED};
@@ -812,10 +813,10 @@ fn client_messages(
                     // Too long to read: what it did to the session is read back.
                     translator
                         .tx
-                        .parameter_change(prepared::ParameterChange::Unknown);
+                        .parameter_change(query_text::ParameterChange::Unknown);
                     translator
                         .tx
-                        .parameter_change(prepared::ParameterChange::Residue);
+                        .parameter_change(query_text::ParameterChange::Residue);
                     translator.simple_query_starts();
                     translator.tx.client(fe::QUERY, 0);
                     out.extend_from_slice(message);

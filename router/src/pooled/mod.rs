@@ -48,6 +48,7 @@ pub mod maintenance;
 pub mod params;
 pub mod pool;
 pub mod prepared;
+pub mod query_text;
 pub mod readback;
 pub mod startup_checks;
 pub mod stream;

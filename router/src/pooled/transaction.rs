@@ -915,8 +915,8 @@ impl Transaction {
     }
 
     /// A statement the client sent may change a parameter.
-    pub fn parameter_change(&mut self, change: super::prepared::ParameterChange) {
-        use super::prepared::ParameterChange;
+    pub fn parameter_change(&mut self, change: super::query_text::ParameterChange) {
+        use super::query_text::ParameterChange;
         /// Lists `name`; false if the list is full without it.
         fn note(list: &mut Vec<Box<str>>, name: &str) -> bool {
             if list.iter().any(|n| **n == *name) {
@@ -948,7 +948,7 @@ impl Transaction {
                 }
             }
             ParameterChange::Characteristics => {
-                for name in super::prepared::CHARACTERISTICS {
+                for name in super::query_text::CHARACTERISTICS {
                     self.parameter_change(ParameterChange::Set(name.into()));
                 }
             }
@@ -968,7 +968,7 @@ impl Transaction {
     }
 
     /// True if a statement changed a parameter the router cannot name
-    /// ([`ParameterChange::Untraceable`](super::prepared::ParameterChange)): the backend is
+    /// ([`ParameterChange::Untraceable`](super::query_text::ParameterChange)): the backend is
     /// closed after the session read. The call clears it.
     pub fn take_untraceable(&mut self) -> bool {
         std::mem::take(&mut self.untraceable)
@@ -992,7 +992,7 @@ impl Transaction {
     }
 
     /// True if a statement since the last call changed the session in a way only a read of
-    /// all of it can follow ([`ParameterChange::Unknown`](super::prepared::ParameterChange),
+    /// all of it can follow ([`ParameterChange::Unknown`](super::query_text::ParameterChange),
     /// or more parameters than the router lists): the call clears it.
     pub fn take_audit(&mut self) -> bool {
         std::mem::take(&mut self.audit)
@@ -1140,7 +1140,7 @@ mod tests {
 
     #[test]
     fn a_set_after_a_reset_is_the_last_word_on_its_parameter() {
-        use super::super::prepared::ParameterChange::{Reset, Set};
+        use super::super::query_text::ParameterChange::{Reset, Set};
         let mut tx = Transaction::default();
         client(&mut tx, &["Q"]);
         // `RESET search_path; SET search_path = x; SET lock_timeout = 1; RESET TimeZone`.
