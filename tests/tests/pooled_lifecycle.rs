@@ -1822,41 +1822,34 @@ fn each_clients_parameter_types_hold_on_a_backend_prepared_with_another_clients(
     let mut d = f.raw(&router, "ptypes", Mode::Direct);
     let pid = |conn: &mut RawConn| conn.value("select pg_backend_pid()");
     const INSERT: &str = "insert into lc_types values ($1)";
-    let prepare = |conn: &mut RawConn, what: &str| {
-        conn.send(&[
-            parse("ins", INSERT, &[]),
-            describe(b'S', "ins"),
+    // `messages`, then the backend's pid, in one batch: the replies (checked against `tags`)
+    // and the pid of the backend they ran on.
+    let on_backend = |conn: &mut RawConn, messages: Vec<Vec<u8>>, expected: &str, what: &str| {
+        let mut batch = messages;
+        batch.extend([
             parse("", "select pg_backend_pid()", &[]),
             bind_execute("", &[]),
             sync(),
         ]);
+        conn.send(&batch);
         let replies = conn.until_ready(what);
-        assert_eq!(
-            tags(&replies),
-            "1 t n 1 2 D C Z",
-            "{what}: {:?}",
-            errors(&replies)
-        );
-        let types = raw::parameter_description(&replies[1].1);
-        let backend = raw::data_row(&replies[5].1)[0].clone().expect("a pid");
-        (types, backend)
+        assert_eq!(tags(&replies), expected, "{what}: {:?}", errors(&replies));
+        let pid = replies
+            .iter()
+            .rev()
+            .find(|(tag, _)| *tag == b'D')
+            .and_then(|(_, body)| raw::data_row(body)[0].clone())
+            .expect("a pid");
+        (replies, pid)
+    };
+    let prepare = |conn: &mut RawConn, what: &str| {
+        let messages = vec![parse("ins", INSERT, &[]), describe(b'S', "ins")];
+        let (replies, pid) = on_backend(conn, messages, "1 t n 1 2 D C Z", what);
+        (raw::parameter_description(&replies[1].1), pid)
     };
     let insert = |conn: &mut RawConn, value: &[u8], what: &str| {
-        conn.send(&[
-            bind_binary("ins", &[value]),
-            execute("", 0),
-            parse("", "select pg_backend_pid()", &[]),
-            bind_execute("", &[]),
-            sync(),
-        ]);
-        let replies = conn.until_ready(what);
-        assert_eq!(
-            tags(&replies),
-            "2 C 1 2 D C Z",
-            "{what}: {:?}",
-            errors(&replies)
-        );
-        raw::data_row(&replies[4].1)[0].clone().expect("a pid")
+        let messages = vec![bind_binary("ins", &[value]), execute("", 0)];
+        on_backend(conn, messages, "2 C 1 2 D C Z", what).1
     };
     // b holds the pool's first backend (X): `a` prepares the statement on the second (Y) and is
     // told int4.
