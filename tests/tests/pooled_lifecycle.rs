@@ -34,9 +34,9 @@ use tokio_postgres::error::SqlState;
 
 const BRANCH: &str = "b1";
 /// One role per test that watches its backends, plus `app` for the others.
-const ROLES: [&str; 17] = [
+const ROLES: [&str; 18] = [
     "app", "warm", "idler", "aged", "rst", "grow", "shrink", "canc", "quiet", "copier", "piper",
-    "drain", "big", "ddl", "herd", "shape", "ptypes",
+    "drain", "big", "ddl", "herd", "shape", "ptypes", "fresh",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a FATAL).
@@ -83,7 +83,10 @@ fn fixture() -> &'static Fixture {
              GRANT ALL ON lc_ddl TO ddl; \
              CREATE TABLE lc_shape (a int); INSERT INTO lc_shape VALUES (1); \
              GRANT ALL ON lc_shape TO shape; \
-             CREATE TABLE lc_types (a int); GRANT ALL ON lc_types TO ptypes",
+             CREATE TABLE lc_types (a int); GRANT ALL ON lc_types TO ptypes; \
+             CREATE TABLE lc_fresh (a int); GRANT ALL ON lc_fresh TO fresh; \
+             CREATE TABLE lc_fresh_rows (a int); INSERT INTO lc_fresh_rows VALUES (7); \
+             GRANT ALL ON lc_fresh_rows TO fresh",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1879,6 +1882,89 @@ fn each_clients_parameter_types_hold_on_a_backend_prepared_with_another_clients(
         ["1", "1.5", "1.5"],
         "what PostgreSQL stores for each client's statement"
     );
+}
+
+/// PostgreSQL parses a statement when the client sends its Parse, from the catalog as it is
+/// then: a client that prepares a text after a DDL changed its parameter's type and its
+/// result's is told the new ones, whether its Parse came with its Describe or on its own
+/// between transactions, even on a backend that still has the text from before the DDL. A
+/// pooler that answers the Parse from that plan tells it the old ones: asyncpg then encodes
+/// 1.5 as the int4 1, without an error (seen through PgBouncer 1.25.2 too), and a Describe of
+/// the old plan fails with 0A000, which PostgreSQL never answers a statement just parsed.
+#[test]
+fn a_statement_parsed_after_a_ddl_is_told_what_the_ddl_made_on_a_backend_with_the_old_plan() {
+    let f = fixture();
+    // One backend: every client's statement meets the plan the others left there.
+    let router = f.router(&PoolSettings::new(1), "fresh");
+    let mut a = f.raw(&router, "fresh", Mode::Direct);
+    let mut b = f.raw(&router, "fresh", Mode::SslRequest);
+    let mut c = f.raw(&router, "fresh", Mode::Direct);
+    const INSERT: &str = "insert into lc_fresh values ($1)";
+    const SELECT: &str = "select a from lc_fresh_rows";
+    let prepare_both = |conn: &mut RawConn, what: &str| {
+        conn.send(&[
+            parse("ins", INSERT, &[]),
+            describe(b'S', "ins"),
+            parse("sel", SELECT, &[]),
+            describe(b'S', "sel"),
+            sync(),
+        ]);
+        let replies = conn.until_ready(what);
+        assert_eq!(
+            tags(&replies),
+            "1 t n 1 t T Z",
+            "{what}: {:?}",
+            errors(&replies)
+        );
+        (
+            raw::parameter_description(&replies[1].1),
+            row_description(&replies[5].1),
+        )
+    };
+    let (types, columns) = prepare_both(&mut a, "a prepares before the DDL");
+    assert_eq!(types, [23]);
+    assert_eq!(columns, [("a".to_owned(), 23)]);
+    f.pg.psql_admin(
+        "ALTER TABLE lc_fresh ALTER COLUMN a TYPE float4; \
+         ALTER TABLE lc_fresh_rows ALTER COLUMN a TYPE text",
+    );
+    // c's Parse alone, between transactions (the router answers it: the pool's backends
+    // accepted the text), then its Describe: float4.
+    c.send(&[parse("ins", INSERT, &[]), sync()]);
+    assert_eq!(tags(&c.until_ready("c parses")), "1 Z");
+    c.send(&[describe(b'S', "ins"), sync()]);
+    let replies = c.until_ready("c describes");
+    assert_eq!(tags(&replies), "t n Z", "{:?}", errors(&replies));
+    assert_eq!(
+        raw::parameter_description(&replies[0].1),
+        [700],
+        "c is told float4"
+    );
+    // b's Parse with its Describe: float4, and the column as text.
+    let (types, columns) = prepare_both(&mut b, "b prepares after the DDL");
+    assert_eq!(types, [700], "b is told float4");
+    assert_eq!(columns, [("a".to_owned(), 25)], "b is told text");
+    // Each client's values by the types it was told, on the one backend in turn: what
+    // PostgreSQL stores for each session's statement (a's int4 1 cast to float4).
+    let insert = |conn: &mut RawConn, value: &[u8], what: &str| {
+        conn.send(&[bind_binary("ins", &[value]), execute("", 0), sync()]);
+        let replies = conn.until_ready(what);
+        assert_eq!(tags(&replies), "2 C Z", "{what}: {:?}", errors(&replies));
+    };
+    insert(&mut b, &1.5f32.to_be_bytes(), "b's 1.5");
+    insert(&mut a, &1i32.to_be_bytes(), "a's 1");
+    insert(&mut c, &2.5f32.to_be_bytes(), "c's 2.5");
+    assert_eq!(
+        first_column(&b.simple("select a::text from lc_fresh order by a")),
+        ["1", "1.5", "2.5"]
+    );
+    // b's select reads the text column; a's, told int4 before the DDL, fails as a session's
+    // would.
+    b.send(&[bind_execute("sel", &[]), sync()]);
+    assert_eq!(first_column(&b.until_ready("b selects")), ["7"]);
+    a.send(&[bind_execute("sel", &[]), sync()]);
+    let (code, message) = only_error(&a.until_ready("a selects"), "a selects");
+    assert_eq!((code.as_str(), message.as_str()), CHANGED_RESULT_TYPE);
 }
 
 // ---------------------------------------------------------------------------------------------

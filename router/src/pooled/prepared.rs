@@ -3,10 +3,12 @@
 //!
 //! The router keeps each client's names. A statement's name on the backends is derived from
 //! what it is: its query text and parameter types, with the `search_path` and role the client
-//! started with (so two schemas never share a plan): `bg_` and 32 hex digits of a SHA-256. A
-//! backend is given a statement (a Parse of the router's own, its ParseComplete swallowed) the
-//! first time one of its clients binds or describes it there; each backend keeps at most
-//! `max_prepared_statements`, least recently used closed first.
+//! has when it parses it (so two schemas never share a plan): `bg_` and 32 hex digits of a
+//! SHA-256. A client's Parse goes to the backend it holds, as it sent it (between transactions,
+//! one of a text the pool's backends accepted is answered without one, [`answer_idle`]); a
+//! backend is given the statement (a Parse of the router's own, its ParseComplete swallowed)
+//! the first time the client binds or describes it there, unless it has it already; each
+//! backend keeps at most `max_prepared_statements`, least recently used closed first.
 //!
 //! PostgreSQL's answers, not another pooler's: a Parse of a name the client already uses is
 //! 42P05, a Bind or Describe of a name it does not have is 26000, a Close of an unknown name is
@@ -32,11 +34,19 @@
 //! prepared the text either side of such a change were told different types. A backend whose
 //! plan of the statement has other types than the client was told is given the client's own
 //! in its place ([`Translator::ensure`]), never sent values it would read as another type.
+//!
+//! A client's Parse is answered as PostgreSQL answers one, from the catalog as it is then: the
+//! first backend that runs a client's statement runs a plan of it parsed after the client's
+//! Parse (a backend's older plan of the same text is closed and the statement prepared again),
+//! so a client that prepares after a DDL is told the types and row shape the DDL made, never
+//! those a plan from before it kept ([`Translator::ensure`]). Parses are ordered by one clock
+//! ([`parse_clock`]).
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -75,6 +85,21 @@ pub struct Statement {
     /// A backend's plan of it was found with another row shape than the client was told (it
     /// is answered 0A000 from then on): the pool was told once.
     stale: Cell<bool>,
+    /// When the client parsed it ([`parse_clock`]; 0 for the unnamed statement, which is
+    /// always sent as parsed).
+    parsed: u64,
+    /// A backend's plan parsed after the client's Parse has run it ([`Translator::ensure`]):
+    /// what the client was told of it is what PostgreSQL told a Parse then.
+    settled: Cell<bool>,
+}
+
+/// Parses of named statements, counted across every pool: a client's statement is parsed
+/// after a backend's plan of the same text if its count is higher ([`Plan::parsed`]).
+static PARSES: AtomicU64 = AtomicU64::new(0);
+
+/// The next Parse's place in the order of all of them (never 0).
+fn parse_clock() -> u64 {
+    PARSES.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 /// The parameter types a client was told of its statement.
@@ -87,15 +112,25 @@ struct Told {
 }
 
 impl Statement {
-    /// A statement as backends know it: `parse` prepares it under its server name.
-    fn new(parse: Rc<[u8]>, changes_parameters: bool) -> Statement {
+    /// A statement as backends know it: `parse` prepares it under its server name; the client
+    /// parsed it at `parsed` ([`parse_clock`]).
+    fn new(parse: Rc<[u8]>, changes_parameters: bool, parsed: u64) -> Statement {
         Statement {
             parse,
             changes_parameters,
             shape: Cell::new(None),
             told: OnceCell::new(),
             stale: Cell::new(false),
+            parsed,
+            settled: Cell::new(false),
         }
+    }
+
+    /// The router's Parse of it that would have settled it ([`Statement::settled`]) did not
+    /// happen (the backend skipped it after an error): the next backend that runs it is
+    /// checked again.
+    pub fn unsettle(&self) {
+        self.settled.set(false);
     }
 
     /// Its name on backends (empty for the client's unnamed statement).
@@ -283,7 +318,11 @@ impl ClientStatements {
         message_with_name(&mut parse, fe::PARSE, b"", server_name, after_name);
         let mut changes_parameters = false;
         parse_parameter_changes(after_name, |_| changes_parameters = true);
-        Rc::new(Statement::new(texts.share(parse), changes_parameters))
+        Rc::new(Statement::new(
+            texts.share(parse),
+            changes_parameters,
+            parse_clock(),
+        ))
     }
 
     /// Number of named statements.
@@ -368,6 +407,9 @@ pub struct Plan {
     /// Its parameter types ([`parameter_types`]): those a Parse of the router's spelled out,
     /// or those a Describe told.
     pub types: Option<u64>,
+    /// When the Parse that made it was sent ([`parse_clock`]); 0 if not known (a Close of it
+    /// the backend skipped).
+    pub parsed: u64,
 }
 
 /// What a backend's answer to a Describe of a named statement told of its plan.
@@ -422,11 +464,17 @@ impl BackendStatements {
         }
     }
 
-    /// `name` was closed and prepared again, with parameter `types` if known.
-    fn prepared_again(&mut self, name: &str, types: Option<u64>) {
+    /// `name` was closed and prepared again, with parameter `types` if known: its new plan.
+    fn prepared_again(&mut self, name: &str, types: Option<u64>) -> Plan {
+        let plan = Plan {
+            shape: None,
+            types,
+            parsed: parse_clock(),
+        };
         if let Some(prepared) = self.used.get_mut(name) {
-            prepared.plan = Plan { shape: None, types };
+            prepared.plan = plan;
         }
+        plan
     }
 
     /// Takes out the least recently used statement if the backend has `max` or more: the
@@ -444,22 +492,33 @@ impl BackendStatements {
         Some(oldest)
     }
 
-    /// Records `name` as prepared, with parameter `types` if known.
-    fn insert(&mut self, name: &str, types: Option<u64>) {
+    /// Records `name` as prepared now, with parameter `types` if known: its plan.
+    fn insert(&mut self, name: &str, types: Option<u64>) -> Plan {
+        let plan = Plan {
+            shape: None,
+            types,
+            parsed: parse_clock(),
+        };
+        self.insert_plan(name, plan);
+        plan
+    }
+
+    fn insert_plan(&mut self, name: &str, plan: Plan) {
         self.tick += 1;
         let prepared = Prepared {
             used: self.tick,
-            plan: Plan { shape: None, types },
+            plan,
         };
         self.used.insert(name.into(), prepared);
     }
 
     /// The backend still has `name`, which the router closed there (it skipped the Close
-    /// after an error): what its plan is, the router does not know. May leave the backend
-    /// one over `max_prepared_statements` until its next Parse of the router's.
+    /// after an error): what its plan is, and when it was parsed, the router does not know.
+    /// May leave the backend one over `max_prepared_statements` until its next Parse of the
+    /// router's.
     pub fn kept(&mut self, name: &str) {
         if !self.used.contains_key(name) {
-            self.insert(name, None);
+            self.insert_plan(name, Plan::default());
         }
     }
 
@@ -737,43 +796,59 @@ impl Translator<'_> {
     }
 
     /// Gives the backend `statement` if it does not have it (a Parse of the router's own,
-    /// after closing the least recently used one if it is full), or if its plan there has other
-    /// parameter types than the client was told (the text was prepared there for another
-    /// client, either side of a DDL or under another `search_path`: closed, and prepared again
-    /// with the client's). Returns what the router knows of the backend's plan of it.
+    /// after closing the least recently used one if it is full), or if its plan there is not
+    /// the client's to run ([`Translator::replaces`]): closed, and prepared again with the
+    /// parameter types the client was told. Returns what the router knows of the backend's plan
+    /// of it.
     fn ensure(&mut self, statement: &Rc<Statement>) -> Plan {
         let told_types = statement.told_types();
-        if let Some(plan) = self.backend.touch(statement.server_name()) {
-            let just_replaced = self
-                .transient
-                .replaced
-                .as_ref()
-                .is_some_and(|replaced| Rc::ptr_eq(replaced, statement));
-            match (told_types, plan.types) {
-                (Some(told), Some(types)) if told != types && !just_replaced => {
-                    self.transient.replaced = Some(statement.clone());
-                    message_with_name(self.out, fe::CLOSE, b"S", statement.server_name(), b"");
-                    self.tx.router_close(statement.server_name());
-                    statement.write_parse_for_backend(self.out);
-                    self.tx.router_parse(Some(statement.clone()));
-                    self.backend
-                        .prepared_again(statement.server_name(), told_types);
-                    return Plan {
-                        shape: None,
-                        types: told_types,
-                    };
-                }
-                _ => return plan,
+        let name = statement.server_name();
+        let plan = match self.backend.touch(name) {
+            Some(plan) if !self.replaces(statement, plan) => plan,
+            Some(_) => {
+                self.transient.replaced = Some(statement.clone());
+                message_with_name(self.out, fe::CLOSE, b"S", name, b"");
+                self.tx.router_close(name);
+                statement.write_parse_for_backend(self.out);
+                self.tx.router_parse(Some(statement.clone()));
+                self.backend.prepared_again(name, told_types)
             }
+            None => {
+                self.make_room();
+                statement.write_parse_for_backend(self.out);
+                self.tx.router_parse(Some(statement.clone()));
+                self.backend.insert(name, told_types)
+            }
+        };
+        statement.settled.set(true);
+        plan
+    }
+
+    /// True if the backend's `plan` of the text of `statement` must be replaced by a Parse of
+    /// the client's before it runs the statement:
+    /// - the client's statement has not run yet on a plan parsed after its Parse (PostgreSQL
+    ///   parses it when the client does: a DDL since the backend's plan was made changes the
+    ///   parameter types and row shape the client is to be told);
+    /// - the plan has other parameter types than the client was told (the text was prepared
+    ///   there for another client, either side of a DDL or under another `search_path`);
+    /// - the plan is older than the client's Parse and has another row shape than the client
+    ///   was told (its other shape is from before a DDL the client's statement came after; a
+    ///   plan newer than the client's with another shape is answered 0A000, as PostgreSQL
+    ///   answers the client's own, [`Translator::resolve`]).
+    fn replaces(&self, statement: &Rc<Statement>, plan: Plan) -> bool {
+        let older = plan.parsed < statement.parsed;
+        if !statement.settled.get() {
+            return older;
         }
-        self.make_room();
-        self.backend.insert(statement.server_name(), told_types);
-        statement.write_parse_for_backend(self.out);
-        self.tx.router_parse(Some(statement.clone()));
-        Plan {
-            shape: None,
-            types: told_types,
-        }
+        let just_replaced = self
+            .transient
+            .replaced
+            .as_ref()
+            .is_some_and(|replaced| Rc::ptr_eq(replaced, statement));
+        let differ = |told: Option<u64>, has: Option<u64>| matches!((told, has), (Some(told), Some(has)) if told != has);
+        !just_replaced
+            && (differ(statement.told_types(), plan.types)
+                || (older && differ(statement.shape.get(), plan.shape)))
     }
 
     /// A whole Parse message.
@@ -789,7 +864,7 @@ impl Translator<'_> {
         if name.is_empty() || !self.enabled() {
             // The unnamed statement: as sent, and kept for a later transaction (until its
             // Parse fails: then the client has none, as on the server).
-            let statement = Rc::new(Statement::new(message.into(), changes_parameters));
+            let statement = Rc::new(Statement::new(message.into(), changes_parameters, 0));
             self.client.unnamed = Some(statement.clone());
             self.transient.unnamed_here = true;
             self.tx.hold_for_unnamed(false);
@@ -818,14 +893,18 @@ impl Translator<'_> {
             return Ok(());
         }
         self.client.insert(name.into(), statement.clone());
-        if self.backend.touch(statement.server_name()).is_some() {
-            self.tx.synthesize_parse_complete(Some(statement.clone()));
-            // Counts as an extended-protocol message all the same.
-            self.tx.note_extended();
-            return Ok(());
+        let server_name = statement.server_name();
+        if self.backend.touch(server_name).is_some() {
+            // The backend's plan of the text was parsed before the client's Parse, maybe
+            // before a DDL: the client is told what a Parse now tells (its error too).
+            message_with_name(self.out, fe::CLOSE, b"S", server_name, b"");
+            self.tx.router_close(server_name);
+            self.backend.prepared_again(server_name, None);
+        } else {
+            self.make_room();
+            self.backend.insert(server_name, None);
         }
-        self.make_room();
-        self.backend.insert(statement.server_name(), None);
+        statement.settled.set(true);
         self.out.extend_from_slice(&statement.parse);
         self.tx.client_parse(Some(statement));
         Ok(())
@@ -1635,6 +1714,115 @@ mod tests {
             assert_eq!(taken == Taken::Passed, then == "B");
             f.tx = Transaction::default();
         }
+    }
+
+    /// What a Parse of `sql` (unnamed, no types) carries past its name.
+    fn after_name(sql: &str) -> Vec<u8> {
+        let mut after = sql.as_bytes().to_vec();
+        after.extend_from_slice(&[0, 0, 0]);
+        after
+    }
+
+    #[test]
+    fn a_clients_parse_of_a_text_the_backend_has_is_parsed_there_again() {
+        const INSERT: &str = "insert into t values ($1)";
+        let mut f = Fixture::new(10);
+        // The backend has the text, as another client prepared it and was told int4 (before a
+        // DDL made the column float4, say).
+        let mut backend = BackendStatements::default();
+        let server_name = f.client.server_name(&after_name(INSERT));
+        backend.insert(&server_name, parameter_types(&type_oids(&[23])));
+        f.on(backend);
+        f.t()
+            .parse(&parse_message("s1", INSERT))
+            .expect("well-formed");
+        // Closed and parsed as the client sent it: the backend answers the client's Parse and
+        // its Describe from the catalog as it is now.
+        assert_eq!(f.sent(), "CP");
+        let describe = message(fe::DESCRIBE, b"Ss1\0");
+        assert_eq!(f.t().describe(&describe), Ok(Taken::Passed));
+        assert_eq!(f.sent(), "D", "no check: the plan is the client's own");
+        f.sync();
+        assert_eq!(f.reply(b"31"), b"1", "the router's CloseComplete swallowed");
+        assert_eq!(f.described_parameters(&[700]), b"tn", "told float4");
+        assert_eq!(f.reply(b"Z"), b"Z");
+        // A Parse that fails leaves the backend without the text (its Close ran).
+        f.t()
+            .parse(&parse_message("s2", INSERT))
+            .expect("well-formed");
+        assert_eq!(f.sent(), "CP");
+        f.sync();
+        assert_eq!(f.reply(b"3EZ"), b"EZ");
+        assert!(!f.client.named.contains_key("s2"));
+        assert!(f.backend.touch(&server_name).is_none());
+    }
+
+    #[test]
+    fn a_statement_parsed_without_a_backend_first_runs_on_a_plan_parsed_after_it() {
+        const SELECT: &str = "select * from t where a = $1";
+        let mut f = Fixture::new(10);
+        let server_name = f.client.server_name(&after_name(SELECT));
+        let older = || {
+            let mut backend = BackendStatements::default();
+            backend.insert(&server_name, None);
+            backend
+        };
+        let (first, later) = (older(), older());
+        // Parsed between transactions (answered by the router, [`answer_idle`]).
+        let statement = f.client.statement(&after_name(SELECT), &f.texts);
+        f.client.insert("s1".into(), statement);
+        let mut newer = BackendStatements::default();
+        newer.insert(&server_name, None);
+        // The first backend that runs it has a plan from before the client's Parse: closed
+        // and prepared again.
+        f.on(first);
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        assert_eq!(f.sent(), "CPB");
+        f.sync();
+        assert_eq!(f.reply(b"312Z"), b"2Z");
+        // From then on a backend's plan runs it as it is, older or newer (what the client was
+        // told, it was told by a plan parsed after its Parse).
+        for backend in [newer, later] {
+            f.on(backend);
+            assert_eq!(f.bind("s1"), Taken::Passed);
+            assert_eq!(f.sent(), "B");
+            f.sync();
+            assert_eq!(f.reply(b"2Z"), b"2Z");
+        }
+    }
+
+    #[test]
+    fn a_plan_older_than_the_clients_with_another_row_shape_is_replaced_not_refused() {
+        const SELECT: &str = "select * from t";
+        let mut f = Fixture::new(10);
+        // A backend that has the text with one column, described before a DDL added one.
+        let server_name = f.client.server_name(&after_name(SELECT));
+        let mut older = BackendStatements::default();
+        older.insert(&server_name, None);
+        let one_column = row_shape(be::ROW_DESCRIPTION, &int4_columns(&["a"]));
+        older.described(&server_name, Described::Shape(one_column.expect("reads")));
+        // The client prepares the text after the DDL on another backend: told two columns.
+        f.on(BackendStatements::default());
+        f.t()
+            .parse(&parse_message("s1", SELECT))
+            .expect("well-formed");
+        let describe = message(fe::DESCRIBE, b"Ss1\0");
+        assert_eq!(f.t().describe(&describe), Ok(Taken::Passed));
+        f.sync();
+        assert_eq!(f.reply(b"1"), b"1");
+        assert_eq!(f.described(&["a", "b"]), b"tT");
+        assert_eq!(f.reply(b"Z"), b"Z");
+        // On the backend with the older plan: the client's statement is prepared there, its
+        // shape checked, and the Bind goes (PostgreSQL answers a statement parsed after the
+        // DDL with its rows, never 0A000).
+        f.on(older);
+        assert_eq!(f.bind("s1"), Taken::Check);
+        assert_eq!(f.sent(), "CPDH");
+        assert_eq!(f.reply(b"31"), b"");
+        assert_eq!(f.described(&["a", "b"]), b"");
+        assert_eq!(f.bind("s1"), Taken::Passed);
+        assert_eq!(f.sent(), "B");
+        assert!(!f.tx.take_changed_shape(), "nothing stale");
     }
 
     #[test]

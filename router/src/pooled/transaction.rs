@@ -11,13 +11,12 @@
 //! - replies to swallow: the ParseComplete of a statement the router prepared on a backend
 //!   that lacked it, and its description (the router asks for its row shape before the
 //!   client's message that names it goes, [`Transaction::router_describe`]), the CloseComplete
-//!   of one it evicted, everything answering the `SET`s that give a backend the client's
-//!   parameters;
+//!   of one it evicted or replaced, everything answering the `SET`s that give a backend the
+//!   client's parameters;
 //! - replies the router gives itself ([`Synthesized`]), sent to the client when they reach the
 //!   head of the queue, so the client sees every reply in the order of its messages: the
-//!   ParseComplete of a statement the backend already has, the CloseComplete of a statement
-//!   Close (statements stay prepared on backends), the answer to a `DEALLOCATE` of a name only
-//!   the router knows;
+//!   CloseComplete of a statement Close (statements stay prepared on backends), the answer to
+//!   a `DEALLOCATE` of a name only the router knows;
 //! - errors PostgreSQL would raise for names only the router knows (42P05, 26000): the router
 //!   sends the backend a statement that fails in its place and gives the client its own
 //!   error in place of the backend's, so the backend's state (an aborted transaction, the
@@ -64,8 +63,6 @@ pub enum Send {
 /// A reply the router gives the client itself, in its place in the order of replies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Synthesized {
-    /// ParseComplete.
-    ParseComplete,
     /// CloseComplete.
     CloseComplete,
     /// A simple query the router answered: CommandComplete with this tag, then
@@ -78,7 +75,6 @@ impl Synthesized {
     /// reports.
     pub fn write(&self, out: &mut Vec<u8>, status: u8) {
         match self {
-            Synthesized::ParseComplete => out.extend_from_slice(&[be::PARSE_COMPLETE, 0, 0, 0, 4]),
             Synthesized::CloseComplete => out.extend_from_slice(&[be::CLOSE_COMPLETE, 0, 0, 0, 4]),
             Synthesized::Command(tag) => {
                 out.push(be::COMMAND_COMPLETE);
@@ -99,8 +95,6 @@ pub enum Undo {
     Prepared(Rc<Statement>),
     /// The router's own Parse: the backend does not have it (the client keeps its name).
     Reprepared(Rc<Statement>),
-    /// The client's Parse, answered by the router: its name goes.
-    Answered(Rc<Statement>),
     /// The router's Close of a statement (its name on the backend): the backend still has it.
     /// Taken back after the others ([`Transaction::take_undo`]), so that a Parse of the same
     /// name the backend skipped with it does not count it gone.
@@ -115,8 +109,10 @@ impl Undo {
                 client.undo(&statement);
                 backend.remove(statement.server_name());
             }
-            Undo::Reprepared(statement) => backend.remove(statement.server_name()),
-            Undo::Answered(statement) => client.undo(&statement),
+            Undo::Reprepared(statement) => {
+                backend.remove(statement.server_name());
+                statement.unsettle();
+            }
             Undo::Closed(name) => backend.kept(&name),
         }
     }
@@ -173,7 +169,7 @@ enum Awaiting {
         setup: bool,
     },
     /// The router's own reply (for a Parse it answered, the statement).
-    Synthesized(Synthesized, Option<Rc<Statement>>),
+    Synthesized(Synthesized),
     /// A statement the router sent to fail in place of the client's message: the client gets
     /// `error` in place of the backend's. `simple`: a simple query (its ReadyForQuery
     /// follows).
@@ -465,14 +461,9 @@ impl Transaction {
         self.unsynced = true;
     }
 
-    /// The router answers the client's Parse of `statement` itself (the backend has it).
-    pub fn synthesize_parse_complete(&mut self, statement: Option<Rc<Statement>>) {
-        self.push(Awaiting::Synthesized(Synthesized::ParseComplete, statement));
-    }
-
     /// The router answers the client's simple query itself with CommandComplete `tag`.
     pub fn synthesize_command(&mut self, tag: &'static str) {
-        self.push(Awaiting::Synthesized(Synthesized::Command(tag), None));
+        self.push(Awaiting::Synthesized(Synthesized::Command(tag)));
     }
 
     /// The router sent the backend a statement that fails (a Parse of
@@ -542,7 +533,7 @@ impl Transaction {
 
     /// The router answers the client's last message itself, in turn.
     pub fn synthesize(&mut self, reply: Synthesized) {
-        self.push(Awaiting::Synthesized(reply, None));
+        self.push(Awaiting::Synthesized(reply));
     }
 
     fn push(&mut self, awaiting: Awaiting) {
@@ -581,9 +572,6 @@ impl Transaction {
                 swallow: true,
                 statement: Some(statement),
             } => self.undo.push(Undo::Reprepared(statement)),
-            Awaiting::Synthesized(Synthesized::ParseComplete, Some(statement)) => {
-                self.undo.push(Undo::Answered(statement))
-            }
             Awaiting::Close { router: Some(name) } => self.kept.push(name),
             _ => {}
         }
@@ -592,7 +580,7 @@ impl Transaction {
     /// Appends to `out` the router's own replies that have reached the head of the queue.
     pub fn take_synthesized(&mut self, out: &mut Vec<u8>) {
         out.append(&mut self.substitute);
-        while let Some(Awaiting::Synthesized(reply, _)) = self.queue.front() {
+        while let Some(Awaiting::Synthesized(reply)) = self.queue.front() {
             reply.write(out, self.status);
             self.queue.pop_front();
             self.settle();
@@ -1506,16 +1494,12 @@ mod tests {
     #[test]
     fn synthesized_replies_come_in_turn() {
         let mut tx = Transaction::default();
-        // Parse (already on the backend: answered by the router), Bind, Close S (answered by
-        // the router), Sync.
-        tx.client(b'P', 0);
-        // The router did not forward the Parse: replace its entry.
-        tx.queue.pop_back();
-        tx.synthesize(Synthesized::ParseComplete);
+        // Close S (answered by the router), Bind, Close S, Sync.
+        tx.synthesize(Synthesized::CloseComplete);
         assert!(tx.owes_synthesized());
         let mut out = Vec::new();
         tx.take_synthesized(&mut out);
-        assert_eq!(out, [b'1', 0, 0, 0, 4]);
+        assert_eq!(out, [b'3', 0, 0, 0, 4]);
         client(&mut tx, &["B"]);
         tx.synthesize(Synthesized::CloseComplete);
         client(&mut tx, &["S"]);
