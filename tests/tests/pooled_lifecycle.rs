@@ -34,9 +34,9 @@ use tokio_postgres::error::SqlState;
 
 const BRANCH: &str = "b1";
 /// One role per test that watches its backends, plus `app` for the others.
-const ROLES: [&str; 18] = [
+const ROLES: [&str; 19] = [
     "app", "warm", "idler", "aged", "rst", "grow", "shrink", "canc", "quiet", "copier", "piper",
-    "drain", "big", "ddl", "herd", "shape", "ptypes", "fresh",
+    "drain", "big", "ddl", "herd", "shape", "ptypes", "fresh", "olds",
 ];
 
 /// A bound on anything that should take milliseconds (a handover, a cancel, a FATAL).
@@ -86,7 +86,9 @@ fn fixture() -> &'static Fixture {
              CREATE TABLE lc_types (a int); GRANT ALL ON lc_types TO ptypes; \
              CREATE TABLE lc_fresh (a int); GRANT ALL ON lc_fresh TO fresh; \
              CREATE TABLE lc_fresh_rows (a int); INSERT INTO lc_fresh_rows VALUES (7); \
-             GRANT ALL ON lc_fresh_rows TO fresh",
+             GRANT ALL ON lc_fresh_rows TO fresh; \
+             CREATE TABLE lc_olds (a int); INSERT INTO lc_olds VALUES (7); \
+             GRANT ALL ON lc_olds TO olds",
         );
         Fixture {
             certs: Certs::generate(),
@@ -1965,6 +1967,52 @@ fn a_statement_parsed_after_a_ddl_is_told_what_the_ddl_made_on_a_backend_with_th
     a.send(&[bind_execute("sel", &[]), sync()]);
     let (code, message) = only_error(&a.until_ready("a selects"), "a selects");
     assert_eq!((code.as_str(), message.as_str()), CHANGED_RESULT_TYPE);
+}
+
+/// A client that prepared a text after a DDL changed its result type, told the new row
+/// shape, binds it inside its transaction block on a backend that has the text from before the
+/// DDL, from a client that never described it (so the router does not know that plan's shape).
+/// On a server the client's own plan runs. Asking the old plan for its shape (a Describe)
+/// fails with 0A000 and aborts the client's block: the router prepares the client's statement
+/// there instead, then asks.
+#[test]
+fn a_fresh_statement_bound_in_a_block_on_a_backend_with_an_old_undescribed_plan_runs() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(2), "olds");
+    let mut h = f.raw(&router, "olds", Mode::Direct);
+    let mut p = f.raw(&router, "olds", Mode::SslRequest);
+    let mut n = f.raw(&router, "olds", Mode::Direct);
+    const SELECT: &str = "select a from lc_olds";
+    let pid = |conn: &mut RawConn| conn.value("select pg_backend_pid()");
+    // h holds the first backend (X); p runs the text on the second (Y), never describing it.
+    assert_eq!(tags(&h.simple("BEGIN")), "C Z");
+    let x_pid = pid(&mut h);
+    p.send(&[parse("q", SELECT, &[]), bind_execute("q", &[]), sync()]);
+    let replies = p.until_ready("p runs the text");
+    assert_eq!(tags(&replies), "1 2 D C Z", "{:?}", errors(&replies));
+    assert_ne!(pid(&mut p), x_pid, "p ran on Y");
+    assert_eq!(tags(&h.simple("COMMIT")), "C Z");
+    f.pg.psql_admin("ALTER TABLE lc_olds ALTER COLUMN a TYPE text");
+    // n prepares the text on X (back last, lent next) and is told a text column.
+    n.send(&[parse("mine", SELECT, &[]), describe(b'S', "mine"), sync()]);
+    let replies = n.until_ready("n prepares");
+    assert_eq!(tags(&replies), "1 t T Z", "{:?}", errors(&replies));
+    assert_eq!(row_description(&replies[2].1), [("a".to_owned(), 25)]);
+    // h holds X again; n opens a block on Y and runs its statement there.
+    assert_eq!(tags(&h.simple("BEGIN")), "C Z");
+    assert_eq!(pid(&mut h), x_pid);
+    assert_eq!(tags(&n.simple("BEGIN")), "C Z");
+    assert_ne!(pid(&mut n), x_pid, "n's block is on Y");
+    n.send(&[bind_execute("mine", &[]), sync()]);
+    let replies = n.until_ready("n runs its statement on Y");
+    assert_eq!(tags(&replies), "2 D C Z", "{:?}", errors(&replies));
+    assert_eq!(first_column(&replies), ["7"]);
+    assert_eq!(
+        replies.last().map(|(_, body)| body.clone()),
+        Some(b"T".to_vec())
+    );
+    assert_eq!(tags(&n.simple("COMMIT")), "C Z");
+    assert_eq!(tags(&h.simple("COMMIT")), "C Z");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -687,6 +687,12 @@ pub fn apply_described(
     }
 }
 
+/// True if what a client was told (`told`) and what a backend's plan has (`has`) are both known
+/// and differ.
+fn differ(told: Option<u64>, has: Option<u64>) -> bool {
+    matches!((told, has), (Some(told), Some(has)) if told != has)
+}
+
 /// A message the client sent that no PostgreSQL server would take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {0} message")]
@@ -834,7 +840,9 @@ impl Translator<'_> {
     /// - the plan is older than the client's Parse and has another row shape than the client
     ///   was told (its other shape is from before a DDL the client's statement came after; a
     ///   plan newer than the client's with another shape is answered 0A000, as PostgreSQL
-    ///   answers the client's own, [`Translator::resolve`]).
+    ///   answers the client's own, [`Translator::resolve`]), or one the router would have to
+    ///   ask for (a Describe of a plan from before such a DDL fails with that 0A000 itself,
+    ///   and would abort the client's transaction; the client's own plan is asked instead).
     fn replaces(&self, statement: &Rc<Statement>, plan: Plan) -> bool {
         let older = plan.parsed < statement.parsed;
         if !statement.settled.get() {
@@ -845,10 +853,12 @@ impl Translator<'_> {
             .replaced
             .as_ref()
             .is_some_and(|replaced| Rc::ptr_eq(replaced, statement));
-        let differ = |told: Option<u64>, has: Option<u64>| matches!((told, has), (Some(told), Some(has)) if told != has);
-        !just_replaced
-            && (differ(statement.told_types(), plan.types)
-                || (older && differ(statement.shape.get(), plan.shape)))
+        let (told_shape, told_types) = (statement.shape.get(), statement.told_types());
+        let other_types = differ(told_types, plan.types);
+        let older_unlike = differ(told_shape, plan.shape)
+            || (told_shape.is_some() && plan.shape.is_none())
+            || (told_types.is_some() && plan.types.is_none());
+        !just_replaced && (other_types || (older && older_unlike))
     }
 
     /// A whole Parse message.
@@ -1801,6 +1811,13 @@ mod tests {
         older.insert(&server_name, None);
         let one_column = row_shape(be::ROW_DESCRIPTION, &int4_columns(&["a"]));
         older.described(&server_name, Described::Shape(one_column.expect("reads")));
+        let mut unknown_older = BackendStatements::default();
+        unknown_older.insert(&server_name, None);
+        let unknown_newer = |f: &Fixture| {
+            let mut backend = BackendStatements::default();
+            backend.insert(&f.client.server_name(&after_name(SELECT)), None);
+            backend
+        };
         // The client prepares the text after the DDL on another backend: told two columns.
         f.on(BackendStatements::default());
         f.t()
@@ -1823,6 +1840,16 @@ mod tests {
         assert_eq!(f.bind("s1"), Taken::Passed);
         assert_eq!(f.sent(), "B");
         assert!(!f.tx.take_changed_shape(), "nothing stale");
+        // A plan whose shape the router does not know: one older than the client's Parse is
+        // not asked (PostgreSQL's Describe of a plan from before the DDL fails with 0A000,
+        // which would abort the client's transaction), the client's own is, once prepared;
+        // a newer one is asked as it is.
+        for (unknown, sent) in [(unknown_older, "CPDH"), (unknown_newer(&f), "DH")] {
+            f.on(unknown);
+            f.tx = Transaction::default();
+            assert_eq!(f.bind("s1"), Taken::Check);
+            assert_eq!(f.sent(), sent);
+        }
     }
 
     #[test]
