@@ -187,6 +187,9 @@ mod tests {
         assert!(size_of::<Client>() <= 400, "Client {}", size_of::<Client>());
         assert!(size_of::<ClientParams>() <= 80);
         assert!(size_of::<ClientStatements>() <= 80);
+        // One for each named statement a client keeps (2,000 clients with 50 each: 100,000).
+        let statement = size_of::<super::super::prepared::Statement>();
+        assert!(statement <= 64, "Statement {statement}");
         assert!(size_of::<crate::worker::SessionHandle>() <= 136);
     }
 

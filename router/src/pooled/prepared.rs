@@ -45,6 +45,7 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::num::NonZeroU64;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -77,7 +78,7 @@ pub struct Statement {
     /// Its row shape ([`row_shape`]) as the client was first told it (a Describe of the
     /// statement, or of a portal bound to it): what every backend's plan of it must still
     /// have.
-    pub shape: Cell<Option<u64>>,
+    shape: Cell<Option<NonZeroU64>>,
     /// The parameter types the client was first told (a Describe of the statement), where its
     /// own Parse left some to the server: spelled out in the Parse a backend that is given the
     /// statement later is sent ([`Statement::told_parameters`]).
@@ -123,6 +124,18 @@ impl Statement {
             stale: Cell::new(false),
             parsed,
             settled: Cell::new(false),
+        }
+    }
+
+    /// The row shape the client was told ([`row_shape`]), if it was.
+    pub fn told_shape(&self) -> Option<u64> {
+        self.shape.get().map(NonZeroU64::get)
+    }
+
+    /// The client was told `shape` ([`row_shape`]): kept if it is the first.
+    fn tell_shape(&self, shape: u64) {
+        if self.shape.get().is_none() {
+            self.shape.set(NonZeroU64::new(shape));
         }
     }
 
@@ -636,7 +649,7 @@ fn pin_parameter_types(parse: &[u8], description: &[u8]) -> Option<Vec<u8>> {
 /// A statement's row shape: the column names, types and type modifiers of its RowDescription
 /// (or that it has none: NoData), which a plan of the same text keeps until a DDL changes
 /// them (PostgreSQL compares the same, and answers 0A000 then). `None` if `body` is not a
-/// whole RowDescription.
+/// whole RowDescription. Never 0 (a statement keeps it in a `NonZeroU64`).
 pub fn row_shape(tag: u8, body: &[u8]) -> Option<u64> {
     let mut hash = std::hash::DefaultHasher::new();
     tag.hash(&mut hash);
@@ -655,7 +668,7 @@ pub fn row_shape(tag: u8, body: &[u8]) -> Option<u64> {
             (name, type_oid, modifier).hash(&mut hash);
         }
     }
-    Some(hash.finish())
+    Some(hash.finish().max(1))
 }
 
 /// A statement's parameter types: a hash of its ParameterDescription `body` (the type OIDs),
@@ -679,9 +692,7 @@ pub fn apply_described(
 ) {
     for (statement, told) in described {
         if let Described::Shape(shape) = told {
-            if statement.shape.get().is_none() {
-                statement.shape.set(Some(shape));
-            }
+            statement.tell_shape(shape);
         }
         backend.described(statement.server_name(), told);
     }
@@ -853,7 +864,7 @@ impl Translator<'_> {
             .replaced
             .as_ref()
             .is_some_and(|replaced| Rc::ptr_eq(replaced, statement));
-        let (told_shape, told_types) = (statement.shape.get(), statement.told_types());
+        let (told_shape, told_types) = (statement.told_shape(), statement.told_types());
         let other_types = differ(told_types, plan.types);
         let older_unlike = differ(told_shape, plan.shape)
             || (told_shape.is_some() && plan.shape.is_none())
@@ -1002,7 +1013,7 @@ impl Translator<'_> {
         if self.tx.skipping() {
             return Resolved::Statement(statement);
         }
-        let told_shape = statement.shape.get();
+        let told_shape = statement.told_shape();
         if let (Some(told), Some(shape)) = (told_shape, plan.shape) {
             if told != shape {
                 // PostgreSQL's answer to a statement whose plan a DDL changed, until the
@@ -1071,7 +1082,7 @@ impl Translator<'_> {
         // has, a Bind costs nothing more here.
         self.transient.bound_statement = statement
             .as_ref()
-            .filter(|statement| statement.shape.get().is_none())
+            .filter(|statement| statement.told_shape().is_none())
             .cloned();
         if self.transient.bound_statement.is_some() {
             self.transient.bound_portal.clear();
@@ -1101,7 +1112,7 @@ impl Translator<'_> {
             // Until the client has been told its statement's row shape (then backends that
             // were not told theirs are asked, [`Translator::resolve`]).
             let bound = self.transient.bound_statement.as_ref().filter(|statement| {
-                statement.shape.get().is_none() && self.transient.bound_portal == name.as_bytes()
+                statement.told_shape().is_none() && self.transient.bound_portal == name.as_bytes()
             });
             match bound {
                 Some(statement) if kind == b'P' => self.tx.client_describe_portal(statement),

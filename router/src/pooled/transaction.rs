@@ -745,7 +745,7 @@ impl Transaction {
                         // is not compared: the router's check takes it for the shape the
                         // client was told, so that it ends.
                         let shape = super::prepared::row_shape(tag, body)
-                            .or_else(|| statement.shape.get().filter(|_| swallow));
+                            .or_else(|| statement.told_shape().filter(|_| swallow));
                         if let Some(shape) = shape {
                             self.described.push((statement, Described::Shape(shape)));
                         }
