@@ -858,6 +858,71 @@ fn the_same_text_prepared_under_search_paths_set_later_is_each_clients_own() {
     }
 }
 
+/// Schema-per-tenant applications on a transaction pooler pick the tenant in each
+/// transaction (`BEGIN; SET LOCAL search_path TO tenant; ...`), and their drivers prepare the
+/// same texts for every tenant. Two clients doing so for tenants whose tables of one name
+/// differ each get their own tenant's rows in every later transaction, on the one backend they
+/// share, as sessions do. (Under one name on the backend the second client's plan replaced
+/// the first one's, and the first client's next Bind was refused with 0A000, which PostgreSQL
+/// answers neither: its plan is the client's own, looked up again under the current
+/// `search_path`.)
+#[test]
+fn statements_prepared_in_blocks_that_set_local_search_path_are_each_clients_own() {
+    let f = fixture();
+    f.pg.psql_admin(
+        "CREATE SCHEMA shl1; CREATE TABLE shl1.t (v text); INSERT INTO shl1.t VALUES ('one'); \
+         CREATE SCHEMA shl2; CREATE TABLE shl2.t (v int, w int); INSERT INTO shl2.t VALUES (2, 3); \
+         GRANT USAGE ON SCHEMA shl1, shl2 TO app; GRANT SELECT ON shl1.t, shl2.t TO app",
+    );
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    // A block for `schema`'s tenant: the statement prepared (and described) first if
+    // `prepare`, then run; the replies to the batch.
+    let block = |conn: &mut RawConn, schema: &str, prepare: bool| {
+        assert_eq!(tags(&conn.simple("BEGIN")), "C Z");
+        let set = format!("SET LOCAL search_path TO {schema}");
+        assert_eq!(tags(&conn.simple(&set)), "C Z");
+        let mut batch = Vec::new();
+        if prepare {
+            batch.extend([parse("q", "select * from t", &[]), describe(b'S', "q")]);
+        }
+        batch.extend([bind_execute("q", &[]), sync()]);
+        conn.send(&batch);
+        let replies = conn.until_ready(schema);
+        assert_eq!(tags(&conn.simple("COMMIT")), "C Z");
+        replies
+    };
+    let replies = block(&mut a, "shl1", true);
+    assert_eq!(tags(&replies), "1 t T 2 D C Z", "{:?}", errors(&replies));
+    assert_eq!(row_description(&replies[2].1), [("v".to_owned(), 25)]);
+    let replies = block(&mut b, "shl2", true);
+    assert_eq!(tags(&replies), "1 t T 2 D C Z", "{:?}", errors(&replies));
+    assert_eq!(
+        row_description(&replies[2].1),
+        [("v".to_owned(), 23), ("w".to_owned(), 23)]
+    );
+    for round in 0..3 {
+        for (conn, schema, row) in [
+            (&mut a, "shl1", vec![Some("one".to_owned())]),
+            (
+                &mut b,
+                "shl2",
+                vec![Some("2".to_owned()), Some("3".to_owned())],
+            ),
+        ] {
+            let replies = block(conn, schema, false);
+            assert_eq!(
+                tags(&replies),
+                "2 D C Z",
+                "round {round}, {schema}: {:?}",
+                errors(&replies)
+            );
+            assert_eq!(data_row(&replies[1].1), row, "round {round}");
+        }
+    }
+}
+
 #[test]
 fn same_statement_under_different_search_paths_reads_each_clients_schema() {
     let f = fixture();

@@ -309,6 +309,31 @@ impl ClientStatements {
         self.context = context.into_boxed_slice();
     }
 
+    /// A statement of the client's changed where names are looked up (`what`, a hash of what
+    /// it set them to: [`lookup_change`]), for its transaction or its session: the
+    /// statements the client parses after it, until its next transaction ([`follow`] then
+    /// takes the session's own), are told apart from the same text parsed under others, as on
+    /// a server (a schema-per-tenant application's `BEGIN; SET LOCAL search_path TO tenant`).
+    ///
+    /// [`follow`]: ClientStatements::follow
+    pub fn amend(&mut self, what: u64) {
+        // The role and search_path are one NUL apart; an amendment is a NUL and 8 bytes more.
+        let amended = self.context.iter().filter(|&&b| b == 0).count() > 1;
+        let base = if amended {
+            self.context.len().saturating_sub(9)
+        } else {
+            self.context.len()
+        };
+        let mut hash = std::hash::DefaultHasher::new();
+        self.context.hash(&mut hash);
+        what.hash(&mut hash);
+        let mut context = Vec::with_capacity(base + 9);
+        context.extend_from_slice(&self.context[..base]);
+        context.push(0);
+        context.extend_from_slice(&hash.finish().to_be_bytes());
+        self.context = context.into_boxed_slice();
+    }
+
     /// The statement a Parse with `after_name` (its body past the name) prepares for this
     /// client (its text the pool's copy, from `texts`).
     fn statement(&self, after_name: &[u8], texts: &SharedTexts) -> Rc<Statement> {
@@ -704,6 +729,20 @@ fn differ(told: Option<u64>, has: Option<u64>) -> bool {
     matches!((told, has), (Some(told), Some(has)) if told != has)
 }
 
+/// What `change`, made by a statement of `text`, changes where names are looked up to (a hash
+/// of it, for [`ClientStatements::amend`]), if it changes that.
+fn lookup_change(change: &ParameterChange, text: &[u8]) -> Option<u64> {
+    match change {
+        ParameterChange::Lookup(what) => Some(*what),
+        change if change.changes_lookup() => {
+            let mut hash = std::hash::DefaultHasher::new();
+            text.hash(&mut hash);
+            Some(hash.finish())
+        }
+        _ => None,
+    }
+}
+
 /// A message the client sent that no PostgreSQL server would take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {0} message")]
@@ -878,10 +917,15 @@ impl Translator<'_> {
         let name = r.cstr_utf8().map_err(|_| Malformed("Parse"))?;
         let after_name = r.rest();
         let mut changes_parameters = false;
+        let mut lookup = None;
         parse_parameter_changes(after_name, |change| {
             changes_parameters = true;
+            lookup = lookup.or(lookup_change(&change, after_name));
             self.tx.parameter_change(change);
         });
+        if let Some(what) = lookup {
+            self.client.amend(what);
+        }
         if name.is_empty() || !self.enabled() {
             // The unnamed statement: as sent, and kept for a later transaction (until its
             // Parse fails: then the client has none, as on the server).
@@ -1076,7 +1120,14 @@ impl Translator<'_> {
         };
         if let Some(statement) = &statement {
             // A statement prepared in an earlier transaction: its Parse was followed then.
-            statement.parameter_changes(|change| self.tx.parameter_change(change));
+            let mut lookup = None;
+            statement.parameter_changes(|change| {
+                lookup = lookup.or(lookup_change(&change, &statement.parse));
+                self.tx.parameter_change(change);
+            });
+            if let Some(what) = lookup {
+                self.client.amend(what);
+            }
         }
         // Followed only until the client has been told the statement's row shape: once it
         // has, a Bind costs nothing more here.
@@ -1237,6 +1288,9 @@ impl Translator<'_> {
             self.tx.resets_parameters(facts.resets);
         }
         for change in facts.changes {
+            if let Some(what) = lookup_change(&change, piece) {
+                self.client.amend(what);
+            }
             self.tx.parameter_change(change);
         }
         true
@@ -1987,6 +2041,54 @@ mod tests {
             .parse(&parse_message("v", "select 1"))
             .expect("well-formed");
         assert_eq!(name_of(&b, "v"), na[0].1, "back to the default");
+    }
+
+    #[test]
+    fn statements_parsed_after_a_set_local_search_path_in_the_transaction_are_told_apart() {
+        let mut f = Fixture::new(10);
+        let name_of = |f: &Fixture, client: &str| {
+            let statement = f.client.named.get(client).expect("kept");
+            statement.server_name().to_owned()
+        };
+        let parse = |f: &mut Fixture, name: &str, sql: &str| {
+            f.t().parse(&parse_message(name, sql)).expect("well-formed");
+        };
+        parse(&mut f, "before", "select * from t");
+        let query = |f: &mut Fixture, sql: &str| {
+            let mut message = Vec::new();
+            write::query(&mut message, sql);
+            assert!(f.t().query(&message));
+        };
+        query(&mut f, "BEGIN");
+        query(&mut f, "SET LOCAL search_path TO tenant_1");
+        parse(&mut f, "one", "select * from t");
+        query(&mut f, "SET LOCAL search_path TO tenant_2");
+        parse(&mut f, "two", "select * from t");
+        query(&mut f, "SET LOCAL search_path TO tenant_1");
+        parse(&mut f, "one_again", "select * from t");
+        let names = ["before", "one", "two", "one_again"].map(|n| name_of(&f, n));
+        assert_ne!(names[0], names[1]);
+        assert_ne!(names[1], names[2]);
+        assert_ne!(names[0], names[2]);
+        // What the transaction set before is part of it: tenant 1 after tenant 2 is not
+        // taken for tenant 1 alone (the client may have set more between).
+        assert_ne!(names[1], names[3]);
+        // The next transaction starts from the session's own again.
+        f.client.follow("app", None);
+        parse(&mut f, "after", "select * from t");
+        assert_eq!(name_of(&f, "after"), names[0]);
+        // The same in a Parse, and a set_config for the transaction.
+        parse(
+            &mut f,
+            "",
+            "select set_config('search_path', 'tenant_1', true)",
+        );
+        parse(&mut f, "in_parse", "select * from t");
+        assert_ne!(name_of(&f, "in_parse"), names[0]);
+        f.client.follow("app", None);
+        query(&mut f, "SET LOCAL work_mem = '1MB'");
+        parse(&mut f, "not_a_lookup", "select * from t");
+        assert_eq!(name_of(&f, "not_a_lookup"), names[0]);
     }
 
     #[test]

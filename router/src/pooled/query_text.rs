@@ -272,6 +272,38 @@ pub enum ParameterChange {
     /// A change of a parameter whose name the text does not give (`set_config($1, ...)`): the
     /// backend is closed after the session read, as no read can find every custom parameter.
     Untraceable,
+    /// `SET LOCAL search_path`, `SET LOCAL ROLE` (or `SESSION AUTHORIZATION`), or a
+    /// `set_config` of either for the transaction: nothing outlives the transaction, but the
+    /// names in statements parsed after it in the transaction are looked up under another
+    /// `search_path` or role. Carries a hash of what it sets them to as written (the
+    /// statement, or the `set_config` call's name and value).
+    Lookup(u64),
+}
+
+/// Parameters that decide where the names in a statement's text are looked up.
+const LOOKUP: [&str; 3] = ["search_path", "role", "session_authorization"];
+
+impl ParameterChange {
+    /// True if statements parsed after it in the same transaction look names up elsewhere:
+    /// it sets or resets `search_path` or the role, for the session ([`ParameterChange::Set`],
+    /// [`ParameterChange::Reset`]) or the transaction ([`ParameterChange::Lookup`]).
+    pub fn changes_lookup(&self) -> bool {
+        match self {
+            ParameterChange::Reset(name) | ParameterChange::Set(name) => {
+                LOOKUP.iter().any(|n| name.eq_ignore_ascii_case(n))
+            }
+            ParameterChange::Lookup(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A [`ParameterChange::Lookup`] of what `parts` (as written) set.
+fn lookup(parts: &[&[u8]]) -> ParameterChange {
+    use std::hash::{Hash, Hasher};
+    let mut hash = std::hash::DefaultHasher::new();
+    parts.hash(&mut hash);
+    ParameterChange::Lookup(hash.finish())
 }
 
 /// What a statement's text names that the router follows without reading the statement.
@@ -393,6 +425,12 @@ fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
         }
         for call in calls {
             if call.local {
+                if let Some(value) = call.lookup_value {
+                    f(lookup(&[
+                        call.name.as_deref().unwrap_or("").as_bytes(),
+                        value,
+                    ]));
+                }
                 continue;
             }
             match call.name {
@@ -413,17 +451,20 @@ fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
 
 /// One `set_config(name, value, is_local)` call in a statement's text.
 #[derive(Debug, PartialEq, Eq)]
-struct SetConfigCall {
+struct SetConfigCall<'a> {
     /// Its first argument, if it is a plain string literal (`'app.x'`), in lower case; `None`
     /// for one that is not (a parameter, an expression).
     name: Option<String>,
     /// Its third argument is a literal true (`true`, `'on'`, ...): the value lasts for the
     /// transaction only.
     local: bool,
+    /// Its second argument as written, if its name may be one of [`LOOKUP`] (one that is not
+    /// a literal may be).
+    lookup_value: Option<&'a [u8]>,
 }
 
 /// Each `set_config(` call in `text`.
-fn set_config_calls(text: &[u8]) -> Vec<SetConfigCall> {
+fn set_config_calls(text: &[u8]) -> Vec<SetConfigCall<'_>> {
     let mut calls = Vec::new();
     for at in memchr::memchr_iter(b'_', text) {
         let Some(start) = at.checked_sub(3) else {
@@ -454,9 +495,18 @@ fn set_config_calls(text: &[u8]) -> Vec<SetConfigCall> {
             .as_ref()
             .and_then(|args| args.get(2))
             .is_some_and(|&(start, end)| literal_true(&text[start..end]));
+        let name = literal_at(text, quote).map(|name| name.to_ascii_lowercase());
+        let lookup_value = name
+            .as_deref()
+            .is_none_or(|name| LOOKUP.contains(&name))
+            .then(|| {
+                let value = args.as_ref().and_then(|args| args.get(1));
+                value.map_or(&b""[..], |&(start, end)| &text[start..end])
+            });
         calls.push(SetConfigCall {
-            name: literal_at(text, quote).map(|name| name.to_ascii_lowercase()),
+            name,
             local,
+            lookup_value,
         });
     }
     calls
@@ -643,7 +693,7 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                     };
                     let name = || "role".into();
                     return match (local, is(value, "default")) {
-                        (true, _) => None,
+                        (true, _) => Some(lookup(&[statement.as_bytes()])),
                         (false, true) => Some(ParameterChange::Reset(name())),
                         (false, false) => Some(ParameterChange::Set(name())),
                     };
@@ -652,7 +702,7 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
                     if is(session, "session") && is(authorization, "authorization") =>
                 {
                     return match (local, is(value, "default")) {
-                        (true, _) => None,
+                        (true, _) => Some(lookup(&[statement.as_bytes()])),
                         // As `RESET SESSION AUTHORIZATION`.
                         (false, true) => Some(ParameterChange::Reset("role".into())),
                         (false, false) => Some(ParameterChange::Unknown),
@@ -708,6 +758,11 @@ fn parameter_change(statement: &str) -> Option<ParameterChange> {
         _ => return None,
     };
     let rest = match rest {
+        // Over with the transaction: only where names are looked up matters until then.
+        [local, name, ..] if is(local, "local") => {
+            let sets_lookup = is(name, "schema") || unquote(name) == "search_path";
+            return sets_lookup.then(|| lookup(&[statement.as_bytes()]));
+        }
         [local, ..] if is(local, "local") => return None,
         [session, name, ..] if is(session, "session") && !is(name, "authorization") => &rest[1..],
         _ => rest,
@@ -910,8 +965,36 @@ mod tests {
                 .changes,
             [ParameterChange::Characteristics]
         );
-        assert!(facts("SET LOCAL ROLE bob").changes.is_empty());
-        assert!(facts("set local role to default").changes.is_empty());
+        // For the transaction only: where the names of statements parsed after it are
+        // looked up.
+        for local in [
+            "SET LOCAL ROLE bob",
+            "set local role to default",
+            "SET LOCAL SESSION AUTHORIZATION bob",
+            "SET LOCAL search_path TO a",
+            "set local \"search_path\" = a, b",
+            "SET LOCAL SCHEMA 'a'",
+        ] {
+            let changes = facts(local).changes;
+            assert!(
+                matches!(changes[..], [ParameterChange::Lookup(_)]),
+                "{local}"
+            );
+        }
+        // Told apart by what they set, as written.
+        let lookups = |text| facts(text).changes;
+        assert_ne!(
+            lookups("SET LOCAL search_path TO a"),
+            lookups("SET LOCAL search_path TO b")
+        );
+        assert_eq!(
+            lookups("SET LOCAL search_path TO a"),
+            lookups("SET LOCAL search_path TO a")
+        );
+        assert!(facts("SET LOCAL work_mem = '1MB'").changes.is_empty());
+        assert!(!ParameterChange::Set("work_mem".into()).changes_lookup());
+        assert!(ParameterChange::Set("search_path".into()).changes_lookup());
+        assert!(ParameterChange::Reset("role".into()).changes_lookup());
         // Changes only a read of the whole session can follow.
         for unknown in [
             "RESET ALL; END",
@@ -938,10 +1021,33 @@ mod tests {
             [ParameterChange::Untraceable]
         );
         // For the transaction only: nothing outlives it (PostgREST's every request).
-        for local in [
+        let postgrest = facts(
             "select set_config('search_path', $1, true), set_config('role', $2, true), \
              set_config('request.jwt.claims', $3, TRUE)",
-            "select set_config($1, $2, true)",
+        );
+        assert!(
+            matches!(
+                postgrest.changes[..],
+                [ParameterChange::Lookup(_), ParameterChange::Lookup(_)]
+            ),
+            "{postgrest:?}"
+        );
+        assert!(
+            matches!(
+                facts("select set_config($1, $2, true)").changes[..],
+                [ParameterChange::Lookup(_)]
+            ),
+            "a name the router cannot read may be search_path's"
+        );
+        assert_ne!(
+            lookups("select set_config('search_path', 'a', true)"),
+            lookups("select set_config('search_path', 'b', true)")
+        );
+        assert_ne!(
+            lookups("select set_config('search_path', 'a', true)"),
+            lookups("select set_config('role', 'a', true)")
+        );
+        for local in [
             "select pg_catalog.set_config('a.b', format('%s,(%s', $1, ')'), 'on')",
             "select set_config('a.b', E'it\\'s, (', ' t ')",
             "select set_config('a.b', $q$), 'x$q$, 'yes')",
@@ -1028,11 +1134,8 @@ mod tests {
             assert!(facts(not_temporary).changes.is_empty(), "{not_temporary}");
         }
         for not in [
-            "SET LOCAL ROLE bob",
-            "SET LOCAL SESSION AUTHORIZATION bob",
             "SET seed = 0.5",
             "select 'user_config', set_configuration from t",
-            "SET LOCAL search_path TO a",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "SET CONSTRAINTS ALL DEFERRED",
             "SET TIME ZONE 'UTC'",

@@ -940,6 +940,9 @@ impl Transaction {
                     self.parameter_change(ParameterChange::Set(name.into()));
                 }
             }
+            // Over with the transaction; statements parsed after it are told apart
+            // ([`super::prepared::ClientStatements::amend`]).
+            ParameterChange::Lookup(_) => {}
             ParameterChange::Unknown => self.audit = true,
             ParameterChange::Residue => self.residue = true,
             ParameterChange::Untraceable => {
