@@ -1286,6 +1286,9 @@ impl Translator<'_> {
         self.tx.client(fe::QUERY, 0);
         if facts.resets != Resets::Nothing {
             self.tx.resets_parameters(facts.resets);
+            // `search_path` (and for `DISCARD ALL` the role) back to the session's defaults:
+            // statements parsed after it are told apart from those parsed before.
+            self.client.amend(0);
         }
         for change in facts.changes {
             if let Some(what) = lookup_change(&change, piece) {
@@ -2089,6 +2092,10 @@ mod tests {
         query(&mut f, "SET LOCAL work_mem = '1MB'");
         parse(&mut f, "not_a_lookup", "select * from t");
         assert_eq!(name_of(&f, "not_a_lookup"), names[0]);
+        // RESET ALL takes search_path back to the session's default, whatever it was.
+        query(&mut f, "RESET ALL");
+        parse(&mut f, "after_reset", "select * from t");
+        assert_ne!(name_of(&f, "after_reset"), names[0]);
     }
 
     #[test]
