@@ -310,8 +310,8 @@ impl ClientStatements {
     }
 
     /// A statement of the client's changed where names are looked up (`what`, a hash of what
-    /// it set them to: [`lookup_change`]), for its transaction or its session: the
-    /// statements the client parses after it, until its next transaction ([`follow`] then
+    /// it set them to: [`ParameterChange::lookup_hash`]), for its transaction or its session:
+    /// the statements the client parses after it, until its next transaction ([`follow`] then
     /// takes the session's own), are told apart from the same text parsed under others, as on
     /// a server (a schema-per-tenant application's `BEGIN; SET LOCAL search_path TO tenant`).
     ///
@@ -729,20 +729,6 @@ fn differ(told: Option<u64>, has: Option<u64>) -> bool {
     matches!((told, has), (Some(told), Some(has)) if told != has)
 }
 
-/// What `change`, made by a statement of `text`, changes where names are looked up to (a hash
-/// of it, for [`ClientStatements::amend`]), if it changes that.
-fn lookup_change(change: &ParameterChange, text: &[u8]) -> Option<u64> {
-    match change {
-        ParameterChange::Lookup(what) => Some(*what),
-        change if change.changes_lookup() => {
-            let mut hash = std::hash::DefaultHasher::new();
-            text.hash(&mut hash);
-            Some(hash.finish())
-        }
-        _ => None,
-    }
-}
-
 /// A message the client sent that no PostgreSQL server would take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {0} message")]
@@ -920,7 +906,7 @@ impl Translator<'_> {
         let mut lookup = None;
         parse_parameter_changes(after_name, |change| {
             changes_parameters = true;
-            lookup = lookup.or(lookup_change(&change, after_name));
+            lookup = lookup.or(change.lookup_hash(after_name));
             self.tx.parameter_change(change);
         });
         if let Some(what) = lookup {
@@ -1122,7 +1108,7 @@ impl Translator<'_> {
             // A statement prepared in an earlier transaction: its Parse was followed then.
             let mut lookup = None;
             statement.parameter_changes(|change| {
-                lookup = lookup.or(lookup_change(&change, &statement.parse));
+                lookup = lookup.or(change.lookup_hash(&statement.parse));
                 self.tx.parameter_change(change);
             });
             if let Some(what) = lookup {
@@ -1291,7 +1277,7 @@ impl Translator<'_> {
             self.client.amend(0);
         }
         for change in facts.changes {
-            if let Some(what) = lookup_change(&change, piece) {
+            if let Some(what) = change.lookup_hash(piece) {
                 self.client.amend(what);
             }
             self.tx.parameter_change(change);

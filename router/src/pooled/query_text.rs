@@ -296,14 +296,31 @@ impl ParameterChange {
             _ => false,
         }
     }
+
+    /// What it changes where names are looked up to, if it changes that
+    /// ([`ParameterChange::changes_lookup`]): the hash a [`ParameterChange::Lookup`] carries,
+    /// or for a session's `SET` or `RESET` of `search_path` or the role, a hash of `text`, the
+    /// statement that made it.
+    pub fn lookup_hash(&self, text: &[u8]) -> Option<u64> {
+        match self {
+            ParameterChange::Lookup(what) => Some(*what),
+            change if change.changes_lookup() => Some(hash_of(&[text])),
+            _ => None,
+        }
+    }
+}
+
+/// A hash of `parts`, as written.
+fn hash_of(parts: &[&[u8]]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hash = std::hash::DefaultHasher::new();
+    parts.hash(&mut hash);
+    hash.finish()
 }
 
 /// A [`ParameterChange::Lookup`] of what `parts` (as written) set.
 fn lookup(parts: &[&[u8]]) -> ParameterChange {
-    use std::hash::{Hash, Hasher};
-    let mut hash = std::hash::DefaultHasher::new();
-    parts.hash(&mut hash);
-    ParameterChange::Lookup(hash.finish())
+    ParameterChange::Lookup(hash_of(parts))
 }
 
 /// What a statement's text names that the router follows without reading the statement.
