@@ -809,6 +809,35 @@ fn same_sql_under_different_names_in_two_clients() {
     assert_eq!(error_codes(&a.until_ready("a after Close")), ["26000"]);
 }
 
+/// Two tenants' schemas, `{prefix}1` and `{prefix}2`, whose tables of one name (`t`) differ:
+/// one text column holding 'one', two int4 columns holding 2 and 3.
+fn two_tenant_schemas(f: &Fixture, prefix: &str) {
+    f.pg.psql_admin(&format!(
+        "CREATE SCHEMA {prefix}1; CREATE TABLE {prefix}1.t (v text); \
+         INSERT INTO {prefix}1.t VALUES ('one'); \
+         CREATE SCHEMA {prefix}2; CREATE TABLE {prefix}2.t (v int, w int); \
+         INSERT INTO {prefix}2.t VALUES (2, 3); \
+         GRANT USAGE ON SCHEMA {prefix}1, {prefix}2 TO app; \
+         GRANT SELECT ON {prefix}1.t, {prefix}2.t TO app"
+    ));
+}
+
+/// The row shape (name, type) of `t` in each of [`two_tenant_schemas`].
+fn tenant_columns() -> [Vec<(String, u32)>; 2] {
+    [
+        vec![("v".to_owned(), 25)],
+        vec![("v".to_owned(), 23), ("w".to_owned(), 23)],
+    ]
+}
+
+/// The row of `t` in each of [`two_tenant_schemas`].
+fn tenant_rows() -> [Vec<Option<String>>; 2] {
+    [
+        vec![Some("one".to_owned())],
+        vec![Some("2".to_owned()), Some("3".to_owned())],
+    ]
+}
+
 /// Two clients `SET search_path` (after startup) to schemas whose tables of one name differ,
 /// then prepare the same text: each, as a session of its own, is told its own schema's row
 /// shape and reads it, on the one backend they share. (Under one name on the backends, the
@@ -817,11 +846,7 @@ fn same_sql_under_different_names_in_two_clients() {
 #[test]
 fn the_same_text_prepared_under_search_paths_set_later_is_each_clients_own() {
     let f = fixture();
-    f.pg.psql_admin(
-        "CREATE SCHEMA shp1; CREATE TABLE shp1.t (v text); INSERT INTO shp1.t VALUES ('one'); \
-         CREATE SCHEMA shp2; CREATE TABLE shp2.t (v int, w int); INSERT INTO shp2.t VALUES (2, 3); \
-         GRANT USAGE ON SCHEMA shp1, shp2 TO app; GRANT SELECT ON shp1.t, shp2.t TO app",
-    );
+    two_tenant_schemas(f, "shp");
     let router = f.router(&PoolSettings::new(1));
     let mut a = f.raw(&router, Mode::SslRequest, &[]);
     let mut b = f.raw(&router, Mode::Direct, &[]);
@@ -838,13 +863,9 @@ fn the_same_text_prepared_under_search_paths_set_later_is_each_clients_own() {
         assert_eq!(tags(&replies), "1 t T Z", "{:?}", errors(&replies));
         described.push(row_description(&replies[2].1));
     }
-    assert_eq!(described[0], [("v".to_owned(), 25)]);
-    assert_eq!(described[1], [("v".to_owned(), 23), ("w".to_owned(), 23)]);
+    assert_eq!(described, tenant_columns());
     for round in 0..3 {
-        for (conn, row) in [
-            (&mut a, vec![Some("one".to_owned())]),
-            (&mut b, vec![Some("2".to_owned()), Some("3".to_owned())]),
-        ] {
+        for (conn, row) in [&mut a, &mut b].into_iter().zip(tenant_rows()) {
             conn.send(&[bind_execute("q", &[]), sync()]);
             let replies = conn.until_ready("Bind");
             assert_eq!(
@@ -869,11 +890,7 @@ fn the_same_text_prepared_under_search_paths_set_later_is_each_clients_own() {
 #[test]
 fn statements_prepared_in_blocks_that_set_local_search_path_are_each_clients_own() {
     let f = fixture();
-    f.pg.psql_admin(
-        "CREATE SCHEMA shl1; CREATE TABLE shl1.t (v text); INSERT INTO shl1.t VALUES ('one'); \
-         CREATE SCHEMA shl2; CREATE TABLE shl2.t (v int, w int); INSERT INTO shl2.t VALUES (2, 3); \
-         GRANT USAGE ON SCHEMA shl1, shl2 TO app; GRANT SELECT ON shl1.t, shl2.t TO app",
-    );
+    two_tenant_schemas(f, "shl");
     let router = f.router(&PoolSettings::new(1));
     let mut a = f.raw(&router, Mode::SslRequest, &[]);
     let mut b = f.raw(&router, Mode::Direct, &[]);
@@ -893,24 +910,15 @@ fn statements_prepared_in_blocks_that_set_local_search_path_are_each_clients_own
         assert_eq!(tags(&conn.simple("COMMIT")), "C Z");
         replies
     };
-    let replies = block(&mut a, "shl1", true);
-    assert_eq!(tags(&replies), "1 t T 2 D C Z", "{:?}", errors(&replies));
-    assert_eq!(row_description(&replies[2].1), [("v".to_owned(), 25)]);
-    let replies = block(&mut b, "shl2", true);
-    assert_eq!(tags(&replies), "1 t T 2 D C Z", "{:?}", errors(&replies));
-    assert_eq!(
-        row_description(&replies[2].1),
-        [("v".to_owned(), 23), ("w".to_owned(), 23)]
-    );
+    let clients = [(&mut a, "shl1"), (&mut b, "shl2")];
+    for ((conn, schema), columns) in clients.into_iter().zip(tenant_columns()) {
+        let replies = block(conn, schema, true);
+        assert_eq!(tags(&replies), "1 t T 2 D C Z", "{:?}", errors(&replies));
+        assert_eq!(row_description(&replies[2].1), columns);
+    }
     for round in 0..3 {
-        for (conn, schema, row) in [
-            (&mut a, "shl1", vec![Some("one".to_owned())]),
-            (
-                &mut b,
-                "shl2",
-                vec![Some("2".to_owned()), Some("3".to_owned())],
-            ),
-        ] {
+        let clients = [(&mut a, "shl1"), (&mut b, "shl2")];
+        for ((conn, schema), row) in clients.into_iter().zip(tenant_rows()) {
             let replies = block(conn, schema, false);
             assert_eq!(
                 tags(&replies),
