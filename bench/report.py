@@ -973,7 +973,12 @@ def machine():
                     break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}"
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled", encoding="utf-8") as f:
+            autogroup = ", scheduler autogroups " + ("on" if f.read().strip() == "1" else "off")
+    except OSError:
+        autogroup = ""
+    return f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}{autogroup}"
 
 
 SECTION_ORDER = ["latency", "connect", "throughput", "idle", "cpu", "preauth", "compare", "pooled", "steering"]
