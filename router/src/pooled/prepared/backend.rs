@@ -18,8 +18,8 @@ struct Prepared {
 pub struct Plan {
     /// Its row shape ([`row_shape`](super::row_shape)), once a Describe told it.
     pub shape: Option<u64>,
-    /// Its parameter types ([`parameter_types`](super::parameter_types)): those a Parse of the router's spelled out,
-    /// or those a Describe told.
+    /// Its parameter types ([`parameter_types`](super::parameter_types)): those a Parse of
+    /// the router's spelled out, or those a Describe told.
     pub types: Option<u64>,
     /// When the Parse that made it was sent ([`parse_clock`]); 0 if not known (a Close of it
     /// the backend skipped).

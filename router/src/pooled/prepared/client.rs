@@ -70,12 +70,13 @@ impl ClientStatements {
     }
 
     /// A statement of the client's changed where names are looked up (`what`, a hash of what
-    /// it set them to: [`ParameterChange::lookup_hash`](crate::pooled::query_text::ParameterChange::lookup_hash)), for its transaction or its session:
+    /// it set them to: [`ParameterChange::lookup_hash`]), for its transaction or its session:
     /// the statements the client parses after it, until its next transaction ([`follow`] then
     /// takes the session's own), are told apart from the same text parsed under others, as on
     /// a server (a schema-per-tenant application's `BEGIN; SET LOCAL search_path TO tenant`).
     ///
     /// [`follow`]: ClientStatements::follow
+    /// [`ParameterChange::lookup_hash`]: crate::pooled::query_text::ParameterChange::lookup_hash
     pub fn amend(&mut self, what: u64) {
         // The role and search_path are one NUL apart; an amendment is a NUL and 8 bytes more.
         let amended = self.context.iter().filter(|&&b| b == 0).count() > 1;

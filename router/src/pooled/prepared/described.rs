@@ -113,9 +113,11 @@ pub fn parameter_types(body: &[u8]) -> Option<u64> {
     Some(hash.finish())
 }
 
-/// Takes in what a backend's Describes told ([`Transaction::take_described`](crate::pooled::transaction::Transaction::take_described)): the client keeps
-/// the first row shape it was told of each statement (its parameter types were kept as they
-/// came, [`Statement::told_parameters`]), the backend's plan what it was prepared with.
+/// Takes in what a backend's Describes told ([`Transaction::take_described`]): the client
+/// keeps the first row shape it was told of each statement (its parameter types were kept as
+/// they came, [`Statement::told_parameters`]), the backend's plan what it was prepared with.
+///
+/// [`Transaction::take_described`]: crate::pooled::transaction::Transaction::take_described
 pub fn apply_described(
     described: Vec<(Rc<Statement>, Described)>,
     backend: &mut BackendStatements,
