@@ -931,6 +931,168 @@ fn statements_prepared_in_blocks_that_set_local_search_path_are_each_clients_own
     }
 }
 
+/// The same, with the tenant given as a parameter, the way to pick it without quoting it into
+/// the text: `set_config('search_path', $1, true)` (PostgREST's every request sets
+/// `search_path` and the role so), pipelined before the statements it is for. The router reads
+/// the value from the Bind: one client runs it as a named statement prepared once (as hasql
+/// does), the other as the unnamed statement of each batch (as libpq's `PQexecParams`), and
+/// with `false` for the rest of the session on a third. (As written, `$1` named every tenant
+/// alike: the second client's plan replaced the first one's under one name, and the first
+/// client's next Bind was refused with 0A000.)
+#[test]
+fn statements_prepared_after_set_config_of_search_path_with_a_parameter_are_each_clients_own() {
+    let f = fixture();
+    two_tenant_schemas(f, "tpp");
+    let router = f.router(&PoolSettings::new(1));
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    a.send(&[
+        parse("pick", "select set_config('search_path', $1, true)", &[]),
+        sync(),
+    ]);
+    assert_eq!(tags(&a.until_ready("Parse pick")), "1 Z");
+    // A block for `schema`'s tenant on the client numbered `which`: the statement prepared
+    // (and described) first if `prepare`, then run; the replies to the batch past the pick.
+    let block = |conn: &mut RawConn, which: usize, schema: &str, prepare: bool| {
+        assert_eq!(tags(&conn.simple("BEGIN")), "C Z");
+        let mut batch = if which == 0 {
+            vec![bind_execute("pick", &[Some(schema)])]
+        } else {
+            vec![
+                parse("", "select set_config('search_path', $1, true)", &[]),
+                bind_execute("", &[Some(schema)]),
+            ]
+        };
+        if prepare {
+            batch.extend([parse("q", "select * from t", &[]), describe(b'S', "q")]);
+        }
+        batch.extend([bind_execute("q", &[]), sync()]);
+        conn.send(&batch);
+        let mut replies = conn.until_ready(schema);
+        assert_eq!(tags(&conn.simple("COMMIT")), "C Z");
+        let skip = if which == 0 { 3 } else { 4 };
+        assert_eq!(
+            tags(&replies[..skip]),
+            if which == 0 { "2 D C" } else { "1 2 D C" },
+            "{schema}: {:?}",
+            errors(&replies)
+        );
+        replies.drain(..skip);
+        replies
+    };
+    let clients = [(&mut a, "tpp1"), (&mut b, "tpp2")];
+    for (which, ((conn, schema), columns)) in clients.into_iter().zip(tenant_columns()).enumerate()
+    {
+        let replies = block(conn, which, schema, true);
+        assert_eq!(tags(&replies), "1 t T 2 D C Z", "{:?}", errors(&replies));
+        assert_eq!(row_description(&replies[2].1), columns);
+    }
+    for round in 0..3 {
+        let clients = [(&mut a, "tpp1"), (&mut b, "tpp2")];
+        for (which, ((conn, schema), row)) in clients.into_iter().zip(tenant_rows()).enumerate() {
+            let replies = block(conn, which, schema, false);
+            assert_eq!(
+                tags(&replies),
+                "2 D C Z",
+                "round {round}, {schema}: {:?}",
+                errors(&replies)
+            );
+            assert_eq!(data_row(&replies[1].1), row, "round {round}");
+        }
+    }
+    // For the session: statements parsed in the same batch after it are the new schema's too
+    // (the router reads the value back at the transaction's end for later ones).
+    let mut c = f.raw(&router, Mode::Direct, &[]);
+    c.send(&[
+        parse("", "select set_config('search_path', $1, false)", &[]),
+        bind_execute("", &[Some("tpp2")]),
+        parse("q", "select * from t", &[]),
+        describe(b'S', "q"),
+        bind_execute("q", &[]),
+        sync(),
+    ]);
+    let replies = c.until_ready("session set_config");
+    assert_eq!(
+        tags(&replies),
+        "1 2 D C 1 t T 2 D C Z",
+        "{:?}",
+        errors(&replies)
+    );
+    assert_eq!(row_description(&replies[6].1), tenant_columns()[1]);
+    for round in 0..2 {
+        a.send(&[
+            bind_execute("pick", &[Some("tpp1")]),
+            bind_execute("q", &[]),
+            sync(),
+        ]);
+        let replies = a.until_ready("a after c");
+        assert_eq!(
+            tags(&replies),
+            "2 D C 2 D C Z",
+            "round {round}: {:?}",
+            errors(&replies)
+        );
+        assert_eq!(data_row(&replies[4].1), tenant_rows()[0]);
+        c.send(&[bind_execute("q", &[]), sync()]);
+        let replies = c.until_ready("c after a");
+        assert_eq!(
+            tags(&replies),
+            "2 D C Z",
+            "round {round}: {:?}",
+            errors(&replies)
+        );
+        assert_eq!(data_row(&replies[1].1), tenant_rows()[1]);
+    }
+}
+
+/// The same through tokio-postgres: each client picks its tenant in every transaction with
+/// `set_config('search_path', $1, true)`, prepares `select * from t` in its first and runs
+/// that statement in every later one, the two interleaved on a pool of one.
+#[test]
+fn tokio_postgres_tenants_picked_with_a_bound_set_config_keep_their_statements() {
+    let f = fixture();
+    two_tenant_schemas(f, "tpt");
+    let router = f.router(&PoolSettings::new(1));
+    block_on(async {
+        let mut a = f.tp_connect(&router, TpNegotiation::Postgres).await;
+        let mut b = f.tp_connect(&router, TpNegotiation::Direct).await;
+        let mut statements = Vec::new();
+        for (client, schema) in [(&mut a, "tpt1"), (&mut b, "tpt2")] {
+            let tx = client.transaction().await.expect("begin");
+            tx.execute("select set_config('search_path', $1, true)", &[&schema])
+                .await
+                .expect("set_config");
+            statements.push(tx.prepare("select * from t").await.expect("prepare"));
+            tx.commit().await.expect("commit");
+        }
+        assert_eq!(statements[0].columns().len(), 1);
+        assert_eq!(statements[1].columns().len(), 2);
+        for round in 0..4 {
+            for (i, (client, schema)) in
+                [(&mut a, "tpt1"), (&mut b, "tpt2")].into_iter().enumerate()
+            {
+                let tx = client.transaction().await.expect("begin");
+                tx.execute(
+                    "select set_config('search_path', $1::text, true)",
+                    &[&schema],
+                )
+                .await
+                .expect("set_config");
+                let row = tx
+                    .query_one(&statements[i], &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}, {schema}: {e}"));
+                if i == 0 {
+                    assert_eq!(row.get::<_, &str>(0), "one", "round {round}");
+                } else {
+                    assert_eq!(row.get::<_, i32>(1), 3, "round {round}");
+                }
+                tx.commit().await.expect("commit");
+            }
+        }
+    });
+}
+
 #[test]
 fn same_statement_under_different_search_paths_reads_each_clients_schema() {
     let f = fixture();

@@ -7,7 +7,10 @@
 //! session from these: [`super::prepared::Translator::query`] and the transaction state
 //! machine ([`super::transaction::Transaction::parameter_change`]).
 
+use std::hash::{Hash, Hasher};
+
 use super::transaction::Resets;
+use crate::protocol::reader::{DecodeError, Reader};
 
 /// The statements of a simple query's text, split at the semicolons outside quotes, quoted
 /// identifiers, dollar quotes and comments, each from its first word (comments and spaces
@@ -278,6 +281,75 @@ pub enum ParameterChange {
     /// `search_path` or role. Carries a hash of what it sets them to as written (the
     /// statement, or the `set_config` call's name and value).
     Lookup(u64),
+    /// A `set_config` of `search_path` or the role (for the transaction or the session) whose
+    /// name or value is a parameter of the statement (`set_config('search_path', $1, true)`,
+    /// the way to pick a tenant without quoting it into the text): what it sets them to is in
+    /// the Bind that runs it ([`BoundLookup::hash`]).
+    BoundLookup(BoundLookup),
+}
+
+/// The name and value of a `set_config` call of [`ParameterChange::BoundLookup`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundLookup {
+    pub name: Argument,
+    pub value: Argument,
+}
+
+/// An argument of a `set_config` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Argument {
+    /// Written in the text: a hash of it (a name in lower case, a value as written).
+    Written(u64),
+    /// The statement's parameter of this number (from 1), cast or not (`$1`, `$1::text`).
+    Parameter(u16),
+}
+
+impl BoundLookup {
+    /// What the call sets where names are looked up, when run by a Bind whose body past its
+    /// two names is `bind_rest` (the whole of it, or as much as the router has): a hash of
+    /// its name and value, as [`ParameterChange::lookup_hash`] gives for changes written in
+    /// the text. `Ok(None)` if its name is a parameter bound to something other than
+    /// `search_path` or the role; `Err` if the Bind does not hold the parameter (cut short,
+    /// or malformed: PostgreSQL refuses the latter).
+    pub fn hash(&self, bind_rest: &[u8]) -> Result<Option<u64>, DecodeError> {
+        let name = match self.name {
+            Argument::Written(name) => name,
+            Argument::Parameter(number) => {
+                let name = bind_parameter(bind_rest, number)?.unwrap_or_default();
+                if !LOOKUP
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                {
+                    return Ok(None);
+                }
+                hash_of(&[&name.to_ascii_lowercase()])
+            }
+        };
+        let mut hash = std::hash::DefaultHasher::new();
+        name.hash(&mut hash);
+        match self.value {
+            Argument::Written(value) => value.hash(&mut hash),
+            Argument::Parameter(number) => bind_parameter(bind_rest, number)?.hash(&mut hash),
+        }
+        Ok(Some(hash.finish()))
+    }
+}
+
+/// The value of parameter `number` (from 1) in a Bind's body past its two names (`None` for
+/// NULL), as its bytes are: a parameter `set_config` takes is text, whose binary form is its
+/// text form.
+fn bind_parameter(rest: &[u8], number: u16) -> Result<Option<&[u8]>, DecodeError> {
+    let mut r = Reader::new(rest);
+    let formats = usize::from(r.u16()?);
+    r.take(formats * 2)?;
+    let count = r.u16()?;
+    if number == 0 || number > count {
+        return Err(DecodeError::Truncated);
+    }
+    for _ in 1..number {
+        r.len_prefixed()?;
+    }
+    r.len_prefixed()
 }
 
 /// Parameters that decide where the names in a statement's text are looked up.
@@ -292,7 +364,7 @@ impl ParameterChange {
             ParameterChange::Reset(name) | ParameterChange::Set(name) => {
                 LOOKUP.iter().any(|n| name.eq_ignore_ascii_case(n))
             }
-            ParameterChange::Lookup(_) => true,
+            ParameterChange::Lookup(_) | ParameterChange::BoundLookup(_) => true,
             _ => false,
         }
     }
@@ -301,9 +373,11 @@ impl ParameterChange {
     /// ([`ParameterChange::changes_lookup`]): the hash a [`ParameterChange::Lookup`] carries,
     /// or for a session's `SET` or `RESET` of `search_path` or the role, a hash of `text`, the
     /// statement that made it.
+    /// A [`ParameterChange::BoundLookup`] has none: its Bind tells it ([`BoundLookup::hash`]).
     pub fn lookup_hash(&self, text: &[u8]) -> Option<u64> {
         match self {
             ParameterChange::Lookup(what) => Some(*what),
+            ParameterChange::BoundLookup(_) => None,
             change if change.changes_lookup() => Some(hash_of(&[text])),
             _ => None,
         }
@@ -312,7 +386,6 @@ impl ParameterChange {
 
 /// A hash of `parts`, as written.
 fn hash_of(parts: &[&[u8]]) -> u64 {
-    use std::hash::{Hash, Hasher};
     let mut hash = std::hash::DefaultHasher::new();
     parts.hash(&mut hash);
     hash.finish()
@@ -441,8 +514,11 @@ fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
             f(ParameterChange::Unknown);
         }
         for call in calls {
+            let bound = call.bound_lookup();
             if call.local {
-                if let Some(value) = call.lookup_value {
+                if let Some(bound) = bound {
+                    f(bound);
+                } else if let Some(value) = call.lookup_value {
                     f(lookup(&[
                         call.name.as_deref().unwrap_or("").as_bytes(),
                         value,
@@ -458,6 +534,11 @@ fn mentioned_changes(text: &[u8], mut f: impl FnMut(ParameterChange)) {
                     f(ParameterChange::Set(name))
                 }
                 None => f(ParameterChange::Untraceable),
+            }
+            // For the session, read back when the transaction ends; statements parsed after
+            // it in the transaction are told apart by what its Bind gives.
+            if let Some(bound) = bound {
+                f(bound);
             }
         }
     }
@@ -478,6 +559,52 @@ struct SetConfigCall<'a> {
     /// Its second argument as written, if its name may be one of [`LOOKUP`] (one that is not
     /// a literal may be).
     lookup_value: Option<&'a [u8]>,
+    /// The numbers of the statement's parameters its first and second arguments are, where
+    /// they are one ([`parameter_number`]).
+    name_parameter: Option<u16>,
+    value_parameter: Option<u16>,
+}
+
+impl SetConfigCall<'_> {
+    /// The [`ParameterChange::BoundLookup`] it is, if its name may be one of [`LOOKUP`] and
+    /// its name or value is a parameter; a name neither literal nor a parameter (an
+    /// expression) is not one: such a call is followed as written.
+    fn bound_lookup(&self) -> Option<ParameterChange> {
+        let value = self.lookup_value?;
+        if self.name_parameter.is_none() && self.value_parameter.is_none() {
+            return None;
+        }
+        let name = match (&self.name, self.name_parameter) {
+            (Some(name), _) => Argument::Written(hash_of(&[name.as_bytes()])),
+            (None, Some(number)) => Argument::Parameter(number),
+            (None, None) => return None,
+        };
+        let value = match self.value_parameter {
+            Some(number) => Argument::Parameter(number),
+            None => Argument::Written(hash_of(&[value])),
+        };
+        Some(ParameterChange::BoundLookup(BoundLookup { name, value }))
+    }
+}
+
+/// The number of the statement's parameter an argument is, if it is one: `$n`, or a cast of
+/// it (`$1::text`, `$1 :: pg_catalog.varchar(63)`), whose value is decided by the parameter's
+/// alone. Not an expression of it (`$1 || 'x'`).
+fn parameter_number(arg: &[u8]) -> Option<u16> {
+    let digits = arg.strip_prefix(b"$")?;
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    let number: u16 = std::str::from_utf8(&digits[..end]).ok()?.parse().ok()?;
+    let cast = digits[end..].trim_ascii_start();
+    let is_cast = cast.is_empty()
+        || cast.strip_prefix(b"::").is_some_and(|types| {
+            types
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b" \t\n\r_.\"()[]:".contains(b))
+        });
+    (number > 0 && is_cast).then_some(number)
 }
 
 /// Each `set_config(` call in `text`.
@@ -520,10 +647,16 @@ fn set_config_calls(text: &[u8]) -> Vec<SetConfigCall<'_>> {
                 let value = args.as_ref().and_then(|args| args.get(1));
                 value.map_or(&b""[..], |&(start, end)| &text[start..end])
             });
+        let parameter = |at: usize| {
+            let &(start, end) = args.as_ref()?.get(at)?;
+            parameter_number(&text[start..end])
+        };
         calls.push(SetConfigCall {
             name,
             local,
             lookup_value,
+            name_parameter: parameter(0),
+            value_parameter: parameter(1),
         });
     }
     calls
@@ -1035,27 +1168,51 @@ mod tests {
         );
         assert_eq!(
             facts("select set_config($1, $2, false)").changes,
-            [ParameterChange::Untraceable]
+            [
+                ParameterChange::Untraceable,
+                bound(Argument::Parameter(1), Argument::Parameter(2))
+            ]
         );
-        // For the transaction only: nothing outlives it (PostgREST's every request).
+        // For the transaction only: nothing outlives it (PostgREST's every request), but what
+        // its Bind gives decides where names are looked up.
         let postgrest = facts(
-            "select set_config('search_path', $1, true), set_config('role', $2, true), \
+            "select set_config('search_path', $1, true), set_config('role', $2::text, true), \
              set_config('request.jwt.claims', $3, TRUE)",
         );
-        assert!(
-            matches!(
-                postgrest.changes[..],
-                [ParameterChange::Lookup(_), ParameterChange::Lookup(_)]
-            ),
-            "{postgrest:?}"
-        );
-        assert!(
-            matches!(
-                facts("select set_config($1, $2, true)").changes[..],
-                [ParameterChange::Lookup(_)]
-            ),
+        let [search_path, role] = ["search_path", "role"].map(|name| {
+            bound(
+                Argument::Written(hash_of(&[name.as_bytes()])),
+                Argument::Parameter(if name == "role" { 2 } else { 1 }),
+            )
+        });
+        assert_eq!(postgrest.changes, [search_path.clone(), role]);
+        assert_eq!(
+            facts("select set_config($1, $2, true)").changes,
+            [bound(Argument::Parameter(1), Argument::Parameter(2))],
             "a name the router cannot read may be search_path's"
         );
+        assert_eq!(
+            facts("select set_config($1, 'a', true)").changes,
+            [bound(
+                Argument::Parameter(1),
+                Argument::Written(hash_of(&[b"'a'"]))
+            )],
+        );
+        assert_eq!(
+            facts("select set_config('search_path', $1, false)").changes,
+            [set("search_path"), search_path]
+        );
+        // An expression of a parameter is followed as written, as before.
+        for written in [
+            "select set_config('search_path', $1 || ', public', true)",
+            "select set_config('search_path', lower($1), true)",
+            "select set_config('search_path', $1::text || $2, true)",
+        ] {
+            assert!(
+                matches!(facts(written).changes[..], [ParameterChange::Lookup(_)]),
+                "{written}"
+            );
+        }
         assert_ne!(
             lookups("select set_config('search_path', 'a', true)"),
             lookups("select set_config('search_path', 'b', true)")
@@ -1196,5 +1353,83 @@ mod tests {
         assert!(facts("select 'first'; PREPARE p3 AS select 3").prepare);
         assert!(facts("/* hidden */ prepare p as select 1").prepare);
         assert!(!facts("select 'prepare p as select 1'").prepare);
+    }
+
+    fn bound(name: Argument, value: Argument) -> ParameterChange {
+        ParameterChange::BoundLookup(BoundLookup { name, value })
+    }
+
+    /// A Bind's body past its two names: `params` in the text format.
+    fn bind_rest(params: &[Option<&str>]) -> Vec<u8> {
+        let mut rest = 0u16.to_be_bytes().to_vec();
+        rest.extend_from_slice(&(params.len() as u16).to_be_bytes());
+        for param in params {
+            match param {
+                Some(value) => {
+                    rest.extend_from_slice(&(value.len() as i32).to_be_bytes());
+                    rest.extend_from_slice(value.as_bytes());
+                }
+                None => rest.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        rest.extend_from_slice(&0u16.to_be_bytes());
+        rest
+    }
+
+    #[test]
+    fn set_config_arguments_that_are_parameters() {
+        for (arg, number) in [
+            ("$1", Some(1)),
+            ("$12", Some(12)),
+            ("$2::text", Some(2)),
+            ("$2 :: pg_catalog.varchar(63)", Some(2)),
+            ("$3::regnamespace::text", Some(3)),
+            ("$0", None),
+            ("$70000", None),
+            ("$", None),
+            ("$1 || 'x'", None),
+            ("$1::text || $2", None),
+            ("'$1'", None),
+            ("x$1", None),
+        ] {
+            assert_eq!(parameter_number(arg.as_bytes()), number, "{arg}");
+        }
+    }
+
+    #[test]
+    fn bound_lookups_hash_what_the_bind_gives() {
+        let [(_, by_name), (_, by_parameter)] = [
+            "select set_config('search_path', $1, true)",
+            "select set_config($2, $1, true)",
+        ]
+        .map(|text| {
+            let changes = query_facts(format!("{text}\0").as_bytes()).changes;
+            let [ParameterChange::BoundLookup(bound)] = changes[..] else {
+                panic!("{text}: {changes:?}");
+            };
+            (text, bound)
+        });
+        let hash = |bound: BoundLookup, params: &[Option<&str>]| bound.hash(&bind_rest(params));
+        // The value bound decides; the name, bound or written, is the same name.
+        let a = hash(by_name, &[Some("tenant_a")]);
+        assert!(matches!(a, Ok(Some(_))));
+        assert_eq!(a, hash(by_name, &[Some("tenant_a")]));
+        assert_ne!(a, hash(by_name, &[Some("tenant_b")]));
+        assert_ne!(a, hash(by_name, &[None]));
+        assert_eq!(
+            a,
+            hash(by_parameter, &[Some("tenant_a"), Some("Search_Path")])
+        );
+        assert_ne!(a, hash(by_parameter, &[Some("tenant_a"), Some("role")]));
+        // A name bound to another parameter sets nothing names are looked up by.
+        assert_eq!(
+            hash(by_parameter, &[Some("x"), Some("request.jwt.claims")]),
+            Ok(None)
+        );
+        // Not in the Bind: too few parameters, or cut short.
+        assert!(hash(by_parameter, &[Some("x")]).is_err());
+        let rest = bind_rest(&[Some("tenant_a")]);
+        assert!(by_name.hash(&rest[..rest.len() - 4]).is_err());
+        assert!(by_name.hash(&[]).is_err());
     }
 }

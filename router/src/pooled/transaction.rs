@@ -942,7 +942,7 @@ impl Transaction {
             }
             // Over with the transaction; statements parsed after it are told apart
             // ([`super::prepared::ClientStatements::amend`]).
-            ParameterChange::Lookup(_) => {}
+            ParameterChange::Lookup(_) | ParameterChange::BoundLookup(_) => {}
             ParameterChange::Unknown => self.audit = true,
             ParameterChange::Residue => self.residue = true,
             ParameterChange::Untraceable => {

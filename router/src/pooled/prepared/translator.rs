@@ -401,6 +401,13 @@ impl Translator<'_> {
                 self.client.amend(what);
             }
         }
+        let run = match &statement {
+            Some(statement) => Some(statement),
+            None => self.client.unnamed.as_ref(),
+        };
+        if let Some(run) = run.filter(|s| s.changes_parameters).cloned() {
+            self.follow_bound_lookups(&run, rest);
+        }
         // Followed only until the client has been told the statement's row shape: once it
         // has, a Bind costs nothing more here.
         self.transient.bound_statement = statement
@@ -422,6 +429,29 @@ impl Translator<'_> {
         self.out.extend_from_slice(rest);
         self.tx.client(fe::BIND, 0);
         Ok(Taken::Passed)
+    }
+
+    /// The `set_config` calls of `statement` that take `search_path` or the role from its
+    /// parameters ([`BoundLookup`](crate::pooled::query_text::BoundLookup)), run by a Bind
+    /// whose body past its names is `rest`: the statements the client parses after it are
+    /// told apart by the values bound, as those of a `SET LOCAL search_path` are by what it
+    /// sets. A Bind the router does not have whole (over 20 KiB, its parameter past what was
+    /// read) sets something no other statement shares.
+    fn follow_bound_lookups(&mut self, statement: &Statement, rest: &[u8]) {
+        use std::hash::{Hash, Hasher};
+        let mut what: Option<std::hash::DefaultHasher> = None;
+        statement.parameter_changes(|change| {
+            let ParameterChange::BoundLookup(bound) = change else {
+                return;
+            };
+            let hash = bound.hash(rest).unwrap_or_else(|_| Some(unshared()));
+            if let Some(hash) = hash {
+                hash.hash(what.get_or_insert_with(Default::default));
+            }
+        });
+        if let Some(what) = what {
+            self.client.amend(what.finish());
+        }
     }
 
     /// A whole Describe message: `Check` if it waits for the backend's answer to a check of
@@ -570,4 +600,10 @@ impl Translator<'_> {
         }
         true
     }
+}
+
+/// A value no other call of [`unshared`] returns: what a lookup the router cannot read sets.
+fn unshared() -> u64 {
+    static UNSHARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    UNSHARED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
