@@ -811,6 +811,16 @@ fn same_sql_under_different_names_in_two_clients() {
 
 /// Two tenants' schemas, `{prefix}1` and `{prefix}2`, whose tables of one name (`t`) differ:
 /// one text column holding 'one', two int4 columns holding 2 and 3.
+/// [`two_tenant_schemas`] under `prefix`, a router with a pool of one, and two clients of
+/// it (SSLRequest and direct SSL).
+fn two_tenants_on_one_backend(f: &Fixture, prefix: &str) -> (TestRouter, RawConn, RawConn) {
+    two_tenant_schemas(f, prefix);
+    let router = f.router(&PoolSettings::new(1));
+    let a = f.raw(&router, Mode::SslRequest, &[]);
+    let b = f.raw(&router, Mode::Direct, &[]);
+    (router, a, b)
+}
+
 fn two_tenant_schemas(f: &Fixture, prefix: &str) {
     f.pg.psql_admin(&format!(
         "CREATE SCHEMA {prefix}1; CREATE TABLE {prefix}1.t (v text); \
@@ -846,10 +856,7 @@ fn tenant_rows() -> [Vec<Option<String>>; 2] {
 #[test]
 fn the_same_text_prepared_under_search_paths_set_later_is_each_clients_own() {
     let f = fixture();
-    two_tenant_schemas(f, "shp");
-    let router = f.router(&PoolSettings::new(1));
-    let mut a = f.raw(&router, Mode::SslRequest, &[]);
-    let mut b = f.raw(&router, Mode::Direct, &[]);
+    let (_router, mut a, mut b) = two_tenants_on_one_backend(f, "shp");
     assert_eq!(tags(&a.simple("SET search_path TO shp1")), "C Z");
     assert_eq!(tags(&b.simple("SET search_path TO shp2")), "C Z");
     let mut described = Vec::new();
@@ -890,10 +897,7 @@ fn the_same_text_prepared_under_search_paths_set_later_is_each_clients_own() {
 #[test]
 fn statements_prepared_in_blocks_that_set_local_search_path_are_each_clients_own() {
     let f = fixture();
-    two_tenant_schemas(f, "shl");
-    let router = f.router(&PoolSettings::new(1));
-    let mut a = f.raw(&router, Mode::SslRequest, &[]);
-    let mut b = f.raw(&router, Mode::Direct, &[]);
+    let (_router, mut a, mut b) = two_tenants_on_one_backend(f, "shl");
     // A block for `schema`'s tenant: the statement prepared (and described) first if
     // `prepare`, then run; the replies to the batch.
     let block = |conn: &mut RawConn, schema: &str, prepare: bool| {
@@ -942,10 +946,7 @@ fn statements_prepared_in_blocks_that_set_local_search_path_are_each_clients_own
 #[test]
 fn statements_prepared_after_set_config_of_search_path_with_a_parameter_are_each_clients_own() {
     let f = fixture();
-    two_tenant_schemas(f, "tpp");
-    let router = f.router(&PoolSettings::new(1));
-    let mut a = f.raw(&router, Mode::SslRequest, &[]);
-    let mut b = f.raw(&router, Mode::Direct, &[]);
+    let (router, mut a, mut b) = two_tenants_on_one_backend(f, "tpp");
     a.send(&[
         parse("pick", "select set_config('search_path', $1, true)", &[]),
         sync(),
