@@ -74,6 +74,17 @@ fuzz_target!(|data: &[u8]| {
                 Piece::Rest { len } => {
                     if stream.passing() {
                         out.extend_from_slice(&data[..len]);
+                    } else if transient.gathering() {
+                        let mut translator = Translator {
+                            tx: &mut tx,
+                            client: &mut client_names,
+                            backend: &mut backend,
+                            max,
+                            texts: &texts,
+                            transient: &mut transient,
+                            out: &mut out,
+                        };
+                        let _ = translator.long_parse_rest(&data[..len], !stream.inside());
                     }
                     plain.consume(len);
                     continue;
@@ -100,7 +111,7 @@ fuzz_target!(|data: &[u8]| {
                     let _ = translator.parse(message);
                     false
                 }
-                b'P' => translator.long_parse(message),
+                b'P' => translator.long_parse(message, total),
                 b'B' | b'D' if tag == b'B' || whole => {
                     let taken = match tag {
                         b'B' => translator.bind(message, total),

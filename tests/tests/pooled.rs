@@ -69,6 +69,10 @@ const QUEUED_NOTICE_AFTER: Duration = Duration::from_secs(5);
 const PSYCOPG_WORK: &str = include_str!("clients/pooled_work.py");
 /// psycopg: `cancel_safe` of a running query, of an idle client, and the pid it was told.
 const PSYCOPG_CANCEL: &str = include_str!("clients/pooled_cancel.py");
+/// psycopg: PgBouncer's own pipeline test of a failed prepare beside eviction.
+const PSYCOPG_EVICT_PIPELINE: &str = include_str!("clients/pooled_evict_pipeline.py");
+/// psycopg: a prepared statement with 5,000 parameters.
+const PSYCOPG_LONG_STATEMENT: &str = include_str!("clients/pooled_long_statement.py");
 
 // ---------------------------------------------------------------------------------------------
 // Fixture
@@ -306,6 +310,57 @@ fn psycopg_clients_share_the_pool(pool_size: u32, first: usize, clients: usize) 
             "client {k}"
         );
     }
+}
+
+/// Runs `script` (its arguments a DSN and `rounds`) as two psycopg clients at once, one
+/// with each SSL negotiation, and checks each printed `ok N` for every round.
+fn two_psycopg_clients(f: &Fixture, router: &TestRouter, script: &str, rounds: usize) {
+    let children: Vec<Child> = [SslNegotiation::Postgres, SslNegotiation::Direct]
+        .into_iter()
+        .map(|negotiation| {
+            Command::new(python())
+                .arg("-c")
+                .arg(script)
+                .args([
+                    &f.libpq(router, negotiation).to_string(),
+                    &rounds.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run python")
+        })
+        .collect();
+    let expected: String = (0..rounds).map(|r| format!("ok {r}\n")).collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let output = wait_with_deadline(child, &format!("psycopg client {i}"), CLIENT_DEADLINE);
+        assert!(
+            output.status.success(),
+            "psycopg client {i} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            expected,
+            "client {i}"
+        );
+    }
+}
+
+/// PgBouncer's `test_evict_statement_cache_pipeline_failure` (its issue #1480: the test is
+/// flaky there), through psycopg on a pool of one backend that keeps one statement
+/// (`max_prepared_statements = 1`), two clients at once so the backend changes hands between
+/// their pipelines: a failed Parse in a pipeline leaves the client's other statement, and
+/// statements evicted inside a pipeline are prepared again where they run.
+#[test]
+fn psycopg_pipeline_with_a_failed_prepare_and_evictions_as_pgbouncers_test() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.max_prepared_statements = Some(1);
+    let router = f.router(&settings);
+    let rounds = 10;
+    two_psycopg_clients(f, &router, PSYCOPG_EVICT_PIPELINE, rounds);
 }
 
 #[test]
@@ -1125,6 +1180,90 @@ fn same_statement_under_different_search_paths_reads_each_clients_schema() {
     }
     assert_eq!(clients[0].0.value("show search_path"), "s1");
     assert_eq!(clients[1].0.value("show search_path"), "s2");
+}
+
+/// A named statement whose Parse is longer than the router's buffers (an ORM's `IN ($1, ...,
+/// $5000)`, or a long text): kept as a short one, run in later transactions and prepared
+/// again on a backend that lost it (evicted by another client's, `max_prepared_statements =
+/// 1`), also parsed and run in one pipeline; one past 1 MiB is refused with 54000 and the
+/// session goes on. (Each named Parse over 20 KiB was refused.)
+#[test]
+fn named_statements_longer_than_the_routers_buffers_work_across_transactions() {
+    let f = fixture();
+    let mut settings = PoolSettings::new(1);
+    settings.max_prepared_statements = Some(1);
+    let router = f.router(&settings);
+    let mut a = f.raw(&router, Mode::SslRequest, &[]);
+    let mut b = f.raw(&router, Mode::Direct, &[]);
+    let long =
+        |n: usize, marker: &str| format!("select '{marker}' || length('{}') as len", "x".repeat(n));
+    a.send(&[
+        parse("long", &long(60_000, "a"), &[]),
+        describe(b'S', "long"),
+        sync(),
+    ]);
+    assert_eq!(tags(&a.until_ready("long Parse")), "1 t T Z");
+    for round in 0..3 {
+        // Another client's statement takes the backend's one place.
+        b.send(&[
+            parse(&format!("other{round}"), "select 'other'", &[]),
+            bind_execute(&format!("other{round}"), &[]),
+            sync(),
+        ]);
+        assert_eq!(
+            rows(&b.until_ready("b"), "1 2 D C Z", "b"),
+            ["other"],
+            "round {round}"
+        );
+        a.send(&[bind_execute("long", &[]), sync()]);
+        assert_eq!(
+            rows(&a.until_ready("long Bind"), "2 D C Z", "long"),
+            ["a60000"],
+            "round {round}"
+        );
+    }
+    // Parsed, bound and run in one pipeline, beside a short one.
+    a.send(&[
+        parse("long2", &long(40_000, "c"), &[]),
+        parse("short", "select 'short'", &[]),
+        bind_execute("long2", &[]),
+        bind_execute("short", &[]),
+        sync(),
+    ]);
+    let replies = a.until_ready("pipeline");
+    assert_eq!(
+        tags(&replies),
+        "1 1 2 D C 2 D C Z",
+        "{:?}",
+        errors(&replies)
+    );
+    assert_eq!(data_row(&replies[3].1), [Some("c40000".to_owned())]);
+    // A name in use is 42P05 however long the Parse.
+    a.send(&[parse("long2", &long(30_000, "d"), &[]), sync()]);
+    let replies = a.until_ready("re-Parse");
+    assert_eq!(errors(&replies)[0].code, "42P05");
+    // Past 1 MiB: refused, and the session goes on.
+    a.send(&[parse("huge", &long(1 << 20, "e"), &[]), sync()]);
+    let replies = a.until_ready("huge Parse");
+    assert_eq!(tags(&replies), "E Z");
+    assert_eq!(errors(&replies)[0].code, "54000", "{:?}", errors(&replies));
+    assert_eq!(a.value("select 'after'"), "after");
+    a.send(&[bind_execute("long", &[]), sync()]);
+    assert_eq!(
+        rows(&a.until_ready("long Bind"), "2 D C Z", "long at the end"),
+        ["a60000"]
+    );
+}
+
+/// The same through psycopg: an `IN` list of 5,000 parameters prepared (its Parse and its
+/// Binds over the router's buffers), run in ten transactions by each of two clients on a pool
+/// of one.
+#[test]
+fn psycopg_statement_with_five_thousand_parameters_is_prepared_across_transactions() {
+    let f = fixture();
+    let router = f.router(&PoolSettings::new(1));
+    let rounds = 5;
+    two_psycopg_clients(f, &router, PSYCOPG_LONG_STATEMENT, rounds);
 }
 
 #[test]

@@ -1631,11 +1631,21 @@ fn long_queries_and_megabyte_values_stream_through_the_pooled_port() {
             .expect("a row");
         assert_eq!(row.get(0).map(str::len), Some(2_000_000));
         assert_eq!(row.get(1), Some("tail"));
-        // tokio-postgres names every statement; a named one over 20 KiB is refused (README).
-        let error = client
-            .query_one(&long_sql, &[])
+        // tokio-postgres names every statement: a named one over 20 KiB is gathered whole and
+        // kept, prepared once and run twice; one over 1 MiB is refused (README).
+        let statement = client
+            .prepare(&long_sql)
             .await
-            .expect_err("a named Parse over 20 KiB");
+            .expect("a 30 KiB named Parse");
+        for _ in 0..2 {
+            let row = client.query_one(&statement, &[]).await.expect("run");
+            assert_eq!(row.get::<_, &str>(0), (30 * 1024).to_string());
+        }
+        let huge = format!("select length('{}')::text", "x".repeat(2 * 1024 * 1024));
+        let error = client
+            .query_one(&huge, &[])
+            .await
+            .expect_err("a named Parse over 1 MiB");
         assert_db_error(&error, &SqlState::PROGRAM_LIMIT_EXCEEDED, "too long");
         let row = client
             .query_one("select 'after'", &[])

@@ -730,6 +730,19 @@ fn client_messages(
             Some(Piece::Rest { len }) => {
                 if stream.passing() {
                     out.extend_from_slice(&data[..len]);
+                } else if transient.gathering() {
+                    let mut translator = Translator {
+                        tx: &mut *tx,
+                        client: &mut *statements,
+                        backend: &mut *backend,
+                        max: max_prepared,
+                        texts,
+                        transient: &mut *transient,
+                        out: &mut *out,
+                    };
+                    translator
+                        .long_parse_rest(&data[..len], !stream.inside())
+                        .map_err(protocol)?;
                 }
                 plain.consume(len);
                 continue;
@@ -784,7 +797,7 @@ fn client_messages(
                     translator.parse(message).map_err(protocol)?;
                     false
                 }
-                fe::PARSE => translator.long_parse(message),
+                fe::PARSE => translator.long_parse(message, total),
                 fe::BIND | fe::DESCRIBE if tag == fe::BIND || whole => {
                     let taken = match tag {
                         fe::BIND => translator.bind(message, total),

@@ -16,7 +16,7 @@ use super::*;
 /// Named statements one pooled client may have at once ([`ClientStatements::has_room`]).
 pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
 /// Bytes one pooled client's named statements may take, at most: each is kept for the
-/// client's life (a Parse is at most 20 KiB, so 10,000 of them could be 200 MiB).
+/// client's life (a Parse may be up to 1 MiB, so 10,000 of them could be 10 GiB).
 pub const MAX_CLIENT_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// What one named statement costs its client's budget: its name and Parse message, and about

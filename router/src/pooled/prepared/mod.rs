@@ -60,7 +60,9 @@ pub use backend::{BackendStatements, Described, Plan};
 pub use client::{ClientStatements, MAX_CLIENT_STATEMENTS, MAX_CLIENT_STATEMENT_BYTES};
 pub use described::{apply_described, parameter_types, row_shape};
 pub use statement::{SharedTexts, Statement};
-pub use translator::{refuse, Malformed, Taken, Transient, Translator, REFUSAL_SQL};
+pub use translator::{
+    refuse, Malformed, Taken, Transient, Translator, MAX_LONG_PARSE_BYTES, REFUSAL_SQL,
+};
 pub use without_backend::{answer_idle, KnownGood};
 
 /// Longest statement or portal name accepted (PostgreSQL has no limit; clients use short ones).

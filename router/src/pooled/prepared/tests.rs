@@ -1007,3 +1007,38 @@ fn deallocate_all_pipelined_before_a_parse_and_deallocate_of_a_name_only_the_rou
     );
     assert!(f.client.is_empty());
 }
+
+#[test]
+fn a_named_parse_longer_than_a_buffer_is_gathered_and_kept() {
+    let mut f = Fixture::new(10);
+    let parse = parse_message("long", &format!("select '{}'", "x".repeat(30_000)));
+    let (start, rest) = parse.split_at(4_000);
+    assert!(
+        !f.t().long_parse(start, parse.len()),
+        "the rest is not passed on"
+    );
+    assert!(f.transient.gathering());
+    assert!(f.out.is_empty(), "nothing goes before it is all here");
+    let (middle, end) = rest.split_at(20_000);
+    f.t().long_parse_rest(middle, false).expect("well-formed");
+    assert!(f.out.is_empty());
+    f.t().long_parse_rest(end, true).expect("well-formed");
+    assert!(!f.transient.gathering());
+    let sent = messages(&f.out);
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].1.starts_with("bg_"), "renamed as a short one");
+    f.sync();
+    assert_eq!(f.reply(b"1Z"), b"1Z");
+    // Given to another backend whole in a later transaction.
+    f.on(BackendStatements::default());
+    let bind = bind_message("", "long");
+    assert_eq!(f.t().bind(&bind, bind.len()), Ok(Taken::Passed));
+    let sent = messages(&f.out);
+    assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PB");
+    // Over the bound: refused where it starts, nothing gathered.
+    let mut f = Fixture::new(10);
+    let total = MAX_LONG_PARSE_BYTES + 1;
+    assert!(!f.t().long_parse(&start[..100], total));
+    assert!(!f.transient.gathering());
+    assert!(f.client.is_empty());
+}

@@ -59,7 +59,23 @@ pub struct Transient {
     /// types ([`Translator::ensure`]): not replaced again right after (a check of the new plan
     /// that still told other types would otherwise loop).
     replaced: Option<Rc<Statement>>,
+    /// A named Parse too long to be read whole ([`Translator::long_parse`]), as much of it as
+    /// has come: taken as a whole one once it is all here.
+    long_parse: Option<Vec<u8>>,
 }
+
+impl Transient {
+    /// True while the pieces of a long named Parse are gathered
+    /// ([`Translator::long_parse_rest`]).
+    pub fn gathering(&self) -> bool {
+        self.long_parse.is_some()
+    }
+}
+
+/// The longest named Parse the router gathers from pieces to keep (more than its buffers
+/// hold): one is refused with 54000 past it. A client's statements are bounded besides
+/// ([`MAX_CLIENT_STATEMENT_BYTES`](super::client::MAX_CLIENT_STATEMENT_BYTES)).
+pub const MAX_LONG_PARSE_BYTES: usize = 1024 * 1024;
 
 /// Rewrites the client's extended-protocol messages that name statements for the backend it
 /// holds now, and answers for the router what it answers itself.
@@ -247,10 +263,12 @@ impl Translator<'_> {
         Ok(())
     }
 
-    /// The start of a Parse too long to keep: an unnamed one goes through (it cannot be given
-    /// to another backend later), a named one is refused with 54000. Returns whether the
-    /// rest of the message goes to the backend.
-    pub fn long_parse(&mut self, piece: &[u8]) -> bool {
+    /// The start of a Parse message too long to be read whole (over 20 KiB), of `total`
+    /// bytes: says whether its rest is passed on. The unnamed statement's goes to the backend
+    /// as it comes; a named one's is gathered ([`Translator::long_parse_rest`]) and then taken
+    /// as a whole Parse (an ORM's `IN ($1, ..., $5000)` is one), up to
+    /// [`MAX_LONG_PARSE_BYTES`]: a longer one is refused with 54000.
+    pub fn long_parse(&mut self, piece: &[u8], total: usize) -> bool {
         let unnamed = piece.get(HEADER_BYTES) == Some(&0);
         if unnamed || !self.enabled() {
             // Too long to read: what it did to the session is read back, and any lock it
@@ -266,12 +284,36 @@ impl Translator<'_> {
             self.tx.client_parse(None);
             return true;
         }
-        self.refuse(error(
-            SqlState::PROGRAM_LIMIT_EXCEEDED,
-            "a named prepared statement is too long for the pooled port: its Parse message must \
-             fit in 20 KiB (use the direct port, or an unnamed statement)",
-        ));
+        if total > MAX_LONG_PARSE_BYTES {
+            self.refuse(error(
+                SqlState::PROGRAM_LIMIT_EXCEEDED,
+                &format!(
+                    "a named prepared statement is too long for the pooled port: its Parse \
+                     message must fit in {} MiB (use the direct port, or an unnamed statement)",
+                    MAX_LONG_PARSE_BYTES / (1024 * 1024)
+                ),
+            ));
+            return false;
+        }
+        let mut gathered = Vec::with_capacity(total);
+        gathered.extend_from_slice(piece);
+        self.transient.long_parse = Some(gathered);
         false
+    }
+
+    /// More of the long named Parse [`Translator::long_parse`] began; `last` if the message
+    /// ends with it: then it is taken as a whole Parse.
+    pub fn long_parse_rest(&mut self, piece: &[u8], last: bool) -> Result<(), Malformed> {
+        let Some(gathered) = self.transient.long_parse.as_mut() else {
+            return Ok(());
+        };
+        gathered.extend_from_slice(piece);
+        if !last {
+            return Ok(());
+        }
+        let whole = std::mem::take(gathered);
+        self.transient.long_parse = None;
+        self.parse(&whole)
     }
 
     /// The unnamed statement a Bind or Describe names: the backend is given the client's
