@@ -84,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
                             transient: &mut transient,
                             out: &mut out,
                         };
-                        let _ = translator.long_parse_rest(&data[..len], !stream.inside());
+                        let _ = translator.gathered_rest(&data[..len], !stream.inside());
                     }
                     plain.consume(len);
                     continue;
@@ -138,6 +138,7 @@ fuzz_target!(|data: &[u8]| {
                     translator.query(message);
                     false
                 }
+                b'Q' => translator.long_query(message, total),
                 _ => {
                     let send = translator.tx.client(tag, data.get(5).copied().unwrap_or(0));
                     if send == Send::Forward {

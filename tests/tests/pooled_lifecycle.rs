@@ -1190,7 +1190,13 @@ fn sql_level_prepare_is_refused_with_0a000_and_aborts_a_transaction_block() {
     let f = fixture();
     let router = f.router(&PoolSettings::new(1), "app");
     let mut a = f.raw(&router, "app", Mode::SslRequest);
-    for sql in ["PREPARE p1 AS select 1", "  prepare p2 (int) as select $1;"] {
+    // A query longer than the router's buffers is read whole all the same.
+    let long = format!("PREPARE p3 AS select '{}'", "x".repeat(40 * 1024));
+    for sql in [
+        "PREPARE p1 AS select 1",
+        "  prepare p2 (int) as select $1;",
+        long.as_str(),
+    ] {
         let replies = a.simple(sql);
         let refusals = errors(&replies);
         assert_eq!(refusals.len(), 1, "{sql}: {}", tags(&replies));
@@ -1207,7 +1213,7 @@ fn sql_level_prepare_is_refused_with_0a000_and_aborts_a_transaction_block() {
         assert_eq!(RawConn::status(&replies), 'I', "{sql}");
     }
     // None of them left a statement behind on the (one) backend.
-    for name in ["p1", "p2"] {
+    for name in ["p1", "p2", "p3"] {
         let replies = a.simple(&format!("EXECUTE {name}"));
         assert_eq!(error_codes(&replies), ["26000"], "EXECUTE {name}");
     }

@@ -22,7 +22,6 @@ use super::lost::{as_error, lost, LOST_BACKEND};
 use super::params::{self, ClientParams, Synced};
 use super::pool::Backend;
 use super::prepared::{self, BackendStatements, ClientStatements, Taken, Transient, Translator};
-use super::query_text;
 use super::stream::{BadLength, MessageStream, Piece};
 use super::transaction::{Reply, Resets, Send, Transaction};
 use super::{readable, sleep_until, Client, End, BACKEND_FAILED};
@@ -741,7 +740,7 @@ fn client_messages(
                         out: &mut *out,
                     };
                     translator
-                        .long_parse_rest(&data[..len], !stream.inside())
+                        .gathered_rest(&data[..len], !stream.inside())
                         .map_err(protocol)?;
                 }
                 plain.consume(len);
@@ -822,19 +821,7 @@ fn client_messages(
                     translator.query(message);
                     false
                 }
-                fe::QUERY => {
-                    // Too long to read: what it did to the session is read back.
-                    translator
-                        .tx
-                        .parameter_change(query_text::ParameterChange::Unknown);
-                    translator
-                        .tx
-                        .parameter_change(query_text::ParameterChange::Residue);
-                    translator.simple_query_starts();
-                    translator.tx.client(fe::QUERY, 0);
-                    out.extend_from_slice(message);
-                    true
-                }
+                fe::QUERY => translator.long_query(message, total),
                 _ => {
                     let kind = data.get(HEADER_BYTES).copied().unwrap_or(0);
                     let send = translator.tx.client(tag, kind) == Send::Forward;

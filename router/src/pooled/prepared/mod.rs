@@ -61,7 +61,7 @@ pub use client::{ClientStatements, MAX_CLIENT_STATEMENTS, MAX_CLIENT_STATEMENT_B
 pub use described::{apply_described, parameter_types, row_shape};
 pub use statement::{SharedTexts, Statement};
 pub use translator::{
-    refuse, Malformed, Taken, Transient, Translator, MAX_LONG_PARSE_BYTES, REFUSAL_SQL,
+    refuse, Malformed, Taken, Transient, Translator, MAX_GATHERED_BYTES, REFUSAL_SQL,
 };
 pub use without_backend::{answer_idle, KnownGood};
 

@@ -1020,9 +1020,9 @@ fn a_named_parse_longer_than_a_buffer_is_gathered_and_kept() {
     assert!(f.transient.gathering());
     assert!(f.out.is_empty(), "nothing goes before it is all here");
     let (middle, end) = rest.split_at(20_000);
-    f.t().long_parse_rest(middle, false).expect("well-formed");
+    f.t().gathered_rest(middle, false).expect("well-formed");
     assert!(f.out.is_empty());
-    f.t().long_parse_rest(end, true).expect("well-formed");
+    f.t().gathered_rest(end, true).expect("well-formed");
     assert!(!f.transient.gathering());
     let sent = messages(&f.out);
     assert_eq!(sent.len(), 1);
@@ -1037,7 +1037,7 @@ fn a_named_parse_longer_than_a_buffer_is_gathered_and_kept() {
     assert_eq!(sent.iter().map(|m| m.0).collect::<String>(), "PB");
     // Over the bound: refused where it starts, nothing gathered.
     let mut f = Fixture::new(10);
-    let total = MAX_LONG_PARSE_BYTES + 1;
+    let total = MAX_GATHERED_BYTES + 1;
     assert!(!f.t().long_parse(&start[..100], total));
     assert!(!f.transient.gathering());
     assert!(f.client.is_empty());

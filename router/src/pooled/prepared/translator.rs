@@ -59,23 +59,25 @@ pub struct Transient {
     /// types ([`Translator::ensure`]): not replaced again right after (a check of the new plan
     /// that still told other types would otherwise loop).
     replaced: Option<Rc<Statement>>,
-    /// A named Parse too long to be read whole ([`Translator::long_parse`]), as much of it as
-    /// has come: taken as a whole one once it is all here.
-    long_parse: Option<Vec<u8>>,
+    /// A Parse or simple Query too long to be read whole ([`Translator::long_parse`],
+    /// [`Translator::long_query`]), as much of it as has come: taken as a whole one once it
+    /// is all here.
+    gathered: Option<Vec<u8>>,
 }
 
 impl Transient {
-    /// True while the pieces of a long named Parse are gathered
-    /// ([`Translator::long_parse_rest`]).
+    /// True while the pieces of a long Parse or Query are gathered
+    /// ([`Translator::gathered_rest`]).
     pub fn gathering(&self) -> bool {
-        self.long_parse.is_some()
+        self.gathered.is_some()
     }
 }
 
-/// The longest named Parse the router gathers from pieces to keep (more than its buffers
-/// hold): one is refused with 54000 past it. A client's statements are bounded besides
-/// ([`MAX_CLIENT_STATEMENT_BYTES`](super::client::MAX_CLIENT_STATEMENT_BYTES)).
-pub const MAX_LONG_PARSE_BYTES: usize = 1024 * 1024;
+/// The longest Parse or simple Query the router gathers from pieces to read whole (more than
+/// its buffers hold). A named Parse past it is refused with 54000; an unnamed one or a Query
+/// goes on in pieces, unread (its session is read back after it). A client's statements are
+/// bounded besides ([`MAX_CLIENT_STATEMENT_BYTES`](super::client::MAX_CLIENT_STATEMENT_BYTES)).
+pub const MAX_GATHERED_BYTES: usize = 1024 * 1024;
 
 /// Rewrites the client's extended-protocol messages that name statements for the backend it
 /// holds now, and answers for the router what it answers itself.
@@ -264,47 +266,68 @@ impl Translator<'_> {
     }
 
     /// The start of a Parse message too long to be read whole (over 20 KiB), of `total`
-    /// bytes: says whether its rest is passed on. The unnamed statement's goes to the backend
-    /// as it comes; a named one's is gathered ([`Translator::long_parse_rest`]) and then taken
-    /// as a whole Parse (an ORM's `IN ($1, ..., $5000)` is one), up to
-    /// [`MAX_LONG_PARSE_BYTES`]: a longer one is refused with 54000.
+    /// bytes: says whether its rest is passed on as it comes. It is gathered
+    /// ([`Translator::gathered_rest`]) and then taken as a whole Parse (an ORM's `IN ($1, ...,
+    /// $5000)` is one), up to [`MAX_GATHERED_BYTES`]; a longer named one is refused with
+    /// 54000, a longer unnamed one goes on unread.
     pub fn long_parse(&mut self, piece: &[u8], total: usize) -> bool {
         let unnamed = piece.get(HEADER_BYTES) == Some(&0);
+        if total <= MAX_GATHERED_BYTES && self.enabled() {
+            self.gather(piece, total);
+            return false;
+        }
         if unnamed || !self.enabled() {
             // Too long to read: what it did to the session is read back, and any lock it
             // took released.
             self.tx.parameter_change(ParameterChange::Unknown);
             self.tx.parameter_change(ParameterChange::Residue);
-            // Too long to keep for another backend: this one is held until the client binds
-            // it (a driver's Parse+Sync, then Bind+Execute+Sync), replaces or drops it.
-            self.tx.hold_for_unnamed(unnamed);
-            self.client.unnamed = None;
-            self.transient.unnamed_here = true;
+            self.hold_long_unnamed(unnamed);
             self.out.extend_from_slice(piece);
             self.tx.client_parse(None);
             return true;
         }
-        if total > MAX_LONG_PARSE_BYTES {
-            self.refuse(error(
-                SqlState::PROGRAM_LIMIT_EXCEEDED,
-                &format!(
-                    "a named prepared statement is too long for the pooled port: its Parse \
-                     message must fit in {} MiB (use the direct port, or an unnamed statement)",
-                    MAX_LONG_PARSE_BYTES / (1024 * 1024)
-                ),
-            ));
-            return false;
-        }
-        let mut gathered = Vec::with_capacity(total);
-        gathered.extend_from_slice(piece);
-        self.transient.long_parse = Some(gathered);
+        self.refuse(error(
+            SqlState::PROGRAM_LIMIT_EXCEEDED,
+            &format!(
+                "a named prepared statement is too long for the pooled port: its Parse message \
+                 must fit in {} MiB (use the direct port, or an unnamed statement)",
+                MAX_GATHERED_BYTES / (1024 * 1024)
+            ),
+        ));
         false
     }
 
-    /// More of the long named Parse [`Translator::long_parse`] began; `last` if the message
-    /// ends with it: then it is taken as a whole Parse.
-    pub fn long_parse_rest(&mut self, piece: &[u8], last: bool) -> Result<(), Malformed> {
-        let Some(gathered) = self.transient.long_parse.as_mut() else {
+    /// The start of a simple Query too long to be read whole (over 20 KiB: a bulk `INSERT
+    /// ... VALUES` of literals), of `total` bytes: says whether its rest is passed on as it
+    /// comes. It is gathered ([`Translator::gathered_rest`]) and then read as a whole one, up
+    /// to [`MAX_GATHERED_BYTES`]; a longer one goes on unread.
+    pub fn long_query(&mut self, piece: &[u8], total: usize) -> bool {
+        if total <= MAX_GATHERED_BYTES {
+            self.gather(piece, total);
+            return false;
+        }
+        // Too long to read: what it did to the session is read back.
+        self.tx.parameter_change(ParameterChange::Unknown);
+        self.tx.parameter_change(ParameterChange::Residue);
+        self.simple_query_starts();
+        self.tx.client(fe::QUERY, 0);
+        self.out.extend_from_slice(piece);
+        true
+    }
+
+    /// Gathers a long message from its first `piece`, `total` bytes in all.
+    fn gather(&mut self, piece: &[u8], total: usize) {
+        let mut gathered = Vec::with_capacity(total);
+        gathered.extend_from_slice(piece);
+        self.transient.gathered = Some(gathered);
+    }
+
+    /// More of the long Parse or Query that [`Translator::long_parse`] or
+    /// [`Translator::long_query`] began to gather; `last` if the message ends with it: then
+    /// it is taken as a whole one. An unnamed statement that long is not kept for another
+    /// backend: this one is held for it ([`Translator::hold_long_unnamed`]).
+    pub fn gathered_rest(&mut self, piece: &[u8], last: bool) -> Result<(), Malformed> {
+        let Some(gathered) = self.transient.gathered.as_mut() else {
             return Ok(());
         };
         gathered.extend_from_slice(piece);
@@ -312,8 +335,29 @@ impl Translator<'_> {
             return Ok(());
         }
         let whole = std::mem::take(gathered);
-        self.transient.long_parse = None;
-        self.parse(&whole)
+        self.transient.gathered = None;
+        match whole.first().copied() {
+            Some(fe::PARSE) => {
+                self.parse(&whole)?;
+                if whole.get(HEADER_BYTES) == Some(&0) {
+                    self.hold_long_unnamed(true);
+                }
+            }
+            Some(fe::QUERY) => {
+                self.query(&whole);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The client's unnamed statement is on this backend only (too long to keep for another):
+    /// the backend is held until the client binds it (a driver's Parse+Sync, then
+    /// Bind+Execute+Sync), replaces it or drops it.
+    fn hold_long_unnamed(&mut self, unnamed: bool) {
+        self.tx.hold_for_unnamed(unnamed);
+        self.client.unnamed = None;
+        self.transient.unnamed_here = true;
     }
 
     /// The unnamed statement a Bind or Describe names: the backend is given the client's
