@@ -37,6 +37,8 @@ impl SqlState {
     pub const INVALID_CATALOG_NAME: Self = Self::new("3D000");
     /// 53300 too_many_connections.
     pub const TOO_MANY_CONNECTIONS: Self = Self::new("53300");
+    /// 53200 out_of_memory: a bound of the router's memory was reached.
+    pub const OUT_OF_MEMORY: Self = Self::new("53200");
     /// 57014 query_canceled.
     pub const QUERY_CANCELED: Self = Self::new("57014");
     /// 42601 syntax_error (an `options` startup parameter PostgreSQL cannot read).

@@ -1,5 +1,6 @@
 //! The client's extended-protocol messages rewritten for the backend it holds.
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use crate::pooled::query_text::{
@@ -62,7 +63,51 @@ pub struct Transient {
     /// A Parse or simple Query too long to be read whole ([`Translator::long_parse`],
     /// [`Translator::long_query`]), as much of it as has come: taken as a whole one once it
     /// is all here.
-    gathered: Option<Vec<u8>>,
+    gathered: Option<Gathered>,
+}
+
+/// The bytes of long messages one worker gathers at once, all its clients' together
+/// ([`MAX_GATHERED_BYTES`] each): past it, a long query or unnamed Parse goes on unread and a
+/// long named Parse is refused with 53200 until others are done. (A client gathering holds a
+/// backend, so without it the bound would be every backend's 1 MiB.)
+pub const MAX_GATHERED_PER_WORKER: usize = 64 * 1024 * 1024;
+
+thread_local! {
+    /// This worker's gathered bytes ([`Gathered`]).
+    static GATHERED_BYTES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A long message being gathered, counted against [`MAX_GATHERED_PER_WORKER`] while it lives.
+#[derive(Debug)]
+struct Gathered {
+    bytes: Vec<u8>,
+    counted: usize,
+}
+
+impl Gathered {
+    /// Room for a message of `total` bytes, from its first `piece`; `None` if the worker has
+    /// none left.
+    fn new(piece: &[u8], total: usize) -> Option<Gathered> {
+        GATHERED_BYTES.with(|gathered| {
+            let now = gathered.get().checked_add(total)?;
+            if now > MAX_GATHERED_PER_WORKER {
+                return None;
+            }
+            gathered.set(now);
+            let mut bytes = Vec::with_capacity(total);
+            bytes.extend_from_slice(piece);
+            Some(Gathered {
+                bytes,
+                counted: total,
+            })
+        })
+    }
+}
+
+impl Drop for Gathered {
+    fn drop(&mut self) {
+        GATHERED_BYTES.with(|gathered| gathered.set(gathered.get().saturating_sub(self.counted)));
+    }
 }
 
 impl Transient {
@@ -273,8 +318,17 @@ impl Translator<'_> {
     pub fn long_parse(&mut self, piece: &[u8], total: usize) -> bool {
         let unnamed = piece.get(HEADER_BYTES) == Some(&0);
         if total <= MAX_GATHERED_BYTES && self.enabled() {
-            self.gather(piece, total);
-            return false;
+            if self.gather(piece, total) {
+                return false;
+            }
+            if !unnamed {
+                self.refuse(error(
+                    SqlState::OUT_OF_MEMORY,
+                    "too many long statements are arriving at once on the pooled port: try \
+                     again",
+                ));
+                return false;
+            }
         }
         if unnamed || !self.enabled() {
             // Too long to read: what it did to the session is read back, and any lock it
@@ -302,8 +356,7 @@ impl Translator<'_> {
     /// comes. It is gathered ([`Translator::gathered_rest`]) and then read as a whole one, up
     /// to [`MAX_GATHERED_BYTES`]; a longer one goes on unread.
     pub fn long_query(&mut self, piece: &[u8], total: usize) -> bool {
-        if total <= MAX_GATHERED_BYTES {
-            self.gather(piece, total);
+        if total <= MAX_GATHERED_BYTES && self.gather(piece, total) {
             return false;
         }
         // Too long to read: what it did to the session is read back.
@@ -315,11 +368,11 @@ impl Translator<'_> {
         true
     }
 
-    /// Gathers a long message from its first `piece`, `total` bytes in all.
-    fn gather(&mut self, piece: &[u8], total: usize) {
-        let mut gathered = Vec::with_capacity(total);
-        gathered.extend_from_slice(piece);
-        self.transient.gathered = Some(gathered);
+    /// Gathers a long message from its first `piece`, `total` bytes in all; false if the
+    /// worker has no room for it ([`MAX_GATHERED_PER_WORKER`]).
+    fn gather(&mut self, piece: &[u8], total: usize) -> bool {
+        self.transient.gathered = Gathered::new(piece, total);
+        self.transient.gathered.is_some()
     }
 
     /// More of the long Parse or Query that [`Translator::long_parse`] or
@@ -330,12 +383,15 @@ impl Translator<'_> {
         let Some(gathered) = self.transient.gathered.as_mut() else {
             return Ok(());
         };
-        gathered.extend_from_slice(piece);
+        gathered.bytes.extend_from_slice(piece);
         if !last {
             return Ok(());
         }
-        let whole = std::mem::take(gathered);
-        self.transient.gathered = None;
+        // Counted until it has been taken.
+        let Some(mut done) = self.transient.gathered.take() else {
+            return Ok(());
+        };
+        let whole = std::mem::take(&mut done.bytes);
         match whole.first().copied() {
             Some(fe::PARSE) => {
                 self.parse(&whole)?;
@@ -692,4 +748,26 @@ impl Translator<'_> {
 fn unshared() -> u64 {
     static UNSHARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     UNSHARED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod gathered_tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_gathered_bytes_are_bounded_and_given_back() {
+        let piece = b"Q\0\0\0\0select";
+        let each = MAX_GATHERED_BYTES;
+        let held: Vec<Gathered> = (0..MAX_GATHERED_PER_WORKER / each)
+            .map(|i| Gathered::new(piece, each).unwrap_or_else(|| panic!("room for {i}")))
+            .collect();
+        assert!(Gathered::new(piece, each).is_none(), "the worker's bound");
+        assert!(Gathered::new(piece, 1).is_none());
+        drop(held);
+        assert!(
+            Gathered::new(piece, each).is_some(),
+            "given back when dropped"
+        );
+        assert_eq!(GATHERED_BYTES.with(Cell::get), 0);
+    }
 }
