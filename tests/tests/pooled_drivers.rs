@@ -35,6 +35,9 @@ const ASYNCPG_ROLE: &str = "apg";
 const ASYNCPG_USER: &str = "apg.b1";
 const ASYNCPG_PASSWORD: &str = "pscale_pw_drivers_apg_R7q";
 /// asyncpg's role for the DDL test (which owns its table).
+const SQLA_ROLE: &str = "sqla";
+const SQLA_USER: &str = "sqla.b1";
+const SQLA_PASSWORD: &str = "pscale_pw_drivers_sqla_T3w";
 const DDL_ROLE: &str = "apgddl";
 const DDL_USER: &str = "apgddl.b1";
 const DDL_PASSWORD: &str = "pscale_pw_drivers_ddl_T3n";
@@ -64,6 +67,8 @@ const CLIENT_DEADLINE: Duration = Duration::from_secs(180);
 const ASYNCPG_WORK: &str = include_str!("clients/pooled_asyncpg.py");
 /// asyncpg: a statement prepared before a DDL that changes its row shape, run again after it.
 const ASYNCPG_DDL: &str = include_str!("clients/pooled_asyncpg_ddl.py");
+/// SQLAlchemy's ORM on asyncpg: bulk inserts, selectinload, updates, a rollback.
+const SQLALCHEMY_WORK: &str = include_str!("clients/pooled_sqlalchemy.py");
 
 struct Fixture {
     certs: Certs,
@@ -77,12 +82,13 @@ fn fixture() -> &'static Fixture {
         pg.create_role(ASYNCPG_ROLE, ASYNCPG_PASSWORD);
         pg.create_role(JDBC_ROLE, JDBC_PASSWORD);
         pg.create_role(DDL_ROLE, DDL_PASSWORD);
+        pg.create_role(SQLA_ROLE, SQLA_PASSWORD);
         pg.create_role(POSTGRESJS_ROLE, POSTGRESJS_PASSWORD);
         pg.create_role(NODE_PG_ROLE, NODE_PG_PASSWORD);
         pg.psql_admin(
             "CREATE TABLE pooled_items (client text NOT NULL, n int NOT NULL); \
              GRANT ALL ON pooled_items TO apg, jdbc, pjs, npg; \
-             GRANT CREATE ON SCHEMA public TO apgddl, jdbc, pjs, npg; \
+             GRANT CREATE ON SCHEMA public TO apgddl, jdbc, pjs, npg, sqla; \
              CREATE TYPE mood AS ENUM ('sad', 'happy')",
         );
         pg.create_marked_schemas(&["s1", "s2"], "apg, jdbc");
@@ -173,6 +179,44 @@ fn asyncpg_clients_sharing_a_pool_of_two_keep_their_statements_settings_and_copi
              a{k} pool True {}\n",
             ROUNDS + 50,
             ROUNDS + 1
+        )
+    });
+}
+
+/// SQLAlchemy 2.0's ORM on asyncpg, the pairing PgBouncer users most often report prepared
+/// statement errors with (asyncpg's names are the same in every client): five clients with
+/// pools of their own on a router pool of two; each bulk-inserts 3,000 rows through
+/// insertmanyvalues (a prepared INSERT of 3,000 parameters, its Parse over 20 KiB), then runs
+/// ORM transactions (selectinload, filters, updates) and one that fails.
+#[test]
+fn sqlalchemy_asyncpg_clients_bulk_insert_and_query_through_a_pool_of_two() {
+    let f = fixture();
+    let router = f.router(SQLA_ROLE);
+    let sampler = BackendSampler::start(&f.pg, SQLA_ROLE);
+    let port = router.pooled_addr().port().to_string();
+    let ca = f.certs.ca_path();
+    let children = (1..=CLIENTS)
+        .map(|k| {
+            let child = Command::new(python())
+                .arg("-c")
+                .arg(SQLALCHEMY_WORK)
+                .args([&port, SQLA_USER, SQLA_PASSWORD])
+                .arg(&ca)
+                .args([&k.to_string(), &ROUNDS.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run python");
+            (k, child)
+        })
+        .collect();
+    check_clients(SQLA_ROLE, sampler, children, |k| {
+        format!(
+            "q{k} bulk 3000
+q{k} orm {ROUNDS}
+q{k} rollback 22012 0
+"
         )
     });
 }
