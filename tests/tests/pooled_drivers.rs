@@ -187,7 +187,8 @@ fn asyncpg_clients_sharing_a_pool_of_two_keep_their_statements_settings_and_copi
 /// statement errors with (asyncpg's names are the same in every client): five clients with
 /// pools of their own on a router pool of two; each bulk-inserts 3,000 rows through
 /// insertmanyvalues (a prepared INSERT of 3,000 parameters, its Parse over 20 KiB), then runs
-/// ORM transactions (selectinload, filters, updates) and one that fails.
+/// ORM transactions (selectinload, filters, updates), AUTOCOMMIT statements (sqlalchemy
+/// #12836) and a transaction that fails.
 #[test]
 fn sqlalchemy_asyncpg_clients_bulk_insert_and_query_through_a_pool_of_two() {
     let f = fixture();
@@ -213,10 +214,10 @@ fn sqlalchemy_asyncpg_clients_bulk_insert_and_query_through_a_pool_of_two() {
         .collect();
     check_clients(SQLA_ROLE, sampler, children, |k| {
         format!(
-            "q{k} bulk 3000
-q{k} orm {ROUNDS}
-q{k} rollback 22012 0
-"
+            "q{k} bulk 3000\n\
+             q{k} orm {ROUNDS}\n\
+             q{k} autocommit {ROUNDS}\n\
+             q{k} rollback 22012 0\n"
         )
     });
 }

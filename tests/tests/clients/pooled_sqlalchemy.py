@@ -83,6 +83,14 @@ async def main():
             n = await session.scalar(select(Line.n).where(Line.note == f"{tag}-{r}"))
         assert n == r * k + 1, (r, n)
     print(tag, "orm", rounds)
+    # AUTOCOMMIT (sqlalchemy #12836: "prepared statement not found" through a transaction
+    # pooler): each statement prepared in one transaction and run in the next.
+    auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+    async with auto.connect() as conn:
+        for r in range(rounds):
+            n = await conn.scalar(select(Line.n).where(Line.note == f"{tag}-{r}"))
+            assert n == r * k + 1, (r, n)
+    print(tag, "autocommit", rounds)
     # A failed transaction is rolled back whole; the connection goes on.
     try:
         async with sessions.begin() as session:
