@@ -59,6 +59,20 @@ fuzz_target!(|data: &[u8]| {
         plain.spare_mut()[..room].copy_from_slice(&client[at..at + room]);
         plain.commit(room);
         at += room;
+        // The prepared-statement translator over the state above.
+        macro_rules! translator {
+            () => {
+                Translator {
+                    tx: &mut tx,
+                    client: &mut client_names,
+                    backend: &mut backend,
+                    max,
+                    texts: &texts,
+                    transient: &mut transient,
+                    out: &mut out,
+                }
+            };
+        }
         loop {
             let first = plain.data().first().copied();
             let prefix = if first == Some(b'B') { 300 } else { HEADER_BYTES + 1 };
@@ -75,16 +89,7 @@ fuzz_target!(|data: &[u8]| {
                     if stream.passing() {
                         out.extend_from_slice(&data[..len]);
                     } else if transient.gathering() {
-                        let mut translator = Translator {
-                            tx: &mut tx,
-                            client: &mut client_names,
-                            backend: &mut backend,
-                            max,
-                            texts: &texts,
-                            transient: &mut transient,
-                            out: &mut out,
-                        };
-                        let _ = translator.gathered_rest(&data[..len], !stream.inside());
+                        let _ = translator!().gathered_rest(&data[..len], !stream.inside());
                     }
                     plain.consume(len);
                     continue;
@@ -96,15 +101,7 @@ fuzz_target!(|data: &[u8]| {
             let total = usize::try_from(u32::from_be_bytes([data[1], data[2], data[3], data[4]]))
                 .unwrap_or(usize::MAX)
                 .saturating_add(1);
-            let mut translator = Translator {
-                tx: &mut tx,
-                client: &mut client_names,
-                backend: &mut backend,
-                max,
-                texts: &texts,
-                transient: &mut transient,
-                out: &mut out,
-            };
+            let mut translator = translator!();
             // Whether the rest of a long message goes on (whole ones are done with).
             let pass = match tag {
                 b'P' if whole => {

@@ -137,19 +137,23 @@ fn check_clients(
     );
 }
 
-#[test]
-fn asyncpg_clients_sharing_a_pool_of_two_keep_their_statements_settings_and_copies() {
-    let f = fixture();
-    let router = f.router(ASYNCPG_ROLE);
-    let sampler = BackendSampler::start(&f.pg, ASYNCPG_ROLE);
+/// Starts [`CLIENTS`] clients running the Python `script` against `router`'s pooled port, each
+/// given the port, `user`, `password`, the CA file, its number k and [`ROUNDS`].
+fn python_clients(
+    f: &Fixture,
+    router: &TestRouter,
+    script: &str,
+    user: &str,
+    password: &str,
+) -> Vec<(usize, Child)> {
     let port = router.pooled_addr().port().to_string();
     let ca = f.certs.ca_path();
-    let children = (1..=CLIENTS)
+    (1..=CLIENTS)
         .map(|k| {
             let child = Command::new(python())
                 .arg("-c")
-                .arg(ASYNCPG_WORK)
-                .args([&port, ASYNCPG_USER, ASYNCPG_PASSWORD])
+                .arg(script)
+                .args([&port, user, password])
                 .arg(&ca)
                 .args([&k.to_string(), &ROUNDS.to_string()])
                 .stdin(Stdio::null())
@@ -159,7 +163,15 @@ fn asyncpg_clients_sharing_a_pool_of_two_keep_their_statements_settings_and_copi
                 .expect("run python");
             (k, child)
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn asyncpg_clients_sharing_a_pool_of_two_keep_their_statements_settings_and_copies() {
+    let f = fixture();
+    let router = f.router(ASYNCPG_ROLE);
+    let sampler = BackendSampler::start(&f.pg, ASYNCPG_ROLE);
+    let children = python_clients(f, &router, ASYNCPG_WORK, ASYNCPG_USER, ASYNCPG_PASSWORD);
     check_clients(ASYNCPG_ROLE, sampler, children, |k| {
         let moods = if k % 2 == 1 {
             "['happy', 'sad']"
@@ -194,24 +206,7 @@ fn sqlalchemy_asyncpg_clients_bulk_insert_and_query_through_a_pool_of_two() {
     let f = fixture();
     let router = f.router(SQLA_ROLE);
     let sampler = BackendSampler::start(&f.pg, SQLA_ROLE);
-    let port = router.pooled_addr().port().to_string();
-    let ca = f.certs.ca_path();
-    let children = (1..=CLIENTS)
-        .map(|k| {
-            let child = Command::new(python())
-                .arg("-c")
-                .arg(SQLALCHEMY_WORK)
-                .args([&port, SQLA_USER, SQLA_PASSWORD])
-                .arg(&ca)
-                .args([&k.to_string(), &ROUNDS.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("run python");
-            (k, child)
-        })
-        .collect();
+    let children = python_clients(f, &router, SQLALCHEMY_WORK, SQLA_USER, SQLA_PASSWORD);
     check_clients(SQLA_ROLE, sampler, children, |k| {
         format!(
             "q{k} bulk 3000\n\

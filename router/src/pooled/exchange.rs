@@ -720,6 +720,20 @@ fn client_messages(
         queries,
     } = side;
     let protocol = |e: prepared::Malformed| Step::Protocol(e.to_string());
+    // The prepared-statement translator over this client's and backend's state.
+    macro_rules! translator {
+        () => {
+            Translator {
+                tx: &mut *tx,
+                client: &mut *statements,
+                backend: &mut *backend,
+                max: max_prepared,
+                texts,
+                transient: &mut *transient,
+                out: &mut *out,
+            }
+        };
+    }
     loop {
         let piece =
             client_piece(stream, plain.data()).map_err(|e| Step::Protocol(e.to_string()))?;
@@ -730,16 +744,7 @@ fn client_messages(
                 if stream.passing() {
                     out.extend_from_slice(&data[..len]);
                 } else if transient.gathering() {
-                    let mut translator = Translator {
-                        tx: &mut *tx,
-                        client: &mut *statements,
-                        backend: &mut *backend,
-                        max: max_prepared,
-                        texts,
-                        transient: &mut *transient,
-                        out: &mut *out,
-                    };
-                    translator
+                    translator!()
                         .gathered_rest(&data[..len], !stream.inside())
                         .map_err(protocol)?;
                 }
@@ -777,15 +782,7 @@ fn client_messages(
                 continue;
             }
         }
-        let mut translator = Translator {
-            tx: &mut *tx,
-            client: &mut *statements,
-            backend: &mut *backend,
-            max: max_prepared,
-            texts,
-            transient: &mut *transient,
-            out: &mut *out,
-        };
+        let mut translator = translator!();
         let pass_rest = {
             match tag {
                 fe::TERMINATE => {
