@@ -295,8 +295,8 @@ pub(super) async fn transaction(
             // Idle holding the backend: in a transaction block, in an extended-protocol batch
             // not synced yet (a Flush without Sync) or a COPY, with nothing owed by the backend
             // (a query running is not idle), or stopped halfway through a message too long to
-            // wait for whole (part of it is on the backend, which it holds as a transaction
-            // would).
+            // wait for whole (part of it is on the backend, or gathered by the router, and the
+            // client holds the backend as a transaction would).
             // While the backend still owes replies, the clock starts when it has sent the
             // last (the backend direction wakes `progress` after each batch of replies).
             let waited = loop {
