@@ -316,13 +316,13 @@ impl BoundLookup {
             Argument::Written(name) => name,
             Argument::Parameter(number) => {
                 let name = bind_parameter(bind_rest, number)?.unwrap_or_default();
-                if !LOOKUP
+                let Some(lookup) = LOOKUP
                     .iter()
-                    .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-                {
+                    .find(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                else {
                     return Ok(None);
-                }
-                hash_of(&[&name.to_ascii_lowercase()])
+                };
+                hash_of(&[lookup.as_bytes()])
             }
         };
         let mut hash = std::hash::DefaultHasher::new();

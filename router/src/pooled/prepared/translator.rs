@@ -331,10 +331,7 @@ impl Translator<'_> {
             }
         }
         if unnamed || !self.enabled() {
-            // Too long to read: what it did to the session is read back, and any lock it
-            // took released.
-            self.tx.parameter_change(ParameterChange::Unknown);
-            self.tx.parameter_change(ParameterChange::Residue);
+            self.unread();
             self.hold_long_unnamed(unnamed);
             self.out.extend_from_slice(piece);
             self.tx.client_parse(None);
@@ -359,13 +356,18 @@ impl Translator<'_> {
         if total <= MAX_GATHERED_BYTES && self.gather(piece, total) {
             return false;
         }
-        // Too long to read: what it did to the session is read back.
-        self.tx.parameter_change(ParameterChange::Unknown);
-        self.tx.parameter_change(ParameterChange::Residue);
+        self.unread();
         self.simple_query_starts();
         self.tx.client(fe::QUERY, 0);
         self.out.extend_from_slice(piece);
         true
+    }
+
+    /// A message goes on too long to read: what it did to the session is read back, and any
+    /// lock or temporary table it left cleaned up, before the backend is lent again.
+    fn unread(&mut self) {
+        self.tx.parameter_change(ParameterChange::Unknown);
+        self.tx.parameter_change(ParameterChange::Residue);
     }
 
     /// Gathers a long message from its first `piece`, `total` bytes in all; false if the
@@ -388,19 +390,19 @@ impl Translator<'_> {
             return Ok(());
         }
         // Counted until it has been taken.
-        let Some(mut done) = self.transient.gathered.take() else {
+        let Some(done) = self.transient.gathered.take() else {
             return Ok(());
         };
-        let whole = std::mem::take(&mut done.bytes);
+        let whole = &done.bytes;
         match whole.first().copied() {
             Some(fe::PARSE) => {
-                self.parse(&whole)?;
+                self.parse(whole)?;
                 if whole.get(HEADER_BYTES) == Some(&0) {
                     self.hold_long_unnamed(true);
                 }
             }
             Some(fe::QUERY) => {
-                self.query(&whole);
+                self.query(whole);
             }
             _ => {}
         }
@@ -532,23 +534,13 @@ impl Translator<'_> {
                 Resolved::Check => return Ok(Taken::Check),
             }
         };
-        if let Some(statement) = &statement {
-            // A statement prepared in an earlier transaction: its Parse was followed then.
-            let mut lookup = None;
-            statement.parameter_changes(|change| {
-                lookup = lookup.or(change.lookup_hash(&statement.parse));
-                self.tx.parameter_change(change);
-            });
-            if let Some(what) = lookup {
-                self.client.amend(what);
-            }
-        }
         let run = match &statement {
-            Some(statement) => Some(statement),
-            None => self.client.unnamed.as_ref(),
+            Some(statement) => Some((statement, true)),
+            None => self.client.unnamed.as_ref().map(|unnamed| (unnamed, false)),
         };
-        if let Some(run) = run.filter(|s| s.changes_parameters).cloned() {
-            self.follow_bound_lookups(&run, rest);
+        if let Some((run, named)) = run.filter(|(s, _)| s.changes_parameters) {
+            let run = Rc::clone(run);
+            self.follow_run(&run, named, rest);
         }
         // Followed only until the client has been told the statement's row shape: once it
         // has, a Bind costs nothing more here.
@@ -573,26 +565,36 @@ impl Translator<'_> {
         Ok(Taken::Passed)
     }
 
-    /// The `set_config` calls of `statement` that take `search_path` or the role from its
-    /// parameters ([`BoundLookup`](crate::pooled::query_text::BoundLookup)), run by a Bind
-    /// whose body past its names is `rest`: the statements the client parses after it are
-    /// told apart by the values bound, as those of a `SET LOCAL search_path` are by what it
-    /// sets. A Bind the router does not have whole (over 20 KiB, its parameter past what was
-    /// read) sets something no other statement shares.
-    fn follow_bound_lookups(&mut self, statement: &Statement, rest: &[u8]) {
+    /// What `statement`, which changes parameters, does when a Bind whose body past its names
+    /// is `rest` runs it. A named one was prepared in an earlier transaction, or its Parse
+    /// went before: its changes are followed again (the unnamed statement's were followed at
+    /// its Parse, or by [`Translator::resolve_unnamed`]). Either way, its `set_config` calls
+    /// that take `search_path` or the role from its parameters
+    /// ([`BoundLookup`](crate::pooled::query_text::BoundLookup)) tell the statements the
+    /// client parses after it apart by the values bound, as those of a `SET LOCAL
+    /// search_path` are by what it sets; a Bind the router does not have whole (over 20 KiB,
+    /// its parameter past what was read) sets something no other statement shares.
+    fn follow_run(&mut self, statement: &Statement, named: bool, rest: &[u8]) {
         use std::hash::{Hash, Hasher};
-        let mut what: Option<std::hash::DefaultHasher> = None;
+        let mut lookup = None;
+        let mut bound: Option<std::hash::DefaultHasher> = None;
         statement.parameter_changes(|change| {
-            let ParameterChange::BoundLookup(bound) = change else {
-                return;
-            };
-            let hash = bound.hash(rest).unwrap_or_else(|_| Some(unshared()));
-            if let Some(hash) = hash {
-                hash.hash(what.get_or_insert_with(Default::default));
+            if let ParameterChange::BoundLookup(call) = &change {
+                let hash = call.hash(rest).unwrap_or_else(|_| Some(unshared()));
+                if let Some(hash) = hash {
+                    hash.hash(bound.get_or_insert_with(Default::default));
+                }
+            }
+            if named {
+                lookup = lookup.or(change.lookup_hash(&statement.parse));
+                self.tx.parameter_change(change);
             }
         });
-        if let Some(what) = what {
-            self.client.amend(what.finish());
+        if let Some(what) = lookup {
+            self.client.amend(what);
+        }
+        if let Some(bound) = bound {
+            self.client.amend(bound.finish());
         }
     }
 
